@@ -1,0 +1,5 @@
+import sys
+
+from skr8tr.cli import main
+
+sys.exit(main())

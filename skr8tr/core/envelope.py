@@ -1,0 +1,364 @@
+"""Signed requests and node-join challenges (DESIGN.md §4).
+
+A request on ``/v1/cli`` carries ``key`` (the signer's public key) and ``sig``
+(an Ed25519 signature over the canonical JSON of every other field). The
+conductor checks, in this order, and stops at the first failure:
+
+1. **Authentication** -> ``UNAUTHORIZED``: ``key``, ``sig``, ``nonce`` and ``ts``
+   are present and well-formed, the key is authorized for the role, and the
+   signature verifies. Nothing else about the request (its arguments included)
+   is looked at before this passes.
+2. **Freshness** -> ``EXPIRED``: ``|now - ts| <= window_s`` (30 s).
+3. **Replay** -> ``REPLAY``: the (key, nonce) pair has not been spent inside
+   the window. It is spent right here, before the command runs, so it stays
+   spent whatever the command's outcome.
+
+A node joins by signing the conductor's random challenge; that message is
+domain-separated (``skr8tr-node-join:`` prefix) so it can never pass for a
+request signature, nor a request signature for a join.
+
+Pure: the current time is always a parameter.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import os
+import re
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
+
+__all__ = [
+    "REQUEST_WINDOW_S",
+    "SIGNED_COMMANDS",
+    "READ_ONLY_COMMANDS",
+    "COMMANDS",
+    "AUTH_ERROR_CODES",
+    "CHALLENGE_BYTES",
+    "AuthError",
+    "ReplayGuard",
+    "canonical_json",
+    "new_nonce",
+    "sign_request",
+    "verify_request",
+    "new_challenge",
+    "sign_challenge",
+    "verify_challenge",
+]
+
+REQUEST_WINDOW_S = 30.0
+
+# Commands that need a signature from an admin key. `logs` changes nothing
+# but shows what workloads print, which may be secret, so it is signed too.
+SIGNED_COMMANDS = frozenset(
+    {"up", "down", "rollout", "rollout-abort", "rollout-undo", "scale", "logs"}
+)
+READ_ONLY_COMMANDS = frozenset({"ping", "list", "nodes", "status", "history", "rollout-status"})
+COMMANDS = SIGNED_COMMANDS | READ_ONLY_COMMANDS
+
+AUTH_ERROR_CODES = ("UNAUTHORIZED", "EXPIRED", "REPLAY")
+
+NONCE_MIN_HEX = 16
+NONCE_MAX_HEX = 128
+CHALLENGE_BYTES = 32
+_JOIN_DOMAIN = b"skr8tr-node-join:"
+
+_LOWER_HEX_RE = re.compile(r"[0-9a-f]+")
+
+
+class AuthError(Exception):
+    """A request or join failed authentication, freshness or replay checks.
+
+    ``code`` is ``UNAUTHORIZED``, ``EXPIRED`` or ``REPLAY`` (an error code of the
+    wire protocol); ``message`` says what was wrong and, where useful, what to do.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in AUTH_ERROR_CODES:
+            raise ValueError(f"AuthError code must be one of {AUTH_ERROR_CODES}, got {code!r}")
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+def canonical_json(fields: dict[str, Any]) -> bytes:
+    """The bytes that a request signature covers (DESIGN.md §4).
+
+    Raises TypeError/ValueError for values JSON cannot carry (including
+    strings with lone surrogates, which have no UTF-8 encoding).
+    """
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def new_nonce() -> str:
+    """32 lowercase hex characters from 16 random bytes."""
+    return os.urandom(16).hex()
+
+
+def is_nonce(value: object) -> bool:
+    """True for 16 to 128 lowercase hex characters."""
+    return (
+        isinstance(value, str)
+        and NONCE_MIN_HEX <= len(value) <= NONCE_MAX_HEX
+        and _LOWER_HEX_RE.fullmatch(value) is not None
+    )
+
+
+def is_sig_hex(value: object) -> bool:
+    """True for a 64-byte signature as 128 lowercase hex characters."""
+    return (
+        isinstance(value, str) and len(value) == 128 and _LOWER_HEX_RE.fullmatch(value) is not None
+    )
+
+
+def sign_request(
+    signing_key: nacl.signing.SigningKey,
+    *,
+    id: str,
+    cmd: str,
+    args: dict[str, Any],
+    ts: float,
+    nonce: str,
+) -> dict[str, Any]:
+    """Build the full signed request dict ``{"v","id","cmd","args","ts","nonce","key","sig"}``."""
+    fields: dict[str, Any] = {
+        "v": 1,
+        "id": id,
+        "cmd": cmd,
+        "args": args,
+        "ts": ts,
+        "nonce": nonce,
+        "key": signing_key.verify_key.encode().hex(),
+    }
+    fields["sig"] = signing_key.sign(canonical_json(fields)).signature.hex()
+    return fields
+
+
+# --------------------------------------------------------------------------- replay guard
+
+
+class ReplayGuard:
+    """Remembers spent (key, nonce) pairs for as long as they could pass the ts check.
+
+    A pair spent with timestamp ``ts`` is forgotten once ``now > ts + window_s``:
+    from then on the same signed request fails as EXPIRED, so it need not be
+    remembered. Memory is therefore bounded by the requests accepted within
+    one window, and pruning costs O(log n) per spent nonce (a heap by expiry).
+
+    Wall clocks can step backwards. Pruning uses the latest ``now`` seen, and
+    ``check`` treats any ``ts`` that may already have been pruned as EXPIRED,
+    so a backwards step can make requests fail but never lets a replay through.
+    """
+
+    def __init__(self, window_s: float = REQUEST_WINDOW_S) -> None:
+        if not (math.isfinite(window_s) and window_s >= 0):
+            raise ValueError(f"window_s must be a finite number >= 0, got {window_s!r}")
+        self.window_s = float(window_s)
+        self._expiry: dict[tuple[str, str], float] = {}
+        self._heap: list[tuple[float, str, str]] = []
+        self._latest_now = -math.inf
+
+    def __len__(self) -> int:
+        """How many spent nonces are remembered right now."""
+        return len(self._expiry)
+
+    def __bool__(self) -> bool:
+        # An empty guard is still a guard: `guard or ReplayGuard()` must not swap it out.
+        return True
+
+    def check(self, key: str, nonce: str, ts: float, now: float) -> None:
+        """Raise AuthError EXPIRED if *ts* is outside the window, REPLAY if already spent."""
+        self._advance(now)
+        ts_f = _finite_float(ts)
+        if ts_f is None:
+            raise AuthError("EXPIRED", f"ts must be a finite number of seconds, got {ts!r:.40}")
+        skew = now - ts_f
+        if abs(skew) > self.window_s:
+            direction = "old" if skew > 0 else "in the future"
+            raise AuthError(
+                "EXPIRED",
+                f"request ts is {abs(skew):.1f} s {direction} (allowed: {self.window_s:g} s); "
+                "check the client's clock",
+            )
+        if ts_f + self.window_s < self._latest_now:
+            # Only after this clock stepped back: the nonce may already be forgotten.
+            raise AuthError(
+                "EXPIRED",
+                "request ts is outside the window of requests already seen "
+                "(the conductor's clock stepped back); send a fresh request",
+            )
+        if (key, nonce) in self._expiry:
+            raise AuthError("REPLAY", "nonce already used by this key; send a fresh request")
+
+    def spend(self, key: str, nonce: str, ts: float, now: float) -> None:
+        """Remember (key, nonce) until it can no longer pass ``check`` on its own ts."""
+        self._advance(now)
+        ts_f = _finite_float(ts)
+        if ts_f is None:
+            return  # could never pass check(): nothing to remember
+        expiry = ts_f + self.window_s
+        if expiry < self._latest_now:
+            return
+        pair = (key, nonce)
+        if self._expiry.get(pair, -math.inf) < expiry:
+            self._expiry[pair] = expiry
+            heapq.heappush(self._heap, (expiry, key, nonce))
+
+    def check_and_spend(self, key: str, nonce: str, ts: float, now: float) -> None:
+        self.check(key, nonce, ts, now)
+        self.spend(key, nonce, ts, now)
+
+    def _advance(self, now: float) -> None:
+        if not math.isfinite(now):
+            raise ValueError(f"now must be a finite number, got {now!r}")
+        if now > self._latest_now:
+            self._latest_now = now
+        heap = self._heap
+        while heap and heap[0][0] < self._latest_now:
+            expiry, key, nonce = heapq.heappop(heap)
+            # A pair may have been re-spent with a later ts; only drop the entry
+            # this heap item stands for.
+            if self._expiry.get((key, nonce)) == expiry:
+                del self._expiry[(key, nonce)]
+
+
+def _finite_float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return f if math.isfinite(f) else None
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_request(
+    req: dict[str, Any],
+    *,
+    authorized: AuthorizedKeys,
+    guard: ReplayGuard,
+    now: float,
+    role: str = "admin",
+) -> str:
+    """Authenticate a parsed request and spend its nonce; return the key's fingerprint.
+
+    Checks in the contractual order (module docstring): UNAUTHORIZED, then
+    EXPIRED, then REPLAY. Looks only at ``key``, ``sig``, ``ts`` and ``nonce``
+    and at the signed bytes; never at ``cmd`` or ``args``. For any input,
+    raises nothing but AuthError (ValueError only for a non-finite *now*).
+    """
+    if not isinstance(req, dict):
+        raise AuthError("UNAUTHORIZED", "request must be a JSON object")
+    key, sig = req.get("key"), req.get("sig")
+    if key is None and sig is None:
+        raise AuthError(
+            "UNAUTHORIZED",
+            f"request is not signed; this command needs a signature from an {role} key "
+            "(create one with `skr8tr keygen`, pass it with --key)",
+        )
+    if not is_key_hex(key):
+        raise AuthError("UNAUTHORIZED", "key must be 64 lowercase hex characters (Ed25519)")
+    if not is_sig_hex(sig):
+        raise AuthError("UNAUTHORIZED", "sig must be 128 lowercase hex characters (Ed25519)")
+    nonce, ts = req.get("nonce"), req.get("ts")
+    if not is_nonce(nonce):
+        raise AuthError(
+            "UNAUTHORIZED",
+            f"nonce must be {NONCE_MIN_HEX} to {NONCE_MAX_HEX} lowercase hex characters",
+        )
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise AuthError("UNAUTHORIZED", "ts must be a number (seconds since the epoch)")
+
+    fpr = fingerprint(key)
+    if not authorized.has_role(key, role):
+        raise AuthError(
+            "UNAUTHORIZED",
+            f"key {fpr} is not authorized as {role}; add `{role} {key}` to the "
+            "conductor's authorized-keys file",
+        )
+    fields = {k: v for k, v in req.items() if k != "sig"}
+    try:
+        message = canonical_json(fields)
+    except (TypeError, ValueError, RecursionError):
+        raise AuthError("UNAUTHORIZED", "request cannot be put in canonical JSON form") from None
+    if not _signature_ok(key, message, sig):
+        raise AuthError("UNAUTHORIZED", f"bad signature for key {fpr}")
+
+    guard.check(key, nonce, ts, now)
+    guard.spend(key, nonce, ts, now)
+    return fpr
+
+
+def _signature_ok(key_hex: str, message: bytes, sig_hex: str) -> bool:
+    try:
+        nacl.signing.VerifyKey(bytes.fromhex(key_hex)).verify(message, bytes.fromhex(sig_hex))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- node joins
+
+
+def new_challenge() -> bytes:
+    """A fresh random challenge for a joining node (CHALLENGE_BYTES bytes)."""
+    return os.urandom(CHALLENGE_BYTES)
+
+
+def _join_message(challenge: bytes, node_id: str) -> bytes:
+    return _JOIN_DOMAIN + challenge + b":" + node_id.encode("utf-8")
+
+
+def sign_challenge(signing_key: nacl.signing.SigningKey, challenge: bytes, node_id: str) -> str:
+    """Answer a join challenge: the signature as 128 lowercase hex characters."""
+    if len(challenge) != CHALLENGE_BYTES:
+        raise ValueError(f"challenge must be {CHALLENGE_BYTES} bytes, got {len(challenge)}")
+    return signing_key.sign(_join_message(challenge, node_id)).signature.hex()
+
+
+def verify_challenge(
+    *,
+    key: object,
+    sig: object,
+    challenge: bytes,
+    node_id: object,
+    authorized: AuthorizedKeys,
+    role: str = "node",
+) -> str:
+    """Check a node's answer to *challenge*; return the key's fingerprint.
+
+    Raises AuthError UNAUTHORIZED if the key is malformed or not authorized as
+    *role*, the node id is not a string, or the signature does not verify.
+    The caller must use each challenge for one join only.
+    """
+    if len(challenge) != CHALLENGE_BYTES:
+        raise ValueError(f"challenge must be {CHALLENGE_BYTES} bytes, got {len(challenge)}")
+    if not is_key_hex(key):
+        raise AuthError("UNAUTHORIZED", "key must be 64 lowercase hex characters (Ed25519)")
+    if not is_sig_hex(sig):
+        raise AuthError("UNAUTHORIZED", "sig must be 128 lowercase hex characters (Ed25519)")
+    if not isinstance(node_id, str):
+        raise AuthError("UNAUTHORIZED", "node id must be a string")
+    fpr = fingerprint(key)
+    if not authorized.has_role(key, role):
+        raise AuthError(
+            "UNAUTHORIZED",
+            f"key {fpr} is not authorized as {role}; add `{role} {key}` to the "
+            "conductor's authorized-keys file",
+        )
+    try:
+        message = _join_message(challenge, node_id)
+    except UnicodeEncodeError:
+        raise AuthError("UNAUTHORIZED", "node id is not valid UTF-8") from None
+    if not _signature_ok(key, message, sig):
+        raise AuthError("UNAUTHORIZED", f"bad join signature for key {fpr}")
+    return fpr
