@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""A tiny HTTP service for skr8tr's examples and tests (stdlib only).
+
+    hello_http.py --port 8080 [--host 127.0.0.1] [--version v1]
+
+``GET /`` answers ``hello from VERSION (pid PID, port PORT)``; ``GET /healthz``
+answers ``ok``. Every response carries ``X-Version`` and ``X-Pid`` so a test can
+tell which replica and which generation served it. SIGTERM stops accepting,
+lets in-flight requests finish and exits 0.
+
+Test knobs (used to prove that rollouts refuse a bad release):
+``--fail-health`` makes ``/healthz`` answer 503 forever;
+``--crash-after S`` exits with status 3 after S seconds;
+``--ready-after S`` makes ``/healthz`` answer 503 for the first S seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def build_handler(version: str, port: int, ready_at: float, fail_health: bool):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = f"hello_http/{version}"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/healthz":
+                healthy = not fail_health and time.monotonic() >= ready_at
+                self._reply(200 if healthy else 503, "ok\n" if healthy else "not ready\n")
+            elif self.path == "/" or self.path.startswith("/?"):
+                self._reply(200, f"hello from {version} (pid {os.getpid()}, port {port})\n")
+            else:
+                self._reply(404, "not found\n")
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.do_GET()
+
+        def _reply(self, status: int, body: str) -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Version", version)
+            self.send_header("X-Pid", str(os.getpid()))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            sys.stdout.write(f"{self.address_string()} {format % args}\n")
+            sys.stdout.flush()
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="skr8tr example HTTP service")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    parser.add_argument("--version", default="v1")
+    parser.add_argument("--fail-health", action="store_true")
+    parser.add_argument("--crash-after", type=float, default=None, metavar="S")
+    parser.add_argument("--ready-after", type=float, default=0.0, metavar="S")
+    opts = parser.parse_args(argv)
+
+    handler = build_handler(
+        opts.version, opts.port, time.monotonic() + opts.ready_after, opts.fail_health
+    )
+    server = http.server.ThreadingHTTPServer((opts.host, opts.port), handler)
+    server.daemon_threads = False  # shutdown waits for in-flight requests
+    server.block_on_close = True
+
+    def on_term(signum: int, frame: object) -> None:
+        # shutdown() blocks until serve_forever returns, so call it off the main thread.
+        threading.Thread(target=server.shutdown).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    if opts.crash_after is not None:
+        def crash() -> None:
+            sys.stdout.write(f"crashing on purpose after {opts.crash_after}s\n")
+            sys.stdout.flush()
+            os._exit(3)
+        timer = threading.Timer(opts.crash_after, crash)
+        timer.daemon = True
+        timer.start()
+
+    print(f"hello_http {opts.version} listening on {opts.host}:{opts.port} pid {os.getpid()}",
+          flush=True)
+    server.serve_forever(poll_interval=0.1)
+    server.server_close()
+    print("hello_http stopped cleanly", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Human-readable rendering of the results of DESIGN.md §5 (the ``--json`` shapes).
+
+Pure functions from result dicts to text; the CLI prints what they return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Column = tuple[str, Callable[[dict], Any]]
+
+
+def table(rows: Sequence[dict], columns: Sequence[Column], empty: str = "(none)") -> str:
+    """Left-aligned columns separated by two spaces, header in capitals."""
+    if not rows:
+        return empty
+    cells = [[header for header, _ in columns]]
+    for row in rows:
+        cells.append([_cell(get(row)) for _, get in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+             for line in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _key(name: str) -> Callable[[dict], Any]:
+    return lambda row: row.get(name)
+
+
+REPLICA_COLUMNS: list[Column] = [
+    ("APP", _key("app")),
+    ("REPLICA", _key("replica")),
+    ("NODE", _key("node")),
+    ("PID", _key("pid")),
+    ("PORT", _key("port")),
+    ("GEN", _key("generation")),
+    ("STATE", _key("state")),
+]
+
+NODE_COLUMNS: list[Column] = [
+    ("NODE", _key("node")),
+    ("ADDRESS", _key("address")),
+    ("CPU%", _key("cpu_pct")),
+    ("RAM FREE", lambda r: None if r.get("ram_free_mb") is None else f"{r['ram_free_mb']} MB"),
+    ("PORTS", _key("ports")),
+    ("REPLICAS", _key("replicas")),
+    ("LAST SEEN", lambda r: None if r.get("last_seen_s") is None else f"{r['last_seen_s']:.1f}s"),
+]
+
+
+def _when(ts: Any) -> str | None:
+    if not isinstance(ts, int | float):
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+HISTORY_COLUMNS: list[Column] = [
+    ("GEN", _key("generation")),
+    ("STATE", _key("state")),
+    ("STARTED", lambda r: _when(r.get("started"))),
+    ("FINISHED", lambda r: _when(r.get("finished"))),
+    ("MANIFEST", lambda r: (r.get("manifest_sha256") or "")[:12] or None),
+]
+
+
+def replicas(rows: Sequence[dict]) -> str:
+    return table(rows, REPLICA_COLUMNS, empty="no replicas")
+
+
+def nodes(rows: Sequence[dict]) -> str:
+    return table(rows, NODE_COLUMNS, empty="no nodes connected")
+
+
+def history(rows: Sequence[dict]) -> str:
+    return table(rows, HISTORY_COLUMNS, empty="no history")
+
+
+def up(result: dict) -> str:
+    head = (f"{result['app']}: generation {result['generation']}, "
+            f"{len(result.get('replicas', []))} replica(s)")
+    return head + "\n" + replicas(result.get("replicas", []))
+
+
+def rollout_status(result: dict) -> str:
+    line = (f"{result['app']}: {result['state']} "
+            f"generation {result['from_generation']} -> {result['to_generation']}, "
+            f"{result['replaced']}/{result['total']} replaced")
+    if result.get("message"):
+        line += f" · {result['message']}"
+    return line
+
+
+def generic_rows(rows: Sequence[dict], empty: str = "(none)") -> str:
+    """A table whose columns are the keys of the first row (for shapes §5 leaves open)."""
+    if not rows:
+        return empty
+    columns = [(key.upper().replace("_", " "), _key(key)) for key in rows[0]]
+    return table(rows, columns, empty=empty)
+
+
+def status(result: dict) -> str:
+    parts = [
+        "NODES", nodes(result.get("nodes", [])), "",
+        "APPS", generic_rows(result.get("apps", []), empty="no apps"), "",
+        "REPLICAS", replicas(result.get("replicas", [])), "",
+        "ROLLOUTS",
+        "\n".join(rollout_status(r) for r in result.get("rollouts", [])) or "no rollouts",
+    ]
+    return "\n".join(parts)
+
+
+def log_line(line: dict) -> str:
+    ts = line.get("ts")
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, int | float) else "-"
+    return f"{stamp} {line.get('replica', '-')} {line.get('stream', '-')}: {line.get('text', '')}"
+
+
+def event_line(seq: int, ts: float, event: str, data: dict) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+    fields = " ".join(f"{k}={_cell(v)}" for k, v in data.items())
+    return f"{stamp} #{seq} {event} {fields}".rstrip()

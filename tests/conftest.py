@@ -1,0 +1,52 @@
+"""Shared helpers for skr8tr's tests: the real CLI as a subprocess, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFESTS = REPO / "manifests"
+HELLO_HTTP = MANIFESTS / "apps" / "hello_http.py"
+
+
+def skr8tr_command() -> list[str]:
+    """The installed console script next to this interpreter (the real CLI)."""
+    script = Path(sys.executable).parent / "skr8tr"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "skr8tr"]
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """An environment with a private HOME, so no test reads the user's keys."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
+    env["HOME"] = str(tmp_path / "home")
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 30, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*skr8tr_command(), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
