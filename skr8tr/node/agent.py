@@ -1,0 +1,262 @@
+"""The node agent: ``skr8tr node``. Dials the conductor and keeps dialling.
+
+The agent's root nursery holds the :class:`~skr8tr.node.supervisor.Supervisor`
+(replicas) and the connection loop; each conductor session lives in a child
+nursery, so replicas outlive sessions. Between sessions the agent waits a
+jittered exponential backoff (0.5 s doubling up to 10 s, ±25 %), which starts
+over after a session the conductor welcomed. A refusal is logged at error
+level and retried the same way: the key may be authorized later.
+
+SIGINT/SIGTERM (in :func:`main`) cancel the agent: the session is closed
+cleanly and the workloads keep running, unless ``stop_workloads``, in which
+case every replica is stopped (SIGTERM, grace, SIGKILL, waited for) first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import nacl.signing
+import trio
+import trio_websocket
+
+from skr8tr.core.keys import KeyFileError, fingerprint, load_signing_key, public_hex
+from skr8tr.node.backoff import Backoff
+from skr8tr.node.session import Refused, SessionError, run_session
+from skr8tr.node.supervisor import open_supervisor
+from skr8tr.node.sysinfo import prime_cpu
+
+log = logging.getLogger("skr8tr.node")
+
+DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
+DEFAULT_KEY_FILE = "~/.skr8tr/signing.sec"
+NODE_PATH = "/v1/node"
+EXIT_USAGE = 2
+
+_NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent needs; see ``skr8tr node --help``."""
+
+    conductor_url: str
+    key_path: str
+    node_id: str
+    data_dir: str
+    advertise: str | None
+    stop_workloads: bool = False
+
+
+class AgentConfigError(Exception):
+    """The agent cannot start; printed as ``error: CODE: message``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def default_node_id() -> str:
+    """The host name reduced to ``[A-Za-z0-9._-]`` (``node`` if nothing is left)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "", socket.gethostname()).lstrip("._-")[:128]
+    return name or "node"
+
+
+def default_data_dir(node_id: str) -> str:
+    return os.path.join(os.path.expanduser("~"), ".skr8tr", f"node-{node_id}")
+
+
+def node_url(conductor_url: str) -> str:
+    """``ws[s]://host:port`` (a trailing ``/`` or ``/v1/node`` is fine) + ``/v1/node``.
+
+    Raises AgentConfigError BAD_URL for anything but a ws:// or wss:// URL with a host.
+    """
+    base = conductor_url.strip().rstrip("/")
+    if base.endswith(NODE_PATH):
+        base = base[: -len(NODE_PATH)]
+    try:
+        parts = urlsplit(base)
+        ok = parts.scheme in ("ws", "wss") and bool(parts.hostname)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        ok = False
+    if not ok:
+        raise AgentConfigError(
+            "BAD_URL",
+            f"conductor URL {conductor_url!r} must be ws://HOST:PORT or wss://HOST:PORT "
+            f"(for example {DEFAULT_CONDUCTOR_URL})",
+        )
+    return base + NODE_PATH
+
+
+def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
+    """Check *config* and create the data dir; return the signing key and the node URL.
+
+    Raises AgentConfigError: BAD_NODE_ID, BAD_URL, BAD_KEY (the message says
+    how to make or pass a key) or BAD_DATA_DIR.
+    """
+    if _NODE_ID_RE.fullmatch(config.node_id) is None:
+        raise AgentConfigError(
+            "BAD_NODE_ID",
+            f"node id {config.node_id!r} must be 1-128 characters of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit; pass --node-id ID",
+        )
+    url = node_url(config.conductor_url)
+    try:
+        signing_key = load_signing_key(config.key_path)
+    except KeyFileError as exc:
+        raise AgentConfigError("BAD_KEY", str(exc)) from None
+    data_dir = config.data_dir
+    try:
+        for sub in ("", "logs", "replicas"):
+            os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise AgentConfigError(
+            "BAD_DATA_DIR",
+            f"cannot use data dir {data_dir}: {exc.strerror or exc}; pass --data-dir DIR",
+        ) from None
+    return signing_key, url
+
+
+async def run_agent(config: AgentConfig, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the node agent until cancelled; ``task_status.started()`` once it is set up.
+
+    Raises AgentConfigError (before starting anything) when *config* is
+    unusable. Connection trouble never ends it: it reconnects with backoff.
+    On cancellation the session is closed cleanly; with
+    ``config.stop_workloads`` every replica is stopped and waited for
+    (shielded, bounded by each replica's stop grace) before Cancelled
+    propagates, otherwise the workloads keep running.
+    """
+    signing_key, url = prepare(config)
+    data_dir = os.path.abspath(config.data_dir)  # replicas may run in it; cwd must not matter
+    prime_cpu()
+    log.info("node %s: starting (conductor %s, key %s, data dir %s%s)", config.node_id, url,
+             fingerprint(public_hex(signing_key)), data_dir,
+             ", workloads stop with the agent" if config.stop_workloads else "")
+    try:
+        async with open_supervisor(data_dir, stop_on_exit=config.stop_workloads) as supervisor:
+            task_status.started()
+            backoff = Backoff()
+            while True:
+                try:
+                    await run_session(url, node_id=config.node_id, signing_key=signing_key,
+                                      advertise=config.advertise, supervisor=supervisor,
+                                      on_welcome=backoff.reset)
+                except Exception as exc:  # the loop's job is to survive it, whatever it is
+                    _log_session_end(config.node_id, url, exc)
+                delay = backoff.next_delay()
+                log.info("node %s: reconnecting to %s in %.2f s", config.node_id, url, delay)
+                await trio.sleep(delay)
+    finally:
+        log.info("node %s: stopped", config.node_id)
+
+
+_EXPECTED = (OSError, SessionError, trio_websocket.HandshakeError,
+             trio_websocket.ConnectionClosed, trio_websocket.DisconnectionTimeout,
+             trio.BrokenResourceError)
+
+
+def _log_session_end(node_id: str, url: str, exc: BaseException) -> None:
+    leaves = list(_leaves(exc))
+    first = leaves[0] if leaves else exc
+    if isinstance(first, Refused):
+        log.error("node %s: the conductor at %s refused this node: %s: %s", node_id, url,
+                  first.code, first.message)
+    elif all(isinstance(e, _EXPECTED) for e in leaves):
+        log.warning("node %s: session with %s ended: %s", node_id, url, _describe(first))
+    else:
+        log.error("node %s: session with %s failed unexpectedly", node_id, url, exc_info=exc)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return "no answer to the WebSocket handshake"
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"the WebSocket handshake was refused with HTTP {exc.status_code}"
+    if isinstance(exc, trio_websocket.HandshakeError):
+        cause = exc.__cause__
+        if isinstance(cause, OSError):
+            return f"cannot connect: {cause.strerror or cause}"
+        return f"WebSocket handshake failed: {cause or exc}"
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        why = f": {exc.reason.reason}" if exc.reason.reason else ""
+        return f"connection closed (code {exc.reason.code}{why})"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- command line
+
+
+async def serve_until_signal(config: AgentConfig) -> None:
+    """Run the agent until SIGINT or SIGTERM, then shut it down as :func:`run_agent` says."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            async def agent() -> None:
+                await run_agent(config)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(agent)
+            async for signum in signals:
+                log.info("node %s: %s received; shutting down%s", config.node_id,
+                         signal.Signals(signum).name,
+                         " and stopping the workloads" if config.stop_workloads else
+                         " (the workloads keep running)")
+                nursery.cancel_scope.cancel()
+                break
+
+
+def config_from_options(opts: argparse.Namespace) -> AgentConfig:
+    """An AgentConfig from the ``skr8tr node`` arguments, with the documented defaults."""
+    node_id = getattr(opts, "node_id", None) or default_node_id()
+    data_dir = getattr(opts, "data_dir", None) or default_data_dir(node_id)
+    return AgentConfig(
+        conductor_url=getattr(opts, "conductor", None) or DEFAULT_CONDUCTOR_URL,
+        key_path=os.path.expanduser(getattr(opts, "key", None) or DEFAULT_KEY_FILE),
+        node_id=node_id,
+        data_dir=os.path.abspath(os.path.expanduser(data_dir)),
+        advertise=getattr(opts, "advertise", None) or None,
+        stop_workloads=bool(getattr(opts, "stop_workloads", False)),
+    )
+
+
+def main(opts: argparse.Namespace) -> int:
+    """``skr8tr node``: 0 after a clean shutdown, 2 (one ``error:`` line) if it cannot start."""
+    level = str(getattr(opts, "log_level", None) or "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_options(opts)
+    try:
+        prepare(config)
+        trio.run(serve_until_signal, config)
+    except Exception as exc:
+        refusal = next((e for e in _leaves(exc) if isinstance(e, AgentConfigError)), None)
+        if refusal is None:
+            raise
+        print(f"error: {refusal.code}: {refusal.message}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0

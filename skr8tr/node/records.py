@@ -1,0 +1,58 @@
+"""Replica records: ``<data-dir>/replicas/<replica>.json``, one per running replica.
+
+A record is written when a replica starts and removed when it has exited, so
+that a restarted agent can find the processes it left running (pid and start
+time both have to match before anything is re-adopted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+
+def record_path(records_dir: str, replica: str) -> str:
+    return os.path.join(records_dir, f"{replica}.json")
+
+
+def write_record(records_dir: str, replica: str, record: dict[str, Any]) -> None:
+    """Write *record* atomically: temporary file, fsync, rename, fsync of the folder.
+
+    A crash leaves either the old record or the new one, never a torn file.
+    Raises OSError (the temporary file is removed).
+    """
+    path = record_path(records_dir, replica)
+    tmp = os.path.join(records_dir, f".{replica}.json.{os.urandom(4).hex()}.tmp")
+    data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(records_dir)
+
+
+def remove_record(records_dir: str, replica: str) -> None:
+    """Remove a replica's record; a missing record is fine. Raises OSError otherwise."""
+    try:
+        os.unlink(record_path(records_dir, replica))
+    except FileNotFoundError:
+        return
+    _fsync_dir(records_dir)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

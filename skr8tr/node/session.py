@@ -1,0 +1,273 @@
+"""One session with the conductor on ``/v1/node`` (see :mod:`skr8tr.core.node_protocol`).
+
+challenge -> hello (signed, with the replicas already running) -> welcome or
+refused; then heartbeats every ``heartbeat_s``, replica reports as they
+happen, and the conductor's ``launch``, ``stop`` and ``logs`` requests.
+
+Everything the node sends after the handshake goes through one bounded
+outbox drained by one task, so messages never interleave and a stuck
+connection cannot make the agent buffer without bound: when the outbox is
+full the session ends, and the next ``hello`` carries the current state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nacl.signing
+import trio
+import trio_websocket
+
+from skr8tr import __version__
+from skr8tr.core.envelope import sign_challenge
+from skr8tr.core.keys import public_hex
+from skr8tr.core.node_protocol import (
+    MAX_NODE_MESSAGE_BYTES,
+    NodeDecodeError,
+    decode_node_message,
+    encode_node_message,
+)
+from skr8tr.node.health import os_error_text
+from skr8tr.node.spec import LaunchSpec
+from skr8tr.node.supervisor import Report, Supervisor
+from skr8tr.node.sysinfo import machine_figures
+
+log = logging.getLogger("skr8tr.node")
+
+CONNECT_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0
+DISCONNECT_TIMEOUT_S = 2.0
+OUTBOX_LIMIT = 4096
+# Room left in a logs_reply for everything but the lines.
+_REPLY_OVERHEAD_BYTES = 4096
+
+
+class SessionError(Exception):
+    """The conductor broke the protocol, or the session could not keep up."""
+
+
+class Refused(SessionError):
+    """The conductor answered ``hello`` with ``refused``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.SigningKey,
+                      advertise: str | None, supervisor: Supervisor,
+                      on_welcome: Callable[[], None] = lambda: None) -> None:
+    """Connect to *url*, join as *node_id* and serve until the connection ends.
+
+    Returns normally when the conductor closes a session it had welcomed.
+    Raises :class:`Refused` when the conductor refuses the node,
+    :class:`SessionError` when it cannot be reached, breaks the protocol or
+    the outbox overflows, and trio_websocket's HandshakeError /
+    ConnectionClosed when the WebSocket handshake fails or the connection
+    drops during the join (possibly inside an exception group). Calls
+    *on_welcome* once the conductor welcomed the node.
+
+    On cancellation the session says goodbye properly: close code 1001 and
+    the close handshake, bounded by :data:`DISCONNECT_TIMEOUT_S`, then
+    Cancelled propagates. For that the connection's own tasks run shielded
+    from the outer cancellation, which reaches the session's work through
+    a forwarding task instead.
+    """
+    work_scope = trio.CancelScope()
+    async with trio.open_nursery() as forwarder:
+        forwarder.start_soon(_cancel_when_cancelled, work_scope)
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as connection_nursery:
+                try:
+                    await _connect_and_serve(connection_nursery, work_scope, url,
+                                             node_id=node_id, signing_key=signing_key,
+                                             advertise=advertise, supervisor=supervisor,
+                                             on_welcome=on_welcome)
+                finally:
+                    connection_nursery.cancel_scope.cancel()
+        forwarder.cancel_scope.cancel()
+    # When the outer scope was cancelled, the checkpoint here raises Cancelled.
+    await trio.lowlevel.checkpoint_if_cancelled()
+
+
+async def _cancel_when_cancelled(scope: trio.CancelScope) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        scope.cancel()
+
+
+async def _connect_and_serve(nursery: trio.Nursery, work_scope: trio.CancelScope, url: str,
+                             **serve_options: Any) -> None:
+    ws: trio_websocket.WebSocketConnection | None = None
+    try:
+        with work_scope:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT_S):
+                    ws = await trio_websocket.connect_websocket_url(
+                        nursery, url, max_message_size=MAX_NODE_MESSAGE_BYTES)
+            except trio.TooSlowError:
+                raise SessionError(f"no answer within {CONNECT_TIMEOUT_S:g} s") from None
+            except OSError as exc:
+                raise SessionError(f"cannot connect: {os_error_text(exc)}") from None
+            await _serve(ws, url=url, **serve_options)
+    finally:
+        if ws is not None:
+            code, reason = ((1001, "node agent shutting down") if work_scope.cancel_called
+                            else (1000, "node agent closing the session"))
+            with trio.move_on_after(DISCONNECT_TIMEOUT_S):
+                await ws.aclose(code, reason)
+
+
+async def _serve(ws: trio_websocket.WebSocketConnection, *, url: str, node_id: str,
+                 signing_key: nacl.signing.SigningKey, advertise: str | None,
+                 supervisor: Supervisor, on_welcome: Callable[[], None]) -> None:
+    challenge = await _receive_handshake(ws, ("challenge",))
+    address = advertise or _local_address(ws)
+    outbox_send, outbox_recv = trio.open_memory_channel[tuple[str, dict[str, Any]]](OUTBOX_LIMIT)
+
+    with trio.CancelScope() as session_scope:
+        def sink(report: Report) -> None:
+            try:
+                outbox_send.send_nowait(("replica", report))
+            except trio.WouldBlock:
+                log.error("node %s: %d messages waiting for %s; ending the session",
+                          node_id, OUTBOX_LIMIT, url)
+                session_scope.cancel()
+
+        replicas = supervisor.attach(sink)
+        try:
+            sig = sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
+            await ws.send_message(encode_node_message(
+                "hello", node_id=node_id, key=public_hex(signing_key), sig=sig,
+                version=__version__, address=address, **machine_figures(), replicas=replicas))
+            log.info("node %s: hello sent to %s (address %s, %d replica(s) running)",
+                     node_id, url, address, len(replicas))
+            reply = await _receive_handshake(ws, ("welcome", "refused"))
+            if reply["type"] == "refused":
+                raise Refused(reply["code"], reply["message"])
+            on_welcome()
+            heartbeat_s = reply["heartbeat_s"]
+            log.info("node %s: welcomed by %s (heartbeat every %g s)", node_id, url, heartbeat_s)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_send_outbox, ws, outbox_recv)
+                nursery.start_soon(_send_heartbeats, outbox_send, heartbeat_s)
+                await _serve_commands(ws, node_id, supervisor, outbox_send)
+                nursery.cancel_scope.cancel()
+        finally:
+            supervisor.detach(sink)
+    if session_scope.cancelled_caught:
+        raise SessionError(f"the connection to {url} could not keep up with "
+                           f"{OUTBOX_LIMIT} queued messages")
+
+
+async def _receive_handshake(ws: trio_websocket.WebSocketConnection,
+                             expected: tuple[str, ...]) -> dict[str, Any]:
+    wanted = " or ".join(expected)
+    with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+        data = await ws.get_message()
+        msg = decode_node_message(data)
+        if isinstance(msg, NodeDecodeError):
+            raise SessionError(f"bad message from the conductor, expected {wanted}: "
+                               f"{msg.message}")
+        if msg["type"] not in expected:
+            raise SessionError(f"expected {wanted} from the conductor, got {msg['type']}")
+        return msg
+    raise SessionError(f"no {wanted} from the conductor within {HANDSHAKE_TIMEOUT_S:g} s")
+
+
+def _local_address(ws: trio_websocket.WebSocketConnection) -> str:
+    local = ws.local
+    address = getattr(local, "address", None)
+    return str(address) if address is not None else "127.0.0.1"
+
+
+async def _send_outbox(ws: trio_websocket.WebSocketConnection,
+                       outbox: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]) -> None:
+    async for kind, fields in outbox:
+        try:
+            text = encode_node_message(kind, **fields)
+        except ValueError:
+            log.exception("cannot encode a %s message; dropped (this is a bug)", kind)
+            continue
+        try:
+            await ws.send_message(text)
+        except trio_websocket.ConnectionClosed:
+            return  # the receiving side notices and ends the session
+
+
+async def _send_heartbeats(outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]],
+                           interval_s: float) -> None:
+    while True:
+        await trio.sleep(interval_s)
+        await outbox.send(("heartbeat", machine_figures()))
+
+
+async def _serve_commands(ws: trio_websocket.WebSocketConnection, node_id: str,
+                          supervisor: Supervisor,
+                          outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
+    while True:
+        try:
+            data = await ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            log.info("node %s: the conductor closed the session (code %s%s)", node_id,
+                     exc.reason.code, f": {exc.reason.reason}" if exc.reason.reason else "")
+            return
+        msg = decode_node_message(data)
+        if isinstance(msg, NodeDecodeError):
+            log.warning("node %s: bad message from the conductor ignored: %s", node_id,
+                        msg.message)
+            await _answer_bad_launch(data, msg, outbox)
+            continue
+        kind = msg["type"]
+        if kind == "launch":
+            supervisor.launch(LaunchSpec.from_message(msg))
+        elif kind == "stop":
+            supervisor.stop(msg["replica"])
+        elif kind == "logs":
+            lines = supervisor.tail_logs(msg["app"], msg["replica"], msg["tail"])
+            await outbox.send(("logs_reply", {"req": msg["req"], "lines": fit_lines(lines)}))
+        else:
+            log.warning("node %s: unexpected %s message from the conductor ignored",
+                        node_id, kind)
+
+
+async def _answer_bad_launch(data: str | bytes, problem: NodeDecodeError,
+                             outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
+    """A launch we cannot read still names its replica: say it failed, so nobody waits."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError):
+        return
+    if not isinstance(msg, dict) or msg.get("type") != "launch":
+        return
+    report = {
+        "replica": msg.get("replica"), "app": msg.get("app"), "generation": msg.get("generation"),
+        "state": "failed", "pid": None, "port": None, "exit_code": None, "signal": None,
+        "message": f"bad launch message: {problem.message}", "reason": "launch_error",
+        "ts": time.time(),
+    }
+    try:
+        encode_node_message("replica", **report)
+    except ValueError:
+        return  # not even the replica id is usable
+    await outbox.send(("replica", report))
+
+
+def fit_lines(lines: list[dict[str, Any]],
+              limit: int = MAX_NODE_MESSAGE_BYTES - _REPLY_OVERHEAD_BYTES) -> list[dict[str, Any]]:
+    """The newest *lines* whose JSON fits in *limit* bytes (oldest dropped first)."""
+    total = 0
+    start = len(lines)
+    while start > 0:
+        size = len(json.dumps(lines[start - 1], ensure_ascii=False).encode()) + 1
+        if total + size > limit:
+            break
+        total += size
+        start -= 1
+    return lines[start:]

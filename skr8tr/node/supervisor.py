@@ -1,0 +1,496 @@
+"""Replica processes: launch, readiness, stop, exit — and the reports about them.
+
+The :class:`Supervisor` lives in the agent's root nursery, not in a conductor
+session, so replicas outlive sessions. Each replica is one task:
+
+    spawn (own session, output straight to its log files)  -> ``running``
+    settle_ms alive, or first health-check pass             -> ``ready``
+    ``retries`` failed probes after ready                   -> ``unhealthy``
+    exit (by itself, or after ``stop``)                     -> ``exited``
+    could not be spawned (port in use, OS error)            -> ``failed``
+
+Reports go to whatever sink the current session attached; without a session
+they are dropped (the next ``hello`` carries :meth:`Supervisor.reports`).
+
+Stopping is SIGTERM to the process group, ``stop_grace_ms`` for the group to
+go, SIGKILL to the group, and always a wait for the exit. It runs shielded so
+that a stop the conductor asked for completes even while the agent shuts down.
+When the supervisor is closed (agent shutdown), replicas keep running unless
+it was opened with ``stop_on_exit``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import trio
+
+from skr8tr.node.health import HealthTracker, probe_http
+from skr8tr.node.logs import (
+    ROTATE_BYTES,
+    TAIL_INTERVAL_S,
+    TAIL_LINES,
+    LogBook,
+    ReplicaLog,
+    run_tailer,
+)
+from skr8tr.node.records import remove_record, write_record
+from skr8tr.node.spec import LaunchSpec
+
+log = logging.getLogger("skr8tr.node")
+
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+# After SIGKILL a process is gone in microseconds unless stuck in the kernel;
+# the shielded part of a stop waits this long, then the replica task keeps
+# waiting unshielded.
+KILL_WAIT_S = 10.0
+GROUP_POLL_S = 0.05
+KEEP_FINISHED_REPORTS = 1000
+
+Report = dict[str, Any]
+ReportSink = Callable[[Report], None]
+
+
+class LaunchFailed(Exception):
+    """A replica could not be started; the message goes into the ``failed`` report.
+
+    ``reason`` is the report's ``reason``: ``port_in_use`` (the conductor picks
+    another port) or ``launch_error``.
+    """
+
+    def __init__(self, message: str, reason: str = "launch_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Replica:
+    spec: LaunchSpec
+    log: ReplicaLog
+    proc: trio.Process | None = None
+    stop_requested: trio.Event = field(default_factory=trio.Event)
+    stopping: bool = False
+    readiness_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    last_report: Report | None = None
+
+
+class Supervisor:
+    """Starts, watches and stops replicas. Create it with :func:`open_supervisor`.
+
+    The methods called by a session (:meth:`launch`, :meth:`stop`,
+    :meth:`attach`, :meth:`detach`, :meth:`reports`, :meth:`tail_logs`) never
+    block: the work happens in the replica's own task.
+    """
+
+    def __init__(self, nursery: trio.Nursery, data_dir: str, *, stop_on_exit: bool = False,
+                 log_lines: int = TAIL_LINES, log_rotate_bytes: int = ROTATE_BYTES,
+                 tail_interval_s: float = TAIL_INTERVAL_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.data_dir = data_dir
+        self.logs_dir = os.path.join(data_dir, "logs")
+        self.records_dir = os.path.join(data_dir, "replicas")
+        self.stop_on_exit = stop_on_exit
+        self.logbook = LogBook(self.logs_dir, max_lines=log_lines,
+                               rotate_bytes=log_rotate_bytes, clock=clock)
+        self._nursery = nursery
+        self._tail_interval_s = tail_interval_s
+        self._clock = clock
+        self._live: dict[str, _Replica] = {}
+        self._finished: OrderedDict[str, Report] = OrderedDict()
+        self._sink: ReportSink | None = None
+
+    # ------------------------------------------------------------------ session side
+
+    def attach(self, sink: ReportSink) -> list[Report]:
+        """Send every later report to *sink*; return the current reports (for ``hello``).
+
+        Attaching and taking the snapshot happen at once, so no report falls
+        between the two. *sink* must not block or raise.
+        """
+        self._sink = sink
+        return self.reports()
+
+    def detach(self, sink: ReportSink) -> None:
+        """Stop sending reports to *sink* (if it is still the attached one)."""
+        if self._sink is sink:
+            self._sink = None
+
+    def reports(self) -> list[Report]:
+        """The last report of every replica that is running (in launch order)."""
+        return [dict(r.last_report) for r in self._live.values() if r.last_report is not None]
+
+    def tail_logs(self, app: str, replica: str | None, count: int) -> list[dict[str, Any]]:
+        """The last *count* log lines of *app* (or one of its replicas), oldest first."""
+        return self.logbook.tail(app, replica, count)
+
+    def launch(self, spec: LaunchSpec) -> None:
+        """Start a replica in the background; its reports say how it goes.
+
+        Launching a replica id that is still running is a duplicate: its last
+        report is sent again and nothing else happens.
+        """
+        current = self._live.get(spec.replica)
+        if current is not None:
+            log.info("replica %s (app %s): duplicate launch ignored", spec.replica, spec.app)
+            if current.last_report is not None:
+                self._emit(current.last_report)
+            return
+        self._finished.pop(spec.replica, None)
+        rep = _Replica(spec, self.logbook.open(spec.replica, spec.app))
+        self._live[spec.replica] = rep
+        self._nursery.start_soon(self._serve_replica, rep, name=f"replica {spec.replica}")
+
+    def stop(self, replica: str) -> None:
+        """Stop a replica in the background (SIGTERM, grace, SIGKILL); ``exited`` follows.
+
+        Idempotent: for a replica already gone its last report is sent again;
+        for one never seen, an ``exited`` report with message "unknown replica".
+        """
+        rep = self._live.get(replica)
+        if rep is not None:
+            if not rep.stop_requested.is_set():
+                log.info("replica %s (app %s): stop requested", replica, rep.spec.app)
+                rep.stop_requested.set()
+            return
+        last = self._finished.get(replica)
+        if last is not None:
+            log.info("replica %s: stop of a finished replica; sending its last report again",
+                     replica)
+            self._emit(last)
+            return
+        log.warning("replica %s: stop of an unknown replica", replica)
+        # The wire needs app and generation; for a replica never seen they are
+        # unknown, so they are sent empty / as 1. The conductor goes by replica id.
+        self._emit({
+            "replica": replica, "app": "", "generation": 1, "state": "exited", "pid": None,
+            "port": None, "exit_code": None, "signal": None, "message": "unknown replica",
+            "reason": None, "ts": self._clock(),
+        })
+
+    # ------------------------------------------------------------------ replica task
+
+    async def _serve_replica(self, rep: _Replica) -> None:
+        spec = rep.spec
+        try:
+            proc = await self._spawn(rep)
+        except LaunchFailed as exc:
+            self._report(rep, "failed", message=str(exc), reason=exc.reason)
+            self.logbook.finish(rep.log)
+            self._retire(rep)
+            return
+        rep.proc = proc
+        self._write_record(rep)
+        self._report(rep, "running")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_tailer, rep.log, self._tail_interval_s)
+                nursery.start_soon(self._watch_readiness, rep)
+                nursery.start_soon(self._serve_stop_request, rep)
+                await proc.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            # Still running here means the supervisor is closing (agent shutdown).
+            if proc.returncode is None and self.stop_on_exit:
+                await self._terminate(rep, why="agent shutting down")
+            if proc.returncode is not None:
+                self._finish(rep)
+            else:
+                log.info("replica %s (app %s) pid %d left running", spec.replica, spec.app,
+                         proc.pid)
+
+    async def _spawn(self, rep: _Replica) -> trio.Process:
+        spec = rep.spec
+        if spec.port is not None:
+            await check_port_free(spec.host, spec.port)
+        try:
+            fds = rep.log.open_for_child()
+        except OSError as exc:
+            raise LaunchFailed(f"cannot open log files in {self.logs_dir}: {exc}") from None
+        try:
+            return await trio.lowlevel.open_process(
+                [spec.exec, *spec.args],
+                stdin=subprocess.DEVNULL,
+                stdout=fds["stdout"],
+                stderr=fds["stderr"],
+                cwd=spec.workdir or self.data_dir,
+                env=build_env(spec),
+                start_new_session=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise LaunchFailed(str(exc)) from None
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    async def _watch_readiness(self, rep: _Replica) -> None:
+        spec = rep.spec
+        with rep.readiness_scope:
+            if spec.health is None or spec.port is None:
+                if spec.health is not None:
+                    log.warning("replica %s: health check without a port; using settle_ms",
+                                spec.replica)
+                await trio.sleep(spec.settle_ms / 1000)
+                if self._alive(rep):
+                    self._report(rep, "ready")
+                return
+            health = spec.health
+            tracker = HealthTracker(health.retries)
+            interval_s = health.interval_ms / 1000
+            next_at = trio.current_time()
+            while True:
+                result = await probe_http(spec.host, spec.port, health.path,
+                                          health.timeout_ms / 1000)
+                passed = result.status == health.expect_status
+                if not passed:
+                    log.debug("replica %s: probe GET %s: %s", spec.replica, health.path,
+                              result.describe())
+                change = tracker.observe(passed)
+                if change is not None and self._alive(rep):
+                    message = None
+                    if change == "unhealthy":
+                        message = (f"health check GET {health.path} failed {health.retries} "
+                                   f"time(s) in a row (last: {result.describe()}, "
+                                   f"expected HTTP {health.expect_status})")
+                    self._report(rep, change, message=message)
+                next_at = max(next_at + interval_s, trio.current_time())
+                await trio.sleep_until(next_at)
+
+    async def _serve_stop_request(self, rep: _Replica) -> None:
+        await rep.stop_requested.wait()
+        await self._terminate(rep, why="stop requested")
+
+    async def _terminate(self, rep: _Replica, *, why: str) -> None:
+        """SIGTERM the group, wait up to the grace for it to go, SIGKILL what is left.
+
+        Shielded: once begun it completes, bounded by the grace plus
+        :data:`KILL_WAIT_S`.
+        """
+        proc = rep.proc
+        assert proc is not None
+        spec = rep.spec
+        rep.stopping = True
+        rep.readiness_scope.cancel()
+        grace_s = spec.stop_grace_ms / 1000
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                log.info("replica %s (app %s) pid %d: SIGTERM to its group (%s), grace %g s",
+                         spec.replica, spec.app, proc.pid, why, grace_s)
+                _signal_group(proc, signal.SIGTERM)
+            deadline = trio.current_time() + grace_s
+            with trio.move_on_at(deadline):
+                await proc.wait()
+                # The leader is gone; give the rest of its group the rest of the grace.
+                while _group_alive(proc.pid):
+                    await trio.sleep(GROUP_POLL_S)
+            if proc.returncode is None or _group_alive(proc.pid):
+                log.warning("replica %s (app %s) pid %d: still there after %g s; SIGKILL to "
+                            "its group", spec.replica, spec.app, proc.pid, grace_s)
+                _signal_group(proc, signal.SIGKILL)
+            with trio.move_on_after(KILL_WAIT_S):
+                await proc.wait()
+            if proc.returncode is None:
+                log.error("replica %s pid %d survived SIGKILL for %g s; still waiting",
+                          spec.replica, proc.pid, KILL_WAIT_S)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _finish(self, rep: _Replica) -> None:
+        proc = rep.proc
+        assert proc is not None and proc.returncode is not None
+        rep.log.read_new(final=True)
+        self.logbook.finish(rep.log)
+        try:
+            remove_record(self.records_dir, rep.spec.replica)
+        except OSError as exc:
+            log.error("replica %s: cannot remove its record: %s", rep.spec.replica, exc)
+        rc = proc.returncode
+        if rc >= 0:
+            message = f"exited with code {rc}"
+        else:
+            message = f"killed by signal {-rc} ({_signal_name(-rc)})"
+        if rep.stopping:
+            message += " after a stop"
+        self._report(rep, "exited", exit_code=rc if rc >= 0 else None,
+                     signal=-rc if rc < 0 else None, message=message)
+        self._retire(rep)
+
+    def _retire(self, rep: _Replica) -> None:
+        replica = rep.spec.replica
+        if self._live.get(replica) is rep:
+            del self._live[replica]
+        if rep.last_report is not None:
+            self._finished[replica] = rep.last_report
+            self._finished.move_to_end(replica)
+            while len(self._finished) > KEEP_FINISHED_REPORTS:
+                self._finished.popitem(last=False)
+
+    def _write_record(self, rep: _Replica) -> None:
+        proc = rep.proc
+        assert proc is not None
+        spec = rep.spec
+        try:
+            create_time: float | None = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            create_time = None  # already gone; the exit is reported right after
+        record = {
+            "version": 1,
+            "replica": spec.replica,
+            "app": spec.app,
+            "generation": spec.generation,
+            "pid": proc.pid,
+            "create_time": create_time,
+            "port": spec.port,
+            "host": spec.host,
+            "stdout": rep.log.paths["stdout"],
+            "stderr": rep.log.paths["stderr"],
+            "started": self._clock(),
+            "launch": spec.to_message_fields(),
+        }
+        try:
+            write_record(self.records_dir, spec.replica, record)
+        except OSError as exc:
+            log.error("replica %s: cannot write its record in %s: %s", spec.replica,
+                      self.records_dir, exc)
+
+    def _alive(self, rep: _Replica) -> bool:
+        return rep.proc is not None and rep.proc.returncode is None and not rep.stopping
+
+    def _report(self, rep: _Replica, state: str, *, exit_code: int | None = None,
+                signal: int | None = None, message: str | None = None,
+                reason: str | None = None) -> None:
+        spec = rep.spec
+        pid = rep.proc.pid if rep.proc is not None else None
+        report: Report = {
+            "replica": spec.replica, "app": spec.app, "generation": spec.generation,
+            "state": state, "pid": pid, "port": spec.port, "exit_code": exit_code,
+            "signal": signal, "message": message, "reason": reason, "ts": self._clock(),
+        }
+        rep.last_report = report
+        level = logging.WARNING if state in ("failed", "unhealthy") else logging.INFO
+        log.log(level, "replica %s (app %s gen %d) %s%s%s", spec.replica, spec.app,
+                spec.generation, state, f" pid {pid}" if pid is not None else "",
+                f": {message}" if message else "")
+        self._emit(report)
+
+    def _emit(self, report: Report) -> None:
+        if self._sink is not None:
+            self._sink(dict(report))
+
+
+@asynccontextmanager
+async def open_supervisor(data_dir: str, *, stop_on_exit: bool = False,
+                          **options: Any) -> AsyncIterator[Supervisor]:
+    """A :class:`Supervisor` whose replica tasks live in a nursery opened here.
+
+    Creates ``logs/`` and ``replicas/`` under *data_dir* (OSError if it
+    cannot). On exit, normal or by cancellation, every replica task is
+    cancelled: without *stop_on_exit* the processes keep running and their
+    records stay; with it each one is stopped (shielded, SIGTERM, its grace,
+    SIGKILL, waited for) before this returns. *options* go to the Supervisor.
+    """
+    for sub in ("logs", "replicas"):
+        os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
+    async with trio.open_nursery() as nursery:
+        supervisor = Supervisor(nursery, data_dir, stop_on_exit=stop_on_exit, **options)
+        try:
+            yield supervisor
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def build_env(spec: LaunchSpec) -> dict[str, str]:
+    """A few inherited variables, the manifest's env, then PORT/HOST and SKR8TR_*."""
+    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+    env.update(spec.env)
+    if spec.port is not None:
+        env["PORT"] = str(spec.port)
+        env["HOST"] = spec.host
+    env["SKR8TR_APP"] = spec.app
+    env["SKR8TR_REPLICA"] = spec.replica
+    env["SKR8TR_GENERATION"] = str(spec.generation)
+    return env
+
+
+async def check_port_free(host: str, port: int) -> None:
+    """Raise LaunchFailed if something listens on (*host*, *port*).
+
+    Binds a socket there and closes it. ``SO_REUSEADDR`` keeps connections in
+    TIME_WAIT from counting as "in use" (the workload will set it too). When
+    *host* is not an address of this machine, the port is checked on the
+    wildcard address instead.
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        infos = []
+    targets = [(family, addr) for family, _t, _p, _c, addr in infos]
+    if not targets:
+        targets = [(socket.AF_INET, ("0.0.0.0", port))]
+    family, addr = targets[0]
+    try:
+        _try_bind(family, addr)
+        return
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise LaunchFailed(f"port {port} is already in use on {host}",
+                               reason="port_in_use") from None
+        if exc.errno != errno.EADDRNOTAVAIL:
+            # E.g. EACCES for a low port: the workload may hold a capability we lack.
+            log.debug("cannot check port %d on %s (%s); launching anyway", port, host, exc)
+            return
+    wildcard = ("::", port) if family == socket.AF_INET6 else ("0.0.0.0", port)
+    try:
+        _try_bind(family, wildcard)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise LaunchFailed(f"port {port} is already in use on {host}",
+                               reason="port_in_use") from None
+
+
+def _try_bind(family: int, addr: Any) -> None:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+
+
+def _signal_group(proc: trio.Process, sig: int) -> None:
+    # The replica was started with start_new_session, so its pid is its group id.
+    try:
+        os.killpg(proc.pid, sig)
+        return
+    except ProcessLookupError:
+        pass  # the group is empty, or the process moved to a group of its own
+    except PermissionError as exc:
+        log.warning("pid %d: cannot signal its group: %s", proc.pid, exc)
+    if proc.returncode is None:
+        with suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
