@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import subprocess
@@ -21,6 +22,17 @@ def skr8tr_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "skr8tr"]
+
+
+def http_get(address: str, port: int, path: str = "/") -> tuple[int, dict[str, str], str]:
+    """One plain HTTP GET: (status, headers, body)."""
+    conn = http.client.HTTPConnection(address, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read().decode()
+    finally:
+        conn.close()
 
 
 def free_port() -> int:

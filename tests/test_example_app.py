@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import http.client
 import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.conftest import HELLO_HTTP, free_port
+from tests.conftest import HELLO_HTTP, free_port, http_get
 
 
 def get(port: int, path: str) -> tuple[int, dict[str, str], str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read().decode()
-    finally:
-        conn.close()
+    return http_get("127.0.0.1", port, path)
 
 
 def wait_until_serving(port: int, proc: subprocess.Popen, deadline_s: float = 15) -> None:

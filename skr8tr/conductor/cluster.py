@@ -1,0 +1,677 @@
+"""The conductor's state machine: nodes, apps, replicas and port claims.
+
+Everything that changes the cluster's state lives here and runs
+synchronously, so no change is ever half-applied while another task looks
+(the house rule of h11's ``_state.py``). I/O stays outside: messages to a
+node go into that node's outbox channel, sent by its session task; events go
+to the :class:`~skr8tr.conductor.events.EventBus`. Decisions come from the
+pure core (:mod:`skr8tr.core.placement`, :mod:`skr8tr.core.reconcile`).
+
+Time: ``clock()`` (trio's clock, so tests can run under ``MockClock``) for
+every deadline; ``wall()`` only for timestamps shown to people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from skr8tr import __version__
+from skr8tr.conductor.events import EventBus
+from skr8tr.core import node_protocol, placement, reconcile
+from skr8tr.core.manifest import Manifest
+
+log = logging.getLogger("skr8tr.conductor")
+
+PORT_CLASH_BLOCK_S = 60.0  # a port found busy on a host is not offered there again for this long
+UNPLACED_RETRY_S = 2.0  # look again at apps short of replicas this often
+NODE_OUTBOX = 1000  # messages queued for one node before its session is cut
+FORGET_EXPIRED_NODE_S = 600.0  # an expired node stays in `nodes` this long
+DEFAULT_HEARTBEAT_S = 2.0
+
+
+class CommandError(Exception):
+    """A command refused with a wire error code (DESIGN.md §4)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class NodeState:
+    node_id: str
+    key: str
+    address: str
+    cores: int
+    ram_total_mb: int
+    ram_free_mb: int
+    cpu_pct: float
+    last_seen: float
+    session: int
+    outbox: trio.MemorySendChannel[str] | None
+    expired: bool = False
+    # replicas placed since the last heartbeat reserve their ram/cpu hints
+    reserved_ram_mb: int = 0
+    reserved_cpu: float = 0.0
+
+    @property
+    def connected(self) -> bool:
+        return self.outbox is not None
+
+
+@dataclass
+class ReplicaState:
+    replica_id: str
+    app: str
+    generation: int
+    node_id: str
+    address: str
+    port: int | None
+    seq: int
+    launched_at: float
+    state: str = "pending"
+    pid: int | None = None
+    restart_count: int = 0
+    restart_at: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str | None = None
+    stop_requested: bool = False
+
+    def row(self) -> dict[str, Any]:
+        return {"app": self.app, "replica": self.replica_id, "node": self.node_id,
+                "pid": self.pid, "port": self.port, "generation": self.generation,
+                "state": self.state}
+
+
+@dataclass(frozen=True)
+class Revision:
+    generation: int
+    manifest: Manifest
+    text: str
+    format: str
+    sha256: str
+
+
+@dataclass
+class HistoryEntry:
+    generation: int
+    state: str
+    started: float
+    finished: float | None
+    manifest_sha256: str
+
+    def row(self) -> dict[str, Any]:
+        return {"generation": self.generation, "state": self.state, "started": self.started,
+                "finished": self.finished, "manifest_sha256": self.manifest_sha256}
+
+
+@dataclass
+class AppState:
+    name: str
+    revision: Revision
+    desired: int
+    completed: int = 0
+    given_up: int = 0
+    placement_error: str | None = None
+    revisions: dict[int, Revision] = field(default_factory=dict)
+    history: list[HistoryEntry] = field(default_factory=list)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.revision.manifest
+
+    @property
+    def generation(self) -> int:
+        return self.revision.generation
+
+
+def manifest_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Cluster:
+    """Desired and observed state of the whole cluster, and every change to it."""
+
+    def __init__(
+        self,
+        *,
+        node_timeout_s: float = 15.0,
+        port_range: tuple[int, int] = placement.DEFAULT_PORT_RANGE,
+        heartbeat_s: float | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.node_timeout_s = node_timeout_s
+        self.port_range = port_range
+        self.heartbeat_s = heartbeat_s or min(DEFAULT_HEARTBEAT_S, node_timeout_s / 3)
+        self.clock = clock
+        self.wall = wall
+        self.events = EventBus(wall)
+        self.nodes: dict[str, NodeState] = {}
+        self.apps: dict[str, AppState] = {}
+        self.replicas: dict[str, ReplicaState] = {}
+        self.ports: dict[str, dict[int, str]] = {}  # address -> port -> replica id
+        self.blocked: dict[str, dict[int, float]] = {}  # address -> port -> until (clock)
+        self._seq = 0
+        self._session = 0
+        self._dirty = trio.Event()
+        self._node_joined = trio.Event()
+
+    # ------------------------------------------------------------------ signals to loops
+
+    def mark_dirty(self) -> None:
+        """Wake the reconciler: desired or observed state changed."""
+        self._dirty.set()
+
+    # ------------------------------------------------------------------ nodes
+
+    def attach_node(self, hello: dict, outbox: trio.MemorySendChannel[str]) -> int:
+        """A node proved its key and said hello; returns the session number.
+
+        Raises CommandError("UNAUTHORIZED") when the node id is held by a
+        different key (a node may not impersonate another).
+        """
+        node_id = hello["node_id"]
+        now = self.clock()
+        old = self.nodes.get(node_id)
+        if old is not None and old.key != hello["key"] and not old.expired:
+            raise CommandError(
+                "UNAUTHORIZED",
+                f"node id {node_id!r} is held by another key; give this node its own --node-id",
+            )
+        self._session += 1
+        if old is not None and old.outbox is not None:
+            log.info("node %s reconnected; replacing its previous session", node_id)
+            old.outbox.close()
+        node = NodeState(
+            node_id=node_id, key=hello["key"], address=hello["address"],
+            cores=hello["cores"], ram_total_mb=hello["ram_total_mb"],
+            ram_free_mb=hello["ram_free_mb"], cpu_pct=float(hello["cpu_pct"]),
+            last_seen=now, session=self._session, outbox=outbox,
+        )
+        self.nodes[node_id] = node
+        if old is not None and old.address != node.address:
+            # Its replicas' ports were claimed on the old address.
+            for r in self._replicas_on(node_id):
+                self._release_port(r)
+                r.address = node.address
+                self._claim_port(r)
+        self.events.publish("node.joined", node=node_id, address=node.address,
+                            cores=node.cores, ram_total_mb=node.ram_total_mb)
+        log.info("node %s joined from %s (%d cores, %d MB RAM)", node_id, node.address,
+                 node.cores, node.ram_total_mb)
+        self._sync_reported_replicas(node, hello["replicas"])
+        self._node_joined.set()
+        self._node_joined = trio.Event()
+        self.mark_dirty()
+        return node.session
+
+    def _sync_reported_replicas(self, node: NodeState, reports: list[dict]) -> None:
+        reported = {r["replica"]: r for r in reports}
+        for r in list(self._replicas_on(node.node_id)):
+            if r.replica_id in reported:
+                report = reported.pop(r.replica_id)
+                self.replica_report(node.node_id, report)
+                if r.stop_requested and report["state"] not in ("exited", "failed"):
+                    self.send(node.node_id, "stop", replica=r.replica_id)  # asked while away
+            elif r.state not in reconcile.ENDED_STATES:
+                # The node no longer has it (the agent restarted without it).
+                self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
+                                    node_lost=True, message=f"node {node.node_id} lost it")
+        for report in reported.values():
+            if report["state"] in ("exited", "failed"):
+                continue
+            # A replica nobody here knows about (e.g. the conductor restarted):
+            # no app claims it, so it is stopped. Its port stays claimed until it exits.
+            stray = ReplicaState(
+                replica_id=report["replica"], app=report["app"],
+                generation=report["generation"], node_id=node.node_id, address=node.address,
+                port=report.get("port"), seq=self._next_seq(), launched_at=self.clock(),
+                state=report["state"] if report["state"] != "unhealthy" else "running",
+                pid=report.get("pid"),
+            )
+            self.replicas[stray.replica_id] = stray
+            self._claim_port(stray)
+            self.stop_replica(stray.replica_id, "no app claims it")
+
+    def detach_node(self, node_id: str, session: int) -> None:
+        """A node's session ended. It is lost only when its heartbeats stay away too long."""
+        node = self.nodes.get(node_id)
+        if node is None or node.session != session:
+            return  # replaced by a newer session already
+        node.outbox = None
+        self.events.publish("node.disconnected", node=node_id)
+        log.info("node %s disconnected; it expires in %.1f s unless it comes back",
+                 node_id, node.last_seen + self.node_timeout_s - self.clock())
+        self.mark_dirty()
+
+    def node_heartbeat(self, node_id: str, msg: dict) -> None:
+        node = self.nodes[node_id]
+        node.last_seen = self.clock()
+        node.cpu_pct = float(msg["cpu_pct"])
+        node.ram_free_mb = msg["ram_free_mb"]
+        node.ram_total_mb = msg["ram_total_mb"]
+        node.cores = msg["cores"]
+        node.reserved_ram_mb = 0
+        node.reserved_cpu = 0.0
+
+    def next_expiry(self) -> float | None:
+        deadlines = [n.last_seen + self.node_timeout_s for n in self.nodes.values()
+                     if not n.expired]
+        return min(deadlines) if deadlines else None
+
+    async def wait_node_joined(self) -> None:
+        await self._node_joined.wait()
+
+    def expire_nodes(self) -> list[str]:
+        """Expire every node whose last heartbeat is ``node_timeout_s`` old or older."""
+        now = self.clock()
+        expired = []
+        for node in self.nodes.values():
+            if node.expired or now < node.last_seen + self.node_timeout_s:
+                continue
+            node.expired = True
+            if node.outbox is not None:
+                node.outbox.close()
+                node.outbox = None
+            expired.append(node.node_id)
+            log.warning("node %s lost: no heartbeat for %.1f s; re-placing its replicas",
+                        node.node_id, now - node.last_seen)
+            self.events.publish("node.lost", node=node.node_id,
+                                silent_s=round(now - node.last_seen, 3))
+            for r in list(self._replicas_on(node.node_id)):
+                if r.state in reconcile.ENDED_STATES:
+                    self._release_port(r)
+                    continue
+                self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
+                                    node_lost=True, message=f"node {node.node_id} lost")
+        for node_id in [n.node_id for n in self.nodes.values()
+                        if n.expired and now - n.last_seen > FORGET_EXPIRED_NODE_S]:
+            del self.nodes[node_id]
+        if expired:
+            self.mark_dirty()
+        return expired
+
+    def _replicas_on(self, node_id: str) -> list[ReplicaState]:
+        return [r for r in self.replicas.values() if r.node_id == node_id]
+
+    def send(self, node_id: str, kind: str, **fields: Any) -> bool:
+        """Queue a message for a node; False when it is not connected (or too far behind)."""
+        node = self.nodes.get(node_id)
+        if node is None or node.outbox is None:
+            return False
+        text = node_protocol.encode_node_message(kind, **fields)
+        try:
+            node.outbox.send_nowait(text)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            log.warning("node %s is %d messages behind; closing its session", node_id,
+                        NODE_OUTBOX)
+            node.outbox.close()
+            node.outbox = None
+            return False
+        return True
+
+    # ------------------------------------------------------------------ ports
+
+    def _claim_port(self, r: ReplicaState) -> None:
+        if r.port is not None:
+            self.ports.setdefault(r.address, {})[r.port] = r.replica_id
+
+    def _release_port(self, r: ReplicaState) -> None:
+        if r.port is None:
+            return
+        held = self.ports.get(r.address)
+        if held is not None and held.get(r.port) == r.replica_id:
+            del held[r.port]
+            if not held:
+                del self.ports[r.address]
+
+    def taken_ports(self) -> dict[str, set[int]]:
+        now = self.clock()
+        taken: dict[str, set[int]] = {a: set(p) for a, p in self.ports.items()}
+        for address, ports in list(self.blocked.items()):
+            for port, until in list(ports.items()):
+                if until <= now:
+                    del ports[port]
+                else:
+                    taken.setdefault(address, set()).add(port)
+            if not ports:
+                del self.blocked[address]
+        return taken
+
+    # ------------------------------------------------------------------ replicas
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _new_replica_id(self, app: str) -> str:
+        while True:
+            rid = f"{app}-{secrets.token_hex(3)}"
+            if rid not in self.replicas:
+                return rid
+
+    def node_views(self) -> list[placement.NodeView]:
+        counts: dict[str, int] = {}
+        for r in self.replicas.values():
+            if r.state not in reconcile.ENDED_STATES:
+                counts[r.node_id] = counts.get(r.node_id, 0) + 1
+        return [
+            placement.NodeView(
+                node_id=n.node_id, address=n.address, live=n.connected and not n.expired,
+                cpu_pct=n.cpu_pct, cores=n.cores, ram_free_mb=n.ram_free_mb,
+                replicas=counts.get(n.node_id, 0), reserved_ram_mb=n.reserved_ram_mb,
+                reserved_cpu=n.reserved_cpu,
+            )
+            for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
+        ]
+
+    def launch(self, app: AppState, revision: Revision, *, restart_count: int = 0,
+               avoid: frozenset[str] = frozenset()) -> ReplicaState | placement.NoCapacity:
+        """Place one replica of ``revision``, claim its port and tell the node to start it."""
+        m = revision.manifest
+        request = placement.PlacementRequest(
+            app=app.name, port=m.port, avoid_nodes=avoid,
+            ram_mb=None if m.ram_bytes is None else -(-m.ram_bytes // 2**20),
+            cpu=m.cpu,
+        )
+        where = placement.place(request, self.node_views(), self.taken_ports(), self.port_range)
+        if isinstance(where, placement.NoCapacity):
+            return where
+        r = ReplicaState(
+            replica_id=self._new_replica_id(app.name), app=app.name,
+            generation=revision.generation, node_id=where.node_id, address=where.address,
+            port=where.port, seq=self._next_seq(), launched_at=self.clock(),
+            restart_count=restart_count,
+        )
+        self.replicas[r.replica_id] = r
+        self._claim_port(r)
+        node = self.nodes[where.node_id]
+        node.reserved_ram_mb += request.ram_mb or 0
+        node.reserved_cpu += request.cpu or 0.0
+        health = None
+        if m.health is not None:
+            health = {"path": m.health.path, "expect_status": m.health.expect_status,
+                      "interval_ms": m.health.interval_ms, "timeout_ms": m.health.timeout_ms,
+                      "retries": m.health.retries}
+        sent = self.send(
+            where.node_id, "launch", replica=r.replica_id, app=app.name,
+            generation=revision.generation, app_type=m.type, exec=m.exec_path,
+            args=list(m.expand_args(where.address, where.port)), env=m.env_dict(),
+            workdir=m.workdir_path, port=where.port, host=where.address, health=health,
+            settle_ms=m.rollout.settle_ms, stop_grace_ms=m.stop_grace_ms,
+        )
+        self.events.publish("replica.placed", app=app.name, replica=r.replica_id,
+                            node=r.node_id, port=r.port, generation=r.generation)
+        log.info("placed %s (generation %d) on %s port %s", r.replica_id, r.generation,
+                 r.node_id, r.port)
+        if not sent:
+            self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
+                                node_lost=True, message=f"node {r.node_id} went away")
+        return r
+
+    def replica_report(self, node_id: str, msg: dict) -> None:
+        """Apply a ``replica`` report from a node (idempotent)."""
+        r = self.replicas.get(msg["replica"])
+        if r is None or r.node_id != node_id:
+            if msg["state"] not in ("exited", "failed"):
+                log.warning("node %s reports unknown replica %s; stopping it", node_id,
+                            msg["replica"])
+                self.send(node_id, "stop", replica=msg["replica"])
+            return
+        state = msg["state"]
+        if msg.get("pid") is not None:
+            r.pid = msg["pid"]
+        if state in ("exited", "failed"):
+            port_clash = (state == "failed" and msg.get("reason") == "port_in_use")
+            if port_clash and r.port is not None:
+                self.blocked.setdefault(r.address, {})[r.port] = (
+                    self.clock() + PORT_CLASH_BLOCK_S)
+            self._replica_ended(
+                r, exit_code=msg.get("exit_code"), signal=msg.get("signal"),
+                launch_failed=state == "failed", node_lost=port_clash,
+                message=msg.get("message"),
+            )
+            return
+        if r.state in reconcile.ENDED_STATES or r.state in reconcile.LEAVING_STATES:
+            return  # a late report about a replica that is already on its way out
+        if state == "unhealthy":
+            self.events.publish("replica.unhealthy", app=r.app, replica=r.replica_id,
+                                node=node_id, message=msg.get("message"))
+            log.warning("replica %s is unhealthy; replacing it", r.replica_id)
+            self.stop_replica(r.replica_id, "unhealthy")
+            return
+        if state != r.state:
+            r.state = state
+            self.events.publish(f"replica.{state}", app=r.app, replica=r.replica_id,
+                                node=node_id, pid=r.pid, port=r.port, generation=r.generation)
+            self.mark_dirty()
+
+    def _replica_ended(self, r: ReplicaState, *, exit_code: int | None, signal: int | None,
+                       launch_failed: bool, node_lost: bool, message: str | None) -> None:
+        self._release_port(r)
+        r.exit_code, r.signal, r.message = exit_code, signal, message
+        app = self.apps.get(r.app)
+        if r.stop_requested or app is None or r.generation != app.generation:
+            self.events.publish("replica.exited", app=r.app, replica=r.replica_id,
+                                node=r.node_id, exit_code=exit_code, signal=signal,
+                                requested=r.stop_requested, message=message)
+            del self.replicas[r.replica_id]
+            self.mark_dirty()
+            return
+        outcome = reconcile.on_exit(
+            app_type=app.manifest.type, restart=app.manifest.restart, exit_code=exit_code,
+            signal=signal, launch_failed=launch_failed, ran_for_s=self.clock() - r.launched_at,
+            restart_count=r.restart_count, node_lost=node_lost, now=self.clock(),
+        )
+        r.state = outcome.state
+        r.restart_at = outcome.restart_at
+        r.restart_count = outcome.restart_count
+        app.completed += outcome.completed
+        app.given_up += outcome.given_up
+        self.events.publish(
+            f"replica.{outcome.state}", app=r.app, replica=r.replica_id, node=r.node_id,
+            exit_code=exit_code, signal=signal, message=message,
+            restart_in_s=None if outcome.restart_at is None
+            else round(outcome.restart_at - self.clock(), 3),
+        )
+        log.info("replica %s %s (exit code %s, signal %s%s)%s", r.replica_id, outcome.state,
+                 exit_code, signal, f", {message}" if message else "",
+                 "" if outcome.restart_at is None
+                 else f"; restarting in {outcome.restart_at - self.clock():.1f} s")
+        self.mark_dirty()
+
+    def stop_replica(self, replica_id: str, reason: str) -> None:
+        """Ask the node to stop a replica; its row stays until the node confirms the exit."""
+        r = self.replicas[replica_id]
+        if r.state in reconcile.ENDED_STATES:
+            self._release_port(r)
+            del self.replicas[replica_id]
+            return
+        r.stop_requested = True
+        r.state = "stopping"
+        self.events.publish("replica.stopping", app=r.app, replica=r.replica_id,
+                            node=r.node_id, reason=reason)
+        node = self.nodes.get(r.node_id)
+        if node is None or node.expired:
+            self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
+                                node_lost=True, message="its node is gone")
+            return
+        # If the node is disconnected the stop is repeated when it says hello again
+        # (its report of a running replica in `stopping` state is answered with a stop).
+        self.send(r.node_id, "stop", replica=r.replica_id)
+
+    # ------------------------------------------------------------------ reconciliation
+
+    def reconcile(self) -> float | None:
+        """Converge every app once; returns when to look again (None: only on change)."""
+        now = self.clock()
+        wake_at: float | None = None
+        for app in list(self.apps.values()):
+            app_wake = self.reconcile_app(app, now)
+            if app_wake is not None and (wake_at is None or app_wake < wake_at):
+                wake_at = app_wake
+        return wake_at
+
+    def reconcile_app(self, app: AppState, now: float | None = None) -> float | None:
+        now = self.clock() if now is None else now
+        views = [
+            reconcile.ReplicaView(r.replica_id, r.generation, r.state, r.seq, r.restart_at,
+                                  r.restart_count)
+            for r in self.replicas.values() if r.app == app.name
+        ]
+        plan = reconcile.reconcile_app(
+            reconcile.AppView(app.name, app.generation, app.desired, app.completed,
+                              app.given_up),
+            views, now,
+        )
+        short: placement.NoCapacity | None = None
+        for action in plan.actions:
+            if isinstance(action, reconcile.Forget):
+                r = self.replicas.pop(action.replica_id, None)
+                if r is not None:
+                    self._release_port(r)
+            elif isinstance(action, reconcile.Stop):
+                self.stop_replica(action.replica_id, action.reason)
+            elif short is None:
+                result = self.launch(app, app.revision, restart_count=action.restart_count)
+                if isinstance(result, placement.NoCapacity):
+                    short = result
+                elif action.replaces is not None:
+                    old = self.replicas.pop(action.replaces, None)
+                    if old is not None:
+                        self._release_port(old)
+        message = None if short is None else short.message
+        if message != app.placement_error:
+            app.placement_error = message
+            if message is not None:
+                log.warning("app %s is short of replicas: %s", app.name, message)
+                self.events.publish("app.unplaced", app=app.name, message=message)
+        if short is not None:
+            retry = now + UNPLACED_RETRY_S
+            return retry if plan.wake_at is None else min(plan.wake_at, retry)
+        return plan.wake_at
+
+    async def run_reconciler(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile on every change, and at the times the last pass asked for."""
+        task_status.started()
+        while True:
+            self._dirty = trio.Event()
+            wake_at = self.reconcile()
+            with trio.move_on_at(wake_at if wake_at is not None else float("inf")):
+                await self._dirty.wait()
+
+    async def run_expiry_watchdog(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Expire nodes exactly ``node_timeout_s`` after their last heartbeat."""
+        task_status.started()
+        while True:
+            deadline = self.next_expiry()
+            if deadline is None:
+                await self.wait_node_joined()
+                continue
+            await trio.sleep_until(deadline)
+            self.expire_nodes()
+
+    # ------------------------------------------------------------------ apps
+
+    def new_revision(self, generation: int, manifest: Manifest, text: str,
+                     fmt: str) -> Revision:
+        return Revision(generation, manifest, text, fmt, manifest_sha256(text))
+
+    def create_app(self, manifest: Manifest, text: str, fmt: str) -> AppState:
+        revision = self.new_revision(1, manifest, text, fmt)
+        app = AppState(name=manifest.app, revision=revision, desired=manifest.replicas)
+        app.revisions[1] = revision
+        now = self.wall()
+        app.history.append(HistoryEntry(1, "complete", now, now, revision.sha256))
+        self.apps[app.name] = app
+        self.events.publish("app.created", app=app.name, generation=1,
+                            replicas=manifest.replicas)
+        log.info("app %s created: generation 1, %d replica(s)", app.name, manifest.replicas)
+        return app
+
+    def remove_app(self, name: str) -> int:
+        """Forget an app and stop all its replicas; returns how many are being stopped."""
+        self.apps.pop(name)
+        stopping = 0
+        for r in [r for r in self.replicas.values() if r.app == name]:
+            if r.state in reconcile.ENDED_STATES:
+                self._release_port(r)
+                del self.replicas[r.replica_id]
+            elif r.state != "stopping":
+                self.stop_replica(r.replica_id, "app removed")
+                stopping += 1
+            else:
+                stopping += 1
+        self.events.publish("app.removed", app=name, stopping=stopping)
+        log.info("app %s removed; stopping %d replica(s)", name, stopping)
+        self.mark_dirty()
+        return stopping
+
+    def scale_app(self, name: str, replicas: int) -> AppState:
+        app = self.apps[name]
+        before = app.desired
+        app.desired = replicas
+        app.given_up = 0
+        app.completed = 0
+        self.events.publish("app.scaled", app=name, replicas_from=before, replicas_to=replicas)
+        log.info("app %s scaled %d -> %d", name, before, replicas)
+        self.mark_dirty()
+        return app
+
+    # ------------------------------------------------------------------ views (DESIGN.md §5)
+
+    def replica_rows(self, app: str | None = None) -> list[dict[str, Any]]:
+        rows = [r for r in self.replicas.values() if app is None or r.app == app]
+        rows.sort(key=lambda r: (r.app, r.generation, r.seq))
+        return [r.row() for r in rows]
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        rows = []
+        for n in sorted(self.nodes.values(), key=lambda n: n.node_id):
+            mine = [r for r in self._replicas_on(n.node_id)
+                    if r.state not in reconcile.ENDED_STATES]
+            rows.append({
+                "node": n.node_id, "address": n.address, "cpu_pct": round(n.cpu_pct, 1),
+                "ram_free_mb": n.ram_free_mb,
+                "ports": sorted(r.port for r in mine if r.port is not None),
+                "replicas": len(mine), "last_seen_s": round(max(0.0, now - n.last_seen), 3),
+            })
+        return rows
+
+    def app_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for app in sorted(self.apps.values(), key=lambda a: a.name):
+            mine = [r for r in self.replicas.values() if r.app == app.name]
+            current = [r for r in mine if r.generation == app.generation]
+            rows.append({
+                "app": app.name, "type": app.manifest.type, "generation": app.generation,
+                "desired": app.desired,
+                "running": sum(r.state in reconcile.LIVE_STATES for r in current),
+                "ready": sum(r.state == "ready" for r in current),
+                "completed": app.completed,
+                "message": app.placement_error,
+            })
+        return rows
+
+    def status(self) -> dict[str, Any]:
+        return {"nodes": self.node_rows(), "apps": self.app_rows(),
+                "replicas": self.replica_rows(), "rollouts": []}
+
+    def up_result(self, app: AppState) -> dict[str, Any]:
+        return {"app": app.name, "generation": app.generation,
+                "replicas": self.replica_rows(app.name)}
+
+    def ping(self) -> dict[str, Any]:
+        return {"pong": "conductor", "version": __version__}

@@ -1,0 +1,185 @@
+"""The commands of ``/v1/cli`` (DESIGN.md §4), applied to the :class:`Cluster`.
+
+Each handler takes arguments the protocol layer has already validated and
+returns exactly the ``result`` of §4/§5, or raises :class:`CommandError` with
+a wire error code. Authentication happened before any of this runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.core import manifest as manifest_mod
+
+log = logging.getLogger("skr8tr.conductor")
+
+LOGS_TIMEOUT_S = 5.0
+
+Handler = Callable[[Cluster, dict], Awaitable[Any]]
+
+
+def _parse(args: dict) -> tuple[manifest_mod.Manifest, str, str]:
+    fmt = args["format"]
+    text = args["manifest"]
+    try:
+        m = manifest_mod.parse_manifest(text, filename=f"manifest.{fmt}",
+                                        base_dir=args["base_dir"], format=fmt)
+    except manifest_mod.ManifestError as exc:
+        raise CommandError("INVALID_MANIFEST", str(exc)) from None
+    return m, text, fmt
+
+
+def _app(cluster: Cluster, name: str):
+    app = cluster.apps.get(name)
+    if app is None:
+        known = ", ".join(sorted(cluster.apps)) or "none"
+        raise CommandError("NOT_FOUND", f"no app named {name!r} (apps: {known})")
+    return app
+
+
+async def cmd_ping(cluster: Cluster, args: dict) -> Any:
+    return cluster.ping()
+
+
+async def cmd_up(cluster: Cluster, args: dict) -> Any:
+    m, text, fmt = _parse(args)
+    app = cluster.apps.get(m.app)
+    if app is not None:
+        if app.manifest == m:
+            return cluster.up_result(app)  # the same manifest again changes nothing
+        raise CommandError(
+            "CONFLICT",
+            f"app {m.app} already runs generation {app.generation} with a different "
+            f"manifest; use `skr8tr rollout FILE` to change it",
+        )
+    app = cluster.create_app(m, text, fmt)
+    cluster.reconcile_app(app)
+    if app.placement_error is not None:
+        placed = len(cluster.replica_rows(app.name))
+        raise CommandError(
+            "NO_CAPACITY",
+            f"placed {placed} of {app.desired} replica(s) of {app.name}; "
+            f"{app.placement_error}. The app is kept and the rest will be placed when "
+            f"capacity appears",
+        )
+    return cluster.up_result(app)
+
+
+async def cmd_down(cluster: Cluster, args: dict) -> Any:
+    _app(cluster, args["app"])
+    stopped = cluster.remove_app(args["app"])
+    return {"app": args["app"], "stopped": stopped}
+
+
+async def cmd_scale(cluster: Cluster, args: dict) -> Any:
+    _app(cluster, args["app"])
+    app = cluster.scale_app(args["app"], args["replicas"])
+    cluster.reconcile_app(app)
+    if app.placement_error is not None:
+        raise CommandError(
+            "NO_CAPACITY",
+            f"{app.name} is scaled to {app.desired} but only "
+            f"{sum(r['generation'] == app.generation for r in cluster.replica_rows(app.name))}"
+            f" replica(s) could be placed: {app.placement_error}",
+        )
+    return cluster.up_result(app)
+
+
+async def cmd_list(cluster: Cluster, args: dict) -> Any:
+    name = args.get("app")
+    if name is not None and name not in cluster.apps and not cluster.replica_rows(name):
+        _app(cluster, name)
+    return cluster.replica_rows(name)
+
+
+async def cmd_nodes(cluster: Cluster, args: dict) -> Any:
+    return cluster.node_rows()
+
+
+async def cmd_status(cluster: Cluster, args: dict) -> Any:
+    return cluster.status()
+
+
+async def cmd_history(cluster: Cluster, args: dict) -> Any:
+    return [h.row() for h in _app(cluster, args["app"]).history]
+
+
+class LogRequests:
+    """Pending ``logs`` requests to nodes, matched with their ``logs_reply``."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[trio.MemorySendChannel, str]] = {}
+
+    def reply(self, node_id: str, msg: dict) -> None:
+        slot = self._pending.get(msg["req"])
+        if slot is not None and slot[1] == node_id:
+            # The asker may have given up (closed) or have its answer already.
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                     trio.ClosedResourceError):
+                slot[0].send_nowait(msg["lines"])
+
+    async def gather(self, cluster: Cluster, node_ids: list[str], app: str,
+                     replica: str | None, tail: int) -> list[dict]:
+        send, recv = trio.open_memory_channel[list](len(node_ids) or 1)
+        asked = 0
+        reqs = []
+        for node_id in node_ids:
+            req = secrets.token_hex(8)
+            self._pending[req] = (send, node_id)
+            reqs.append(req)
+            if cluster.send(node_id, "logs", req=req, app=app, replica=replica, tail=tail):
+                asked += 1
+        lines: list[dict] = []
+        try:
+            with trio.move_on_after(LOGS_TIMEOUT_S):
+                for _ in range(asked):
+                    lines.extend(await recv.receive())
+        finally:
+            for req in reqs:
+                self._pending.pop(req, None)
+            send.close()
+            recv.close()
+        lines.sort(key=lambda line: line["ts"])
+        return lines[-tail:]
+
+
+def make_logs_handler(requests: LogRequests) -> Handler:
+    async def cmd_logs(cluster: Cluster, args: dict) -> Any:
+        name, replica = args["app"], args.get("replica")
+        if name not in cluster.apps and not cluster.replica_rows(name):
+            _app(cluster, name)
+        if replica is not None:
+            r = cluster.replicas.get(replica)
+            if r is not None and r.app != name:
+                raise CommandError("NOT_FOUND", f"replica {replica} belongs to {r.app}, "
+                                   f"not {name}")
+            node_ids = [r.node_id] if r is not None else sorted(cluster.nodes)
+        else:
+            # Ask every connected node: finished replicas (a completed job) have no
+            # row any more, but their node still has their lines.
+            node_ids = sorted(n.node_id for n in cluster.nodes.values() if n.connected)
+        lines = await requests.gather(cluster, node_ids, name, replica, args.get("tail", 100))
+        return {"lines": lines}
+
+    return cmd_logs
+
+
+def handlers(log_requests: LogRequests) -> dict[str, Handler]:
+    return {
+        "ping": cmd_ping,
+        "up": cmd_up,
+        "down": cmd_down,
+        "scale": cmd_scale,
+        "list": cmd_list,
+        "nodes": cmd_nodes,
+        "status": cmd_status,
+        "history": cmd_history,
+        "logs": make_logs_handler(log_requests),
+    }

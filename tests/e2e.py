@@ -1,0 +1,197 @@
+"""End-to-end harness: a real conductor and real node agents as separate OS processes.
+
+Everything goes through the real CLI (``skr8tr ...`` subprocesses) and real
+sockets on loopback. Every wait polls with a deadline. At teardown the nodes
+stop their workloads, the daemons are stopped with SIGTERM, and the harness
+checks that no workload it ever saw is still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.conftest import free_port, skr8tr_command
+
+DEADLINE_S = 30.0
+
+
+def poll(predicate: Callable[[], Any], *, timeout_s: float = DEADLINE_S, step_s: float = 0.1,
+         what: str = "condition") -> Any:
+    """Call ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(step_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+
+@dataclass
+class Daemon:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"{self.name} did not exit within {timeout_s} s of "
+                                 f"{signal.Signals(sig).name}\n{self.log()[-3000:]}") from None
+
+
+@dataclass
+class Cluster:
+    """A running conductor plus node agents, and a CLI bound to them."""
+
+    root: Path
+    env: dict[str, str]
+    ws_port: int = 0
+    http_port: int = 0
+    conductor: Daemon | None = None
+    nodes: dict[str, Daemon] = field(default_factory=dict)
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}"
+
+    # -------------------------------------------------------------- keys
+
+    def make_keys(self) -> None:
+        keys = self.root / "keys"
+        admin = self.cli_ok("keygen", "--out", str(keys / "admin"), conductor=False).strip()
+        node = self.cli_ok("keygen", "--out", str(keys / "node"), conductor=False).strip()
+        self.admin_pub, self.node_pub = admin, node
+        self.authorized_keys = keys / "authorized_keys"
+        self.authorized_keys.write_text(f"admin {admin} test admin\nnode {node} test nodes\n")
+        self.admin_key = keys / "admin" / "signing.sec"
+        self.node_key = keys / "node" / "signing.sec"
+
+    # -------------------------------------------------------------- processes
+
+    def _spawn(self, name: str, *args: str) -> Daemon:
+        log_path = self.root / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [*skr8tr_command(), *args], env=self.env, stdout=log_file,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        return Daemon(name, proc, log_path)
+
+    def start_conductor(self, *extra: str, node_timeout_s: float = 5.0) -> Daemon:
+        if not self.ws_port:
+            self.ws_port, self.http_port = free_port(), free_port()
+        self.conductor = self._spawn(
+            "conductor", "conductor", "--listen", f"127.0.0.1:{self.ws_port}",
+            "--http", f"127.0.0.1:{self.http_port}", "--authorized-keys",
+            str(self.authorized_keys), "--node-timeout", str(node_timeout_s),
+            "--log-level", "debug", *extra,
+        )
+        poll(lambda: self.cli("ping").returncode == 0 or self._died(self.conductor),
+             what="the conductor to answer ping")
+        self._assert_alive(self.conductor)
+        return self.conductor
+
+    def start_node(self, node_id: str, advertise: str = "127.0.0.1", *extra: str,
+                   wait: bool = True) -> Daemon:
+        daemon = self._spawn(
+            node_id, "node", "--conductor", self.url, "--key", str(self.node_key),
+            "--node-id", node_id, "--data-dir", str(self.root / "nodes" / node_id),
+            "--advertise", advertise, "--stop-workloads", "--log-level", "debug", *extra,
+        )
+        self.nodes[node_id] = daemon
+        if wait:
+            poll(lambda: node_id in {n["node"] for n in self.json("nodes")}
+                 or self._died(daemon), what=f"node {node_id} to join")
+            self._assert_alive(daemon)
+        return daemon
+
+    def _died(self, daemon: Daemon) -> bool:
+        return daemon.proc.poll() is not None
+
+    def _assert_alive(self, daemon: Daemon) -> None:
+        assert daemon.proc.poll() is None, (
+            f"{daemon.name} exited with {daemon.proc.returncode}:\n{daemon.log()[-3000:]}")
+
+    # -------------------------------------------------------------- the CLI
+
+    def cli(self, *args: str, conductor: bool = True, signed: bool = True,
+            timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+        flags: list[str] = []
+        if conductor:
+            flags += ["--conductor", self.url]
+        if signed and hasattr(self, "admin_key"):
+            flags += ["--key", str(self.admin_key)]
+        return subprocess.run(
+            [*skr8tr_command(), *args, *flags], env=self.env, capture_output=True, text=True,
+            timeout=timeout_s, stdin=subprocess.DEVNULL,
+        )
+
+    def cli_ok(self, *args: str, **kw: Any) -> str:
+        proc = self.cli(*args, **kw)
+        assert proc.returncode == 0, (f"skr8tr {' '.join(args)} exited {proc.returncode}: "
+                                      f"{proc.stderr}{proc.stdout}")
+        return proc.stdout
+
+    def json(self, *args: str, **kw: Any) -> Any:
+        doc = json.loads(self.cli_ok(*args, "--json", **kw))
+        if args and args[0] == "list":
+            self.seen_pids.update(r["pid"] for r in doc if r["pid"])
+        return doc
+
+    def replicas(self, app: str | None = None) -> list[dict]:
+        return self.json("list", *([app] if app else []))
+
+    def wait_ready(self, app: str, count: int, *, timeout_s: float = DEADLINE_S,
+                   generation: int | None = None) -> list[dict]:
+        def ready() -> list[dict] | None:
+            rows = self.replicas(app)
+            good = [r for r in rows if r["state"] == "ready"
+                    and (generation is None or r["generation"] == generation)]
+            return rows if len(good) == count and len(rows) == count else None
+        return poll(ready, timeout_s=timeout_s, what=f"{count} ready replica(s) of {app}")
+
+    # -------------------------------------------------------------- teardown
+
+    def shutdown(self) -> None:
+        """Stop nodes (which stop their workloads), then the conductor; check for orphans."""
+        problems = []
+        for daemon in self.nodes.values():
+            try:
+                daemon.stop()
+            except AssertionError as exc:
+                problems.append(str(exc))
+        if self.conductor is not None:
+            try:
+                self.conductor.stop()
+            except AssertionError as exc:
+                problems.append(str(exc))
+        survivors = [p for p in self.seen_pids if psutil.pid_exists(p)
+                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if survivors:
+            problems.append(f"workloads outlived the test: {sorted(survivors)}")
+        assert not problems, "\n".join(problems)

@@ -1,0 +1,129 @@
+"""In-memory fake node agents for deterministic simulation tests of the conductor.
+
+A :class:`FakeNode` attaches to a real :class:`~skr8tr.conductor.cluster.Cluster`
+the way a node session does (``attach_node`` with an outbox channel), reads the
+conductor's messages from that outbox and answers like an agent would, with
+hooks to make replicas crash, never become ready, or the node go silent. No
+sockets and no processes: run under ``MockClock(autojump_threshold=0)`` and
+every time is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+
+import trio
+
+from skr8tr.conductor.cluster import Cluster
+
+_pids = itertools.count(1000)
+FAKE_KEY = "ab" * 32
+
+
+@dataclass
+class FakeReplica:
+    replica: str
+    app: str
+    generation: int
+    port: int | None
+    pid: int
+    launched_at: float
+    alive: bool = True
+
+
+@dataclass
+class FakeNode:
+    cluster: Cluster
+    node_id: str
+    address: str = "127.0.0.1"
+    cores: int = 4
+    ram_free_mb: int = 8000
+    heartbeat_s: float = 1.0
+    ready_after_s: float = 0.0  # from launch to "ready" (health or settle)
+    crash_after_s: float | None = None  # exit with code 1 this long after launch
+    exit_code: int = 1
+    launches: list[tuple[float, dict]] = field(default_factory=list)
+    stops: list[tuple[float, str]] = field(default_factory=list)
+    running: dict[str, FakeReplica] = field(default_factory=dict)
+    silent: bool = False  # stop heartbeating (the node "dies")
+    key: str = FAKE_KEY
+
+    def hello(self) -> dict:
+        return {"v": 1, "type": "hello", "node_id": self.node_id, "key": self.key,
+                "sig": "00" * 64, "version": "fake", "address": self.address,
+                "cores": self.cores, "ram_total_mb": 16000, "ram_free_mb": self.ram_free_mb,
+                "cpu_pct": 0.0, "replicas": []}
+
+    def _report(self, r: FakeReplica, state: str, **extra) -> None:
+        if self.silent:
+            return
+        msg = {"v": 1, "type": "replica", "replica": r.replica, "app": r.app,
+               "generation": r.generation, "state": state, "pid": r.pid, "port": r.port,
+               "ts": 0.0, **extra}
+        self.cluster.replica_report(self.node_id, msg)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Attach, then serve the outbox and heartbeat until cancelled."""
+        send, recv = trio.open_memory_channel[str](1000)
+        self.session = self.cluster.attach_node(self.hello(), send)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat)
+            async for text in recv:
+                msg = json.loads(text)
+                if msg["type"] == "launch":
+                    nursery.start_soon(self._launch, msg)
+                elif msg["type"] == "stop":
+                    nursery.start_soon(self._stop, msg["replica"])
+            nursery.cancel_scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_s)
+            if self.silent:
+                continue
+            if self.node_id in self.cluster.nodes:
+                self.cluster.node_heartbeat(self.node_id, {
+                    "cpu_pct": 0.0, "ram_free_mb": self.ram_free_mb, "ram_total_mb": 16000,
+                    "cores": self.cores})
+
+    async def _launch(self, msg: dict) -> None:
+        now = trio.current_time()
+        self.launches.append((now, msg))
+        r = FakeReplica(msg["replica"], msg["app"], msg["generation"], msg["port"],
+                        next(_pids), now)
+        self.running[r.replica] = r
+        self._report(r, "running")
+        events = []
+        if self.crash_after_s is not None:
+            events.append((self.crash_after_s, "crash"))
+        events.append((self.ready_after_s, "ready"))
+        events.sort()
+        start = now
+        for delay, what in events:
+            await trio.sleep_until(start + delay)
+            if not r.alive:
+                return
+            if what == "crash":
+                r.alive = False
+                del self.running[r.replica]
+                self._report(r, "exited", exit_code=self.exit_code)
+                return
+            self._report(r, "ready")
+
+    async def _stop(self, replica: str) -> None:
+        self.stops.append((trio.current_time(), replica))
+        r = self.running.pop(replica, None)
+        if r is None:
+            return
+        r.alive = False
+        self._report(r, "exited", exit_code=0)
+
+
+async def wait_for(predicate, *, timeout_s: float = 600.0, step_s: float = 0.01) -> None:
+    """Poll ``predicate`` on the (mock) clock until it holds; fail after ``timeout_s``."""
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(step_s)
