@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -420,10 +421,13 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
             last = None
             while status["state"] == "rolling":
                 line = output.rollout_status(status)
-                if not opts.json and line != last:
+                # On a terminal the line is redrawn in place; in a log, a new line is
+                # written only when something other than the elapsed time changed.
+                key = line if tty else re.sub(r" · [0-9.]+ s$", "", line)
+                if not opts.json and key != last:
                     sys.stdout.write(("\r\x1b[K" + line) if tty else line + "\n")
                     sys.stdout.flush()
-                    last = line
+                    last = key
                 await trio.sleep(0.2)
                 status = await client.call_on(ws, call_opts, "rollout-status",
                                               {"app": status["app"]})

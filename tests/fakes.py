@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -41,9 +43,14 @@ class FakeNode:
     cores: int = 4
     ram_free_mb: int = 8000
     heartbeat_s: float = 1.0
-    ready_after_s: float = 0.0  # from launch to "ready" (health or settle)
-    crash_after_s: float | None = None  # exit with code 1 this long after launch
+    # From launch to "ready"; None: like a real agent, `settle_ms` without a health
+    # check, `probe_ready_after_s` with one. math.inf: never ready.
+    ready_after_s: float | None = 0.0
+    probe_ready_after_s: float = 0.3
+    crash_after_s: float | None = None  # exit with `exit_code` this long after launch
     exit_code: int = 1
+    # Per-launch overrides: launch message -> {"ready_after_s"|"crash_after_s"|"exit_code": ...}
+    launch_hook: Callable[[dict], dict] | None = None
     launches: list[tuple[float, dict]] = field(default_factory=list)
     stops: list[tuple[float, str]] = field(default_factory=list)
     running: dict[str, FakeReplica] = field(default_factory=dict)
@@ -96,10 +103,19 @@ class FakeNode:
                         next(_pids), now)
         self.running[r.replica] = r
         self._report(r, "running")
+        behaviour = {"ready_after_s": self.ready_after_s, "crash_after_s": self.crash_after_s,
+                     "exit_code": self.exit_code}
+        if self.launch_hook is not None:
+            behaviour.update(self.launch_hook(msg))
+        ready_after = behaviour["ready_after_s"]
+        if ready_after is None:
+            ready_after = (msg["settle_ms"] / 1000 if msg["health"] is None
+                           else self.probe_ready_after_s)
         events = []
-        if self.crash_after_s is not None:
-            events.append((self.crash_after_s, "crash"))
-        events.append((self.ready_after_s, "ready"))
+        if behaviour["crash_after_s"] is not None:
+            events.append((behaviour["crash_after_s"], "crash"))
+        if ready_after != math.inf:
+            events.append((ready_after, "ready"))
         events.sort()
         start = now
         for delay, what in events:
@@ -109,7 +125,7 @@ class FakeNode:
             if what == "crash":
                 r.alive = False
                 del self.running[r.replica]
-                self._report(r, "exited", exit_code=self.exit_code)
+                self._report(r, "exited", exit_code=behaviour["exit_code"])
                 return
             self._report(r, "ready")
 

@@ -7,6 +7,7 @@ import trio
 
 from skr8tr.conductor import commands
 from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import reconcile
 from tests.fakes import FakeNode, wait_for
 
@@ -39,11 +40,9 @@ async def start_nodes(nursery, cluster, *specs: tuple[str, str], **kw) -> list[F
     return nodes
 
 
-HANDLERS = commands.handlers(commands.LogRequests())
-
-
 async def run(cluster: Cluster, cmd: str, args: dict):
-    return await HANDLERS[cmd](cluster, args)
+    handlers = commands.handlers(commands.LogRequests(), RolloutManager(cluster))
+    return await handlers[cmd](cluster, args)
 
 
 def live(cluster: Cluster, app: str = "web") -> list:

@@ -82,9 +82,14 @@ APP = AppView("web", generation=2, desired=3)
     # stopping replicas do not count: replace them
     (APP, [R("a", 2, "ready", 1), R("b", 2, "stopping", 2), R("c", 2, "draining", 3)], 0,
      [Launch("web", 2), Launch("web", 2)], None),
-    # other generations belong to a rollout: untouched and not counted
-    (APP, [R("a", 1, "ready", 1), R("b", 2, "ready", 2)], 0,
-     [Launch("web", 2), Launch("web", 2)], None),
+    # other generations are not counted; left over after a rollout, they are stopped
+    (APP, [R("a", 1, "ready", 1), R("b", 2, "ready", 2), R("c", 3, "failed", 3),
+           R("d", 3, "stopping", 4)], 0,
+     [Stop("a", "generation 1 is not current (2 is)"), Forget("c"), Launch("web", 2),
+      Launch("web", 2)], None),
+    # while a rollout runs it owns the app: nothing at all
+    (AppView("web", 2, 3, rolling=True), [R("a", 1, "ready", 1), R("b", 2, "failed", 2)], 0,
+     [], None),
     # an ended replica waiting for its restart holds its place until due
     (APP, [R("a", 2, "ready", 1), R("b", 2, "ready", 2),
            R("c", 2, "failed", 3, restart_at=10.0, restart_count=2)], 5, [], 10.0),

@@ -19,6 +19,7 @@ import trio_websocket
 
 from skr8tr.conductor import commands
 from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import envelope, protocol
 from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
 
@@ -50,7 +51,9 @@ class CliApi:
         self.authority = authority
         self.wall = wall_clock
         self.log_requests = commands.LogRequests()
-        self.handlers = commands.handlers(self.log_requests)
+        self.rollouts = RolloutManager(
+            cluster, commands.make_log_fetcher(cluster, self.log_requests))
+        self.handlers = commands.handlers(self.log_requests, self.rollouts)
         self.refusals = RefusalCounter()
 
     async def handle_message(self, raw: str | bytes, peer: str) -> str:
@@ -64,13 +67,7 @@ class CliApi:
             log.warning("refused a request from %s (key %s): %s: %s", peer,
                         _claimed_key(raw), req.code, req.message)
             return protocol.error_reply(req.id, req.code, req.message)
-        handler = self.handlers.get(req.cmd)
-        if handler is None:
-            return protocol.error_reply(
-                req.id, "BAD_REQUEST",
-                f"{req.cmd!r} is not available in this conductor version "
-                f"(rollouts arrive with the next release)",
-            )
+        handler = self.handlers[req.cmd]  # the decoder admits only known commands
         try:
             result = await handler(self.cluster, req.args)
         except CommandError as exc:

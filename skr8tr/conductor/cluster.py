@@ -13,6 +13,7 @@ every deadline; ``wall()`` only for timestamps shown to people.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import secrets
@@ -35,6 +36,7 @@ UNPLACED_RETRY_S = 2.0  # look again at apps short of replicas this often
 NODE_OUTBOX = 1000  # messages queued for one node before its session is cut
 FORGET_EXPIRED_NODE_S = 600.0  # an expired node stays in `nodes` this long
 DEFAULT_HEARTBEAT_S = 2.0
+ENDED_KEPT = 1000  # ended replicas remembered for failure reports
 
 
 class CommandError(Exception):
@@ -122,6 +124,7 @@ class AppState:
     desired: int
     completed: int = 0
     given_up: int = 0
+    rolling: bool = False  # a rollout owns the replicas; the reconciler waits
     placement_error: str | None = None
     revisions: dict[int, Revision] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
@@ -165,13 +168,24 @@ class Cluster:
         self._seq = 0
         self._session = 0
         self._dirty = trio.Event()
+        self._changed = trio.Event()
         self._node_joined = trio.Event()
+        # The last replicas that ended, with their exit details, for rollout failure reports.
+        self.ended: collections.OrderedDict[str, ReplicaState] = collections.OrderedDict()
+        # Set by the rollout manager: the `rollouts` part of `status`.
+        self.rollout_statuses: Callable[[], list[dict[str, Any]]] = list
 
     # ------------------------------------------------------------------ signals to loops
 
     def mark_dirty(self) -> None:
-        """Wake the reconciler: desired or observed state changed."""
+        """Wake the reconciler and every waiter: desired or observed state changed."""
         self._dirty.set()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of state (callers re-check what they wait for)."""
+        await self._changed.wait()
 
     # ------------------------------------------------------------------ nodes
 
@@ -461,6 +475,9 @@ class Cluster:
                        launch_failed: bool, node_lost: bool, message: str | None) -> None:
         self._release_port(r)
         r.exit_code, r.signal, r.message = exit_code, signal, message
+        self.ended[r.replica_id] = r
+        while len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
         app = self.apps.get(r.app)
         if r.stop_requested or app is None or r.generation != app.generation:
             self.events.publish("replica.exited", app=r.app, replica=r.replica_id,
@@ -490,6 +507,32 @@ class Cluster:
                  "" if outcome.restart_at is None
                  else f"; restarting in {outcome.restart_at - self.clock():.1f} s")
         self.mark_dirty()
+
+    def drain_replica(self, replica_id: str) -> None:
+        """Mark a replica ``draining``: it leaves the ingress before it is stopped."""
+        r = self.replicas[replica_id]
+        if r.state in reconcile.LIVE_STATES:
+            r.state = "draining"
+            self.events.publish("replica.draining", app=r.app, replica=r.replica_id,
+                                node=r.node_id, port=r.port, generation=r.generation)
+            self.mark_dirty()
+
+    def undrain_replica(self, replica_id: str) -> None:
+        """Put a drained replica that was not stopped back in service (an aborted rollout)."""
+        r = self.replicas.get(replica_id)
+        if r is not None and r.state == "draining":
+            r.state = "ready"
+            self.events.publish("replica.ready", app=r.app, replica=r.replica_id,
+                                node=r.node_id, pid=r.pid, port=r.port, generation=r.generation,
+                                undrained=True)
+            self.mark_dirty()
+
+    def forget_replica(self, replica_id: str) -> None:
+        """Drop the row of an ended replica."""
+        r = self.replicas.pop(replica_id, None)
+        if r is not None:
+            self._release_port(r)
+            self.mark_dirty()
 
     def stop_replica(self, replica_id: str, reason: str) -> None:
         """Ask the node to stop a replica; its row stays until the node confirms the exit."""
@@ -532,7 +575,7 @@ class Cluster:
         ]
         plan = reconcile.reconcile_app(
             reconcile.AppView(app.name, app.generation, app.desired, app.completed,
-                              app.given_up),
+                              app.given_up, app.rolling),
             views, now,
         )
         short: placement.NoCapacity | None = None
@@ -667,7 +710,7 @@ class Cluster:
 
     def status(self) -> dict[str, Any]:
         return {"nodes": self.node_rows(), "apps": self.app_rows(),
-                "replicas": self.replica_rows(), "rollouts": []}
+                "replicas": self.replica_rows(), "rollouts": self.rollout_statuses()}
 
     def up_result(self, app: AppState) -> dict[str, Any]:
         return {"app": app.name, "generation": app.generation,

@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import manifest as manifest_mod
 
 log = logging.getLogger("skr8tr.conductor")
@@ -72,14 +73,21 @@ async def cmd_up(cluster: Cluster, args: dict) -> Any:
     return cluster.up_result(app)
 
 
-async def cmd_down(cluster: Cluster, args: dict) -> Any:
-    _app(cluster, args["app"])
-    stopped = cluster.remove_app(args["app"])
-    return {"app": args["app"], "stopped": stopped}
+def make_down_handler(rollouts: RolloutManager) -> Handler:
+    async def cmd_down(cluster: Cluster, args: dict) -> Any:
+        _app(cluster, args["app"])
+        if args["app"] in rollouts.active:
+            await rollouts.abort(args["app"])  # its cleanup first, then everything goes
+        stopped = cluster.remove_app(args["app"])
+        return {"app": args["app"], "stopped": stopped}
+
+    return cmd_down
 
 
 async def cmd_scale(cluster: Cluster, args: dict) -> Any:
-    _app(cluster, args["app"])
+    if _app(cluster, args["app"]).rolling:
+        raise CommandError("CONFLICT", f"a rollout of {args['app']} is running; scale after "
+                           "it ends, or put the new count in the manifest you roll out")
     app = cluster.scale_app(args["app"], args["replicas"])
     cluster.reconcile_app(app)
     if app.placement_error is not None:
@@ -171,11 +179,41 @@ def make_logs_handler(requests: LogRequests) -> Handler:
     return cmd_logs
 
 
-def handlers(log_requests: LogRequests) -> dict[str, Handler]:
+def make_rollout_handlers(rollouts: RolloutManager) -> dict[str, Handler]:
+    async def cmd_rollout(cluster: Cluster, args: dict) -> Any:
+        m, text, fmt = _parse(args)
+        return await rollouts.start(m, text, fmt, force=args.get("force", False))
+
+    async def cmd_rollout_status(cluster: Cluster, args: dict) -> Any:
+        return rollouts.status(args["app"])
+
+    async def cmd_rollout_abort(cluster: Cluster, args: dict) -> Any:
+        return await rollouts.abort(args["app"])
+
+    async def cmd_rollout_undo(cluster: Cluster, args: dict) -> Any:
+        return await rollouts.undo(args["app"], args.get("to"))
+
+    return {"rollout": cmd_rollout, "rollout-status": cmd_rollout_status,
+            "rollout-abort": cmd_rollout_abort, "rollout-undo": cmd_rollout_undo}
+
+
+def make_log_fetcher(cluster: Cluster, requests: LogRequests):
+    """For rollout failure reports: the last lines one replica printed."""
+    async def fetch(app: str, replica: str, tail: int) -> list[str]:
+        r = cluster.replicas.get(replica) or cluster.ended.get(replica)
+        nodes = [r.node_id] if r is not None else []
+        lines = await requests.gather(cluster, nodes, app, replica, tail)
+        return [line["text"] for line in lines]
+
+    return fetch
+
+
+def handlers(log_requests: LogRequests, rollouts: RolloutManager) -> dict[str, Handler]:
     return {
+        **make_rollout_handlers(rollouts),
         "ping": cmd_ping,
         "up": cmd_up,
-        "down": cmd_down,
+        "down": make_down_handler(rollouts),
         "scale": cmd_scale,
         "list": cmd_list,
         "nodes": cmd_nodes,

@@ -128,6 +128,7 @@ async def run_conductor(config: ConductorConfig, *,
     async with trio.open_nursery() as nursery:
         await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
         await nursery.start(cluster.run_reconciler)
+        await nursery.start(cli.rollouts.run)
         await nursery.start(cluster.run_expiry_watchdog)
         server = await nursery.start(_websocket_server(on_websocket, config))
         listeners = await nursery.start(serve_http, on_http, *config.http)

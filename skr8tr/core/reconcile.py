@@ -103,6 +103,7 @@ class AppView:
     desired: int
     completed: int = 0  # jobs that finished
     given_up: int = 0  # replicas not restarted by policy
+    rolling: bool = False  # a rollout owns the app's replicas until it ends
 
 
 @dataclass(frozen=True)
@@ -146,15 +147,27 @@ _STOP_PREFERENCE = {"pending": 0, "running": 1, "ready": 2}
 def reconcile_app(app: AppView, replicas: Sequence[ReplicaView], now: float) -> Plan:
     """Launch, stop or forget so that ``app`` converges on its target count.
 
-    Only replicas of ``app.generation`` count toward the target; replicas of
-    other generations belong to a rollout and are left alone. Never raises.
+    While a rollout runs (``app.rolling``) it owns the app: nothing is done.
+    Otherwise only replicas of ``app.generation`` count toward the target, and
+    live replicas of any other generation (left over by an ended rollout) are
+    stopped. Never raises.
     """
+    if app.rolling:
+        return Plan((), None)
+    actions: list[Launch | Stop | Forget] = []
+    for r in replicas:
+        if r.generation != app.generation:
+            if r.state in ENDED_STATES:
+                actions.append(Forget(r.replica_id))
+            elif r.state in LIVE_STATES:
+                actions.append(Stop(r.replica_id, f"generation {r.generation} is not current "
+                                                  f"({app.generation} is)"))
     mine = [r for r in replicas if r.generation == app.generation]
     live = [r for r in mine if r.state in LIVE_STATES]
     waiting = [r for r in mine if r.state in ENDED_STATES and r.restart_at is not None]
     done = [r for r in mine if r.state in ENDED_STATES and r.restart_at is None]
     target = max(0, app.desired - app.completed - app.given_up)
-    actions: list[Launch | Stop | Forget] = [Forget(r.replica_id) for r in done]
+    actions.extend(Forget(r.replica_id) for r in done)
 
     excess = len(live) + len(waiting) - target
     if excess > 0:
