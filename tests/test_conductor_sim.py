@@ -265,3 +265,21 @@ async def test_another_key_cannot_take_a_live_node_id(cluster, nursery, autojump
         cluster.attach_node(hello, send)
     assert err.value.code == "UNAUTHORIZED"
     assert cluster.nodes["n1"].key == node.key
+
+
+async def test_scale_down_and_down_drain_before_stopping(cluster, nursery, autojump_clock):
+    (node,) = await start_nodes(nursery, cluster, ("n1", "127.0.0.1"))
+    await run(cluster, "up", manifest(replicas=3, extra="  rollout\n    drain 2s\n"))
+    await wait_for(lambda: len([r for r in live(cluster) if r.state == "ready"]) == 3)
+    t0 = trio.current_time()
+    await run(cluster, "scale", {"app": "web", "replicas": 1})
+    draining = [r.replica_id for r in cluster.replicas.values() if r.state == "draining"]
+    assert len(draining) == 2 and not node.stops
+    await wait_for(lambda: len(node.stops) == 2)
+    assert [round(t - t0, 6) for t, _ in node.stops] == [2.0, 2.0]
+    assert sorted(rid for _, rid in node.stops) == sorted(draining)
+    t1 = trio.current_time()
+    assert (await run(cluster, "down", {"app": "web"}))["stopped"] == 1
+    await wait_for(lambda: len(node.stops) == 3)
+    assert node.stops[-1][0] - t1 == pytest.approx(2.0)
+    await wait_for(lambda: not cluster.replicas)

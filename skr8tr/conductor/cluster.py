@@ -88,6 +88,9 @@ class ReplicaState:
     signal: int | None = None
     message: str | None = None
     stop_requested: bool = False
+    drain_s: float = 0.0  # the manifest's `drain`: from leaving the ingress to SIGTERM
+    drain_until: float | None = None  # retiring: stopped by the reconciler at this time
+    retire_reason: str = ""
 
     def row(self) -> dict[str, Any]:
         return {"app": self.app, "replica": self.replica_id, "node": self.node_id,
@@ -406,7 +409,7 @@ class Cluster:
             replica_id=self._new_replica_id(app.name), app=app.name,
             generation=revision.generation, node_id=where.node_id, address=where.address,
             port=where.port, seq=self._next_seq(), launched_at=self.clock(),
-            restart_count=restart_count,
+            restart_count=restart_count, drain_s=m.rollout.drain_s,
         )
         self.replicas[r.replica_id] = r
         self._claim_port(r)
@@ -463,7 +466,7 @@ class Cluster:
             self.events.publish("replica.unhealthy", app=r.app, replica=r.replica_id,
                                 node=node_id, message=msg.get("message"))
             log.warning("replica %s is unhealthy; replacing it", r.replica_id)
-            self.stop_replica(r.replica_id, "unhealthy")
+            self.retire_replica(r.replica_id, "unhealthy")
             return
         if state != r.state:
             r.state = state
@@ -534,6 +537,34 @@ class Cluster:
             self._release_port(r)
             self.mark_dirty()
 
+    def retire_replica(self, replica_id: str, reason: str) -> None:
+        """Take a replica out of service: drain it for its manifest's ``drain``, then stop it.
+
+        The ingress stops routing to it at the ``draining`` event; the reconciler
+        sends the stop when the drain time is up (at once when it is 0).
+        """
+        r = self.replicas[replica_id]
+        if r.drain_s <= 0 or r.state not in reconcile.LIVE_STATES or r.state == "pending":
+            self.stop_replica(replica_id, reason)
+            return
+        self.drain_replica(replica_id)
+        r.drain_until = self.clock() + r.drain_s
+        r.retire_reason = reason
+        self.mark_dirty()
+
+    def _stop_drained(self, now: float) -> float | None:
+        """Stop retiring replicas whose drain time is up; returns the next such time."""
+        next_at = None
+        for r in list(self.replicas.values()):
+            if r.drain_until is None or r.state != "draining":
+                continue
+            if r.drain_until <= now:
+                r.drain_until = None
+                self.stop_replica(r.replica_id, r.retire_reason)
+            elif next_at is None or r.drain_until < next_at:
+                next_at = r.drain_until
+        return next_at
+
     def stop_replica(self, replica_id: str, reason: str) -> None:
         """Ask the node to stop a replica; its row stays until the node confirms the exit."""
         r = self.replicas[replica_id]
@@ -559,7 +590,7 @@ class Cluster:
     def reconcile(self) -> float | None:
         """Converge every app once; returns when to look again (None: only on change)."""
         now = self.clock()
-        wake_at: float | None = None
+        wake_at: float | None = self._stop_drained(now)
         for app in list(self.apps.values()):
             app_wake = self.reconcile_app(app, now)
             if app_wake is not None and (wake_at is None or app_wake < wake_at):
@@ -585,7 +616,7 @@ class Cluster:
                 if r is not None:
                     self._release_port(r)
             elif isinstance(action, reconcile.Stop):
-                self.stop_replica(action.replica_id, action.reason)
+                self.retire_replica(action.replica_id, action.reason)
             elif short is None:
                 result = self.launch(app, app.revision, restart_count=action.restart_count)
                 if isinstance(result, placement.NoCapacity):
@@ -651,8 +682,8 @@ class Cluster:
             if r.state in reconcile.ENDED_STATES:
                 self._release_port(r)
                 del self.replicas[r.replica_id]
-            elif r.state != "stopping":
-                self.stop_replica(r.replica_id, "app removed")
+            elif r.state not in reconcile.LEAVING_STATES:
+                self.retire_replica(r.replica_id, "app removed")
                 stopping += 1
             else:
                 stopping += 1
