@@ -9,6 +9,8 @@ Modules, each named for what it does:
 - :mod:`.health` — HTTP health probes and the ready/unhealthy state machine;
 - :mod:`.logs` — per-replica log files, rotation and the in-memory tail;
 - :mod:`.records` — replica records in the data dir (atomic writes);
+- :mod:`.adopt` — after a restart: is a recorded pid still the replica
+  (pid and start time), and watching and signalling it without being its parent;
 - :mod:`.spec` — the launch request as a frozen dataclass;
 - :mod:`.backoff`, :mod:`.sysinfo` — reconnect delays, machine figures.
 

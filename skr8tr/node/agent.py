@@ -7,6 +7,11 @@ jittered exponential backoff (0.5 s doubling up to 10 s, ±25 %), which starts
 over after a session the conductor welcomed. A refusal is logged at error
 level and retried the same way: the key may be authorized later.
 
+On start, before the first session, the supervisor re-adopts the replicas
+recorded in the data dir whose processes still run (pid and start time both
+match), so the first ``hello`` lists them; a ``kill -9`` of the agent leaves
+the workloads running for the next agent to find.
+
 SIGINT/SIGTERM (in :func:`main`) cancel the agent: the session is closed
 cleanly and the workloads keep running, unless ``stop_workloads``, in which
 case every replica is stopped (SIGTERM, grace, SIGKILL, waited for) first.

@@ -88,12 +88,17 @@ class HealthTracker:
     listen yet). The first pass reports ``ready``. After that, ``retries``
     consecutive failures report ``unhealthy`` once; a later pass reports
     ``ready`` again. Any pass resets the failure count.
+
+    *was_ready* is for a re-adopted replica that had been ready before the
+    agent restarted: its first pass still reports ``ready``, but ``retries``
+    failures before that report ``unhealthy`` instead of nothing.
     """
 
-    def __init__(self, retries: int) -> None:
+    def __init__(self, retries: int, *, was_ready: bool = False) -> None:
         if retries < 1:
             raise ValueError(f"retries must be >= 1, got {retries}")
         self.retries = retries
+        self.was_ready = was_ready
         self.ready = False
         self.unhealthy = False
         self.failures = 0
@@ -106,7 +111,7 @@ class HealthTracker:
                 self.ready, self.unhealthy = True, False
                 return "ready"
             return None
-        if not self.ready:
+        if not (self.ready or self.was_ready):
             return None
         self.failures += 1
         if self.failures >= self.retries and not self.unhealthy:

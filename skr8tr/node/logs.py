@@ -11,6 +11,10 @@ Copy-truncate has the usual window: lines written between the copy and the
 truncate are lost, and lines written between the tailer's last read and the
 copy are in ``<file>.1`` but not in the in-memory tail.
 
+A restarted agent that re-adopts a replica starts its tail from the end of
+the files already on disk (:meth:`ReplicaLog.resume`); those lines carry the
+file's modification time as their ``ts``, the best bound the file gives.
+
 File reads here are plain blocking calls on local files, short and bounded
 (at most :data:`MAX_READ_BYTES` per stream and tick), run on the Trio thread.
 """
@@ -39,6 +43,9 @@ MAX_READ_BYTES = 8 * 2**20
 # A "line" longer than this is cut into pieces so that a process printing
 # without newlines cannot make the agent buffer without bound.
 MAX_LINE_BYTES = 64 * 1024
+# How much of each file (and of its rotated ``.1``) a re-adopted replica's tail
+# starts from; a bounded read, once, when the agent starts.
+RESUME_READ_BYTES = 2**20
 
 LogLine = dict[str, Any]  # {"replica", "ts", "stream", "text"}
 
@@ -76,6 +83,61 @@ class ReplicaLog:
                 os.close(fd)
             raise
         return fds
+
+    def resume(self) -> int:
+        """Load the last lines already in the files, then follow on from their end.
+
+        For a re-adopted replica (this agent did not start it): up to
+        :data:`RESUME_READ_BYTES` from the end of each file, and from its
+        rotated ``.1`` when the file holds less than that, go into the tail,
+        at most ``max_lines`` in all; return how many. Their ``ts`` is the
+        modification time of the file they come from (none was written
+        later), capped at now, so they sort before every line read
+        afterwards. An unfinished last line waits for its newline as usual.
+        Never raises: an unreadable file is logged and contributes nothing.
+        """
+        loaded: list[LogLine] = []
+        now = self._clock()
+        for stream in STREAMS:
+            try:
+                loaded.extend(self._load_stream(stream, now))
+            except OSError as exc:
+                log.warning("replica %s: cannot read %s: %s", self.replica,
+                            self.paths[stream], exc)
+        loaded.sort(key=lambda line: line["ts"])  # stable: each stream keeps its order
+        kept = loaded[-self.lines.maxlen:] if self.lines.maxlen else loaded
+        self.lines.extend(kept)
+        return len(kept)
+
+    def _load_stream(self, stream: str, now: float) -> list[LogLine]:
+        path = self.paths[stream]
+        data, start, mtime = _read_end(path, RESUME_READ_BYTES)
+        self._offset[stream] = start + len(data)
+        complete = start == 0
+        pieces = data.split(b"\n")
+        self._partial[stream] = pieces.pop()
+        if not complete and pieces:
+            pieces.pop(0)  # starts in the middle of a line
+        lines = self._to_lines(stream, pieces, min(mtime or now, now))
+        if complete and len(data) < RESUME_READ_BYTES:
+            older, older_start, older_mtime = _read_end(path + ".1",
+                                                        RESUME_READ_BYTES - len(data))
+            older_pieces = older.split(b"\n")
+            if older_pieces and not older_pieces[-1]:
+                older_pieces.pop()
+            if older_start > 0 and older_pieces:
+                older_pieces.pop(0)
+            lines = self._to_lines(stream, older_pieces, min(older_mtime or now, now)) + lines
+        return lines
+
+    def _to_lines(self, stream: str, pieces: list[bytes], ts: float) -> list[LogLine]:
+        lines = []
+        for raw in pieces:
+            for start in range(0, max(len(raw), 1), MAX_LINE_BYTES):
+                text = raw[start:start + MAX_LINE_BYTES].decode("utf-8", errors="replace")
+                lines.append({"replica": self.replica, "ts": ts, "stream": stream,
+                              "text": text.rstrip("\r")})
+        return lines
 
     def read_new(self, *, final: bool = False) -> int:
         """Read what was appended since the last call; return how many lines were added.
@@ -185,6 +247,31 @@ class LogBook:
                   if rl.app == app and (replica is None or rl.replica == replica)]
         merged = heapq.merge(*(list(rl.lines) for rl in chosen), key=lambda line: line["ts"])
         return list(deque(merged, maxlen=max(0, count)))
+
+
+def _read_end(path: str, limit: int) -> tuple[bytes, int, float | None]:
+    """The last *limit* bytes of *path*, the offset they start at, and its mtime.
+
+    A missing file is ``(b"", 0, None)``. Raises OSError otherwise.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b"", 0, None
+    try:
+        st = os.fstat(fd)
+        start = max(0, st.st_size - limit)
+        chunks = []
+        offset = start
+        while offset < st.st_size:
+            chunk = os.pread(fd, st.st_size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks), start, st.st_mtime
+    finally:
+        os.close(fd)
 
 
 async def run_tailer(rlog: ReplicaLog, interval_s: float = TAIL_INTERVAL_S) -> None:

@@ -17,6 +17,28 @@ go, SIGKILL to the group, and always a wait for the exit. It runs shielded so
 that a stop the conductor asked for completes even while the agent shuts down.
 When the supervisor is closed (agent shutdown), replicas keep running unless
 it was opened with ``stop_on_exit``.
+
+Re-adoption. Every replica has a record in ``<data-dir>/replicas/``
+(:mod:`.records`). When a supervisor opens, before any session, it reads
+them: a process whose pid and start time both still match is re-adopted
+(:mod:`.adopt`), every other record is dropped and its pid left alone. A
+re-adopted replica is reported ``running`` (message "re-adopted after an
+agent restart"), so the first ``hello`` lists it with its pid, and then:
+
+- readiness, the fastest honest path: with a health check, the first passing
+  probe makes it ``ready`` (and if it had been ready before the restart,
+  ``retries`` failing probes make it ``unhealthy``); without one, it is
+  ``ready`` at once if its record says it was ready, else once it has been
+  alive for ``settle_ms`` counted from its process start time (the start
+  time proves it has run without a break since then);
+- it is watched by polling (:data:`~.adopt.ADOPTED_POLL_S`), the agent being
+  no longer its parent; when it is gone it is reported ``exited`` with
+  ``exit_code`` and ``signal`` null: the status cannot be known;
+- a stop re-checks pid and start time before each signal, sends SIGTERM to
+  its group (to the pid alone if it no longer leads its group), waits the
+  grace, SIGKILLs what is left and polls until it is gone; ``exited`` then
+  carries ``signal`` 15 or 9, the last signal sent before it went;
+- its log tail starts from the files on disk (:meth:`.logs.ReplicaLog.resume`).
 """
 
 from __future__ import annotations
@@ -37,6 +59,8 @@ from typing import Any
 import psutil
 import trio
 
+from skr8tr.core.node_protocol import encode_node_message
+from skr8tr.node.adopt import AdoptedProcess, identify
 from skr8tr.node.health import HealthTracker, probe_http
 from skr8tr.node.logs import (
     ROTATE_BYTES,
@@ -46,7 +70,7 @@ from skr8tr.node.logs import (
     ReplicaLog,
     run_tailer,
 )
-from skr8tr.node.records import remove_record, write_record
+from skr8tr.node.records import read_records, remove_record, write_record
 from skr8tr.node.spec import LaunchSpec
 
 log = logging.getLogger("skr8tr.node")
@@ -58,6 +82,8 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 KILL_WAIT_S = 10.0
 GROUP_POLL_S = 0.05
 KEEP_FINISHED_REPORTS = 1000
+# The states a record keeps (for the readiness of a re-adopted replica).
+RECORDED_STATES = ("running", "ready", "unhealthy")
 
 Report = dict[str, Any]
 ReportSink = Callable[[Report], None]
@@ -79,11 +105,36 @@ class LaunchFailed(Exception):
 class _Replica:
     spec: LaunchSpec
     log: ReplicaLog
-    proc: trio.Process | None = None
+    proc: trio.Process | None = None  # spawned by this agent
+    adopted: AdoptedProcess | None = None  # or re-adopted after a restart
+    was_ready: bool = False  # re-adopted, and its record said ready or unhealthy
+    record: dict[str, Any] | None = None
     stop_requested: trio.Event = field(default_factory=trio.Event)
     stopping: bool = False
+    # the last signal a stop sent while the (adopted) process was still there
+    sent_signal: int | None = None
     readiness_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     last_report: Report | None = None
+
+    @property
+    def pid(self) -> int | None:
+        if self.adopted is not None:
+            return self.adopted.pid
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def exited(self) -> bool:
+        """Whether its process has gone (polls; for an adopted one, re-checks its identity)."""
+        if self.adopted is not None:
+            return not self.adopted.check()
+        return self.proc is not None and self.proc.returncode is not None
+
+    async def wait(self) -> None:
+        if self.adopted is not None:
+            await self.adopted.wait()
+        else:
+            assert self.proc is not None
+            await self.proc.wait()
 
 
 class Supervisor:
@@ -182,7 +233,6 @@ class Supervisor:
     # ------------------------------------------------------------------ replica task
 
     async def _serve_replica(self, rep: _Replica) -> None:
-        spec = rep.spec
         try:
             proc = await self._spawn(rep)
         except LaunchFailed as exc:
@@ -193,22 +243,96 @@ class Supervisor:
         rep.proc = proc
         self._write_record(rep)
         self._report(rep, "running")
+        await self._watch_replica(rep)
+
+    async def _watch_replica(self, rep: _Replica) -> None:
+        """Tail, probe and await the exit of a running replica (spawned or re-adopted)."""
+        spec = rep.spec
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_tailer, rep.log, self._tail_interval_s)
                 nursery.start_soon(self._watch_readiness, rep)
                 nursery.start_soon(self._serve_stop_request, rep)
-                await proc.wait()
+                await rep.wait()
                 nursery.cancel_scope.cancel()
         finally:
             # Still running here means the supervisor is closing (agent shutdown).
-            if proc.returncode is None and self.stop_on_exit:
+            if not rep.exited and self.stop_on_exit:
                 await self._terminate(rep, why="agent shutting down")
-            if proc.returncode is not None:
+            if rep.exited:
                 self._finish(rep)
             else:
-                log.info("replica %s (app %s) pid %d left running", spec.replica, spec.app,
-                         proc.pid)
+                log.info("replica %s (app %s) pid %s left running", spec.replica, spec.app,
+                         rep.pid)
+
+    # ------------------------------------------------------------------ re-adoption
+
+    def adopt_recorded(self) -> list[str]:
+        """Re-adopt the recorded replicas whose processes still run; drop the other records.
+
+        Called once by :func:`open_supervisor`, before any session or launch.
+        A record is dropped (and its pid never signalled) when its process is
+        gone, a zombie, or its pid now belongs to a process started at another
+        time; also when it is unreadable, lacks a start time (the process was
+        gone before it could be read) or its launch fields are invalid.
+        Returns the ids of the re-adopted replicas. Never raises.
+        """
+        try:
+            found = read_records(self.records_dir)
+        except OSError as exc:
+            log.error("cannot read the replica records in %s: %s; nothing re-adopted",
+                      self.records_dir, exc)
+            return []
+        adopted = []
+        for replica, record in found:
+            problem = record if isinstance(record, str) else self._adopt(replica, record)
+            if problem is None:
+                adopted.append(replica)
+                continue
+            log.log(logging.INFO if problem.endswith(": gone") else logging.WARNING,
+                    "replica %s: not re-adopted, record dropped: %s", replica, problem)
+            try:
+                remove_record(self.records_dir, replica)
+            except OSError as exc:
+                log.error("replica %s: cannot remove its record: %s", replica, exc)
+        if found:
+            log.info("re-adopted %d of %d recorded replica(s)%s", len(adopted), len(found),
+                     f": {', '.join(adopted)}" if adopted else "")
+        return adopted
+
+    def _adopt(self, replica: str, record: dict[str, Any]) -> str | None:
+        """Adopt the process of one record; return why not, or None once it is adopted."""
+        pid, create_time = record.get("pid"), record.get("create_time")
+        launch = record.get("launch")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return f"no valid pid in the record ({pid!r})"
+        if not isinstance(create_time, int | float) or isinstance(create_time, bool):
+            return (f"pid {pid}: no process start time was recorded (the process was gone "
+                    "before it could be read)")
+        try:
+            if not isinstance(launch, dict):
+                raise ValueError("missing")
+            encode_node_message("launch", **launch)  # validates every field
+            spec = LaunchSpec.from_message(launch)
+        except (TypeError, ValueError) as exc:
+            return f"bad launch fields in the record: {exc}"
+        if spec.replica != replica:
+            return f"the record's launch fields name replica {spec.replica!r}"
+        why = identify(pid, float(create_time))
+        if why is not None:
+            return f"pid {pid}: {why}"
+        state = record.get("state")
+        rep = _Replica(spec, self.logbook.open(replica, spec.app),
+                       adopted=AdoptedProcess(pid, float(create_time)),
+                       was_ready=state in ("ready", "unhealthy"))
+        rep.log.resume()
+        self._live[replica] = rep
+        self._report(rep, "running", message="re-adopted after an agent restart")
+        # Attached after that report, so that the record keeps saying "ready" until
+        # the replica is found ready again (or not) in this agent's life.
+        rep.record = {**record, "state": state if state in RECORDED_STATES else "running"}
+        self._nursery.start_soon(self._watch_replica, rep, name=f"replica {replica} (adopted)")
+        return None
 
     async def _spawn(self, rep: _Replica) -> trio.Process:
         spec = rep.spec
@@ -241,12 +365,12 @@ class Supervisor:
                 if spec.health is not None:
                     log.warning("replica %s: health check without a port; using settle_ms",
                                 spec.replica)
-                await trio.sleep(spec.settle_ms / 1000)
+                await trio.sleep(self._settle_left_s(rep))
                 if self._alive(rep):
                     self._report(rep, "ready")
                 return
             health = spec.health
-            tracker = HealthTracker(health.retries)
+            tracker = HealthTracker(health.retries, was_ready=rep.was_ready)
             interval_s = health.interval_ms / 1000
             next_at = trio.current_time()
             while True:
@@ -267,6 +391,16 @@ class Supervisor:
                 next_at = max(next_at + interval_s, trio.current_time())
                 await trio.sleep_until(next_at)
 
+    def _settle_left_s(self, rep: _Replica) -> float:
+        settle_s = rep.spec.settle_ms / 1000
+        if rep.adopted is None:
+            return settle_s
+        if rep.was_ready:
+            return 0.0
+        # The same pid and start time mean it has run without a break since then.
+        alive_s = time.time() - rep.adopted.create_time
+        return min(settle_s, max(0.0, settle_s - alive_s))
+
     async def _serve_stop_request(self, rep: _Replica) -> None:
         await rep.stop_requested.wait()
         await self._terminate(rep, why="stop requested")
@@ -277,6 +411,9 @@ class Supervisor:
         Shielded: once begun it completes, bounded by the grace plus
         :data:`KILL_WAIT_S`.
         """
+        if rep.adopted is not None:
+            await self._terminate_adopted(rep, why=why)
+            return
         proc = rep.proc
         assert proc is not None
         spec = rep.spec
@@ -304,17 +441,64 @@ class Supervisor:
                 log.error("replica %s pid %d survived SIGKILL for %g s; still waiting",
                           spec.replica, proc.pid, KILL_WAIT_S)
 
+    async def _terminate_adopted(self, rep: _Replica, *, why: str) -> None:
+        """:meth:`_terminate` for a process this agent is not the parent of: signals, polls.
+
+        Every signal to the process re-checks its pid and start time first
+        (:meth:`AdoptedProcess.send_signal`). ``rep.sent_signal`` ends up as
+        the last signal sent while it was still there.
+        """
+        ap = rep.adopted
+        assert ap is not None
+        spec = rep.spec
+        rep.stopping = True
+        rep.readiness_scope.cancel()
+        grace_s = spec.stop_grace_ms / 1000
+        target = "its group" if ap.group is not None else "it (not leading its own group)"
+        with trio.CancelScope(shield=True):
+            if ap.send_signal(signal.SIGTERM):
+                rep.sent_signal = signal.SIGTERM
+                log.info("replica %s (app %s) pid %d (adopted): SIGTERM to %s (%s), grace %g s",
+                         spec.replica, spec.app, ap.pid, target, why, grace_s)
+            with trio.move_on_after(grace_s):
+                await ap.wait(GROUP_POLL_S)
+                while ap.group_alive():
+                    await trio.sleep(GROUP_POLL_S)
+            leader_there = ap.check()
+            if leader_there or ap.group_alive():
+                log.warning("replica %s (app %s) pid %d (adopted): still there after %g s; "
+                            "SIGKILL to %s", spec.replica, spec.app, ap.pid, grace_s, target)
+                if ap.send_signal(signal.SIGKILL) and leader_there:
+                    rep.sent_signal = signal.SIGKILL
+            with trio.move_on_after(KILL_WAIT_S):
+                await ap.wait(GROUP_POLL_S)
+            if not ap.gone:
+                log.error("replica %s pid %d survived SIGKILL for %g s; still waiting",
+                          spec.replica, ap.pid, KILL_WAIT_S)
+
     # ------------------------------------------------------------------ bookkeeping
 
     def _finish(self, rep: _Replica) -> None:
-        proc = rep.proc
-        assert proc is not None and proc.returncode is not None
+        assert rep.exited
         rep.log.read_new(final=True)
         self.logbook.finish(rep.log)
         try:
             remove_record(self.records_dir, rep.spec.replica)
         except OSError as exc:
             log.error("replica %s: cannot remove its record: %s", rep.spec.replica, exc)
+        rep.record = None
+        if rep.adopted is not None:
+            sig = rep.sent_signal
+            if sig is None:
+                message = "exited while adopted; exit status unknown"
+            else:
+                message = (f"gone after a stop ({_signal_name(sig)} sent); adopted, so its "
+                           "exit status is unknown")
+            self._report(rep, "exited", signal=sig, message=message)
+            self._retire(rep)
+            return
+        proc = rep.proc
+        assert proc is not None and proc.returncode is not None
         rc = proc.returncode
         if rc >= 0:
             message = f"exited with code {rc}"
@@ -344,7 +528,7 @@ class Supervisor:
             create_time: float | None = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             create_time = None  # already gone; the exit is reported right after
-        record = {
+        rep.record = {
             "version": 1,
             "replica": spec.replica,
             "app": spec.app,
@@ -356,22 +540,32 @@ class Supervisor:
             "stdout": rep.log.paths["stdout"],
             "stderr": rep.log.paths["stderr"],
             "started": self._clock(),
+            "state": "running",
             "launch": spec.to_message_fields(),
         }
+        self._save_record(rep)
+
+    def _save_record(self, rep: _Replica) -> None:
+        if rep.record is None:
+            return
         try:
-            write_record(self.records_dir, spec.replica, record)
+            write_record(self.records_dir, rep.spec.replica, rep.record)
         except OSError as exc:
-            log.error("replica %s: cannot write its record in %s: %s", spec.replica,
+            log.error("replica %s: cannot write its record in %s: %s", rep.spec.replica,
                       self.records_dir, exc)
 
     def _alive(self, rep: _Replica) -> bool:
-        return rep.proc is not None and rep.proc.returncode is None and not rep.stopping
+        return rep.pid is not None and not rep.stopping and not rep.exited
 
     def _report(self, rep: _Replica, state: str, *, exit_code: int | None = None,
                 signal: int | None = None, message: str | None = None,
                 reason: str | None = None) -> None:
         spec = rep.spec
-        pid = rep.proc.pid if rep.proc is not None else None
+        pid = rep.pid
+        if (state in RECORDED_STATES and rep.record is not None
+                and rep.record.get("state") != state):
+            rep.record["state"] = state
+            self._save_record(rep)
         report: Report = {
             "replica": spec.replica, "app": spec.app, "generation": spec.generation,
             "state": state, "pid": pid, "port": spec.port, "exit_code": exit_code,
@@ -395,15 +589,18 @@ async def open_supervisor(data_dir: str, *, stop_on_exit: bool = False,
     """A :class:`Supervisor` whose replica tasks live in a nursery opened here.
 
     Creates ``logs/`` and ``replicas/`` under *data_dir* (OSError if it
-    cannot). On exit, normal or by cancellation, every replica task is
-    cancelled: without *stop_on_exit* the processes keep running and their
-    records stay; with it each one is stopped (shielded, SIGTERM, its grace,
-    SIGKILL, waited for) before this returns. *options* go to the Supervisor.
+    cannot), then re-adopts the replicas recorded there whose processes
+    still run (:meth:`Supervisor.adopt_recorded`). On exit, normal or by
+    cancellation, every replica task is cancelled: without *stop_on_exit* the
+    processes keep running and their records stay; with it each one, re-adopted
+    ones too, is stopped (shielded, SIGTERM, its grace, SIGKILL, waited for)
+    before this returns. *options* go to the Supervisor.
     """
     for sub in ("logs", "replicas"):
         os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(nursery, data_dir, stop_on_exit=stop_on_exit, **options)
+        supervisor.adopt_recorded()
         try:
             yield supervisor
         finally:
