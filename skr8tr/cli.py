@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ports for `port auto` (default 20000-32000)")
     p.add_argument("--insecure", action="store_true",
                    help="run without --authorized-keys (accepts anyone; never in production)")
+    p.add_argument("--adopt-grace", metavar="S", type=_positive_float, default=None,
+                   help="after a restart, seconds to wait for nodes to report running "
+                   "replicas before placing new ones (default: 2 x the node heartbeat)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -161,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="H:P", required=True)
     p.add_argument("--route", metavar="/PREFIX:APP", action="append", required=True,
                    help="route a path prefix to an app (repeatable)")
+    p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
+                   help="client connections served at once; more get a 503 (default 1024)")
+    p.add_argument("--header-timeout", metavar="S", type=_positive_float, default=10.0,
+                   help="a request head must arrive within S seconds (default 10)")
+    p.add_argument("--idle-timeout", metavar="S", type=_positive_float, default=30.0,
+                   help="close an idle keep-alive client connection after S (default 30)")
+    p.add_argument("--body-timeout", metavar="S", type=_positive_float, default=30.0,
+                   help="each read of a request body and each write to a client must "
+                   "progress within S (default 30)")
+    p.add_argument("--connect-timeout", metavar="S", type=_positive_float, default=2.0,
+                   help="connecting to a replica (default 2)")
+    p.add_argument("--upstream-timeout", metavar="S", type=_positive_float, default=60.0,
+                   help="wait for a replica's response, and each read of it (default 60)")
+    p.add_argument("--retries", metavar="N", type=_non_negative_int, default=2,
+                   help="other replicas tried after a connect failure, or a failure before "
+                   "the response of an idempotent request without body (default 2)")
+    # Keeps draining replicas in rotation: only to demonstrate what draining prevents.
+    p.add_argument("--ignore-drain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
 
     p = verb("up", "submit a manifest: deploy a new app")
     p.add_argument("file", metavar="FILE")
@@ -290,13 +313,9 @@ def cmd_node(opts: argparse.Namespace) -> int:
 
 
 def cmd_ingress(opts: argparse.Namespace) -> int:
-    # The ingress arrives with its own release; until then say so plainly
-    # instead of starting something that pretends to proxy.
-    raise CliError(
-        "NOT_AVAILABLE",
-        f"`skr8tr ingress` is not part of skr8tr {__version__} yet",
-        EXIT_USAGE,
-    )
+    from skr8tr.ingress import daemon
+
+    return daemon.main(opts)
 
 
 def _signing_key(opts: argparse.Namespace, *, required: bool) -> Any | None:

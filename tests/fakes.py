@@ -33,6 +33,7 @@ class FakeReplica:
     pid: int
     launched_at: float
     alive: bool = True
+    state: str = "running"
 
 
 @dataclass
@@ -58,12 +59,17 @@ class FakeNode:
     key: str = FAKE_KEY
 
     def hello(self) -> dict:
+        """What a (re)connecting agent says: who it is and what it still runs."""
         return {"v": 1, "type": "hello", "node_id": self.node_id, "key": self.key,
                 "sig": "00" * 64, "version": "fake", "address": self.address,
                 "cores": self.cores, "ram_total_mb": 16000, "ram_free_mb": self.ram_free_mb,
-                "cpu_pct": 0.0, "replicas": []}
+                "cpu_pct": 0.0, "replicas": [
+                    {"replica": r.replica, "app": r.app, "generation": r.generation,
+                     "state": r.state, "pid": r.pid, "port": r.port, "ts": 0.0}
+                    for r in self.running.values()]}
 
     def _report(self, r: FakeReplica, state: str, **extra) -> None:
+        r.state = state
         if self.silent:
             return
         msg = {"v": 1, "type": "replica", "replica": r.replica, "app": r.app,
@@ -72,8 +78,10 @@ class FakeNode:
         self.cluster.replica_report(self.node_id, msg)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Attach, then serve the outbox and heartbeat until cancelled."""
+        """Attach (or re-attach, to ``self.cluster``), then serve the outbox and heartbeat
+        until cancelled. Replicas outlive a run: call ``run`` again to reconnect."""
         send, recv = trio.open_memory_channel[str](1000)
+        self.silent = False
         self.session = self.cluster.attach_node(self.hello(), send)
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -101,12 +109,19 @@ class FakeNode:
         self.launches.append((now, msg))
         r = FakeReplica(msg["replica"], msg["app"], msg["generation"], msg["port"],
                         next(_pids), now)
-        self.running[r.replica] = r
-        self._report(r, "running")
         behaviour = {"ready_after_s": self.ready_after_s, "crash_after_s": self.crash_after_s,
-                     "exit_code": self.exit_code}
+                     "exit_code": self.exit_code, "port_in_use": False}
         if self.launch_hook is not None:
             behaviour.update(self.launch_hook(msg))
+        if behaviour["port_in_use"]:
+            self.cluster.replica_report(self.node_id, {
+                "v": 1, "type": "replica", "replica": r.replica, "app": r.app,
+                "generation": r.generation, "state": "failed", "pid": None, "port": r.port,
+                "reason": "port_in_use", "ts": 0.0,
+                "message": f"port {r.port} is already in use on {self.address}"})
+            return
+        self.running[r.replica] = r
+        self._report(r, "running")
         ready_after = behaviour["ready_after_s"]
         if ready_after is None:
             ready_after = (msg["settle_ms"] / 1000 if msg["health"] is None

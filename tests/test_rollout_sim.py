@@ -10,7 +10,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skr8tr.conductor import commands
+from skr8tr.conductor import commands, state_store
 from skr8tr.conductor.cluster import Cluster, CommandError
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import reconcile
@@ -33,12 +33,29 @@ def manifest(version: str = "v1", *, replicas: int = 3, port: str = "auto", roll
 
 
 class Harness:
-    def __init__(self, nursery: trio.Nursery, node_timeout_s: float = 15.0) -> None:
+    """A conductor without sockets: cluster, reconciler, rollouts, command handlers."""
+
+    def __init__(self, nursery: trio.Nursery, node_timeout_s: float = 15.0,
+                 state_path: str | None = None) -> None:
         self.nursery = nursery
-        self.cluster = Cluster(node_timeout_s=node_timeout_s, port_range=(20000, 20100))
+        self.cluster = Cluster(node_timeout_s=node_timeout_s, port_range=(20000, 20100),
+                               state_path=state_path)
         self.rollouts = RolloutManager(self.cluster)
         self.handlers = commands.handlers(commands.LogRequests(), self.rollouts)
         self.nodes: list[FakeNode] = []
+        if state_path is not None:  # what the daemon does at start-up
+            stored = state_store.load(state_path)
+            if stored is not None:
+                self.rollouts.interrupted = self.cluster.load_state(stored)
+                self.rollouts.restore(stored.rollouts)
+                self.cluster.start_adopt_grace()
+
+    async def reattach(self, node: FakeNode) -> FakeNode:
+        """A node that survived a conductor restart reconnects to this one."""
+        node.cluster = self.cluster
+        await self.nursery.start(node.run)
+        self.nodes.append(node)
+        return node
 
     async def start(self) -> Harness:
         await self.nursery.start(self.cluster.run_reconciler)
@@ -241,6 +258,27 @@ async def test_abort_stops_what_it_started_and_restores_the_old_count(h, autojum
     assert held == {(a, p) for a, ports in h.cluster.ports.items() for p in ports}
     history = await h.run("history", {"app": "web"})
     assert [e["state"] for e in history] == ["complete", "aborted"]
+
+
+async def test_a_port_taken_outside_skr8tr_is_replaced_not_fatal(h, autojump_clock):
+    clashed = []
+
+    def hook(msg):
+        if msg["generation"] == 2 and len(clashed) < 2:
+            clashed.append(msg["port"])
+            return {"port_in_use": True}
+        return {}
+
+    node = await h.node("n1", launch_hook=hook)
+    await deploy(h)
+    await h.run("rollout", manifest("v2"))
+    final = await h.until_done()
+    assert final["state"] == "complete"
+    assert clashed == [20003, 20004]
+    gen2_ports = [m["port"] for _, m in node.launches if m["generation"] == 2]
+    assert len(gen2_ports) == 5 and gen2_ports[:3] == [20003, 20004, 20005]
+    assert not set(gen2_ports[2:]) & set(clashed)  # blocked ports are not offered again
+    await h.settled(2, 3)
 
 
 async def test_a_second_rollout_conflicts_unless_forced(h, autojump_clock):

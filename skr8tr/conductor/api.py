@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import trio
 import trio_websocket
 
-from skr8tr.conductor import commands
+from skr8tr.conductor import commands, metrics
 from skr8tr.conductor.cluster import Cluster, CommandError
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import envelope, protocol
@@ -37,7 +38,7 @@ class Authority:
 
 @dataclass
 class RefusalCounter:
-    """Requests refused, by reason (read by /metrics in a later release)."""
+    """Requests refused, by reason (exported by /metrics)."""
 
     by_code: dict[str, int] = field(default_factory=dict)
 
@@ -55,9 +56,13 @@ class CliApi:
             cluster, commands.make_log_fetcher(cluster, self.log_requests))
         self.handlers = commands.handlers(self.log_requests, self.rollouts)
         self.refusals = RefusalCounter()
+        self.command_seconds = metrics.Histogram(
+            "skr8tr_command_duration_seconds",
+            "Time from receiving a /v1/cli request to its reply, by command.", labels=("cmd",))
 
     async def handle_message(self, raw: str | bytes, peer: str) -> str:
         """The reply to one message. Never raises (but for cancellation)."""
+        started = time.perf_counter()
         req = protocol.accept_request(
             raw, authorized=self.authority.authorized, guard=self.authority.guard,
             now=self.wall(), insecure=self.authority.insecure,
@@ -78,6 +83,8 @@ class CliApi:
             log.exception("command %s failed", req.cmd)
             return protocol.error_reply(req.id, "INTERNAL",
                                         f"{req.cmd} failed inside the conductor; see its log")
+        finally:
+            self.command_seconds.observe(time.perf_counter() - started, cmd=req.cmd)
         if req.cmd in envelope.SIGNED_COMMANDS:
             log.info("%s %s by %s", req.cmd, _summary(req.args), req.signer or "insecure mode")
         return protocol.ok_reply(req.id, result)

@@ -25,7 +25,9 @@ from typing import Any
 import trio
 
 from skr8tr import __version__
+from skr8tr.conductor import state_store
 from skr8tr.conductor.events import EventBus
+from skr8tr.core import manifest as manifest_mod
 from skr8tr.core import node_protocol, placement, reconcile
 from skr8tr.core.manifest import Manifest
 
@@ -88,6 +90,7 @@ class ReplicaState:
     signal: int | None = None
     message: str | None = None
     stop_requested: bool = False
+    port_clash: bool = False  # its launch failed because the port was taken on the host
     drain_s: float = 0.0  # the manifest's `drain`: from leaving the ingress to SIGTERM
     drain_until: float | None = None  # retiring: stopped by the reconciler at this time
     retire_reason: str = ""
@@ -154,12 +157,21 @@ class Cluster:
         node_timeout_s: float = 15.0,
         port_range: tuple[int, int] = placement.DEFAULT_PORT_RANGE,
         heartbeat_s: float | None = None,
+        state_path: str | None = None,
+        adopt_grace_s: float | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.node_timeout_s = node_timeout_s
         self.port_range = port_range
         self.heartbeat_s = heartbeat_s or min(DEFAULT_HEARTBEAT_S, node_timeout_s / 3)
+        self.state_path = state_path
+        self.adopt_grace_s = 2 * self.heartbeat_s if adopt_grace_s is None else adopt_grace_s
+        # Apps loaded from the state file wait until then for their nodes to report
+        # what is still running before anything new is placed (set by start_adopt_grace).
+        self.adopt_until = float("-inf")
+        self.loaded_apps: set[str] = set()
+        self.state_write_pending = False
         self.clock = clock
         self.wall = wall
         self.events = EventBus(wall)
@@ -248,18 +260,40 @@ class Cluster:
         for report in reported.values():
             if report["state"] in ("exited", "failed"):
                 continue
-            # A replica nobody here knows about (e.g. the conductor restarted):
-            # no app claims it, so it is stopped. Its port stays claimed until it exits.
-            stray = ReplicaState(
-                replica_id=report["replica"], app=report["app"],
-                generation=report["generation"], node_id=node.node_id, address=node.address,
-                port=report.get("port"), seq=self._next_seq(), launched_at=self.clock(),
-                state=report["state"] if report["state"] != "unhealthy" else "running",
-                pid=report.get("pid"),
-            )
-            self.replicas[stray.replica_id] = stray
-            self._claim_port(stray)
-            self.stop_replica(stray.replica_id, "no app claims it")
+            self._adopt(node, report)
+
+    def _adopt(self, node: NodeState, report: dict) -> None:
+        """A node reports a replica this conductor does not know (it restarted, or the node
+        was lost and came back). A replica of a known revision of an app is adopted, with
+        its pid and port, and the reconciler then trims any surplus; anything else is
+        stopped. Its port is claimed until it exits, unless another replica holds it."""
+        app = self.apps.get(report["app"])
+        revision = None if app is None else app.revisions.get(report["generation"])
+        r = ReplicaState(
+            replica_id=report["replica"], app=report["app"], generation=report["generation"],
+            node_id=node.node_id, address=node.address, port=report.get("port"),
+            seq=self._next_seq(), launched_at=self.clock(),
+            state=report["state"] if report["state"] != "unhealthy" else "running",
+            pid=report.get("pid"),
+            drain_s=0.0 if revision is None else revision.manifest.rollout.drain_s,
+        )
+        holder = None if r.port is None else self.ports.get(r.address, {}).get(r.port)
+        self.replicas[r.replica_id] = r
+        if holder is None:
+            self._claim_port(r)
+        if revision is None or holder is not None:
+            why = ("no app claims it" if revision is None
+                   else f"port {r.port} on {r.address} is held by {holder}")
+            log.warning("node %s runs %s (pid %s): %s; stopping it", node.node_id,
+                        r.replica_id, r.pid, why)
+            self.stop_replica(r.replica_id, why)
+            return
+        log.info("adopted %s (pid %s, port %s, generation %d) on %s", r.replica_id, r.pid,
+                 r.port, r.generation, node.node_id)
+        self.events.publish("replica.adopted", app=r.app, replica=r.replica_id,
+                            node=node.node_id, pid=r.pid, port=r.port, generation=r.generation,
+                            state=r.state)
+        self.mark_dirty()
 
     def detach_node(self, node_id: str, session: int) -> None:
         """A node's session ended. It is lost only when its heartbeats stay away too long."""
@@ -451,6 +485,7 @@ class Cluster:
             r.pid = msg["pid"]
         if state in ("exited", "failed"):
             port_clash = (state == "failed" and msg.get("reason") == "port_in_use")
+            r.port_clash = port_clash
             if port_clash and r.port is not None:
                 self.blocked.setdefault(r.address, {})[r.port] = (
                     self.clock() + PORT_CLASH_BLOCK_S)
@@ -483,6 +518,7 @@ class Cluster:
             self.ended.popitem(last=False)
         app = self.apps.get(r.app)
         if r.stop_requested or app is None or r.generation != app.generation:
+            r.state = "exited" if exit_code == 0 else "failed"
             self.events.publish("replica.exited", app=r.app, replica=r.replica_id,
                                 node=r.node_id, exit_code=exit_code, signal=signal,
                                 requested=r.stop_requested, message=message)
@@ -590,6 +626,8 @@ class Cluster:
     def reconcile(self) -> float | None:
         """Converge every app once; returns when to look again (None: only on change)."""
         now = self.clock()
+        if self.state_write_pending:
+            self.persist_later_if_failing()
         wake_at: float | None = self._stop_drained(now)
         for app in list(self.apps.values()):
             app_wake = self.reconcile_app(app, now)
@@ -599,6 +637,8 @@ class Cluster:
 
     def reconcile_app(self, app: AppState, now: float | None = None) -> float | None:
         now = self.clock() if now is None else now
+        if app.name in self.loaded_apps and now < self.adopt_until:
+            return self.adopt_until  # nodes are still reporting what survived the restart
         views = [
             reconcile.ReplicaView(r.replica_id, r.generation, r.state, r.seq, r.restart_at,
                                   r.restart_count)
@@ -662,12 +702,95 @@ class Cluster:
                      fmt: str) -> Revision:
         return Revision(generation, manifest, text, fmt, manifest_sha256(text))
 
-    def create_app(self, manifest: Manifest, text: str, fmt: str) -> AppState:
+    # ------------------------------------------------------------------ durable state
+
+    def stored_state(self, apps: dict[str, AppState] | None = None) -> state_store.StoredState:
+        apps = self.apps if apps is None else apps
+        return state_store.StoredState(
+            apps=tuple(
+                state_store.StoredApp(
+                    name=a.name, generation=a.generation, desired=a.desired,
+                    completed=a.completed, given_up=a.given_up,
+                    revisions=tuple(
+                        state_store.StoredRevision(r.generation, r.format, r.manifest.base_dir,
+                                                   r.sha256, r.text)
+                        for _, r in sorted(a.revisions.items())),
+                    history=tuple(state_store.StoredHistory(h.generation, h.state, h.started,
+                                                            h.finished) for h in a.history),
+                )
+                for a in sorted(apps.values(), key=lambda a: a.name)),
+            rollouts=tuple(s for s in self.rollout_statuses() if s["app"] in apps),
+        )
+
+    def persist(self, apps: dict[str, AppState] | None = None) -> None:
+        """Write the desired state (``apps``: what it will be once the caller applies its
+        change). Raises CommandError INTERNAL when the write fails; the file is unchanged."""
+        if self.state_path is None:
+            return
+        try:
+            state_store.save(self.state_path, self.stored_state(apps))
+        except state_store.StateWriteError as exc:
+            log.error("%s", exc)
+            raise CommandError("INTERNAL", f"{exc}; nothing was changed") from None
+        self.state_write_pending = False
+
+    def persist_later_if_failing(self) -> None:
+        """For changes that are not commands (a rollout ending): try now, retry later."""
+        try:
+            self.persist()
+        except CommandError:
+            self.state_write_pending = True
+
+    def load_state(self, stored: state_store.StoredState) -> list[str]:
+        """Rebuild apps from the state file; returns the apps whose rollout was interrupted.
+
+        Raises state_store.StateFileError when a stored manifest no longer parses.
+        """
+        interrupted = []
+        for s in stored.apps:
+            revisions = {}
+            for r in s.revisions:
+                try:
+                    m = manifest_mod.parse_manifest(r.manifest, filename=f"{s.name} generation "
+                                                    f"{r.generation}", base_dir=r.base_dir,
+                                                    format=r.format)
+                except manifest_mod.ManifestError as exc:
+                    raise state_store.StateFileError(
+                        f"{self.state_path}: app {s.name} generation {r.generation}: the "
+                        f"stored manifest no longer parses: {exc}") from None
+                revisions[r.generation] = Revision(r.generation, m, r.manifest, r.format,
+                                                   r.sha256)
+            app = AppState(name=s.name, revision=revisions[s.generation], desired=s.desired,
+                           completed=s.completed, given_up=s.given_up, revisions=revisions,
+                           history=[HistoryEntry(h.generation, h.state, h.started, h.finished,
+                                                 revisions[h.generation].sha256
+                                                 if h.generation in revisions else "")
+                                    for h in s.history])
+            if any(h.state == "rolling" for h in app.history):
+                app.rolling = True  # the rollout manager ends it once nodes have reported
+                interrupted.append(app.name)
+            self.apps[app.name] = app
+            self.loaded_apps.add(app.name)
+        log.info("loaded %d app(s) from %s%s", len(stored.apps), self.state_path,
+                 f"; interrupted rollouts: {', '.join(interrupted)}" if interrupted else "")
+        return interrupted
+
+    def start_adopt_grace(self) -> None:
+        self.adopt_until = self.clock() + self.adopt_grace_s
+
+    # ------------------------------------------------------------------ apps
+
+    def new_app(self, manifest: Manifest, text: str, fmt: str) -> AppState:
+        """An app at generation 1, not yet registered (persist first, then add_app)."""
         revision = self.new_revision(1, manifest, text, fmt)
         app = AppState(name=manifest.app, revision=revision, desired=manifest.replicas)
         app.revisions[1] = revision
         now = self.wall()
         app.history.append(HistoryEntry(1, "complete", now, now, revision.sha256))
+        return app
+
+    def add_app(self, app: AppState) -> AppState:
+        manifest = app.manifest
         self.apps[app.name] = app
         self.events.publish("app.created", app=app.name, generation=1,
                             replicas=manifest.replicas)
@@ -677,6 +800,7 @@ class Cluster:
     def remove_app(self, name: str) -> int:
         """Forget an app and stop all its replicas; returns how many are being stopped."""
         self.apps.pop(name)
+        self.loaded_apps.discard(name)
         stopping = 0
         for r in [r for r in self.replicas.values() if r.app == name]:
             if r.state in reconcile.ENDED_STATES:

@@ -8,6 +8,7 @@ a wire error code. Authentication happened before any of this runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -60,7 +61,9 @@ async def cmd_up(cluster: Cluster, args: dict) -> Any:
             f"app {m.app} already runs generation {app.generation} with a different "
             f"manifest; use `skr8tr rollout FILE` to change it",
         )
-    app = cluster.create_app(m, text, fmt)
+    app = cluster.new_app(m, text, fmt)
+    cluster.persist({**cluster.apps, app.name: app})  # refuses the command if it cannot
+    cluster.add_app(app)
     cluster.reconcile_app(app)
     if app.placement_error is not None:
         placed = len(cluster.replica_rows(app.name))
@@ -78,6 +81,7 @@ def make_down_handler(rollouts: RolloutManager) -> Handler:
         _app(cluster, args["app"])
         if args["app"] in rollouts.active:
             await rollouts.abort(args["app"])  # its cleanup first, then everything goes
+        cluster.persist({k: v for k, v in cluster.apps.items() if k != args["app"]})
         stopped = cluster.remove_app(args["app"])
         return {"app": args["app"], "stopped": stopped}
 
@@ -85,9 +89,12 @@ def make_down_handler(rollouts: RolloutManager) -> Handler:
 
 
 async def cmd_scale(cluster: Cluster, args: dict) -> Any:
-    if _app(cluster, args["app"]).rolling:
+    current = _app(cluster, args["app"])
+    if current.rolling:
         raise CommandError("CONFLICT", f"a rollout of {args['app']} is running; scale after "
                            "it ends, or put the new count in the manifest you roll out")
+    cluster.persist({**cluster.apps, current.name: dataclasses.replace(
+        current, desired=args["replicas"], completed=0, given_up=0)})
     app = cluster.scale_app(args["app"], args["replicas"])
     cluster.reconcile_app(app)
     if app.placement_error is not None:

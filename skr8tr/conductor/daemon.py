@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,8 +22,9 @@ import trio_websocket
 
 from skr8tr import __version__
 from skr8tr.conductor import api as api_mod
+from skr8tr.conductor import state_store, status_http
 from skr8tr.conductor.cluster import Cluster
-from skr8tr.conductor.http import Response, serve_http
+from skr8tr.conductor.http import serve_http
 from skr8tr.conductor.node_sessions import serve_node
 from skr8tr.core import protocol
 from skr8tr.core.keys import (
@@ -47,6 +49,8 @@ class ConductorConfig:
     insecure: bool = False
     node_timeout_s: float = 15.0
     port_range: tuple[int, int] = (20000, 32000)
+    state_path: str | None = None
+    adopt_grace_s: float | None = None  # None: 2 x the node heartbeat
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:
@@ -66,9 +70,6 @@ def parse_port_range(text: str) -> tuple[int, int]:
 
 
 def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
-    if opts.state is not None:
-        raise StartError("--state is not supported by this release yet (durable state "
-                         "arrives with the restarts release); run without it")
     if opts.authorized_keys is None and not opts.insecure:
         raise StartError("no --authorized-keys FILE given; list the admin and node keys "
                          "there (`admin HEX comment`), or pass --insecure for a throwaway "
@@ -80,7 +81,23 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         insecure=opts.insecure,
         node_timeout_s=opts.node_timeout,
         port_range=parse_port_range(opts.port_range),
+        state_path=None if opts.state is None else os.path.abspath(opts.state),
+        adopt_grace_s=opts.adopt_grace,
     )
+
+
+def _load_state(config: ConductorConfig) -> state_store.StoredState | None:
+    if config.state_path is None:
+        return None
+    try:
+        os.makedirs(os.path.dirname(config.state_path), exist_ok=True)
+    except OSError as exc:
+        raise StartError(f"cannot create the folder of --state {config.state_path}: "
+                         f"{exc.strerror}") from None
+    try:
+        return state_store.load(config.state_path)
+    except state_store.StateFileError as exc:
+        raise StartError(f"{exc} (the file was left as it is; fix or move it)") from None
 
 
 def _load_keys(config: ConductorConfig) -> AuthorizedKeys:
@@ -102,8 +119,17 @@ async def run_conductor(config: ConductorConfig, *,
     if config.insecure:
         log.warning("INSECURE MODE: no key is checked; anyone who can reach %s:%d can "
                     "start processes on every node", *config.listen)
-    cluster = Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range)
+    cluster = Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
+                      state_path=config.state_path, adopt_grace_s=config.adopt_grace_s)
     cli = api_mod.CliApi(cluster, authority, time.time)
+    stored = _load_state(config)
+    if stored is not None:
+        try:
+            cli.rollouts.interrupted = cluster.load_state(stored)
+        except state_store.StateFileError as exc:
+            raise StartError(f"{exc} (the file was left as it is)") from None
+        cli.rollouts.restore(stored.rollouts)
+        cluster.start_adopt_grace()
 
     async def on_websocket(request: trio_websocket.WebSocketRequest) -> None:
         path = request.path.split("?", 1)[0]
@@ -118,12 +144,9 @@ async def run_conductor(config: ConductorConfig, *,
         else:
             await api_mod.serve_watch(cluster, ws)
 
-    def on_http(method: str, path: str) -> Response:
-        if path == "/healthz":
-            return Response(200, b"ok\n")
-        if path == "/api/state":
-            return Response.json(cluster.status())
-        return Response(404, b"not found; try /api/state or /healthz\n")
+    # The status page, /api/*, /metrics; `server` is bound below, before any request.
+    on_http = status_http.StatusSite(cluster, cli, listen=config.listen,
+                                     ws_port=lambda: server.port)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
@@ -175,6 +198,7 @@ def main(opts: argparse.Namespace) -> int:
     try:
         config = config_from_args(opts)
         _load_keys(config)  # fail before anything listens
+        _load_state(config)
         trio.run(run_conductor, config)
     except StartError as exc:
         sys.stderr.write(f"error: START: {exc}\n")

@@ -1,17 +1,22 @@
-"""The conductor's plain-HTTP listener (h11): ``/healthz`` and ``/api/state``.
+"""The conductor's plain-HTTP listener (h11): the status page, ``/api/*``, ``/metrics``.
 
 A small keep-alive HTTP/1.1 server: one task per connection, every read under
 a time limit, headers capped in size, bad requests answered with 400 and the
-connection closed. Handlers are plain functions from (method, path) to
-(status, content type, body).
+connection closed. Handlers are plain functions from (method, path) to a
+:class:`Response`. A handler that has background work of its own (the status
+routes count events from the bus) exposes it as an async ``run(task_status=)``
+method: :func:`serve_http` runs it next to the listener, in the same nursery,
+so it lives exactly as long as the listener does.
 """
 
 from __future__ import annotations
 
+import http
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import h11
 import trio
@@ -21,6 +26,7 @@ log = logging.getLogger("skr8tr.conductor")
 READ_TIMEOUT_S = 10.0
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
+_REASONS = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class Response:
     status: int
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, doc: object, status: int = 200) -> Response:
@@ -40,8 +47,11 @@ Handler = Callable[[str, str], Response]
 async def _send(stream: trio.SocketStream, conn: h11.Connection, resp: Response,
                 method: str = "GET") -> None:
     headers = [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body))),
-               ("Cache-Control", "no-store"), ("Server", "skr8tr")]
-    await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=headers)))
+               ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+               ("Server", "skr8tr"), *resp.headers]
+    reason = _REASONS.get(resp.status, b"")
+    await stream.send_all(conn.send(h11.Response(status_code=resp.status, headers=headers,
+                                                 reason=reason)))
     if method != "HEAD":
         await stream.send_all(conn.send(h11.Data(data=resp.body)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
@@ -114,8 +124,17 @@ async def _serve_requests(stream: trio.SocketStream, conn: h11.Connection,
 
 async def serve_http(handler: Handler, host: str, port: int, *,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; ``task_status.started`` gets the bound listeners."""
+    """Serve until cancelled; ``task_status.started`` gets the bound listeners.
+
+    When ``handler`` has a ``run`` method, it is started first (``nursery.start``)
+    and cancelled with the listener.
+    """
     async def on_connection(stream: trio.SocketStream) -> None:
         await handle_connection(stream, handler)
 
-    await trio.serve_tcp(on_connection, port, host=host, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        run = getattr(handler, "run", None)
+        if run is not None:
+            await nursery.start(run)
+        listeners = await nursery.start(partial(trio.serve_tcp, on_connection, port, host=host))
+        task_status.started(listeners)

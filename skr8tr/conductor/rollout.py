@@ -25,6 +25,7 @@ back to its count.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ log = logging.getLogger("skr8tr.conductor")
 CLEANUP_S = 30.0  # bound on the shielded cleanup of an ended rollout
 STOP_CONFIRM_EXTRA_S = 15.0  # beyond stop-grace, how long to wait for a node's exit report
 ABORT_WAIT_S = 45.0  # how long `rollout abort` waits for the cleanup before answering
+PORT_CLASH_RETRIES = 5  # per batch: a port found taken on the host is replaced by another
 
 # fetch_logs(app, replica, tail) -> the replica's last log lines (may be empty)
 LogFetcher = Callable[[str, str, int], Awaitable[list[str]]]
@@ -89,15 +91,42 @@ class RolloutManager:
         self.fetch_logs = fetch_logs
         self.active: dict[str, RolloutRecord] = {}
         self.last: dict[str, RolloutRecord] = {}
+        self.interrupted: list[str] = []  # apps whose rollout a conductor restart cut short
         self._nursery: trio.Nursery | None = None
         cluster.rollout_statuses = self.statuses
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Own the rollout tasks until cancelled (the conductor's shutdown)."""
+        """Own the rollout tasks until cancelled (the conductor's shutdown).
+
+        Rollouts interrupted by a restart are ended once the nodes have had the
+        adopt grace to report what still runs (see :meth:`_recover`).
+        """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
+            if self.interrupted:
+                pending = [(name, record) for name in self.interrupted
+                           if (record := self._recovery_record(name)) is not None]
+                self.interrupted = []
+                await trio.sleep_until(self.cluster.adopt_until)
+                for name, record in pending:
+                    self._start_recovery(name, record)
             await trio.sleep_forever()
+
+    def restore(self, statuses: tuple[dict[str, Any], ...]) -> None:
+        """Last rollout statuses from the state file, so `rollout status` survives restarts."""
+        for s in statuses:
+            try:
+                record = RolloutRecord(
+                    app=s["app"], from_generation=s["from_generation"],
+                    to_generation=s["to_generation"], total=s["total"], started_wall=0.0,
+                    started_clock=0.0, state=s["state"], replaced=s["replaced"],
+                    phase=s["message"])
+            except (KeyError, TypeError):
+                log.warning("ignoring a malformed stored rollout status: %r", s)
+                continue
+            record.done.set()
+            self.last[record.app] = record
 
     def statuses(self) -> list[dict[str, Any]]:
         now = self.cluster.clock()
@@ -160,9 +189,14 @@ class RolloutManager:
                                to_generation=revision.generation, total=app.desired,
                                started_wall=cluster.wall(), started_clock=cluster.clock(),
                                phase_since=cluster.clock())
+        entry = HistoryEntry(revision.generation, "rolling", record.started_wall, None,
+                             revision.sha256)
+        # Durable first: a restarted conductor must know this rollout was under way.
+        cluster.persist({**cluster.apps, app.name: dataclasses.replace(
+            app, revisions={**app.revisions, revision.generation: revision},
+            history=[*app.history, entry])})
         app.revisions[revision.generation] = revision
-        app.history.append(HistoryEntry(revision.generation, "rolling", record.started_wall,
-                                        None, revision.sha256))
+        app.history.append(entry)
         app.rolling = True
         self.active[app.name] = record
         self.last[app.name] = record
@@ -201,6 +235,79 @@ class RolloutManager:
         old = app.revisions[generation]
         return await self.start(old.manifest, old.text, old.format, force=False)
 
+    # ------------------------------------------------------------------ after a restart
+
+    def _recovery_record(self, app_name: str) -> RolloutRecord | None:
+        """At start-up: the record of an interrupted rollout, shown as rolling while the
+        nodes report back (the adopt grace)."""
+        cluster = self.cluster
+        app = cluster.apps.get(app_name)
+        entry = None if app is None else next(
+            (h for h in app.history if h.state == "rolling"), None)
+        if app is None or entry is None or entry.generation not in app.revisions:
+            if app is not None:
+                app.rolling = False
+            return None
+        stored = self.last.get(app_name)
+        record = RolloutRecord(
+            app=app_name, from_generation=app.generation, to_generation=entry.generation,
+            total=app.desired, started_wall=entry.started, started_clock=cluster.clock(),
+            phase="interrupted by a conductor restart; waiting for the nodes to report",
+            phase_since=cluster.clock(),
+            replaced=stored.replaced if stored and stored.to_generation == entry.generation
+            else 0)
+        self.active[app_name] = record
+        self.last[app_name] = record
+        return record
+
+    def _start_recovery(self, app_name: str, record: RolloutRecord) -> None:
+        """End an interrupted rollout by the app's policy: roll back (auto-rollback) or
+        fail. Either way the new generation's replicas are stopped and the previous
+        generation is brought back to its count; the rollout is never left half-done."""
+        cluster = self.cluster
+        app = cluster.apps[app_name]
+        new = app.revisions[record.to_generation]
+        record.launched = {r.replica_id for r in cluster.replicas.values()
+                           if r.app == app_name and r.generation == new.generation}
+        cluster.events.publish("rollout.interrupted", app=app_name,
+                               from_generation=record.from_generation,
+                               to_generation=record.to_generation,
+                               observed_new=sorted(record.launched))
+        log.warning("rollout of %s (%d -> %d) was interrupted by a conductor restart; "
+                    "ending it by the app's policy", app_name, record.from_generation,
+                    record.to_generation)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._recover, record, app, app.revision, new)
+
+    async def _recover(self, record: RolloutRecord, app: AppState, old: Revision,
+                       new: Revision) -> None:
+        why = (f"interrupted by a conductor restart after {record.replaced}/{record.total} "
+               "replaced")
+        record.reason = why
+        shutting_down = False
+        try:
+            with record.cancel_scope:
+                if new.manifest.rollout.auto_rollback:
+                    try:
+                        await self._roll_back(record, app, old, new)
+                    except RolloutFailed as exc:
+                        record.state, record.phase = "failed", f"failed: {exc}"
+                    else:
+                        record.state = "rolled_back"
+                        record.phase = f"rolled back to generation {old.generation}: {why}"
+                else:
+                    record.state, record.phase = "failed", f"failed: {why}"
+            if record.cancel_scope.cancelled_caught:
+                record.state, record.phase = "aborted", f"aborted while recovering: {why}"
+        except trio.Cancelled:
+            shutting_down = True  # as in _run: the next start tries again
+            raise
+        finally:
+            if not shutting_down:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
+                    await self._clean_up(record, app, old.generation)
+                self._finish(record, app)
+
     # ------------------------------------------------------------------ the rollout task
 
     def _phase(self, record: RolloutRecord, phase: str, **data: Any) -> None:
@@ -215,6 +322,7 @@ class RolloutManager:
                    new: Revision) -> None:
         cluster = self.cluster
         keep_generation = old.generation
+        shutting_down = False
         try:
             with record.cancel_scope:
                 try:
@@ -250,10 +358,19 @@ class RolloutManager:
                 record.state = "aborted"
                 record.phase = (f"aborted after {record.replaced}/{record.total} replaced; "
                                 f"generation {old.generation} keeps serving")
+        except trio.Cancelled:
+            # Not an abort (the rollout's own scope absorbs those): the conductor is
+            # shutting down. The rollout stays recorded as rolling and the next start
+            # ends it by the app's policy, exactly as after a crash.
+            shutting_down = True
+            log.warning("shutting down during the rollout of %s; the next start ends it",
+                        app.name)
+            raise
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
-                await self._clean_up(record, app, keep_generation)
-            self._finish(record, app)
+            if not shutting_down:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
+                    await self._clean_up(record, app, keep_generation)
+                self._finish(record, app)
 
     def _finish(self, record: RolloutRecord, app: AppState) -> None:
         if record.state == "rolling":  # ended by something unexpected (a bug, or shutdown)
@@ -271,6 +388,8 @@ class RolloutManager:
             from_generation=record.from_generation, to_generation=record.to_generation,
             replaced=record.replaced, total=record.total, message=record.phase)
         log.info("rollout of %s %s: %s", app.name, record.state, record.phase)
+        if app.name in self.cluster.apps:
+            self.cluster.persist_later_if_failing()
         self.cluster.mark_dirty()
         record.done.set()
 
@@ -337,10 +456,20 @@ class RolloutManager:
                           revision: Revision) -> None:
         timeout_s = revision.manifest.rollout.ready_timeout_s
         deadline = self.cluster.clock() + timeout_s
+        ids = list(ids)
+        clashes = 0
         while True:
             waiting = []
-            for rid in ids:
-                r = self.cluster.replicas.get(rid)
+            for i, rid in enumerate(ids):
+                r = self.cluster.replicas.get(rid) or self.cluster.ended.get(rid)
+                if (r is not None and r.port_clash and r.state in ENDED_STATES
+                        and clashes < PORT_CLASH_RETRIES):
+                    # Something outside skr8tr holds that port: the port is blocked on
+                    # that host for a while, and a new placement picks another one.
+                    clashes += 1
+                    self.cluster.forget_replica(rid)
+                    rid = ids[i] = self._launch(record, app, revision, 1)[0]
+                    r = self.cluster.replicas.get(rid)
                 if r is None or r.state in ENDED_STATES or r.state in ("draining", "stopping"):
                     raise RolloutFailed(await self._failure(app, rid, "exited before it was "
                                                             "ready"))

@@ -1,0 +1,164 @@
+"""Conductor restarts and host loss against fake nodes under MockClock (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+
+from tests.fakes import FakeNode, wait_for
+from tests.test_rollout_sim import Harness, manifest
+
+
+async def conductor_dies(nursery: trio.Nursery) -> None:
+    """Like kill -9: every task of that conductor is gone at once; nodes stay."""
+    nursery.cancel_scope.cancel()
+
+
+async def test_restart_readopts_every_replica_and_launches_nothing(tmp_path, autojump_clock):
+    state = str(tmp_path / "state.toml")
+    n1, n2 = FakeNode(None, "n1", "127.0.0.1"), FakeNode(None, "n2", "127.0.0.2")
+    async with trio.open_nursery() as first:
+        h = await Harness(first, state_path=state).start()
+        await h.reattach(n1)
+        await h.reattach(n2)
+        await h.run("up", manifest("v1", replicas=4))
+        await h.settled(1, 4)
+        await conductor_dies(first)
+    before = sorted((r.replica, r.pid) for n in (n1, n2) for r in n.running.values())
+    launches_before = len(n1.launches) + len(n2.launches)
+    async with trio.open_nursery() as second:
+        h = await Harness(second, state_path=state).start()
+        assert h.cluster.apps["web"].generation == 1
+        await trio.sleep(1.0)  # a node reconnects inside the grace (4 s = 2 x heartbeat)
+        await h.reattach(n1)
+        await h.reattach(n2)
+        await trio.sleep(30)
+        after = sorted((r.replica_id, r.pid) for r in h.cluster.replicas.values())
+        assert after == before  # same replicas, same pids
+        assert len(n1.launches) + len(n2.launches) == launches_before  # nothing new
+        assert not n1.stops and not n2.stops
+        assert all(r.state == "ready" for r in h.cluster.replicas.values())
+        ports = {(r.address, r.port) for r in h.cluster.replicas.values()}
+        assert ports == {(a, p) for a, held in h.cluster.ports.items() for p in held}
+        # and a rollout works afterwards
+        await h.run("rollout", manifest("v2", replicas=4))
+        assert (await h.until_done())["state"] == "complete"
+        second.cancel_scope.cancel()
+
+
+async def test_a_node_that_misses_the_grace_is_replaced_and_its_duplicates_stopped(
+        tmp_path, autojump_clock):
+    state = str(tmp_path / "state.toml")
+    n1, n2 = FakeNode(None, "n1", "127.0.0.1"), FakeNode(None, "n2", "127.0.0.2")
+    async with trio.open_nursery() as first:
+        h = await Harness(first, state_path=state).start()
+        await h.reattach(n1)
+        await h.reattach(n2)
+        await h.run("up", manifest("v1", replicas=2))
+        await h.settled(1, 2)
+        await conductor_dies(first)
+    async with trio.open_nursery() as second:
+        h = await Harness(second, state_path=state).start()
+        await h.reattach(n1)
+        await trio.sleep(10)  # n2 comes back only after the grace: its replica is re-placed
+        assert len(h.replicas(1, {"ready"})) == 2
+        await h.reattach(n2)
+        await wait_for(lambda: len(h.cluster.replicas) == 2
+                       and len(n1.running) + len(n2.running) == 2)
+        assert len(n2.stops) == 1  # the duplicate
+        second.cancel_scope.cancel()
+
+
+async def test_host_loss_then_return_stops_the_duplicates(autojump_clock, nursery):
+    h = await Harness(nursery, node_timeout_s=5.0).start()
+    n1 = await h.node("n1")
+    n2 = await h.node("n2", "127.0.0.2")
+    await h.run("up", manifest("v1", replicas=4))
+    await h.settled(1, 4)
+    n2.silent = True
+    await wait_for(lambda: h.cluster.nodes["n2"].expired)
+    await h.settled(1, 4)  # re-placed on n1
+    assert len(n1.running) == 4 and len(n2.running) == 2  # n2's processes still run
+    await h.reattach(n2)  # it comes back
+    await wait_for(lambda: len(n1.running) + len(n2.running) == 4)
+    await h.settled(1, 4)
+    assert len(n2.stops) == 2
+
+
+@pytest.mark.parametrize("auto_rollback, final_state", [("yes", "rolled_back"),
+                                                         ("no", "failed")])
+async def test_restart_in_the_middle_of_a_rollout_ends_it_by_policy(
+        tmp_path, autojump_clock, auto_rollback, final_state):
+    state = str(tmp_path / "state.toml")
+    policy = f"settle 4s; auto-rollback {auto_rollback}"
+    n1, n2 = (FakeNode(None, "n1", "127.0.0.1", ready_after_s=None),
+              FakeNode(None, "n2", "127.0.0.2", ready_after_s=None))
+    async with trio.open_nursery() as first:
+        h = await Harness(first, state_path=state).start()
+        await h.reattach(n1)
+        await h.reattach(n2)
+        await h.run("up", manifest("v1", rollout=policy))
+        await h.settled(1, 3)
+        await h.run("rollout", manifest("v2", rollout=policy))
+        await trio.sleep(6)  # one replaced, the second v2 replica is settling
+        assert h.rollouts.last["web"].replaced == 1
+        await conductor_dies(first)
+    async with trio.open_nursery() as second:
+        h = await Harness(second, state_path=state).start()
+        assert h.cluster.apps["web"].rolling
+        await h.reattach(n1)
+        await h.reattach(n2)
+        record_done = await _wait_record(h)
+        status = await record_done
+        assert status["state"] == final_state
+        assert "interrupted by a conductor restart" in status["message"]
+        await h.settled(1, 3)  # exactly the old count, all generation 1
+        assert not [r for n in (n1, n2) for r in n.running.values() if r.generation == 2]
+        history = await h.run("history", {"app": "web"})
+        assert [(e["generation"], e["state"]) for e in history] == [(1, "complete"),
+                                                                     (2, final_state)]
+        second.cancel_scope.cancel()
+
+
+async def _wait_record(h: Harness):
+    await wait_for(lambda: "web" in h.rollouts.active or (
+        "web" in h.rollouts.last and h.rollouts.last["web"].state != "rolling"
+        and h.rollouts.last["web"].from_generation == 1
+        and not h.cluster.apps["web"].rolling))
+
+    async def done():
+        record = h.rollouts.last["web"]
+        await record.done.wait()
+        return record.status(h.cluster.clock())
+
+    return done()
+
+
+async def test_unwritable_state_refuses_the_command_and_keeps_everything(
+        tmp_path, autojump_clock, nursery, monkeypatch):
+    state = tmp_path / "state.toml"
+    h = await Harness(nursery, state_path=str(state)).start()
+    await h.node("n1", ready_after_s=math.inf)
+    await h.run("up", manifest("v1", replicas=1))
+    on_disk = state.read_text()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("skr8tr.conductor.state_store.os.replace", no_space)
+    from skr8tr.conductor.cluster import CommandError
+    for cmd, args in [("scale", {"app": "web", "replicas": 3}), ("down", {"app": "web"}),
+                      ("up", manifest("v1", replicas=1) | {"manifest": manifest(
+                          "v1", replicas=1)["manifest"].replace("app web", "app other")}),
+                      ("rollout", manifest("v2", replicas=1))]:
+        with pytest.raises(CommandError) as err:
+            await h.run(cmd, args)
+        assert err.value.code == "INTERNAL"
+        assert "No space left on device; nothing was changed" in err.value.message
+    assert state.read_text() == on_disk
+    assert list(tmp_path.iterdir()) == [state]  # no temporary file left behind
+    app = h.cluster.apps["web"]
+    assert app.desired == 1 and app.generation == 1 and len(app.history) == 1
+    assert list(h.cluster.apps) == ["web"] and "web" not in h.rollouts.active

@@ -1,0 +1,210 @@
+"""The status page in a real headless Chromium, against a real conductor and two node agents.
+
+Debian's ``chromium`` (``/usr/bin/chromium``, installed by ``./tools/test``)
+driven by Playwright's Python package; Playwright never downloads a browser
+here. Screenshots go to ``test-artifacts/status-page/``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import HELLO_HTTP, REPO, http_get
+from tests.e2e import Cluster
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = REPO / "test-artifacts" / "status-page"
+WAIT_MS = 30_000
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
+    env["HOME"] = str(tmp_path / "home")
+    c = Cluster(root=tmp_path, env=env)
+    c.make_keys()
+    c.start_conductor()
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+def web_manifest(tmp_path: Path, version: str) -> Path:
+    """The example service with fast probes; ``drain 1s`` so each batch is visible."""
+    path = tmp_path / f"web-{version}.skr8tr"
+    path.write_text("\n".join([
+        "app web",
+        f"  exec {HELLO_HTTP}",
+        f"  args --host {{host}} --port {{port}} --version {version}",
+        "  port auto",
+        "  replicas 3",
+        "  health",
+        "    check GET /healthz 200",
+        "    interval 200ms",
+        "  rollout",
+        "    surge 1",
+        "    drain 1s",
+        "    ready-timeout 20s",
+    ]) + "\n")
+    return path
+
+
+def metrics(cluster: Cluster) -> dict[tuple[str, tuple], float]:
+    status, headers, body = http_get("127.0.0.1", cluster.http_port, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+# Records every (state, replaced) the rollout card shows, to prove it advanced in place.
+WATCH_ROLLOUT_JS = """() => {
+  window.__rollout = [];
+  const record = () => {
+    const card = document.querySelector('#rollouts article[data-app="web"]');
+    if (!card) return;
+    const seen = [card.dataset.state, Number(card.dataset.replaced)];
+    const last = window.__rollout[window.__rollout.length - 1];
+    if (!last || last[0] !== seen[0] || last[1] !== seen[1]) window.__rollout.push(seen);
+  };
+  new MutationObserver(record).observe(document.getElementById('rollouts'),
+                                       {childList: true, subtree: true, attributes: true});
+  record();
+}"""
+
+
+def test_status_page_follows_the_cluster_live(cluster: Cluster, tmp_path: Path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run ./tools/test, which installs Debian's chromium "
+                    "(apt-get install -y chromium)")
+    cluster.start_node("n1")
+    cluster.start_node("n2")
+    cluster.json("up", str(web_manifest(tmp_path, "v1")))
+    cluster.wait_ready("web", 3, generation=1)
+    base = f"http://127.0.0.1:{cluster.http_port}"
+
+    with sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                         headless=True, timeout=WAIT_MS)
+        except Exception as exc:
+            pytest.fail(f"cannot launch {CHROMIUM} through Playwright: {exc}")
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page_errors: list[str] = []
+            requests: list[str] = []
+            page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+            page.on("request", lambda req: requests.append(req.url))
+            page.goto(base + "/", timeout=WAIT_MS)
+            page.evaluate("() => { window.__loadedOnce = true; }")
+
+            conn = page.locator("#conn")
+            expect(conn).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+            nodes = page.locator("#nodes tr[data-node]")
+            expect(nodes).to_have_count(2, timeout=WAIT_MS)
+            for node_id in ("n1", "n2"):
+                row = page.locator(f'#nodes tr[data-node="{node_id}"]')
+                expect(row).to_have_attribute("data-status", "live", timeout=WAIT_MS)
+            app = page.locator('#apps section[data-app="web"]')
+            expect(app.locator('tr[data-replica][data-state="ready"]')).to_have_count(
+                3, timeout=WAIT_MS)
+            expect(app).to_contain_text("3 / 3 ready")
+            expect(page.locator('#events tr[data-event="replica.ready"]')).to_have_count(3)
+            # read-only: nothing to click that could change the cluster
+            assert page.locator("form, button, input").count() == 0
+            shot(page, "1-deployed")
+
+            # A rollout: the progress bar advances and ends at complete, without a reload.
+            page.evaluate(WATCH_ROLLOUT_JS)
+            status = cluster.json("rollout", str(web_manifest(tmp_path, "v2")))
+            assert status["state"] == "rolling"
+            card = page.locator('#rollouts article[data-app="web"]')
+            page.wait_for_function(
+                "() => window.__rollout.some(([s, n]) => s === 'rolling' && n >= 1)",
+                timeout=WAIT_MS)
+            expect(card).to_contain_text("Phase:")
+            expect(card.locator('[data-tick="elapsed"]')).to_contain_text("elapsed")
+            shot(page, "2-rolling")
+            expect(card).to_have_attribute("data-state", "complete", timeout=60_000)
+            progress = card.get_by_role("progressbar")
+            expect(progress).to_have_attribute("aria-valuenow", "3")
+            expect(card).to_contain_text("3/3 replaced")
+            expect(app.locator('tbody[data-generation="2"] tr[data-state="ready"]')).to_have_count(
+                3, timeout=WAIT_MS)
+            seen = page.evaluate("() => window.__rollout")
+            replaced = [n for _, n in seen]
+            assert replaced == sorted(replaced), f"the bar went backwards: {seen}"
+            assert any(s == "rolling" and 0 < n < 3 for s, n in seen), seen
+            assert seen[-1] == ["complete", 3], seen
+            shot(page, "3-complete")
+
+            m = metrics(cluster)
+            assert m[("skr8tr_rollouts_total", (("state", "complete"),))] == 1
+            assert m[("skr8tr_nodes_live", ())] == 2
+
+            page.set_viewport_size({"width": 390, "height": 844})
+            shot(page, "4-narrow")
+            page.emulate_media(color_scheme="dark")
+            page.set_viewport_size({"width": 1280, "height": 900})
+            shot(page, "5-dark")
+            page.emulate_media(color_scheme="light")
+
+            # The conductor goes away: the page says so and keeps retrying by itself.
+            cluster.conductor.stop()
+            expect(conn).to_have_attribute("data-state", "disconnected", timeout=WAIT_MS)
+            expect(page.locator("#conn-text")).to_contain_text("reconnecting", timeout=WAIT_MS)
+            expect(page.locator("#banner")).to_contain_text("Lost the conductor")
+            expect(page.locator("#sum-conductor")).to_have_text("Unreachable")
+            shot(page, "6-disconnected")
+
+            # Same ports again: the page recovers and shows the new conductor's state.
+            cluster.start_conductor()
+            expect(conn).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+            expect(page.locator("#banner")).to_be_hidden()
+            for node_id in ("n1", "n2"):
+                row = page.locator(f'#nodes tr[data-node="{node_id}"]')
+                expect(row).to_have_attribute("data-status", "live", timeout=WAIT_MS)
+            apps = {a["app"] for a in cluster.json("status")["apps"]}
+            if not apps:  # state is not persisted (yet): the app is gone after a restart
+                expect(page.locator("#apps")).to_contain_text("No app is deployed.",
+                                                              timeout=WAIT_MS)
+            else:
+                for app in apps:
+                    expect(page.locator(f'#apps section[data-app="{app}"]')).to_be_visible(
+                        timeout=WAIT_MS)
+            expect(page.locator('#events tr[data-event="node.joined"]')).to_have_count(
+                2, timeout=WAIT_MS)
+            shot(page, "7-recovered")
+
+            # A node agent stops: disconnected, then expired (greyed out) after --node-timeout.
+            cluster.nodes["n2"].stop()
+            n2 = page.locator('#nodes tr[data-node="n2"]')
+            expect(n2).to_have_attribute("data-status", "disconnected", timeout=WAIT_MS)
+            expect(n2).to_have_attribute("data-status", "expired", timeout=WAIT_MS)
+            expect(n2).to_have_class("expired")
+            expect(n2).to_contain_text("expired")
+            expect(page.locator("#sum-nodes")).to_have_text("1 / 2")
+            shot(page, "8-node-expired")
+
+            assert page.evaluate("() => window.__loadedOnce === true"), "the page reloaded"
+            assert not page_errors, page_errors
+            outside = [u for u in requests if not u.startswith(base + "/")]
+            assert not outside, f"the page fetched from elsewhere: {outside}"
+        finally:
+            browser.close()
