@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -71,6 +73,8 @@ class Cluster:
     conductor: Daemon | None = None
     nodes: dict[str, Daemon] = field(default_factory=dict)
     seen_pids: set[int] = field(default_factory=set)
+    port_block: str = ""
+    others: dict[str, Daemon] = field(default_factory=dict)  # ingresses, load generators
 
     @property
     def url(self) -> str:
@@ -102,6 +106,13 @@ class Cluster:
     def start_conductor(self, *extra: str, node_timeout_s: float = 5.0) -> Daemon:
         if not self.ws_port:
             self.ws_port, self.http_port = free_port(), free_port()
+        if "--port-range" not in extra:
+            # A block of its own for `port auto`, below the ephemeral ports, so two
+            # suites on one machine do not take each other's ports (same block on restart).
+            if not self.port_block:
+                lo = random.randrange(10000, 19800, 200)
+                self.port_block = f"{lo}-{lo + 199}"
+            extra = (*extra, "--port-range", self.port_block)
         self.conductor = self._spawn(
             "conductor", "conductor", "--listen", f"127.0.0.1:{self.ws_port}",
             "--http", f"127.0.0.1:{self.http_port}", "--authorized-keys",
@@ -126,6 +137,44 @@ class Cluster:
                  or self._died(daemon), what=f"node {node_id} to join")
             self._assert_alive(daemon)
         return daemon
+
+    def start_process(self, name: str, argv: list[str]) -> Daemon:
+        """Any other process (``argv`` in full), logged to ``root/NAME.log`` and stopped
+        (SIGTERM) at shutdown before the nodes."""
+        log_path = self.root / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(argv, env=self.env, stdout=log_file,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.others[name] = Daemon(name, proc, log_path)
+        return self.others[name]
+
+    def start_ingress(self, *routes: str, extra: tuple[str, ...] = (),
+                      name: str = "ingress") -> tuple[Daemon, str]:
+        """``skr8tr ingress`` on a free port with ``--route`` for each of ``routes``;
+        returns the daemon and its base URL once it accepts connections."""
+        port = free_port()
+        route_flags = [flag for r in routes for flag in ("--route", r)]
+        daemon = self.start_process(name, [
+            *skr8tr_command(), "ingress", "--listen", f"127.0.0.1:{port}", *route_flags,
+            "--conductor", self.url, "--log-level", "debug", *extra])
+
+        def listening() -> bool:
+            if self._died(daemon):
+                return True
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
+                                                                        timeout=1):
+                return True
+            return False
+
+        poll(listening, what=f"the ingress to listen on port {port}")
+        self._assert_alive(daemon)
+        return daemon, f"http://127.0.0.1:{port}"
+
+    def replica_log(self, node: str, replica: str) -> str:
+        """A replica's stdout as its node agent wrote it ('' if there is none)."""
+        path = self.root / "nodes" / node / "logs" / f"{replica}.stdout"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def _died(self, daemon: Daemon) -> bool:
         return daemon.proc.poll() is not None
@@ -177,7 +226,7 @@ class Cluster:
     def shutdown(self) -> None:
         """Stop nodes (which stop their workloads), then the conductor; check for orphans."""
         problems = []
-        for daemon in self.nodes.values():
+        for daemon in [*self.others.values(), *self.nodes.values()]:
             try:
                 daemon.stop()
             except AssertionError as exc:

@@ -12,6 +12,14 @@ Test knobs (used to prove that rollouts refuse a bad release):
 ``--fail-health`` makes ``/healthz`` answer 503 forever;
 ``--crash-after S`` exits with status 3 after S seconds;
 ``--ready-after S`` makes ``/healthz`` answer 503 for the first S seconds.
+
+Knobs for the ingress tests (off by default):
+``--log-times`` starts every request log line with the wall-clock time
+(seconds since the epoch) and logs when SIGTERM arrives;
+``--close-idle-on-term`` also closes idle keep-alive connections on SIGTERM
+(as Go's ``Server.Shutdown``, uvicorn and gunicorn do), so that the process
+exits once the requests in flight are answered instead of waiting for its
+keep-alive clients to hang up.
 """
 
 from __future__ import annotations
@@ -19,16 +27,39 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
+import select
 import signal
 import sys
 import threading
 import time
 
 
-def build_handler(version: str, port: int, ready_at: float, fail_health: bool):
+def build_handler(version: str, port: int, ready_at: float, fail_health: bool,
+                  log_times: bool = False, stopping: threading.Event | None = None):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = f"hello_http/{version}"
+        disable_nagle_algorithm = True  # headers and body go out as two writes
+
+        def handle(self) -> None:
+            if stopping is None:
+                super().handle()
+                return
+            # Like the base class, but between requests wait for the next one or for
+            # SIGTERM, and close the connection when SIGTERM comes first.
+            self.close_connection = True
+            while self._next_request_arrives():
+                self.handle_one_request()
+                if self.close_connection:
+                    return
+
+        def _next_request_arrives(self) -> bool:
+            assert stopping is not None
+            while not stopping.is_set():
+                readable, _, _ = select.select([self.connection], [], [], 0.05)
+                if readable:
+                    return True
+            return False
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/healthz":
@@ -54,10 +85,15 @@ def build_handler(version: str, port: int, ready_at: float, fail_health: bool):
                 self.wfile.write(data)
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            sys.stdout.write(f"{self.address_string()} {format % args}\n")
+            stamp = f"{time.time():.6f} " if log_times else ""
+            sys.stdout.write(f"{stamp}{self.address_string()} {format % args}\n")
             sys.stdout.flush()
 
     return Handler
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog (socketserver's default of 5 drops bursts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,16 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-health", action="store_true")
     parser.add_argument("--crash-after", type=float, default=None, metavar="S")
     parser.add_argument("--ready-after", type=float, default=0.0, metavar="S")
+    parser.add_argument("--log-times", action="store_true")
+    parser.add_argument("--close-idle-on-term", action="store_true")
     opts = parser.parse_args(argv)
 
+    stopping = threading.Event() if opts.close_idle_on_term else None
     handler = build_handler(
-        opts.version, opts.port, time.monotonic() + opts.ready_after, opts.fail_health
+        opts.version, opts.port, time.monotonic() + opts.ready_after, opts.fail_health,
+        opts.log_times, stopping,
     )
-    server = http.server.ThreadingHTTPServer((opts.host, opts.port), handler)
+    server = _Server((opts.host, opts.port), handler)
     server.daemon_threads = False  # shutdown waits for in-flight requests
     server.block_on_close = True
 
     def on_term(signum: int, frame: object) -> None:
+        if opts.log_times:
+            sys.stdout.write(f"{time.time():.6f} received {signal.Signals(signum).name}\n")
+            sys.stdout.flush()
+        if stopping is not None:
+            stopping.set()
         # shutdown() blocks until serve_forever returns, so call it off the main thread.
         threading.Thread(target=server.shutdown).start()
 

@@ -1,0 +1,191 @@
+"""``skr8tr ingress``: the root nursery of the HTTP ingress and everything it owns.
+
+The root nursery holds the watch follower (:mod:`skr8tr.ingress.upstreams`),
+the idle-connection sweeper of the pool and, in a child nursery, the client
+connections. The listener starts at once: until the first snapshot arrives
+every routed request gets a 503 saying the conductor has not been heard from.
+
+SIGTERM/SIGINT shut down gracefully: the listener closes, idle keep-alive
+connections close, requests in flight get up to :data:`SHUTDOWN_GRACE_S` to
+finish (their responses say ``Connection: close``), then whatever is left is
+cancelled. The last log line sums up what was served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import trio
+
+from skr8tr import __version__, client
+from skr8tr.ingress.pool import Pool
+from skr8tr.ingress.proxy import Limits, Proxy
+from skr8tr.ingress.routes import ReplicaTable, Route, RouteError, RouteTable, parse_route
+from skr8tr.ingress.upstreams import run_upstreams
+
+log = logging.getLogger("skr8tr.ingress")
+
+SHUTDOWN_GRACE_S = 10.0
+DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
+
+
+class StartError(Exception):
+    """The ingress refuses to start; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    listen: tuple[str, int]
+    routes: tuple[Route, ...]
+    conductor_url: str = DEFAULT_CONDUCTOR_URL
+    limits: Limits = field(default_factory=Limits)
+    connect_timeout_s: float = 2.0
+    ca_file: str | None = None  # verifies a wss:// conductor
+    ignore_drain: bool = False  # test knob: see ReplicaTable
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise StartError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def config_from_args(opts: argparse.Namespace) -> IngressConfig:
+    """The config of ``skr8tr ingress`` flags. Raises StartError on a bad value."""
+    try:
+        routes = tuple(parse_route(text) for text in opts.route)
+        RouteTable(routes)  # refuses a prefix given twice
+    except RouteError as exc:
+        raise StartError(str(exc)) from None
+    url = getattr(opts, "conductor", DEFAULT_CONDUCTOR_URL)
+    try:
+        client.endpoint_url(url, "/v1/watch")
+    except client.ClientError as exc:
+        raise StartError(f"--conductor: {exc.message}") from None
+    ca_file = getattr(opts, "ca", None)
+    if ca_file is not None and not url.startswith("wss://"):
+        raise StartError(f"--ca goes with a wss:// conductor URL; {url} is not encrypted")
+    defaults = Limits()
+    limits = Limits(
+        max_connections=getattr(opts, "max_connections", None) or defaults.max_connections,
+        idle_timeout_s=getattr(opts, "idle_timeout", None) or defaults.idle_timeout_s,
+        header_timeout_s=getattr(opts, "header_timeout", None) or defaults.header_timeout_s,
+        body_timeout_s=getattr(opts, "body_timeout", None) or defaults.body_timeout_s,
+        upstream_timeout_s=getattr(opts, "upstream_timeout", None)
+        or defaults.upstream_timeout_s,
+        retries=defaults.retries if getattr(opts, "retries", None) is None else opts.retries,
+    )
+    return IngressConfig(
+        listen=parse_listen(opts.listen), routes=routes, conductor_url=url, limits=limits,
+        connect_timeout_s=getattr(opts, "connect_timeout", None) or 2.0,
+        ca_file=ca_file, ignore_drain=bool(getattr(opts, "ignore_drain", False)),
+    )
+
+
+async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = None,
+                      synced: trio.Event | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED) -> Proxy:
+    """Serve until ``shutdown`` is set (then gracefully) or until cancelled.
+
+    ``task_status.started(port)`` once listening; ``synced`` is set after the
+    first snapshot from the conductor. Returns the proxy (its ``stats``).
+    Raises OSError when the listen address cannot be bound.
+    """
+    shutdown = trio.Event() if shutdown is None else shutdown
+    routes = RouteTable(config.routes)
+    table = ReplicaTable(ignore_drain=config.ignore_drain)
+    pool = Pool(table.is_routable, connect_timeout_s=config.connect_timeout_s)
+    proxy = Proxy(routes, table, pool, config.limits)
+    host, port = config.listen
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    if config.ignore_drain:
+        log.warning("--ignore-drain: draining replicas stay in rotation until they exit; "
+                    "this exists to demonstrate what draining prevents, never use it")
+    try:
+        async with trio.open_nursery() as root:
+            await root.start(functools.partial(run_upstreams, synced=synced,
+                                               ca_file=config.ca_file),
+                             config.conductor_url, table, pool)
+            await root.start(pool.run_sweeper)
+            async with trio.open_nursery() as conns:
+                accept_scope = trio.CancelScope()
+
+                async def accept() -> None:
+                    with accept_scope:
+                        await trio.serve_listeners(proxy.serve_connection, listeners,
+                                                   handler_nursery=conns)
+
+                conns.start_soon(accept)
+                log.info("skr8tr ingress %s on http://%s:%d; routes: %s; following %s",
+                         __version__, host, bound,
+                         ", ".join(f"{r.prefix} -> {r.app}" for r in routes.routes),
+                         config.conductor_url)
+                task_status.started(bound)
+                await shutdown.wait()
+                log.info("shutting down: %d connection(s) open; waiting up to %g s for "
+                         "requests in flight", proxy.active, SHUTDOWN_GRACE_S)
+                accept_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                proxy.begin_shutdown()
+                conns.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
+            root.cancel_scope.cancel()
+    finally:
+        pool.close_all()
+        log.info("served %s", proxy.stats.summary())
+    return proxy
+
+
+async def _serve_until_signalled(config: IngressConfig) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async def watch_signals(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                task_status.started()
+                async for signum in signals:
+                    log.info("received %s", signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        await nursery.start(watch_signals)
+        await run_ingress(config, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
+
+
+def main(opts: argparse.Namespace) -> int:
+    """``skr8tr ingress``: 0 after a clean shutdown, 2 when it cannot start."""
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(opts, "log_level", "info")).upper()),
+        stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(opts)
+        trio.run(_serve_until_signalled, config)
+    except StartError as exc:
+        sys.stderr.write(f"error: START: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except BaseException as exc:  # the public edge: unwrap what the nurseries wrapped
+        inner = _sole_exception(exc)
+        if isinstance(inner, OSError):
+            sys.stderr.write(f"error: START: cannot listen on {opts.listen}: "
+                             f"{inner.strerror or inner}\n")
+            return 2
+        if isinstance(inner, KeyboardInterrupt):
+            return 0
+        raise
+    return 0
+
+
+def _sole_exception(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
