@@ -7,15 +7,22 @@ wire client inside this process, so the CLI's own start-up time is not in them.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
+import resource
+import statistics
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import trio  # noqa: E402
 
 from skr8tr import client  # noqa: E402
 from skr8tr.core import keys  # noqa: E402
@@ -27,19 +34,37 @@ def machine() -> str:
             f"{platform.python_version()}, {platform.system()} {platform.release()}")
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to the hard one; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 @contextmanager
-def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",)):
+def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *,
+                  node_timeout_s: float = 5.0, log_level: str | None = None):
+    """A conductor and ``nodes`` node agents. ``log_level`` overrides the e2e harness's
+    ``debug`` (benchmarks of speed use ``info``, the daemons' default)."""
     with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp:
         root = Path(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
         env["HOME"] = str(root / "home")
         cluster = Cluster(root=root, env=env)
         cluster.make_keys()
-        cluster.start_conductor()
+        extra = () if log_level is None else ("--log-level", log_level)
+        cluster.start_conductor(*extra, node_timeout_s=node_timeout_s)
         try:
             for i in range(nodes):
-                cluster.start_node(f"n{i + 1}", addresses[i % len(addresses)])
+                cluster.start_node(f"n{i + 1}", addresses[i % len(addresses)], *extra)
             yield cluster
+        except BaseException:
+            alive = "running" if cluster.conductor.proc.poll() is None else (
+                f"exited {cluster.conductor.proc.returncode}")
+            print(f"conductor ({alive}), end of its log:\n{cluster.conductor.log()[-3000:]}",
+                  file=sys.stderr)
+            raise
         finally:
             cluster.shutdown()
 
@@ -47,3 +72,65 @@ def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",)):
 def call_options(cluster: Cluster) -> client.CallOptions:
     return client.CallOptions(conductor=cluster.url, timeout_s=30.0,
                               signing_key=keys.load_signing_key(str(cluster.admin_key)))
+
+
+def request_text(opts: client.CallOptions, cmd: str, args: dict) -> tuple[str, str]:
+    """(id, JSON text) of a request signed as the CLI signs it; signing is not timed."""
+    req = client.build_request(cmd, args, opts.signing_key)
+    return req["id"], json.dumps(req)
+
+
+async def timed_call(ws, opts: client.CallOptions, cmd: str, args: dict) -> tuple[float, object]:
+    """One request on an open connection: (seconds from send to reply, result)."""
+    rid, text = request_text(opts, cmd, args)
+    t0 = time.perf_counter()
+    await ws.send_message(text)
+    raw = await ws.get_message()
+    elapsed = time.perf_counter() - t0
+    reply = json.loads(raw)
+    assert reply["id"] == rid and reply["ok"], reply
+    return elapsed, reply["result"]
+
+
+class EventClock:
+    """Receive times (perf_counter, in this process) of /v1/watch events, by (key, event).
+
+    ``key`` is what ``key_of(data)`` returns (the app, by default). Feed it from
+    a task that reads the stream; ``wait`` returns when the event has been seen.
+    """
+
+    def __init__(self, key_of=lambda data: data.get("app")) -> None:
+        self.key_of = key_of
+        self.seen: dict[tuple[object, str], float] = {}
+        self.data: dict[tuple[object, str], dict] = {}
+        self._waiters: dict[tuple[object, str], trio.Event] = {}
+
+    def feed(self, event: str, data: dict) -> None:
+        key = (self.key_of(data), event)
+        if key not in self.seen:
+            self.seen[key] = time.perf_counter()
+            self.data[key] = data
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def wait(self, key: object, event: str) -> float:
+        while (key, event) not in self.seen:
+            await self._waiters.setdefault((key, event), trio.Event()).wait()
+        return self.seen[(key, event)]
+
+    async def serve(self, stream) -> None:
+        async for msg in stream:
+            if msg.type == "event":
+                self.feed(msg.event, msg.data)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

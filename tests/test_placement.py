@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skr8tr.core.placement import (
+    LoadOrder,
     NoCapacity,
     NodeView,
     Placement,
@@ -127,3 +130,32 @@ def test_never_claims_a_port_twice_and_never_picks_a_dead_node(nodes, port, coun
             claimed.add((p.address, p.port))
         else:
             assert p.port is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    nodes=st.lists(node_st, min_size=1, max_size=6, unique_by=lambda n: n.node_id),
+    steps=st.lists(st.tuples(st.integers(0, 5), st.integers(-2, 2), st.floats(0, 100)),
+                   max_size=12),
+    port=st.one_of(st.none(), st.just("auto"), st.integers(1, 3)),
+    held=st.dictionaries(st.sampled_from(["a", "b", "c"]),
+                         st.sets(st.integers(1, 12), max_size=6)),
+    ram=st.one_of(st.none(), st.integers(1, 4000)),
+)
+def test_load_order_chooses_what_place_chooses(nodes, steps, port, held, ram):
+    """The conductor's heap gives the answer of the full scan, whatever changed in between
+    (replica counts up or down, CPU% up or down), as long as decreases are offered."""
+    current = {n.node_id: n for n in nodes}
+    order = LoadOrder()
+    order.rebuild(list(current.values()))
+    request = PlacementRequest("a", port=port, ram_mb=ram)
+    for index, delta, cpu in steps:
+        node = list(current.values())[index % len(current)]
+        changed = dataclasses.replace(node, replicas=max(0, node.replicas + delta), cpu_pct=cpu)
+        current[node.node_id] = changed
+        if (changed.replicas, changed.cpu_pct) < (node.replicas, node.cpu_pct):
+            order.offer(changed)
+        expected = place(request, sorted(current.values(), key=lambda n: n.node_id), held,
+                         (1, 12))
+        got = order.place(request, current.get, held, (1, 12))
+        assert got == (None if isinstance(expected, NoCapacity) else expected)

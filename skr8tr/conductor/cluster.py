@@ -9,6 +9,13 @@ pure core (:mod:`skr8tr.core.placement`, :mod:`skr8tr.core.reconcile`).
 
 Time: ``clock()`` (trio's clock, so tests can run under ``MockClock``) for
 every deadline; ``wall()`` only for timestamps shown to people.
+
+Cost (BENCHMARKS.md, "Scale"): nothing that runs per message scans every
+replica or every node. Replicas are indexed by node and by app
+(:class:`ReplicaTable`); placement takes the least-loaded node from a heap
+(:class:`~skr8tr.core.placement.LoadOrder`), O(log nodes); a reconcile pass
+looks only at the apps that changed, are due, or wait for capacity; a
+heartbeat is O(1).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +108,103 @@ class ReplicaState:
                 "state": self.state}
 
 
+class ReplicaTable(dict[str, ReplicaState]):
+    """``Cluster.replicas``: replicas by id, also indexed by node and by app.
+
+    Kept up to date on every insert and delete, and told by :meth:`ending`
+    when a replica moves to an ended state, so that it can count each node's
+    replicas that have not ended (what placement balances) without a scan.
+    ``on_fewer(node_id)`` is called when that count goes down.
+    """
+
+    def __init__(self, on_fewer: Callable[[str], None] = lambda node_id: None) -> None:
+        super().__init__()
+        self.by_node: dict[str, dict[str, ReplicaState]] = {}
+        self.by_app: dict[str, dict[str, ReplicaState]] = {}
+        self.live_on_node: dict[str, int] = {}
+        self._on_fewer = on_fewer
+
+    def __setitem__(self, replica_id: str, r: ReplicaState) -> None:
+        if replica_id in self:
+            del self[replica_id]
+        super().__setitem__(replica_id, r)
+        self.by_node.setdefault(r.node_id, {})[replica_id] = r
+        self.by_app.setdefault(r.app, {})[replica_id] = r
+        if r.state not in reconcile.ENDED_STATES:
+            self.live_on_node[r.node_id] = self.live_on_node.get(r.node_id, 0) + 1
+
+    def __delitem__(self, replica_id: str) -> None:
+        r = self[replica_id]
+        super().__delitem__(replica_id)
+        for index, key in ((self.by_node, r.node_id), (self.by_app, r.app)):
+            group = index[key]
+            del group[replica_id]
+            if not group:
+                del index[key]
+        if r.state not in reconcile.ENDED_STATES:
+            self._fewer(r.node_id)
+
+    def pop(self, replica_id: str, *default: Any) -> Any:
+        if replica_id not in self:
+            if default:
+                return default[0]
+            raise KeyError(replica_id)
+        r = self[replica_id]
+        del self[replica_id]
+        return r
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("ReplicaTable: insert with [] and remove with del or pop")
+
+    popitem = clear = update = setdefault = _refuse  # type: ignore[assignment]
+
+    def ending(self, r: ReplicaState) -> None:
+        """``r`` is about to take an ended state (call before setting it)."""
+        if r.state not in reconcile.ENDED_STATES and self.get(r.replica_id) is r:
+            self._fewer(r.node_id)
+
+    def _fewer(self, node_id: str) -> None:
+        left = self.live_on_node[node_id] - 1
+        if left:
+            self.live_on_node[node_id] = left
+        else:
+            del self.live_on_node[node_id]
+        self._on_fewer(node_id)
+
+    def on_node(self, node_id: str) -> list[ReplicaState]:
+        return list(self.by_node.get(node_id, {}).values())
+
+    def of_app(self, app: str) -> list[ReplicaState]:
+        return list(self.by_app.get(app, {}).values())
+
+
+class TakenPorts(Mapping[str, Set[int]]):
+    """Address -> ports held or blocked there, read straight from the claims (no copy).
+
+    What :func:`~skr8tr.core.placement.place` needs: it asks only about the
+    addresses of the nodes it looks at.
+    """
+
+    def __init__(self, held: dict[str, dict[int, str]], blocked: dict[str, dict[int, float]]):
+        self._held = held
+        self._blocked = blocked
+
+    def __getitem__(self, address: str) -> Set[int]:
+        held = self._held.get(address)
+        blocked = self._blocked.get(address)
+        if blocked:
+            return set(held or ()) | set(blocked)
+        if held is None:
+            raise KeyError(address)
+        return held.keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(set(self._held) | {a for a, p in self._blocked.items() if p})
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @dataclass(frozen=True)
 class Revision:
     generation: int
@@ -177,7 +281,7 @@ class Cluster:
         self.events = EventBus(wall)
         self.nodes: dict[str, NodeState] = {}
         self.apps: dict[str, AppState] = {}
-        self.replicas: dict[str, ReplicaState] = {}
+        self.replicas = ReplicaTable(on_fewer=self._offer_node)
         self.ports: dict[str, dict[int, str]] = {}  # address -> port -> replica id
         self.blocked: dict[str, dict[int, float]] = {}  # address -> port -> until (clock)
         self._seq = 0
@@ -185,6 +289,12 @@ class Cluster:
         self._dirty = trio.Event()
         self._changed = trio.Event()
         self._node_joined = trio.Event()
+        # What the next reconcile pass looks at: every app, or these.
+        self._all_dirty = True
+        self._dirty_apps: set[str] = set()
+        self._app_wake: dict[str, float] = {}  # app -> when its last pass asked to look again
+        self._retiring: set[str] = set()  # replicas given a drain_until by retire_replica
+        self._load = placement.LoadOrder()  # live nodes by load, for launch()
         # The last replicas that ended, with their exit details, for rollout failure reports.
         self.ended: collections.OrderedDict[str, ReplicaState] = collections.OrderedDict()
         # Set by the rollout manager: the `rollouts` part of `status`.
@@ -192,8 +302,13 @@ class Cluster:
 
     # ------------------------------------------------------------------ signals to loops
 
-    def mark_dirty(self) -> None:
-        """Wake the reconciler and every waiter: desired or observed state changed."""
+    def mark_dirty(self, app: str | None = None) -> None:
+        """Wake the reconciler and every waiter: desired or observed state changed
+        (of ``app`` only, when given: the next pass need not look at the others)."""
+        if app is None:
+            self._all_dirty = True
+        else:
+            self._dirty_apps.add(app)
         self._dirty.set()
         self._changed.set()
         self._changed = trio.Event()
@@ -229,6 +344,7 @@ class Cluster:
             last_seen=now, session=self._session, outbox=outbox,
         )
         self.nodes[node_id] = node
+        self._offer_node(node_id)
         if old is not None and old.address != node.address:
             # Its replicas' ports were claimed on the old address.
             for r in self._replicas_on(node_id):
@@ -293,7 +409,7 @@ class Cluster:
         self.events.publish("replica.adopted", app=r.app, replica=r.replica_id,
                             node=node.node_id, pid=r.pid, port=r.port, generation=r.generation,
                             state=r.state)
-        self.mark_dirty()
+        self.mark_dirty(r.app)
 
     def detach_node(self, node_id: str, session: int) -> None:
         """A node's session ended. It is lost only when its heartbeats stay away too long."""
@@ -309,12 +425,16 @@ class Cluster:
     def node_heartbeat(self, node_id: str, msg: dict) -> None:
         node = self.nodes[node_id]
         node.last_seen = self.clock()
-        node.cpu_pct = float(msg["cpu_pct"])
+        cpu_pct = float(msg["cpu_pct"])
+        lower = cpu_pct < node.cpu_pct
+        node.cpu_pct = cpu_pct
         node.ram_free_mb = msg["ram_free_mb"]
         node.ram_total_mb = msg["ram_total_mb"]
         node.cores = msg["cores"]
         node.reserved_ram_mb = 0
         node.reserved_cpu = 0.0
+        if lower:
+            self._offer_node(node_id)
 
     def next_expiry(self) -> float | None:
         deadlines = [n.last_seen + self.node_timeout_s for n in self.nodes.values()
@@ -354,7 +474,7 @@ class Cluster:
         return expired
 
     def _replicas_on(self, node_id: str) -> list[ReplicaState]:
-        return [r for r in self.replicas.values() if r.node_id == node_id]
+        return self.replicas.on_node(node_id)
 
     def send(self, node_id: str, kind: str, **fields: Any) -> bool:
         """Queue a message for a node; False when it is not connected (or too far behind)."""
@@ -387,18 +507,16 @@ class Cluster:
             if not held:
                 del self.ports[r.address]
 
-    def taken_ports(self) -> dict[str, set[int]]:
+    def taken_ports(self) -> Mapping[str, Set[int]]:
+        """Address -> ports held or blocked there: a live view, valid until the next claim."""
         now = self.clock()
-        taken: dict[str, set[int]] = {a: set(p) for a, p in self.ports.items()}
         for address, ports in list(self.blocked.items()):
             for port, until in list(ports.items()):
                 if until <= now:
                     del ports[port]
-                else:
-                    taken.setdefault(address, set()).add(port)
             if not ports:
                 del self.blocked[address]
-        return taken
+        return TakenPorts(self.ports, self.blocked)
 
     # ------------------------------------------------------------------ replicas
 
@@ -412,20 +530,27 @@ class Cluster:
             if rid not in self.replicas:
                 return rid
 
+    def node_view(self, node_id: str) -> placement.NodeView | None:
+        n = self.nodes.get(node_id)
+        if n is None:
+            return None
+        return placement.NodeView(
+            node_id=n.node_id, address=n.address, live=n.connected and not n.expired,
+            cpu_pct=n.cpu_pct, cores=n.cores, ram_free_mb=n.ram_free_mb,
+            replicas=self.replicas.live_on_node.get(n.node_id, 0),
+            reserved_ram_mb=n.reserved_ram_mb, reserved_cpu=n.reserved_cpu,
+        )
+
     def node_views(self) -> list[placement.NodeView]:
-        counts: dict[str, int] = {}
-        for r in self.replicas.values():
-            if r.state not in reconcile.ENDED_STATES:
-                counts[r.node_id] = counts.get(r.node_id, 0) + 1
-        return [
-            placement.NodeView(
-                node_id=n.node_id, address=n.address, live=n.connected and not n.expired,
-                cpu_pct=n.cpu_pct, cores=n.cores, ram_free_mb=n.ram_free_mb,
-                replicas=counts.get(n.node_id, 0), reserved_ram_mb=n.reserved_ram_mb,
-                reserved_cpu=n.reserved_cpu,
-            )
-            for n in sorted(self.nodes.values(), key=lambda n: n.node_id)
-        ]
+        return [self.node_view(node_id) for node_id in sorted(self.nodes)]  # type: ignore[misc]
+
+    def _offer_node(self, node_id: str) -> None:
+        """A node's load may have gone down (or it joined): tell the placement heap."""
+        view = self.node_view(node_id)
+        if view is not None and view.live:
+            self._load.offer(view)
+        if len(self._load) > 4 * len(self.nodes) + 64:
+            self._load.rebuild(self.node_views())
 
     def launch(self, app: AppState, revision: Revision, *, restart_count: int = 0,
                avoid: frozenset[str] = frozenset()) -> ReplicaState | placement.NoCapacity:
@@ -436,7 +561,10 @@ class Cluster:
             ram_mb=None if m.ram_bytes is None else -(-m.ram_bytes // 2**20),
             cpu=m.cpu,
         )
-        where = placement.place(request, self.node_views(), self.taken_ports(), self.port_range)
+        taken = self.taken_ports()
+        where = self._load.place(request, self.node_view, taken, self.port_range)
+        if where is None:  # nothing fits: the full scan says why, node by node
+            where = placement.place(request, self.node_views(), taken, self.port_range)
         if isinstance(where, placement.NoCapacity):
             return where
         r = ReplicaState(
@@ -507,11 +635,12 @@ class Cluster:
             r.state = state
             self.events.publish(f"replica.{state}", app=r.app, replica=r.replica_id,
                                 node=node_id, pid=r.pid, port=r.port, generation=r.generation)
-            self.mark_dirty()
+            self.mark_dirty(r.app)
 
     def _replica_ended(self, r: ReplicaState, *, exit_code: int | None, signal: int | None,
                        launch_failed: bool, node_lost: bool, message: str | None) -> None:
         self._release_port(r)
+        self.replicas.ending(r)
         r.exit_code, r.signal, r.message = exit_code, signal, message
         self.ended[r.replica_id] = r
         while len(self.ended) > ENDED_KEPT:
@@ -523,7 +652,7 @@ class Cluster:
                                 node=r.node_id, exit_code=exit_code, signal=signal,
                                 requested=r.stop_requested, message=message)
             del self.replicas[r.replica_id]
-            self.mark_dirty()
+            self.mark_dirty(r.app)
             return
         outcome = reconcile.on_exit(
             app_type=app.manifest.type, restart=app.manifest.restart, exit_code=exit_code,
@@ -545,7 +674,7 @@ class Cluster:
                  exit_code, signal, f", {message}" if message else "",
                  "" if outcome.restart_at is None
                  else f"; restarting in {outcome.restart_at - self.clock():.1f} s")
-        self.mark_dirty()
+        self.mark_dirty(r.app)
 
     def drain_replica(self, replica_id: str) -> None:
         """Mark a replica ``draining``: it leaves the ingress before it is stopped."""
@@ -554,7 +683,7 @@ class Cluster:
             r.state = "draining"
             self.events.publish("replica.draining", app=r.app, replica=r.replica_id,
                                 node=r.node_id, port=r.port, generation=r.generation)
-            self.mark_dirty()
+            self.mark_dirty(r.app)
 
     def undrain_replica(self, replica_id: str) -> None:
         """Put a drained replica that was not stopped back in service (an aborted rollout)."""
@@ -564,14 +693,14 @@ class Cluster:
             self.events.publish("replica.ready", app=r.app, replica=r.replica_id,
                                 node=r.node_id, pid=r.pid, port=r.port, generation=r.generation,
                                 undrained=True)
-            self.mark_dirty()
+            self.mark_dirty(r.app)
 
     def forget_replica(self, replica_id: str) -> None:
         """Drop the row of an ended replica."""
         r = self.replicas.pop(replica_id, None)
         if r is not None:
             self._release_port(r)
-            self.mark_dirty()
+            self.mark_dirty(r.app)
 
     def retire_replica(self, replica_id: str, reason: str) -> None:
         """Take a replica out of service: drain it for its manifest's ``drain``, then stop it.
@@ -586,13 +715,18 @@ class Cluster:
         self.drain_replica(replica_id)
         r.drain_until = self.clock() + r.drain_s
         r.retire_reason = reason
-        self.mark_dirty()
+        self._retiring.add(replica_id)
+        self.mark_dirty(r.app)
 
     def _stop_drained(self, now: float) -> float | None:
         """Stop retiring replicas whose drain time is up; returns the next such time."""
         next_at = None
-        for r in list(self.replicas.values()):
-            if r.drain_until is None or r.state != "draining":
+        for replica_id in list(self._retiring):
+            r = self.replicas.get(replica_id)
+            if r is None or r.drain_until is None:
+                self._retiring.discard(replica_id)
+                continue
+            if r.state != "draining":
                 continue
             if r.drain_until <= now:
                 r.drain_until = None
@@ -624,14 +758,33 @@ class Cluster:
     # ------------------------------------------------------------------ reconciliation
 
     def reconcile(self) -> float | None:
-        """Converge every app once; returns when to look again (None: only on change)."""
+        """Converge every app once; returns when to look again (None: only on change).
+
+        Apps nothing happened to since the last pass are left out, unless their
+        last pass asked to be looked at by now or they are short of capacity (a
+        change elsewhere may have freed some): the outcome is that of a pass over
+        every app, at the cost of the ones that changed.
+        """
         now = self.clock()
         if self.state_write_pending:
             self.persist_later_if_failing()
         wake_at: float | None = self._stop_drained(now)
+        everything, dirty = self._all_dirty, self._dirty_apps
+        self._all_dirty, self._dirty_apps = False, set()
         for app in list(self.apps.values()):
+            due = self._app_wake.get(app.name)
+            if not (everything or app.name in dirty or app.placement_error is not None
+                    or (due is not None and due <= now)):
+                continue
             app_wake = self.reconcile_app(app, now)
-            if app_wake is not None and (wake_at is None or app_wake < wake_at):
+            if app_wake is None:
+                self._app_wake.pop(app.name, None)
+            else:
+                self._app_wake[app.name] = app_wake
+        for name in [name for name in self._app_wake if name not in self.apps]:
+            del self._app_wake[name]
+        for app_wake in self._app_wake.values():
+            if wake_at is None or app_wake < wake_at:
                 wake_at = app_wake
         return wake_at
 
@@ -642,7 +795,7 @@ class Cluster:
         views = [
             reconcile.ReplicaView(r.replica_id, r.generation, r.state, r.seq, r.restart_at,
                                   r.restart_count)
-            for r in self.replicas.values() if r.app == app.name
+            for r in self.replicas.of_app(app.name)
         ]
         plan = reconcile.reconcile_app(
             reconcile.AppView(app.name, app.generation, app.desired, app.completed,
@@ -686,7 +839,13 @@ class Cluster:
                 await self._dirty.wait()
 
     async def run_expiry_watchdog(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Expire nodes exactly ``node_timeout_s`` after their last heartbeat."""
+        """Expire nodes exactly ``node_timeout_s`` after their last heartbeat.
+
+        O(nodes) per wake, and it wakes about once per ``node_timeout_s -
+        heartbeat_s`` while every node beats (the oldest heartbeat is then about
+        one period old): cheaper than a deadline heap, whose stale entries would
+        each cost a wake.
+        """
         task_status.started()
         while True:
             deadline = self.next_expiry()
@@ -802,7 +961,7 @@ class Cluster:
         self.apps.pop(name)
         self.loaded_apps.discard(name)
         stopping = 0
-        for r in [r for r in self.replicas.values() if r.app == name]:
+        for r in self.replicas.of_app(name):
             if r.state in reconcile.ENDED_STATES:
                 self._release_port(r)
                 del self.replicas[r.replica_id]
@@ -813,7 +972,7 @@ class Cluster:
                 stopping += 1
         self.events.publish("app.removed", app=name, stopping=stopping)
         log.info("app %s removed; stopping %d replica(s)", name, stopping)
-        self.mark_dirty()
+        self.mark_dirty(name)
         return stopping
 
     def scale_app(self, name: str, replicas: int) -> AppState:
@@ -824,13 +983,13 @@ class Cluster:
         app.completed = 0
         self.events.publish("app.scaled", app=name, replicas_from=before, replicas_to=replicas)
         log.info("app %s scaled %d -> %d", name, before, replicas)
-        self.mark_dirty()
+        self.mark_dirty(name)
         return app
 
     # ------------------------------------------------------------------ views (DESIGN.md §5)
 
     def replica_rows(self, app: str | None = None) -> list[dict[str, Any]]:
-        rows = [r for r in self.replicas.values() if app is None or r.app == app]
+        rows = list(self.replicas.values()) if app is None else self.replicas.of_app(app)
         rows.sort(key=lambda r: (r.app, r.generation, r.seq))
         return [r.row() for r in rows]
 
@@ -851,7 +1010,7 @@ class Cluster:
     def app_rows(self) -> list[dict[str, Any]]:
         rows = []
         for app in sorted(self.apps.values(), key=lambda a: a.name):
-            mine = [r for r in self.replicas.values() if r.app == app.name]
+            mine = self.replicas.of_app(app.name)
             current = [r for r in mine if r.generation == app.generation]
             rows.append({
                 "app": app.name, "type": app.manifest.type, "generation": app.generation,

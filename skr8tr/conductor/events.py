@@ -21,7 +21,10 @@ import trio
 log = logging.getLogger("skr8tr.conductor")
 
 RECENT_EVENTS = 200
-SUBSCRIBER_BUFFER = 1000
+# Room for the burst of a large fleet: 100 nodes lost at once with 10 replicas each
+# publish ~4,000 events in one go (lost, failed, placed, running, ready). An event is
+# shared by every subscriber, so a slot costs one reference.
+SUBSCRIBER_BUFFER = 16384
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,21 @@ Rules (DESIGN.md §6.3, issue "Conductor and node agents"):
   CPU%, then node id (so the choice is deterministic).
 
 When nothing fits, :class:`NoCapacity` says, node by node, what did not fit.
+
+Cost: :func:`place` looks at every node once, O(1) each (the lowest free
+port is searched on the chosen node's address only). :class:`LoadOrder` gives
+the same answer in O(log n) for the usual case where the least-loaded nodes
+fit, for callers that keep it informed of their nodes (the conductor).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence, Set
+import heapq
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 
-__all__ = ["NodeView", "PlacementRequest", "Placement", "NoCapacity", "place", "place_many"]
+__all__ = ["NodeView", "PlacementRequest", "Placement", "NoCapacity", "LoadOrder", "place",
+           "place_many"]
 
 DEFAULT_PORT_RANGE = (20000, 32000)
 
@@ -74,6 +81,49 @@ def _auto_port(taken: Set[int], port_range: tuple[int, int]) -> int | None:
     return None
 
 
+def _has_free_port(taken: Set[int], port_range: tuple[int, int]) -> bool:
+    lo, hi = port_range
+    # Fewer ports held than the range has: one of the range is free, whatever they are.
+    return len(taken) <= hi - lo or _auto_port(taken, port_range) is not None
+
+
+def _misfit(request: PlacementRequest, node: NodeView, taken: Set[int],
+            port_range: tuple[int, int]) -> str | None:
+    """Why ``node`` cannot take a replica of ``request`` (None: it can)."""
+    if not node.live:
+        return f"{node.node_id} is not connected"
+    if node.node_id in request.avoid_nodes:
+        return f"{node.node_id} failed the last launch"
+    if isinstance(request.port, int):
+        if request.port in taken:
+            return f"port {request.port} is taken on {node.address} ({node.node_id})"
+    elif request.port == "auto" and not _has_free_port(taken, port_range):
+        return f"no free port in {port_range[0]}-{port_range[1]} on {node.address}"
+    if request.ram_mb is not None:
+        free = node.ram_free_mb - node.reserved_ram_mb
+        if free < request.ram_mb:
+            return f"{node.node_id} has {free} MB RAM free, needs {request.ram_mb} MB"
+    if request.cpu is not None:
+        free_cpu = _free_cores(node)
+        if free_cpu < request.cpu:
+            return f"{node.node_id} has {max(free_cpu, 0):.2f} cores free, needs {request.cpu:g}"
+    return None
+
+
+def _placement(request: PlacementRequest, node: NodeView, taken: Set[int],
+               port_range: tuple[int, int]) -> Placement:
+    port: int | None = None
+    if isinstance(request.port, int):
+        port = request.port
+    elif request.port == "auto":
+        port = _auto_port(taken, port_range)
+    return Placement(node.node_id, node.address, port)
+
+
+def _load_key(node: NodeView) -> tuple[int, float, str]:
+    return (node.replicas, node.cpu_pct, node.node_id)
+
+
 def place(
     request: PlacementRequest,
     nodes: Sequence[NodeView],
@@ -86,39 +136,14 @@ def place(
     returns :class:`NoCapacity` naming, per node, why it did not fit.
     """
     why: list[str] = []
-    fits: list[tuple[tuple, NodeView, int | None]] = []
+    best: NodeView | None = None
     for node in nodes:
-        if not node.live:
-            why.append(f"{node.node_id} is not connected")
-            continue
-        if node.node_id in request.avoid_nodes:
-            why.append(f"{node.node_id} failed the last launch")
-            continue
-        taken = ports.get(node.address, frozenset())
-        port: int | None = None
-        if isinstance(request.port, int):
-            if request.port in taken:
-                why.append(f"port {request.port} is taken on {node.address} ({node.node_id})")
-                continue
-            port = request.port
-        elif request.port == "auto":
-            port = _auto_port(taken, port_range)
-            if port is None:
-                why.append(f"no free port in {port_range[0]}-{port_range[1]} on {node.address}")
-                continue
-        if request.ram_mb is not None:
-            free = node.ram_free_mb - node.reserved_ram_mb
-            if free < request.ram_mb:
-                why.append(f"{node.node_id} has {free} MB RAM free, needs {request.ram_mb} MB")
-                continue
-        if request.cpu is not None:
-            free_cpu = _free_cores(node)
-            if free_cpu < request.cpu:
-                why.append(f"{node.node_id} has {max(free_cpu, 0):.2f} cores free, "
-                           f"needs {request.cpu:g}")
-                continue
-        fits.append(((node.replicas, node.cpu_pct, node.node_id), node, port))
-    if not fits:
+        problem = _misfit(request, node, ports.get(node.address, frozenset()), port_range)
+        if problem is not None:
+            why.append(problem)
+        elif best is None or _load_key(node) < _load_key(best):
+            best = node
+    if best is None:
         if not nodes:
             return NoCapacity(f"no node can run a replica of {request.app}: no node is connected")
         hint = ""
@@ -127,8 +152,65 @@ def place(
                     "`order stop-first` in the rollout block")
         return NoCapacity(f"no node can run a replica of {request.app}: "
                           + "; ".join(why) + hint)
-    _, node, port = min(fits, key=lambda f: f[0])
-    return Placement(node.node_id, node.address, port)
+    return _placement(request, best, ports.get(best.address, frozenset()), port_range)
+
+
+class LoadOrder:
+    """Nodes by load (fewest replicas, lowest CPU%, node id), to place without a full scan.
+
+    A heap of load keys, each a *lower bound* of its node's current key. The
+    owner keeps that true by calling :meth:`offer` whenever a node's key may
+    have gone down (it joined, a replica of its ended or left, it reported a
+    lower CPU%); a key that went up needs nothing: it is corrected when it
+    reaches the top. Then the first node at the top whose key is current and
+    that fits is the one :func:`place` would choose. Duplicate and stale keys
+    are dropped by :meth:`rebuild`, which the owner calls when ``len()`` grows
+    past a few times its number of nodes.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def offer(self, node: NodeView) -> None:
+        heapq.heappush(self._heap, _load_key(node))
+
+    def rebuild(self, nodes: Sequence[NodeView]) -> None:
+        self._heap = [_load_key(n) for n in nodes if n.live]
+        heapq.heapify(self._heap)
+
+    def place(
+        self,
+        request: PlacementRequest,
+        view_of: Callable[[str], NodeView | None],
+        ports: Mapping[str, Set[int]],
+        port_range: tuple[int, int] = DEFAULT_PORT_RANGE,
+    ) -> Placement | None:
+        """What :func:`place` would choose among the nodes ``view_of`` knows, or None
+        when none fits (then :func:`place` says why). O(log n) per node looked at."""
+        heap = self._heap
+        unfit: list[tuple[int, float, str]] = []
+        chosen = None
+        while heap:
+            key = heap[0]
+            node = view_of(key[2])
+            if node is None or not node.live:
+                heapq.heappop(heap)  # offered again when it joins again
+                continue
+            current = _load_key(node)
+            if key != current:
+                heapq.heapreplace(heap, current)
+                continue
+            taken = ports.get(node.address, frozenset())
+            if _misfit(request, node, taken, port_range) is None:
+                chosen = _placement(request, node, taken, port_range)
+                break
+            unfit.append(heapq.heappop(heap))
+        for key in unfit:
+            heapq.heappush(heap, key)
+        return chosen
 
 
 def place_many(
