@@ -65,6 +65,11 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
         default=dflt(os.environ.get("SKR8TR_KEY") or DEFAULT_KEY_FILE),
         help=f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})",
     )
+    group.add_argument(
+        "--ca", metavar="FILE", default=dflt(os.environ.get("SKR8TR_CA") or None),
+        help="for a wss:// conductor: the CA certificate (PEM) to verify it with, instead "
+        "of the system's trust store (env SKR8TR_CA)",
+    )
     group.add_argument("--json", action="store_true", default=dflt(False),
                        help="print exactly one JSON document on stdout")
     group.add_argument("--timeout", metavar="S", type=_positive_float,
@@ -146,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adopt-grace", metavar="S", type=_positive_float, default=None,
                    help="after a restart, seconds to wait for nodes to report running "
                    "replicas before placing new ones (default: 2 x the node heartbeat)")
+    sec = p.add_argument_group("security (see SECURITY.md)")
+    sec.add_argument("--tls-cert", metavar="FILE",
+                     help="serve wss:// and https:// with this PEM certificate (chain)")
+    sec.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    sec.add_argument("--audit-log", metavar="FILE",
+                     help="append every signed command to FILE as hash-chained JSON lines "
+                     "(check it with `skr8tr audit verify FILE`)")
+    sec.add_argument("--max-connections-per-address", metavar="N", type=_positive_int,
+                     help="open connections per client address, on each listener "
+                     "(default 2048)")
+    sec.add_argument("--max-messages-per-s", metavar="N", type=_positive_float,
+                     help="WebSocket messages per second per connection before it is "
+                     "closed (default 2000)")
+    sec.add_argument("--message-burst", metavar="N", type=_positive_int,
+                     help="messages a connection may send at once above that rate "
+                     "(default 10000)")
+    sec.add_argument("--handshake-timeout", metavar="S", type=_positive_float,
+                     help="TLS + WebSocket handshake, and a node's hello (default 10)")
+    sec.add_argument("--idle-timeout", metavar="S", type=_positive_float,
+                     help="close a /v1/cli connection that sends nothing for S (default 300)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -157,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the connection to the conductor)")
     p.add_argument("--stop-workloads", action="store_true",
                    help="stop every replica when the agent exits (default: leave them running)")
+    p.add_argument("--run-as", metavar="USER",
+                   help="start workloads as this user (and its groups); the agent itself "
+                   "must run as root for that")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -221,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep printing new lines")
 
     verb("watch", "print live events until Ctrl-C")
+
+    p = verb("audit", "check an audit log written by `skr8tr conductor --audit-log`")
+    p.add_argument("action", choices=["verify"], metavar="verify",
+                   help="verify: check the hash chain of FILE")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--expect-head", metavar="HASH",
+                   help="a head printed by an earlier verify, kept elsewhere: fail unless "
+                   "the chain still contains it (catches lines cut off the end)")
 
     p = verb("fmt", "check a manifest and print it normalised")
     p.add_argument("--toml", action="store_true", help="print it as TOML")
@@ -300,6 +336,46 @@ def cmd_fmt(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(opts: argparse.Namespace) -> int:
+    """``audit verify FILE``: 0 and the head when the chain is intact, 1 naming the first
+    bad line otherwise, 2 when FILE cannot be read."""
+    from skr8tr.conductor import audit
+    from skr8tr.core import audit_chain
+
+    expect = opts.expect_head
+    if expect is not None and re.fullmatch(r"[0-9a-f]{64}", expect) is None:
+        raise CliError("USAGE", "--expect-head takes the 64 lowercase hex characters "
+                       "printed by `skr8tr audit verify`", EXIT_USAGE)
+    try:
+        with open(opts.file, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CliError("AUDIT", f"cannot read {opts.file}: {exc.strerror or exc}",
+                       EXIT_USAGE) from None
+    try:
+        recorded = audit.read_head_file(opts.file)
+    except ValueError as exc:
+        raise CliError("AUDIT", f"{exc}", EXIT_REMOTE_ERROR) from None
+    try:
+        verified = audit_chain.verify(data, expect_head=expect, recorded=recorded)
+    except audit_chain.ChainError as exc:
+        raise CliError("AUDIT", f"{opts.file}:{exc.line}: {exc.message}",
+                       EXIT_REMOTE_ERROR) from None
+    head = verified.head
+    checked = [name for name, used in (("the HEAD file", recorded is not None),
+                                       ("--expect-head", expect is not None)) if used]
+    if opts.json:
+        _print_json({"file": opts.file, "ok": True, "entries": head.entries,
+                     "head": head.hash, "checked_against": checked})
+        return EXIT_OK
+    print(f"{opts.file}: intact, {head.entries} entries; head {head.hash}")
+    if not checked:
+        print(f"# no {audit.head_path(opts.file)} and no --expect-head: lines cut off the "
+              "end, or a rewritten log, cannot be told apart from an intact one. Keep this "
+              "head elsewhere and pass it as --expect-head next time.", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_conductor(opts: argparse.Namespace) -> int:
     from skr8tr.conductor import daemon
 
@@ -349,6 +425,7 @@ def _run_client(opts: argparse.Namespace, body: Callable[[Any], Any], *, signed:
         conductor=opts.conductor,
         timeout_s=opts.timeout,
         signing_key=_signing_key(opts, required=signed),
+        ca_file=opts.ca,
     )
     try:
         return trio.run(body, call_opts)
@@ -426,7 +503,8 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
         import trio
 
         async with client.open_conductor(call_opts.conductor, "/v1/cli",
-                                         call_opts.timeout_s) as ws:
+                                         call_opts.timeout_s,
+                                         ca_file=call_opts.ca_file) as ws:
             status = await client.call_on(ws, call_opts, "rollout", args)
             if not opts.watch:
                 if opts.json:
@@ -470,7 +548,8 @@ def cmd_logs(opts: argparse.Namespace) -> int:
         import trio
 
         async with client.open_conductor(call_opts.conductor, "/v1/cli",
-                                         call_opts.timeout_s) as ws:
+                                         call_opts.timeout_s,
+                                         ca_file=call_opts.ca_file) as ws:
             result = await client.call_on(ws, call_opts, "logs", args)
             if opts.json and not opts.follow:
                 _print_json(result)
@@ -517,6 +596,7 @@ def cmd_watch(opts: argparse.Namespace) -> int:
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keygen": cmd_keygen,
     "fmt": cmd_fmt,
+    "audit": cmd_audit,
     "conductor": cmd_conductor,
     "node": cmd_node,
     "ingress": cmd_ingress,

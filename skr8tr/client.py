@@ -67,14 +67,24 @@ def _unreachable(url: str, why: str) -> ClientError:
 
 
 @asynccontextmanager
-async def open_conductor(base_url: str, path: str, timeout_s: float) -> AsyncIterator[
+async def open_conductor(base_url: str, path: str, timeout_s: float, *,
+                         ca_file: str | None = None) -> AsyncIterator[
     trio_websocket.WebSocketConnection
 ]:
-    """Connect to the conductor's ``path``; connection failures become ClientError (exit 3)."""
+    """Connect to the conductor's ``path``; connection failures become ClientError (exit 3).
+
+    A ``wss://`` conductor's certificate is verified against *ca_file* (PEM), or
+    the system's trust store without one (:mod:`skr8tr.tls`); a failed check is
+    exit 3 too. *ca_file* with a ``ws://`` URL is a usage error (exit 2).
+    """
     url = endpoint_url(base_url, path)
+    ssl_context = _ssl_context(url, ca_file)
+    if ssl_context is not None:
+        await _check_tls(url, ssl_context, timeout_s)
     try:
         async with trio_websocket.open_websocket_url(
             url,
+            ssl_context=ssl_context,
             connect_timeout=timeout_s,
             disconnect_timeout=2,
             max_message_size=protocol.MAX_MESSAGE_BYTES * 4,
@@ -94,6 +104,29 @@ async def open_conductor(base_url: str, path: str, timeout_s: float) -> AsyncIte
         raise _unreachable(url, f"the connection closed: {exc.reason}") from None
 
 
+def _ssl_context(url: str, ca_file: str | None):
+    from skr8tr import tls
+
+    if not url.startswith("wss://"):
+        if ca_file is not None:
+            raise ClientError("USAGE", f"--ca goes with a wss:// conductor URL; {url} is not "
+                              "encrypted", EXIT_USAGE)
+        return None
+    try:
+        return tls.client_context(ca_file)
+    except tls.TlsError as exc:
+        raise ClientError("USAGE", str(exc), EXIT_USAGE) from None
+
+
+async def _check_tls(url: str, ssl_context, timeout_s: float) -> None:
+    from skr8tr import tls
+
+    try:
+        await tls.check_handshake(url, ssl_context, timeout_s)
+    except tls.TlsError as exc:
+        raise _unreachable(url, str(exc)) from None
+
+
 _ids = itertools.count(1)
 
 
@@ -102,6 +135,7 @@ class CallOptions:
     conductor: str
     timeout_s: float
     signing_key: Any | None  # nacl.signing.SigningKey, or None for unsigned read-only calls
+    ca_file: str | None = None  # for wss://: the CA to verify the conductor with
 
 
 def build_request(cmd: str, args: dict, signing_key: Any | None) -> dict:
@@ -120,7 +154,8 @@ async def call(opts: CallOptions, cmd: str, args: dict) -> Any:
     Raises ClientError: exit 3 when the conductor cannot be reached or does not
     answer within the timeout, exit 1 when it answers with an error.
     """
-    async with open_conductor(opts.conductor, "/v1/cli", opts.timeout_s) as ws:
+    async with open_conductor(opts.conductor, "/v1/cli", opts.timeout_s,
+                              ca_file=opts.ca_file) as ws:
         return await call_on(ws, opts, cmd, args)
 
 
@@ -181,5 +216,6 @@ class WatchStream:
 @asynccontextmanager
 async def open_watch(opts: CallOptions) -> AsyncIterator[WatchStream]:
     """Open ``/v1/watch``; iterate the yielded stream until the conductor closes it."""
-    async with open_conductor(opts.conductor, "/v1/watch", opts.timeout_s) as ws:
+    async with open_conductor(opts.conductor, "/v1/watch", opts.timeout_s,
+                              ca_file=opts.ca_file) as ws:
         yield WatchStream(ws, endpoint_url(opts.conductor, "/v1/watch"))

@@ -4,7 +4,14 @@ Every message gets exactly one reply and nothing a client sends takes the
 conductor down: undecodable or unauthorized requests get an error reply,
 a failing command gets ``INTERNAL`` and a log line, and the connection goes on.
 Oversized messages are closed with 1009 by trio-websocket itself
-(``max_message_size``).
+(``max_message_size``). A connection that sends more than
+``Limits.messages_per_s`` (with ``message_burst`` saved up) is closed with
+1008, one that sends nothing for ``Limits.idle_timeout_s`` with 1000; both
+are counted (:mod:`skr8tr.conductor.limits`).
+
+Every request for a signed command, accepted or refused, goes to the audit
+log when there is one (:mod:`skr8tr.conductor.audit`). Manifests and their
+environment values never reach the conductor's log.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from dataclasses import dataclass, field
 import trio
 import trio_websocket
 
-from skr8tr.conductor import commands, metrics
+from skr8tr.conductor import audit, commands, metrics
 from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import envelope, protocol
 from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
@@ -27,13 +35,37 @@ from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
 log = logging.getLogger("skr8tr.conductor")
 
 
+@dataclass(eq=False)
+class NodeSessionHandle:
+    """A welcomed node session, so that revoking its key can end it."""
+
+    node_id: str
+    key: str
+    scope: trio.CancelScope
+    revoked: bool = False
+
+
 @dataclass
 class Authority:
-    """Who may do what: the authorized keys (replaced on SIGHUP) and the replay guard."""
+    """Who may do what: the authorized keys (replaced on SIGHUP), the replay guard and the
+    node sessions those keys opened."""
 
     authorized: AuthorizedKeys
     insecure: bool = False
     guard: envelope.ReplayGuard = field(default_factory=envelope.ReplayGuard)
+    node_sessions: set[NodeSessionHandle] = field(default_factory=set)
+
+    def replace_keys(self, authorized: AuthorizedKeys) -> list[NodeSessionHandle]:
+        """Trust *authorized* from now on; end the node sessions whose key lost the node
+        role, and return them. Requests are checked against the new keys at once."""
+        self.authorized = authorized
+        if self.insecure:
+            return []
+        revoked = [h for h in self.node_sessions if not authorized.has_role(h.key, "node")]
+        for handle in revoked:
+            handle.revoked = True
+            handle.scope.cancel()
+        return revoked
 
 
 @dataclass
@@ -47,10 +79,15 @@ class RefusalCounter:
 
 
 class CliApi:
-    def __init__(self, cluster: Cluster, authority: Authority, wall_clock) -> None:
+    def __init__(self, cluster: Cluster, authority: Authority, wall_clock, *,
+                 limits: Limits | None = None, closed: ClosedCounter | None = None,
+                 audit_log: audit.AuditLog | None = None) -> None:
         self.cluster = cluster
         self.authority = authority
         self.wall = wall_clock
+        self.limits = limits or Limits()
+        self.closed = closed or ClosedCounter()
+        self.audit_log = audit_log
         self.log_requests = commands.LogRequests()
         self.rollouts = RolloutManager(
             cluster, commands.make_log_fetcher(cluster, self.log_requests))
@@ -69,32 +106,72 @@ class CliApi:
         )
         if isinstance(req, protocol.DecodeError):
             self.refusals.count(req.code)
+            claimed = _claimed(raw)
             log.warning("refused a request from %s (key %s): %s: %s", peer,
-                        _claimed_key(raw), req.code, req.message)
+                        claimed["key"] or "none", req.code, req.message)
+            if self.audit_log is not None and claimed["cmd"] in envelope.SIGNED_COMMANDS:
+                # EXPIRED and REPLAY are judged after the signature verified.
+                verified = req.code in ("EXPIRED", "REPLAY")
+                self._audit(peer, claimed["cmd"], claimed["key"], verified, claimed["args"],
+                            {"ok": False, "code": req.code, "message": req.message})
             return protocol.error_reply(req.id, req.code, req.message)
         handler = self.handlers[req.cmd]  # the decoder admits only known commands
+        signed = req.cmd in envelope.SIGNED_COMMANDS
         try:
             result = await handler(self.cluster, req.args)
         except CommandError as exc:
+            # The message may quote the manifest (file:line:col: text): never its env.
+            shown = exc.message if exc.code != "INVALID_MANIFEST" else _location(exc.message)
             if req.signer is not None:
-                log.info("%s by %s refused: %s: %s", req.cmd, req.signer, exc.code, exc.message)
+                log.info("%s by %s refused: %s: %s", req.cmd, req.signer, exc.code, shown)
+            if signed:
+                self._audit_request(peer, req, {"ok": False, "code": exc.code,
+                                                "message": shown})
             return protocol.error_reply(req.id, exc.code, exc.message)
         except Exception:
             log.exception("command %s failed", req.cmd)
+            if signed:
+                self._audit_request(peer, req, {"ok": False, "code": "INTERNAL"})
             return protocol.error_reply(req.id, "INTERNAL",
                                         f"{req.cmd} failed inside the conductor; see its log")
         finally:
             self.command_seconds.observe(time.perf_counter() - started, cmd=req.cmd)
-        if req.cmd in envelope.SIGNED_COMMANDS:
+        if signed:
             log.info("%s %s by %s", req.cmd, _summary(req.args), req.signer or "insecure mode")
+            self._audit_request(peer, req, audit.result_summary(req.cmd, result))
         return protocol.ok_reply(req.id, result)
 
+    def _audit_request(self, peer: str, req: protocol.Request, result: dict) -> None:
+        if self.audit_log is not None:
+            key = _fingerprint(req.raw.get("key"))
+            self._audit(peer, req.cmd, key, req.signer is not None, req.args, result)
+
+    def _audit(self, peer: str, cmd: str, key: str | None, verified: bool, args: object,
+               result: dict) -> None:
+        assert self.audit_log is not None
+        self.audit_log.append({"peer": peer, "key": key, "verified": verified, "cmd": cmd,
+                               "args": audit.redact_args(cmd, args), "result": result},
+                              self.wall())
+
     async def serve_connection(self, ws: trio_websocket.WebSocketConnection) -> None:
-        peer = f"{ws.remote.address}:{ws.remote.port}" if hasattr(ws.remote, "address") else "?"
+        """Answer requests until the client leaves, is idle too long or sends too fast."""
+        peer = peer_of(ws)
+        bucket = TokenBucket(self.limits.messages_per_s, self.limits.message_burst,
+                             trio.current_time())
         while True:
-            try:
-                raw = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
+            with trio.move_on_after(self.limits.idle_timeout_s) as idle:
+                try:
+                    raw = await ws.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    self.count_close(exc, peer)
+                    return
+            if idle.cancelled_caught:
+                await self.close_for(ws, peer, "idle_timeout", 1000,
+                                     f"idle for {self.limits.idle_timeout_s:g} s")
+                return
+            if not bucket.take(trio.current_time()):
+                await self.close_for(ws, peer, "rate_limit", 1008,
+                                     f"more than {self.limits.messages_per_s:g} messages/s")
                 return
             reply = await self.handle_message(raw, peer)
             try:
@@ -102,34 +179,89 @@ class CliApi:
             except trio_websocket.ConnectionClosed:
                 return
 
+    def count_close(self, exc: trio_websocket.ConnectionClosed, peer: str) -> None:
+        """Count a close that trio-websocket did for a limit (1009: message too big)."""
+        if exc.reason is not None and exc.reason.code == 1009:
+            self.closed.count("message_too_big")
+            log.warning("closed a connection from %s: a message over %d bytes", peer,
+                        protocol.MAX_MESSAGE_BYTES)
 
-def _claimed_key(raw: str | bytes) -> str:
-    """The fingerprint of the key a refused message claims, for the log (or "none")."""
+    async def close_for(self, ws: trio_websocket.WebSocketConnection, peer: str, reason: str,
+                        code: int, why: str) -> None:
+        """Close *ws* because it broke a limit; count and log it."""
+        self.closed.count(reason)
+        log.warning("closed a connection from %s: %s", peer, why)
+        with trio.move_on_after(2), contextlib.suppress(trio_websocket.ConnectionClosed):
+            await ws.aclose(code=code, reason=why[:120])
+
+
+def peer_of(ws: trio_websocket.WebSocketConnection) -> str:
+    """The client's address; ask while the connection is open (a closed socket has none)."""
     try:
-        key = json.loads(raw).get("key")
+        remote = ws.remote
+    except OSError:
+        return "?"
+    return str(remote.address) if hasattr(remote, "address") else "?"
+
+
+def _fingerprint(key: object) -> str | None:
+    return fingerprint(key) if isinstance(key, str) and is_key_hex(key) else None
+
+
+def _claimed(raw: str | bytes) -> dict:
+    """What a refused message claims to be (cmd, key fingerprint, args), for log and audit."""
+    try:
+        doc = json.loads(raw)
     except Exception:
-        return "none"
-    return fingerprint(key) if isinstance(key, str) and is_key_hex(key) else "none"
+        doc = None
+    if not isinstance(doc, dict):
+        return {"cmd": None, "key": None, "args": None}
+    cmd = doc.get("cmd")
+    return {"cmd": cmd if isinstance(cmd, str) and cmd in envelope.COMMANDS else None,
+            "key": _fingerprint(doc.get("key")), "args": doc.get("args")}
 
 
 def _summary(args: dict) -> str:
+    """The arguments of a signed command for the log: never a manifest (it holds env values)."""
     shown = {k: v for k, v in args.items() if k != "manifest"}
     return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
-async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection) -> None:
-    """``/v1/watch``: a snapshot, then every event, then a snapshot after each change burst."""
+def _location(message: str) -> str:
+    """``FILE:LINE:COL`` of a manifest error, without the text it quotes."""
+    head = message.split(": ", 1)[0]
+    return f"{head}: (manifest error; details in the reply, not logged)"
+
+
+async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection,
+                      api: CliApi | None = None) -> None:
+    """``/v1/watch``: a snapshot, then every event, then a snapshot after each change burst.
+
+    What a watcher sends is read and dropped; with *api*, its message-rate and
+    size limits apply to that too.
+    """
+    limits = api.limits if api is not None else Limits()
+    peer = peer_of(ws)
     with cluster.events.subscribe() as events:
         await ws.send_message(protocol.snapshot_message(cluster.events.seq, cluster.wall(),
                                                         cluster.status()))
         async with trio.open_nursery() as nursery:
             async def drain_client() -> None:
                 # Watchers only listen; read so that a close from their side ends us.
+                bucket = TokenBucket(limits.messages_per_s, limits.message_burst,
+                                     trio.current_time())
                 try:
                     while True:
                         await ws.get_message()
-                except trio_websocket.ConnectionClosed:
-                    nursery.cancel_scope.cancel()
+                        if not bucket.take(trio.current_time()) and api is not None:
+                            await api.close_for(ws, peer, "rate_limit", 1008,
+                                                f"more than {limits.messages_per_s:g} "
+                                                "messages/s")
+                            break
+                except trio_websocket.ConnectionClosed as exc:
+                    if api is not None:
+                        api.count_close(exc, peer)
+                nursery.cancel_scope.cancel()
 
             nursery.start_soon(drain_client)
             with contextlib.suppress(trio_websocket.ConnectionClosed):  # the watcher left

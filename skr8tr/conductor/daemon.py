@@ -3,8 +3,15 @@
 One Trio program. The root nursery owns the WebSocket server (``/v1/cli``,
 ``/v1/node``, ``/v1/watch``), the HTTP listener, the reconciler, the
 node-expiry watchdog and the signal handler (SIGHUP re-reads the authorized
-keys; SIGINT/SIGTERM shut down cleanly: sessions close, workloads keep running
-on their nodes).
+keys and closes the sessions of node keys no longer listed; SIGINT/SIGTERM
+shut down cleanly: sessions close, workloads keep running on their nodes).
+
+With ``--tls-cert``/``--tls-key`` both listeners speak TLS (``wss://``,
+``https://``); without them, listening on anything but loopback is announced
+on every start, because manifests and environment values then cross the
+network in clear. ``--audit-log FILE`` records every signed command
+(:mod:`skr8tr.conductor.audit`). The per-client limits are flags too
+(:mod:`skr8tr.conductor.limits`).
 """
 
 from __future__ import annotations
@@ -13,18 +20,22 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 import trio_websocket
 
-from skr8tr import __version__
+from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
-from skr8tr.conductor import state_store, status_http
+from skr8tr.conductor import audit, state_store, status_http
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import serve_http
+from skr8tr.conductor.limits import ClosedCounter, Limits
+from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
 from skr8tr.core import protocol
 from skr8tr.core.keys import (
@@ -51,6 +62,10 @@ class ConductorConfig:
     port_range: tuple[int, int] = (20000, 32000)
     state_path: str | None = None
     adopt_grace_s: float | None = None  # None: 2 x the node heartbeat
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    audit_log: str | None = None
+    limits: Limits = Limits()
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:
@@ -74,6 +89,23 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         raise StartError("no --authorized-keys FILE given; list the admin and node keys "
                          "there (`admin HEX comment`), or pass --insecure for a throwaway "
                          "local cluster")
+    tls_cert, tls_key = getattr(opts, "tls_cert", None), getattr(opts, "tls_key", None)
+    if (tls_cert is None) != (tls_key is None):
+        raise StartError("--tls-cert and --tls-key go together: the certificate (PEM) and "
+                         "its private key (PEM)")
+    defaults = Limits()
+    try:
+        limits = Limits(
+            max_connections_per_address=getattr(opts, "max_connections_per_address", None)
+            or defaults.max_connections_per_address,
+            messages_per_s=getattr(opts, "max_messages_per_s", None) or defaults.messages_per_s,
+            message_burst=getattr(opts, "message_burst", None) or defaults.message_burst,
+            handshake_timeout_s=getattr(opts, "handshake_timeout", None)
+            or defaults.handshake_timeout_s,
+            idle_timeout_s=getattr(opts, "idle_timeout", None) or defaults.idle_timeout_s,
+        )
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
     return ConductorConfig(
         listen=parse_hostport(opts.listen, "--listen"),
         http=parse_hostport(opts.http, "--http"),
@@ -83,7 +115,30 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         port_range=parse_port_range(opts.port_range),
         state_path=None if opts.state is None else os.path.abspath(opts.state),
         adopt_grace_s=opts.adopt_grace,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        audit_log=None if getattr(opts, "audit_log", None) is None
+        else os.path.abspath(opts.audit_log),
+        limits=limits,
     )
+
+
+def _tls_context(config: ConductorConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        return tls.server_context(config.tls_cert, config.tls_key)
+    except tls.TlsError as exc:
+        raise StartError(str(exc)) from None
+
+
+def _open_audit(config: ConductorConfig, *, quiet: bool = False) -> audit.AuditLog | None:
+    if config.audit_log is None:
+        return None
+    try:
+        return audit.AuditLog.open(config.audit_log, quiet=quiet)
+    except audit.AuditError as exc:
+        raise StartError(str(exc)) from None
 
 
 def _load_state(config: ConductorConfig) -> state_store.StoredState | None:
@@ -116,12 +171,19 @@ async def run_conductor(config: ConductorConfig, *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled. ``task_status.started((ws_port, http_port))`` once listening."""
     authority = api_mod.Authority(_load_keys(config), insecure=config.insecure)
+    ssl_context = _tls_context(config)
     if config.insecure:
         log.warning("INSECURE MODE: no key is checked; anyone who can reach %s:%d can "
                     "start processes on every node", *config.listen)
+    if ssl_context is None:
+        for flag, (host, port) in (("--listen", config.listen), ("--http", config.http)):
+            if not tls.is_loopback_host(host):
+                log.warning("NO TLS on %s %s:%d: manifests, environment values and logs "
+                            "travel in clear; pass --tls-cert and --tls-key", flag, host, port)
     cluster = Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
                       state_path=config.state_path, adopt_grace_s=config.adopt_grace_s)
-    cli = api_mod.CliApi(cluster, authority, time.time)
+    closed = ClosedCounter()
+    cli = api_mod.CliApi(cluster, authority, time.time, limits=config.limits, closed=closed)
     stored = _load_state(config)
     if stored is not None:
         try:
@@ -130,6 +192,7 @@ async def run_conductor(config: ConductorConfig, *,
             raise StartError(f"{exc} (the file was left as it is)") from None
         cli.rollouts.restore(stored.rollouts)
         cluster.start_adopt_grace()
+    cli.audit_log = audit_log = _open_audit(config)
 
     async def on_websocket(request: trio_websocket.WebSocketRequest) -> None:
         path = request.path.split("?", 1)[0]
@@ -142,32 +205,34 @@ async def run_conductor(config: ConductorConfig, *,
         elif path == "/v1/node":
             await serve_node(cluster, authority, cli, ws)
         else:
-            await api_mod.serve_watch(cluster, ws)
+            await api_mod.serve_watch(cluster, ws, cli)
 
+    server = WebSocketListener(on_websocket, limits=config.limits, closed=closed,
+                               max_message_size=protocol.MAX_MESSAGE_BYTES,
+                               ssl_context=ssl_context)
     # The status page, /api/*, /metrics; `server` is bound below, before any request.
     on_http = status_http.StatusSite(cluster, cli, listen=config.listen,
-                                     ws_port=lambda: server.port)
+                                     ws_port=lambda: server.port, tls=ssl_context is not None)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
-        await nursery.start(cluster.run_reconciler)
-        await nursery.start(cli.rollouts.run)
-        await nursery.start(cluster.run_expiry_watchdog)
-        server = await nursery.start(_websocket_server(on_websocket, config))
-        listeners = await nursery.start(serve_http, on_http, *config.http)
-        http_port = listeners[0].socket.getsockname()[1]
-        log.info("skr8tr conductor %s: API ws://%s:%d, status http://%s:%d", __version__,
-                 config.listen[0], server.port, config.http[0], http_port)
-        task_status.started((server.port, http_port))
-
-
-def _websocket_server(handler, config: ConductorConfig):
-    async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await trio_websocket.serve_websocket(
-            handler, config.listen[0], config.listen[1], ssl_context=None,
-            max_message_size=protocol.MAX_MESSAGE_BYTES, task_status=task_status,
-        )
-    return serve
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
+            await nursery.start(cluster.run_reconciler)
+            await nursery.start(cli.rollouts.run)
+            await nursery.start(cluster.run_expiry_watchdog)
+            await nursery.start(server.serve, *config.listen)
+            listeners = await nursery.start(partial(
+                serve_http, on_http, *config.http, ssl_context=ssl_context,
+                limits=config.limits, closed=closed))
+            http_port = listeners[0].socket.getsockname()[1]
+            ws_scheme, http_scheme = ("wss", "https") if ssl_context else ("ws", "http")
+            log.info("skr8tr conductor %s: API %s://%s:%d, status %s://%s:%d", __version__,
+                     ws_scheme, config.listen[0], server.port, http_scheme, config.http[0],
+                     http_port)
+            task_status.started((server.port, http_port))
+    finally:
+        if audit_log is not None:
+            audit_log.close()
 
 
 async def _serve_signals(authority: api_mod.Authority, config: ConductorConfig,
@@ -178,12 +243,14 @@ async def _serve_signals(authority: api_mod.Authority, config: ConductorConfig,
         async for signum in signals:
             if signum == signal.SIGHUP:
                 try:
-                    authority.authorized = _load_keys(config)
+                    keys = _load_keys(config)
                 except StartError as exc:
                     log.error("SIGHUP: keeping the previous authorized keys: %s", exc)
                 else:
-                    log.info("SIGHUP: re-read %s (%d key(s))", config.authorized_keys,
-                             len(authority.authorized))
+                    revoked = authority.replace_keys(keys)
+                    log.info("SIGHUP: re-read %s (%d key(s)); %d node session(s) closed "
+                             "for revoked keys", config.authorized_keys, len(keys),
+                             len(revoked))
             else:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
                 root.cancel()
@@ -198,7 +265,11 @@ def main(opts: argparse.Namespace) -> int:
     try:
         config = config_from_args(opts)
         _load_keys(config)  # fail before anything listens
+        _tls_context(config)
         _load_state(config)
+        checked = _open_audit(config, quiet=True)  # refuse a broken log before listening
+        if checked is not None:
+            checked.close()
         trio.run(run_conductor, config)
     except StartError as exc:
         sys.stderr.write(f"error: START: {exc}\n")

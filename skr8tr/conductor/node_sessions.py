@@ -7,6 +7,12 @@ reports. The session ends when either side closes, when the cluster closes
 the outbox (the node expired, or a newer session replaced this one), or when
 the conductor shuts down; the node is then detached but not yet lost — that
 happens only when its heartbeats stay away for ``--node-timeout``.
+
+Limits: the ``hello`` must come within ``Limits.handshake_timeout_s`` of the
+challenge; a node sending more than ``Limits.messages_per_s`` (burst
+``message_burst``) is closed with 1008. A session whose key loses the
+``node`` role on a SIGHUP re-read is told ``refused`` and closed at once
+(:meth:`Authority.replace_keys`). Each of these is counted and logged.
 """
 
 from __future__ import annotations
@@ -17,15 +23,14 @@ import logging
 import trio
 import trio_websocket
 
-from skr8tr.conductor.api import Authority, CliApi
+from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle, peer_of
 from skr8tr.conductor.cluster import NODE_OUTBOX, Cluster, CommandError
+from skr8tr.conductor.limits import TokenBucket
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
 from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
 
 log = logging.getLogger("skr8tr.conductor")
-
-HANDSHAKE_TIMEOUT_S = 10.0
 
 
 async def _refuse(ws: trio_websocket.WebSocketConnection, code: str, message: str) -> None:
@@ -36,17 +41,21 @@ async def _refuse(ws: trio_websocket.WebSocketConnection, code: str, message: st
 
 async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
                      ws: trio_websocket.WebSocketConnection) -> None:
-    peer = getattr(ws.remote, "address", "?")
+    peer = peer_of(ws)
     challenge = envelope.new_challenge()
     raw: str | bytes | None = None
+    timeout_s = api.limits.handshake_timeout_s
     try:
         await ws.send_message(encode_node_message("challenge", nonce=challenge.hex()))
-        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+        with trio.move_on_after(timeout_s):
             raw = await ws.get_message()
-    except trio_websocket.ConnectionClosed:
+    except trio_websocket.ConnectionClosed as exc:
+        api.count_close(exc, peer)
         return
     if raw is None:
-        await _refuse(ws, "BAD_REQUEST", f"no hello within {HANDSHAKE_TIMEOUT_S:g} s")
+        api.closed.count("handshake_timeout")
+        log.warning("refused a node session from %s: no hello within %g s", peer, timeout_s)
+        await _refuse(ws, "BAD_REQUEST", f"no hello within {timeout_s:g} s")
         return
     hello = decode_node_message(raw)
     if isinstance(hello, NodeDecodeError) or hello["type"] != "hello":
@@ -78,9 +87,11 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
         await _refuse(ws, exc.code, exc.message)
         return
     node_id = hello["node_id"]
+    handle = NodeSessionHandle(node_id, hello["key"], trio.CancelScope())
+    authority.node_sessions.add(handle)
     try:
         # ConnectionClosed from either task simply ends the session.
-        with contextlib.suppress(trio_websocket.ConnectionClosed):
+        with handle.scope, contextlib.suppress(trio_websocket.ConnectionClosed):
             await ws.send_message(encode_node_message("welcome", node_id=node_id,
                                                       heartbeat_s=cluster.heartbeat_s))
             async with trio.open_nursery() as nursery:
@@ -95,17 +106,31 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
                 await _receive(cluster, api, ws, node_id)
                 nursery.cancel_scope.cancel()
     finally:
+        authority.node_sessions.discard(handle)
         cluster.detach_node(node_id, session)
         with trio.CancelScope(shield=True), trio.move_on_after(2):
+            if handle.revoked:
+                api.closed.count("revoked")
+                api.refusals.count("UNAUTHORIZED")
+                log.warning("closed the session of node %s from %s: its key %s is no longer "
+                            "authorized as node", node_id, peer, fingerprint(hello["key"]))
+                await _refuse(ws, "UNAUTHORIZED", "this node's key was revoked")
             await ws.aclose()
 
 
 async def _receive(cluster: Cluster, api: CliApi, ws: trio_websocket.WebSocketConnection,
                    node_id: str) -> None:
+    limits = api.limits
+    bucket = TokenBucket(limits.messages_per_s, limits.message_burst, trio.current_time())
     while True:
         try:
             raw = await ws.get_message()
-        except trio_websocket.ConnectionClosed:
+        except trio_websocket.ConnectionClosed as exc:
+            api.count_close(exc, f"node {node_id}")
+            return
+        if not bucket.take(trio.current_time()):
+            await api.close_for(ws, f"node {node_id}", "rate_limit", 1008,
+                                f"more than {limits.messages_per_s:g} messages/s")
             return
         msg = decode_node_message(raw)
         if isinstance(msg, NodeDecodeError):

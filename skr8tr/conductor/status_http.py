@@ -80,10 +80,11 @@ class StatusSite:
     """
 
     def __init__(self, cluster: Cluster, api: CliApi, *, listen: tuple[str, int],
-                 ws_port: Callable[[], int] | None = None) -> None:
+                 ws_port: Callable[[], int] | None = None, tls: bool = False) -> None:
         self.cluster = cluster
         self.api = api
         self.listen = listen
+        self.tls = tls
         self.ws_port = ws_port or (lambda: listen[1])
         self.started_wall = cluster.wall()
         self.files = load_web_files()
@@ -139,7 +140,8 @@ class StatusSite:
         port = self.ws_port()
         url = None
         if ws_host is not None:
-            url = f"ws://{f'[{ws_host}]' if ':' in ws_host else ws_host}:{port}/v1/watch"
+            scheme = "wss" if self.tls else "ws"
+            url = f"{scheme}://{f'[{ws_host}]' if ':' in ws_host else ws_host}:{port}/v1/watch"
         return {
             "ws_url": url, "ws_host": ws_host, "ws_port": port, "ws_path": "/v1/watch",
             "node_timeout_s": self.cluster.node_timeout_s,
@@ -196,6 +198,24 @@ class StatusSite:
         events = metrics.Counter("skr8tr_events_total", "Events published on /v1/watch.")
         events.set_total(cluster.events.seq)
 
-        return metrics.render([build, uptime, nodes, live, apps, replicas, running,
-                               self.rollouts_finished, refused, self.api.command_seconds,
-                               events])
+        closed = metrics.Counter(
+            "skr8tr_connections_closed_total",
+            "Connections the conductor closed because they broke a limit (size, rate, "
+            "connections per address, handshake, idle, slow HTTP client) or their key was "
+            "revoked, by reason.", ("reason",))
+        counter = getattr(self.api, "closed", None)
+        for reason, n in (counter.by_reason if counter is not None else {}).items():
+            closed.set_total(n, reason=reason)
+        families = [build, uptime, nodes, live, apps, replicas, running,
+                    self.rollouts_finished, refused, self.api.command_seconds, events, closed]
+
+        audit_log = getattr(self.api, "audit_log", None)
+        if audit_log is not None:
+            entries = metrics.Gauge("skr8tr_audit_entries",
+                                    "Entries in the audit log (--audit-log).")
+            entries.set(audit_log.head.entries)
+            errors = metrics.Counter("skr8tr_audit_write_errors_total",
+                                     "Audit log lines or head files that could not be written.")
+            errors.set_total(audit_log.write_errors)
+            families += [entries, errors]
+        return metrics.render(families)

@@ -46,6 +46,8 @@ PROTOCOL_VERSION = 1
 MAX_NODE_MESSAGE_BYTES = 1024 * 1024
 
 REPORTED_STATES = ("running", "ready", "unhealthy", "exited", "failed")
+# Fields whose values may be secret: an error about them names the field only.
+SECRET_FIELDS = frozenset({"env"})
 
 _HEX_RE = re.compile(r"[0-9a-f]+")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -197,6 +199,8 @@ def _check_fields(msg: Any, schema: dict[str, tuple[Check, bool]]) -> str | None
                 return f"missing field {name!r}"
             continue
         if not check(msg[name]):
+            if name in SECRET_FIELDS:  # logged by the receiver: never show env values
+                return f"bad value for {name!r} (a {type(msg[name]).__name__}; not shown)"
             return f"bad value for {name!r}: {msg[name]!r}"[:300]
     extra = sorted(set(msg) - set(schema) - {"v", "type"})
     if extra:

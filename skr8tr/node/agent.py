@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,10 +36,11 @@ import nacl.signing
 import trio
 import trio_websocket
 
+from skr8tr import tls
 from skr8tr.core.keys import KeyFileError, fingerprint, load_signing_key, public_hex
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.session import Refused, SessionError, run_session
-from skr8tr.node.supervisor import open_supervisor
+from skr8tr.node.supervisor import RunAs, RunAsError, open_supervisor, resolve_run_as
 from skr8tr.node.sysinfo import prime_cpu
 
 log = logging.getLogger("skr8tr.node")
@@ -61,6 +63,8 @@ class AgentConfig:
     data_dir: str
     advertise: str | None
     stop_workloads: bool = False
+    ca_file: str | None = None  # wss://: verify the conductor against this CA (PEM)
+    run_as: str | None = None  # start workloads as this user
 
 
 class AgentConfigError(Exception):
@@ -109,7 +113,7 @@ def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
     """Check *config* and create the data dir; return the signing key and the node URL.
 
     Raises AgentConfigError: BAD_NODE_ID, BAD_URL, BAD_KEY (the message says
-    how to make or pass a key) or BAD_DATA_DIR.
+    how to make or pass a key), BAD_CA, BAD_RUN_AS or BAD_DATA_DIR.
     """
     if _NODE_ID_RE.fullmatch(config.node_id) is None:
         raise AgentConfigError(
@@ -118,6 +122,7 @@ def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
             "starting with a letter or digit; pass --node-id ID",
         )
     url = node_url(config.conductor_url)
+    security(config)
     try:
         signing_key = load_signing_key(config.key_path)
     except KeyFileError as exc:
@@ -136,6 +141,30 @@ def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
     return signing_key, url
 
 
+def security(config: AgentConfig) -> tuple[ssl.SSLContext | None, RunAs | None]:
+    """The TLS context for a ``wss://`` conductor (``--ca``) and the ``--run-as`` user.
+
+    Raises AgentConfigError BAD_CA (unreadable CA file, or ``--ca`` with a
+    ``ws://`` URL) or BAD_RUN_AS (unknown user, or the agent is not root).
+    """
+    ssl_context = None
+    if config.conductor_url.strip().startswith("wss://"):
+        try:
+            ssl_context = tls.client_context(config.ca_file)
+        except tls.TlsError as exc:
+            raise AgentConfigError("BAD_CA", str(exc)) from None
+    elif config.ca_file is not None:
+        raise AgentConfigError("BAD_CA", f"--ca goes with a wss:// conductor URL; "
+                               f"{config.conductor_url} is not encrypted")
+    run_as = None
+    if config.run_as is not None:
+        try:
+            run_as = resolve_run_as(config.run_as)
+        except RunAsError as exc:
+            raise AgentConfigError("BAD_RUN_AS", str(exc)) from None
+    return ssl_context, run_as
+
+
 async def run_agent(config: AgentConfig, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node agent until cancelled; ``task_status.started()`` once it is set up.
@@ -148,20 +177,24 @@ async def run_agent(config: AgentConfig, *,
     propagates, otherwise the workloads keep running.
     """
     signing_key, url = prepare(config)
+    ssl_context, run_as = security(config)
     data_dir = os.path.abspath(config.data_dir)  # replicas may run in it; cwd must not matter
     prime_cpu()
-    log.info("node %s: starting (conductor %s, key %s, data dir %s%s)", config.node_id, url,
+    log.info("node %s: starting (conductor %s, key %s, data dir %s%s%s)", config.node_id, url,
              fingerprint(public_hex(signing_key)), data_dir,
-             ", workloads stop with the agent" if config.stop_workloads else "")
+             ", workloads stop with the agent" if config.stop_workloads else "",
+             f", workloads run as {run_as.name} (uid {run_as.uid})" if run_as else "")
     try:
-        async with open_supervisor(data_dir, stop_on_exit=config.stop_workloads) as supervisor:
+        async with open_supervisor(data_dir, stop_on_exit=config.stop_workloads,
+                                   run_as=run_as) as supervisor:
             task_status.started()
             backoff = Backoff()
             while True:
                 try:
                     await run_session(url, node_id=config.node_id, signing_key=signing_key,
                                       advertise=config.advertise, supervisor=supervisor,
-                                      on_welcome=backoff.reset)
+                                      on_welcome=backoff.reset,
+                                      ssl_context=ssl_context)
                 except Exception as exc:  # the loop's job is to survive it, whatever it is
                     _log_session_end(config.node_id, url, exc)
                 delay = backoff.next_delay()
@@ -246,6 +279,8 @@ def config_from_options(opts: argparse.Namespace) -> AgentConfig:
         data_dir=os.path.abspath(os.path.expanduser(data_dir)),
         advertise=getattr(opts, "advertise", None) or None,
         stop_workloads=bool(getattr(opts, "stop_workloads", False)),
+        ca_file=getattr(opts, "ca", None) or None,
+        run_as=getattr(opts, "run_as", None) or None,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from skr8tr.node.health import os_error_text
 from skr8tr.node.spec import LaunchSpec
 from skr8tr.node.supervisor import Report, Supervisor
 from skr8tr.node.sysinfo import machine_figures
+from skr8tr.tls import TlsError, check_handshake
 
 log = logging.getLogger("skr8tr.node")
 
@@ -61,7 +63,8 @@ class Refused(SessionError):
 
 async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.SigningKey,
                       advertise: str | None, supervisor: Supervisor,
-                      on_welcome: Callable[[], None] = lambda: None) -> None:
+                      on_welcome: Callable[[], None] = lambda: None,
+                      ssl_context: ssl.SSLContext | None = None) -> None:
     """Connect to *url*, join as *node_id* and serve until the connection ends.
 
     Returns normally when the conductor closes a session it had welcomed.
@@ -77,6 +80,9 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
     Cancelled propagates. For that the connection's own tasks run shielded
     from the outer cancellation, which reaches the session's work through
     a forwarding task instead.
+
+    A ``wss://`` *url* is verified with *ssl_context* (see :mod:`skr8tr.tls`);
+    a certificate that does not verify fails the connection (SessionError).
     """
     work_scope = trio.CancelScope()
     async with trio.open_nursery() as forwarder:
@@ -85,6 +91,7 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
             async with trio.open_nursery() as connection_nursery:
                 try:
                     await _connect_and_serve(connection_nursery, work_scope, url,
+                                             ssl_context=ssl_context,
                                              node_id=node_id, signing_key=signing_key,
                                              advertise=advertise, supervisor=supervisor,
                                              on_welcome=on_welcome)
@@ -103,14 +110,20 @@ async def _cancel_when_cancelled(scope: trio.CancelScope) -> None:
 
 
 async def _connect_and_serve(nursery: trio.Nursery, work_scope: trio.CancelScope, url: str,
+                             ssl_context: ssl.SSLContext | None = None,
                              **serve_options: Any) -> None:
     ws: trio_websocket.WebSocketConnection | None = None
     try:
         with work_scope:
             try:
+                if ssl_context is not None:
+                    await check_handshake(url, ssl_context, CONNECT_TIMEOUT_S)
                 with trio.fail_after(CONNECT_TIMEOUT_S):
                     ws = await trio_websocket.connect_websocket_url(
-                        nursery, url, max_message_size=MAX_NODE_MESSAGE_BYTES)
+                        nursery, url, ssl_context=ssl_context,
+                        max_message_size=MAX_NODE_MESSAGE_BYTES)
+            except TlsError as exc:
+                raise SessionError(f"the conductor at {url}: {exc}") from None
             except trio.TooSlowError:
                 raise SessionError(f"no answer within {CONNECT_TIMEOUT_S:g} s") from None
             except OSError as exc:
@@ -225,6 +238,8 @@ async def _serve_commands(ws: trio_websocket.WebSocketConnection, node_id: str,
             await _answer_bad_launch(data, msg, outbox)
             continue
         kind = msg["type"]
+        if kind == "refused":  # e.g. this node's key was revoked
+            raise Refused(msg["code"], msg["message"])
         if kind == "launch":
             supervisor.launch(LaunchSpec.from_message(msg))
         elif kind == "stop":

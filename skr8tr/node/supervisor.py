@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -87,6 +88,35 @@ RECORDED_STATES = ("running", "ready", "unhealthy")
 
 Report = dict[str, Any]
 ReportSink = Callable[[Report], None]
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user workloads run as (``skr8tr node --run-as USER``), resolved once."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+
+class RunAsError(Exception):
+    """``--run-as`` cannot be used; the message says why."""
+
+
+def resolve_run_as(name: str) -> RunAs:
+    """Look up *name* (or a numeric uid) and its groups; RunAsError if unknown or if this
+    process cannot switch users (it is not root)."""
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, OverflowError):
+        raise RunAsError(f"--run-as {name!r}: no such user on this machine") from None
+    if os.geteuid() != 0:
+        raise RunAsError(f"--run-as {name}: the agent must run as root to start workloads as "
+                         f"another user (it runs as uid {os.geteuid()})")
+    groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))))
+    return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
 
 
 class LaunchFailed(Exception):
@@ -148,8 +178,9 @@ class Supervisor:
     def __init__(self, nursery: trio.Nursery, data_dir: str, *, stop_on_exit: bool = False,
                  log_lines: int = TAIL_LINES, log_rotate_bytes: int = ROTATE_BYTES,
                  tail_interval_s: float = TAIL_INTERVAL_S,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, run_as: RunAs | None = None) -> None:
         self.data_dir = data_dir
+        self.run_as = run_as
         self.logs_dir = os.path.join(data_dir, "logs")
         self.records_dir = os.path.join(data_dir, "replicas")
         self.stop_on_exit = stop_on_exit
@@ -342,21 +373,50 @@ class Supervisor:
             fds = rep.log.open_for_child()
         except OSError as exc:
             raise LaunchFailed(f"cannot open log files in {self.logs_dir}: {exc}") from None
+        user: dict[str, Any] = {}
+        env = build_env(spec)
+        workdir = spec.workdir or self.data_dir
+        run_as = self.run_as
         try:
+            if run_as is not None:
+                # The workload writes to the fds it inherits; owning its files lets it
+                # reopen them too. The agent's data dir stays private (0700).
+                for fd in fds.values():
+                    os.fchown(fd, run_as.uid, run_as.gid)
+                user = {"user": run_as.uid, "group": run_as.gid,
+                        "extra_groups": list(run_as.groups)}
+                env.update(HOME=run_as.home, USER=run_as.name, LOGNAME=run_as.name)
+                if spec.workdir is None:
+                    workdir = self._work_dir(run_as)
             return await trio.lowlevel.open_process(
                 [spec.exec, *spec.args],
                 stdin=subprocess.DEVNULL,
                 stdout=fds["stdout"],
                 stderr=fds["stderr"],
-                cwd=spec.workdir or self.data_dir,
-                env=build_env(spec),
+                cwd=workdir,
+                env=env,
                 start_new_session=True,
+                **user,
             )
         except (OSError, ValueError) as exc:
-            raise LaunchFailed(str(exc)) from None
+            who = f" as {run_as.name}" if run_as is not None else ""
+            raise LaunchFailed(f"{exc}{who}") from None
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+    def _work_dir(self, run_as: RunAs) -> str:
+        """``<data-dir>/work``, owned by the --run-as user: the default workdir then."""
+        path = os.path.join(self.data_dir, "work")
+        os.makedirs(path, mode=0o750, exist_ok=True)
+        st = os.stat(path)
+        if (st.st_uid, st.st_gid) != (run_as.uid, run_as.gid):
+            os.chown(path, run_as.uid, run_as.gid)
+        # Inside the 0700 data dir: let the user through to its own folder only.
+        data = os.stat(self.data_dir)
+        if not data.st_mode & 0o001:
+            os.chmod(self.data_dir, (data.st_mode & 0o7777) | 0o001)
+        return path
 
     async def _watch_readiness(self, rep: _Replica) -> None:
         spec = rep.spec

@@ -1,0 +1,160 @@
+"""Fuzz the node-message decoder, alone and through a running conductor: 10,000 examples.
+
+Every example goes through ``decode_node_message`` (a message dict of a known
+type, or a NodeDecodeError with a readable message; never an exception, and
+never an environment value in the message). Then, on a real conductor, every
+example is sent on a welcomed node session, and every 10th also as the
+``hello`` of a fresh session (which must be refused). After each batch the
+conductor still answers ``ping``, and the welcomed session is still open.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+import trio_websocket
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from skr8tr.core import envelope, keys
+from skr8tr.core.node_protocol import (
+    SCHEMAS,
+    NodeDecodeError,
+    decode_node_message,
+    encode_node_message,
+)
+from tests.security_helpers import FUZZ_LIMITS, open_conductor, ping
+
+EXAMPLES = 10_000
+BATCH = 1_000
+HELLO_EVERY = 10
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=list(HealthCheck))
+SECRET = "env-secret-Zq7"
+
+TRICKY = [None, True, False, 0, -1, 1, 65536, 2**31, 2**64, 1e308, -0.0, 0.5, "", "x",
+          "\x00", "é", "a" * 200, "n1", "r-1", "../x", [], {}, [None], {"": None},
+          {"K": "v"}, {"K": 1, "J": "w"}, ["a", 1]]
+tricky = st.sampled_from(TRICKY)
+FIELDS = sorted({name for schema in SCHEMAS.values() for name in schema})
+VALUES = {
+    "replica": st.sampled_from(["r-1", "web-1-abc", "x" * 129, ""]),
+    "app": st.sampled_from(["web", "", "Ü"]),
+    "node_id": st.sampled_from(["n1", "fuzz", "-bad", "x" * 129]),
+    "state": st.sampled_from(["running", "ready", "unhealthy", "exited", "failed", "odd"]),
+    "generation": st.integers(-1, 2**54),
+    "pid": st.one_of(st.none(), st.integers(-1, 2**32)),
+    "port": st.one_of(st.none(), st.integers(0, 70000)),
+    "ts": st.floats(),
+    "cpu_pct": st.floats(),
+    "env": st.sampled_from([{"K": SECRET}, {"K": 1, "J": SECRET}, [SECRET], SECRET]),
+    "lines": st.lists(st.fixed_dictionaries({
+        "replica": st.sampled_from(["r-1", 1]), "ts": st.floats(),
+        "stream": st.sampled_from(["stdout", "stderr", "x"]), "text": st.text(max_size=8)}),
+        max_size=3),
+    "replicas": st.lists(st.dictionaries(st.sampled_from(FIELDS), tricky, max_size=4),
+                         max_size=2),
+}
+
+
+@st.composite
+def node_messages(draw):
+    kind = draw(st.sampled_from(["schema", "schema", "schema", "text", "bytes", "mangled"]))
+    if kind == "schema":
+        msg_type = draw(st.one_of(st.sampled_from(sorted(SCHEMAS)), st.text(max_size=8)))
+        schema = SCHEMAS.get(msg_type, {})
+        msg = {"v": draw(st.sampled_from([1, 1, 1, 2, "1", None, True])), "type": msg_type}
+        for name in schema:
+            if draw(st.integers(0, 9)):
+                msg[name] = draw(st.one_of(VALUES.get(name, tricky), tricky))
+        if not draw(st.integers(0, 7)):
+            msg[draw(st.sampled_from([*FIELDS, "extra"]))] = draw(tricky)
+        if msg_type == "launch" and "env" not in msg:  # secrets only ever travel in env
+            msg["env"] = draw(VALUES["env"])
+        return json.dumps(msg, ensure_ascii=draw(st.booleans()))
+    if kind == "text":
+        return draw(st.text(max_size=300))
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    base = encode_node_message("heartbeat", cpu_pct=1.0, ram_free_mb=1, ram_total_mb=1,
+                               cores=1)
+    at = draw(st.integers(0, len(base) - 1))
+    return base[:at] + draw(st.text(max_size=6)) + base[at + draw(st.integers(0, 3)):]
+
+
+def run_fuzz() -> list:
+    examples = []
+
+    @FUZZ
+    @given(node_messages())
+    def fuzz(raw):
+        got = decode_node_message(raw)
+        if isinstance(got, NodeDecodeError):
+            assert isinstance(got.message, str) and got.message
+            assert SECRET not in got.message
+        else:
+            assert got["type"] in SCHEMAS and got["v"] == 1
+        examples.append(raw)
+
+    fuzz()
+    return examples
+
+
+async def join(nursery: trio.Nursery, url: str, signing_key, node_id: str,
+               hello: str | bytes | None = None):
+    """Open /v1/node and answer the challenge (with *hello* instead, when given)."""
+    ws = await trio_websocket.connect_websocket_url(nursery, url + "/v1/node")
+    challenge = decode_node_message(await ws.get_message())
+    if hello is None:
+        sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
+        hello = encode_node_message(
+            "hello", node_id=node_id, key=keys.public_hex(signing_key), sig=sig, version="f",
+            address="127.0.0.1", cores=1, ram_total_mb=1, ram_free_mb=1, cpu_pct=0.0,
+            replicas=[])
+    await ws.send_message(hello)
+    return ws, decode_node_message(await ws.get_message())
+
+
+async def drain(ws: trio_websocket.WebSocketConnection) -> None:
+    """Read what the conductor sends the node (stops for unknown replicas) until it closes."""
+    try:
+        while True:
+            await ws.get_message()
+    except trio_websocket.ConnectionClosed:
+        pass
+
+
+async def test_node_message_decoder_and_conductor_never_break(tmp_path):
+    async with open_conductor(tmp_path, limits=FUZZ_LIMITS) as c, trio.open_nursery() as nursery:
+        examples = await trio.to_thread.run_sync(run_fuzz)
+        assert len(examples) >= EXAMPLES
+        ws, welcome = await join(nursery, c.url, c.node, "fuzz")
+        assert welcome["type"] == "welcome"
+        nursery.start_soon(drain, ws)
+        refused = 0
+        for start in range(0, len(examples), BATCH):
+            for i, raw in enumerate(examples[start:start + BATCH], start=start):
+                await ws.send_message(raw)
+                if i % HELLO_EVERY == 0:
+                    other, answer = await join(nursery, c.url, c.node, "x", hello=raw)
+                    assert answer["type"] == "refused", (raw, answer)
+                    assert answer["code"] in ("BAD_REQUEST", "UNAUTHORIZED"), answer
+                    refused += 1
+                    await other.aclose()
+            assert (await ping(c.url))["result"]["pong"] == "conductor"
+            assert ws.closed is None, f"the node session was closed: {ws.closed}"
+        assert refused == len(range(0, len(examples), HELLO_EVERY))
+        # The session is still a live node.
+        await ws.send_message(encode_node_message("heartbeat", cpu_pct=1.0, ram_free_mb=1,
+                                                  ram_total_mb=1, cores=1))
+        reply = await ping_nodes(c.url)
+        assert [n["node"] for n in reply] == ["fuzz"]
+        await ws.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def ping_nodes(url: str) -> list:
+    async with trio_websocket.open_websocket_url(url + "/v1/cli") as ws:
+        await ws.send_message(json.dumps({"v": 1, "id": "n", "cmd": "nodes", "args": {}}))
+        return json.loads(await ws.get_message())["result"]
