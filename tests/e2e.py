@@ -16,7 +16,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,18 @@ class Cluster:
         if survivors:
             problems.append(f"workloads outlived the test: {sorted(survivors)}")
         assert not problems, "\n".join(problems)
+
+
+@contextmanager
+def running_cluster(root: Path, *conductor_flags: str,
+                    node_timeout_s: float = 5.0) -> Iterator[Cluster]:
+    """Keys and a started conductor in ``root``, with a private HOME; shut down after."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
+    env["HOME"] = str(root / "home")
+    cluster = Cluster(root=root, env=env)
+    cluster.make_keys()
+    cluster.start_conductor(*conductor_flags, node_timeout_s=node_timeout_s)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -16,22 +15,15 @@ import trio_websocket
 
 from skr8tr.core import envelope, keys
 from tests.conftest import HELLO_HTTP, MANIFESTS, free_port, http_get, skr8tr_command
-from tests.e2e import Cluster, poll
+from tests.e2e import Cluster, poll, running_cluster
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-    env["HOME"] = str(tmp_path / "home")
-    c = Cluster(root=tmp_path, env=env)
-    c.make_keys()
-    c.start_conductor()
-    try:
+    with running_cluster(tmp_path) as c:
         yield c
-    finally:
-        c.shutdown()
 
 
 def node_address(cluster: Cluster, node_id: str) -> str:
@@ -309,3 +301,18 @@ def _try_get(port: int, path: str):
         return http_get("127.0.0.1", port, path)
     except OSError:
         return None
+
+
+async def test_watchers_that_leave_do_not_stop_the_conductor_accepting(cluster: Cluster):
+    """A /v1/watch client that disconnects must leave the server accepting (regression:
+    seen once while the listener was rewritten; every later connect was refused)."""
+    await trio.to_thread.run_sync(cluster.start_node, "n1")
+    for _ in range(5):
+        async with trio_websocket.open_websocket_url(cluster.url + "/v1/watch") as ws:
+            first = json.loads(await ws.get_message())
+            assert first["type"] == "snapshot"
+        replies = await _send_raw(cluster.url, [json.dumps({"v": 1, "id": "p", "cmd": "ping",
+                                                            "args": {}})])
+        assert replies[0]["ok"] is True
+    nodes = await trio.to_thread.run_sync(cluster.json, "nodes")
+    assert [n["node"] for n in nodes] == ["n1"]  # the node session survived too

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import skr8tr_command
-from tests.e2e import Cluster, poll
+from tests.e2e import Cluster, poll, running_cluster
 from tests.test_e2e_rollout import versions, web
 
 pytestmark = pytest.mark.e2e
@@ -22,16 +22,11 @@ NODE_TIMEOUT_S = 3.0
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-    env["HOME"] = str(tmp_path / "home")
-    c = Cluster(root=tmp_path, env=env)
-    c.make_keys()
-    c.state_file = tmp_path / "state" / "conductor.toml"
-    c.start_conductor("--state", str(c.state_file), node_timeout_s=NODE_TIMEOUT_S)
-    try:
+    state_file = tmp_path / "state" / "conductor.toml"
+    with running_cluster(tmp_path, "--state", str(state_file),
+                         node_timeout_s=NODE_TIMEOUT_S) as c:
+        c.state_file = state_file
         yield c
-    finally:
-        c.shutdown()
 
 
 def kill_conductor(cluster: Cluster) -> None:

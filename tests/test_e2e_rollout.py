@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import HELLO_HTTP, free_port, http_get
-from tests.e2e import Cluster, poll
+from tests.e2e import Cluster, poll, running_cluster
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-    env["HOME"] = str(tmp_path / "home")
-    c = Cluster(root=tmp_path, env=env)
-    c.make_keys()
-    c.start_conductor()
-    try:
+    with running_cluster(tmp_path) as c:
         yield c
-    finally:
-        c.shutdown()
 
 
 def web(tmp_path: Path, version: str, *, extra_args: str = "", replicas: int = 3,

@@ -7,7 +7,6 @@ here. Screenshots go to ``test-artifacts/status-page/``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import HELLO_HTTP, REPO, http_get
-from tests.e2e import Cluster
+from tests.e2e import Cluster, running_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -30,15 +29,8 @@ WAIT_MS = 30_000
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-    env["HOME"] = str(tmp_path / "home")
-    c = Cluster(root=tmp_path, env=env)
-    c.make_keys()
-    c.start_conductor()
-    try:
+    with running_cluster(tmp_path) as c:
         yield c
-    finally:
-        c.shutdown()
 
 
 def web_manifest(tmp_path: Path, version: str) -> Path:
