@@ -151,7 +151,7 @@ async def handle_connection(stream: trio.abc.Stream, handler: Handler,
         if exc.reason is not None and closed is not None:
             closed.count(exc.reason)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client went away (or its TLS handshake failed)
+        log.debug("HTTP client went away (or its TLS handshake failed)")
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             if _pending(connection):

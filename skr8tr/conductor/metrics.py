@@ -8,6 +8,7 @@ pass in the durations they measured).
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -48,7 +49,7 @@ def _labels(names: Sequence[str], values: Sequence[str],
     return "{" + ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in pairs) + "}"
 
 
-class _Metric:
+class _Metric(abc.ABC):
     kind = "untyped"
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
@@ -64,8 +65,9 @@ class _Metric:
     def _header(self) -> list[str]:
         return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
 
+    @abc.abstractmethod
     def render(self) -> list[str]:
-        raise NotImplementedError
+        """The metric's lines in Prometheus text format 0.0.4."""
 
 
 class Gauge(_Metric):

@@ -126,9 +126,10 @@ class Proxy:
         self.active += 1
         self.stats.connections += 1
         try:
-            await self._serve(stream, _peer_ip(stream))
-        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            # A client that goes away mid-exchange ends its connection, nothing more.
+            with contextlib.suppress(_ClientGone, trio.BrokenResourceError,
+                                     trio.ClosedResourceError):
+                await self._serve(stream, _peer_ip(stream))
         finally:
             self.active -= 1
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_S):

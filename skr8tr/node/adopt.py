@@ -154,7 +154,9 @@ class AdoptedProcess:
         except ProcessLookupError:
             return False
         except PermissionError:
-            pass
+            # Members run as another user: the scan below still sees them.
+            log.debug("group %d: no permission to probe it; scanning for members",
+                      self.group)
         # killpg also succeeds for a group of zombies; look at the members.
         for proc in psutil.process_iter():
             try:
