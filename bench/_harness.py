@@ -26,7 +26,7 @@ import trio  # noqa: E402
 
 from skr8tr import client  # noqa: E402
 from skr8tr.core import keys  # noqa: E402
-from tests.e2e import Cluster  # noqa: E402
+from tests.e2e import Cluster, running_cluster  # noqa: E402
 
 
 def machine() -> str:
@@ -47,14 +47,9 @@ def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *
                   node_timeout_s: float = 5.0, log_level: str | None = None):
     """A conductor and ``nodes`` node agents. ``log_level`` overrides the e2e harness's
     ``debug`` (benchmarks of speed use ``info``, the daemons' default)."""
-    with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp:
-        root = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-        env["HOME"] = str(root / "home")
-        cluster = Cluster(root=root, env=env)
-        cluster.make_keys()
-        extra = () if log_level is None else ("--log-level", log_level)
-        cluster.start_conductor(*extra, node_timeout_s=node_timeout_s)
+    extra = () if log_level is None else ("--log-level", log_level)
+    with (tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp,
+          running_cluster(Path(tmp), *extra, node_timeout_s=node_timeout_s) as cluster):
         try:
             for i in range(nodes):
                 cluster.start_node(f"n{i + 1}", addresses[i % len(addresses)], *extra)
@@ -65,8 +60,6 @@ def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *
             print(f"conductor ({alive}), end of its log:\n{cluster.conductor.log()[-3000:]}",
                   file=sys.stderr)
             raise
-        finally:
-            cluster.shutdown()
 
 
 def call_options(cluster: Cluster) -> client.CallOptions:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from _harness import REPO, machine
 
-from tests.e2e import Cluster, poll
+from tests.e2e import poll, running_cluster
 
 HELLO = REPO / "manifests" / "apps" / "hello_http.py"
 NODE_TIMEOUT_S = 3.0
@@ -41,13 +41,8 @@ def manifest(folder: Path) -> Path:
 def one_run() -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp:
         root = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-        env["HOME"] = str(root / "home")
-        c = Cluster(root=root, env=env)
-        c.make_keys()
         state = str(root / "state.toml")
-        c.start_conductor("--state", state, node_timeout_s=NODE_TIMEOUT_S)
-        try:
+        with running_cluster(root, "--state", state, node_timeout_s=NODE_TIMEOUT_S) as c:
             c.start_node("n1")
             c.start_node("n2")
             c.json("up", str(manifest(root)))
@@ -73,8 +68,6 @@ def one_run() -> tuple[float, float]:
                  and all(r["node"] == "n1" and r["state"] == "ready" for r in rows),
                  timeout_s=60, step_s=0.05, what="re-placement")
             replace = time.monotonic() - t0
-        finally:
-            c.shutdown()
     return readopt, replace
 
 

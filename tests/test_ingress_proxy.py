@@ -445,7 +445,6 @@ async def test_a_trickling_head_does_not_reset_the_clock():
     async with open_ingress(limits=Limits(header_timeout_s=0.5)) as h:
         stream = await trio.open_tcp_stream("127.0.0.1", h.port)
         async with stream:
-            start = trio.current_time()
             await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
             answer = b""
             with trio.fail_after(5):
@@ -462,9 +461,9 @@ async def test_a_trickling_head_does_not_reset_the_clock():
                         while chunk := await stream.receive_some(4096):
                             answer += chunk
                     nursery.cancel_scope.cancel()
-            # closed at the head's deadline, though bytes kept coming (the 408 itself may
-            # be lost to a reset: the client was still sending)
-            assert trio.current_time() - start < 1.5
+            # Closed though bytes kept coming: a trickle that reset the 0.5 s head deadline
+            # would keep it open until fail_after(5) ends the test. (The 408 itself may be
+            # lost to a reset: the client was still sending.)
             assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
 
 

@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import h11
 import pytest
 import trio
 import trio_websocket
@@ -15,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from skr8tr.conductor import metrics
 from skr8tr.conductor.daemon import ConductorConfig, run_conductor
 from skr8tr.core import keys, protocol
+from tests.security_helpers import http_get
 
 DEADLINE_S = 20
 
@@ -73,28 +73,6 @@ def test_misuse_is_refused(make, message):
 
 
 # ---------------------------------------------------------------------- a real conductor
-
-
-async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    """One GET over a fresh connection, parsed with h11."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        request = h11.Request(method="GET", target=path,
-                              headers=[("Host", "127.0.0.1"), ("Connection", "close")])
-        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-        status, headers, body = 0, {}, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                headers = {k.decode(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return status, headers, body
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple], float]:

@@ -16,16 +16,23 @@ async def conductor_dies(nursery: trio.Nursery) -> None:
     nursery.cancel_scope.cancel()
 
 
+async def first_conductor_deploys_then_dies(state: str, nodes: list[FakeNode],
+                                            replicas: int) -> None:
+    """A conductor with ``state`` deploys v1 on ``nodes``, waits until it is ready,
+    then dies at once (kill -9); the nodes keep their replicas."""
+    async with trio.open_nursery() as first:
+        h = await Harness(first, state_path=state).start()
+        for node in nodes:
+            await h.reattach(node)
+        await h.run("up", manifest("v1", replicas=replicas))
+        await h.settled(1, replicas)
+        await conductor_dies(first)
+
+
 async def test_restart_readopts_every_replica_and_launches_nothing(tmp_path, autojump_clock):
     state = str(tmp_path / "state.toml")
     n1, n2 = FakeNode(None, "n1", "127.0.0.1"), FakeNode(None, "n2", "127.0.0.2")
-    async with trio.open_nursery() as first:
-        h = await Harness(first, state_path=state).start()
-        await h.reattach(n1)
-        await h.reattach(n2)
-        await h.run("up", manifest("v1", replicas=4))
-        await h.settled(1, 4)
-        await conductor_dies(first)
+    await first_conductor_deploys_then_dies(state, [n1, n2], replicas=4)
     before = sorted((r.replica, r.pid) for n in (n1, n2) for r in n.running.values())
     launches_before = len(n1.launches) + len(n2.launches)
     async with trio.open_nursery() as second:
@@ -52,13 +59,7 @@ async def test_a_node_that_misses_the_grace_is_replaced_and_its_duplicates_stopp
         tmp_path, autojump_clock):
     state = str(tmp_path / "state.toml")
     n1, n2 = FakeNode(None, "n1", "127.0.0.1"), FakeNode(None, "n2", "127.0.0.2")
-    async with trio.open_nursery() as first:
-        h = await Harness(first, state_path=state).start()
-        await h.reattach(n1)
-        await h.reattach(n2)
-        await h.run("up", manifest("v1", replicas=2))
-        await h.settled(1, 2)
-        await conductor_dies(first)
+    await first_conductor_deploys_then_dies(state, [n1, n2], replicas=2)
     async with trio.open_nursery() as second:
         h = await Harness(second, state_path=state).start()
         await h.reattach(n1)

@@ -155,9 +155,8 @@ async def test_handshake_deadline_and_bad_handshakes(tmp_path: Path):
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path, limits=SMALL) as c:
             silent = await trio.open_tcp_stream("127.0.0.1", c.ws_port)
-            started = trio.current_time()
+            # Without the handshake deadline this would wait until the test's own.
             assert await read_until_closed(silent) == b""
-            assert trio.current_time() - started < 5
             await silent.aclose()
             garbage = await trio.open_tcp_stream("127.0.0.1", c.ws_port)
             await garbage.send_all(b"\x16\x03\x01 not a websocket upgrade\r\n\r\n")
@@ -249,15 +248,15 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
 
             # Slowloris: a header line dribbled out byte by byte never completes.
             slow = await trio.open_tcp_stream("127.0.0.1", port)
-            started = trio.current_time()
-            with trio.move_on_after(5):
-                try:
-                    for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 1000:
-                        await slow.send_all(bytes([byte]))
-                        await trio.sleep(0.02)
-                except trio.BrokenResourceError:
-                    pass
-            assert trio.current_time() - started < 3, "cut off at the header deadline"
+            cut_off = False
+            # Dribbling the whole line would take 20 s; the head deadline must end it.
+            try:
+                for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 1000:
+                    await slow.send_all(bytes([byte]))
+                    await trio.sleep(0.02)
+            except trio.BrokenResourceError:
+                cut_off = True
+            assert cut_off, "the server never cut the dribbling client off"
             await slow.aclose()
 
             # Keep-alive: one request served, then an idle connection is closed.
