@@ -178,7 +178,8 @@ async def test_session_handshake_reports_reconnect_and_refusal(
             await peer.send("stop", replica="r1")
             exited = await peer.expect("replica", replica="r1", state="exited")
             assert exited["signal"] == signal.SIGTERM
-            assert not (data_dir / "replicas" / "r1.json").exists()
+            # Records are removed in a worker thread, just after the report.
+            await wait_until(lambda: not (data_dir / "replicas" / "r1.json").exists())
             await peer.send("stop", replica="r1")  # idempotent
             again = await peer.expect("replica", replica="r1")
             assert again == exited

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import sys
@@ -9,8 +10,16 @@ import time
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
-from skr8tr.node.health import HealthTracker, probe_http
+from skr8tr.node.health import (
+    STARTUP_PROBE_MIN_S,
+    STARTUP_PROBE_SLACK,
+    HealthTracker,
+    next_probe_delay,
+    probe_http,
+)
 from tests.conftest import HELLO_HTTP, free_port
 
 
@@ -91,3 +100,38 @@ async def test_probe_of_a_server_speaking_nonsense() -> None:
             nursery.cancel_scope.cancel()
     assert result.status is None
     assert result.error.startswith("bad HTTP response")
+
+
+# ---------------------------------------------------------------- probe schedule
+
+
+def test_probe_delay_keeps_the_interval_once_passed_or_for_a_replica_that_was_ready() -> None:
+    assert next_probe_delay(0.5, None) == 0.5
+    assert next_probe_delay(0.002, None) == 0.002
+
+
+def test_probe_delay_while_starting_grows_with_the_time_spent_starting() -> None:
+    assert next_probe_delay(0.5, 0.0) == STARTUP_PROBE_MIN_S
+    assert next_probe_delay(0.5, 0.4) == pytest.approx(0.4 / STARTUP_PROBE_SLACK)
+    assert next_probe_delay(0.5, 60.0) == 0.5  # capped by the interval
+    assert next_probe_delay(0.004, 0.0) == 0.004  # an interval shorter than the floor wins
+
+
+@given(interval_s=st.floats(0.001, 600), ready_after_s=st.floats(0, 120))
+def test_a_starting_replica_is_found_ready_soon_after_it_is(interval_s: float,
+                                                            ready_after_s: float) -> None:
+    """Walk the schedule: the first probe at or after readiness comes within
+    max(10 ms, 1/8 of the time spent) of it, never later than one interval, and
+    the probes up to then are few (logarithmic in the start time)."""
+    t, probes = 0.0, 1
+    while t < ready_after_s:
+        t += next_probe_delay(interval_s, t)
+        probes += 1
+    late = t - ready_after_s
+    bound = min(interval_s, max(STARTUP_PROBE_MIN_S, ready_after_s / STARTUP_PROBE_SLACK))
+    assert late <= bound + 1e-9
+    # never faster than the floor (or than the interval, when that is shorter)
+    assert probes <= 2 + ready_after_s / min(interval_s, STARTUP_PROBE_MIN_S)
+    if interval_s >= 1 and ready_after_s >= 1:
+        assert probes <= 2 + STARTUP_PROBE_SLACK * (1 + math.log(
+            ready_after_s / STARTUP_PROBE_MIN_S)) + ready_after_s / interval_s

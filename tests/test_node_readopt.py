@@ -112,6 +112,7 @@ async def test_a_new_supervisor_readopts_watches_and_stops(tmp_path: Path) -> No
                 assert (exited["pid"], exited["exit_code"], exited["signal"]) == (
                     idle_pid, None, None)
                 assert exited["message"] == "exited while adopted; exit status unknown"
+                await sup.records.flush()
                 assert not (data / "replicas" / "idle-1.json").exists()
 
                 # A stop SIGTERMs the group and waits for it to go.
@@ -120,6 +121,7 @@ async def test_a_new_supervisor_readopts_watches_and_stops(tmp_path: Path) -> No
                 assert (stopped["pid"], stopped["signal"], stopped["exit_code"]) == (
                     log_pid, signal.SIGTERM, None)
                 assert not alive(log_pid)
+                await sup.records.flush()
                 assert not (data / "replicas" / "log-1.json").exists()
                 assert [r["replica"] for r in sup.reports()] == ["web-1"]
             # Closing with stop_on_exit stops the adopted replica that is left.
@@ -352,7 +354,8 @@ async def test_agent_killed_and_restarted_readopts_its_replicas(tmp_path: Path,
                 exited = await peer.expect("replica", replica="r1", state="exited")
                 assert (exited["pid"], exited["signal"]) == (workload_pid, signal.SIGTERM)
                 await assert_gone([workload_pid])
-                assert not (data_dir / "replicas" / "r1.json").exists()
+                # The agent removes the record in a worker thread, just after the report.
+                await wait_until(lambda: not (data_dir / "replicas" / "r1.json").exists())
 
                 agents[1].send_signal(signal.SIGTERM)
                 with trio.fail_after(10):

@@ -120,6 +120,7 @@ async def test_settle_makes_ready_and_stop_sends_sigterm(tmp_path: Path) -> None
         assert ready["ts"] - running["ts"] >= 0.19
         assert ready["pid"] == pid
 
+        await sup.records.flush()  # records are written off the event loop
         record_file = data / "replicas" / "r1.json"
         record = json.loads(record_file.read_text())
         assert record["pid"] == pid
@@ -162,6 +163,7 @@ async def test_process_that_exits_by_itself(tmp_path: Path) -> None:
         assert (exited["exit_code"], exited["signal"]) == (3, None)
         assert exited["message"] == "exited with code 3"
         assert reports.states("r1") == ["running", "exited"]
+        await sup.records.flush()
         assert not (tmp_path / "replicas" / "r1.json").exists()
 
 
@@ -216,6 +218,7 @@ async def test_launch_failures_report_the_os_error(tmp_path: Path, case: str) ->
         assert expected in failed["message"]
         assert (failed["pid"], failed["reason"]) == (None, "launch_error")
         assert reports.states("r1") == ["failed"]
+        await sup.records.flush()
         assert not (tmp_path / "data" / "replicas" / "r1.json").exists()
         sup.stop("r1")  # answered with the failed report again
         await wait_until(lambda: reports.states("r1") == ["failed", "failed"])

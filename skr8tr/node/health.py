@@ -14,6 +14,13 @@ import h11
 import trio
 
 PROBE_MAX_RESPONSE_BYTES = 64 * 1024
+# Until a replica first passes, it is probed sooner than every `interval`: after
+# STARTUP_PROBE_MIN_S, then at 1/STARTUP_PROBE_SLACK of the time it has been
+# starting, so readiness is found at most ~12 % (and 10 ms) after it happens
+# instead of up to a whole interval later. A service that takes 55 ms to start
+# is probed ~8 times; one that takes 10 s, ~45 times.
+STARTUP_PROBE_MIN_S = 0.010
+STARTUP_PROBE_SLACK = 8
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,19 @@ async def _probe(host: str, port: int, path: str) -> ProbeResult:
             if isinstance(event, h11.ConnectionClosed):
                 return ProbeResult(None, "connection closed before a response")
             # h11.InformationalResponse (1xx): keep reading for the final response.
+
+
+def next_probe_delay(interval_s: float, starting_for_s: float | None) -> float:
+    """How long to wait before the next probe.
+
+    *starting_for_s* is how long the replica has been starting (never passed
+    a probe yet), or None once it has passed one, or when it is a re-adopted
+    replica that had been ready (its failures count, so it keeps the pace of
+    *interval_s*). Never more than *interval_s*.
+    """
+    if starting_for_s is None:
+        return interval_s
+    return min(interval_s, max(STARTUP_PROBE_MIN_S, starting_for_s / STARTUP_PROBE_SLACK))
 
 
 def os_error_text(exc: BaseException) -> str:

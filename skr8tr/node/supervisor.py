@@ -62,7 +62,7 @@ import trio
 
 from skr8tr.core.node_protocol import encode_node_message
 from skr8tr.node.adopt import AdoptedProcess, identify
-from skr8tr.node.health import HealthTracker, probe_http
+from skr8tr.node.health import HealthTracker, next_probe_delay, probe_http
 from skr8tr.node.logs import (
     ROTATE_BYTES,
     TAIL_INTERVAL_S,
@@ -71,7 +71,7 @@ from skr8tr.node.logs import (
     ReplicaLog,
     run_tailer,
 )
-from skr8tr.node.records import read_records, remove_record, write_record
+from skr8tr.node.records import RecordWriter, read_records, remove_record
 from skr8tr.node.spec import LaunchSpec
 
 log = logging.getLogger("skr8tr.node")
@@ -178,11 +178,13 @@ class Supervisor:
     def __init__(self, nursery: trio.Nursery, data_dir: str, *, stop_on_exit: bool = False,
                  log_lines: int = TAIL_LINES, log_rotate_bytes: int = ROTATE_BYTES,
                  tail_interval_s: float = TAIL_INTERVAL_S,
-                 clock: Callable[[], float] = time.time, run_as: RunAs | None = None) -> None:
+                 clock: Callable[[], float] = time.time, run_as: RunAs | None = None,
+                 records: RecordWriter | None = None) -> None:
         self.data_dir = data_dir
         self.run_as = run_as
         self.logs_dir = os.path.join(data_dir, "logs")
         self.records_dir = os.path.join(data_dir, "replicas")
+        self.records = records or RecordWriter(self.records_dir)  # its task: open_supervisor
         self.stop_on_exit = stop_on_exit
         self.logbook = LogBook(self.logs_dir, max_lines=log_lines,
                                rotate_bytes=log_rotate_bytes, clock=clock)
@@ -272,8 +274,12 @@ class Supervisor:
             self._retire(rep)
             return
         rep.proc = proc
-        self._write_record(rep)
+        # The report goes first, and a scheduling round lets the session send it
+        # before the record is even prepared (psutil, JSON); the record is then
+        # written in a worker thread (see skr8tr.node.records).
         self._report(rep, "running")
+        await trio.lowlevel.cancel_shielded_checkpoint()  # not a cancel point: record next
+        self._write_record(rep)
         await self._watch_replica(rep)
 
     async def _watch_replica(self, rep: _Replica) -> None:
@@ -432,7 +438,7 @@ class Supervisor:
             health = spec.health
             tracker = HealthTracker(health.retries, was_ready=rep.was_ready)
             interval_s = health.interval_ms / 1000
-            next_at = trio.current_time()
+            started_at = next_at = trio.current_time()
             while True:
                 result = await probe_http(spec.host, spec.port, health.path,
                                           health.timeout_ms / 1000)
@@ -448,7 +454,10 @@ class Supervisor:
                                    f"time(s) in a row (last: {result.describe()}, "
                                    f"expected HTTP {health.expect_status})")
                     self._report(rep, change, message=message)
-                next_at = max(next_at + interval_s, trio.current_time())
+                now = trio.current_time()
+                starting = not (tracker.ready or tracker.was_ready)
+                delay = next_probe_delay(interval_s, now - started_at if starting else None)
+                next_at = max(next_at + delay, now)
                 await trio.sleep_until(next_at)
 
     def _settle_left_s(self, rep: _Replica) -> float:
@@ -542,10 +551,7 @@ class Supervisor:
         assert rep.exited
         rep.log.read_new(final=True)
         self.logbook.finish(rep.log)
-        try:
-            remove_record(self.records_dir, rep.spec.replica)
-        except OSError as exc:
-            log.error("replica %s: cannot remove its record: %s", rep.spec.replica, exc)
+        self.records.put(rep.spec.replica, None)
         rep.record = None
         if rep.adopted is not None:
             sig = rep.sent_signal
@@ -606,13 +612,8 @@ class Supervisor:
         self._save_record(rep)
 
     def _save_record(self, rep: _Replica) -> None:
-        if rep.record is None:
-            return
-        try:
-            write_record(self.records_dir, rep.spec.replica, rep.record)
-        except OSError as exc:
-            log.error("replica %s: cannot write its record in %s: %s", rep.spec.replica,
-                      self.records_dir, exc)
+        if rep.record is not None:
+            self.records.put(rep.spec.replica, rep.record)
 
     def _alive(self, rep: _Replica) -> bool:
         return rep.pid is not None and not rep.stopping and not rep.exited
@@ -658,13 +659,24 @@ async def open_supervisor(data_dir: str, *, stop_on_exit: bool = False,
     """
     for sub in ("logs", "replicas"):
         os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
-    async with trio.open_nursery() as nursery:
-        supervisor = Supervisor(nursery, data_dir, stop_on_exit=stop_on_exit, **options)
-        supervisor.adopt_recorded()
+    records = RecordWriter(os.path.join(data_dir, "replicas"))
+    async with trio.open_nursery() as writer_nursery:
+        writer_nursery.start_soon(records.run, name="replica records")
         try:
-            yield supervisor
+            async with trio.open_nursery() as nursery:
+                supervisor = Supervisor(nursery, data_dir, stop_on_exit=stop_on_exit,
+                                        records=records, **options)
+                supervisor.adopt_recorded()
+                try:
+                    yield supervisor
+                finally:
+                    nursery.cancel_scope.cancel()
+            # Every replica task is done: what they queued (the removals of the
+            # stopped ones, the records of those left running) goes to disk now.
         finally:
-            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await records.flush()
+            writer_nursery.cancel_scope.cancel()
 
 
 def build_env(spec: LaunchSpec) -> dict[str, str]:
