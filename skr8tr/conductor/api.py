@@ -28,6 +28,7 @@ import trio_websocket
 from skr8tr.conductor import audit, commands, metrics
 from skr8tr.conductor.cluster import Cluster, CommandError
 from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
+from skr8tr.conductor.listen import send_messages
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import envelope, protocol
 from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
@@ -243,8 +244,13 @@ async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection,
     limits = api.limits if api is not None else Limits()
     peer = peer_of(ws)
     with cluster.events.subscribe() as events:
-        await ws.send_message(protocol.snapshot_message(cluster.events.seq, cluster.wall(),
-                                                        cluster.status()))
+        try:
+            await ws.send_message(protocol.snapshot_message(cluster.events.seq, cluster.wall(),
+                                                            cluster.status()))
+        except trio_websocket.ConnectionClosed as exc:  # left before its snapshot
+            if api is not None:
+                api.count_close(exc, peer)
+            return
         async with trio.open_nursery() as nursery:
             async def drain_client() -> None:
                 # Watchers only listen; read so that a close from their side ends us.
@@ -266,7 +272,18 @@ async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection,
             nursery.start_soon(drain_client)
             with contextlib.suppress(trio_websocket.ConnectionClosed):  # the watcher left
                 async for ev in events:
-                    await ws.send_message(protocol.event_message(ev.seq, ev.ts, ev.event,
-                                                                 ev.data))
+                    # One scheduling round first: the command that published this
+                    # event finishes publishing, and what it queued for the nodes
+                    # (a launch) and its reply leave before the watchers' copy.
+                    # Then the whole burst goes out in one write.
+                    await trio.sleep(0)
+                    burst = [ev]
+                    while True:
+                        try:
+                            burst.append(events.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await send_messages(ws, [protocol.event_message(e.seq, e.ts, e.event,
+                                                                    e.data) for e in burst])
             nursery.cancel_scope.cancel()
 

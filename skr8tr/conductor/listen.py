@@ -14,6 +14,12 @@ so this module accepts the TCP connections itself and drives one
    is not a WebSocket upgrade before that is ``bad_handshake``;
 4. the handler gets the :class:`~trio_websocket.WebSocketRequest`, and when it
    returns the connection is closed (bounded by ``DISCONNECT_TIMEOUT_S``).
+
+:func:`send_messages` writes several messages with one ``send_all`` (a watch
+stream's burst of events). It and the listener are the only code that reaches
+into trio-websocket's internals (``_reader_task``, ``_get_request``,
+``_wsproto``, ``_stream_lock``, ``_stream``); the suite fails if an upgrade
+moves them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from functools import partial
 import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
+from wsproto.events import TextMessage
 
 from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits
 
@@ -121,3 +128,25 @@ class WebSocketListener:
                 with trio.move_on_after(DISCONNECT_TIMEOUT_S):
                     await connection.aclose()
                 nursery.cancel_scope.cancel()
+
+
+async def send_messages(ws: trio_websocket.WebSocketConnection, texts: list[str]) -> None:
+    """Send *texts* as that many WebSocket messages, in one write to the socket.
+
+    On loopback each write wakes the peer and can cost the conductor ~100 µs
+    when the machine is busy; a command publishes several events at once, so
+    a watch stream sends them together. Raises ConnectionClosed like
+    ``send_message``.
+    """
+    if len(texts) == 1:
+        await ws.send_message(texts[0])
+        return
+    if ws._close_reason:
+        raise trio_websocket.ConnectionClosed(ws._close_reason)
+    data = b"".join(ws._wsproto.send(TextMessage(data=text)) for text in texts)
+    async with ws._stream_lock:
+        try:
+            await ws._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise trio_websocket.ConnectionClosed(ws._close_reason) from None
