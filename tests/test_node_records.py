@@ -72,3 +72,20 @@ def test_write_record_replaces_atomically(tmp_path: Path) -> None:
     write_record(str(tmp_path), "r1", {"n": 2})
     assert on_disk(tmp_path) == {"r1": {"n": 2}}
     assert [p.name for p in tmp_path.iterdir()] == ["r1.json"]
+
+
+@pytest.mark.parametrize("rounds", range(6))
+async def test_a_record_queued_when_the_writer_is_cancelled_is_still_written(
+        tmp_path: Path, rounds: int) -> None:
+    """The agent shutting down cancels the writer task at any point of a batch (sweep
+    it across the first scheduling rounds); the flush that follows still writes."""
+    writer = RecordWriter(str(tmp_path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await trio.sleep(0)
+        writer.put("r1", {"n": 1})
+        for _ in range(rounds):
+            await trio.sleep(0)
+        nursery.cancel_scope.cancel()
+    await writer.flush()
+    assert on_disk(tmp_path) == {"r1": {"n": 1}}

@@ -156,9 +156,10 @@ class RecordWriter:
         async with self._lock:
             batch, self._queued = self._queued, {}
             if batch:
-                # Not abandoned on cancellation: on return each record is on disk or
-                # its failure logged.
-                await trio.to_thread.run_sync(self._apply, batch)
+                # Shielded: a batch taken from the queue is written (or its failure
+                # logged) even when the writer is being cancelled, never dropped.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._apply, batch)
 
     def _apply(self, batch: dict[str, bytes | None]) -> None:
         changed = False
