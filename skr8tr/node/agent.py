@@ -34,10 +34,10 @@ from urllib.parse import urlsplit
 
 import nacl.signing
 import trio
-import trio_websocket
 
 from skr8tr import tls
 from skr8tr.core.keys import KeyFileError, fingerprint, load_signing_key, public_hex
+from skr8tr.node import link
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.session import Refused, SessionError, run_session
 from skr8tr.node.supervisor import RunAs, RunAsError, open_supervisor, resolve_run_as
@@ -204,8 +204,7 @@ async def run_agent(config: AgentConfig, *,
         log.info("node %s: stopped", config.node_id)
 
 
-_EXPECTED = (OSError, SessionError, trio_websocket.HandshakeError,
-             trio_websocket.ConnectionClosed, trio_websocket.DisconnectionTimeout,
+_EXPECTED = (OSError, SessionError, link.HandshakeError, link.ConnectionClosed,
              trio.BrokenResourceError)
 
 
@@ -230,18 +229,12 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, trio_websocket.ConnectionTimeout):
-        return "no answer to the WebSocket handshake"
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        return f"the WebSocket handshake was refused with HTTP {exc.status_code}"
-    if isinstance(exc, trio_websocket.HandshakeError):
-        cause = exc.__cause__
-        if isinstance(cause, OSError):
-            return f"cannot connect: {cause.strerror or cause}"
-        return f"WebSocket handshake failed: {cause or exc}"
-    if isinstance(exc, trio_websocket.ConnectionClosed):
-        why = f": {exc.reason.reason}" if exc.reason.reason else ""
-        return f"connection closed (code {exc.reason.code}{why})"
+    if isinstance(exc, link.HandshakeError):
+        # "the handshake was refused with HTTP 404", "... no `Upgrade: websocket`", ...
+        return f"WebSocket handshake failed: {exc}"
+    if isinstance(exc, link.ConnectionClosed):
+        why = f": {exc.reason}" if exc.reason else ""
+        return f"connection closed (code {exc.code}{why})"
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
     return str(exc) or type(exc).__name__

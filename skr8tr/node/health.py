@@ -1,6 +1,8 @@
 """Health checks: one HTTP/1.1 probe, and the ready/unhealthy state machine.
 
-The probe is done locally by the node (``h11`` over ``trio.open_tcp_stream``).
+The probe is done locally by the node (``h11`` over ``trio.open_tcp_stream``;
+h11 is imported at the first probe, so an agent with no health-checked
+replica does not carry it, see the footprint figures in BENCHMARKS.md).
 :class:`HealthTracker` is pure: it turns a sequence of pass/fail results into
 the state changes to report.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import h11
 import trio
 
 PROBE_MAX_RESPONSE_BYTES = 64 * 1024
@@ -42,6 +43,8 @@ async def probe_http(host: str, port: int, path: str, timeout_s: float) -> Probe
     trouble: that is a failed probe, described in ``error``. Cancellation
     from outside propagates as usual.
     """
+    import h11
+
     with trio.move_on_after(timeout_s):
         try:
             return await _probe(host, port, path)
@@ -55,6 +58,8 @@ async def probe_http(host: str, port: int, path: str, timeout_s: float) -> Probe
 
 
 async def _probe(host: str, port: int, path: str) -> ProbeResult:
+    import h11
+
     host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     conn = h11.Connection(our_role=h11.CLIENT, max_incomplete_event_size=PROBE_MAX_RESPONSE_BYTES)
     request = conn.send(h11.Request(method="GET", target=path or "/", headers=[

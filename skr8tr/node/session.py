@@ -21,7 +21,6 @@ from typing import Any
 
 import nacl.signing
 import trio
-import trio_websocket
 
 from skr8tr import __version__
 from skr8tr.core.envelope import sign_challenge
@@ -32,6 +31,7 @@ from skr8tr.core.node_protocol import (
     decode_node_message,
     encode_node_message,
 )
+from skr8tr.node import link
 from skr8tr.node.health import os_error_text
 from skr8tr.node.spec import LaunchSpec
 from skr8tr.node.supervisor import Report, Supervisor
@@ -70,16 +70,16 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
     Returns normally when the conductor closes a session it had welcomed.
     Raises :class:`Refused` when the conductor refuses the node,
     :class:`SessionError` when it cannot be reached, breaks the protocol or
-    the outbox overflows, and trio_websocket's HandshakeError /
+    the outbox overflows, and :mod:`skr8tr.node.link`'s HandshakeError /
     ConnectionClosed when the WebSocket handshake fails or the connection
     drops during the join (possibly inside an exception group). Calls
     *on_welcome* once the conductor welcomed the node.
 
     On cancellation the session says goodbye properly: close code 1001 and
     the close handshake, bounded by :data:`DISCONNECT_TIMEOUT_S`, then
-    Cancelled propagates. For that the connection's own tasks run shielded
-    from the outer cancellation, which reaches the session's work through
-    a forwarding task instead.
+    Cancelled propagates. For that the session runs shielded from the outer
+    cancellation, which reaches the session's work through a forwarding task
+    instead, so the close itself is not cancelled.
 
     A ``wss://`` *url* is verified with *ssl_context* (see :mod:`skr8tr.tls`);
     a certificate that does not verify fails the connection (SessionError).
@@ -88,15 +88,10 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
     async with trio.open_nursery() as forwarder:
         forwarder.start_soon(_cancel_when_cancelled, work_scope)
         with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as connection_nursery:
-                try:
-                    await _connect_and_serve(connection_nursery, work_scope, url,
-                                             ssl_context=ssl_context,
-                                             node_id=node_id, signing_key=signing_key,
-                                             advertise=advertise, supervisor=supervisor,
-                                             on_welcome=on_welcome)
-                finally:
-                    connection_nursery.cancel_scope.cancel()
+            await _connect_and_serve(work_scope, url, ssl_context=ssl_context,
+                                     node_id=node_id, signing_key=signing_key,
+                                     advertise=advertise, supervisor=supervisor,
+                                     on_welcome=on_welcome)
         forwarder.cancel_scope.cancel()
     # When the outer scope was cancelled, the checkpoint here raises Cancelled.
     await trio.lowlevel.checkpoint_if_cancelled()
@@ -109,19 +104,18 @@ async def _cancel_when_cancelled(scope: trio.CancelScope) -> None:
         scope.cancel()
 
 
-async def _connect_and_serve(nursery: trio.Nursery, work_scope: trio.CancelScope, url: str,
+async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
                              ssl_context: ssl.SSLContext | None = None,
                              **serve_options: Any) -> None:
-    ws: trio_websocket.WebSocketConnection | None = None
+    ws: link.Link | None = None
     try:
         with work_scope:
             try:
                 if ssl_context is not None:
                     await check_handshake(url, ssl_context, CONNECT_TIMEOUT_S)
                 with trio.fail_after(CONNECT_TIMEOUT_S):
-                    ws = await trio_websocket.connect_websocket_url(
-                        nursery, url, ssl_context=ssl_context,
-                        max_message_size=MAX_NODE_MESSAGE_BYTES)
+                    ws = await link.connect(url, ssl_context=ssl_context,
+                                            max_message_bytes=MAX_NODE_MESSAGE_BYTES)
             except TlsError as exc:
                 raise SessionError(f"the conductor at {url}: {exc}") from None
             except trio.TooSlowError:
@@ -137,7 +131,7 @@ async def _connect_and_serve(nursery: trio.Nursery, work_scope: trio.CancelScope
                 await ws.aclose(code, reason)
 
 
-async def _serve(ws: trio_websocket.WebSocketConnection, *, url: str, node_id: str,
+async def _serve(ws: link.Link, *, url: str, node_id: str,
                  signing_key: nacl.signing.SigningKey, advertise: str | None,
                  supervisor: Supervisor, on_welcome: Callable[[], None]) -> None:
     challenge = await _receive_handshake(ws, ("challenge",))
@@ -179,7 +173,7 @@ async def _serve(ws: trio_websocket.WebSocketConnection, *, url: str, node_id: s
                            f"{OUTBOX_LIMIT} queued messages")
 
 
-async def _receive_handshake(ws: trio_websocket.WebSocketConnection,
+async def _receive_handshake(ws: link.Link,
                              expected: tuple[str, ...]) -> dict[str, Any]:
     wanted = " or ".join(expected)
     with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
@@ -194,13 +188,11 @@ async def _receive_handshake(ws: trio_websocket.WebSocketConnection,
     raise SessionError(f"no {wanted} from the conductor within {HANDSHAKE_TIMEOUT_S:g} s")
 
 
-def _local_address(ws: trio_websocket.WebSocketConnection) -> str:
-    local = ws.local
-    address = getattr(local, "address", None)
-    return str(address) if address is not None else "127.0.0.1"
+def _local_address(ws: link.Link) -> str:
+    return ws.local_address or "127.0.0.1"
 
 
-async def _send_outbox(ws: trio_websocket.WebSocketConnection,
+async def _send_outbox(ws: link.Link,
                        outbox: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]) -> None:
     async for kind, fields in outbox:
         try:
@@ -210,7 +202,7 @@ async def _send_outbox(ws: trio_websocket.WebSocketConnection,
             continue
         try:
             await ws.send_message(text)
-        except trio_websocket.ConnectionClosed:
+        except link.ConnectionClosed:
             return  # the receiving side notices and ends the session
 
 
@@ -221,15 +213,15 @@ async def _send_heartbeats(outbox: trio.MemorySendChannel[tuple[str, dict[str, A
         await outbox.send(("heartbeat", machine_figures()))
 
 
-async def _serve_commands(ws: trio_websocket.WebSocketConnection, node_id: str,
+async def _serve_commands(ws: link.Link, node_id: str,
                           supervisor: Supervisor,
                           outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
     while True:
         try:
             data = await ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
+        except link.ConnectionClosed as exc:
             log.info("node %s: the conductor closed the session (code %s%s)", node_id,
-                     exc.reason.code, f": {exc.reason.reason}" if exc.reason.reason else "")
+                     exc.code, f": {exc.reason}" if exc.reason else "")
             return
         msg = decode_node_message(data)
         if isinstance(msg, NodeDecodeError):
