@@ -174,7 +174,13 @@ class CliApi:
                 await self.close_for(ws, peer, "rate_limit", 1008,
                                      f"more than {self.limits.messages_per_s:g} messages/s")
                 return
+            queued = self.cluster.node_messages_queued
             reply = await self.handle_message(raw, peer)
+            if self.cluster.node_messages_queued != queued:
+                # The command queued work for nodes (a launch, a stop): one scheduling
+                # round lets their sessions write it before this reply goes out, so
+                # the node starts while the reply travels (see send_messages).
+                await trio.sleep(0)
             try:
                 await ws.send_message(reply)
             except trio_websocket.ConnectionClosed:

@@ -280,6 +280,7 @@ class Cluster:
         self.wall = wall
         self.events = EventBus(wall)
         self.nodes: dict[str, NodeState] = {}
+        self.node_messages_queued = 0  # ever; lets a command's caller see it sent some
         self.apps: dict[str, AppState] = {}
         self.replicas = ReplicaTable(on_fewer=self._offer_node)
         self.ports: dict[str, dict[int, str]] = {}  # address -> port -> replica id
@@ -484,6 +485,7 @@ class Cluster:
         text = node_protocol.encode_node_message(kind, **fields)
         try:
             node.outbox.send_nowait(text)
+            self.node_messages_queued += 1
         except (trio.WouldBlock, trio.ClosedResourceError):
             log.warning("node %s is %d messages behind; closing its session", node_id,
                         NODE_OUTBOX)

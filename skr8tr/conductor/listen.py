@@ -134,19 +134,26 @@ async def send_messages(ws: trio_websocket.WebSocketConnection, texts: list[str]
     """Send *texts* as that many WebSocket messages, in one write to the socket.
 
     On loopback each write wakes the peer and can cost the conductor ~100 µs
-    when the machine is busy; a command publishes several events at once, so
-    a watch stream sends them together. Raises ConnectionClosed like
-    ``send_message``.
+    when the machine is busy; a command publishes several events at once, and
+    a rollout batch queues several launches for a node, so they go together.
+    Unlike ``send_message`` the write happens before the first scheduling
+    round when nobody else is sending (``send_message`` always yields at its
+    lock): what is sent this way goes out before a ``send_message`` started in
+    the same round. Raises ConnectionClosed like ``send_message``.
     """
-    if len(texts) == 1:
-        await ws.send_message(texts[0])
-        return
     if ws._close_reason:
         raise trio_websocket.ConnectionClosed(ws._close_reason)
     data = b"".join(ws._wsproto.send(TextMessage(data=text)) for text in texts)
-    async with ws._stream_lock:
-        try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+    lock = ws._stream_lock
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        await ws._stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        lock.release()
+        await ws._abort_web_socket()
+        raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+    else:
+        lock.release()

@@ -26,6 +26,7 @@ import trio_websocket
 from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle, peer_of
 from skr8tr.conductor.cluster import NODE_OUTBOX, Cluster, CommandError
 from skr8tr.conductor.limits import TokenBucket
+from skr8tr.conductor.listen import send_messages
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
 from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
@@ -98,7 +99,16 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
                 async def send_outbox() -> None:
                     async with outbox_recv:
                         async for text in outbox_recv:
-                            await ws.send_message(text)
+                            # Everything queued by now (a rollout batch's launches)
+                            # goes in one write, before the command's reply: see
+                            # send_messages and CliApi.serve_connection.
+                            burst = [text]
+                            while True:
+                                try:
+                                    burst.append(outbox_recv.receive_nowait())
+                                except (trio.WouldBlock, trio.EndOfChannel):
+                                    break
+                            await send_messages(ws, burst)
                     # The cluster closed the outbox: this session is over.
                     nursery.cancel_scope.cancel()
 
