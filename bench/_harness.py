@@ -1,8 +1,9 @@
-"""Shared set-up for benchmarks: a real local cluster and an in-process wire client.
+"""Shared set-up for benchmarks: a real local cluster and in-process wire clients.
 
 The daemons are the real ones (separate processes, loopback sockets), started
 with the same harness the end-to-end tests use; figures are taken with the
-wire client inside this process, so the CLI's own start-up time is not in them.
+wire clients inside this process (the trio one, and the blocking one the CLI
+uses), so the CLI's own start-up time is not in them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
 
-from skr8tr import client  # noqa: E402
+from skr8tr import blocking_client, client  # noqa: E402
 from skr8tr.core import keys  # noqa: E402
 from tests.e2e import Cluster, running_cluster  # noqa: E402
 
@@ -79,6 +80,19 @@ async def timed_call(ws, opts: client.CallOptions, cmd: str, args: dict) -> tupl
     t0 = time.perf_counter()
     await ws.send_message(text)
     raw = await ws.get_message()
+    elapsed = time.perf_counter() - t0
+    reply = json.loads(raw)
+    assert reply["id"] == rid and reply["ok"], reply
+    return elapsed, reply["result"]
+
+
+def blocking_timed_call(conn: blocking_client.Connection, opts: client.CallOptions, cmd: str,
+                        args: dict) -> tuple[float, object]:
+    """:func:`timed_call` with the CLI's blocking client."""
+    rid, text = request_text(opts, cmd, args)
+    t0 = time.perf_counter()
+    conn.send_text(text)
+    raw = conn.receive_message()
     elapsed = time.perf_counter() - t0
     reply = json.loads(raw)
     assert reply["id"] == rid and reply["ok"], reply

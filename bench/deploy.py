@@ -8,7 +8,10 @@ watch stream delivers `replica.running` (the node reported the pid) and
 `replica.ready`; then `down`, and the next deploy starts once
 `replica.exited` arrived. No CLI start-up is in these figures; it is
 measured on its own: `skr8tr ping` as a whole process, against the same
-conductor. Floors: spawning `/bin/sleep` from Python (trio) and the example
+conductor. The read round trip (an unsigned `ping` on an open connection,
+from send to reply) is taken with both wire clients, the trio-websocket one
+and the CLI's blocking one, taking turns call by call so that both see the
+same machine. Floors: spawning `/bin/sleep` from Python (trio) and the example
 service's own start (spawn -> first `200` on /healthz, polled every 1 ms).
 """
 
@@ -26,6 +29,7 @@ import trio
 from _harness import (
     REPO,
     EventClock,
+    blocking_timed_call,
     call_options,
     local_cluster,
     machine,
@@ -35,7 +39,7 @@ from _harness import (
     timed_call,
 )
 
-from skr8tr import client
+from skr8tr import blocking_client, client
 
 HELLO = REPO / "manifests" / "apps" / "hello_http.py"
 WARMUP = 5
@@ -154,8 +158,8 @@ def main() -> None:
             pid, ready = trio.run(functools.partial(deploy_series, opts, make, prefix, count))
             rows.append((label, pid, ready))
         ping, bare = cli_start(cluster, cli_runs)
-        read_rtt = trio.run(functools.partial(_read_rtts, opts, 2000 if not options.quick
-                                              else 300))
+        trio_rtt, blocking_rtt = trio.run(functools.partial(
+            _read_rtts, opts, 2000 if not options.quick else 300))
     spawn = trio.run(spawn_floor, 50)
     start = app_start(10 if options.quick else 30)
 
@@ -172,8 +176,10 @@ def main() -> None:
     print()
     print("| other figure | median ms | p99 ms |")
     print("|---|---|---|")
-    print(f"| read round trip (`ping`, open connection, {len(read_rtt)} calls) "
-          f"| {ms(median(read_rtt))} | {ms(pct(read_rtt, 99))} |")
+    for label, rtt in (("trio-websocket client", trio_rtt),
+                       ("blocking client (the CLI's)", blocking_rtt)):
+        print(f"| read round trip (`ping`, open connection, {len(rtt)} calls), {label} "
+              f"| {ms(median(rtt))} | {ms(pct(rtt, 99))} |")
     print(f"| `skr8tr ping`, whole process ({len(ping)} runs) | {ms(median(ping))} "
           f"| {ms(pct(ping, 99))} |")
     print(f"| `python -c pass` (interpreter floor) | {ms(median(bare))} | {ms(pct(bare, 99))} |")
@@ -183,12 +189,22 @@ def main() -> None:
           f"| {ms(pct(start, 99))} |")
 
 
-async def _read_rtts(opts, count: int) -> list[float]:
+async def _read_rtts(opts, count: int) -> tuple[list[float], list[float]]:
+    """Round trips of `ping` with each client, taking turns; the first 50 are warm-up."""
+    unsigned = client.CallOptions(opts.conductor, opts.timeout_s, None)
+    trio_rtt: list[float] = []
+    blocking_rtt: list[float] = []
     async with client.open_conductor(opts.conductor, "/v1/cli", opts.timeout_s) as ws:
-        unsigned = client.CallOptions(opts.conductor, opts.timeout_s, None)
-        for _ in range(50):
-            await timed_call(ws, unsigned, "ping", {})
-        return [(await timed_call(ws, unsigned, "ping", {}))[0] for _ in range(count)]
+        # The blocking calls stall this event loop for one round trip each; nothing
+        # waits on it meanwhile (the conductor is another process).
+        with blocking_client.open_conductor(opts.conductor, "/v1/cli", opts.timeout_s) as conn:
+            for i in range(50 + count):
+                via_trio = (await timed_call(ws, unsigned, "ping", {}))[0]
+                via_blocking = blocking_timed_call(conn, unsigned, "ping", {})[0]
+                if i >= 50:
+                    trio_rtt.append(via_trio)
+                    blocking_rtt.append(via_blocking)
+    return trio_rtt, blocking_rtt
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The ``skr8tr`` command line (DESIGN.md §5).
 
 Argument parsing, dispatch and output. The CLI talks to the conductor only over
-the wire (:mod:`skr8tr.client`); heavy imports (trio, nacl) happen inside the
-verbs that need them so that ``skr8tr --help`` and ``skr8tr fmt`` start fast.
+the wire, with the blocking client (:mod:`skr8tr.blocking_client`): a CLI run
+makes a request or a few and exits, so it needs no event loop. Heavy imports
+happen inside the verbs that need them (trio only for the daemons:
+``conductor``, ``node``, ``ingress``) so that ``skr8tr ping`` and
+``skr8tr --help`` start fast.
 
 Exit codes: 0 success; 1 the conductor answered with an error; 2 bad usage or
 an invalid manifest (caught before sending); 3 the conductor could not be
@@ -395,9 +398,11 @@ def cmd_ingress(opts: argparse.Namespace) -> int:
 
 
 def _signing_key(opts: argparse.Namespace, *, required: bool) -> Any | None:
+    path = os.path.expanduser(opts.key)
+    if not required and not os.path.exists(path):
+        return None  # read-only verbs go unsigned when there is no key file
     from skr8tr.core import keys
 
-    path = os.path.expanduser(opts.key)
     try:
         return keys.load_signing_key(path)
     except keys.KeyFileError as exc:
@@ -415,31 +420,29 @@ def _client_error(exc: Exception) -> CliError:
     return CliError(exc.code, exc.message, exc.exit)  # type: ignore[attr-defined]
 
 
-def _run_client(opts: argparse.Namespace, body: Callable[[Any], Any], *, signed: bool) -> int:
-    """Run ``body(call_options)`` under trio, mapping client failures to exit codes."""
-    import trio
+def _run_client(opts: argparse.Namespace, body: Callable[[Any], int], *, signed: bool) -> int:
+    """Run ``body(call_options)``, mapping client failures to exit codes."""
+    from skr8tr import wire
 
-    from skr8tr import client
-
-    call_opts = client.CallOptions(
+    call_opts = wire.CallOptions(
         conductor=opts.conductor,
         timeout_s=opts.timeout,
         signing_key=_signing_key(opts, required=signed),
         ca_file=opts.ca,
     )
     try:
-        return trio.run(body, call_opts)
-    except client.ClientError as exc:
+        return body(call_opts)
+    except wire.ClientError as exc:
         raise _client_error(exc) from None
 
 
 def _simple_call(cmd: str, args_of: Callable[[argparse.Namespace], dict],
                  render: Callable[[Any], str], *, signed: bool):
     def run(opts: argparse.Namespace) -> int:
-        from skr8tr import client
+        from skr8tr import blocking_client
 
-        async def body(call_opts: Any) -> int:
-            result = await client.call(call_opts, cmd, args_of(opts))
+        def body(call_opts: Any) -> int:
+            result = blocking_client.call(call_opts, cmd, args_of(opts))
             if opts.json:
                 _print_json(result)
             else:
@@ -497,15 +500,14 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
     text, fmt, base_dir = _read_manifest(target[0])
     args = {"manifest": text, "format": fmt, "base_dir": base_dir, "force": opts.force}
 
-    from skr8tr import client
+    import time
 
-    async def body(call_opts: Any) -> int:
-        import trio
+    from skr8tr import blocking_client as client
 
-        async with client.open_conductor(call_opts.conductor, "/v1/cli",
-                                         call_opts.timeout_s,
-                                         ca_file=call_opts.ca_file) as ws:
-            status = await client.call_on(ws, call_opts, "rollout", args)
+    def body(call_opts: Any) -> int:
+        with client.open_conductor(call_opts.conductor, "/v1/cli", call_opts.timeout_s,
+                                   ca_file=call_opts.ca_file) as conn:
+            status = client.call_on(conn, call_opts, "rollout", args)
             if not opts.watch:
                 if opts.json:
                     _print_json(status)
@@ -525,9 +527,9 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
                     sys.stdout.write(("\r\x1b[K" + line) if tty else line + "\n")
                     sys.stdout.flush()
                     last = key
-                await trio.sleep(0.2)
-                status = await client.call_on(ws, call_opts, "rollout-status",
-                                              {"app": status["app"]})
+                time.sleep(0.2)
+                status = client.call_on(conn, call_opts, "rollout-status",
+                                        {"app": status["app"]})
         if opts.json:
             _print_json(status)
         else:
@@ -540,17 +542,16 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
 
 
 def cmd_logs(opts: argparse.Namespace) -> int:
-    from skr8tr import client
+    import time
+
+    from skr8tr import blocking_client as client
 
     args = {"app": opts.app, "replica": opts.replica, "tail": opts.tail}
 
-    async def body(call_opts: Any) -> int:
-        import trio
-
-        async with client.open_conductor(call_opts.conductor, "/v1/cli",
-                                         call_opts.timeout_s,
-                                         ca_file=call_opts.ca_file) as ws:
-            result = await client.call_on(ws, call_opts, "logs", args)
+    def body(call_opts: Any) -> int:
+        with client.open_conductor(call_opts.conductor, "/v1/cli", call_opts.timeout_s,
+                                   ca_file=call_opts.ca_file) as conn:
+            result = client.call_on(conn, call_opts, "logs", args)
             if opts.json and not opts.follow:
                 _print_json(result)
                 return EXIT_OK
@@ -564,25 +565,27 @@ def cmd_logs(opts: argparse.Namespace) -> int:
                     seen.add(key)
                     if opts.json:
                         _print_json(line)  # --follow --json: one JSON line per log line
+                        sys.stdout.flush()
                     else:
                         print(output.log_line(line), flush=True)
                 if not opts.follow:
                     return EXIT_OK
-                await trio.sleep(1.0)
-                result = await client.call_on(ws, call_opts, "logs", args)
+                time.sleep(1.0)
+                result = client.call_on(conn, call_opts, "logs", args)
 
     return _run_client(opts, body, signed=True)
 
 
 def cmd_watch(opts: argparse.Namespace) -> int:
-    from skr8tr import client
+    from skr8tr import blocking_client as client
 
-    async def body(call_opts: Any) -> int:
-        async with client.open_watch(call_opts) as stream:
-            async for msg in stream:
+    def body(call_opts: Any) -> int:
+        with client.open_watch(call_opts) as stream:
+            for msg in stream:
                 if opts.json:
                     # one JSON document per line: a stream has no single document
                     _print_json(dataclasses.asdict(msg))
+                    sys.stdout.flush()
                 elif msg.type == "event":
                     print(output.event_line(msg.seq, msg.ts, msg.event, msg.data), flush=True)
                 else:

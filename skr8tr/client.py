@@ -1,69 +1,68 @@
-"""The CLI's side of the wire: one signed request, one reply; or a watch stream.
+"""The trio client of the conductor: one signed request, one reply; or a watch stream.
 
 Everything here talks to the conductor only through the WebSocket paths of
 DESIGN.md §1 (``/v1/cli`` and ``/v1/watch``). Failures come out as
-:class:`ClientError` with a code and an exit status, so the CLI can print one
+:class:`ClientError` with a code and an exit status, so a caller can print one
 line and exit without a traceback.
+
+The ingress and the benchmarks use this client inside their trio runs. The CLI
+uses :mod:`skr8tr.blocking_client` instead, which gives the same errors without
+importing trio; what both share (requests, reply checks, errors) is in
+:mod:`skr8tr.wire`.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 import trio_websocket
 
-from skr8tr.core import envelope, protocol
+from skr8tr.core import protocol
 
-DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
-DEFAULT_TIMEOUT_S = 10.0
+# The trio-free half lives in skr8tr.wire (the CLI's blocking client shares it);
+# its names stay importable from here for the ingress, tests and benchmarks.
+from skr8tr.wire import (
+    CLIENT_MAX_MESSAGE_BYTES,
+    DEFAULT_CONDUCTOR_URL,
+    DEFAULT_TIMEOUT_S,
+    EXIT_OK,
+    EXIT_REMOTE_ERROR,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CallOptions,
+    ClientError,
+    build_request,
+    endpoint_url,
+    match_reply,
+    result_of,
+    timed_out,
+    watch_message,
+)
+from skr8tr.wire import ssl_context_for as _ssl_context
+from skr8tr.wire import unreachable as _unreachable
 
-EXIT_OK = 0
-EXIT_REMOTE_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-
-class ClientError(Exception):
-    """A failure the CLI reports as ``error: CODE: message`` and exit status ``exit``."""
-
-    def __init__(self, code: str, message: str, exit: int) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.exit = exit
-
-
-def endpoint_url(base: str, path: str) -> str:
-    """``ws://host:port`` (with or without a trailing slash or a ``/v1/...`` path) + path."""
-    base = base.rstrip("/")
-    for known in ("/v1/cli", "/v1/watch", "/v1/node"):
-        if base.endswith(known):
-            base = base[: -len(known)]
-    if not base.startswith(("ws://", "wss://")):
-        raise ClientError(
-            "BAD_URL",
-            f"conductor URL {base!r} must start with ws:// or wss:// "
-            f"(for example {DEFAULT_CONDUCTOR_URL})",
-            EXIT_USAGE,
-        )
-    return base + path
-
-
-def _unreachable(url: str, why: str) -> ClientError:
-    return ClientError(
-        "UNREACHABLE",
-        f"cannot reach the conductor at {url} ({why}); is `skr8tr conductor` running? "
-        "Pass --conductor URL or set SKR8TR_CONDUCTOR",
-        EXIT_UNREACHABLE,
-    )
+__all__ = [
+    "DEFAULT_CONDUCTOR_URL",
+    "DEFAULT_TIMEOUT_S",
+    "EXIT_OK",
+    "EXIT_REMOTE_ERROR",
+    "EXIT_USAGE",
+    "EXIT_UNREACHABLE",
+    "ClientError",
+    "CallOptions",
+    "endpoint_url",
+    "build_request",
+    "open_conductor",
+    "call",
+    "call_on",
+    "WatchStream",
+    "open_watch",
+]
 
 
 @asynccontextmanager
@@ -87,7 +86,7 @@ async def open_conductor(base_url: str, path: str, timeout_s: float, *,
             ssl_context=ssl_context,
             connect_timeout=timeout_s,
             disconnect_timeout=2,
-            max_message_size=protocol.MAX_MESSAGE_BYTES * 4,
+            max_message_size=CLIENT_MAX_MESSAGE_BYTES,
         ) as ws:
             yield ws
     except trio_websocket.ConnectionTimeout:
@@ -104,20 +103,6 @@ async def open_conductor(base_url: str, path: str, timeout_s: float, *,
         raise _unreachable(url, f"the connection closed: {exc.reason}") from None
 
 
-def _ssl_context(url: str, ca_file: str | None):
-    from skr8tr import tls
-
-    if not url.startswith("wss://"):
-        if ca_file is not None:
-            raise ClientError("USAGE", f"--ca goes with a wss:// conductor URL; {url} is not "
-                              "encrypted", EXIT_USAGE)
-        return None
-    try:
-        return tls.client_context(ca_file)
-    except tls.TlsError as exc:
-        raise ClientError("USAGE", str(exc), EXIT_USAGE) from None
-
-
 async def _check_tls(url: str, ssl_context, timeout_s: float) -> None:
     from skr8tr import tls
 
@@ -125,27 +110,6 @@ async def _check_tls(url: str, ssl_context, timeout_s: float) -> None:
         await tls.check_handshake(url, ssl_context, timeout_s)
     except tls.TlsError as exc:
         raise _unreachable(url, str(exc)) from None
-
-
-_ids = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class CallOptions:
-    conductor: str
-    timeout_s: float
-    signing_key: Any | None  # nacl.signing.SigningKey, or None for unsigned read-only calls
-    ca_file: str | None = None  # for wss://: the CA to verify the conductor with
-
-
-def build_request(cmd: str, args: dict, signing_key: Any | None) -> dict:
-    """A request dict for ``cmd``; signed when a key is given (DESIGN.md §4)."""
-    req_id = f"{os.getpid()}-{next(_ids)}"
-    if signing_key is None:
-        return {"v": protocol.PROTOCOL_VERSION, "id": req_id, "cmd": cmd, "args": args}
-    return envelope.sign_request(
-        signing_key, id=req_id, cmd=cmd, args=args, ts=time.time(), nonce=envelope.new_nonce()
-    )
 
 
 async def call(opts: CallOptions, cmd: str, args: dict) -> Any:
@@ -167,26 +131,14 @@ async def call_on(ws: trio_websocket.WebSocketConnection, opts: CallOptions, cmd
     with trio.move_on_after(opts.timeout_s) as scope:
         try:
             await ws.send_message(json.dumps(request))
-            while True:
-                raw = await ws.get_message()
-                reply = protocol.decode_reply(raw)
-                if isinstance(reply, protocol.DecodeError):
-                    raise ClientError(
-                        "BAD_REPLY", f"the conductor sent a reply we cannot read: {reply.message}",
-                        EXIT_REMOTE_ERROR,
-                    )
-                if reply.id == request["id"]:
-                    break
+            reply = None
+            while reply is None:  # replies to other requests are skipped
+                reply = match_reply(await ws.get_message(), request["id"])
         except trio_websocket.ConnectionClosed as exc:
             raise _unreachable(url, f"the connection closed: {exc.reason}") from None
     if scope.cancelled_caught:
-        raise ClientError(
-            "TIMEOUT", f"no reply from {url} within {opts.timeout_s:g} s (raise --timeout)",
-            EXIT_UNREACHABLE,
-        )
-    if not reply.ok:
-        raise ClientError(reply.error_code, reply.error_message, EXIT_REMOTE_ERROR)
-    return reply.result
+        raise timed_out(url, opts.timeout_s)
+    return result_of(reply)
 
 
 class WatchStream:
@@ -204,13 +156,7 @@ class WatchStream:
             raw = await self._ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
             raise _unreachable(self._url, f"the stream closed: {exc.reason}") from None
-        msg = protocol.decode_watch_message(raw)
-        if isinstance(msg, protocol.DecodeError):
-            raise ClientError(
-                "BAD_REPLY", f"the conductor sent an event we cannot read: {msg.message}",
-                EXIT_REMOTE_ERROR,
-            )
-        return msg
+        return watch_message(raw)
 
 
 @asynccontextmanager

@@ -16,10 +16,13 @@ Loading files is short synchronous I/O done once at start-up; errors come out
 as :class:`TlsError` with one line naming the file and what is wrong.
 
 trio-websocket reports a failed TLS handshake only as a handshake that never
-finishes (the connect timeout). So before a ``wss://`` connection the
-clients call :func:`check_handshake`, which does one TLS handshake of its own
-and turns a failure into a :class:`TlsError` that says why (an unknown CA, a
-name mismatch, an expired certificate) at once.
+finishes (the connect timeout). So before a ``wss://`` connection the trio
+clients (node agent, ingress) call :func:`check_handshake`, which does one TLS
+handshake of its own and turns a failure into a :class:`TlsError` that says
+why (an unknown CA, a name mismatch, an expired certificate) at once. The
+CLI's blocking client sees the failure of its own handshake and passes it to
+:func:`describe_failure`; it never imports trio, so neither does this module
+at the top.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import ipaddress
 import os
 import ssl
 from urllib.parse import urlsplit
-
-import trio
 
 __all__ = ["TlsError", "server_context", "client_context", "is_loopback_host",
            "check_handshake", "describe_failure"]
@@ -90,6 +91,8 @@ async def check_handshake(url: str, ssl_context: ssl.SSLContext, timeout_s: floa
     Returns quietly when the server cannot be reached or does not answer in
     *timeout_s*: the real connection then reports that in its own words.
     """
+    import trio  # here, not at the top: the blocking CLI client uses this module without trio
+
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or 443
