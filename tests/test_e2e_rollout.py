@@ -64,8 +64,11 @@ def test_rollout_abort_and_auto_rollback(cluster: Cluster, tmp_path: Path):
     v1 = cluster.wait_ready("web", 3, generation=1)
     assert versions(cluster, v1) == {"v1"}
 
-    # v1 -> v2 with --watch: exit 0 only when complete; a live line, then a summary
-    proc = cluster.cli("rollout", str(web(tmp_path, "v2")), "--watch", timeout_s=120)
+    # v1 -> v2 with --watch: exit 0 only when complete; a live line, then a summary.
+    # v2 answers its health check 1 s after it starts, so the watch (which polls every
+    # 0.2 s) sees batches waiting for readiness however fast the machine is.
+    proc = cluster.cli("rollout", str(web(tmp_path, "v2", extra_args="--ready-after 1")),
+                       "--watch", timeout_s=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("web: rolling generation 1 -> 2, 0/3 replaced")
