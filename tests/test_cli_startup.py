@@ -71,6 +71,7 @@ async def test_client_verbs_import_no_trio(tmp_path, argv, code):
     assert status == code, stderr
     assert not modules & DAEMON_ONLY, sorted(modules & DAEMON_ONLY)
     assert "ssl" not in modules  # ws:// needs no TLS
+    assert "nacl" not in modules  # no key file: nothing to sign with
 
 
 async def test_a_signed_verb_with_a_key_still_imports_no_trio(tmp_path):
@@ -88,6 +89,7 @@ async def test_a_signed_verb_with_a_key_still_imports_no_trio(tmp_path):
             )
     assert status == 1 and "UNAUTHORIZED" in stderr  # not an admin key of this conductor
     assert not modules & DAEMON_ONLY
+    assert "nacl" in modules  # it signed
 
 
 async def test_wss_imports_ssl_but_no_trio(tmp_path):

@@ -27,10 +27,10 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nacl.exceptions
-import nacl.signing
+if TYPE_CHECKING:  # imported where a signature is checked: the CLI starts faster
+    import nacl.signing
 
 from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
 
@@ -299,6 +299,9 @@ def verify_request(
 
 
 def _signature_ok(key_hex: str, message: bytes, sig_hex: str) -> bool:
+    import nacl.exceptions
+    import nacl.signing
+
     try:
         nacl.signing.VerifyKey(bytes.fromhex(key_hex)).verify(message, bytes.fromhex(sig_hex))
     except (nacl.exceptions.CryptoError, ValueError, TypeError):

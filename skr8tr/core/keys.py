@@ -31,9 +31,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import nacl.signing
+if TYPE_CHECKING:  # imported by what makes or loads a key: `skr8tr ping` with none is faster
+    import nacl.signing
 
 __all__ = [
     "ROLES",
@@ -83,6 +84,8 @@ class AuthorizedKeysError(KeyFileError):
 
 def generate_keypair() -> tuple[nacl.signing.SigningKey, str]:
     """Return a fresh signing key and its public key as 64 lowercase hex characters."""
+    import nacl.signing
+
     signing_key = nacl.signing.SigningKey.generate()
     return signing_key, public_hex(signing_key)
 
@@ -227,6 +230,8 @@ def load_signing_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
         raise KeyFileError(f"{p} is not a skr8tr key file: {expected}") from None
     if _KEY_HEX_RE.fullmatch(text) is None:
         raise KeyFileError(f"{p} is not a skr8tr key file: {expected}")
+    import nacl.signing
+
     return nacl.signing.SigningKey(bytes.fromhex(text))
 
 

@@ -36,9 +36,10 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
 
-import nacl.signing
+if TYPE_CHECKING:  # nacl is imported only by what signs or verifies (CLI start-up)
+    import nacl.signing
 
 from skr8tr.core.envelope import (
     COMMANDS,
