@@ -342,3 +342,11 @@ def test_logs_reply_is_trimmed_to_fit() -> None:
     kept = fit_lines(lines, limit=1500)
     assert kept == lines[-len(kept):]
     assert 5 < len(kept) < 15
+
+
+def test_release_free_heap_works_where_there_is_glibc() -> None:
+    import platform
+
+    from skr8tr.node.sysinfo import release_free_heap
+
+    assert release_free_heap() is (platform.libc_ver()[0] == "glibc")

@@ -89,3 +89,4 @@ async def test_a_record_queued_when_the_writer_is_cancelled_is_still_written(
         nursery.cancel_scope.cancel()
     await writer.flush()
     assert on_disk(tmp_path) == {"r1": {"n": 1}}
+
