@@ -1,7 +1,9 @@
 """The node's WebSocket link (skr8tr.wsclient on trio) against trio-websocket's server.
 
-trio-websocket (wsproto) is the conductor's side in production, so it is the
-reference peer here: every way a connection can go or end.
+trio-websocket is an independent, widely used WebSocket server, so it is the
+reference peer here: every way a connection can go or end. (The conductor's
+own server, skr8tr/conductor/wsserver.py, is tested against the link in
+tests/test_wsserver.py.)
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 Every message gets exactly one reply and nothing a client sends takes the
 conductor down: undecodable or unauthorized requests get an error reply,
 a failing command gets ``INTERNAL`` and a log line, and the connection goes on.
-Oversized messages are closed with 1009 by trio-websocket itself
-(``max_message_size``). A connection that sends more than
-``Limits.messages_per_s`` (with ``message_burst`` saved up) is closed with
-1008, one that sends nothing for ``Limits.idle_timeout_s`` with 1000; both
-are counted (:mod:`skr8tr.conductor.limits`).
+Oversized messages are closed with 1009 by the connection itself
+(:mod:`skr8tr.conductor.wsserver`, ``max_message_size``). A connection that
+sends more than ``Limits.messages_per_s`` (with ``message_burst`` saved up)
+is closed with 1008, one that sends nothing for ``Limits.idle_timeout_s``
+with 1000; all three are counted (:mod:`skr8tr.conductor.limits`).
 
 Every request for a signed command, accepted or refused, goes to the audit
 log when there is one (:mod:`skr8tr.conductor.audit`). Manifests and their
@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass, field
 
 import trio
-import trio_websocket
 
 from skr8tr.conductor import audit, commands, metrics
 from skr8tr.conductor.cluster import Cluster, CommandError
 from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
-from skr8tr.conductor.listen import send_messages
 from skr8tr.conductor.rollout import RolloutManager
+from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection
 from skr8tr.core import envelope, protocol
 from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
 
@@ -154,16 +153,16 @@ class CliApi:
                                "args": audit.redact_args(cmd, args), "result": result},
                               self.wall())
 
-    async def serve_connection(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def serve_connection(self, ws: ServerConnection) -> None:
         """Answer requests until the client leaves, is idle too long or sends too fast."""
-        peer = peer_of(ws)
+        peer = ws.peer
         bucket = TokenBucket(self.limits.messages_per_s, self.limits.message_burst,
                              trio.current_time())
         while True:
             with trio.move_on_after(self.limits.idle_timeout_s) as idle:
                 try:
                     raw = await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
+                except ConnectionClosed as exc:
                     self.count_close(exc, peer)
                     return
             if idle.cancelled_caught:
@@ -179,36 +178,28 @@ class CliApi:
             if self.cluster.node_messages_queued != queued:
                 # The command queued work for nodes (a launch, a stop): one scheduling
                 # round lets their sessions write it before this reply goes out, so
-                # the node starts while the reply travels (see send_messages).
+                # the node starts while the reply travels (see
+                # ServerConnection.send_messages).
                 await trio.sleep(0)
             try:
                 await ws.send_message(reply)
-            except trio_websocket.ConnectionClosed:
+            except ConnectionClosed:
                 return
 
-    def count_close(self, exc: trio_websocket.ConnectionClosed, peer: str) -> None:
-        """Count a close that trio-websocket did for a limit (1009: message too big)."""
-        if exc.reason is not None and exc.reason.code == 1009:
+    def count_close(self, exc: ConnectionClosed, peer: str) -> None:
+        """Count a close that the connection did for a limit (1009: message too big)."""
+        if exc.code == 1009:
             self.closed.count("message_too_big")
             log.warning("closed a connection from %s: a message over %d bytes", peer,
                         protocol.MAX_MESSAGE_BYTES)
 
-    async def close_for(self, ws: trio_websocket.WebSocketConnection, peer: str, reason: str,
+    async def close_for(self, ws: ServerConnection, peer: str, reason: str,
                         code: int, why: str) -> None:
         """Close *ws* because it broke a limit; count and log it."""
         self.closed.count(reason)
         log.warning("closed a connection from %s: %s", peer, why)
-        with trio.move_on_after(2), contextlib.suppress(trio_websocket.ConnectionClosed):
+        with trio.move_on_after(2):
             await ws.aclose(code=code, reason=why[:120])
-
-
-def peer_of(ws: trio_websocket.WebSocketConnection) -> str:
-    """The client's address; ask while the connection is open (a closed socket has none)."""
-    try:
-        remote = ws.remote
-    except OSError:
-        return "?"
-    return str(remote.address) if hasattr(remote, "address") else "?"
 
 
 def _fingerprint(key: object) -> str | None:
@@ -240,7 +231,7 @@ def _location(message: str) -> str:
     return f"{head}: (manifest error; details in the reply, not logged)"
 
 
-async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection,
+async def serve_watch(cluster: Cluster, ws: ServerConnection,
                       api: CliApi | None = None) -> None:
     """``/v1/watch``: a snapshot, then every event, then a snapshot after each change burst.
 
@@ -248,12 +239,12 @@ async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection,
     size limits apply to that too.
     """
     limits = api.limits if api is not None else Limits()
-    peer = peer_of(ws)
+    peer = ws.peer
     with cluster.events.subscribe() as events:
         try:
             await ws.send_message(protocol.snapshot_message(cluster.events.seq, cluster.wall(),
                                                             cluster.status()))
-        except trio_websocket.ConnectionClosed as exc:  # left before its snapshot
+        except ConnectionClosed as exc:  # left before its snapshot
             if api is not None:
                 api.count_close(exc, peer)
             return
@@ -270,13 +261,13 @@ async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection,
                                                 f"more than {limits.messages_per_s:g} "
                                                 "messages/s")
                             break
-                except trio_websocket.ConnectionClosed as exc:
+                except ConnectionClosed as exc:
                     if api is not None:
                         api.count_close(exc, peer)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(drain_client)
-            with contextlib.suppress(trio_websocket.ConnectionClosed):  # the watcher left
+            with contextlib.suppress(ConnectionClosed):  # the watcher left
                 async for ev in events:
                     # One scheduling round first: the command that published this
                     # event finishes publishing, and what it queued for the nodes
@@ -289,7 +280,7 @@ async def serve_watch(cluster: Cluster, ws: trio_websocket.WebSocketConnection,
                             burst.append(events.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await send_messages(ws, [protocol.event_message(e.seq, e.ts, e.event,
-                                                                    e.data) for e in burst])
+                    await ws.send_messages([protocol.event_message(e.seq, e.ts, e.event,
+                                                                   e.data) for e in burst])
             nursery.cancel_scope.cancel()
 

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from functools import partial
 
 import trio
-import trio_websocket
 
 from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
-from skr8tr.conductor import audit, state_store, status_http
+from skr8tr.conductor import audit, state_store, status_http, wsserver
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import serve_http
 from skr8tr.conductor.limits import ClosedCounter, Limits
@@ -194,7 +193,7 @@ async def run_conductor(config: ConductorConfig, *,
         cluster.start_adopt_grace()
     cli.audit_log = audit_log = _open_audit(config)
 
-    async def on_websocket(request: trio_websocket.WebSocketRequest) -> None:
+    async def on_websocket(request: wsserver.Request) -> None:
         path = request.path.split("?", 1)[0]
         if path not in ("/v1/cli", "/v1/node", "/v1/watch"):
             await request.reject(404, body=b"unknown path; use /v1/cli, /v1/node or /v1/watch\n")

@@ -21,12 +21,11 @@ import contextlib
 import logging
 
 import trio
-import trio_websocket
 
-from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle, peer_of
+from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle
 from skr8tr.conductor.cluster import NODE_OUTBOX, Cluster, CommandError
 from skr8tr.conductor.limits import TokenBucket
-from skr8tr.conductor.listen import send_messages
+from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
 from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
@@ -34,15 +33,15 @@ from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, enco
 log = logging.getLogger("skr8tr.conductor")
 
 
-async def _refuse(ws: trio_websocket.WebSocketConnection, code: str, message: str) -> None:
-    with contextlib.suppress(trio_websocket.ConnectionClosed):  # it left first: fine
+async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
+    with contextlib.suppress(ConnectionClosed):  # it left first: fine
         await ws.send_message(encode_node_message("refused", code=code, message=message))
         await ws.aclose(code=1008, reason=message[:120])
 
 
 async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
-                     ws: trio_websocket.WebSocketConnection) -> None:
-    peer = peer_of(ws)
+                     ws: ServerConnection) -> None:
+    peer = ws.peer
     challenge = envelope.new_challenge()
     raw: str | bytes | None = None
     timeout_s = api.limits.handshake_timeout_s
@@ -50,7 +49,7 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
         await ws.send_message(encode_node_message("challenge", nonce=challenge.hex()))
         with trio.move_on_after(timeout_s):
             raw = await ws.get_message()
-    except trio_websocket.ConnectionClosed as exc:
+    except ConnectionClosed as exc:
         api.count_close(exc, peer)
         return
     if raw is None:
@@ -92,7 +91,7 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
     authority.node_sessions.add(handle)
     try:
         # ConnectionClosed from either task simply ends the session.
-        with handle.scope, contextlib.suppress(trio_websocket.ConnectionClosed):
+        with handle.scope, contextlib.suppress(ConnectionClosed):
             await ws.send_message(encode_node_message("welcome", node_id=node_id,
                                                       heartbeat_s=cluster.heartbeat_s))
             async with trio.open_nursery() as nursery:
@@ -101,14 +100,15 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
                         async for text in outbox_recv:
                             # Everything queued by now (a rollout batch's launches)
                             # goes in one write, before the command's reply: see
-                            # send_messages and CliApi.serve_connection.
+                            # ServerConnection.send_messages and
+                            # CliApi.serve_connection.
                             burst = [text]
                             while True:
                                 try:
                                     burst.append(outbox_recv.receive_nowait())
                                 except (trio.WouldBlock, trio.EndOfChannel):
                                     break
-                            await send_messages(ws, burst)
+                            await ws.send_messages(burst)
                     # The cluster closed the outbox: this session is over.
                     nursery.cancel_scope.cancel()
 
@@ -128,14 +128,14 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
             await ws.aclose()
 
 
-async def _receive(cluster: Cluster, api: CliApi, ws: trio_websocket.WebSocketConnection,
+async def _receive(cluster: Cluster, api: CliApi, ws: ServerConnection,
                    node_id: str) -> None:
     limits = api.limits
     bucket = TokenBucket(limits.messages_per_s, limits.message_burst, trio.current_time())
     while True:
         try:
             raw = await ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
+        except ConnectionClosed as exc:
             api.count_close(exc, f"node {node_id}")
             return
         if not bucket.take(trio.current_time()):
