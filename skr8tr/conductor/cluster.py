@@ -670,12 +670,12 @@ class Cluster:
             f"replica.{outcome.state}", app=r.app, replica=r.replica_id, node=r.node_id,
             exit_code=exit_code, signal=signal, message=message,
             restart_in_s=None if outcome.restart_at is None
-            else round(outcome.restart_at - self.clock(), 3),
+            else round(max(0.0, outcome.restart_at - self.clock()), 3),
         )
         log.info("replica %s %s (exit code %s, signal %s%s)%s", r.replica_id, outcome.state,
                  exit_code, signal, f", {message}" if message else "",
-                 "" if outcome.restart_at is None
-                 else f"; restarting in {outcome.restart_at - self.clock():.1f} s")
+                 "" if outcome.restart_at is None  # (a lost node's replicas: due now)
+                 else f"; restarting in {max(0.0, outcome.restart_at - self.clock()):.1f} s")
         self.mark_dirty(r.app)
 
     def drain_replica(self, replica_id: str) -> None:
