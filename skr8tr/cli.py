@@ -25,26 +25,22 @@ from typing import Any
 
 from skr8tr import __version__, output
 
-EXIT_OK = 0
-EXIT_REMOTE_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
+# The client's failures and the CLI's own are one kind of error: printed as
+# ``error: CODE: message``, the process exits with ``exit`` (skr8tr.wire is
+# stdlib only, so importing it costs the CLI nothing).
+from skr8tr.wire import (  # noqa: F401 (the exit codes are part of this module's API)
+    DEFAULT_CONDUCTOR_URL,
+    DEFAULT_TIMEOUT_S,
+    EXIT_OK,
+    EXIT_REMOTE_ERROR,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+from skr8tr.wire import ClientError as CliError
 
-DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 DEFAULT_KEY_FILE = "~/.skr8tr/signing.sec"
-DEFAULT_TIMEOUT_S = 10.0
 
 ROLLOUT_SUBVERBS = ("status", "abort", "undo", "history")
-
-
-class CliError(Exception):
-    """Printed as ``error: CODE: message``; the process exits with ``exit``."""
-
-    def __init__(self, code: str, message: str, exit: int) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.exit = exit
 
 
 # --------------------------------------------------------------------------- parsing
@@ -416,10 +412,6 @@ def _signing_key(opts: argparse.Namespace, *, required: bool) -> Any | None:
         ) from None
 
 
-def _client_error(exc: Exception) -> CliError:
-    return CliError(exc.code, exc.message, exc.exit)  # type: ignore[attr-defined]
-
-
 def _run_client(opts: argparse.Namespace, body: Callable[[Any], int], *, signed: bool) -> int:
     """Run ``body(call_options)``, mapping client failures to exit codes."""
     from skr8tr import wire
@@ -430,10 +422,7 @@ def _run_client(opts: argparse.Namespace, body: Callable[[Any], int], *, signed:
         signing_key=_signing_key(opts, required=signed),
         ca_file=opts.ca,
     )
-    try:
-        return body(call_opts)
-    except wire.ClientError as exc:
-        raise _client_error(exc) from None
+    return body(call_opts)  # a wire.ClientError is a CliError: main() prints it
 
 
 def _simple_call(cmd: str, args_of: Callable[[argparse.Namespace], dict],

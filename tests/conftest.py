@@ -62,3 +62,19 @@ def run_cli(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+@pytest.fixture
+def pki(tmp_path: Path):
+    """A throwaway CA and a conductor certificate for 127.0.0.1 (tests/security_helpers)."""
+    from tests.security_helpers import make_pki
+
+    return make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def other_pki(tmp_path: Path):
+    """A second, unrelated CA: what a client must not trust."""
+    from tests.security_helpers import make_pki
+
+    return make_pki(tmp_path / "other-pki", label="someone else")

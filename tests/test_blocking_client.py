@@ -14,7 +14,6 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 
 import pytest
 import trio
@@ -24,7 +23,7 @@ from skr8tr import blocking_client, client
 from skr8tr.core import protocol
 from skr8tr.wire import CallOptions, ClientError
 from tests.conftest import free_port
-from tests.security_helpers import make_pki, open_conductor
+from tests.security_helpers import open_conductor
 
 DEADLINE_S = 30
 
@@ -413,15 +412,6 @@ async def test_a_closed_connection_refuses_more_calls(tmp_path):
 
 # ------------------------------------------------------------------ wss://
 
-
-@pytest.fixture
-def pki(tmp_path: Path):
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def other_pki(tmp_path: Path):
-    return make_pki(tmp_path / "other-pki", label="someone else")
 
 
 async def test_wss_is_verified_with_the_given_ca(tmp_path, pki, other_pki):

@@ -15,19 +15,10 @@ import trio
 from skr8tr import client, tls
 from skr8tr.node.agent import AgentConfig, AgentConfigError, run_agent, security
 from tests.conftest import skr8tr_command
-from tests.security_helpers import make_pki, open_conductor, ping
+from tests.security_helpers import open_conductor, ping
 
 DEADLINE_S = 30
 
-
-@pytest.fixture
-def pki(tmp_path: Path):
-    return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def other_pki(tmp_path: Path):
-    return make_pki(tmp_path / "other-pki", label="someone else")
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> trio.Process:
