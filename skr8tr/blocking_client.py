@@ -133,7 +133,7 @@ class Connection:
                 while True:  # until the server's close frame; later messages are dropped
                     self.receive_message(deadline)
         except (Closed, OSError):
-            pass
+            pass  # the answer to our close, or the server gone: either way, done
         finally:
             self._release()
 
@@ -146,7 +146,7 @@ class Connection:
                 self._sock.settimeout(0)
                 self._sock.send(self._proto.encode_close(1000))
         except OSError:
-            pass
+            pass  # best effort on the way out: the socket is closed next anyway
         finally:
             self._release()
 

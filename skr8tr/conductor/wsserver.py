@@ -453,7 +453,7 @@ class ServerConnection:
             while self._readable and not self._reading and not self._broken:
                 await self._receive()
         except ConnectionClosed:
-            pass
+            pass  # the peer answered our close (or left): what aclose waits for
         finally:
             self._readable = False
             await _close_stream(self.stream)
