@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
@@ -78,3 +79,18 @@ def other_pki(tmp_path: Path):
     from tests.security_helpers import make_pki
 
     return make_pki(tmp_path / "other-pki", label="someone else")
+
+
+async def read_until_closed(stream) -> bytes:
+    """Everything a trio stream receives until the peer closes it.
+
+    A reset (BrokenResourceError) is a way of closing too: the servers under
+    test may close hard after their answer, and the answer is what counts.
+    """
+    import trio
+
+    data = b""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data

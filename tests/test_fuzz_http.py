@@ -35,6 +35,7 @@ from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Limits as IngressLimits
 from skr8tr.ingress.proxy import Proxy
 from skr8tr.ingress.routes import ReplicaTable, RouteTable, parse_route
+from tests.conftest import read_until_closed
 from tests.security_helpers import open_conductor
 
 EXAMPLES = 10_000
@@ -103,11 +104,7 @@ async def exchange(serve, data: bytes) -> bytes:
             with contextlib.suppress(trio.BrokenResourceError):  # it closed first: fine
                 await client.send_all(data)
             await client.send_stream.aclose()
-            try:
-                while chunk := await client.receive_some(65536):
-                    answer += chunk
-            except trio.BrokenResourceError:
-                pass
+            answer = await read_until_closed(client)
     return answer
 
 
@@ -145,10 +142,9 @@ async def over_socket(port: int, data: bytes) -> bytes:
             try:
                 await stream.send_all(data)
                 await stream.send_eof()
-                while chunk := await stream.receive_some(65536):
-                    answer += chunk
             except trio.BrokenResourceError:
-                pass
+                return answer  # it hung up on our request: no answer to read
+            answer = await read_until_closed(stream)
     return answer
 
 

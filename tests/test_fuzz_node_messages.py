@@ -122,7 +122,7 @@ async def drain(ws: trio_websocket.WebSocketConnection) -> None:
         while True:
             await ws.get_message()
     except trio_websocket.ConnectionClosed:
-        pass
+        pass  # the conductor closed the session: the end this loop waits for
 
 
 async def test_node_message_decoder_and_conductor_never_break(tmp_path):

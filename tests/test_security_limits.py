@@ -17,6 +17,7 @@ import trio_websocket
 from skr8tr.conductor.limits import AddressSlots, Limits, TokenBucket
 from skr8tr.core import envelope, keys
 from skr8tr.core.node_protocol import decode_node_message, encode_node_message
+from tests.conftest import read_until_closed
 from tests.security_helpers import (
     closed_count,
     http_get,
@@ -69,16 +70,6 @@ async def still_serving(c) -> None:
     assert (await ping(c.url))["ok"]
     status, _, body = await http_get(c.http_port, "/healthz")
     assert (status, body) == (200, b"ok\n")
-
-
-async def read_until_closed(stream: trio.SocketStream) -> bytes:
-    data = b""
-    try:
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    except trio.BrokenResourceError:
-        pass
-    return data
 
 
 async def test_connections_per_address(tmp_path: Path):

@@ -116,7 +116,7 @@ async def test_status_page_over_https(tmp_path, pki, other_pki):
                     await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                     with pytest.raises(trio.BrokenResourceError):
                         while await stream.receive_some(1024):
-                            pass
+                            pass  # read until the conductor cuts the connection
                         raise trio.BrokenResourceError  # closed cleanly: also no answer
             assert await https_get(c.http_port, "/healthz", pki.ca) == (200, b"ok\n")
 
@@ -186,10 +186,10 @@ async def test_no_warning_on_loopback_or_with_tls(tmp_path, pki, caplog):
     caplog.set_level(logging.WARNING)
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path):
-            pass
+            pass  # start and stop: the warning (or none) is logged at start
         async with open_conductor(tmp_path, listen=("0.0.0.0", 0), tls_cert=str(pki.cert),
                                   tls_key=str(pki.key)):
-            pass
+            pass  # start and stop, as above
     assert "NO TLS" not in caplog.text
 
 
