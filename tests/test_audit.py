@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from skr8tr.conductor import audit
 from skr8tr.conductor.daemon import ConductorConfig, StartError, run_conductor
-from skr8tr.core import audit_chain, keys, protocol
+from skr8tr.core import audit_chain, keys, manifest, protocol
 from skr8tr.core.audit_chain import GENESIS, ChainError, Head
 from tests.conftest import skr8tr_command
 from tests.security_helpers import open_conductor, scrape
@@ -127,10 +127,15 @@ def test_seal_refuses_reserved_fields():
 
 def test_manifests_are_recorded_without_env_values():
     text = f"app web\n  exec /bin/true\n  env\n    TOKEN {SECRET}\n    MODE prod\n"
-    shown = audit.redact_args("up", {"manifest": text, "format": "skr8tr", "base_dir": "/x"})
+    args = {"manifest": text, "format": "skr8tr", "base_dir": "/x"}
+    parsed = manifest.parse_manifest(text, filename="m", base_dir="/x")
+    shown = audit.redact_args("up", args, parsed)
     assert SECRET not in json.dumps(shown) and "prod" not in json.dumps(shown)
     assert shown["app"] == "web" and shown["env_keys"] == ["MODE", "TOKEN"]
     assert shown["manifest_bytes"] == len(text.encode())
+    # Without the caller's parse (a refused request's), the text is never parsed.
+    unparsed = audit.redact_args("up", args)
+    assert "app" not in unparsed and unparsed["manifest_sha256"] == shown["manifest_sha256"]
     broken = audit.redact_args("up", {"manifest": f"app ?? {SECRET}", "format": "skr8tr"})
     assert SECRET not in json.dumps(broken) and "manifest_sha256" in broken
     assert audit.redact_args("down", "nonsense") == {"unreadable": "'nonsense'"}

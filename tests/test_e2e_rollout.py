@@ -106,7 +106,15 @@ def test_rollout_abort_and_auto_rollback(cluster: Cluster, tmp_path: Path):
     status = cluster.json("rollout", "status", "web")
     assert status["state"] == "rolled_back"
     assert "exit code 3" in status["message"]
-    assert "crashing on purpose" in status["message"], "the last log lines are in the reason"
+    # What the workload printed reaches only the signed `logs` verb: never the reason
+    # that `rollout status`, /api/state and the watch stream show to anyone.
+    assert "crashing on purpose" not in status["message"]
+    assert "skr8tr logs web --replica" in status["message"]
+    failed = status["message"].split("--replica ", 1)[1].split(")", 1)[0]
+    _, _, api_state = http_get("127.0.0.1", cluster.http_port, "/api/state")
+    _, _, api_events = http_get("127.0.0.1", cluster.http_port, "/api/events")
+    assert "crashing on purpose" not in api_state + api_events
+    assert "crashing on purpose" in cluster.cli_ok("logs", "web", "--replica", failed)
     rows = cluster.wait_ready("web", 3, generation=2)
     assert {r["pid"] for r in rows} == {r["pid"] for r in v2}
     assert used_ports(cluster) == ports_v2

@@ -57,10 +57,10 @@ def test_undo_refusals(history, current, to, message):
         undo_target(history, current, to)
 
 
-def test_describe_failure_names_replica_cause_and_last_lines():
-    text = describe_failure("web-1a2b", why="exited before it was ready", exit_code=3,
-                            message="boom", log_lines=[f"line {i}\n" for i in range(8)])
-    assert text == ("replica web-1a2b exited before it was ready, exit code 3, boom; "
-                    "last log lines: line 3 | line 4 | line 5 | line 6 | line 7")
-    assert describe_failure("w", why="was not ready", signal=9) == (
-        "replica w was not ready, killed by signal 9")
+def test_describe_failure_names_replica_cause_and_where_its_output_is():
+    text = describe_failure("web-1a2b", app="web", why="exited before it was ready",
+                            exit_code=3, message="boom")
+    assert text == ("replica web-1a2b exited before it was ready, exit code 3, boom "
+                    "(its output: skr8tr logs web --replica web-1a2b)")
+    assert describe_failure("w", app="a", why="was not ready", signal=9) == (
+        "replica w was not ready, killed by signal 9 (its output: skr8tr logs a --replica w)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -11,15 +12,16 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr.conductor import metrics
-from skr8tr.conductor.api import RefusalCounter
 from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.status_http import StatusSite
 
 
 def make_site(listen=("127.0.0.1", 7771), ws_port=None) -> StatusSite:
     cluster = Cluster(node_timeout_s=9.0)
     api = SimpleNamespace(
-        refusals=RefusalCounter(), rollouts=SimpleNamespace(active={}),
+        refusals=RefusalReporter(audit_log=None, wall=time.time),
+        rollouts=SimpleNamespace(active={}),
         command_seconds=metrics.Histogram("skr8tr_command_duration_seconds", "t", ("cmd",)))
     return StatusSite(cluster, api, listen=listen, ws_port=ws_port)
 

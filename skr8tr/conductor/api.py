@@ -10,14 +10,16 @@ is closed with 1008, one that sends nothing for ``Limits.idle_timeout_s``
 with 1000; all three are counted (:mod:`skr8tr.conductor.limits`).
 
 Every request for a signed command, accepted or refused, goes to the audit
-log when there is one (:mod:`skr8tr.conductor.audit`). Manifests and their
-environment values never reach the conductor's log.
+log when there is one (:mod:`skr8tr.conductor.audit`); refusals beyond a few a
+second are summed up in one line a second instead
+(:mod:`skr8tr.conductor.refusals`). Manifests and their environment values
+never reach the conductor's log.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,12 +29,15 @@ import trio
 from skr8tr.conductor import audit, commands, metrics
 from skr8tr.conductor.cluster import Cluster, CommandError
 from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
+from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection
-from skr8tr.core import envelope, protocol
+from skr8tr.core import envelope, manifest, protocol
 from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
 
 log = logging.getLogger("skr8tr.conductor")
+
+LARGE_MESSAGE_BYTES = 64 * 1024  # above this, decoded and verified in a worker thread
 
 
 @dataclass(eq=False)
@@ -68,16 +73,6 @@ class Authority:
         return revoked
 
 
-@dataclass
-class RefusalCounter:
-    """Requests refused, by reason (exported by /metrics)."""
-
-    by_code: dict[str, int] = field(default_factory=dict)
-
-    def count(self, code: str) -> None:
-        self.by_code[code] = self.by_code.get(code, 0) + 1
-
-
 class CliApi:
     def __init__(self, cluster: Cluster, authority: Authority, wall_clock, *,
                  limits: Limits | None = None, closed: ClosedCounter | None = None,
@@ -87,71 +82,88 @@ class CliApi:
         self.wall = wall_clock
         self.limits = limits or Limits()
         self.closed = closed or ClosedCounter()
-        self.audit_log = audit_log
         self.log_requests = commands.LogRequests()
-        self.rollouts = RolloutManager(
-            cluster, commands.make_log_fetcher(cluster, self.log_requests))
+        self.rollouts = RolloutManager(cluster)
         self.handlers = commands.handlers(self.log_requests, self.rollouts)
-        self.refusals = RefusalCounter()
+        self.refusals = RefusalReporter(audit_log=audit_log, wall=wall_clock)
+        self.audit_log = audit_log
+        # CPU-heavy work taken off the event loop (large requests' decode and signature
+        # check, large manifests' parse) runs in one worker thread at a time.
+        self._cpu_limiter = trio.CapacityLimiter(1)
         self.command_seconds = metrics.Histogram(
             "skr8tr_command_duration_seconds",
             "Time from receiving a /v1/cli request to its reply, by command.", labels=("cmd",))
 
+    @property
+    def audit_log(self) -> audit.AuditLog | None:
+        return self._audit_log
+
+    @audit_log.setter
+    def audit_log(self, value: audit.AuditLog | None) -> None:
+        self._audit_log = self.refusals.audit_log = value
+
     async def handle_message(self, raw: str | bytes, peer: str) -> str:
-        """The reply to one message. Never raises (but for cancellation)."""
+        """The reply to one message. Never raises (but for cancellation).
+
+        The order of §4 holds: nothing past the frame is looked at before the
+        signature verified, and a refusal costs the JSON decode and the checks
+        of the envelope, never a parse of what the arguments hold. A message
+        over LARGE_MESSAGE_BYTES is decoded and verified in a worker thread (one
+        at a time), so that it cannot hold up the event loop, node heartbeats and
+        every other client; the replay guard always runs here, on the loop.
+        """
         started = time.perf_counter()
-        req = protocol.accept_request(
-            raw, authorized=self.authority.authorized, guard=self.authority.guard,
-            now=self.wall(), insecure=self.authority.insecure,
-        )
+        authorized, insecure = self.authority.authorized, self.authority.insecure
+        if len(raw) > LARGE_MESSAGE_BYTES:
+            auth = await trio.to_thread.run_sync(
+                functools.partial(protocol.authenticate_request, raw, authorized=authorized,
+                                  insecure=insecure), limiter=self._cpu_limiter)
+        else:
+            auth = protocol.authenticate_request(raw, authorized=authorized, insecure=insecure)
+        req = protocol.admit_request(auth, guard=self.authority.guard, now=self.wall())
         if isinstance(req, protocol.DecodeError):
-            self.refusals.count(req.code)
-            claimed = _claimed(raw)
-            log.warning("refused a request from %s (key %s): %s: %s", peer,
-                        claimed["key"] or "none", req.code, req.message)
-            if self.audit_log is not None and claimed["cmd"] in envelope.SIGNED_COMMANDS:
-                # EXPIRED and REPLAY are judged after the signature verified.
-                verified = req.code in ("EXPIRED", "REPLAY")
-                self._audit(peer, claimed["cmd"], claimed["key"], verified, claimed["args"],
-                            {"ok": False, "code": req.code, "message": req.message})
+            self.refusals.refused(peer, req)
             return protocol.error_reply(req.id, req.code, req.message)
         handler = self.handlers[req.cmd]  # the decoder admits only known commands
         signed = req.cmd in envelope.SIGNED_COMMANDS
+        args = req.args
+        parsed = None
         try:
-            result = await handler(self.cluster, req.args)
+            if "manifest" in args:
+                # Authenticated (or read-only) from here on: parse off the loop when large.
+                parsed = await commands.parse_manifest_arg(args, self._cpu_limiter)
+                args = {**args, "parsed": parsed}
+            result = await handler(self.cluster, args)
         except CommandError as exc:
             # The message may quote the manifest (file:line:col: text): never its env.
             shown = exc.message if exc.code != "INVALID_MANIFEST" else _location(exc.message)
             if req.signer is not None:
                 log.info("%s by %s refused: %s: %s", req.cmd, req.signer, exc.code, shown)
             if signed:
-                self._audit_request(peer, req, {"ok": False, "code": exc.code,
-                                                "message": shown})
+                self._audit_request(peer, req, parsed, {"ok": False, "code": exc.code,
+                                                        "message": shown})
             return protocol.error_reply(req.id, exc.code, exc.message)
         except Exception:
             log.exception("command %s failed", req.cmd)
             if signed:
-                self._audit_request(peer, req, {"ok": False, "code": "INTERNAL"})
+                self._audit_request(peer, req, parsed, {"ok": False, "code": "INTERNAL"})
             return protocol.error_reply(req.id, "INTERNAL",
                                         f"{req.cmd} failed inside the conductor; see its log")
         finally:
             self.command_seconds.observe(time.perf_counter() - started, cmd=req.cmd)
         if signed:
             log.info("%s %s by %s", req.cmd, _summary(req.args), req.signer or "insecure mode")
-            self._audit_request(peer, req, audit.result_summary(req.cmd, result))
+            self._audit_request(peer, req, parsed, audit.result_summary(req.cmd, result))
         return protocol.ok_reply(req.id, result)
 
-    def _audit_request(self, peer: str, req: protocol.Request, result: dict) -> None:
-        if self.audit_log is not None:
+    def _audit_request(self, peer: str, req: protocol.Request,
+                       parsed: manifest.Manifest | None, result: dict) -> None:
+        if self._audit_log is not None:
             key = _fingerprint(req.raw.get("key"))
-            self._audit(peer, req.cmd, key, req.signer is not None, req.args, result)
-
-    def _audit(self, peer: str, cmd: str, key: str | None, verified: bool, args: object,
-               result: dict) -> None:
-        assert self.audit_log is not None
-        self.audit_log.append({"peer": peer, "key": key, "verified": verified, "cmd": cmd,
-                               "args": audit.redact_args(cmd, args), "result": result},
-                              self.wall())
+            self._audit_log.append({"peer": peer, "key": key, "verified": req.signer is not None,
+                                   "cmd": req.cmd,
+                                   "args": audit.redact_args(req.cmd, req.args, parsed),
+                                   "result": result}, self.wall())
 
     async def serve_connection(self, ws: ServerConnection) -> None:
         """Answer requests until the client leaves, is idle too long or sends too fast."""
@@ -204,19 +216,6 @@ class CliApi:
 
 def _fingerprint(key: object) -> str | None:
     return fingerprint(key) if isinstance(key, str) and is_key_hex(key) else None
-
-
-def _claimed(raw: str | bytes) -> dict:
-    """What a refused message claims to be (cmd, key fingerprint, args), for log and audit."""
-    try:
-        doc = json.loads(raw)
-    except Exception:
-        doc = None
-    if not isinstance(doc, dict):
-        return {"cmd": None, "key": None, "args": None}
-    cmd = doc.get("cmd")
-    return {"cmd": cmd if isinstance(cmd, str) and cmd in envelope.COMMANDS else None,
-            "key": _fingerprint(doc.get("key")), "args": doc.get("args")}
 
 
 def _summary(args: dict) -> str:

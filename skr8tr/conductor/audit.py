@@ -39,6 +39,7 @@ from skr8tr.core import audit_chain, manifest
 log = logging.getLogger("skr8tr.conductor")
 
 MAX_SHOWN_CHARS = 256
+MAX_SHOWN_ARGS = 16  # arguments recorded per request (a command has at most 4)
 
 
 class AuditError(Exception):
@@ -164,44 +165,39 @@ def _replace(path: str, text: str) -> None:
 # --------------------------------------------------------------------------- redaction
 
 
-def redact_args(cmd: str, args: Any) -> Any:
+def redact_args(cmd: str, args: Any, parsed: manifest.Manifest | None = None) -> Any:
     """The arguments of a request as the audit log keeps them: no manifest text, no env values.
 
     A manifest becomes ``manifest_sha256`` / ``manifest_bytes``, plus ``app`` and
-    ``env_keys`` when it parses. Any other string is cut to MAX_SHOWN_CHARS.
+    ``env_keys`` when the caller passes it *parsed* (an accepted command's). The
+    text itself is never parsed here: a refused request's arguments are an
+    attacker's, and parsing them would let the refusal cost what the parse costs.
+    Any other string is cut to MAX_SHOWN_CHARS.
     """
     if not isinstance(args, dict):
-        return {"unreadable": _short(repr(args))}
+        return {"unreadable": _short(repr(args)[:4 * MAX_SHOWN_CHARS])}
     shown: dict[str, Any] = {}
-    for name, value in args.items():
+    for name, value in list(args.items())[:MAX_SHOWN_ARGS]:
         if name == "manifest":
-            shown.update(_manifest_summary(value, args))
+            shown.update(_manifest_summary(value, parsed))
         elif isinstance(value, str):
-            shown[str(name)] = _short(value)
+            shown[str(name)[:MAX_SHOWN_CHARS]] = _short(value)
         elif value is None or isinstance(value, bool | int | float):
-            shown[str(name)] = value
+            shown[str(name)[:MAX_SHOWN_CHARS]] = value
         else:
-            shown[str(name)] = _short(repr(value))
+            shown[str(name)[:MAX_SHOWN_CHARS]] = "(not shown: not a string or number)"
     return shown
 
 
-def _manifest_summary(text: Any, args: dict[str, Any]) -> dict[str, Any]:
+def _manifest_summary(text: Any, parsed: manifest.Manifest | None) -> dict[str, Any]:
     if not isinstance(text, str):
         return {"manifest": "(not text)"}
     raw = text.encode("utf-8", "surrogatepass")
     summary: dict[str, Any] = {"manifest_sha256": hashlib.sha256(raw).hexdigest(),
                                "manifest_bytes": len(raw)}
-    fmt = args.get("format") if args.get("format") in manifest.FORMATS else "skr8tr"
-    base_dir = args.get("base_dir")
-    if not (isinstance(base_dir, str) and os.path.isabs(base_dir)):
-        base_dir = "/"
-    try:
-        parsed = manifest.parse_manifest(text, filename="<audit>", base_dir=base_dir,
-                                         format=fmt)
-    except (manifest.ManifestError, ValueError):
-        return summary
-    summary["app"] = parsed.app
-    summary["env_keys"] = [k for k, _ in parsed.env]
+    if parsed is not None:
+        summary["app"] = parsed.app
+        summary["env_keys"] = [k for k, _ in parsed.env]
     return summary
 
 

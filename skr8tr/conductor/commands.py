@@ -27,15 +27,34 @@ LOGS_TIMEOUT_S = 5.0
 Handler = Callable[[Cluster, dict], Awaitable[Any]]
 
 
-def _parse(args: dict) -> tuple[manifest_mod.Manifest, str, str]:
+LARGE_MANIFEST_CHARS = 16 * 1024  # parsed in a worker thread above this
+
+
+def _parse_now(args: dict) -> manifest_mod.Manifest:
     fmt = args["format"]
-    text = args["manifest"]
     try:
-        m = manifest_mod.parse_manifest(text, filename=f"manifest.{fmt}",
-                                        base_dir=args["base_dir"], format=fmt)
+        return manifest_mod.parse_manifest(args["manifest"], filename=f"manifest.{fmt}",
+                                           base_dir=args["base_dir"], format=fmt)
     except manifest_mod.ManifestError as exc:
         raise CommandError("INVALID_MANIFEST", str(exc)) from None
-    return m, text, fmt
+
+
+async def parse_manifest_arg(args: dict,
+                             limiter: trio.CapacityLimiter | None = None) -> manifest_mod.Manifest:
+    """The manifest of an ``up``/``rollout`` request, parsed; raises CommandError
+    INVALID_MANIFEST. A large one is parsed in a worker thread (under *limiter*) so
+    that the event loop goes on serving nodes and clients meanwhile."""
+    if len(args["manifest"]) <= LARGE_MANIFEST_CHARS:
+        return _parse_now(args)
+    return await trio.to_thread.run_sync(_parse_now, args, limiter=limiter)
+
+
+async def _parse(args: dict) -> tuple[manifest_mod.Manifest, str, str]:
+    """Manifest, text and format of a request; ``parsed`` when the caller parsed it."""
+    m = args.get("parsed")
+    if m is None:
+        m = await parse_manifest_arg(args)
+    return m, args["manifest"], args["format"]
 
 
 def _app(cluster: Cluster, name: str):
@@ -51,7 +70,7 @@ async def cmd_ping(cluster: Cluster, args: dict) -> Any:
 
 
 async def cmd_up(cluster: Cluster, args: dict) -> Any:
-    m, text, fmt = _parse(args)
+    m, text, fmt = await _parse(args)
     app = cluster.apps.get(m.app)
     if app is not None:
         if app.manifest == m:
@@ -188,7 +207,7 @@ def make_logs_handler(requests: LogRequests) -> Handler:
 
 def make_rollout_handlers(rollouts: RolloutManager) -> dict[str, Handler]:
     async def cmd_rollout(cluster: Cluster, args: dict) -> Any:
-        m, text, fmt = _parse(args)
+        m, text, fmt = await _parse(args)
         return await rollouts.start(m, text, fmt, force=args.get("force", False))
 
     async def cmd_rollout_status(cluster: Cluster, args: dict) -> Any:
@@ -202,17 +221,6 @@ def make_rollout_handlers(rollouts: RolloutManager) -> dict[str, Handler]:
 
     return {"rollout": cmd_rollout, "rollout-status": cmd_rollout_status,
             "rollout-abort": cmd_rollout_abort, "rollout-undo": cmd_rollout_undo}
-
-
-def make_log_fetcher(cluster: Cluster, requests: LogRequests):
-    """For rollout failure reports: the last lines one replica printed."""
-    async def fetch(app: str, replica: str, tail: int) -> list[str]:
-        r = cluster.replicas.get(replica) or cluster.ended.get(replica)
-        nodes = [r.node_id] if r is not None else []
-        lines = await requests.gather(cluster, nodes, app, replica, tail)
-        return [line["text"] for line in lines]
-
-    return fetch
 
 
 def handlers(log_requests: LogRequests, rollouts: RolloutManager) -> dict[str, Handler]:

@@ -216,6 +216,7 @@ async def run_conductor(config: ConductorConfig, *,
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
+            await nursery.start(cli.refusals.serve)
             await nursery.start(cluster.run_reconciler)
             await nursery.start(cli.rollouts.run)
             await nursery.start(cluster.run_expiry_watchdog)

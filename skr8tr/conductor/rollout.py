@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +43,6 @@ CLEANUP_S = 30.0  # bound on the shielded cleanup of an ended rollout
 STOP_CONFIRM_EXTRA_S = 15.0  # beyond stop-grace, how long to wait for a node's exit report
 ABORT_WAIT_S = 45.0  # how long `rollout abort` waits for the cleanup before answering
 PORT_CLASH_RETRIES = 5  # per batch: a port found taken on the host is replaced by another
-
-# fetch_logs(app, replica, tail) -> the replica's last log lines (may be empty)
-LogFetcher = Callable[[str, str, int], Awaitable[list[str]]]
 
 
 class RolloutFailed(Exception):
@@ -86,9 +82,8 @@ class RolloutRecord:
 class RolloutManager:
     """The registry of rollouts by app and the nursery their tasks live in."""
 
-    def __init__(self, cluster: Cluster, fetch_logs: LogFetcher | None = None) -> None:
+    def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.fetch_logs = fetch_logs
         self.active: dict[str, RolloutRecord] = {}
         self.last: dict[str, RolloutRecord] = {}
         self.interrupted: list[str] = []  # apps whose rollout a conductor restart cut short
@@ -471,7 +466,7 @@ class RolloutManager:
                     rid = ids[i] = self._launch(record, app, revision, 1)[0]
                     r = self.cluster.replicas.get(rid)
                 if r is None or r.state in ENDED_STATES or r.state in ("draining", "stopping"):
-                    raise RolloutFailed(await self._failure(app, rid, "exited before it was "
+                    raise RolloutFailed(self._failure(app, rid, "exited before it was "
                                                             "ready"))
                 if r.state != "ready":
                     waiting.append(rid)
@@ -484,19 +479,14 @@ class RolloutManager:
             with trio.move_on_at(deadline) as scope:
                 await self.cluster.wait_changed()
             if scope.cancelled_caught:
-                raise RolloutFailed(await self._failure(
+                raise RolloutFailed(self._failure(
                     app, waiting[0], f"was not ready within {timeout_s:g} s (ready-timeout)"))
 
-    async def _failure(self, app: AppState, rid: str, why: str) -> str:
+    def _failure(self, app: AppState, rid: str, why: str) -> str:
         r = self.cluster.replicas.get(rid) or self.cluster.ended.get(rid)
-        lines: list[str] = []
-        if self.fetch_logs is not None:
-            with trio.move_on_after(3):
-                lines = await self.fetch_logs(app.name, rid, 5)
         return plan.describe_failure(
-            rid, why=why, exit_code=None if r is None else r.exit_code,
-            signal=None if r is None else r.signal, message=None if r is None else r.message,
-            log_lines=lines)
+            rid, app=app.name, why=why, exit_code=None if r is None else r.exit_code,
+            signal=None if r is None else r.signal, message=None if r is None else r.message)
 
     async def _drain_and_stop(self, record: RolloutRecord, app: AppState, ids: list[str]
                               ) -> None:

@@ -256,6 +256,22 @@ def verify_request(
     and at the signed bytes; never at ``cmd`` or ``args``. For any input,
     raises nothing but AuthError (ValueError only for a non-finite *now*).
     """
+    fpr = check_signature(req, authorized=authorized, role=role)
+    key, nonce, ts = req["key"], req["nonce"], req["ts"]
+    guard.check(key, nonce, ts, now)
+    guard.spend(key, nonce, ts, now)
+    return fpr
+
+
+def check_signature(req: dict[str, Any], *, authorized: AuthorizedKeys,
+                    role: str = "admin") -> str:
+    """The UNAUTHORIZED half of :func:`verify_request`: well-formed fields, a key with
+    *role* and a good signature; returns the key's fingerprint. Spends nothing.
+
+    Touches no shared state, so a large request can be checked in a worker thread;
+    the replay guard (EXPIRED, REPLAY) must then run on the caller's thread.
+    Raises nothing but AuthError.
+    """
     if not isinstance(req, dict):
         raise AuthError("UNAUTHORIZED", "request must be a JSON object")
     key, sig = req.get("key"), req.get("sig")
@@ -292,9 +308,6 @@ def verify_request(
         raise AuthError("UNAUTHORIZED", "request cannot be put in canonical JSON form") from None
     if not _signature_ok(key, message, sig):
         raise AuthError("UNAUTHORIZED", f"bad signature for key {fpr}")
-
-    guard.check(key, nonce, ts, now)
-    guard.spend(key, nonce, ts, now)
     return fpr
 
 

@@ -40,6 +40,10 @@ MAX_RETRIES = 100
 MAX_CPU = 1024
 RAM_UNITS = {"T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10, "B": 1}  # largest first
 MAX_RAM_BYTES = 1024 * RAM_UNITS["T"]
+# Bounds that keep the parser's cost linear and small for any text it is given: a line of
+# the .skr8tr language, and any one string value (a TOML string, one word of `args`).
+MAX_LINE_CHARS = 16 * 1024
+MAX_VALUE_CHARS = 16 * 1024
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -49,6 +53,11 @@ _DIGITS = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _RAM = re.compile(r"([0-9]+)([KMGT]?)(B|iB)?")
 _WORD = re.compile(r"[^ \t]+")
+# One piece of a shell word (POSIX rules, as shlex.split): a bare run, a '...' string, a
+# "..." string (backslash escapes only " and itself there), or a backslash and what it escapes.
+_SHELL_PIECE = re.compile(r"""[^ \t\r\n'"\\]+|'([^']*)'|"((?:[^"\\]|\\.)*)"|\\(.)""", re.S)
+_SHELL_SPACE = re.compile(r"[ \t\r\n]*")
+_DQ_ESCAPE = re.compile(r'\\([\\"])')
 # shlex.quote's safe characters plus braces, so that `--port {port}` stays readable.
 _SAFE_WORD = re.compile(r"[\w@%+=:,./{}-]+", re.ASCII)
 # C0 controls but tab, DEL, and lone surrogates (not text; cannot be written back). In a source
@@ -407,6 +416,14 @@ def _read_skr8tr(text: str) -> _Entry:
     stack = [root]
     for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.removesuffix("\r")
+        if len(line) > MAX_LINE_CHARS:
+            _fail(
+                lineno,
+                MAX_LINE_CHARS + 1,
+                f"line is {len(line)} characters long",
+                line[:60],
+                f"lines of at most {MAX_LINE_CHARS} characters",
+            )
         end, bare, _ = _scan(line)
         content = line[:end].rstrip(" \t")
         body = content.lstrip(" \t")
@@ -876,7 +893,14 @@ def _wrong_type(entry: _Entry, expected: str) -> NoReturn:
 def _string(entry: _Entry) -> str:
     if not isinstance(entry.value, str):
         _wrong_type(entry, f"a string: {_expect(entry.key)}")
+    _check_length(entry, entry.value)
     return entry.value
+
+
+def _check_length(entry: _Entry, value: str) -> None:
+    if len(value) > MAX_VALUE_CHARS:
+        _fail(*entry.at(), f"{entry.key} value is {len(value)} characters long", value[:60],
+              f"at most {MAX_VALUE_CHARS} characters")
 
 
 def _bad_value(entry: _Entry, text: str, offset: int | None = None, why: str = "") -> NoReturn:
@@ -971,10 +995,41 @@ def _yes_no(entry: _Entry) -> bool:
     return _choice(entry, ("yes", "no")) == "yes"
 
 
+def shell_words(text: str) -> list[str]:
+    """The words of *text* exactly as ``shlex.split`` gives them, in time linear in its
+    length (shlex builds each word a character at a time: quadratic on long words).
+
+    Raises ValueError for an unclosed quote or a trailing lone backslash.
+    """
+    words: list[str] = []
+    pos = _SHELL_SPACE.match(text).end()  # type: ignore[union-attr]
+    end = len(text)
+    while pos < end:
+        pieces: list[str] = []
+        while pos < end and text[pos] not in " \t\r\n":
+            match = _SHELL_PIECE.match(text, pos)
+            if match is None:
+                raise ValueError("No closing quotation" if text[pos] in "'\""
+                                 else "No escaped character")
+            single, double, escaped = match.groups()
+            if single is not None:
+                pieces.append(single)
+            elif double is not None:
+                pieces.append(_DQ_ESCAPE.sub(r"\1", double) if "\\" in double else double)
+            elif escaped is not None:
+                pieces.append(escaped)
+            else:
+                pieces.append(match[0])
+            pos = match.end()
+        words.append("".join(pieces))
+        pos = _SHELL_SPACE.match(text, pos).end()  # type: ignore[union-attr]
+    return words
+
+
 def _words(entry: _Entry, text: str) -> list[str]:
-    """shlex words, with an unclosed quote or a trailing backslash reported where it is."""
+    """Shell words, with an unclosed quote or a trailing backslash reported where it is."""
     try:
-        return shlex.split(text)
+        return shell_words(text)
     except ValueError:
         opened = _scan(text)[2]
         if opened is None:
@@ -1004,6 +1059,7 @@ def _args(entry: _Entry, *, has_port: bool) -> tuple[str, ...]:
                 _fail(
                     *entry.at(), f"'args' holds {_kind(item)}", _text(item), "an array of strings"
                 )
+            _check_length(entry, item)
         words = value
     else:
         words = _words(entry, _string(entry))

@@ -35,7 +35,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
 
 if TYPE_CHECKING:  # nacl is imported only by what signs or verifies (CLI start-up)
@@ -47,11 +47,11 @@ from skr8tr.core.envelope import (
     SIGNED_COMMANDS,
     AuthError,
     ReplayGuard,
+    check_signature,
     is_nonce,
     is_sig_hex,
     new_nonce,
     sign_request,
-    verify_request,
 )
 from skr8tr.core.keys import AuthorizedKeys, is_key_hex
 
@@ -151,6 +151,11 @@ class DecodeError:
     id: str | None
     code: str
     message: str
+    # What the refused message claimed, when its frame decoded (for the log and the
+    # audit trail; never trusted): its cmd, its key (64 hex characters) and its args.
+    cmd: str | None = field(default=None, compare=False)
+    key: str | None = field(default=None, compare=False)
+    args: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -527,19 +532,62 @@ def accept_request(
     verified even when signed: a key that is not authorized may still ``list``.
     On success ``Request.signer`` is the signer's fingerprint (None if unverified).
     """
+    return admit_request(authenticate_request(data, authorized=authorized, insecure=insecure),
+                         guard=guard, now=now)
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """A decoded envelope whose signature, when its command needs one, is good
+    (``signer``, the key's fingerprint; None for read-only commands and ``--insecure``).
+    The replay guard has not judged it yet: see :func:`admit_request`."""
+
+    envelope: Envelope
+    signer: str | None
+
+
+def authenticate_request(data: str | bytes, *, authorized: AuthorizedKeys,
+                         insecure: bool = False) -> Authenticated | DecodeError:
+    """The first half of :func:`accept_request`: the frame and, for SIGNED_COMMANDS, the
+    UNAUTHORIZED checks (key, role, signature). Nothing after the frame is parsed or
+    looked at before the signature verified. Touches no shared state (a worker thread
+    may run it for a large message). Never raises."""
     envelope = decode_envelope(data)
     if isinstance(envelope, DecodeError):
         return envelope
     signer = None
     if envelope.cmd in SIGNED_COMMANDS and not insecure:
         try:
-            signer = verify_request(envelope.raw, authorized=authorized, guard=guard, now=now)
+            signer = check_signature(envelope.raw, authorized=authorized)
         except AuthError as exc:
-            return DecodeError(envelope.id, exc.code, exc.message)
+            return _refused(envelope, exc)
+    return Authenticated(envelope, signer)
+
+
+def admit_request(auth: Authenticated | DecodeError, *, guard: ReplayGuard,
+                  now: float) -> Request | DecodeError:
+    """The second half of :func:`accept_request`: the replay guard (EXPIRED, REPLAY; a
+    nonce is spent here) for signed requests, then the fields and args. Never raises."""
+    if isinstance(auth, DecodeError):
+        return auth
+    envelope = auth.envelope
+    if auth.signer is not None:
+        raw = envelope.raw
+        try:
+            guard.check(raw["key"], raw["nonce"], raw["ts"], now)
+        except AuthError as exc:
+            return _refused(envelope, exc)
+        guard.spend(raw["key"], raw["nonce"], raw["ts"], now)
     request = validate_request(envelope)
     if isinstance(request, DecodeError):
         return request
-    return replace(request, signer=signer)
+    return replace(request, signer=auth.signer)
+
+
+def _refused(envelope: Envelope, exc: AuthError) -> DecodeError:
+    key = envelope.raw.get("key")
+    return DecodeError(envelope.id, exc.code, exc.message, cmd=envelope.cmd,
+                       key=key if is_key_hex(key) else None, args=envelope.raw.get("args"))
 
 
 def encode_request(

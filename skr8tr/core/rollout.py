@@ -71,10 +71,14 @@ def undo_target(history: Sequence[HistoryView], current: int, to: int | None) ->
     return max(older)
 
 
-def describe_failure(replica: str, *, why: str, exit_code: int | None = None,
-                     signal: int | None = None, message: str | None = None,
-                     log_lines: Sequence[str] = ()) -> str:
-    """One paragraph a person can act on: which replica, what happened, its last words."""
+def describe_failure(replica: str, *, app: str, why: str, exit_code: int | None = None,
+                     signal: int | None = None, message: str | None = None) -> str:
+    """One paragraph a person can act on: which replica, what happened, where to look.
+
+    Never the workload's own output: this text reaches every surface anyone can
+    read without a key (``rollout status``, ``/api/state``, ``/v1/watch``), and
+    a process may print a secret. Its lines are one signed ``logs`` away.
+    """
     parts = [f"replica {replica} {why}"]
     if exit_code is not None:
         parts.append(f"exit code {exit_code}")
@@ -82,7 +86,4 @@ def describe_failure(replica: str, *, why: str, exit_code: int | None = None,
         parts.append(f"killed by signal {signal}")
     if message:
         parts.append(message)
-    text = ", ".join(parts)
-    if log_lines:
-        text += "; last log lines: " + " | ".join(line.strip() for line in log_lines[-5:])
-    return text
+    return ", ".join(parts) + f" (its output: skr8tr logs {app} --replica {replica})"
