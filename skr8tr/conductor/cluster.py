@@ -35,7 +35,7 @@ from skr8tr import __version__
 from skr8tr.conductor import state_store
 from skr8tr.conductor.events import EventBus
 from skr8tr.core import manifest as manifest_mod
-from skr8tr.core import node_protocol, placement, reconcile
+from skr8tr.core import node_protocol, placement, reconcile, replica_state
 from skr8tr.core.manifest import Manifest
 
 log = logging.getLogger("skr8tr.conductor")
@@ -101,6 +101,8 @@ class ReplicaState:
     drain_s: float = 0.0  # the manifest's `drain`: from leaving the ingress to SIGTERM
     drain_until: float | None = None  # retiring: stopped by the reconciler at this time
     retire_reason: str = ""
+    drained_from: str | None = None  # draining: the state an undrain puts back
+    lost_with_node: bool = False  # ended only because its node fell silent
 
     def row(self) -> dict[str, Any]:
         return {"app": self.app, "replica": self.replica_id, "node": self.node_id,
@@ -162,6 +164,11 @@ class ReplicaTable(dict[str, ReplicaState]):
         """``r`` is about to take an ended state (call before setting it)."""
         if r.state not in reconcile.ENDED_STATES and self.get(r.replica_id) is r:
             self._fewer(r.node_id)
+
+    def reviving(self, r: ReplicaState) -> None:
+        """``r`` is about to leave an ended state (a re-adoption; call before setting it)."""
+        if r.state in reconcile.ENDED_STATES and self.get(r.replica_id) is r:
+            self.live_on_node[r.node_id] = self.live_on_node.get(r.node_id, 0) + 1
 
     def _fewer(self, node_id: str) -> None:
         left = self.live_on_node[node_id] - 1
@@ -375,6 +382,10 @@ class Cluster:
                 self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
                                     node_lost=True, message=f"node {node.node_id} lost it")
         for report in reported.values():
+            owner = self.replicas.get(report["replica"])
+            if owner is not None:  # placed on another node: not this node's to claim
+                self._refuse_claim(node.node_id, owner)
+                continue
             if report["state"] in ("exited", "failed"):
                 continue
             self._adopt(node, report)
@@ -602,15 +613,26 @@ class Cluster:
         return r
 
     def replica_report(self, node_id: str, msg: dict) -> None:
-        """Apply a ``replica`` report from a node (idempotent)."""
+        """Apply a ``replica`` report from a node (idempotent).
+
+        A node speaks only for the replicas placed on it: a report about a replica
+        that the conductor placed on another node is refused, logged, and changes
+        nothing (issue #13.2). A report that an ended replica runs re-adopts it or
+        stops it, never leaves it running untracked (#13.3).
+        """
         r = self.replicas.get(msg["replica"])
         if r is None or r.node_id != node_id:
-            if msg["state"] not in ("exited", "failed"):
+            if r is not None:
+                self._refuse_claim(node_id, r)
+            elif msg["state"] not in ("exited", "failed"):
                 log.warning("node %s reports unknown replica %s; stopping it", node_id,
                             msg["replica"])
                 self.send(node_id, "stop", replica=msg["replica"])
             return
         state = msg["state"]
+        if r.state in reconcile.ENDED_STATES:
+            self._report_on_ended(r, msg)
+            return
         if msg.get("pid") is not None:
             r.pid = msg["pid"]
         if state in ("exited", "failed"):
@@ -625,7 +647,11 @@ class Cluster:
                 message=msg.get("message"),
             )
             return
-        if r.state in reconcile.ENDED_STATES or r.state in reconcile.LEAVING_STATES:
+        if r.state == "draining":
+            if state in ("running", "ready"):
+                r.drained_from = state  # what an undrain puts back
+            return
+        if r.state == "stopping":
             return  # a late report about a replica that is already on its way out
         if state == "unhealthy":
             self.events.publish("replica.unhealthy", app=r.app, replica=r.replica_id,
@@ -634,22 +660,73 @@ class Cluster:
             self.retire_replica(r.replica_id, "unhealthy")
             return
         if state != r.state:
-            r.state = state
+            r.state = replica_state.transition(r.replica_id, r.state, state)
             self.events.publish(f"replica.{state}", app=r.app, replica=r.replica_id,
                                 node=node_id, pid=r.pid, port=r.port, generation=r.generation)
             self.mark_dirty(r.app)
 
+    def _refuse_claim(self, node_id: str, owner: ReplicaState) -> None:
+        log.warning("node %s claims replica %s, which was placed on node %s; refused (the "
+                    "rightful row is left as it is)", node_id, owner.replica_id, owner.node_id)
+        self.events.publish("node.claim_refused", node=node_id, replica=owner.replica_id,
+                            owner=owner.node_id)
+
+    def _report_on_ended(self, r: ReplicaState, msg: dict) -> None:
+        """Its node says a replica that ended here is alive (or confirms it has ended).
+
+        A replica declared ended only because its node fell silent (a conductor
+        paused past --node-timeout, a network partition) is re-adopted with its
+        pid when its app still has its revision and its port is free; the
+        reconciler then trims any surplus. Any other is stopped.
+        """
+        state = msg["state"]
+        if state in ("exited", "failed"):
+            return  # the end we had assumed, now confirmed
+        app = self.apps.get(r.app)
+        holder = None if r.port is None else self.ports.get(r.address, {}).get(r.port)
+        if (not r.lost_with_node or r.stop_requested or app is None
+                or r.generation not in app.revisions or holder not in (None, r.replica_id)):
+            why = ("it had ended" if not r.lost_with_node else
+                   "its app is gone" if app is None or r.generation not in app.revisions else
+                   f"port {r.port} on {r.address} is held by {holder}" if holder else
+                   "it was being stopped")
+            log.warning("node %s reports %s (pid %s) alive, but %s; stopping it", r.node_id,
+                        r.replica_id, msg.get("pid"), why)
+            self.send(r.node_id, "stop", replica=r.replica_id)
+            return
+        back = replica_state.readopt(r.replica_id, r.state,
+                                     "ready" if state == "ready" else "running",
+                                     lost_with_node=r.lost_with_node)
+        self.replicas.reviving(r)
+        r.state, r.lost_with_node = back, False
+        r.restart_at = r.exit_code = r.signal = r.message = None
+        if msg.get("pid") is not None:
+            r.pid = msg["pid"]
+        self.ended.pop(r.replica_id, None)
+        self._claim_port(r)
+        log.info("re-adopted %s (pid %s, port %s) on %s: its node is back", r.replica_id,
+                 r.pid, r.port, r.node_id)
+        self.events.publish("replica.adopted", app=r.app, replica=r.replica_id,
+                            node=r.node_id, pid=r.pid, port=r.port, generation=r.generation,
+                            state=r.state)
+        self.mark_dirty(r.app)
+        if state == "unhealthy":
+            self.retire_replica(r.replica_id, "unhealthy")
+
     def _replica_ended(self, r: ReplicaState, *, exit_code: int | None, signal: int | None,
                        launch_failed: bool, node_lost: bool, message: str | None) -> None:
+        ended_as = "exited" if exit_code == 0 else "failed"
+        replica_state.transition(r.replica_id, r.state, ended_as)  # raises if r had ended
         self._release_port(r)
         self.replicas.ending(r)
         r.exit_code, r.signal, r.message = exit_code, signal, message
+        r.lost_with_node = node_lost and not r.port_clash
         self.ended[r.replica_id] = r
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)
         app = self.apps.get(r.app)
         if r.stop_requested or app is None or r.generation != app.generation:
-            r.state = "exited" if exit_code == 0 else "failed"
+            r.state = ended_as
             self.events.publish("replica.exited", app=r.app, replica=r.replica_id,
                                 node=r.node_id, exit_code=exit_code, signal=signal,
                                 requested=r.stop_requested, message=message)
@@ -661,7 +738,7 @@ class Cluster:
             signal=signal, launch_failed=launch_failed, ran_for_s=self.clock() - r.launched_at,
             restart_count=r.restart_count, node_lost=node_lost, now=self.clock(),
         )
-        r.state = outcome.state
+        r.state = replica_state.transition(r.replica_id, ended_as, outcome.state)
         r.restart_at = outcome.restart_at
         r.restart_count = outcome.restart_count
         app.completed += outcome.completed
@@ -681,18 +758,22 @@ class Cluster:
     def drain_replica(self, replica_id: str) -> None:
         """Mark a replica ``draining``: it leaves the ingress before it is stopped."""
         r = self.replicas[replica_id]
-        if r.state in reconcile.LIVE_STATES:
-            r.state = "draining"
+        if r.state in ("running", "ready"):  # a pending one is not in the ingress yet
+            r.drained_from = r.state
+            r.state = replica_state.transition(r.replica_id, r.state, "draining")
             self.events.publish("replica.draining", app=r.app, replica=r.replica_id,
                                 node=r.node_id, port=r.port, generation=r.generation)
             self.mark_dirty(r.app)
 
     def undrain_replica(self, replica_id: str) -> None:
-        """Put a drained replica that was not stopped back in service (an aborted rollout)."""
+        """Put a drained replica that was not stopped back as it was (an aborted rollout):
+        ``ready`` only if it was ready (or became ready while draining)."""
         r = self.replicas.get(replica_id)
         if r is not None and r.state == "draining":
-            r.state = "ready"
-            self.events.publish("replica.ready", app=r.app, replica=r.replica_id,
+            back = replica_state.undrain_target(r.replica_id, r.drained_from)
+            r.state = replica_state.transition(r.replica_id, r.state, back)
+            r.drained_from = None
+            self.events.publish(f"replica.{back}", app=r.app, replica=r.replica_id,
                                 node=r.node_id, pid=r.pid, port=r.port, generation=r.generation,
                                 undrained=True)
             self.mark_dirty(r.app)
@@ -744,8 +825,8 @@ class Cluster:
             self._release_port(r)
             del self.replicas[replica_id]
             return
+        r.state = replica_state.transition(r.replica_id, r.state, "stopping")
         r.stop_requested = True
-        r.state = "stopping"
         self.events.publish("replica.stopping", app=r.app, replica=r.replica_id,
                             node=r.node_id, reason=reason)
         node = self.nodes.get(r.node_id)

@@ -264,6 +264,11 @@ class RolloutManager:
         new = app.revisions[record.to_generation]
         record.launched = {r.replica_id for r in cluster.replicas.values()
                            if r.app == app_name and r.generation == new.generation}
+        # What the nodes report is the truth: new replicas serving are replaced ones,
+        # even those whose batch ended after the last state write.
+        serving_new = sum(1 for rid in record.launched
+                          if cluster.replicas[rid].state == "ready")
+        record.replaced = min(record.total, max(record.replaced, serving_new))
         cluster.events.publish("rollout.interrupted", app=app_name,
                                from_generation=record.from_generation,
                                to_generation=record.to_generation,
@@ -432,6 +437,9 @@ class RolloutManager:
                 self.cluster.events.publish("rollout.progress", app=app.name,
                                             replaced=record.replaced, total=record.total,
                                             to_generation=record.to_generation)
+                # Durable per batch: a conductor killed now restarts knowing how far
+                # this rollout got (rollout status, and the reason it ends with).
+                self.cluster.persist_later_if_failing()
 
     def _launch(self, record: RolloutRecord, app: AppState, revision: Revision, count: int
                 ) -> list[str]:
