@@ -192,11 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route", metavar="/PREFIX:APP", action="append", required=True,
                    help="route a path prefix to an app (repeatable)")
     p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
-                   help="client connections served at once; more get a 503 (default 1024)")
+                   help="client connections served at once, lowered to fit the open-file "
+                   "limit; more get a 503 (default 1024)")
+    p.add_argument("--max-connections-per-address", metavar="N", type=_positive_int,
+                   default=256, help="client connections from one address (IPv6: one /64) "
+                   "at once; more get a 503 (default 256)")
     p.add_argument("--header-timeout", metavar="S", type=_positive_float, default=10.0,
-                   help="a request head must arrive within S seconds (default 10)")
+                   help="the first request head must arrive whole within S of connecting, "
+                   "a later one within S of its first byte (default 10)")
     p.add_argument("--idle-timeout", metavar="S", type=_positive_float, default=30.0,
-                   help="close an idle keep-alive client connection after S (default 30)")
+                   help="close a keep-alive client connection idle S between requests "
+                   "(default 30)")
     p.add_argument("--body-timeout", metavar="S", type=_positive_float, default=30.0,
                    help="each read of a request body and each write to a client must "
                    "progress within S (default 30)")

@@ -1,9 +1,14 @@
 """``skr8tr ingress``: the root nursery of the HTTP ingress and everything it owns.
 
 The root nursery holds the watch follower (:mod:`skr8tr.ingress.upstreams`),
-the idle-connection sweeper of the pool and, in a child nursery, the client
-connections. The listener starts at once: until the first snapshot arrives
-every routed request gets a 503 saying the conductor has not been heard from.
+the idle-connection sweeper of the pool, the task that logs the tail of a burst
+of refusals and, in a child nursery, the client connections. The listener
+starts at once: until the first snapshot arrives every routed request gets a
+503 saying the conductor has not been heard from.
+
+At start the soft ``RLIMIT_NOFILE`` is raised to the hard limit, and the
+client connection cap is kept within what the descriptors allow
+(:mod:`skr8tr.ingress.limits`), so that ``accept`` never runs out of them.
 
 SIGTERM/SIGINT shut down gracefully: the listener closes, idle keep-alive
 connections close, requests in flight get up to :data:`SHUTDOWN_GRACE_S` to
@@ -14,8 +19,10 @@ cancelled. The last log line sums up what was served.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from skr8tr import __version__, client
+from skr8tr.ingress.limits import connection_cap
 from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Limits, Proxy
 from skr8tr.ingress.routes import ReplicaTable, Route, RouteError, RouteTable, parse_route
@@ -31,6 +39,7 @@ from skr8tr.ingress.upstreams import run_upstreams
 log = logging.getLogger("skr8tr.ingress")
 
 SHUTDOWN_GRACE_S = 10.0
+FD_LIMIT_WHEN_UNLIMITED = 1 << 20  # asked for when the hard limit is RLIM_INFINITY
 DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 
 
@@ -74,6 +83,8 @@ def config_from_args(opts: argparse.Namespace) -> IngressConfig:
     defaults = Limits()
     limits = Limits(
         max_connections=getattr(opts, "max_connections", None) or defaults.max_connections,
+        max_connections_per_address=getattr(opts, "max_connections_per_address", None)
+        or defaults.max_connections_per_address,
         idle_timeout_s=getattr(opts, "idle_timeout", None) or defaults.idle_timeout_s,
         header_timeout_s=getattr(opts, "header_timeout", None) or defaults.header_timeout_s,
         body_timeout_s=getattr(opts, "body_timeout", None) or defaults.body_timeout_s,
@@ -98,10 +109,12 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
     Raises OSError when the listen address cannot be bound.
     """
     shutdown = trio.Event() if shutdown is None else shutdown
+    limits = _limits_within_fd_budget(config.limits)
     routes = RouteTable(config.routes)
     table = ReplicaTable(ignore_drain=config.ignore_drain)
-    pool = Pool(table.is_routable, connect_timeout_s=config.connect_timeout_s)
-    proxy = Proxy(routes, table, pool, config.limits)
+    pool = Pool(table.is_routable, connect_timeout_s=config.connect_timeout_s,
+                max_idle=limits.max_connections)
+    proxy = Proxy(routes, table, pool, limits)
     host, port = config.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
@@ -114,6 +127,7 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
                                                ca_file=config.ca_file),
                              config.conductor_url, table, pool)
             await root.start(pool.run_sweeper)
+            await root.start(proxy.run_limit_logs)
             async with trio.open_nursery() as conns:
                 accept_scope = trio.CancelScope()
 
@@ -127,6 +141,11 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
                          __version__, host, bound,
                          ", ".join(f"{r.prefix} -> {r.app}" for r in routes.routes),
                          config.conductor_url)
+                log.info("limits: %d client connection(s), %d per address; first request "
+                         "head within %g s of connecting; keep-alive idle %g s; open-file "
+                         "limit %s", limits.max_connections,
+                         limits.max_connections_per_address, limits.header_timeout_s,
+                         limits.idle_timeout_s, _fd_soft_limit() or "unlimited")
                 task_status.started(bound)
                 await shutdown.wait()
                 log.info("shutting down: %d connection(s) open; waiting up to %g s for "
@@ -141,6 +160,42 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
         pool.close_all()
         log.info("served %s", proxy.stats.summary())
     return proxy
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as far as the system allows;
+    logs what it did. Never fails: the limit in force is what the caps are fitted to."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    # An unlimited hard limit (macOS) is not a value the kernel accepts for the soft one.
+    target = hard if hard != resource.RLIM_INFINITY else FD_LIMIT_WHEN_UNLIMITED
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return
+    log.info("open-file limit raised from %d to %d", soft, target)
+
+
+def _fd_soft_limit() -> int | None:
+    """The soft RLIMIT_NOFILE in force; None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _limits_within_fd_budget(limits: Limits) -> Limits:
+    """``limits`` with ``max_connections`` lowered to the descriptor budget, if it must be."""
+    soft = _fd_soft_limit()
+    cap = connection_cap(limits.max_connections, soft)
+    if cap == limits.max_connections:
+        return limits
+    log.warning("--max-connections %d lowered to %d: the open-file limit is %d, and each "
+                "client connection may need three descriptors (raise the hard limit: "
+                "ulimit -Hn, LimitNOFILE=)", limits.max_connections, cap, soft)
+    return dataclasses.replace(limits, max_connections=cap)
 
 
 async def _serve_until_signalled(config: IngressConfig) -> None:
@@ -167,6 +222,7 @@ def main(opts: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(opts)
+        raise_fd_limit()
         trio.run(_serve_until_signalled, config)
     except StartError as exc:
         sys.stderr.write(f"error: START: {exc}\n")

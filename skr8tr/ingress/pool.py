@@ -12,6 +12,10 @@ Before an idle connection is reused it is checked for readability without
 blocking: a connection the replica closed (or wrote to unasked) is dropped
 rather than handed out, which removes most of the keep-alive race. Idle
 connections older than ``idle_timeout_s`` are closed by :meth:`run_sweeper`.
+
+At most ``max_idle_per_backend`` idle connections are kept per replica and
+``max_idle`` in all (the ingress sets it to its client connection cap, which
+keeps its descriptors within budget: :mod:`skr8tr.ingress.limits`).
 """
 
 from __future__ import annotations
@@ -78,18 +82,21 @@ class Pool:
     def __init__(self, is_routable: Callable[[Key], bool], *,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  idle_timeout_s: float = IDLE_TIMEOUT_S,
-                 max_idle_per_backend: int = MAX_IDLE_PER_BACKEND) -> None:
+                 max_idle_per_backend: int = MAX_IDLE_PER_BACKEND,
+                 max_idle: int | None = None) -> None:
         self.is_routable = is_routable
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_idle_per_backend = max_idle_per_backend
+        self.max_idle = max_idle  # in all; None: no limit but the one per backend
         self._idle: dict[Key, list[UpstreamConnection]] = {}
+        self._idle_total = 0
         self.opened = 0  # connections opened, for logs and tests
 
     def idle_count(self, key: Key | None = None) -> int:
         if key is not None:
             return len(self._idle.get(key, ()))
-        return sum(len(v) for v in self._idle.values())
+        return self._idle_total
 
     async def connect(self, backend: Backend) -> UpstreamConnection:
         """An idle connection to ``backend`` or a new one.
@@ -100,6 +107,7 @@ class Pool:
         idle = self._idle.get(backend.key)
         while idle:
             uc = idle.pop()  # the most recently used one: least likely to have timed out
+            self._idle_total -= 1
             if not idle:
                 del self._idle[backend.key]
             if uc.looks_closed():
@@ -131,16 +139,21 @@ class Pool:
                 uc.close()
                 return
             idle = self._idle.setdefault(uc.backend.key, [])
-            if len(idle) < self.max_idle_per_backend:
+            if len(idle) < self.max_idle_per_backend and (
+                    self.max_idle is None or self._idle_total < self.max_idle):
                 uc.idle_since = trio.current_time()
                 idle.append(uc)
+                self._idle_total += 1
                 return
+            if not idle:
+                del self._idle[uc.backend.key]
         uc.close()
 
     def retire(self, backends: Iterable[Backend]) -> None:
         """Close the idle connections of replicas that left rotation."""
         for b in backends:
             for uc in self._idle.pop(b.key, []):
+                self._idle_total -= 1
                 uc.close()
 
     def close_all(self) -> None:
@@ -148,6 +161,7 @@ class Pool:
             for uc in idle:
                 uc.close()
         self._idle.clear()
+        self._idle_total = 0
 
     def sweep(self, now: float) -> int:
         """Close idle connections older than ``idle_timeout_s``; returns how many."""
@@ -164,6 +178,7 @@ class Pool:
                 self._idle[key] = keep
             else:
                 del self._idle[key]
+        self._idle_total -= closed
         return closed
 
     async def run_sweeper(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -22,12 +22,17 @@ the response began) is not retried: 502 or 504 before the response began,
 otherwise the client connection is closed mid-response so the client sees
 the truncation.
 
-Time limits keep slow clients from holding connections (no slowloris): a
-request head must arrive whole within ``header_timeout_s`` of its first byte,
-an idle keep-alive connection is closed after ``idle_timeout_s``, each read
-of a request body and each write to a client must progress within
-``body_timeout_s``; at most ``max_connections`` client connections are
-served at once, and further ones get a 503 and are closed.
+Time limits keep slow clients from holding connections (no slowloris): the
+first request's head must arrive whole within ``header_timeout_s`` of the
+connection's accept, whatever trickles in meanwhile; a later request's head
+within ``header_timeout_s`` of its first byte; an idle keep-alive connection
+is closed after ``idle_timeout_s`` between requests; each read of a request
+body and each write to a client must progress within ``body_timeout_s``. At
+most ``max_connections`` client connections are served at once, and at most
+``max_connections_per_address`` from one client address (IPv6: one /64);
+further ones get a 503 with ``Connection: close`` and are closed. Refusals and
+head timeouts are counted in :class:`Stats` and logged at most once per reason
+every ``LOG_EVERY_S`` (see :mod:`skr8tr.ingress.limits`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from skr8tr.ingress.limits import LOG_EVERY_S, AddressSlots, LogThrottle, address_key
 from skr8tr.ingress.pool import ConnectFailed, Pool, UpstreamConnection
 from skr8tr.ingress.routes import Backend, ReplicaTable, RouteTable
 
@@ -59,8 +65,9 @@ CLOSE_S = 1.0
 @dataclass(frozen=True)
 class Limits:
     max_connections: int = 1024
+    max_connections_per_address: int = 256  # IPv6: per /64
     idle_timeout_s: float = 30.0  # keep-alive: between requests
-    header_timeout_s: float = 10.0  # a request head must arrive whole within this
+    header_timeout_s: float = 10.0  # first head from accept, later ones from their first byte
     body_timeout_s: float = 30.0  # each read of a request body, each write to a client
     upstream_timeout_s: float = 60.0  # response head, and each read of a response body
     retries: int = 2  # other replicas tried after a failure that allows it
@@ -70,7 +77,9 @@ class Limits:
 @dataclass
 class Stats:
     connections: int = 0
-    refused_connections: int = 0
+    refused_connections: int = 0  # over max_connections, or while shutting down
+    refused_per_address: int = 0  # over max_connections_per_address
+    head_timeouts: int = 0  # no whole first request head within header_timeout_s
     requests: int = 0
     retries: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
@@ -80,11 +89,17 @@ class Stats:
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.statuses.items()))
         return (f"{self.requests} request(s) on {self.connections} connection(s); "
                 f"responses {{{codes}}}; {self.retries} retried, {self.aborted} cut off, "
-                f"{self.refused_connections} connection(s) refused at the limit")
+                f"{self.refused_connections} connection(s) refused at the limit, "
+                f"{self.refused_per_address} over the per-address limit, "
+                f"{self.head_timeouts} closed waiting for a first request head")
 
 
 class _ClientGone(Exception):
     """The client side failed or was too slow; its connection is closed."""
+
+
+class _SilentTooLong(Exception):
+    """The first request head did not begin before its deadline."""
 
 
 class _UpstreamFailed(Exception):
@@ -107,6 +122,9 @@ class Proxy:
         self.stats = Stats()
         self.active = 0
         self.closing = False
+        self.slots = AddressSlots(limits.max_connections_per_address)
+        self._log_throttle = LogThrottle(LOG_EVERY_S)
+        self._latest: dict[str, str] = {}  # reason -> the client it last happened to
         self._idle_scopes: set[trio.CancelScope] = set()
 
     def begin_shutdown(self) -> None:
@@ -119,9 +137,23 @@ class Proxy:
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Serve one client connection until it closes; never raises but for cancellation."""
-        if self.active >= self.limits.max_connections or self.closing:
+        accepted_at = trio.current_time()
+        client_ip = _peer_ip(stream)
+        key = address_key(client_ip)
+        if self.closing:
             self.stats.refused_connections += 1
-            await _refuse(stream)
+            await _refuse(stream, "the ingress is shutting down")
+            return
+        if not self.slots.acquire(key):
+            self.stats.refused_per_address += 1
+            self._note("per_address", key)
+            await _refuse(stream, "too many connections from your address")
+            return
+        if self.active >= self.limits.max_connections:
+            self.slots.release(key)
+            self.stats.refused_connections += 1
+            self._note("total", client_ip)
+            await _refuse(stream, "the ingress is at its connection limit")
             return
         self.active += 1
         self.stats.connections += 1
@@ -129,40 +161,93 @@ class Proxy:
             # A client that goes away mid-exchange ends its connection, nothing more.
             with contextlib.suppress(_ClientGone, trio.BrokenResourceError,
                                      trio.ClosedResourceError):
-                await self._serve(stream, _peer_ip(stream))
+                await self._serve(stream, client_ip, accepted_at)
         finally:
             self.active -= 1
+            self.slots.release(key)
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_S):
                 await stream.aclose()
 
-    async def _serve(self, stream: trio.SocketStream, client_ip: str) -> None:
+    def _note(self, reason: str, who: str) -> None:
+        """Log a limit at work: at most one line per reason every LOG_EVERY_S."""
+        self._latest[reason] = who
+        count = self._log_throttle.note(reason, trio.current_time())
+        if count:
+            self._say(reason, count)
+
+    def _say(self, reason: str, count: int) -> None:
+        who = self._latest.get(reason, "?")
+        if reason == "per_address":
+            log.warning("refused %d connection(s) over --max-connections-per-address %d; "
+                        "the latest from %s", count, self.limits.max_connections_per_address,
+                        who)
+        elif reason == "total":
+            log.warning("refused %d connection(s) over --max-connections %d; the latest "
+                        "from %s", count, self.limits.max_connections, who)
+        else:
+            log.info("closed %d connection(s) that sent no whole request head within "
+                     "--header-timeout %g s of connecting; the latest from %s", count,
+                     self.limits.header_timeout_s, who)
+
+    async def run_limit_logs(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Every LOG_EVERY_S, log what the limits did that no line has told yet (the
+        tail of a burst), until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(LOG_EVERY_S)
+            for reason, count in self._log_throttle.flush(trio.current_time()).items():
+                self._say(reason, count)
+
+    async def _serve(self, stream: trio.SocketStream, client_ip: str,
+                     accepted_at: float) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
+        # The first head is due a fixed time after accept, bytes or none: a client that
+        # connects and stays silent (or trickles) must not hold a slot for a keep-alive
+        # idle period, renewable by reconnecting.
+        first_deadline: float | None = accepted_at + self.limits.header_timeout_s
         while True:
             try:
-                req = await self._read_head(stream, conn)
+                req = await self._read_head(stream, conn, first_deadline)
             except h11.RemoteProtocolError as exc:
                 await self._error(stream, conn, exc.error_status_hint, f"bad request: {exc}")
                 return
             except trio.TooSlowError:
+                if first_deadline is not None:
+                    self._head_timed_out(client_ip)
                 await self._error(stream, conn, 408, "the request head took too long")
+                return
+            except _SilentTooLong:
+                self._head_timed_out(client_ip)
                 return
             if req is None:
                 return
+            first_deadline = None
             await self._handle(stream, conn, req, client_ip)
             if (self.closing or conn.our_state is not h11.DONE
                     or conn.their_state is not h11.DONE):
                 return
             conn.start_next_cycle()
 
-    async def _read_head(self, stream: trio.SocketStream, conn: h11.Connection
-                         ) -> h11.Request | None:
-        """The next request head; None when the client closed or stayed idle too long.
+    def _head_timed_out(self, client_ip: str) -> None:
+        self.stats.head_timeouts += 1
+        self._note("head_timeout", client_ip)
 
-        Raises TooSlowError when a started head does not complete in time."""
+    async def _read_head(self, stream: trio.SocketStream, conn: h11.Connection,
+                         first_deadline: float | None = None) -> h11.Request | None:
+        """The next request head; None when the client closed, stayed idle past
+        ``idle_timeout_s`` (after a request) or the ingress is shutting down.
+
+        Raises _SilentTooLong when nothing came by ``first_deadline`` (the first
+        request), TooSlowError when a started head did not complete in time: by
+        ``first_deadline`` for the first request, within ``header_timeout_s`` of
+        its first byte for a later one."""
         pending, _ = conn.trailing_data
         started = bool(pending)
-        deadline = trio.current_time() + (self.limits.header_timeout_s if started
-                                          else self.limits.idle_timeout_s)
+        if first_deadline is not None:
+            deadline = first_deadline
+        else:
+            deadline = trio.current_time() + (self.limits.header_timeout_s if started
+                                              else self.limits.idle_timeout_s)
         while True:
             event = conn.next_event()
             if isinstance(event, h11.Request):
@@ -191,10 +276,13 @@ class Proxy:
             if scope.cancelled_caught:
                 if started:
                     raise trio.TooSlowError
+                if first_deadline is not None and not self.closing:
+                    raise _SilentTooLong
                 return None
             if data and not started:
                 started = True
-                deadline = trio.current_time() + self.limits.header_timeout_s
+                if first_deadline is None:
+                    deadline = trio.current_time() + self.limits.header_timeout_s
             conn.receive_data(data)
 
     # ------------------------------------------------------------------ one request
@@ -519,8 +607,10 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _refuse(stream: trio.SocketStream) -> None:
-    body = b"503 the ingress is at its connection limit; retry shortly\n"
+async def _refuse(stream: trio.SocketStream, why: str) -> None:
+    """Answer 503 with ``Connection: close`` and close, each step briefly bounded: a
+    refused connection must give its descriptor back at once."""
+    body = f"503 {why}; retry shortly\n".encode()
     head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n" % len(body))
     with trio.move_on_after(REFUSE_SEND_S):
