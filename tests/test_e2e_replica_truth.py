@@ -49,14 +49,18 @@ async def test_a_node_key_cannot_take_over_another_nodes_replicas(tmp_path: Path
         with trio.fail_after(60):
             async with impostor_node(cluster.url, cluster.node_key, "evil",
                                      replicas=claims) as ws:
+                rows = [(r["replica"], r["node"], r["pid"], r["port"]) for r in before]
+                # The hello's claims were judged when it joined.
+                assert "evil" in {n["node"] for n in cluster.json("nodes")}
+                after = cluster.replicas("web")
+                assert [(r["replica"], r["node"], r["pid"], r["port"]) for r in after] == rows
                 # Claimed again, one by one, after joining.
                 for claim in claims:
                     await ws.send_message(json.dumps({"v": 1, "type": "replica", **claim}))
-                poll(lambda: "claims replica" in cluster.conductor.log(),
+                poll(lambda: cluster.conductor.log().count("claims replica") >= 4,
                      what="the conductor to log the refused claims")
                 after = cluster.replicas("web")
-                assert [(r["replica"], r["node"], r["pid"], r["port"]) for r in after] == [
-                    (r["replica"], r["node"], r["pid"], r["port"]) for r in before]
+                assert [(r["replica"], r["node"], r["pid"], r["port"]) for r in after] == rows
                 evil = [n for n in cluster.json("nodes") if n["node"] == "evil"]
                 assert evil and evil[0]["replicas"] == 0 and evil[0]["ports"] == []
                 # `down` still reaches the real processes on the rightful nodes.
