@@ -102,6 +102,9 @@ def make_down_handler(rollouts: RolloutManager) -> Handler:
             await rollouts.abort(args["app"])  # its cleanup first, then everything goes
         cluster.persist({k: v for k, v in cluster.apps.items() if k != args["app"]})
         stopped = cluster.remove_app(args["app"])
+        # Its last rollout goes with it: an app deployed again under the name starts at
+        # generation 1, and the state file must not pair it with the old generations.
+        rollouts.last.pop(args["app"], None)
         return {"app": args["app"], "stopped": stopped}
 
     return cmd_down

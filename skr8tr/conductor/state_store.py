@@ -8,13 +8,27 @@ come from what the nodes report when they reconnect.
 Writes are atomic: a temporary file in the same folder, fsync, rename over the
 old file, fsync of the folder. A write that fails raises :class:`StateWriteError`
 and leaves the previous file as it was; the caller keeps its previous state in
-memory too. A file that cannot be read raises :class:`StateFileError` naming
-the file and the line.
+memory too.
+
+Reading trusts nothing: a file that cannot be read, or that parses but breaks
+a rule, raises :class:`StateFileError` naming the file, the line and column of
+the offending key or value, and what was expected. The rules are those the
+conductor keeps while it runs: names and counts as in a manifest (``desired``
+0..1000 like ``replicas``), generations >= 1 and never repeated, the current
+generation and every history and rollout generation among the stored
+revisions, the rollout states of DESIGN.md §5, times that are Unix seconds
+with ``finished`` not before ``started``, each revision's SHA-256 equal to the
+SHA-256 of its manifest text, which parses and names its app, and no key the
+conductor does not write. Nothing is dropped or repaired: a file that breaks
+a rule (edited by hand, damaged, tampered with) is refused whole and left as
+it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import os
 import re
 import tempfile
@@ -24,11 +38,15 @@ from typing import Any
 
 import tomli_w
 
+from skr8tr.core import manifest as manifest_mod
+from skr8tr.core.protocol import APP_NAME_RE, ROLLOUT_STATES
+
 STATE_VERSION = 1
 
 
 class StateFileError(Exception):
-    """The state file exists but cannot be used; the message names file and line."""
+    """The state file exists but cannot be used; the message (one line) names the file, the
+    line and column, and what was expected there."""
 
 
 class StateWriteError(Exception):
@@ -80,9 +98,11 @@ def to_document(state: StoredState) -> dict[str, Any]:
             "revisions": [
                 {"generation": r.generation, "format": r.format, "base_dir": r.base_dir,
                  "sha256": r.sha256, "manifest": r.manifest} for r in app.revisions],
+            # A wall clock that stepped back during a rollout would end it before it
+            # started: written as ending when it started, never as a file load refuses.
             "history": [
                 {"generation": h.generation, "state": h.state, "started": h.started,
-                 **({} if h.finished is None else {"finished": h.finished})}
+                 **({} if h.finished is None else {"finished": max(h.finished, h.started)})}
                 for h in app.history],
         }
     return {"version": STATE_VERSION, "apps": apps, "rollouts": list(state.rollouts)}
@@ -90,7 +110,16 @@ def to_document(state: StoredState) -> dict[str, Any]:
 
 def save(path: str, state: StoredState) -> None:
     """Write ``state`` to ``path`` atomically. Raises StateWriteError; never half-writes."""
-    text = tomli_w.dumps(to_document(state))
+    try:
+        write_atomically(path, tomli_w.dumps(to_document(state)))
+    except OSError as exc:
+        raise StateWriteError(f"cannot write the state file {path}: "
+                              f"{exc.strerror or exc}") from None
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` by ``text``: a temporary file (mode 0600) in the same folder, fsync,
+    rename, fsync of the folder. Raises OSError; the previous file is then unchanged."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -106,9 +135,6 @@ def save(path: str, state: StoredState) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as exc:
-        raise StateWriteError(f"cannot write the state file {path}: "
-                              f"{exc.strerror or exc}") from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):  # best effort: it may not exist
@@ -118,17 +144,11 @@ def save(path: str, state: StoredState) -> None:
 _AT_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
-def _line_of(text: str, needle: str) -> int | None:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            return number
-    return None
-
-
 def load(path: str) -> StoredState | None:
-    """Read the state file; None when it does not exist yet.
+    """Read and check the state file; None when it does not exist yet.
 
-    Raises StateFileError (with file and line) for anything unreadable.
+    Raises StateFileError (file, line, column, what was expected) for a file that
+    cannot be read, is not TOML, or breaks any rule of the module docstring.
     """
     try:
         with open(path, "rb") as f:
@@ -149,59 +169,429 @@ def load(path: str) -> StoredState | None:
         where = f"line {match.group(1)}, column {match.group(2)}" if match else "line ?"
         reason = _AT_LINE.sub("", str(exc)).strip()
         raise StateFileError(f"{path}: {where}: {reason}") from None
-    return _from_document(doc, path, text)
+    except (ValueError, RecursionError):  # an integer past int()'s digit limit; deep nesting
+        raise StateFileError(f"{path}: line 1, column 1: too large or too deeply nested "
+                             "to be a state file") from None
+    return _Checker(path, text).state(doc)
 
 
-def _from_document(doc: dict[str, Any], path: str, text: str) -> StoredState:
-    def fail(message: str, needle: str | None = None) -> StateFileError:
-        line = _line_of(text, needle) if needle else None
-        return StateFileError(f"{path}: line {line or 1}: {message}")
+# --------------------------------------------------------------------------- the rules
 
-    if doc.get("version") != STATE_VERSION:
-        raise fail(f"unsupported state version {doc.get('version')!r} (this conductor reads "
-                   f"version {STATE_VERSION})", "version")
-    apps_doc = doc.get("apps", {})
-    if not isinstance(apps_doc, dict):
-        raise fail("'apps' must be a table", "apps")
-    apps = []
-    for name, a in apps_doc.items():
-        needle = f"[apps.{name}]"
+Path = tuple[str | int, ...]  # keys and array indexes from the top of the document
+
+_APP_KEYS = ("generation", "desired", "completed", "given_up", "revisions", "history")
+_REVISION_KEYS = ("generation", "format", "base_dir", "sha256", "manifest")
+_HISTORY_KEYS = ("generation", "state", "started")
+_ROLLOUT_KEYS = ("app", "state", "from_generation", "to_generation", "replaced", "total",
+                 "message")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _Checker:
+    """Turns a parsed state document into a StoredState, or raises StateFileError at the
+    first rule it breaks, located in the text."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.text = text
+        self._spots: dict[Path, tuple[int, int]] | None = None
+
+    # ------------------------------------------------------------ where and why
+
+    def fail(self, where: Path, message: str, *, at_key: bool = False) -> StateFileError:
+        """An error at the value of ``where`` (at its key with ``at_key``); a path that is not
+        written (a missing key) is reported at the closest table or key that is."""
+        if self._spots is None:
+            self._spots = _positions(self.text)
+        index = 0
+        for depth in range(len(where), 0, -1):
+            spot = self._spots.get(where[:depth])
+            if spot is not None:
+                index = spot[1] if depth == len(where) and not at_key else spot[0]
+                break
+        line = self.text.count("\n", 0, index) + 1
+        column = index - (self.text.rfind("\n", 0, index) + 1) + 1
+        return StateFileError(f"{self.path}: line {line}, column {column}: {message}")
+
+    def table(self, where: Path, value: Any, what: str, required: tuple[str, ...],
+              optional: tuple[str, ...] = ()) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"{what} is {_kind(value)}; expected a table")
+        for key in value:
+            if key not in required and key not in optional:
+                raise self.fail((*where, key), f"{what}: unknown key {_show(key)} (expected "
+                                f"{', '.join(required + optional)})", at_key=True)
+        for key in required:
+            if key not in value:
+                raise self.fail(where, f"{what}: {key} is missing")
+        return value
+
+    def array(self, where: Path, value: Any, what: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(where, f"{what} is {_kind(value)}; expected an array of tables")
+        return value
+
+    def integer(self, where: Path, value: Any, what: str, lo: int, hi: int | None = None,
+                expected: str | None = None) -> int:
+        if (isinstance(value, int) and not isinstance(value, bool) and value >= lo
+                and (hi is None or value <= hi)):
+            return value
+        if expected is None:
+            expected = (f"a whole number >= {lo}" if hi is None
+                        else f"a whole number {lo}..{hi}")
+        raise self.fail(where, f"{what} is {_show(value)}; expected {expected}")
+
+    def seconds(self, where: Path, value: Any, what: str, lo: float = 0.0,
+                expected: str = "Unix seconds (a number >= 0)") -> float:
+        if (isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= lo):
+            return float(value)
+        raise self.fail(where, f"{what} is {_show(value)}; expected {expected}")
+
+    def string(self, where: Path, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(where, f"{what} is {_kind(value)}; expected a string")
+        return value
+
+    def choice(self, where: Path, value: Any, what: str, options: tuple[str, ...]) -> str:
+        if isinstance(value, str) and value in options:
+            return value
+        raise self.fail(where, f"{what} is {_show(value)}; expected one of "
+                        f"{', '.join(options)}")
+
+    # ------------------------------------------------------------ the document
+
+    def state(self, doc: dict[str, Any]) -> StoredState:
+        version = doc.get("version")
+        if type(version) is not int or version != STATE_VERSION:
+            raise self.fail(("version",), f"unsupported state version {_show(version)} (this "
+                            f"conductor reads version {STATE_VERSION})")
+        self.table((), doc, "the state file", ("version",), ("apps", "rollouts"))
+        apps_doc = doc.get("apps", {})
+        if not isinstance(apps_doc, dict):
+            raise self.fail(("apps",), f"apps is {_kind(apps_doc)}; expected a table of apps "
+                            "([apps.NAME])")
+        apps = tuple(self.app(name, a) for name, a in apps_doc.items())
+        by_name = {app.name: app for app in apps}
+        rollouts: list[dict[str, Any]] = []
+        for i, r in enumerate(self.array(("rollouts",), doc.get("rollouts", []), "rollouts")):
+            status = self.rollout(("rollouts", i), r, i, by_name)
+            if any(seen["app"] == status["app"] for seen in rollouts):
+                raise self.fail(("rollouts", i, "app"), f"rollout entry #{i + 1}: a second "
+                                f"entry for app {status['app']}; expected one per app")
+            rollouts.append(status)
+        return StoredState(apps, tuple(rollouts))
+
+    def app(self, name: str, a: Any) -> StoredApp:
+        where: Path = ("apps", name)
+        if APP_NAME_RE.fullmatch(name) is None:
+            raise self.fail(where, f"app name {_show(name)} is not valid; expected "
+                            "[a-z0-9][a-z0-9-]{0,62}, as in a manifest", at_key=True)
+        what = f"app {name}"
+        self.table(where, a, what, _APP_KEYS)
+        revisions: list[StoredRevision] = []
+        for i, r in enumerate(self.array((*where, "revisions"), a["revisions"],
+                                         f"{what}: revisions")):
+            revision = self.revision((*where, "revisions", i), r, name, i)
+            if any(seen.generation == revision.generation for seen in revisions):
+                raise self.fail((*where, "revisions", i, "generation"),
+                                f"{what}: a second revision of generation "
+                                f"{revision.generation}; generations are never reused")
+            revisions.append(revision)
+        if not revisions:
+            raise self.fail((*where, "revisions"), f"{what} has no revision; expected at "
+                            "least the one of its current generation")
+        stored = {r.generation for r in revisions}
+        generation = self.integer((*where, "generation"), a["generation"],
+                                  f"{what}: generation", 1)
+        if generation not in stored:
+            raise self.fail((*where, "generation"), f"{what} is at generation {generation}, "
+                            f"which has no stored revision (stored: {_list(stored)})")
+        desired = self.integer((*where, "desired"), a["desired"], f"{what}: desired", 0,
+                               manifest_mod.MAX_REPLICAS,
+                               f"a whole number 0..{manifest_mod.MAX_REPLICAS}, as a "
+                               "manifest's replicas")
+        completed = self.integer((*where, "completed"), a["completed"],
+                                 f"{what}: completed", 0)
+        given_up = self.integer((*where, "given_up"), a["given_up"], f"{what}: given_up", 0)
+        history: list[StoredHistory] = []
+        for i, h in enumerate(self.array((*where, "history"), a["history"],
+                                         f"{what}: history")):
+            entry = self.history((*where, "history", i), h, name, i, stored)
+            if any(seen.generation == entry.generation for seen in history):
+                raise self.fail((*where, "history", i, "generation"),
+                                f"{what}: a second history entry for generation "
+                                f"{entry.generation}; generations are never reused")
+            history.append(entry)
+        return StoredApp(name, generation, desired, completed, given_up, tuple(revisions),
+                         tuple(history))
+
+    def revision(self, where: Path, r: Any, app: str, i: int) -> StoredRevision:
+        what = f"app {app}, revision #{i + 1}"
+        self.table(where, r, what, _REVISION_KEYS)
+        generation = self.integer((*where, "generation"), r["generation"],
+                                  f"{what}: generation", 1)
+        what = f"app {app}, revision of generation {generation}"
+        fmt = self.choice((*where, "format"), r["format"], f"{what}: format",
+                          manifest_mod.FORMATS)
+        base_dir = self.string((*where, "base_dir"), r["base_dir"], f"{what}: base_dir")
+        if not os.path.isabs(base_dir) or "\x00" in base_dir:
+            raise self.fail((*where, "base_dir"), f"{what}: base_dir is {_show(base_dir)}; "
+                            "expected an absolute path")
+        # The manifest holds environment values: no message ever quotes it.
+        text = self.string((*where, "manifest"), r["manifest"], f"{what}: manifest")
+        sha256 = r["sha256"]
+        if not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+            raise self.fail((*where, "sha256"), f"{what}: sha256 is {_show(sha256)}; "
+                            "expected 64 lowercase hex characters")
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != sha256:
+            raise self.fail((*where, "sha256"), f"{what}: sha256 does not match the stored "
+                            "manifest text, so one of them was edited or damaged; expected "
+                            "the SHA-256 of the manifest")
         try:
-            revisions = tuple(
-                StoredRevision(_int(r["generation"]), _str(r["format"]), _str(r["base_dir"]),
-                               _str(r["sha256"]), _str(r["manifest"]))
-                for r in a["revisions"])
-            history = tuple(
-                StoredHistory(_int(h["generation"]), _str(h["state"]), _num(h["started"]),
-                              None if "finished" not in h else _num(h["finished"]))
-                for h in a["history"])
-            app = StoredApp(name, _int(a["generation"]), _int(a["desired"]),
-                            _int(a["completed"]), _int(a["given_up"]), revisions, history)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise fail(f"app {name!r} is incomplete or malformed ({exc!s})", needle) from None
-        if app.generation not in {r.generation for r in revisions}:
-            raise fail(f"app {name!r} is at generation {app.generation}, which has no stored "
-                       "revision", needle)
-        apps.append(app)
-    rollouts = doc.get("rollouts", [])
-    if not isinstance(rollouts, list) or not all(isinstance(r, dict) for r in rollouts):
-        raise fail("'rollouts' must be an array of tables", "rollouts")
-    return StoredState(tuple(apps), tuple(rollouts))
+            parsed = manifest_mod.parse_manifest(text, filename="manifest", base_dir=base_dir,
+                                                 format=fmt)
+        except manifest_mod.ManifestError as exc:
+            raise self.fail((*where, "manifest"), f"{what}: the stored manifest does not "
+                            f"parse (at its line {exc.line}, column {exc.column}: expected "
+                            f"{exc.expected})") from None
+        if parsed.app != app:
+            raise self.fail((*where, "manifest"), f"{what}: the stored manifest is one of "
+                            f"app {parsed.app}; expected app {app}")
+        return StoredRevision(generation, fmt, base_dir, sha256, text)
+
+    def history(self, where: Path, h: Any, app: str, i: int, stored: set[int]
+                ) -> StoredHistory:
+        what = f"app {app}, history entry #{i + 1}"
+        self.table(where, h, what, _HISTORY_KEYS, ("finished",))
+        generation = self.integer((*where, "generation"), h["generation"],
+                                  f"{what}: generation", 1)
+        what = f"app {app}, history of generation {generation}"
+        if generation not in stored:
+            raise self.fail((*where, "generation"), f"{what}: generation {generation} has no "
+                            f"stored revision (stored: {_list(stored)})")
+        state = self.choice((*where, "state"), h["state"], f"{what}: state", ROLLOUT_STATES)
+        started = self.seconds((*where, "started"), h["started"], f"{what}: started")
+        if "finished" not in h:
+            if state != "rolling":
+                raise self.fail(where, f"{what}: finished is missing; a rollout that is "
+                                f"{state} has ended")
+            return StoredHistory(generation, state, started, None)
+        if state == "rolling":
+            raise self.fail((*where, "finished"), f"{what}: finished is set, but a rolling "
+                            "rollout has not ended; expected no finished time", at_key=True)
+        finished = self.seconds((*where, "finished"), h["finished"], f"{what}: finished",
+                                started, f"Unix seconds not before started ({started!r})")
+        return StoredHistory(generation, state, started, finished)
+
+    def rollout(self, where: Path, r: Any, i: int, apps: dict[str, StoredApp]
+                ) -> dict[str, Any]:
+        what = f"rollout entry #{i + 1}"
+        self.table(where, r, what, _ROLLOUT_KEYS)
+        name = self.string((*where, "app"), r["app"], f"{what}: app")
+        app = apps.get(name)
+        if app is None:
+            raise self.fail((*where, "app"), f"{what}: app is {_show(name)}, which is not "
+                            f"in the state file (apps: {', '.join(apps) or 'none'})")
+        what = f"rollout of app {name}"
+        stored = {rev.generation for rev in app.revisions}
+        generations: dict[str, int] = {}
+        for key in ("from_generation", "to_generation"):
+            generations[key] = self.integer((*where, key), r[key], f"{what}: {key}", 1)
+            if generations[key] not in stored:
+                raise self.fail((*where, key), f"{what}: {key} {generations[key]} has no "
+                                f"stored revision (stored: {_list(stored)})")
+        state = self.choice((*where, "state"), r["state"], f"{what}: state", ROLLOUT_STATES)
+        to_generation = generations["to_generation"]
+        if state == "rolling" and not any(h.generation == to_generation
+                                          and h.state == "rolling" for h in app.history):
+            raise self.fail((*where, "state"), f"{what}: state is rolling, but the history "
+                            f"of generation {to_generation} is not; expected its final state")
+        total = self.integer((*where, "total"), r["total"], f"{what}: total", 0,
+                             manifest_mod.MAX_REPLICAS)
+        replaced = self.integer((*where, "replaced"), r["replaced"], f"{what}: replaced", 0,
+                                total, f"a whole number 0..total ({total})")
+        message = self.string((*where, "message"), r["message"], f"{what}: message")
+        return {"app": name, "state": state, **generations, "replaced": replaced,
+                "total": total, "message": message}
 
 
-def _int(v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"expected an integer, got {v!r}")
-    return v
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return "a date or time"
 
 
-def _num(v: Any) -> float:
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        raise TypeError(f"expected a number, got {v!r}")
-    return float(v)
+def _show(value: Any) -> str:
+    """A short rendering of a value for a one-line message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        shown = repr(value)
+        return shown if len(shown) <= 40 else shown[:36] + "...'"
+    return _kind(value)
 
 
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"expected a string, got {v!r}")
-    return v
+def _list(generations: set[int]) -> str:
+    return ", ".join(map(str, sorted(generations)))
+
+
+# --------------------------------------------------------------------------- positions
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _positions(text: str) -> dict[Path, tuple[int, int]]:
+    """Where each table, key and array element of a TOML text was written: for every path,
+    the index of its key (or table header, or element) and the index of its value.
+
+    tomllib gives no positions. The text has parsed, so this scan can assume valid
+    TOML; should it stumble anyway, what it found so far is returned (an error is then
+    placed at the closest enclosing table or key, at worst at line 1, column 1).
+    """
+    scanner = _Scanner(text)
+    with contextlib.suppress(IndexError, ValueError, tomllib.TOMLDecodeError):
+        scanner.document()
+    return scanner.spots
+
+
+class _Scanner:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.i = 0
+        self.spots: dict[Path, tuple[int, int]] = {}
+
+    def document(self) -> None:
+        text = self.text
+        table: Path = ()
+        arrays: dict[Path, int] = {}  # each array of tables -> how many elements so far
+        while True:
+            self.skip(lines=True)
+            if self.i >= len(text):
+                return
+            start = self.i
+            if text[start] != "[":
+                self.pair(table)
+                continue
+            double = text.startswith("[[", start)
+            self.i += 2 if double else 1
+            parts = self.key()
+            self.skip()
+            self.i += 2 if double else 1
+            path: Path = ()
+            for key, at in parts[:-1]:
+                path = (*path, key)
+                self.spots.setdefault(path, (at, at))
+                if path in arrays:  # [[a]] then [a.b] or [[a.b]]: inside the last a
+                    path = (*path, arrays[path] - 1)
+            key, at = parts[-1]  # a table is placed at its name in the header
+            path = (*path, key)
+            if double:
+                self.spots.setdefault(path, (at, at))
+                index = arrays.get(path, 0)
+                arrays[path] = index + 1
+                path = (*path, index)
+            self.spots[path] = (at, at)
+            table = path
+
+    def pair(self, table: Path) -> None:
+        parts = self.key()
+        path = table
+        for key, at in parts:
+            path = (*path, key)
+            self.spots.setdefault(path, (at, at))
+        self.skip()
+        if self.text[self.i] != "=":
+            raise ValueError(f"expected '=' at index {self.i}")
+        self.i += 1
+        self.skip()
+        self.spots[path] = (parts[-1][1], self.i)
+        self.value(path)
+
+    def key(self) -> list[tuple[str, int]]:
+        """A dotted key: each part and the index it starts at."""
+        text = self.text
+        parts = []
+        while True:
+            self.skip()
+            start = self.i
+            if text[start] == '"':
+                self.basic_string()
+                key = tomllib.loads("k = " + text[start:self.i])["k"]
+            elif text[start] == "'":
+                self.i = text.index("'", start + 1) + 1
+                key = text[start + 1:self.i - 1]
+            else:
+                match = _BARE_KEY.match(text, start)
+                if match is None:
+                    raise ValueError(f"expected a key at index {start}")
+                key, self.i = match[0], match.end()
+            parts.append((key, start))
+            self.skip()
+            if text[self.i:self.i + 1] != ".":
+                return parts
+            self.i += 1
+
+    def value(self, path: Path) -> None:
+        text, start = self.text, self.i
+        if text.startswith(('"""', "'''"), start):
+            quote = text[start]
+            self.i += 3
+            while not text.startswith(quote * 3, self.i):
+                self.i += 2 if quote == '"' and text[self.i] == "\\" else 1
+            run = 3  # up to two more quotes are part of the string
+            while run < 5 and text[self.i + run:self.i + run + 1] == quote:
+                run += 1
+            self.i += run
+        elif text[start] == '"':
+            self.basic_string()
+        elif text[start] == "'":
+            self.i = text.index("'", start + 1) + 1
+        elif text[start] in "[{":
+            close = "]" if text[start] == "[" else "}"
+            self.i += 1
+            index = 0
+            while True:
+                self.skip(lines=True)
+                if text[self.i] == close:
+                    self.i += 1
+                    return
+                if text[self.i] == ",":
+                    self.i += 1
+                elif close == "}":
+                    self.pair(path)
+                else:
+                    self.spots[(*path, index)] = (self.i, self.i)
+                    self.value((*path, index))
+                    index += 1
+        else:  # a number, boolean, date or time: up to what ends a value
+            while self.i < len(text) and text[self.i] not in ",]}#\n":
+                self.i += 1
+
+    def basic_string(self) -> None:
+        text = self.text
+        self.i += 1
+        while text[self.i] != '"':
+            self.i += 2 if text[self.i] == "\\" else 1
+        self.i += 1
+
+    def skip(self, *, lines: bool = False) -> None:
+        """Past blanks; with ``lines``, past line ends and comments too."""
+        text = self.text
+        while self.i < len(text):
+            c = text[self.i]
+            if c in " \t" or (lines and c in "\r\n"):
+                self.i += 1
+            elif lines and c == "#":
+                end = text.find("\n", self.i)
+                self.i = len(text) if end < 0 else end
+            else:
+                return
