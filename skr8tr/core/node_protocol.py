@@ -31,13 +31,23 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
 
 Decoding never raises: :func:`decode_node_message` returns a message dict or a
 :class:`NodeDecodeError` that the receiver logs and answers.
+
+Every field a node sends is bounded (the ``MAX_*`` constants, units in their
+names), so that one node key cannot grow the conductor's state, and with it
+``status``, ``/api/state`` and ``/v1/watch``, past what their clients accept:
+``address`` is a host name or an IP address, ids and app names have the
+shapes the conductor gives them, texts and lists have a length, numbers a
+range. An error names the field and the limit, and quotes at most
+:data:`SHOWN_VALUE_CHARS` characters of the value.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,12 +55,42 @@ from typing import Any
 PROTOCOL_VERSION = 1
 MAX_NODE_MESSAGE_BYTES = 1024 * 1024
 
+# Bounds of what a node reports (hello, heartbeat, replica, logs_reply).
+MAX_ID_CHARS = 128  # node ids, replica ids, logs request ids
+MAX_APP_NAME_CHARS = 63  # as in a manifest: [a-z0-9][a-z0-9-]{0,62}
+MAX_ADDRESS_CHARS = 253  # a host name (RFC 1123) or an IP address
+MAX_VERSION_CHARS = 64
+MAX_REPORT_MESSAGE_CHARS = 4096  # a replica report's message (the agent cuts it: fit_report)
+MAX_LOG_TEXT_CHARS = 64 * 1024  # one log line (the agent cuts lines at 64 KiB)
+MAX_LOG_LINES = 100_000  # lines in one logs_reply: the largest tail a logs request asks for
+MAX_HELLO_REPLICAS = 10_000  # replica reports in one hello
+MAX_CORES = 65_536
+MAX_RAM_MB = 2**30  # 1 PiB
+MAX_CPU_PCT = 100.0  # of the whole machine
+MAX_PID = 2**22  # Linux's PID_MAX_LIMIT; the BSDs and macOS stay below 100,000
+MAX_EXIT_CODE = 255  # a POSIX exit status (a death by signal is reported as the signal)
+MAX_SIGNAL_NUMBER = 128
+MAX_PORT = 65_535
+MAX_GENERATION = 2**53  # the largest integer a JSON double holds exactly
+MAX_TS_S = 1e12  # seconds since the epoch
+SHOWN_VALUE_CHARS = 40  # of a bad value, quoted in an error message
+
 REPORTED_STATES = ("running", "ready", "unhealthy", "exited", "failed")
 # Fields whose values may be secret: an error about them names the field only.
 SECRET_FIELDS = frozenset({"env"})
 
 _HEX_RE = re.compile(r"[0-9a-f]+")
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ID_CHARS - 1}}}")
+_APP_RE = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{MAX_APP_NAME_CHARS - 1}}}")
+_VERSION_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_VERSION_CHARS}}}")  # printable ASCII, no space
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_ZONE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an IPv6 zone: an interface name or index
+_ENVELOPE_KEYS = frozenset({"v", "type"})
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxlong = _SHOWN.maxother = SHOWN_VALUE_CHARS
+_SHOWN.maxlist = _SHOWN.maxdict = 4
+_SHOWN.maxlevel = 2
 
 
 @dataclass(frozen=True)
@@ -60,36 +100,134 @@ class NodeDecodeError:
     message: str
 
 
+def is_host_or_ip(value: Any) -> bool:
+    """True for a host name (RFC 1123 labels, at most :data:`MAX_ADDRESS_CHARS`
+    characters) or an IPv4 or IPv6 address (without brackets; an IPv6 address may
+    carry a zone, ``fe80::1%eth0``). A name whose last label is all digits must be
+    an IPv4 address (RFC 3696 §2): ``999.1.1.1`` is refused."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ADDRESS_CHARS:
+        return False
+    address, percent, zone = value.partition("%")
+    if percent:
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return False
+        return _ZONE_RE.fullmatch(zone) is not None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        labels = value.split(".")
+        return (all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+                and not labels[-1].isdigit())
+    return True
+
+
+def fit_report(report: dict[str, Any]) -> dict[str, Any]:
+    """*report* (the fields of a ``replica`` message) with its ``message`` cut to
+    :data:`MAX_REPORT_MESSAGE_CHARS`: a node never sends what the conductor refuses."""
+    message = report.get("message")
+    if isinstance(message, str) and len(message) > MAX_REPORT_MESSAGE_CHARS:
+        return {**report, "message": message[:MAX_REPORT_MESSAGE_CHARS - 1] + "\u2026"}
+    return report
+
+
 Check = Callable[[Any], bool]
 
 
-def _str(v: Any) -> bool:
-    return isinstance(v, str)
+@dataclass(frozen=True)
+class _Rule:
+    """A check that says what it expects (and, for a list, which item is wrong)."""
+
+    test: Check
+    expected: str
+    explain: Callable[[str, Any], str] | None = None  # (field name, bad value) -> problem
+
+    def __call__(self, v: Any) -> bool:
+        return self.test(v)
 
 
-def _ident(v: Any) -> bool:
-    return isinstance(v, str) and _ID_RE.fullmatch(v) is not None
+def _shown(v: Any) -> str:
+    """*v* for an error message: at most a few dozen characters, and its size if larger."""
+    text = _SHOWN.repr(v)
+    if isinstance(v, str) and len(v) > SHOWN_VALUE_CHARS:
+        text += f" ({len(v)} characters)"
+    elif isinstance(v, list | dict) and len(v) > _SHOWN.maxlist:
+        text += f" ({len(v)} items)"
+    return text
 
 
-def _hex(length: int) -> Check:
-    return lambda v: isinstance(v, str) and len(v) == length and _HEX_RE.fullmatch(v) is not None
+_str = _Rule(lambda v: isinstance(v, str), "a string")
 
 
-def _int(lo: int, hi: int) -> Check:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+def _text(max_chars: int) -> _Rule:
+    return _Rule(lambda v: isinstance(v, str) and len(v) <= max_chars,
+                 f"a string of at most {max_chars} characters")
 
 
-def _num(lo: float, hi: float) -> Check:
-    return lambda v: (isinstance(v, int | float) and not isinstance(v, bool)
-                      and math.isfinite(v) and lo <= v <= hi)
+_ident = _Rule(lambda v: (isinstance(v, str) and len(v) <= MAX_ID_CHARS
+                          and _ID_RE.fullmatch(v) is not None),
+               f"1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ - "
+               "starting with a letter or digit")
+_app_name = _Rule(lambda v: (isinstance(v, str) and len(v) <= MAX_APP_NAME_CHARS
+                             and _APP_RE.fullmatch(v) is not None),
+                  f"an app name: 1 to {MAX_APP_NAME_CHARS} characters of a-z 0-9 - "
+                  "starting with a letter or digit")
+# A node stopping a replica it never knew reports it with app "" (its app is unknown).
+_reported_app = _Rule(lambda v: v == "" or _app_name(v),
+                      f"'' or {_app_name.expected}")
+_version = _Rule(lambda v: (isinstance(v, str) and len(v) <= MAX_VERSION_CHARS
+                            and _VERSION_RE.fullmatch(v) is not None),
+                 f"1 to {MAX_VERSION_CHARS} printable ASCII characters without spaces")
+_address = _Rule(is_host_or_ip, f"a host name (RFC 1123, at most {MAX_ADDRESS_CHARS} "
+                                "characters) or an IP address")
 
 
-def _opt(check: Check) -> Check:
-    return lambda v: v is None or check(v)
+def _hex(length: int) -> _Rule:
+    return _Rule(lambda v: (isinstance(v, str) and len(v) == length
+                            and _HEX_RE.fullmatch(v) is not None),
+                 f"{length} lowercase hex digits")
 
 
-def _one_of(*values: str) -> Check:
-    return lambda v: v in values
+def _int(lo: int, hi: int) -> _Rule:
+    return _Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+                 f"an integer from {lo} to {hi}")
+
+
+def _num(lo: float, hi: float) -> _Rule:
+    return _Rule(lambda v: (isinstance(v, int | float) and not isinstance(v, bool)
+                            and math.isfinite(v) and lo <= v <= hi),
+                 f"a finite number from {lo:g} to {hi:g}")
+
+
+def _opt(check: Check) -> _Rule:
+    return _Rule(lambda v: v is None or check(v),
+                 f"null or {getattr(check, 'expected', 'another value')}")
+
+
+def _one_of(*values: str) -> _Rule:
+    return _Rule(lambda v: v in values, f"one of {', '.join(map(repr, values))}")
+
+
+def _list_of(item_problem: Callable[[Any], str | None], max_items: int, what: str) -> _Rule:
+    """A list of at most *max_items* items in which *item_problem* finds nothing wrong."""
+    def test(v: Any) -> bool:
+        return (isinstance(v, list) and len(v) <= max_items
+                and all(item_problem(x) is None for x in v))
+
+    def explain(name: str, v: Any) -> str:
+        if not isinstance(v, list):
+            return (f"bad value for {name!r}: {_shown(v)}; expected a list of at most "
+                    f"{max_items} {what}")
+        if len(v) > max_items:
+            return f"{name!r} has {len(v)} {what}, over the limit of {max_items}"
+        for i, x in enumerate(v):
+            problem = item_problem(x)
+            if problem is not None:
+                return f"{name}[{i}]: {problem}"
+        return f"bad value for {name!r}"
+
+    return _Rule(test, f"a list of at most {max_items} {what}", explain)
 
 
 def _str_list(v: Any) -> bool:
@@ -111,33 +249,34 @@ def _health(v: Any) -> bool:
             and _int(1, 1000)(v["retries"]))
 
 
-def _log_lines(v: Any) -> bool:
-    return isinstance(v, list) and all(
-        isinstance(x, dict) and set(x) == {"replica", "ts", "stream", "text"}
-        and _str(x["replica"]) and _num(0, 1e12)(x["ts"])
-        and x["stream"] in ("stdout", "stderr") and _str(x["text"]) for x in v)
+_LOG_LINE_FIELDS: dict[str, tuple[Check, bool]] = {
+    "replica": (_ident, True),
+    "ts": (_num(0, MAX_TS_S), True),
+    "stream": (_one_of("stdout", "stderr"), True),
+    "text": (_text(MAX_LOG_TEXT_CHARS), True),
+}
+_log_lines = _list_of(lambda x: _check_fields(x, _LOG_LINE_FIELDS, envelope=False),
+                      MAX_LOG_LINES, "lines")
 
 
 _REPLICA_FIELDS: dict[str, tuple[Check, bool]] = {
     "replica": (_ident, True),
-    "app": (_str, True),
-    "generation": (_int(1, 2**53), True),
+    "app": (_reported_app, True),
+    "generation": (_int(1, MAX_GENERATION), True),
     "state": (_one_of(*REPORTED_STATES), True),
-    "pid": (_opt(_int(1, 2**31)), False),
-    "port": (_opt(_int(1, 65535)), False),
-    "exit_code": (_opt(_int(-(2**31), 2**31)), False),
-    "signal": (_opt(_int(1, 128)), False),
-    "message": (_opt(_str), False),
+    "pid": (_opt(_int(1, MAX_PID)), False),
+    "port": (_opt(_int(1, MAX_PORT)), False),
+    "exit_code": (_opt(_int(0, MAX_EXIT_CODE)), False),
+    "signal": (_opt(_int(1, MAX_SIGNAL_NUMBER)), False),
+    "message": (_opt(_text(MAX_REPORT_MESSAGE_CHARS)), False),
     # why a launch failed: "port_in_use" (the conductor picks another port) or
     # "launch_error" (missing executable, permission, bad workdir)
     "reason": (_opt(_one_of("port_in_use", "launch_error")), False),
-    "ts": (_num(0, 1e12), True),
+    "ts": (_num(0, MAX_TS_S), True),
 }
 
-
-def _replica_reports(v: Any) -> bool:
-    return isinstance(v, list) and all(
-        _check_fields(x, _REPLICA_FIELDS) is None for x in v)
+_replica_reports = _list_of(lambda x: _check_fields(x, _REPLICA_FIELDS, envelope=False),
+                            MAX_HELLO_REPLICAS, "replica reports")
 
 
 # type -> {field: (check, required)}
@@ -147,32 +286,32 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "node_id": (_ident, True),
         "key": (_hex(64), True),
         "sig": (_hex(128), True),
-        "version": (_str, True),
-        "address": (_str, True),
-        "cores": (_int(1, 100000), True),
-        "ram_total_mb": (_int(0, 2**40), True),
-        "ram_free_mb": (_int(0, 2**40), True),
-        "cpu_pct": (_num(0, 100), True),
+        "version": (_version, True),
+        "address": (_address, True),
+        "cores": (_int(1, MAX_CORES), True),
+        "ram_total_mb": (_int(0, MAX_RAM_MB), True),
+        "ram_free_mb": (_int(0, MAX_RAM_MB), True),
+        "cpu_pct": (_num(0, MAX_CPU_PCT), True),
         "replicas": (_replica_reports, True),
     },
     "welcome": {"node_id": (_ident, True), "heartbeat_s": (_num(0.01, 3600), True)},
     "refused": {"code": (_str, True), "message": (_str, True)},
     "heartbeat": {
-        "cpu_pct": (_num(0, 100), True),
-        "ram_free_mb": (_int(0, 2**40), True),
-        "ram_total_mb": (_int(0, 2**40), True),
-        "cores": (_int(1, 100000), True),
+        "cpu_pct": (_num(0, MAX_CPU_PCT), True),
+        "ram_free_mb": (_int(0, MAX_RAM_MB), True),
+        "ram_total_mb": (_int(0, MAX_RAM_MB), True),
+        "cores": (_int(1, MAX_CORES), True),
     },
     "launch": {
         "replica": (_ident, True),
-        "app": (_str, True),
-        "generation": (_int(1, 2**53), True),
+        "app": (_app_name, True),
+        "generation": (_int(1, MAX_GENERATION), True),
         "app_type": (_one_of("process", "job"), True),
         "exec": (_str, True),
         "args": (_str_list, True),
         "env": (_str_dict, True),
         "workdir": (_opt(_str), True),
-        "port": (_opt(_int(1, 65535)), True),
+        "port": (_opt(_int(1, MAX_PORT)), True),
         "host": (_str, True),
         "health": (_health, True),
         "settle_ms": (_int(0, 10**9), True),
@@ -181,16 +320,19 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
     "stop": {"replica": (_ident, True)},
     "replica": _REPLICA_FIELDS,
     "logs": {
-        "req": (_str, True),
+        "req": (_ident, True),
         "app": (_str, True),
         "replica": (_opt(_str), True),
-        "tail": (_int(1, 100000), True),
+        "tail": (_int(1, MAX_LOG_LINES), True),
     },
-    "logs_reply": {"req": (_str, True), "lines": (_log_lines, True)},
+    "logs_reply": {"req": (_ident, True), "lines": (_log_lines, True)},
 }
 
 
-def _check_fields(msg: Any, schema: dict[str, tuple[Check, bool]]) -> str | None:
+def _check_fields(msg: Any, schema: dict[str, tuple[Check, bool]], *,
+                  envelope: bool = True) -> str | None:
+    """What is wrong with *msg* (a message, or with ``envelope=False`` an item of a
+    list in one), or None. Names the field and the limit; never quotes much."""
     if not isinstance(msg, dict):
         return "expected a JSON object"
     for name, (check, required) in schema.items():
@@ -198,13 +340,20 @@ def _check_fields(msg: Any, schema: dict[str, tuple[Check, bool]]) -> str | None
             if required:
                 return f"missing field {name!r}"
             continue
-        if not check(msg[name]):
+        value = msg[name]
+        if not check(value):
             if name in SECRET_FIELDS:  # logged by the receiver: never show env values
-                return f"bad value for {name!r} (a {type(msg[name]).__name__}; not shown)"
-            return f"bad value for {name!r}: {msg[name]!r}"[:300]
-    extra = sorted(set(msg) - set(schema) - {"v", "type"})
+                return f"bad value for {name!r} (a {type(value).__name__}; not shown)"
+            explain = getattr(check, "explain", None)
+            if explain is not None:
+                return explain(name, value)
+            problem = f"bad value for {name!r}: {_shown(value)}"
+            expected = getattr(check, "expected", None)
+            return problem if expected is None else f"{problem}; expected {expected}"
+    extra = sorted(set(msg) - set(schema) - (_ENVELOPE_KEYS if envelope else set()))
     if extra:
-        return f"unknown field(s) {', '.join(map(repr, extra))}"
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"unknown field(s) {', '.join(map(_shown, extra[:3]))}{more}"
     return None
 
 
@@ -221,12 +370,12 @@ def decode_node_message(data: str | bytes) -> dict | NodeDecodeError:
     if not isinstance(msg, dict):
         return NodeDecodeError("expected a JSON object")
     if msg.get("v") != PROTOCOL_VERSION or isinstance(msg.get("v"), bool):
-        return NodeDecodeError(f"unsupported protocol version {msg.get('v')!r} "
+        return NodeDecodeError(f"unsupported protocol version {_shown(msg.get('v'))} "
                                f"(this side speaks {PROTOCOL_VERSION})")
     kind = msg.get("type")
     schema = SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema is None:
-        return NodeDecodeError(f"unknown message type {kind!r}"[:300])
+        return NodeDecodeError(f"unknown message type {_shown(kind)}")
     problem = _check_fields(msg, schema)
     if problem is not None:
         return NodeDecodeError(f"{kind}: {problem}")

@@ -38,6 +38,7 @@ import trio
 
 from skr8tr import tls
 from skr8tr.core.keys import KeyFileError, fingerprint, load_signing_key, public_hex
+from skr8tr.core.node_protocol import is_host_or_ip
 from skr8tr.node import link
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.session import Refused, SessionError, run_session
@@ -52,6 +53,7 @@ NODE_PATH = "/v1/node"
 EXIT_USAGE = 2
 
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SHOWN_CHARS = 80  # of a bad flag value, quoted in the error line
 
 
 @dataclass(frozen=True)
@@ -113,14 +115,22 @@ def node_url(conductor_url: str) -> str:
 def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
     """Check *config* and create the data dir; return the signing key and the node URL.
 
-    Raises AgentConfigError: BAD_NODE_ID, BAD_URL, BAD_KEY (the message says
-    how to make or pass a key), BAD_CA, BAD_RUN_AS or BAD_DATA_DIR.
+    Raises AgentConfigError: BAD_NODE_ID, BAD_ADVERTISE, BAD_URL, BAD_KEY (the
+    message says how to make or pass a key), BAD_CA, BAD_RUN_AS or BAD_DATA_DIR.
     """
     if _NODE_ID_RE.fullmatch(config.node_id) is None:
         raise AgentConfigError(
             "BAD_NODE_ID",
-            f"node id {config.node_id!r} must be 1-128 characters of A-Z a-z 0-9 . _ - "
-            "starting with a letter or digit; pass --node-id ID",
+            f"node id {config.node_id[:_SHOWN_CHARS]!r} must be 1-128 characters of "
+            "A-Z a-z 0-9 . _ - starting with a letter or digit; pass --node-id ID",
+        )
+    if config.advertise is not None and not is_host_or_ip(config.advertise):
+        # The conductor would refuse every hello carrying it.
+        raise AgentConfigError(
+            "BAD_ADVERTISE",
+            f"--advertise {config.advertise[:_SHOWN_CHARS]!r} is not a host name or an IP "
+            "address; pass the address other machines reach this node at, for example "
+            "10.0.0.5, fd00::5 or node1.example.com",
         )
     url = node_url(config.conductor_url)
     security(config)

@@ -30,6 +30,7 @@ from skr8tr.core.node_protocol import (
     NodeDecodeError,
     decode_node_message,
     encode_node_message,
+    fit_report,
 )
 from skr8tr.node import link
 from skr8tr.node.health import os_error_text
@@ -141,13 +142,13 @@ async def _serve(ws: link.Link, *, url: str, node_id: str,
     with trio.CancelScope() as session_scope:
         def sink(report: Report) -> None:
             try:
-                outbox_send.send_nowait(("replica", report))
+                outbox_send.send_nowait(("replica", fit_report(report)))
             except trio.WouldBlock:
                 log.error("node %s: %d messages waiting for %s; ending the session",
                           node_id, OUTBOX_LIMIT, url)
                 session_scope.cancel()
 
-        replicas = supervisor.attach(sink)
+        replicas = [fit_report(report) for report in supervisor.attach(sink)]
         try:
             sig = sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
             await ws.send_message(encode_node_message(
