@@ -15,14 +15,12 @@ giving its certificate (or its CA) as ``--ca``.
 Loading files is short synchronous I/O done once at start-up; errors come out
 as :class:`TlsError` with one line naming the file and what is wrong.
 
-trio-websocket reports a failed TLS handshake only as a handshake that never
-finishes (the connect timeout). So before a ``wss://`` connection the trio
-clients (node agent, ingress) call :func:`check_handshake`, which does one TLS
-handshake of its own and turns a failure into a :class:`TlsError` that says
-why (an unknown CA, a name mismatch, an expired certificate) at once. The
-CLI's blocking client sees the failure of its own handshake and passes it to
-:func:`describe_failure`; it never imports trio, so neither does this module
-at the top.
+Every client does the TLS handshake of its ``wss://`` connection first, on
+that connection, before the WebSocket upgrade, and passes a failure to
+:func:`describe_failure`, which says why (an unknown CA, a name mismatch, an
+expired certificate) in one line. No client opens a second connection to find
+out: the conductor would count each as a ``bad_handshake``. The CLI's
+blocking client uses this module without trio, so it imports no trio.
 """
 
 from __future__ import annotations
@@ -30,10 +28,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
-from urllib.parse import urlsplit
 
 __all__ = ["TlsError", "server_context", "client_context", "is_loopback_host",
-           "check_handshake", "describe_failure"]
+           "describe_failure"]
 
 
 class TlsError(Exception):
@@ -85,39 +82,27 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-async def check_handshake(url: str, ssl_context: ssl.SSLContext, timeout_s: float) -> None:
-    """Do one TLS handshake with the server of ``wss://`` *url*; TlsError if it fails.
-
-    Returns quietly when the server cannot be reached or does not answer in
-    *timeout_s*: the real connection then reports that in its own words.
-    """
-    import trio  # here, not at the top: the blocking CLI client uses this module without trio
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or 443
-    with trio.move_on_after(timeout_s):
-        try:
-            stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
-        except OSError:
-            return
-        try:
-            await stream.do_handshake()
-        except trio.BrokenResourceError as exc:
-            why = describe_failure(exc)
-            raise TlsError(why or f"TLS handshake with {host}:{port} failed") from None
-        finally:
-            await trio.aclose_forcefully(stream)
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: the
+# certificate is trusted but names another host; --ca would not help.
+_NAME_MISMATCH_CODES = (62, 64)
 
 
 def describe_failure(exc: BaseException) -> str | None:
-    """Why a TLS handshake failed, if *exc* (or what caused it) says so."""
+    """Why a TLS handshake failed, if *exc* (or what caused it) says so.
+
+    *exc* is what the handshake raised: ``trio.BrokenResourceError`` caused by
+    an ``ssl.SSLError``, or the ``ssl.SSLError`` itself.
+    """
     seen: BaseException | None = exc
     for _ in range(6):
         if seen is None:
             return None
         if isinstance(seen, ssl.SSLCertVerificationError):
-            return (f"the TLS certificate does not verify: {seen.verify_message or seen}; "
+            why = seen.verify_message or seen
+            if seen.verify_code in _NAME_MISMATCH_CODES:
+                return (f"the TLS certificate does not verify: {why}; connect by a host "
+                        "name or address that the certificate lists")
+            return (f"the TLS certificate does not verify: {why}; "
                     "pass the CA that signed it with --ca FILE")
         if isinstance(seen, ssl.SSLError):
             return f"TLS failed: {seen.reason or seen}"

@@ -11,11 +11,12 @@ from pathlib import Path
 import h11
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr import client, tls
 from skr8tr.node.agent import AgentConfig, AgentConfigError, run_agent, security
 from tests.conftest import skr8tr_command
-from tests.security_helpers import open_conductor, ping
+from tests.security_helpers import closed_count, open_conductor, ping
 
 DEADLINE_S = 30
 
@@ -306,6 +307,67 @@ def test_real_daemons_over_tls(tmp_path, pki):
         verify = cli("audit", "verify", str(tmp_path / "audit.jsonl"))
         assert verify.returncode == 0 and "intact, 1 entries" in verify.stdout
         assert "API wss://127.0.0.1" in conductor.log() and "NO TLS" not in conductor.log()
+        # The node agent and the CLI each opened one connection: no handshake failed.
+        assert "did not send a WebSocket upgrade" not in conductor.log()
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
+
+
+def _samples(body: bytes) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples}
+
+
+async def test_node_agent_and_trio_client_open_no_throwaway_tls_connection(tmp_path, pki,
+                                                                          caplog):
+    """Issue #13, item 11: no TLS handshake of its own before the real connection, so
+    the conductor counts no bad_handshake and logs no handshake failure."""
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(DEADLINE_S):
+        async with open_conductor(tmp_path, tls_cert=str(pki.cert),
+                                  tls_key=str(pki.key)) as c:
+            key_file = _write_key(tmp_path, c.node)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_agent, _agent_config(tmp_path, c.url, key_file,
+                                                             pki.ca))
+                while "tls-node" not in await _nodes(c.url, pki.ca):  # the trio client
+                    await trio.sleep(0.05)
+                async with client.open_watch(client.CallOptions(c.url, 5.0, None,
+                                                                ca_file=str(pki.ca))) as watch:
+                    async for _ in watch:
+                        break  # the first snapshot: connected
+                status, body = await https_get(c.http_port, "/metrics", pki.ca)
+                nursery.cancel_scope.cancel()
+    assert status == 200
+    samples = _samples(body)
+    for reason in ("bad_handshake", "handshake_timeout"):
+        assert closed_count(samples, reason) == 0, reason
+    assert "closed a connection from" not in caplog.text
+    assert "did not send a WebSocket upgrade" not in caplog.text
+
+
+async def test_a_name_the_certificate_does_not_list_is_named(tmp_path, pki, caplog):
+    caplog.set_level(logging.INFO)
+    with trio.fail_after(DEADLINE_S):
+        async with open_conductor(tmp_path, listen=("0.0.0.0", 0), tls_cert=str(pki.cert),
+                                  tls_key=str(pki.key)) as c:
+            # The certificate lists 127.0.0.1, ::1 and localhost; 127.0.0.2 is the same
+            # listener under an address it does not list.
+            url = f"wss://127.0.0.2:{c.ws_port}"
+            with pytest.raises(client.ClientError) as mismatch:
+                await client.call(client.CallOptions(url, 5.0, None, ca_file=str(pki.ca)),
+                                  "ping", {})
+            assert mismatch.value.exit == 3
+            assert "IP address mismatch" in mismatch.value.message
+            assert "that the certificate lists" in mismatch.value.message
+            cli = await run_cli("ping", "--conductor", url, "--ca", str(pki.ca))
+            assert cli.returncode == 3 and b"that the certificate lists" in cli.stderr
+            key_file = _write_key(tmp_path, c.node)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_agent, _agent_config(tmp_path, url, key_file, pki.ca))
+                while "that the certificate lists" not in caplog.text:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    assert "IP address mismatch" in caplog.text

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import trio
 
 from skr8tr import wsclient
+from skr8tr.tls import TlsError, describe_failure
 
 RECEIVE_BYTES = 64 * 1024
 
@@ -53,8 +54,12 @@ def split_url(url: str) -> tuple[bool, str, int, str]:
 
 async def connect(url: str, *, ssl_context: ssl.SSLContext | None = None,
                   max_message_bytes: int = wsclient.DEFAULT_MAX_MESSAGE_BYTES) -> Link:
-    """Open a WebSocket to *url*. Raises OSError (connect), ssl.SSLError,
-    trio.BrokenResourceError, HandshakeError; bound it with ``fail_after``."""
+    """Open a WebSocket to *url*. Raises OSError (connect), TlsError (the TLS
+    handshake failed; the message says why), trio.BrokenResourceError,
+    HandshakeError; bound it with ``fail_after``.
+
+    The TLS handshake of a ``wss://`` URL is done first, on this connection,
+    so that its failure is told apart from the WebSocket's."""
     tls, host, port, path = split_url(url)
     stream: trio.abc.Stream
     if tls:
@@ -64,6 +69,8 @@ async def connect(url: str, *, ssl_context: ssl.SSLContext | None = None,
     else:
         stream = await trio.open_tcp_stream(host, port)
     try:
+        if isinstance(stream, trio.SSLStream):
+            await _tls_handshake(stream, host, port)
         host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         proto = wsclient.ClientProtocol(host_header, path, max_message_bytes=max_message_bytes)
         await stream.send_all(proto.handshake_request())
@@ -77,6 +84,14 @@ async def connect(url: str, *, ssl_context: ssl.SSLContext | None = None,
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+
+
+async def _tls_handshake(stream: trio.SSLStream, host: str, port: int) -> None:
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        why = describe_failure(exc) or f"TLS handshake with {host}:{port} failed"
+        raise TlsError(why) from None
 
 
 class Link:

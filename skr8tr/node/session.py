@@ -37,7 +37,7 @@ from skr8tr.node.health import os_error_text
 from skr8tr.node.spec import LaunchSpec
 from skr8tr.node.supervisor import Report, Supervisor
 from skr8tr.node.sysinfo import machine_figures
-from skr8tr.tls import TlsError, check_handshake
+from skr8tr.tls import TlsError
 
 log = logging.getLogger("skr8tr.node")
 
@@ -112,8 +112,6 @@ async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
     try:
         with work_scope:
             try:
-                if ssl_context is not None:
-                    await check_handshake(url, ssl_context, CONNECT_TIMEOUT_S)
                 with trio.fail_after(CONNECT_TIMEOUT_S):
                     ws = await link.connect(url, ssl_context=ssl_context,
                                             max_message_bytes=MAX_NODE_MESSAGE_BYTES)
