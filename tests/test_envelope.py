@@ -369,6 +369,38 @@ def test_guard_window_is_configurable():
         guard.check("k", "n", NOW - 5.5, NOW)
 
 
+# A conductor started at NOW - 10: what was signed before then may have been accepted by
+# the process before it (#13.8).
+@pytest.mark.parametrize(("ts", "now", "code"), [
+    (NOW - 10.001, NOW, "EXPIRED"),  # inside the 30 s window, but from before the start
+    (NOW - 29, NOW - 9, "EXPIRED"),
+    (NOW - 10, NOW, None),  # signed at the very start
+    (NOW - 5, NOW, None),
+    (NOW + 20, NOW, None),  # ahead of this clock: not_before cannot tell (replay_store)
+    (NOW - 40, NOW, "EXPIRED"),  # the window says so first
+])
+def test_guard_refuses_what_was_signed_before_not_before(ts, now, code):
+    guard = ReplayGuard(not_before=NOW - 10)
+    req = signed(ts=ts)
+    if code is None:
+        verify(req, guard=guard, now=now)
+        assert auth_code(req, guard=guard, now=now) == "REPLAY"
+        return
+    with pytest.raises(AuthError) as info:
+        verify(req, guard=guard, now=now)
+    assert info.value.code == code
+    assert len(guard) == 0  # a refused request spends nothing
+    if ts >= now - 30:
+        assert "before this conductor (re)started" in info.value.message
+        assert "sign it again" in info.value.message
+
+
+@pytest.mark.parametrize("not_before", [math.nan, math.inf])
+def test_guard_not_before_must_be_a_time(not_before):
+    with pytest.raises(ValueError):
+        ReplayGuard(not_before=not_before)
+
+
 # --------------------------------------------------------------------------- robustness
 
 

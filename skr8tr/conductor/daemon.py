@@ -30,7 +30,7 @@ import trio
 
 from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
-from skr8tr.conductor import audit, state_store, status_http, wsserver
+from skr8tr.conductor import audit, replay_store, state_store, status_http, wsserver
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import serve_http
 from skr8tr.conductor.limits import ClosedCounter, Limits
@@ -169,7 +169,10 @@ def _load_keys(config: ConductorConfig) -> AuthorizedKeys:
 async def run_conductor(config: ConductorConfig, *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled. ``task_status.started((ws_port, http_port))`` once listening."""
-    authority = api_mod.Authority(_load_keys(config), insecure=config.insecure)
+    # Requests signed before this moment are refused: the previous process may have
+    # accepted them (replay_store; a client clock behind ours is refused for its lag).
+    guard = replay_store.open_replay_guard(config.state_path, started_at=time.time())
+    authority = api_mod.Authority(_load_keys(config), insecure=config.insecure, guard=guard)
     ssl_context = _tls_context(config)
     if config.insecure:
         log.warning("INSECURE MODE: no key is checked; anyone who can reach %s:%d can "

@@ -8,7 +8,9 @@ conductor checks, in this order, and stops at the first failure:
    are present and well-formed, the key is authorized for the role, and the
    signature verifies. Nothing else about the request (its arguments included)
    is looked at before this passes.
-2. **Freshness** -> ``EXPIRED``: ``|now - ts| <= window_s`` (30 s).
+2. **Freshness** -> ``EXPIRED``: ``|now - ts| <= window_s`` (30 s), and ``ts`` not
+   before the guard's ``not_before`` (the conductor's start: a request signed
+   before a restart may have been accepted by the previous process).
 3. **Replay** -> ``REPLAY``: the (key, nonce) pair has not been spent inside
    the window. It is spent right here, before the command runs, so it stays
    spent whatever the command's outcome.
@@ -154,12 +156,25 @@ class ReplayGuard:
     Wall clocks can step backwards. Pruning uses the latest ``now`` seen, and
     ``check`` treats any ``ts`` that may already have been pruned as EXPIRED,
     so a backwards step can make requests fail but never lets a replay through.
+
+    The guard lives in memory, so what it spent is gone with its process. A
+    request with ``ts < not_before`` is EXPIRED: a conductor passes the moment it
+    started, so that no request signed before a restart (and possibly accepted
+    by the previous process) is accepted after it. A client whose clock lags the
+    conductor's by L seconds is refused for L seconds after a start; one whose
+    clock runs ahead signs requests that ``not_before`` cannot tell apart, and
+    the conductor keeps those across restarts itself
+    (:mod:`skr8tr.conductor.replay_store`).
     """
 
-    def __init__(self, window_s: float = REQUEST_WINDOW_S) -> None:
+    def __init__(self, window_s: float = REQUEST_WINDOW_S, *,
+                 not_before: float = -math.inf) -> None:
         if not (math.isfinite(window_s) and window_s >= 0):
             raise ValueError(f"window_s must be a finite number >= 0, got {window_s!r}")
+        if math.isnan(not_before) or not_before == math.inf:
+            raise ValueError(f"not_before must be a number or -inf, got {not_before!r}")
         self.window_s = float(window_s)
+        self.not_before = float(not_before)
         self._expiry: dict[tuple[str, str], float] = {}
         self._heap: list[tuple[float, str, str]] = []
         self._latest_now = -math.inf
@@ -173,7 +188,8 @@ class ReplayGuard:
         return True
 
     def check(self, key: str, nonce: str, ts: float, now: float) -> None:
-        """Raise AuthError EXPIRED if *ts* is outside the window, REPLAY if already spent."""
+        """Raise AuthError EXPIRED if *ts* is outside the window or before ``not_before``,
+        REPLAY if already spent."""
         self._advance(now)
         ts_f = _finite_float(ts)
         if ts_f is None:
@@ -185,6 +201,13 @@ class ReplayGuard:
                 "EXPIRED",
                 f"request ts is {abs(skew):.1f} s {direction} (allowed: {self.window_s:g} s); "
                 "check the client's clock",
+            )
+        if ts_f < self.not_before:
+            raise AuthError(
+                "EXPIRED",
+                f"request was signed {self.not_before - ts_f:.1f} s before this conductor "
+                "(re)started, and a request from before a restart may be a replay; sign it "
+                "again (if this repeats, the client's clock is behind the conductor's)",
             )
         if ts_f + self.window_s < self._latest_now:
             # Only after this clock stepped back: the nonce may already be forgotten.
