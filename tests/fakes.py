@@ -34,6 +34,7 @@ class FakeReplica:
     launched_at: float
     alive: bool = True
     state: str = "running"
+    token: str | None = None  # the launch's placement token, sent back as an agent does
 
 
 @dataclass
@@ -65,7 +66,8 @@ class FakeNode:
                 "cores": self.cores, "ram_total_mb": 16000, "ram_free_mb": self.ram_free_mb,
                 "cpu_pct": 0.0, "replicas": [
                     {"replica": r.replica, "app": r.app, "generation": r.generation,
-                     "state": r.state, "pid": r.pid, "port": r.port, "ts": 0.0}
+                     "state": r.state, "pid": r.pid, "port": r.port, "ts": 0.0,
+                     "token": r.token}
                     for r in self.running.values()]}
 
     def _report(self, r: FakeReplica, state: str, **extra) -> None:
@@ -74,7 +76,7 @@ class FakeNode:
             return
         msg = {"v": 1, "type": "replica", "replica": r.replica, "app": r.app,
                "generation": r.generation, "state": state, "pid": r.pid, "port": r.port,
-               "ts": 0.0, **extra}
+               "ts": 0.0, "token": r.token, **extra}
         self.cluster.replica_report(self.node_id, msg)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -108,7 +110,7 @@ class FakeNode:
         now = trio.current_time()
         self.launches.append((now, msg))
         r = FakeReplica(msg["replica"], msg["app"], msg["generation"], msg["port"],
-                        next(_pids), now)
+                        next(_pids), now, token=msg.get("token"))
         behaviour = {"ready_after_s": self.ready_after_s, "crash_after_s": self.crash_after_s,
                      "exit_code": self.exit_code, "port_in_use": False}
         if self.launch_hook is not None:

@@ -143,3 +143,32 @@ def test_rollout_counts_survive_a_conductor_kill_9(tmp_path: Path):
         assert replaced >= seen["replaced"] >= 1, status["message"]
         assert status["replaced"] == replaced
         cluster.wait_ready("web", 4, generation=1, timeout_s=60)
+
+
+async def test_after_a_restart_only_replicas_with_their_nodes_token_are_adopted(
+        tmp_path: Path):
+    state_file = tmp_path / "state" / "conductor.toml"
+    with running_cluster(tmp_path, "--state", str(state_file),
+                         node_timeout_s=3.0) as cluster:
+        cluster.start_node("n1")
+        cluster.json("up", str(web(tmp_path, "v1", replicas=2)))
+        before = cluster.wait_ready("web", 2)
+        cluster.conductor.proc.kill()
+        cluster.conductor.proc.wait(timeout=10)
+        cluster.start_conductor("--state", str(state_file), node_timeout_s=3.0)
+        # A node key claims replicas of the real app that were never placed on it: one
+        # made up, one of n1's with n1's pid and port, with and without a token.
+        fake = report("web-f00d00", "web", 1, state="ready", pid=before[0]["pid"],
+                      port=before[0]["port"])
+        stolen = report(before[1]["replica"], "web", 1, state="ready", pid=before[1]["pid"],
+                        port=before[1]["port"], token="0" * 32)
+        with trio.fail_after(60):
+            async with impostor_node(cluster.url, cluster.node_key, "evil",
+                                     replicas=[fake, stolen]):
+                poll(lambda: cluster.conductor.log().count("without a placement token") >= 1,
+                     what="the claims to be refused")
+                # n1's own reports carry its tokens: its two replicas are adopted, same pids.
+                rows = cluster.wait_ready("web", 2, timeout_s=30)
+                assert {(r["replica"], r["node"], r["pid"]) for r in rows} == {
+                    (r["replica"], "n1", r["pid"]) for r in before}
+                assert all(r["node"] != "evil" for r in cluster.replicas())

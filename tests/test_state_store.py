@@ -210,7 +210,10 @@ BAD = [
      "rollout of app web: message is a number; expected a string"),
     # the document
     ("top-level key unknown", ("version = 1\n", "version = 1\nleader = \"me\"\n"),
-     "^leader", "the state file: unknown key 'leader' (expected version, apps, rollouts)"),
+     "^leader", "the state file: unknown key 'leader' (expected version, apps, rollouts, "
+     "placement_key)"),
+    ("placement key not hex", ("version = 1\n", 'version = 1\nplacement_key = "xyz"\n'),
+     'placement_key = ^"xyz"', "placement_key is not 64 lowercase hex digits"),
     ("version unsupported", ("version = 1", "version = 2"), "version = ^2",
      "unsupported state version 2 (this conductor reads version 1)"),
     ("version a float", ("version = 1", "version = 1.0"), "version = ^1.0",

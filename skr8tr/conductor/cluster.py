@@ -35,7 +35,7 @@ from skr8tr import __version__
 from skr8tr.conductor import state_store
 from skr8tr.conductor.events import EventBus
 from skr8tr.core import manifest as manifest_mod
-from skr8tr.core import node_protocol, placement, reconcile, replica_state
+from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state
 from skr8tr.core.manifest import Manifest
 
 log = logging.getLogger("skr8tr.conductor")
@@ -283,6 +283,9 @@ class Cluster:
         self.adopt_until = float("-inf")
         self.loaded_apps: set[str] = set()
         self.state_write_pending = False
+        # Signs every placement (core/placement_token.py); load_state puts back the one
+        # the state file keeps, so that tokens given before a restart still prove.
+        self.placement_secret = placement_token.new_secret()
         self.clock = clock
         self.wall = wall
         self.events = EventBus(wall)
@@ -394,7 +397,22 @@ class Cluster:
         """A node reports a replica this conductor does not know (it restarted, or the node
         was lost and came back). A replica of a known revision of an app is adopted, with
         its pid and port, and the reconciler then trims any surplus; anything else is
-        stopped. Its port is claimed until it exits, unless another replica holds it."""
+        stopped. Its port is claimed until it exits, unless another replica holds it.
+
+        Only with the placement token its launch carried, for this very node id: a node
+        cannot pass off a replica of another node, or one it made up, as its own.
+        """
+        if not placement_token.check(
+                self.placement_secret, report.get("token"), node_id=node.node_id,
+                replica=report["replica"], app=report["app"],
+                generation=report["generation"], port=report.get("port")):
+            log.warning("node %s reports replica %s (app %s, pid %s) without a placement "
+                        "token for this node; refused, and told to stop it", node.node_id,
+                        report["replica"], report["app"], report.get("pid"))
+            self.events.publish("node.claim_refused", node=node.node_id,
+                                replica=report["replica"], owner=None)
+            self.send(node.node_id, "stop", replica=report["replica"])
+            return
         app = self.apps.get(report["app"])
         revision = None if app is None else app.revisions.get(report["generation"])
         r = ReplicaState(
@@ -602,6 +620,9 @@ class Cluster:
             args=list(m.expand_args(where.address, where.port)), env=m.env_dict(),
             workdir=m.workdir_path, port=where.port, host=where.address, health=health,
             settle_ms=m.rollout.settle_ms, stop_grace_ms=m.stop_grace_ms,
+            token=placement_token.make(self.placement_secret, node_id=where.node_id,
+                                       replica=r.replica_id, app=app.name,
+                                       generation=revision.generation, port=where.port),
         )
         self.events.publish("replica.placed", app=app.name, replica=r.replica_id,
                             node=r.node_id, port=r.port, generation=r.generation)
@@ -962,6 +983,7 @@ class Cluster:
                 )
                 for a in sorted(apps.values(), key=lambda a: a.name)),
             rollouts=tuple(s for s in self.rollout_statuses() if s["app"] in apps),
+            placement_key=self.placement_secret.hex(),
         )
 
     def persist(self, apps: dict[str, AppState] | None = None) -> None:
@@ -989,6 +1011,8 @@ class Cluster:
         Raises state_store.StateFileError when a stored manifest no longer parses.
         """
         interrupted = []
+        if stored.placement_key is not None:
+            self.placement_secret = bytes.fromhex(stored.placement_key)
         for s in stored.apps:
             revisions = {}
             for r in s.revisions:

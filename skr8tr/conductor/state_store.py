@@ -85,6 +85,9 @@ class StoredApp:
 class StoredState:
     apps: tuple[StoredApp, ...]
     rollouts: tuple[dict[str, Any], ...]  # last rollout status per app (DESIGN.md §5 shape)
+    # The secret of the placement tokens (skr8tr/core/placement_token.py), 64 hex digits;
+    # None in a file written before there were tokens.
+    placement_key: str | None = None
 
 
 def to_document(state: StoredState) -> dict[str, Any]:
@@ -105,7 +108,10 @@ def to_document(state: StoredState) -> dict[str, Any]:
                  **({} if h.finished is None else {"finished": max(h.finished, h.started)})}
                 for h in app.history],
         }
-    return {"version": STATE_VERSION, "apps": apps, "rollouts": list(state.rollouts)}
+    doc = {"version": STATE_VERSION, "apps": apps, "rollouts": list(state.rollouts)}
+    if state.placement_key is not None:
+        doc["placement_key"] = state.placement_key
+    return doc
 
 
 def save(path: str, state: StoredState) -> None:
@@ -141,6 +147,7 @@ def write_atomically(path: str, text: str) -> None:
                 os.unlink(tmp)
 
 
+_PLACEMENT_KEY = re.compile(r"[0-9a-f]{64}")
 _AT_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
@@ -266,7 +273,13 @@ class _Checker:
         if type(version) is not int or version != STATE_VERSION:
             raise self.fail(("version",), f"unsupported state version {_show(version)} (this "
                             f"conductor reads version {STATE_VERSION})")
-        self.table((), doc, "the state file", ("version",), ("apps", "rollouts"))
+        self.table((), doc, "the state file", ("version",),
+                   ("apps", "rollouts", "placement_key"))
+        placement_key = doc.get("placement_key")
+        if placement_key is not None and (not isinstance(placement_key, str)
+                                          or _PLACEMENT_KEY.fullmatch(placement_key) is None):
+            raise self.fail(("placement_key",), "placement_key is not 64 lowercase hex "
+                            "digits (the secret of the placement tokens)")
         apps_doc = doc.get("apps", {})
         if not isinstance(apps_doc, dict):
             raise self.fail(("apps",), f"apps is {_kind(apps_doc)}; expected a table of apps "
@@ -280,7 +293,7 @@ class _Checker:
                 raise self.fail(("rollouts", i, "app"), f"rollout entry #{i + 1}: a second "
                                 f"entry for app {status['app']}; expected one per app")
             rollouts.append(status)
-        return StoredState(apps, tuple(rollouts))
+        return StoredState(apps, tuple(rollouts), placement_key)
 
     def app(self, name: str, a: Any) -> StoredApp:
         where: Path = ("apps", name)

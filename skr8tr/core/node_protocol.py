@@ -75,6 +75,7 @@ MAX_GENERATION = 2**53  # the largest integer a JSON double holds exactly
 MAX_TS_S = 1e12  # seconds since the epoch
 SHOWN_VALUE_CHARS = 40  # of a bad value, quoted in an error message
 
+PLACEMENT_TOKEN_HEX = 32  # skr8tr.core.placement_token.TOKEN_HEX
 REPORTED_STATES = ("running", "ready", "unhealthy", "exited", "failed")
 # Fields whose values may be secret: an error about them names the field only.
 SECRET_FIELDS = frozenset({"env"})
@@ -273,6 +274,8 @@ _REPLICA_FIELDS: dict[str, tuple[Check, bool]] = {
     # "launch_error" (missing executable, permission, bad workdir)
     "reason": (_opt(_one_of("port_in_use", "launch_error")), False),
     "ts": (_num(0, MAX_TS_S), True),
+    # the placement token its launch carried (skr8tr/core/placement_token.py)
+    "token": (_opt(_hex(PLACEMENT_TOKEN_HEX)), False),
 }
 
 _replica_reports = _list_of(lambda x: _check_fields(x, _REPLICA_FIELDS, envelope=False),
@@ -316,6 +319,7 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "health": (_health, True),
         "settle_ms": (_int(0, 10**9), True),
         "stop_grace_ms": (_int(0, 10**9), True),
+        "token": (_opt(_hex(PLACEMENT_TOKEN_HEX)), False),
     },
     "stop": {"replica": (_ident, True)},
     "replica": _REPLICA_FIELDS,

@@ -40,6 +40,7 @@ class LaunchSpec:
     health: HealthSpec | None = None
     settle_ms: int = 8000
     stop_grace_ms: int = 5000
+    token: str | None = None  # the conductor's placement token, sent back with each report
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> LaunchSpec:
@@ -59,6 +60,7 @@ class LaunchSpec:
             health=None if health is None else HealthSpec(**health),
             settle_ms=msg["settle_ms"],
             stop_grace_ms=msg["stop_grace_ms"],
+            token=msg.get("token"),
         )
 
     def to_message_fields(self) -> dict[str, Any]:
@@ -81,4 +83,5 @@ class LaunchSpec:
             },
             "settle_ms": self.settle_ms,
             "stop_grace_ms": self.stop_grace_ms,
+            "token": self.token,
         }
