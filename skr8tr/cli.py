@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(check it with `skr8tr audit verify FILE`)")
     sec.add_argument("--max-connections-per-address", metavar="N", type=_positive_int,
                      help="open connections per client address, on each listener "
-                     "(default 2048)")
+                     "(default 2048, at most half of --max-connections)")
     sec.add_argument("--max-messages-per-s", metavar="N", type=_positive_float,
                      help="WebSocket messages per second per connection before it is "
                      "closed (default 2000)")
@@ -170,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TLS + WebSocket handshake, and a node's hello (default 10)")
     sec.add_argument("--idle-timeout", metavar="S", type=_positive_float,
                      help="close a /v1/cli connection that sends nothing for S (default 300)")
+    sec.add_argument("--max-connections", metavar="N", type=_positive_int,
+                     help="open connections on both listeners together; lowered to fit the "
+                     "open-file limit (default: as many as that allows)")
+    sec.add_argument("--watch-idle-timeout", metavar="S", type=_positive_float,
+                     help="ping /v1/watch clients every S/2 and close one silent for S "
+                     "(default 60)")
+    sec.add_argument("--watch-queue-bytes", metavar="N", type=_positive_int,
+                     help="close a /v1/watch client with more than N bytes of events not "
+                     "yet sent to it (default 4194304)")
+    sec.add_argument("--allowed-host", metavar="NAME", action="append",
+                     help="a host name the HTTP routes and WebSockets answer besides IP "
+                     "addresses and localhost, e.g. behind a reverse proxy (repeatable)")
+    sec.add_argument("--allowed-origin", metavar="URL", action="append",
+                     help="a web page origin (SCHEME://HOST[:PORT]) that may open "
+                     "WebSockets besides the conductor's own status page (repeatable)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 

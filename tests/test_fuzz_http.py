@@ -7,9 +7,10 @@ stream whose sending side is then closed: the conductor's
 :func:`skr8tr.conductor.http.handle_connection` with its real status routes,
 and the ingress's :meth:`Proxy.serve_connection` with a route to a live
 upstream. The handler must neither raise nor hang, and whatever it answers
-must be HTTP/1.1 responses with a status it means (never a 500 of its own).
-Every 10th example also goes to a real conductor over a loopback socket.
-After each batch both still answer ``/healthz`` (the ingress: a proxied GET).
+must be HTTP/1.1 responses with a status it means (never a 500 of its own;
+421 for a ``Host`` that is not the conductor's). Every 10th example also goes
+to a real conductor over a loopback socket. After each batch both still
+answer ``/healthz`` (the ingress: a proxied GET).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from skr8tr.conductor import api as api_mod
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import handle_connection
 from skr8tr.conductor.limits import ClosedCounter, Limits
+from skr8tr.conductor.origins import HostPolicy
 from skr8tr.conductor.status_http import StatusSite
 from skr8tr.core.keys import parse_authorized_keys
 from skr8tr.ingress.pool import Pool
@@ -52,7 +54,8 @@ TARGETS = [b"/", b"/healthz", b"/api/state", b"/api/config", b"/api/events", b"/
            b"/app/x", b"/app", b"/other", b"*", b"http://evil/x", b"//x", b"/%00", b"/?a=b",
            b"/\xff", b"/" + b"a" * 5000, b"", b"/ /"]
 VERSIONS = [b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1", b"", b"http/1.1"]
-HEADERS = [b"Host: x", b"Host: x", b"Host:", b"Connection: close", b"Connection: keep-alive",
+HEADERS = [b"Host: 127.0.0.1", b"Host: x", b"Host:", b"Host: localhost:7780",
+           b"Connection: close", b"Connection: keep-alive",
            b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 99999999999",
            b"Content-Length: 3, 4", b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip",
            b"Expect: 100-continue", b"Upgrade: websocket", b"X-Forwarded-For: 1.2.3.4",
@@ -70,7 +73,7 @@ def requests(draw) -> bytes:
         if draw(st.booleans()):  # a plain, valid request (with a valid target or not)
             method = draw(st.sampled_from([b"GET", b"GET", b"HEAD"]))
             target = draw(st.sampled_from(TARGETS[:12]))
-            out += method + b" " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            out += method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             continue
         eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n"]))
         line = b" ".join([draw(st.sampled_from(METHODS)), draw(st.sampled_from(TARGETS)),
@@ -151,9 +154,10 @@ async def over_socket(port: int, data: bytes) -> bytes:
 async def test_status_page_request_path(tmp_path):
     site, closed = status_site()
     limits = Limits()
+    policy = HostPolicy()
 
     async def serve(stream):
-        await handle_connection(stream, site, limits, closed)
+        await handle_connection(stream, site, limits, closed, policy.check_host)
 
     examples = await trio.to_thread.run_sync(collect)
     assert len(examples) >= EXAMPLES
@@ -164,16 +168,18 @@ async def test_status_page_request_path(tmp_path):
                 answer = await exchange(serve, data)
                 if answer:
                     for code in statuses(answer):
-                        assert code in (200, 400, 404, 405, 413, 431, 501, 505), (data, answer)
+                        assert code in (200, 400, 404, 405, 413, 421, 431, 501, 505), (
+                            data, answer)
                         seen[code] = seen.get(code, 0) + 1
                 if i % SOCKET_EVERY == 0:
                     real = await over_socket(c.http_port, data)
                     assert not real or all(code != 500 for code in statuses(real)), (data, real)
-            ok = await exchange(serve, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            ok = await exchange(serve, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert ok.startswith(b"HTTP/1.1 200 ") and ok.endswith(b"ok\n")
-            real = await over_socket(c.http_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            real = await over_socket(c.http_port,
+                                     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert real.endswith(b"ok\n")
-    assert seen.get(200, 0) > 100 and seen.get(400, 0) > 100, seen
+    assert seen.get(200, 0) > 100 and seen.get(400, 0) > 100 and seen.get(421, 0) > 10, seen
 
 
 # ---------------------------------------------------------------------- the ingress

@@ -231,7 +231,7 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
         async with open_conductor(tmp_path, limits=SMALL) as c:
             port = c.http_port
             big = await trio.open_tcp_stream("127.0.0.1", port)
-            await big.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096
+            await big.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 4096
                                + b"\r\n\r\n")
             answer = await read_until_closed(big)
             assert answer.startswith(b"HTTP/1.1 431 ")
@@ -242,7 +242,7 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
             cut_off = False
             # Dribbling the whole line would take 20 s; the head deadline must end it.
             try:
-                for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 1000:
+                for byte in b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"z" * 1000:
                     await slow.send_all(bytes([byte]))
                     await trio.sleep(0.02)
             except trio.BrokenResourceError:
@@ -252,14 +252,14 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
 
             # Keep-alive: one request served, then an idle connection is closed.
             idle = await trio.open_tcp_stream("127.0.0.1", port)
-            await idle.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await idle.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             data = await read_until_closed(idle)
             assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"ok\n")
             await idle.aclose()
 
             # A client that sends a request and never reads a large answer.
             stuck = await trio.open_tcp_stream("127.0.0.1", port)
-            request = b"GET /static/app.js HTTP/1.1\r\nHost: x\r\n\r\n"
+            request = b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             await stuck.send_all(request * 200)
             await trio.sleep(1.5)
             await stuck.aclose()

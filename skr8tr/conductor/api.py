@@ -18,7 +18,6 @@ never reach the conductor's log.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from skr8tr.conductor import audit, commands, metrics
+from skr8tr.conductor import audit, commands, metrics, watch
 from skr8tr.conductor.cluster import Cluster, CommandError
 from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
 from skr8tr.conductor.refusals import RefusalReporter
@@ -232,54 +231,11 @@ def _location(message: str) -> str:
 
 async def serve_watch(cluster: Cluster, ws: ServerConnection,
                       api: CliApi | None = None) -> None:
-    """``/v1/watch``: a snapshot, then every event, then a snapshot after each change burst.
+    """``/v1/watch``: a snapshot, then every event (:mod:`skr8tr.conductor.watch`).
 
-    What a watcher sends is read and dropped; with *api*, its message-rate and
-    size limits apply to that too.
+    What a watcher sends is read and dropped; with *api*, its limits apply
+    (message rate and size, queue in bytes, keep-alive) and its closes are
+    counted with the others.
     """
-    limits = api.limits if api is not None else Limits()
-    peer = ws.peer
-    with cluster.events.subscribe() as events:
-        try:
-            await ws.send_message(protocol.snapshot_message(cluster.events.seq, cluster.wall(),
-                                                            cluster.status()))
-        except ConnectionClosed as exc:  # left before its snapshot
-            if api is not None:
-                api.count_close(exc, peer)
-            return
-        async with trio.open_nursery() as nursery:
-            async def drain_client() -> None:
-                # Watchers only listen; read so that a close from their side ends us.
-                bucket = TokenBucket(limits.messages_per_s, limits.message_burst,
-                                     trio.current_time())
-                try:
-                    while True:
-                        await ws.get_message()
-                        if not bucket.take(trio.current_time()) and api is not None:
-                            await api.close_for(ws, peer, "rate_limit", 1008,
-                                                f"more than {limits.messages_per_s:g} "
-                                                "messages/s")
-                            break
-                except ConnectionClosed as exc:
-                    if api is not None:
-                        api.count_close(exc, peer)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(drain_client)
-            with contextlib.suppress(ConnectionClosed):  # the watcher left
-                async for ev in events:
-                    # One scheduling round first: the command that published this
-                    # event finishes publishing, and what it queued for the nodes
-                    # (a launch) and its reply leave before the watchers' copy.
-                    # Then the whole burst goes out in one write.
-                    await trio.sleep(0)
-                    burst = [ev]
-                    while True:
-                        try:
-                            burst.append(events.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    await ws.send_messages([protocol.event_message(e.seq, e.ts, e.event,
-                                                                   e.data) for e in burst])
-            nursery.cancel_scope.cancel()
-
+    await watch.serve_watch(cluster, ws, limits=api.limits if api is not None else None,
+                            closed=api.closed if api is not None else None)

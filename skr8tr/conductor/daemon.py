@@ -31,11 +31,13 @@ import trio
 from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
 from skr8tr.conductor import audit, replay_store, state_store, status_http, wsserver
+from skr8tr.conductor.accept import fit_limits_to_descriptors
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import serve_http
 from skr8tr.conductor.limits import ClosedCounter, Limits
 from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
+from skr8tr.conductor.origins import HostPolicy, OriginError
 from skr8tr.core import protocol
 from skr8tr.core.keys import (
     AuthorizedKeys,
@@ -65,6 +67,8 @@ class ConductorConfig:
     tls_key: str | None = None
     audit_log: str | None = None
     limits: Limits = Limits()
+    allowed_hosts: tuple[str, ...] = ()  # --allowed-host: names HTTP and WebSockets answer
+    allowed_origins: tuple[str, ...] = ()  # --allowed-origin: pages that may open /v1/*
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:
@@ -102,8 +106,19 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
             handshake_timeout_s=getattr(opts, "handshake_timeout", None)
             or defaults.handshake_timeout_s,
             idle_timeout_s=getattr(opts, "idle_timeout", None) or defaults.idle_timeout_s,
+            max_connections=getattr(opts, "max_connections", None),
+            watch_idle_timeout_s=getattr(opts, "watch_idle_timeout", None)
+            or defaults.watch_idle_timeout_s,
+            watch_queue_bytes=getattr(opts, "watch_queue_bytes", None)
+            or defaults.watch_queue_bytes,
         )
     except ValueError as exc:
+        raise StartError(str(exc)) from None
+    allowed_hosts = tuple(getattr(opts, "allowed_host", None) or ())
+    allowed_origins = tuple(getattr(opts, "allowed_origin", None) or ())
+    try:
+        HostPolicy.from_flags(allowed_hosts, allowed_origins)
+    except OriginError as exc:
         raise StartError(str(exc)) from None
     return ConductorConfig(
         listen=parse_hostport(opts.listen, "--listen"),
@@ -119,6 +134,8 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         audit_log=None if getattr(opts, "audit_log", None) is None
         else os.path.abspath(opts.audit_log),
         limits=limits,
+        allowed_hosts=allowed_hosts,
+        allowed_origins=allowed_origins,
     )
 
 
@@ -185,7 +202,12 @@ async def run_conductor(config: ConductorConfig, *,
     cluster = Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
                       state_path=config.state_path, adopt_grace_s=config.adopt_grace_s)
     closed = ClosedCounter()
-    cli = api_mod.CliApi(cluster, authority, time.time, limits=config.limits, closed=closed)
+    # Below the open-file limit (raised as far as it goes): over a cap a connection is
+    # closed at once, and accept never runs out of descriptors (accept, limits).
+    limits, admission = fit_limits_to_descriptors(config.limits, closed)
+    policy = HostPolicy.from_flags(config.allowed_hosts, config.allowed_origins,
+                                   tls=ssl_context is not None)
+    cli = api_mod.CliApi(cluster, authority, time.time, limits=limits, closed=closed)
     stored = _load_state(config)
     if stored is not None:
         try:
@@ -209,12 +231,13 @@ async def run_conductor(config: ConductorConfig, *,
         else:
             await api_mod.serve_watch(cluster, ws, cli)
 
-    server = WebSocketListener(on_websocket, limits=config.limits, closed=closed,
+    server = WebSocketListener(on_websocket, limits=limits, closed=closed,
                                max_message_size=protocol.MAX_MESSAGE_BYTES,
-                               ssl_context=ssl_context)
+                               ssl_context=ssl_context, admission=admission, policy=policy)
     # The status page, /api/*, /metrics; `server` is bound below, before any request.
     on_http = status_http.StatusSite(cluster, cli, listen=config.listen,
-                                     ws_port=lambda: server.port, tls=ssl_context is not None)
+                                     ws_port=lambda: server.port, tls=ssl_context is not None,
+                                     admission=admission, policy=policy)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -226,8 +249,10 @@ async def run_conductor(config: ConductorConfig, *,
             await nursery.start(server.serve, *config.listen)
             listeners = await nursery.start(partial(
                 serve_http, on_http, *config.http, ssl_context=ssl_context,
-                limits=config.limits, closed=closed))
+                limits=limits, closed=closed, admission=admission,
+                check_host=policy.check_host))
             http_port = listeners[0].socket.getsockname()[1]
+            policy.http_address, policy.http_port = config.http[0], http_port
             ws_scheme, http_scheme = ("wss", "https") if ssl_context else ("ws", "http")
             log.info("skr8tr conductor %s: API %s://%s:%d, status %s://%s:%d", __version__,
                      ws_scheme, config.listen[0], server.port, http_scheme, config.http[0],

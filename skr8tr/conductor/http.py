@@ -8,14 +8,17 @@ an async ``run(task_status=)`` method: :func:`serve_http` runs it next to the
 listener, in the same nursery, so it lives exactly as long as the listener.
 
 Slow or greedy clients (:class:`~skr8tr.conductor.limits.Limits`): at most
-``max_connections_per_address`` connections per client address; a request
+``max_connections`` connections on both listeners together and
+``max_connections_per_address`` per client address
+(:mod:`skr8tr.conductor.accept`); a request
 head of at most ``http_max_header_bytes`` (else 431), whole within
 ``http_header_timeout_s`` of the connection (or, on a kept-alive
 connection, of its first byte); ``http_idle_timeout_s`` between requests;
 each body read and each response write must progress within
 ``http_io_timeout_s``. Every connection closed by one of these is counted by
 reason. With an ``ssl_context`` the listener speaks HTTPS, and the TLS
-handshake counts against the head's deadline.
+handshake counts against the head's deadline. A request whose ``Host`` is not
+this conductor's (:mod:`skr8tr.conductor.origins`) is answered 421.
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import h11
 import trio
 
-from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits
+from skr8tr.conductor.accept import Admission, serve_accepting
+from skr8tr.conductor.limits import AddressSlots, ClosedCounter, ConnectionGate, Limits
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -53,6 +56,8 @@ class Response:
 
 
 Handler = Callable[[str, str], Response]
+#: ``check_host(value of Host or None)``: None to answer the request, else why not.
+HostCheck = Callable[[bytes | None], str | None]
 
 
 class _Close(Exception):
@@ -142,11 +147,14 @@ class _Connection:
 
 async def handle_connection(stream: trio.abc.Stream, handler: Handler,
                             limits: Limits | None = None,
-                            closed: ClosedCounter | None = None) -> None:
-    """Serve one client connection until it ends; never raises (but for cancellation)."""
+                            closed: ClosedCounter | None = None,
+                            check_host: HostCheck | None = None) -> None:
+    """Serve one client connection until it ends; never raises (but for cancellation).
+
+    With *check_host*, a request it refuses is answered 421 with its reason."""
     connection = _Connection(stream, limits or Limits())
     try:
-        await _serve_requests(connection, handler)
+        await _serve_requests(connection, handler, check_host)
     except _Close as exc:
         if exc.reason is not None and closed is not None:
             closed.count(exc.reason)
@@ -165,7 +173,8 @@ def _pending(connection: _Connection) -> bool:
     return connection.conn.our_state not in (h11.IDLE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
 
-async def _serve_requests(connection: _Connection, handler: Handler) -> None:
+async def _serve_requests(connection: _Connection, handler: Handler,
+                          check_host: HostCheck | None = None) -> None:
     conn = connection.conn
     first = True
     while True:
@@ -186,7 +195,13 @@ async def _serve_requests(connection: _Connection, handler: Handler) -> None:
                     await connection.send(Response(status, f"{exc}\n".encode()), method)
             raise _Close("http_header_too_large" if status == 431
                          else "http_bad_request") from None
-        if method not in ("GET", "HEAD"):
+        misdirected = None
+        if check_host is not None:
+            hosts = [value for name, value in request.headers if name == b"host"]
+            misdirected = check_host(b", ".join(hosts) if hosts else None)
+        if misdirected is not None:
+            resp = Response(421, misdirected.encode() + b"\n")
+        elif method not in ("GET", "HEAD"):
             resp = Response(405, b"only GET and HEAD\n")
         else:
             try:
@@ -205,45 +220,35 @@ async def _serve_requests(connection: _Connection, handler: Handler) -> None:
 
 async def serve_http(handler: Handler, host: str, port: int, *,
                      ssl_context: ssl.SSLContext | None = None, limits: Limits | None = None,
-                     closed: ClosedCounter | None = None,
+                     closed: ClosedCounter | None = None, admission: Admission | None = None,
+                     check_host: HostCheck | None = None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; ``task_status.started`` gets the bound listeners.
 
     When ``handler`` has a ``run`` method, it is started first (``nursery.start``)
-    and cancelled with the listener.
+    and cancelled with the listener. *admission* is shared with the WebSocket
+    listener (the total cap); without one this listener has a gate of its own.
     """
     limits = limits or Limits()
+    closed = closed if closed is not None else ClosedCounter()
+    if admission is None:
+        admission = Admission(ConnectionGate(
+            limits.max_connections or 2 * limits.max_connections_per_address), closed)
     slots = AddressSlots(limits.max_connections_per_address)
 
-    async def on_connection(stream: trio.SocketStream) -> None:
-        try:
-            address = str(stream.socket.getpeername()[0])
-        except OSError:
-            await trio.aclose_forcefully(stream)
-            return
-        if not slots.acquire(address):
-            if closed is not None:
-                closed.count("too_many_connections")
-            log.warning("closed an HTTP connection from %s: it already holds %d connections",
-                        address, slots.limit)
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            transport: trio.abc.Stream = stream
-            if ssl_context is not None:
-                transport = trio.SSLStream(stream, ssl_context, server_side=True,
-                                           https_compatible=True)
-            await handle_connection(transport, handler, limits, closed)
-        except Exception:
-            # A bug in serving one connection must not take the conductor down.
-            log.exception("the HTTP connection from %s failed; it is closed", address)
-            await trio.aclose_forcefully(stream)
-        finally:
-            slots.release(address)
+    async def on_connection(stream: trio.SocketStream, address: str) -> None:
+        transport: trio.abc.Stream = stream
+        if ssl_context is not None:
+            transport = trio.SSLStream(stream, ssl_context, server_side=True,
+                                       https_compatible=True)
+        await handle_connection(transport, handler, limits, closed, check_host)
 
     async with trio.open_nursery() as nursery:
         run = getattr(handler, "run", None)
         if run is not None:
             await nursery.start(run)
-        listeners = await nursery.start(partial(trio.serve_tcp, on_connection, port, host=host))
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        for listener in listeners:
+            nursery.start_soon(serve_accepting, listener, on_connection, admission, slots,
+                               "HTTP")
         task_status.started(listeners)

@@ -8,10 +8,13 @@ close reason, an HTTP status), and is counted in ``/metrics`` as
 |---|---|---|
 | message size (``/v1/*``) | 1 MiB | ``message_too_big`` (close 1009) |
 | messages per second per WebSocket | 2000/s, burst 10000 | ``rate_limit`` (close 1008) |
-| connections per client address (API and HTTP, each) | 2048 | ``too_many_connections`` |
+| connections per address (API, HTTP each) | 2048, <= half the total | ``too_many_connections`` |
+| connections at once (API and HTTP together) | what descriptors allow | ``max_connections`` |
 | TLS + WebSocket handshake | 10 s | ``handshake_timeout`` / ``bad_handshake`` |
 | node ``hello`` after the challenge | 10 s | ``handshake_timeout`` |
 | ``/v1/cli`` connection without a request | 300 s | ``idle_timeout`` (close 1000) |
+| ``/v1/watch`` watcher silent (pings unanswered) | 60 s | ``ping_timeout`` (close 1011) |
+| ``/v1/watch`` events queued for one watcher, unsent | 4 MiB | ``watch_too_slow`` (close 1008) |
 | HTTP request head: size (431) | 16 KiB | ``http_header_too_large`` |
 | HTTP request head: arrives whole within | 10 s | ``http_header_timeout`` |
 | HTTP keep-alive between requests | 30 s | ``http_idle_timeout`` |
@@ -22,21 +25,38 @@ from one address and sends thousands of requests a second on one connection.
 A rate limit per connection is about fairness, not about the conductor's
 CPU: many connections together can still keep it busy (SECURITY.md).
 
+The descriptor budget (:func:`connection_budget`): every connection holds one
+descriptor, so the connections of both listeners together are kept at
+:data:`FD_RESERVE` below the soft ``RLIMIT_NOFILE`` (raised to the hard limit
+at start). The reserve covers what is not a connection: stdio, the event
+loop, the listeners, the state file and the audit log with their temporary
+files, and the connection being refused. The cap per address is kept at
+half the total, so that one address cannot take every slot. A connection
+over a cap is accepted and closed at once, so ``accept`` never meets
+``EMFILE``; refusals are logged at most once per :data:`LOG_EVERY_S` per
+reason (:class:`LogThrottle`).
+
 Pure: no trio, no clock; callers pass the current (monotonic) time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Limits", "TokenBucket", "AddressSlots", "ClosedCounter", "CLOSE_REASONS"]
+__all__ = ["Limits", "TokenBucket", "AddressSlots", "ConnectionGate", "ClosedCounter",
+           "LogThrottle", "CLOSE_REASONS", "FD_RESERVE", "LOG_EVERY_S", "connection_budget",
+           "fit_to_descriptors"]
 
 CLOSE_REASONS = (
-    "too_many_connections", "handshake_timeout", "bad_handshake", "rate_limit",
-    "message_too_big", "idle_timeout", "revoked", "http_header_too_large",
-    "http_header_timeout", "http_idle_timeout", "http_slow_client", "http_bad_request",
+    "too_many_connections", "max_connections", "handshake_timeout", "bad_handshake",
+    "rate_limit", "message_too_big", "idle_timeout", "ping_timeout", "watch_too_slow",
+    "revoked", "http_header_too_large", "http_header_timeout", "http_idle_timeout",
+    "http_slow_client", "http_bad_request",
 )
+FD_RESERVE = 64  # descriptors that are not connections (module docstring)
+LOG_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,24 +64,68 @@ class Limits:
     """The conductor's per-client limits (flags of ``skr8tr conductor``)."""
 
     max_connections_per_address: int = 2048
+    #: Connections of both listeners together; None: as many as the descriptors allow.
+    max_connections: int | None = None
     messages_per_s: float = 2000.0
     message_burst: int = 10000
     handshake_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
+    #: A watcher is pinged every half of this and closed when nothing came from it for
+    #: this long.
+    watch_idle_timeout_s: float = 60.0
+    #: Encoded events queued for one watcher and not yet written to its socket.
+    watch_queue_bytes: int = 4 * 1024 * 1024
     http_max_header_bytes: int = 16 * 1024
     http_header_timeout_s: float = 10.0
     http_idle_timeout_s: float = 30.0
     http_io_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("max_connections_per_address", "message_burst", "http_max_header_bytes"):
+        for name in ("max_connections_per_address", "message_burst", "http_max_header_bytes",
+                     "watch_queue_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections!r}")
         for name in ("messages_per_s", "handshake_timeout_s", "idle_timeout_s",
-                     "http_header_timeout_s", "http_idle_timeout_s", "http_io_timeout_s"):
+                     "watch_idle_timeout_s", "http_header_timeout_s", "http_idle_timeout_s",
+                     "http_io_timeout_s"):
             value = getattr(self, name)
             if not (value > 0 and not math.isnan(value)):
                 raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def connection_budget(fd_soft_limit: int | None) -> int | None:
+    """The connections the descriptors allow: the soft limit less :data:`FD_RESERVE`,
+    never below 2 (one for each listener); None when there is no limit."""
+    if fd_soft_limit is None:
+        return None
+    return max(2, fd_soft_limit - FD_RESERVE)
+
+
+def fit_to_descriptors(limits: Limits, fd_soft_limit: int | None) -> tuple[Limits, list[str]]:
+    """*limits* with ``max_connections`` set and both connection caps lowered to fit
+    the descriptor budget (module docstring), and one line for each value lowered."""
+    budget = connection_budget(fd_soft_limit)
+    notes = []
+    total = limits.max_connections
+    if total is None:
+        total = budget if budget is not None else 65536
+    elif budget is not None and total > budget:
+        notes.append(f"--max-connections lowered from {total} to {budget}: the open-file "
+                     f"limit is {fd_soft_limit} and {FD_RESERVE} descriptors are kept for "
+                     "files and the listeners")
+        total = budget
+    per_address = limits.max_connections_per_address
+    share = max(1, total // 2)
+    if per_address > share:
+        notes.append(f"--max-connections-per-address lowered from {per_address} to {share}: "
+                     f"half of the {total} connections the conductor serves at once, so "
+                     "that one address cannot take them all")
+        per_address = share
+    fitted = dataclasses.replace(limits, max_connections=total,
+                                 max_connections_per_address=per_address)
+    return fitted, notes
 
 
 class TokenBucket:
@@ -106,6 +170,52 @@ class AddressSlots:
             self.open[address] = n
         else:
             self.open.pop(address, None)
+
+
+@dataclass
+class ConnectionGate:
+    """Admission of a new connection: at most ``limit`` open on all listeners together,
+    and at most ``slots.limit`` per client address on the listener that owns *slots*."""
+
+    limit: int
+    open: int = 0
+
+    def admit(self, slots: AddressSlots, address: str) -> str | None:
+        """Take a slot for *address*; None if it was taken, else the reason it was not
+        (``max_connections`` or ``too_many_connections``), and nothing is taken."""
+        if self.open >= self.limit:
+            return "max_connections"
+        if not slots.acquire(address):
+            return "too_many_connections"
+        self.open += 1
+        return None
+
+    def release(self, slots: AddressSlots, address: str) -> None:
+        """Give back what :meth:`admit` took."""
+        slots.release(address)
+        self.open = max(0, self.open - 1)
+
+
+@dataclass
+class LogThrottle:
+    """At most one log line per reason every ``interval_s``, carrying the count since the
+    last one, so that a flood of refusals cannot flood the log."""
+
+    interval_s: float = LOG_EVERY_S
+    _last: dict[str, float] = field(default_factory=dict)
+    _pending: dict[str, int] = field(default_factory=dict)
+
+    def note(self, reason: str, now: float) -> int:
+        """Count one event; how many events the line due now should report (this one and
+        those kept quiet since the last line), or 0 when no line is due."""
+        pending = self._pending.get(reason, 0) + 1
+        last = self._last.get(reason)
+        if last is not None and now - last < self.interval_s:
+            self._pending[reason] = pending
+            return 0
+        self._last[reason] = now
+        self._pending[reason] = 0
+        return pending
 
 
 @dataclass

@@ -1,17 +1,22 @@
-"""The conductor's WebSocket listener: TLS, connections per address, handshake deadline.
+"""The conductor's WebSocket listener: TLS, connection caps, handshake deadline, Host/Origin.
 
-This module accepts the TCP connections itself and serves each with our own
-server connection (:mod:`skr8tr.conductor.wsserver`: wsproto, no reader task):
+This module accepts the TCP connections itself (:mod:`skr8tr.conductor.accept`)
+and serves each with our own server connection
+(:mod:`skr8tr.conductor.wsserver`: wsproto, no reader task):
 
-1. a client address already holding ``max_connections_per_address``
-   connections is closed at once (``too_many_connections``);
+1. a connection over the total cap (``max_connections``, both listeners
+   together) or from a client address already holding
+   ``max_connections_per_address`` is closed at once (``max_connections``,
+   ``too_many_connections``);
 2. with TLS, the stream is wrapped in ``trio.SSLStream``;
 3. the TLS handshake and the WebSocket upgrade request must both be done
    within ``handshake_timeout_s``, else the connection is closed
    (``handshake_timeout``); a connection that closes or sends something that
    is not a WebSocket upgrade before that is ``bad_handshake`` (an HTTP
    request is answered 400 first);
-4. the handler gets the :class:`~skr8tr.conductor.wsserver.Request` to accept
+4. an upgrade whose ``Host`` is not this conductor's is answered 421, one
+   from a foreign page (``Origin``) 403 (:mod:`skr8tr.conductor.origins`);
+5. the handler gets the :class:`~skr8tr.conductor.wsserver.Request` to accept
    or reject, and when it returns the connection is closed (the closing
    handshake bounded by ``DISCONNECT_TIMEOUT_S``).
 """
@@ -21,12 +26,13 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import trio
 
 from skr8tr.conductor import wsserver
-from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits
+from skr8tr.conductor.accept import Admission, serve_accepting
+from skr8tr.conductor.limits import AddressSlots, ClosedCounter, ConnectionGate, Limits
+from skr8tr.conductor.origins import HostPolicy
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -36,15 +42,25 @@ Handler = Callable[[wsserver.Request], Awaitable[None]]
 
 
 class WebSocketListener:
-    """Serves WebSockets on a bound TCP listener; see the module docstring."""
+    """Serves WebSockets on a bound TCP listener; see the module docstring.
+
+    *admission* is shared with the HTTP listener (the total cap); without one the
+    listener has a gate of its own. Without a *policy* every Host and Origin passes.
+    """
 
     def __init__(self, handler: Handler, *, limits: Limits, closed: ClosedCounter,
-                 max_message_size: int, ssl_context: ssl.SSLContext | None = None) -> None:
+                 max_message_size: int, ssl_context: ssl.SSLContext | None = None,
+                 admission: Admission | None = None,
+                 policy: HostPolicy | None = None) -> None:
         self.handler = handler
         self.limits = limits
         self.closed = closed
         self.max_message_size = max_message_size
         self.ssl_context = ssl_context
+        self.admission = admission or Admission(
+            ConnectionGate(limits.max_connections or 2 * limits.max_connections_per_address),
+            closed)
+        self.policy = policy
         self.slots = AddressSlots(limits.max_connections_per_address)
         self.port = 0
 
@@ -55,36 +71,24 @@ class WebSocketListener:
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(trio.serve_listeners, self.serve_stream, listeners))
+            for listener in listeners:
+                nursery.start_soon(serve_accepting, listener, self.serve_stream,
+                                   self.admission, self.slots, "API")
             task_status.started(self)
 
-    async def serve_stream(self, stream: trio.SocketStream) -> None:
-        """One accepted TCP connection, from the limit check to the close."""
+    async def serve_stream(self, stream: trio.SocketStream, address: str) -> None:
+        """One admitted TCP connection from *address*, from TLS to the close."""
         try:
-            address = str(stream.socket.getpeername()[0])
+            local = str(stream.socket.getsockname()[0])
         except OSError:
-            await trio.aclose_forcefully(stream)
-            return
-        if not self.slots.acquire(address):
-            self.closed.count("too_many_connections")
-            log.warning("closed a connection from %s: it already holds %d connections "
-                        "(--max-connections-per-address)", address, self.slots.limit)
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            transport: trio.abc.Stream = stream
-            if self.ssl_context is not None:
-                transport = trio.SSLStream(stream, self.ssl_context, server_side=True)
-            await self._serve_websocket(transport, address)
-        except Exception:
-            # A bug in serving one connection must not take the conductor down.
-            log.exception("the connection from %s failed; it is closed, the others go on",
-                          address)
-            await trio.aclose_forcefully(stream)
-        finally:
-            self.slots.release(address)
+            return  # gone already; the accept loop closes it
+        transport: trio.abc.Stream = stream
+        if self.ssl_context is not None:
+            transport = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        await self._serve_websocket(transport, address, local)
 
-    async def _serve_websocket(self, stream: trio.abc.Stream, address: str) -> None:
+    async def _serve_websocket(self, stream: trio.abc.Stream, address: str,
+                               local: str = "") -> None:
         request: wsserver.Request | None = None
         why = ""
         with trio.move_on_after(self.limits.handshake_timeout_s) as deadline:
@@ -102,6 +106,8 @@ class WebSocketListener:
                 "bad_handshake": f"it did not send a WebSocket upgrade ({why})"}[reason])
             await trio.aclose_forcefully(stream)
             return
+        if await self._refused(request, local):
+            return
         try:
             await self.handler(request)
         except wsserver.ConnectionClosed:
@@ -109,3 +115,25 @@ class WebSocketListener:
         finally:
             with trio.move_on_after(DISCONNECT_TIMEOUT_S):
                 await request.aclose()
+
+    async def _refused(self, request: wsserver.Request, local: str) -> bool:
+        """Answer an upgrade with a foreign Host (421) or Origin (403); True if it was."""
+        policy = self.policy
+        if policy is None:
+            return False
+        fields: dict[bytes, bytes] = {}
+        for name, value in request.headers:  # sent twice: both, which then do not parse
+            fields[name] = fields[name] + b", " + value if name in fields else value
+        status, header = 421, "host"
+        why = policy.check_host(fields.get(b"host"))
+        if why is None:
+            status, header = 403, "origin"
+            why = policy.check_origin(fields.get(b"origin"), local)
+        if why is None:
+            return False
+        if self.admission.throttle.note(f"API:{header}", trio.current_time()):
+            log.warning("refused a WebSocket handshake from %s for %s (%d): %s",
+                        request.peer, request.path[:100], status, why)
+        with trio.move_on_after(DISCONNECT_TIMEOUT_S):
+            await request.reject(status, body=why.encode() + b"\n")
+        return True

@@ -30,7 +30,9 @@ from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import Response
 
 if TYPE_CHECKING:
+    from skr8tr.conductor.accept import Admission
     from skr8tr.conductor.api import CliApi
+    from skr8tr.conductor.origins import HostPolicy
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -77,12 +79,16 @@ class StatusSite:
 
     ``ws_port`` returns the port the WebSocket API is bound to (asked at
     request time, since with ``--listen HOST:0`` it is known only once bound).
+    ``admission`` and ``policy`` (both listeners') feed ``/metrics``.
     """
 
     def __init__(self, cluster: Cluster, api: CliApi, *, listen: tuple[str, int],
-                 ws_port: Callable[[], int] | None = None, tls: bool = False) -> None:
+                 ws_port: Callable[[], int] | None = None, tls: bool = False,
+                 admission: Admission | None = None, policy: HostPolicy | None = None) -> None:
         self.cluster = cluster
         self.api = api
+        self.admission = admission
+        self.policy = policy
         self.listen = listen
         self.tls = tls
         self.ws_port = ws_port or (lambda: listen[1])
@@ -201,13 +207,37 @@ class StatusSite:
         closed = metrics.Counter(
             "skr8tr_connections_closed_total",
             "Connections the conductor closed because they broke a limit (size, rate, "
-            "connections per address, handshake, idle, slow HTTP client) or their key was "
-            "revoked, by reason.", ("reason",))
+            "connections per address or in all, handshake, idle, unanswered pings, slow "
+            "watcher, slow HTTP client) or their key was revoked, by reason.", ("reason",))
         counter = getattr(self.api, "closed", None)
         for reason, n in (counter.by_reason if counter is not None else {}).items():
             closed.set_total(n, reason=reason)
         families = [build, uptime, nodes, live, apps, replicas, running,
                     self.rollouts_finished, refused, self.api.command_seconds, events, closed]
+        if self.admission is not None:
+            open_now = metrics.Gauge(
+                "skr8tr_connections_open",
+                "Connections open on the API and HTTP listeners together.")
+            open_now.set(self.admission.gate.open)
+            cap = metrics.Gauge(
+                "skr8tr_connections_max",
+                "Connections the conductor serves at once (--max-connections, fitted under "
+                "the open-file limit).")
+            cap.set(self.admission.gate.limit)
+            accept_errors = metrics.Counter(
+                "skr8tr_accept_errors_total",
+                "Times accept() failed for want of descriptors or memory (EMFILE, ENFILE, "
+                "ENOMEM, ENOBUFS); the listener backs off and goes on.")
+            accept_errors.set_total(self.admission.accept_errors)
+            families += [open_now, cap, accept_errors]
+        if self.policy is not None:
+            foreign = metrics.Counter(
+                "skr8tr_foreign_requests_total",
+                "HTTP requests (421) and WebSocket handshakes (421, 403) refused for a Host "
+                "or Origin that is not this conductor's, by header.", ("header",))
+            for header, n in self.policy.refused.items():
+                foreign.set_total(n, header=header)
+            families.append(foreign)
 
         audit_log = getattr(self.api, "audit_log", None)
         if audit_log is not None:

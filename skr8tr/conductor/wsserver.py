@@ -32,6 +32,16 @@ Rules of use:
   taken without a scheduling round when it is free.
 - The reader answers pings and close frames. A handler busy with a command
   answers a ping when it next reads; no client of the conductor pings.
+  :attr:`ServerConnection.last_received` says when the peer last sent
+  anything (a pong included), for keep-alive checks with
+  :meth:`~ServerConnection.send_ping`.
+- Messages that many connections send alike (``/v1/watch``) can be framed
+  once with :func:`frame_text` and sent with
+  :meth:`~ServerConnection.send_frames`: a server's frames are not masked, so
+  the same bytes serve every connection.
+- A write goes to the stream in pieces of at most :data:`WRITE_CHUNK_BYTES`,
+  so that a TLS stream never holds more than that of it encrypted for a
+  peer that does not read.
 - A message over ``max_message_size`` bytes (UTF-8 for text) is refused with
   close code 1009, a frame that breaks RFC 6455 with 1002 (1007: text that is
   not UTF-8). The peer's own close is answered with its code.
@@ -50,6 +60,7 @@ import base64
 import contextlib
 import hashlib
 import http
+import struct
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,10 +76,13 @@ __all__ = [
     "ConnectionClosed",
     "Request",
     "ServerConnection",
+    "frame_text",
     "read_request",
 ]
 
 RECEIVE_BYTES = 64 * 1024
+# What a stuck write may hold of its own per connection; a TLS record's size.
+WRITE_CHUNK_BYTES = 16 * 1024
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 ABNORMAL_CLOSURE = 1006
@@ -111,6 +125,20 @@ class BadHandshake(Exception):
 
     The stream is left open for the caller to close.
     """
+
+
+def frame_text(text: str) -> bytes:
+    """*text* as one unmasked, unfragmented text frame (RFC 6455 §5.2): the bytes a
+    server sends for it, the same on every connection without extensions."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return head + payload
 
 
 # ---------------------------------------------------------------------- the upgrade
@@ -267,6 +295,8 @@ class ServerConnection:
         self._reading = False
         self._broken = False  # a write failed part-way: nothing more may be written
         self._send_lock = trio.StrictFIFOLock()
+        #: When (``trio.current_time()``) bytes last came from the peer.
+        self.last_received = trio.current_time()
 
     @property
     def closed(self) -> CloseReason | None:
@@ -309,6 +339,7 @@ class ServerConnection:
                 self._readable = False
                 self._end(ABNORMAL_CLOSURE, "the connection was lost")
                 return
+            self.last_received = trio.current_time()
             self._proto.receive_data(data)
             self._backlog = True
         await self._handle_events()
@@ -402,6 +433,36 @@ class ServerConnection:
         proto = self._proto
         await self._write(b"".join(proto.send(TextMessage(data=text)) for text in texts))
 
+    async def send_frames(self, frames: Iterable[bytes]) -> int:
+        """Send frames made by :func:`frame_text`, in order, several to a write up to
+        :data:`WRITE_CHUNK_BYTES` (a larger frame alone, never copied); returns the
+        bytes written. Each write takes the send lock anew, so that a ping or a close
+        can go out between them. Raises ConnectionClosed like send_message.
+        """
+        if self._closed is not None:
+            raise self._closed_error()
+        written = 0
+        batch: list[bytes] = []
+        size = 0
+        for frame in frames:
+            if batch and size + len(frame) > WRITE_CHUNK_BYTES:
+                await self._write(batch[0] if len(batch) == 1 else b"".join(batch))
+                written += size
+                batch, size = [], 0
+            batch.append(frame)
+            size += len(frame)
+        if batch:
+            await self._write(batch[0] if len(batch) == 1 else b"".join(batch))
+            written += size
+        return written
+
+    async def send_ping(self, payload: bytes = b"") -> None:
+        """Send a ping; its pong moves :attr:`last_received` when a task reads.
+        Raises ConnectionClosed like send_message."""
+        if self._closed is not None:
+            raise self._closed_error()
+        await self._write(self._proto.send(Ping(payload)))
+
     async def _write(self, data: bytes, *, closing: bool = False) -> None:
         """Write *data* whole, or mark the connection broken.
 
@@ -420,7 +481,12 @@ class ServerConnection:
             # Cancelled here nothing was written; later, a part may have been.
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                await self.stream.send_all(data)
+                if len(data) <= WRITE_CHUNK_BYTES:
+                    await self.stream.send_all(data)
+                else:
+                    view = memoryview(data)
+                    for start in range(0, len(view), WRITE_CHUNK_BYTES):
+                        await self.stream.send_all(view[start:start + WRITE_CHUNK_BYTES])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._broken = True
                 self._end(ABNORMAL_CLOSURE, "the connection was lost")
