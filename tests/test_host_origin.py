@@ -167,11 +167,16 @@ async def test_a_foreign_host_is_misdirected(tmp_path: Path):
                              f"[::1]:{port}", None):
                     status, answer = await exchange(port, get(path, host))
                     assert status == 200, (path, host, answer)
-            # The WebSocket handshakes check it too.
+            # The WebSocket handshakes check it for browsers (they send Origin); the CLI,
+            # node agents and the ingress send none and may use any name for the host.
             for path in ("/v1/watch", "/v1/cli", "/v1/node"):
                 status, answer = await exchange(c.ws_port, upgrade(
-                    c.ws_port, path, host=f"evil.example:{c.ws_port}"))
+                    c.ws_port, path, host=f"evil.example:{c.ws_port}",
+                    origin=f"http://evil.example:{c.http_port}"))
                 assert status == 421 and b"--allowed-host evil.example" in answer, answer
+                status, answer = await exchange(c.ws_port, upgrade(
+                    c.ws_port, path, host=f"conductor.example:{c.ws_port}"))
+                assert status == 101, answer
             status, _ = await exchange(c.ws_port, upgrade(c.ws_port, "/v1/cli",
                                                           host="status.example"))
             assert status == 101

@@ -14,8 +14,10 @@ and serves each with our own server connection
    (``handshake_timeout``); a connection that closes or sends something that
    is not a WebSocket upgrade before that is ``bad_handshake`` (an HTTP
    request is answered 400 first);
-4. an upgrade whose ``Host`` is not this conductor's is answered 421, one
-   from a foreign page (``Origin``) 403 (:mod:`skr8tr.conductor.origins`);
+4. an upgrade from a browser (it carries ``Origin``) whose ``Host`` is not
+   this conductor's is answered 421, one from a foreign page 403
+   (:mod:`skr8tr.conductor.origins`); one without ``Origin`` (the CLI, node
+   agents, the ingress) may name the conductor by any host;
 5. the handler gets the :class:`~skr8tr.conductor.wsserver.Request` to accept
    or reject, and when it returns the connection is closed (the closing
    handshake bounded by ``DISCONNECT_TIMEOUT_S``).
@@ -124,6 +126,11 @@ class WebSocketListener:
         fields: dict[bytes, bytes] = {}
         for name, value in request.headers:  # sent twice: both, which then do not parse
             fields[name] = fields[name] + b", " + value if name in fields else value
+        if b"origin" not in fields:
+            # Not a browser (browsers always send Origin on a WebSocket handshake), so
+            # neither DNS rebinding nor a foreign page: the CLI, node agents and the
+            # ingress may reach the conductor by any name.
+            return False
         status, header = 421, "host"
         why = policy.check_host(fields.get(b"host"))
         if why is None:
