@@ -129,7 +129,10 @@ def close_all(socks: list[socket.socket]) -> None:
 
 
 def test_a_watcher_flood_under_a_small_fd_limit_leaves_the_cli_answered(tmp_path: Path):
-    with conductor(tmp_path, nofile=NOFILE) as cluster:
+    # Watch streams are capped per address too (64): lifted here, where the
+    # descriptors are what is measured.
+    with conductor(tmp_path, "--max-watchers-per-address", "100000",
+                   nofile=NOFILE) as cluster:
         proc = psutil.Process(cluster.conductor.proc.pid)
         assert proc.rlimit(psutil.RLIMIT_NOFILE) == (NOFILE, NOFILE)
         text = cluster.conductor.log()
@@ -225,7 +228,8 @@ def test_watchers_that_never_read_are_closed_and_memory_stays_bounded(tmp_path: 
     manifest.write_text(f"app {APP}\n  exec {HELLO_HTTP}\n  replicas 0\n")
     # A long keep-alive: the watchers are read only at the end, all the same.
     with conductor(tmp_path, "--watch-queue-bytes", str(QUEUE_BYTES),
-                   "--watch-idle-timeout", "300") as cluster:
+                   "--watch-idle-timeout", "300",
+                   "--max-watchers-per-address", "100000") as cluster:
         cluster.cli_ok("up", str(manifest))
         proc = psutil.Process(cluster.conductor.proc.pid)
         rss_start = proc.memory_info().rss
@@ -258,3 +262,36 @@ def test_watchers_that_never_read_are_closed_and_memory_stays_bounded(tmp_path: 
             assert APP in {a["app"] for a in first["state"]["apps"]}
         assert cluster.cli("ping").returncode == 0
         assert_no_traceback(cluster)
+
+
+def test_watch_streams_from_one_address_are_capped(tmp_path: Path):
+    # Every event is written to every watcher: a crowd of watchers from one address
+    # costs the event loop per event, so they are capped apart from connections.
+    with conductor(tmp_path, "--max-watchers-per-address", "8") as cluster:
+        crowd = [open_watcher(cluster.ws_port, "127.0.0.2") for _ in range(12)]
+        try:
+            answers = []
+            for sock in crowd:
+                head = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in head:
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            break
+                        head += chunk
+                answers.append(head[:12])
+            assert answers.count(b"HTTP/1.1 101") == 8
+            assert answers.count(b"HTTP/1.1 429") == 4
+            assert closed(cluster, "too_many_watchers") == 4
+            other = open_watcher(cluster.ws_port, "127.0.0.3")
+            assert was_accepted(other), "another address still gets its stream"
+            other.close()
+            # A stream that ends gives its place back.
+            crowd[0].close()
+            poll(lambda: (s := open_watcher(cluster.ws_port, "127.0.0.2"))
+                 and (was_accepted(s) or s.close()),
+                 what="a freed place to be taken again")
+            assert cluster.cli("ping").returncode == 0
+            assert_no_traceback(cluster)
+        finally:
+            close_all(crowd)

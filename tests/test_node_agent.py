@@ -347,6 +347,16 @@ def test_logs_reply_is_trimmed_to_fit() -> None:
 def test_release_free_heap_works_where_there_is_glibc() -> None:
     import platform
 
-    from skr8tr.node.sysinfo import release_free_heap
+    from skr8tr.heap import release_free_heap
 
     assert release_free_heap() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_a_trim_is_due_once_connections_fall_far_from_their_peak() -> None:
+    from skr8tr.heap import TrimAfterPeaks
+
+    peaks = TrimAfterPeaks(min_drop=100)
+    assert [peaks.due(n) for n in (0, 50, 400, 350, 301)] == [False] * 5
+    assert peaks.due(300) is True  # 100 below the peak of 400
+    assert peaks.due(250) is False  # the peak restarted at 300
+    assert peaks.due(200) is True

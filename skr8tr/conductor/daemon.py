@@ -34,7 +34,7 @@ from skr8tr.conductor import audit, replay_store, state_store, status_http, wsse
 from skr8tr.conductor.accept import fit_limits_to_descriptors
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import serve_http
-from skr8tr.conductor.limits import ClosedCounter, Limits
+from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits, LogThrottle
 from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
 from skr8tr.conductor.origins import HostPolicy, OriginError
@@ -45,6 +45,7 @@ from skr8tr.core.keys import (
     load_authorized_keys,
     parse_authorized_keys,
 )
+from skr8tr.heap import TrimAfterPeaks, release_free_heap
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -111,6 +112,8 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
             or defaults.watch_idle_timeout_s,
             watch_queue_bytes=getattr(opts, "watch_queue_bytes", None)
             or defaults.watch_queue_bytes,
+            max_watchers_per_address=getattr(opts, "max_watchers_per_address", None)
+            or defaults.max_watchers_per_address,
         )
     except ValueError as exc:
         raise StartError(str(exc)) from None
@@ -205,6 +208,8 @@ async def run_conductor(config: ConductorConfig, *,
     # Below the open-file limit (raised as far as it goes): over a cap a connection is
     # closed at once, and accept never runs out of descriptors (accept, limits).
     limits, admission = fit_limits_to_descriptors(config.limits, closed)
+    watchers = AddressSlots(limits.max_watchers_per_address)
+    watch_throttle = LogThrottle()
     policy = HostPolicy.from_flags(config.allowed_hosts, config.allowed_origins,
                                    tls=ssl_context is not None)
     cli = api_mod.CliApi(cluster, authority, time.time, limits=limits, closed=closed)
@@ -223,13 +228,28 @@ async def run_conductor(config: ConductorConfig, *,
         if path not in ("/v1/cli", "/v1/node", "/v1/watch"):
             await request.reject(404, body=b"unknown path; use /v1/cli, /v1/node or /v1/watch\n")
             return
-        ws = await request.accept()
-        if path == "/v1/cli":
-            await cli.serve_connection(ws)
-        elif path == "/v1/node":
-            await serve_node(cluster, authority, cli, ws)
-        else:
-            await api_mod.serve_watch(cluster, ws, cli)
+        if path == "/v1/watch" and not watchers.acquire(request.peer):
+            closed.count("too_many_watchers")
+            n = watch_throttle.note("too_many_watchers", trio.current_time())
+            if n:
+                log.warning("refused %d /v1/watch stream(s), the last from %s: it has %d "
+                            "open (--max-watchers-per-address)", n, request.peer,
+                            limits.max_watchers_per_address)
+            await request.reject(429, body=(
+                f"{limits.max_watchers_per_address} /v1/watch streams are open from "
+                f"{request.peer} already (--max-watchers-per-address)\n").encode())
+            return
+        try:
+            ws = await request.accept()
+            if path == "/v1/cli":
+                await cli.serve_connection(ws)
+            elif path == "/v1/node":
+                await serve_node(cluster, authority, cli, ws)
+            else:
+                await api_mod.serve_watch(cluster, ws, cli)
+        finally:
+            if path == "/v1/watch":
+                watchers.release(request.peer)
 
     server = WebSocketListener(on_websocket, limits=limits, closed=closed,
                                max_message_size=protocol.MAX_MESSAGE_BYTES,
@@ -243,6 +263,7 @@ async def run_conductor(config: ConductorConfig, *,
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
             await nursery.start(cli.refusals.serve)
+            nursery.start_soon(_serve_heap_trim, admission.gate)
             await nursery.start(cluster.run_reconciler)
             await nursery.start(cli.rollouts.run)
             await nursery.start(cluster.run_expiry_watchdog)
@@ -261,6 +282,22 @@ async def run_conductor(config: ConductorConfig, *,
     finally:
         if audit_log is not None:
             audit_log.close()
+
+
+HEAP_CHECK_EVERY_S = 10.0
+
+
+async def _serve_heap_trim(gate) -> None:
+    """Give freed memory back to the kernel after a crowd of connections has left (a
+    watcher flood: RSS stayed at its peak, #13.5); a check every HEAP_CHECK_EVERY_S."""
+    peaks = TrimAfterPeaks()
+    while True:
+        await trio.sleep(HEAP_CHECK_EVERY_S)
+        if peaks.due(gate.open):
+            release_free_heap()
+            log.info("gave freed memory back to the system: at least %d connections "
+                     "closed since their peak",
+                     peaks.min_drop)
 
 
 async def _serve_signals(authority: api_mod.Authority, config: ConductorConfig,

@@ -53,7 +53,7 @@ CLOSE_REASONS = (
     "too_many_connections", "max_connections", "handshake_timeout", "bad_handshake",
     "rate_limit", "message_too_big", "idle_timeout", "ping_timeout", "watch_too_slow",
     "revoked", "http_header_too_large", "http_header_timeout", "http_idle_timeout",
-    "http_slow_client", "http_bad_request",
+    "http_slow_client", "http_bad_request", "too_many_watchers",
 )
 FD_RESERVE = 64  # descriptors that are not connections (module docstring)
 LOG_EVERY_S = 10.0
@@ -75,6 +75,9 @@ class Limits:
     watch_idle_timeout_s: float = 60.0
     #: Encoded events queued for one watcher and not yet written to its socket.
     watch_queue_bytes: int = 4 * 1024 * 1024
+    #: /v1/watch streams open from one client address: each event is written to every
+    #: watcher, so a crowd of them from one place costs the event loop per event.
+    max_watchers_per_address: int = 64
     http_max_header_bytes: int = 16 * 1024
     http_header_timeout_s: float = 10.0
     http_idle_timeout_s: float = 30.0
@@ -82,7 +85,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_connections_per_address", "message_burst", "http_max_header_bytes",
-                     "watch_queue_bytes"):
+                     "watch_queue_bytes", "max_watchers_per_address"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_connections is not None and self.max_connections < 1:

@@ -39,11 +39,12 @@ import trio
 from skr8tr import tls
 from skr8tr.core.keys import KeyFileError, fingerprint, load_signing_key, public_hex
 from skr8tr.core.node_protocol import is_host_or_ip
+from skr8tr.heap import release_free_heap
 from skr8tr.node import link
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.session import Refused, SessionError, run_session
 from skr8tr.node.supervisor import RunAs, RunAsError, open_supervisor, resolve_run_as
-from skr8tr.node.sysinfo import prime_cpu, release_free_heap
+from skr8tr.node.sysinfo import prime_cpu
 
 log = logging.getLogger("skr8tr.node")
 

@@ -22,21 +22,3 @@ def machine_figures() -> dict[str, float | int]:
         "ram_total_mb": int(vm.total // _MIB),
         "cores": psutil.cpu_count() or 1,
     }
-
-
-def release_free_heap() -> bool:
-    """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim``).
-
-    Start-up (imports, compiling, TLS set-up) leaves freed memory inside
-    the process that an idle agent never reuses; giving it back is ~1 MB of
-    the agent's RSS. Called once a session is established. False where there
-    is no glibc (musl, macOS): nothing happens there.
-    """
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim(0)
-    return True
