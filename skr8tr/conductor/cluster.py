@@ -736,8 +736,8 @@ class Cluster:
 
     def _replica_ended(self, r: ReplicaState, *, exit_code: int | None, signal: int | None,
                        launch_failed: bool, node_lost: bool, message: str | None) -> None:
-        ended_as = "exited" if exit_code == 0 else "failed"
-        replica_state.transition(r.replica_id, r.state, ended_as)  # raises if r had ended
+        if r.state in replica_state.ENDED:  # a bug in the caller: it can end only once
+            raise replica_state.IllegalTransition(r.replica_id, r.state, "exited or failed")
         self._release_port(r)
         self.replicas.ending(r)
         r.exit_code, r.signal, r.message = exit_code, signal, message
@@ -747,7 +747,8 @@ class Cluster:
             self.ended.popitem(last=False)
         app = self.apps.get(r.app)
         if r.stop_requested or app is None or r.generation != app.generation:
-            r.state = ended_as
+            r.state = replica_state.transition(r.replica_id, r.state,
+                                               "exited" if exit_code == 0 else "failed")
             self.events.publish("replica.exited", app=r.app, replica=r.replica_id,
                                 node=r.node_id, exit_code=exit_code, signal=signal,
                                 requested=r.stop_requested, message=message)
@@ -759,7 +760,7 @@ class Cluster:
             signal=signal, launch_failed=launch_failed, ran_for_s=self.clock() - r.launched_at,
             restart_count=r.restart_count, node_lost=node_lost, now=self.clock(),
         )
-        r.state = replica_state.transition(r.replica_id, ended_as, outcome.state)
+        r.state = replica_state.transition(r.replica_id, r.state, outcome.state)
         r.restart_at = outcome.restart_at
         r.restart_count = outcome.restart_count
         app.completed += outcome.completed
