@@ -69,7 +69,14 @@ async def test_a_node_key_cannot_take_over_another_nodes_replicas(tmp_path: Path
                      what="down to stop the real workloads")
 
 
-def test_a_conductor_paused_past_node_timeout_readopts_instead_of_duplicating(tmp_path: Path):
+def assert_only(cluster: Cluster, pids: set[int]) -> None:
+    """The node agents run exactly *pids*, now and over a few heartbeats."""
+    for _ in range(5):
+        assert workloads(cluster) == pids
+        time.sleep(0.5)
+
+
+def test_a_conductor_paused_past_node_timeout_keeps_its_nodes_and_processes(tmp_path: Path):
     with running_cluster(tmp_path, node_timeout_s=NODE_TIMEOUT_S) as cluster:
         cluster.start_node("n1")
         cluster.start_node("n2")
@@ -81,19 +88,39 @@ def test_a_conductor_paused_past_node_timeout_readopts_instead_of_duplicating(tm
             time.sleep(3 * NODE_TIMEOUT_S)  # the fault itself: silent past --node-timeout
         finally:
             cluster.conductor.proc.send_signal(signal.SIGCONT)
-        poll(lambda: "lost: no heartbeat" in cluster.conductor.log(),
-             what="the conductor to have declared the nodes lost")
-        # The nodes come back with their processes: the same four are adopted again.
+        # Its nodes were silent only because it was: none is lost, nothing is replaced.
         rows = poll(lambda: (rows := cluster.replicas("web")) and len(rows) == 4
-                    and all(r["state"] == "ready" for r in rows)
-                    and {r["pid"] for r in rows} == {r["pid"] for r in before} and rows,
-                    what="the four original replicas to be adopted again")
-        assert sorted(r["replica"] for r in rows) == sorted(r["replica"] for r in before)
-        # ... and nothing else runs, now or after a few heartbeats.
-        for _ in range(5):
-            assert workloads(cluster) == {r["pid"] for r in before}
-            time.sleep(0.5)
-        assert len(cluster.replicas("web")) == 4
+                    and all(r["state"] == "ready" for r in rows) and rows,
+                    what="the four replicas, ready")
+        assert {(r["replica"], r["pid"]) for r in rows} == {
+            (r["replica"], r["pid"]) for r in before}
+        assert_only(cluster, {r["pid"] for r in before})
+        assert "lost: no heartbeat" not in cluster.conductor.log()
+        assert "the conductor did not run for" in cluster.conductor.log()
+
+
+def test_a_node_silent_past_node_timeout_is_readopted_not_run_twice(tmp_path: Path):
+    with running_cluster(tmp_path, node_timeout_s=NODE_TIMEOUT_S) as cluster:
+        cluster.start_node("n1")
+        cluster.json("up", str(web(tmp_path, "v1", replicas=3)))
+        before = cluster.wait_ready("web", 3)
+        agent = cluster.nodes["n1"].proc
+        agent.send_signal(signal.SIGSTOP)  # a partition, as the conductor sees it
+        try:
+            poll(lambda: "node n1 lost" in cluster.conductor.log(),
+                 what="the conductor to declare n1 lost")
+            rows = cluster.replicas("web")
+            assert {r["state"] for r in rows} == {"failed"}, rows
+        finally:
+            agent.send_signal(signal.SIGCONT)
+        # n1 comes back with the same three processes: they are adopted again.
+        rows = poll(lambda: (rows := cluster.replicas("web")) and len(rows) == 3
+                    and all(r["state"] == "ready" for r in rows) and rows,
+                    what="the three replicas to be adopted again")
+        assert {(r["replica"], r["pid"]) for r in rows} == {
+            (r["replica"], r["pid"]) for r in before}
+        assert "re-adopted" in cluster.conductor.log()
+        assert_only(cluster, {r["pid"] for r in before})
 
 
 def test_an_aborted_rollout_never_puts_an_unready_replica_in_service(tmp_path: Path):

@@ -46,6 +46,9 @@ NODE_OUTBOX = 1000  # messages queued for one node before its session is cut
 FORGET_EXPIRED_NODE_S = 600.0  # an expired node stays in `nodes` this long
 DEFAULT_HEARTBEAT_S = 2.0
 ENDED_KEPT = 1000  # ended replicas remembered for failure reports
+# The expiry watchdog waking this much later than it asked means the conductor itself
+# did not run (SIGSTOP, a suspended VM, a blocked event loop): see excuse_stall.
+STALL_TOLERANCE_S = 0.5
 
 
 class CommandError(Exception):
@@ -958,7 +961,26 @@ class Cluster:
                 await self.wait_node_joined()
                 continue
             await trio.sleep_until(deadline)
+            late = self.clock() - deadline
+            if late > STALL_TOLERANCE_S:
+                self.excuse_stall(late)
             self.expire_nodes()
+
+    def excuse_stall(self, stalled_s: float) -> None:
+        """The conductor did not run for about *stalled_s* (it was paused, its machine
+        suspended, or its loop blocked): no node could be heard meanwhile, so each gets
+        that time back before it can be declared lost. Their heartbeats, held in the
+        sockets, arrive next; a node that really died expires that much later (#13.3)."""
+        now = self.clock()
+        excused = 0
+        for node in self.nodes.values():
+            if not node.expired:
+                node.last_seen = min(now, node.last_seen + stalled_s)
+                excused += 1
+        log.warning("the conductor did not run for %.1f s (paused, suspended, or its event "
+                    "loop blocked); %d node(s) get that time back before they can be lost",
+                    stalled_s, excused)
+        self.events.publish("conductor.stalled", stalled_s=round(stalled_s, 3), nodes=excused)
 
     # ------------------------------------------------------------------ apps
 
