@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--watch-queue-bytes", metavar="N", type=_positive_int,
                      help="close a /v1/watch client with more than N bytes of events not "
                      "yet sent to it (default 4194304)")
+    sec.add_argument("--max-bytes-per-s", metavar="N", type=_positive_int,
+                     help="bytes of /v1/cli requests per second from one client address "
+                     "(twice that at once) before its connection is closed (default "
+                     "16777216)")
     sec.add_argument("--max-watchers-per-address", metavar="N", type=_positive_int,
                      help="/v1/watch streams open from one client address; more are "
                      "answered 429 (default 64)")

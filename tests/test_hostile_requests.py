@@ -26,6 +26,7 @@ from skr8tr.conductor.api import Authority, CliApi
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.core import keys, manifest, protocol
 from skr8tr.core.manifest import MAX_LINE_CHARS, MAX_VALUE_CHARS, ManifestError, shell_words
+from tests.conftest import http_get
 from tests.e2e import poll, running_cluster
 
 HUGE_WORD = "a" * 1_000_000
@@ -166,3 +167,24 @@ async def test_hostile_requests_keep_nodes_alive_and_the_audit_log_small(tmp_pat
         up_lines = [json.loads(line) for line in text.splitlines() if '"cmd":"up"' in line]
         assert up_lines and all(e["args"]["manifest_bytes"] > 1_000_000 for e in up_lines)
         assert all("app" not in e["args"] for e in up_lines), "the refused text was parsed"
+
+
+async def test_an_address_over_its_byte_budget_is_closed_before_decoding(tmp_path: Path):
+    # 256 KiB a second (512 KiB saved up) from one address: a 1 MB request is over it
+    # at once, and is closed unanswered: nothing of it was decoded.
+    with running_cluster(tmp_path, "--max-bytes-per-s", str(256 * 1024)) as cluster:
+        for attempt in range(2):  # reconnecting does not refill the budget
+            with trio.fail_after(60):
+                async with trio_websocket.open_websocket_url(
+                        cluster.url + "/v1/cli", max_message_size=2 * 2**20) as ws:
+                    await ws.send_message(hostile_up(str(attempt)))
+                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        await ws.get_message()
+            assert closed.value.reason.code == 1008
+            assert "bytes/s of requests from 127.0.0.1" in closed.value.reason.reason
+        _, _, text = http_get("127.0.0.1", cluster.http_port, "/metrics")
+        assert 'skr8tr_connections_closed_total{reason="byte_rate_limit"} 2\n' in text
+        assert "refused a request" not in cluster.conductor.log(), "it was never decoded"
+        # Small requests from that address still pass.
+        assert cluster.cli("ping").returncode == 0
+        assert cluster.cli("status").returncode == 0

@@ -27,7 +27,7 @@ import trio
 
 from skr8tr.conductor import audit, commands, metrics, watch
 from skr8tr.conductor.cluster import Cluster, CommandError
-from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
+from skr8tr.conductor.limits import ClosedCounter, Limits, LogThrottle, TokenBucket
 from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection
@@ -37,6 +37,7 @@ from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
 log = logging.getLogger("skr8tr.conductor")
 
 LARGE_MESSAGE_BYTES = 64 * 1024  # above this, decoded and verified in a worker thread
+BYTE_BUDGETS_KEPT = 10_000  # client addresses whose byte budget is remembered
 
 
 @dataclass(eq=False)
@@ -89,6 +90,10 @@ class CliApi:
         # CPU-heavy work taken off the event loop (large requests' decode and signature
         # check, large manifests' parse) runs in one worker thread at a time.
         self._cpu_limiter = trio.CapacityLimiter(1)
+        # Bytes of requests per client address (Limits.cli_bytes_per_s), kept after its
+        # connections close, so that reconnecting does not refill it.
+        self._byte_budgets: dict[str, TokenBucket] = {}
+        self._close_log = LogThrottle()
         self.command_seconds = metrics.Histogram(
             "skr8tr_command_duration_seconds",
             "Time from receiving a /v1/cli request to its reply, by command.", labels=("cmd",))
@@ -180,9 +185,16 @@ class CliApi:
                 await self.close_for(ws, peer, "idle_timeout", 1000,
                                      f"idle for {self.limits.idle_timeout_s:g} s")
                 return
-            if not bucket.take(trio.current_time()):
+            now = trio.current_time()
+            if not bucket.take(now):
                 await self.close_for(ws, peer, "rate_limit", 1008,
                                      f"more than {self.limits.messages_per_s:g} messages/s")
+                return
+            if not self._byte_budget(peer, now).take(now, len(raw)):
+                # Before any decoding: a flood of large requests costs their reception.
+                await self.close_for(ws, peer, "byte_rate_limit", 1008,
+                                     f"more than {self.limits.cli_bytes_per_s} bytes/s of "
+                                     f"requests from {peer}")
                 return
             queued = self.cluster.node_messages_queued
             reply = await self.handle_message(raw, peer)
@@ -197,6 +209,17 @@ class CliApi:
             except ConnectionClosed:
                 return
 
+    def _byte_budget(self, peer: str, now: float) -> TokenBucket:
+        budget = self._byte_budgets.get(peer)
+        if budget is None:
+            if len(self._byte_budgets) >= BYTE_BUDGETS_KEPT:
+                # Forget the addresses that have their whole budget back: nothing lost.
+                for address in [a for a, b in self._byte_budgets.items() if b.full(now)]:
+                    del self._byte_budgets[address]
+            rate = self.limits.cli_bytes_per_s
+            budget = self._byte_budgets[peer] = TokenBucket(rate, 2 * rate, now)
+        return budget
+
     def count_close(self, exc: ConnectionClosed, peer: str) -> None:
         """Count a close that the connection did for a limit (1009: message too big)."""
         if exc.code == 1009:
@@ -206,9 +229,13 @@ class CliApi:
 
     async def close_for(self, ws: ServerConnection, peer: str, reason: str,
                         code: int, why: str) -> None:
-        """Close *ws* because it broke a limit; count and log it."""
+        """Close *ws* because it broke a limit; count it, and log it (at most one line
+        per reason every few seconds, with the count since the last)."""
         self.closed.count(reason)
-        log.warning("closed a connection from %s: %s", peer, why)
+        n = self._close_log.note(reason, trio.current_time())
+        if n:
+            log.warning("closed %d connection(s) for %s, the last from %s: %s", n, reason,
+                        peer, why)
         with trio.move_on_after(2):
             await ws.aclose(code=code, reason=why[:120])
 

@@ -114,6 +114,7 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
             or defaults.watch_queue_bytes,
             max_watchers_per_address=getattr(opts, "max_watchers_per_address", None)
             or defaults.max_watchers_per_address,
+            cli_bytes_per_s=getattr(opts, "max_bytes_per_s", None) or defaults.cli_bytes_per_s,
         )
     except ValueError as exc:
         raise StartError(str(exc)) from None

@@ -53,7 +53,7 @@ CLOSE_REASONS = (
     "too_many_connections", "max_connections", "handshake_timeout", "bad_handshake",
     "rate_limit", "message_too_big", "idle_timeout", "ping_timeout", "watch_too_slow",
     "revoked", "http_header_too_large", "http_header_timeout", "http_idle_timeout",
-    "http_slow_client", "http_bad_request", "too_many_watchers",
+    "http_slow_client", "http_bad_request", "too_many_watchers", "byte_rate_limit",
 )
 FD_RESERVE = 64  # descriptors that are not connections (module docstring)
 LOG_EVERY_S = 10.0
@@ -78,6 +78,9 @@ class Limits:
     #: /v1/watch streams open from one client address: each event is written to every
     #: watcher, so a crowd of them from one place costs the event loop per event.
     max_watchers_per_address: int = 64
+    #: Bytes of /v1/cli messages per second from one client address (twice that saved
+    #: up): every byte of a request is decoded before it can be refused.
+    cli_bytes_per_s: int = 16 * 1024 * 1024
     http_max_header_bytes: int = 16 * 1024
     http_header_timeout_s: float = 10.0
     http_idle_timeout_s: float = 30.0
@@ -85,7 +88,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_connections_per_address", "message_burst", "http_max_header_bytes",
-                     "watch_queue_bytes", "max_watchers_per_address"):
+                     "watch_queue_bytes", "max_watchers_per_address", "cli_bytes_per_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_connections is not None and self.max_connections < 1:
@@ -132,7 +135,8 @@ def fit_to_descriptors(limits: Limits, fd_soft_limit: int | None) -> tuple[Limit
 
 
 class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; one token per message."""
+    """``rate`` tokens per second, at most ``burst`` saved up; one token per message (or
+    one per byte, with *cost*)."""
 
     __slots__ = ("rate", "burst", "_tokens", "_last")
 
@@ -142,15 +146,24 @@ class TokenBucket:
         self._tokens = float(burst)
         self._last = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one; False means the sender is over the limit."""
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend *cost* tokens if there are that many; False means the sender is over the
+        limit (and nothing is spent)."""
+        self._refill(now)
+        if self._tokens >= cost:
+            self._tokens -= cost
+            return True
+        return False
+
+    def full(self, now: float) -> bool:
+        """Has it saved up all it can (so forgetting it loses nothing)?"""
+        self._refill(now)
+        return self._tokens >= self.burst
+
+    def _refill(self, now: float) -> None:
         if now > self._last:
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 @dataclass
