@@ -45,6 +45,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from skr8tr.core.throttle import LOG_EVERY_S, AddressSlots, LogThrottle
+
 __all__ = ["Limits", "TokenBucket", "AddressSlots", "ConnectionGate", "ClosedCounter",
            "LogThrottle", "CLOSE_REASONS", "FD_RESERVE", "LOG_EVERY_S", "connection_budget",
            "fit_to_descriptors"]
@@ -56,7 +58,6 @@ CLOSE_REASONS = (
     "http_slow_client", "http_bad_request", "too_many_watchers", "byte_rate_limit",
 )
 FD_RESERVE = 64  # descriptors that are not connections (module docstring)
-LOG_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -167,28 +168,6 @@ class TokenBucket:
 
 
 @dataclass
-class AddressSlots:
-    """Open connections per client address, at most ``limit`` each."""
-
-    limit: int
-    open: dict[str, int] = field(default_factory=dict)
-
-    def acquire(self, address: str) -> bool:
-        n = self.open.get(address, 0)
-        if n >= self.limit:
-            return False
-        self.open[address] = n + 1
-        return True
-
-    def release(self, address: str) -> None:
-        n = self.open.get(address, 0) - 1
-        if n > 0:
-            self.open[address] = n
-        else:
-            self.open.pop(address, None)
-
-
-@dataclass
 class ConnectionGate:
     """Admission of a new connection: at most ``limit`` open on all listeners together,
     and at most ``slots.limit`` per client address on the listener that owns *slots*."""
@@ -210,28 +189,6 @@ class ConnectionGate:
         """Give back what :meth:`admit` took."""
         slots.release(address)
         self.open = max(0, self.open - 1)
-
-
-@dataclass
-class LogThrottle:
-    """At most one log line per reason every ``interval_s``, carrying the count since the
-    last one, so that a flood of refusals cannot flood the log."""
-
-    interval_s: float = LOG_EVERY_S
-    _last: dict[str, float] = field(default_factory=dict)
-    _pending: dict[str, int] = field(default_factory=dict)
-
-    def note(self, reason: str, now: float) -> int:
-        """Count one event; how many events the line due now should report (this one and
-        those kept quiet since the last line), or 0 when no line is due."""
-        pending = self._pending.get(reason, 0) + 1
-        last = self._last.get(reason)
-        if last is not None and now - last < self.interval_s:
-            self._pending[reason] = pending
-            return 0
-        self._last[reason] = now
-        self._pending[reason] = 0
-        return pending
 
 
 @dataclass

@@ -30,14 +30,14 @@ Pure: no trio, no sockets, no clock; callers pass the current time.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+
+from skr8tr.core.throttle import LOG_EVERY_S, AddressSlots, LogThrottle
 
 __all__ = ["FD_RESERVE", "FDS_PER_CONNECTION", "LOG_EVERY_S", "AddressSlots", "LogThrottle",
            "address_key", "connection_cap"]
 
 FD_RESERVE = 64
 FDS_PER_CONNECTION = 3  # the client's, one to a replica in use, one idle in the pool
-LOG_EVERY_S = 10.0
 IPV6_GROUP_PREFIX = 64
 
 
@@ -68,58 +68,3 @@ def connection_cap(requested: int, fd_soft_limit: int | None) -> int:
     return max(1, min(requested, (fd_soft_limit - FD_RESERVE) // FDS_PER_CONNECTION))
 
 
-@dataclass
-class AddressSlots:
-    """Open connections per key (:func:`address_key`), at most ``limit`` each."""
-
-    limit: int
-    open: dict[str, int] = field(default_factory=dict)
-
-    def acquire(self, key: str) -> bool:
-        """Take a slot for ``key``; False (nothing taken) when it holds ``limit`` already."""
-        n = self.open.get(key, 0)
-        if n >= self.limit:
-            return False
-        self.open[key] = n + 1
-        return True
-
-    def release(self, key: str) -> None:
-        """Give back a slot taken by :meth:`acquire`; the key is forgotten at zero."""
-        n = self.open.get(key, 0) - 1
-        if n > 0:
-            self.open[key] = n
-        else:
-            self.open.pop(key, None)
-
-
-@dataclass
-class LogThrottle:
-    """At most one log line per reason every ``interval_s``, carrying the count since the
-    last one, so that a flood of refusals cannot flood the log. :meth:`flush`, called
-    now and then, tells the events kept quiet when none followed them."""
-
-    interval_s: float = LOG_EVERY_S
-    _last: dict[str, float] = field(default_factory=dict)
-    _pending: dict[str, int] = field(default_factory=dict)
-
-    def note(self, reason: str, now: float) -> int:
-        """Count one event; returns how many events the line due now should report
-        (this one and those kept quiet since the last line), or 0 when none is due."""
-        pending = self._pending.get(reason, 0) + 1
-        last = self._last.get(reason)
-        if last is not None and now - last < self.interval_s:
-            self._pending[reason] = pending
-            return 0
-        self._last[reason] = now
-        self._pending[reason] = 0
-        return pending
-
-    def flush(self, now: float) -> dict[str, int]:
-        """The reasons with events kept quiet whose line is due now, with their counts;
-        each such reason's interval starts again."""
-        due = {reason: n for reason, n in self._pending.items()
-               if n and now - self._last[reason] >= self.interval_s}
-        for reason in due:
-            self._last[reason] = now
-            self._pending[reason] = 0
-        return due
