@@ -85,7 +85,7 @@ class Peer:
                 self.received += chunk
             self.closed = True
         except BlockingIOError:
-            pass
+            pass  # nothing more has arrived yet: still open
         except OSError:  # a reset is a way of closing too
             self.closed = True
         return self.closed
