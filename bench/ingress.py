@@ -3,7 +3,7 @@
 Method: a real conductor and one real node agent on loopback; the example HTTP
 service (manifests/apps/hello_http.py, a threaded stdlib server) with one
 replica; `skr8tr ingress --route /:web` in front of it as its own process.
-The load generator (skr8tr/ingress/loadgen.py: trio + h11, keep-alive, closed
+The load generator (tests/loadgen.py: trio + h11, keep-alive, closed
 loop: each client sends its next GET / as soon as the last one is answered)
 runs in this process, first straight at the replica's port, then at the
 ingress, for 1, 16 and 64 concurrent clients. Each run is preceded by a 0.5 s
@@ -20,7 +20,7 @@ import trio
 from _harness import REPO, call_options, local_cluster, machine
 
 from skr8tr import client
-from skr8tr.ingress import loadgen
+from tests import loadgen
 from tests.conftest import http_get
 from tests.e2e import poll
 

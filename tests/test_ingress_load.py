@@ -1,7 +1,7 @@
 """The ingress under load: rollouts, aborts, auto-rollbacks and scale-downs drop nothing.
 
 Real processes throughout: a conductor, two node agents, hello_http replicas,
-``skr8tr ingress`` and a load generator (``python -m skr8tr.ingress.loadgen``)
+``skr8tr ingress`` and a load generator (``tests/loadgen.py``)
 sending a steady ~100 requests/s through the ingress, all on loopback. The
 replicas run with ``--close-idle-on-term`` (they close idle keep-alive
 connections on SIGTERM, as production servers do, so a replica that still got
@@ -27,8 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HELLO_HTTP, http_get, skr8tr_command
+from tests.conftest import HELLO_HTTP, REPO, http_get, skr8tr_command
 from tests.e2e import Cluster, Daemon, poll
+
+LOADGEN = REPO / "tests" / "loadgen.py"  # run as its own process, like a client
 
 pytestmark = pytest.mark.e2e
 
@@ -107,7 +109,7 @@ class Load:
 def start_load(cluster: Cluster, url: str, name: str = "load") -> Load:
     out = cluster.root / f"{name}.jsonl"
     daemon = cluster.start_process(name, [
-        sys.executable, "-m", "skr8tr.ingress.loadgen", url + "/", "--rate", str(RATE),
+        sys.executable, str(LOADGEN), url + "/", "--rate", str(RATE),
         "--concurrency", "8", "--duration", "110", "--out", str(out)])
     load = Load(daemon, out)
     poll(lambda: len(load.samples()) >= RATE // 2 or daemon.proc.poll() is not None,

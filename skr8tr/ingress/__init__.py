@@ -6,5 +6,4 @@ pool.py      keep-alive connections to replicas
 limits.py    pure: connection caps per address and in all, the descriptor budget
 proxy.py     the h11 reverse proxy (limits, retries, streaming)
 daemon.py    ``main(opts)``: flags, the root nursery, graceful shutdown
-loadgen.py   a small HTTP load generator used by the tests and bench/ingress.py
 """

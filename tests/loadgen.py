@@ -1,7 +1,7 @@
 """A small HTTP/1.1 load generator (trio + h11, keep-alive): proof that nothing is dropped.
 
-    python -m skr8tr.ingress.loadgen URL [--rate R] [--concurrency C]
-                                         [--duration S] [--requests N] [--out FILE]
+    python tests/loadgen.py URL [--rate R] [--concurrency C]
+                                 [--duration S] [--requests N] [--out FILE]
 
 With ``--rate`` requests start at a steady R per second (open loop) over up to
 C keep-alive connections; without it each of C connections sends its next
@@ -207,7 +207,7 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skr8tr.ingress.loadgen",
+    parser = argparse.ArgumentParser(prog="python tests/loadgen.py",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("url", metavar="URL")
     parser.add_argument("--rate", type=float, metavar="R", help="requests per second (open "
