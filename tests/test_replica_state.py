@@ -33,10 +33,13 @@ LEGAL = {
 
 
 def test_the_states_are_the_wire_contracts():
-    assert STATES == protocol.REPLICA_STATES
+    # `list --json`'s state is one of these (DESIGN.md §5), in this order.
+    assert STATES == ("pending", "running", "ready", "draining", "stopping", "exited",
+                      "failed")
+    assert protocol.REPLICA_STATES is STATES  # one home, no copies
     assert (LIVE, LEAVING, ENDED) == (reconcile.LIVE_STATES, reconcile.LEAVING_STATES,
                                       reconcile.ENDED_STATES)
-    assert set(ALLOWED) == set(STATES)
+    assert set(STATES) == LIVE | LEAVING | ENDED and set(ALLOWED) == set(STATES)
 
 
 @pytest.mark.parametrize(("old", "new"), list(itertools.product(STATES, STATES)))

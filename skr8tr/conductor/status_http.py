@@ -28,6 +28,7 @@ from skr8tr import __version__
 from skr8tr.conductor import metrics
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import Response
+from skr8tr.core import replica_state
 
 if TYPE_CHECKING:
     from skr8tr.conductor.accept import Admission
@@ -54,7 +55,7 @@ PAGE_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
 )
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
-REPLICA_STATES = ("pending", "running", "ready", "draining", "stopping", "exited", "failed")
+REPLICA_STATES = replica_state.STATES
 ROLLOUT_FINAL_STATES = ("complete", "aborted", "failed", "rolled_back")
 REFUSAL_CODES = ("BAD_REQUEST", "UNAUTHORIZED", "EXPIRED", "REPLAY")
 NOT_FOUND_TEXT = (b"not found; try / (the status page), /api/state, /api/config, /api/events, "

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
 if TYPE_CHECKING:  # nacl is imported only by what signs or verifies (CLI start-up)
     import nacl.signing
 
+from skr8tr.core import replica_state
 from skr8tr.core.envelope import (
     COMMANDS,
     READ_ONLY_COMMANDS,
@@ -127,7 +128,7 @@ MAX_ID_CHARS = 128
 APP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 EVENT_NAME_RE = re.compile(r"[a-z]+(\.[a-z_]+)+")
 
-REPLICA_STATES = ("pending", "running", "ready", "draining", "stopping", "exited", "failed")
+REPLICA_STATES = replica_state.STATES
 ROLLOUT_STATES = ("rolling", "complete", "aborted", "failed", "rolled_back")
 LOG_STREAMS = ("stdout", "stderr")
 

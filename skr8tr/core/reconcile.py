@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from skr8tr.core import replica_state
+
 __all__ = [
     "BACKOFF_BASE_S",
     "BACKOFF_CAP_S",
@@ -42,11 +44,12 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
 BACKOFF_RESET_S = 30.0
 
-LIVE_STATES = frozenset({"pending", "running", "ready"})
-# A stopping or draining replica is on its way out: it neither counts toward
-# the desired number nor is stopped twice.
-LEAVING_STATES = frozenset({"draining", "stopping"})
-ENDED_STATES = frozenset({"exited", "failed"})
+# The replica states' groups, from their one home (core/replica_state.py). A stopping
+# or draining replica is on its way out: it neither counts toward the desired number
+# nor is stopped twice.
+LIVE_STATES = replica_state.LIVE
+LEAVING_STATES = replica_state.LEAVING
+ENDED_STATES = replica_state.ENDED
 
 
 def backoff_s(restart_count: int) -> float:
