@@ -38,7 +38,7 @@ from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits, LogThro
 from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
 from skr8tr.conductor.origins import HostPolicy, OriginError
-from skr8tr.core import protocol
+from skr8tr.core import hostport, protocol
 from skr8tr.core.keys import (
     AuthorizedKeys,
     AuthorizedKeysError,
@@ -73,11 +73,10 @@ class ConductorConfig:
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise StartError(f"{flag} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7771")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
+    try:
+        return hostport.parse_hostport(text, flag)
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
 
 
 def parse_port_range(text: str) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from skr8tr import __version__, client
+from skr8tr.core import hostport
 from skr8tr.ingress.limits import connection_cap
 from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Limits, Proxy
@@ -59,10 +60,10 @@ class IngressConfig:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise StartError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return hostport.parse_hostport(text, "--listen", "127.0.0.1:8080")
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
 
 
 def config_from_args(opts: argparse.Namespace) -> IngressConfig:
