@@ -28,6 +28,7 @@ from skr8tr.core.durations import (
     format_duration_ms,
     parse_duration_ms,
 )
+from skr8tr.core.names import APP_NAME_RE
 
 FORMATS = ("skr8tr", "toml")
 TYPES = ("process", "job")
@@ -45,7 +46,7 @@ MAX_RAM_BYTES = 1024 * RAM_UNITS["T"]
 MAX_LINE_CHARS = 16 * 1024
 MAX_VALUE_CHARS = 16 * 1024
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_NAME = APP_NAME_RE
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _KNOWN_PLACEHOLDER = re.compile(r"\{(host|port)\}")

@@ -52,12 +52,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from skr8tr.core.names import APP_NAME_MAX_CHARS, APP_NAME_RE
+
 PROTOCOL_VERSION = 1
 MAX_NODE_MESSAGE_BYTES = 1024 * 1024
 
 # Bounds of what a node reports (hello, heartbeat, replica, logs_reply).
 MAX_ID_CHARS = 128  # node ids, replica ids, logs request ids
-MAX_APP_NAME_CHARS = 63  # as in a manifest: [a-z0-9][a-z0-9-]{0,62}
+MAX_APP_NAME_CHARS = APP_NAME_MAX_CHARS  # as in a manifest
 MAX_ADDRESS_CHARS = 253  # a host name (RFC 1123) or an IP address
 MAX_VERSION_CHARS = 64
 MAX_REPORT_MESSAGE_CHARS = 4096  # a replica report's message (the agent cuts it: fit_report)
@@ -82,7 +84,7 @@ SECRET_FIELDS = frozenset({"env"})
 
 _HEX_RE = re.compile(r"[0-9a-f]+")
 _ID_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ID_CHARS - 1}}}")
-_APP_RE = re.compile(rf"[a-z0-9][a-z0-9-]{{0,{MAX_APP_NAME_CHARS - 1}}}")
+_APP_RE = APP_NAME_RE
 _VERSION_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_VERSION_CHARS}}}")  # printable ASCII, no space
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _ZONE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an IPv6 zone: an interface name or index

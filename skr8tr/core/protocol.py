@@ -55,6 +55,7 @@ from skr8tr.core.envelope import (
     sign_request,
 )
 from skr8tr.core.keys import AuthorizedKeys, is_key_hex
+from skr8tr.core.names import APP_NAME_RE
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -125,7 +126,6 @@ ERROR_CODES = (
     "INTERNAL",
 )
 MAX_ID_CHARS = 128
-APP_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 EVENT_NAME_RE = re.compile(r"[a-z]+(\.[a-z_]+)+")
 
 REPLICA_STATES = replica_state.STATES

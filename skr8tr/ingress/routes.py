@@ -24,6 +24,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from skr8tr.core.names import APP_NAME_PATTERN, APP_NAME_RE
+
 __all__ = [
     "Backend",
     "ReplicaTable",
@@ -33,7 +35,7 @@ __all__ = [
     "parse_route",
 ]
 
-_APP = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_APP = APP_NAME_RE
 # Path characters of RFC 3986 (pchar and "/"); no query, fragment or spaces.
 _PREFIX = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 
@@ -69,7 +71,7 @@ def parse_route(text: str) -> Route:
                          "hold only path characters (no spaces, ? or #)")
     if _APP.fullmatch(app) is None:
         raise RouteError(f"--route {text!r}: {app!r} is not an app name "
-                         "([a-z0-9][a-z0-9-]{0,62})")
+                         f"({APP_NAME_PATTERN})")
     if len(prefix) > 1:
         prefix = prefix.rstrip("/") or "/"
     return Route(prefix, app)
