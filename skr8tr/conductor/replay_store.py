@@ -26,7 +26,6 @@ that lead (SECURITY.md).
 from __future__ import annotations
 
 import logging
-import math
 
 from skr8tr.conductor import state_store
 from skr8tr.core import envelope
@@ -70,7 +69,7 @@ class DurableReplayGuard(envelope.ReplayGuard):
 
     def spend(self, key: str, nonce: str, ts: float, now: float) -> None:
         super().spend(key, nonce, ts, now)
-        ts_f = _number(ts)
+        ts_f = envelope.finite_float(ts)
         if ts_f is None or ts_f <= now:
             return  # not_before covers it after a restart
         self._ahead = {pair: t for pair, t in self._ahead.items() if t + self.window_s >= now}
@@ -107,7 +106,7 @@ def _read(path: str) -> tuple[list[tuple[str, str, float]], str | None]:
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split()
-        ts = _number(_text_float(parts[2])) if len(parts) == 3 else None
+        ts = envelope.finite_float(_text_float(parts[2])) if len(parts) == 3 else None
         if ts is None or not is_key_hex(parts[0]) or not envelope.is_nonce(parts[1]):
             return [], (f"{path}: line {number}: expected KEY NONCE TS (64 hex, 16-128 hex, "
                         f"Unix seconds)")
@@ -115,15 +114,6 @@ def _read(path: str) -> tuple[list[tuple[str, str, float]], str | None]:
     return entries, None
 
 
-def _number(value: object) -> float | None:
-    """*value* as a finite float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        f = float(value)
-    except OverflowError:  # an int too large for a float
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _text_float(text: str) -> float | None:

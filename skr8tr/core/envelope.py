@@ -191,7 +191,7 @@ class ReplayGuard:
         """Raise AuthError EXPIRED if *ts* is outside the window or before ``not_before``,
         REPLAY if already spent."""
         self._advance(now)
-        ts_f = _finite_float(ts)
+        ts_f = finite_float(ts)
         if ts_f is None:
             raise AuthError("EXPIRED", f"ts must be a finite number of seconds, got {ts!r:.40}")
         skew = now - ts_f
@@ -222,7 +222,7 @@ class ReplayGuard:
     def spend(self, key: str, nonce: str, ts: float, now: float) -> None:
         """Remember (key, nonce) until it can no longer pass ``check`` on its own ts."""
         self._advance(now)
-        ts_f = _finite_float(ts)
+        ts_f = finite_float(ts)
         if ts_f is None:
             return  # could never pass check(): nothing to remember
         expiry = ts_f + self.window_s
@@ -251,7 +251,8 @@ class ReplayGuard:
                 del self._expiry[(key, nonce)]
 
 
-def _finite_float(value: object) -> float | None:
+def finite_float(value: object) -> float | None:
+    """*value* as a finite float if it is a finite number (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
