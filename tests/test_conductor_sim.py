@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from skr8tr.conductor import commands
-from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor import commands, loops
+from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import reconcile
 from tests.fakes import FakeNode, wait_for
@@ -26,8 +27,8 @@ def manifest(name: str = "web", *, replicas: int = 3, port: str = "auto", extra:
 @pytest.fixture
 async def cluster(nursery):
     c = Cluster(node_timeout_s=15.0, port_range=(20000, 20100))
-    await nursery.start(c.run_reconciler)
-    await nursery.start(c.run_expiry_watchdog)
+    await nursery.start(loops.serve_reconciler, c)
+    await nursery.start(loops.serve_expiry_watchdog, c)
     return c
 
 
@@ -133,7 +134,7 @@ async def test_node_expires_exactly_at_node_timeout_and_replicas_move(
     assert trio.current_time() == pytest.approx(last_seen + 15.0, abs=0.001)
     await wait_for(lambda: len([r for r in live(cluster) if r.node_id == "n2"]) == 4)
     assert not [r for r in cluster.replicas.values() if r.node_id == "n1"]
-    assert "127.0.0.1" not in cluster.ports  # n1's port claims are released
+    assert "127.0.0.1" not in cluster.ports.held  # n1's port claims are released
     assert_no_port_held_twice(cluster)
 
 
@@ -197,7 +198,7 @@ async def test_scale_up_and_down_then_down(cluster, nursery, autojump_clock):
     assert result == {"app": "web", "stopped": 1}
     await wait_for(lambda: not cluster.replicas)
     assert not n1.running and not n2.running
-    assert not cluster.ports
+    assert not cluster.ports.held
     with pytest.raises(CommandError) as err:
         await run(cluster, "scale", {"app": "web", "replicas": 2})
     assert err.value.code == "NOT_FOUND"

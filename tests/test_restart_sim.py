@@ -48,7 +48,7 @@ async def test_restart_readopts_every_replica_and_launches_nothing(tmp_path, aut
         assert not n1.stops and not n2.stops
         assert all(r.state == "ready" for r in h.cluster.replicas.values())
         ports = {(r.address, r.port) for r in h.cluster.replicas.values()}
-        assert ports == {(a, p) for a, held in h.cluster.ports.items() for p in held}
+        assert ports == {(a, p) for a, held in h.cluster.ports.held.items() for p in held}
         # and a rollout works afterwards
         await h.run("rollout", manifest("v2", replicas=4))
         assert (await h.until_done())["state"] == "complete"
@@ -148,8 +148,8 @@ async def test_unwritable_state_refuses_the_command_and_keeps_everything(
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("skr8tr.conductor.state_store.os.replace", no_space)
-    from skr8tr.conductor.cluster import CommandError
+    monkeypatch.setattr("skr8tr.conductor.state_file.os.replace", no_space)
+    from skr8tr.conductor.errors import CommandError
     for cmd, args in [("scale", {"app": "web", "replicas": 3}), ("down", {"app": "web"}),
                       ("up", manifest("v1", replicas=1) | {"manifest": manifest(
                           "v1", replicas=1)["manifest"].replace("app web", "app other")}),

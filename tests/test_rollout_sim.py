@@ -10,8 +10,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skr8tr.conductor import commands, state_store
-from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor import commands, loops
+from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.errors import CommandError
+from skr8tr.conductor.file_store import FileStore
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import reconcile
 from tests.fakes import FakeNode, wait_for
@@ -38,17 +40,12 @@ class Harness:
     def __init__(self, nursery: trio.Nursery, node_timeout_s: float = 15.0,
                  state_path: str | None = None) -> None:
         self.nursery = nursery
+        self.store = None if state_path is None else FileStore(state_path)
         self.cluster = Cluster(node_timeout_s=node_timeout_s, port_range=(20000, 20100),
-                               state_path=state_path)
+                               store=self.store)
         self.rollouts = RolloutManager(self.cluster)
         self.handlers = commands.handlers(commands.LogRequests(), self.rollouts)
         self.nodes: list[FakeNode] = []
-        if state_path is not None:  # what the daemon does at start-up
-            stored = state_store.load(state_path)
-            if stored is not None:
-                self.rollouts.interrupted = self.cluster.load_state(stored)
-                self.rollouts.restore(stored.rollouts)
-                self.cluster.start_adopt_grace()
 
     async def reattach(self, node: FakeNode) -> FakeNode:
         """A node that survived a conductor restart reconnects to this one."""
@@ -58,8 +55,14 @@ class Harness:
         return node
 
     async def start(self) -> Harness:
-        await self.nursery.start(self.cluster.run_reconciler)
-        await self.nursery.start(self.cluster.run_expiry_watchdog)
+        if self.store is not None:  # what the daemon does at start-up
+            stored, self.rollouts.interrupted = await self.cluster.open_store(self.store.path)
+            if stored is not None:
+                self.rollouts.restore(stored.rollouts)
+                self.cluster.start_adopt_grace()
+        await self.nursery.start(loops.serve_reconciler, self.cluster)
+        await self.nursery.start(loops.serve_store_writes, self.cluster)
+        await self.nursery.start(loops.serve_expiry_watchdog, self.cluster)
         await self.nursery.start(self.rollouts.run)
         return self
 
@@ -255,7 +258,7 @@ async def test_abort_stops_what_it_started_and_restores_the_old_count(h, autojum
     assert not h.replicas(2, reconcile.LIVE_STATES | {"stopping", "draining"})
     await h.settled(1, 3)  # the replica stopped by batch 1 is relaunched as generation 1
     held = {(r.address, r.port) for r in h.cluster.replicas.values()}
-    assert held == {(a, p) for a, ports in h.cluster.ports.items() for p in ports}
+    assert held == {(a, p) for a, ports in h.cluster.ports.held.items() for p in ports}
     history = await h.run("history", {"app": "web"})
     assert [e["state"] for e in history] == ["complete", "aborted"]
 
@@ -397,7 +400,7 @@ def test_abort_at_any_moment_leaves_a_clean_cluster(replicas, surge, ready_times
             final_gen = 2 if record.state == "complete" else 1
             await h.settled(final_gen, replicas)
             # invariants
-            for address, ports in h.cluster.ports.items():
+            for address, ports in h.cluster.ports.held.items():
                 for port, rid in ports.items():
                     r = h.cluster.replicas[rid]
                     assert r.state in reconcile.LIVE_STATES and r.address == address

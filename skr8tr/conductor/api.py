@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import trio
 
 from skr8tr.conductor import audit, commands, metrics, watch
-from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.limits import ClosedCounter, Limits, LogThrottle, TokenBucket
 from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager

@@ -21,26 +21,36 @@ heartbeat is O(1).
 from __future__ import annotations
 
 import collections
-import hashlib
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Set
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Set
+from typing import Any, Protocol
 
 import trio
 
-from skr8tr import __version__
-from skr8tr.conductor import state_store
+from skr8tr.conductor import state_file
+from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.events import EventBus
-from skr8tr.core import manifest as manifest_mod
+from skr8tr.conductor.ports import PortClaims
+from skr8tr.conductor.store import Change, MemoryStore, Store, StoreError
+from skr8tr.conductor.tables import (
+    AppState,
+    HistoryEntry,
+    NodeState,
+    ReplicaState,
+    ReplicaTable,
+    Revision,
+    app_from_stored,
+    manifest_sha256,
+    stored_app,
+)
 from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state
 from skr8tr.core.manifest import Manifest
 
 log = logging.getLogger("skr8tr.conductor")
 
-PORT_CLASH_BLOCK_S = 60.0  # a port found busy on a host is not offered there again for this long
 UNPLACED_RETRY_S = 2.0  # look again at apps short of replicas this often
 NODE_OUTBOX = 1000  # messages queued for one node before its session is cut
 FORGET_EXPIRED_NODE_S = 600.0  # an expired node stays in `nodes` this long
@@ -51,215 +61,11 @@ ENDED_KEPT = 1000  # ended replicas remembered for failure reports
 STALL_TOLERANCE_S = 0.5
 
 
-class CommandError(Exception):
-    """A command refused with a wire error code (DESIGN.md §4)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class RolloutView(Protocol):
+    """What the cluster needs of a rollout record (skr8tr/conductor/rollout.py)."""
 
-
-@dataclass
-class NodeState:
-    node_id: str
-    key: str
-    address: str
-    cores: int
-    ram_total_mb: int
-    ram_free_mb: int
-    cpu_pct: float
-    last_seen: float
-    session: int
-    outbox: trio.MemorySendChannel[str] | None
-    expired: bool = False
-    # replicas placed since the last heartbeat reserve their ram/cpu hints
-    reserved_ram_mb: int = 0
-    reserved_cpu: float = 0.0
-
-    @property
-    def connected(self) -> bool:
-        return self.outbox is not None
-
-
-@dataclass
-class ReplicaState:
-    replica_id: str
-    app: str
-    generation: int
-    node_id: str
-    address: str
-    port: int | None
-    seq: int
-    launched_at: float
-    state: str = "pending"
-    pid: int | None = None
-    restart_count: int = 0
-    restart_at: float | None = None
-    exit_code: int | None = None
-    signal: int | None = None
-    message: str | None = None
-    stop_requested: bool = False
-    port_clash: bool = False  # its launch failed because the port was taken on the host
-    drain_s: float = 0.0  # the manifest's `drain`: from leaving the ingress to SIGTERM
-    drain_until: float | None = None  # retiring: stopped by the reconciler at this time
-    retire_reason: str = ""
-    drained_from: str | None = None  # draining: the state an undrain puts back
-    lost_with_node: bool = False  # ended only because its node fell silent
-
-    def row(self) -> dict[str, Any]:
-        return {"app": self.app, "replica": self.replica_id, "node": self.node_id,
-                "pid": self.pid, "port": self.port, "generation": self.generation,
-                "state": self.state}
-
-
-class ReplicaTable(dict[str, ReplicaState]):
-    """``Cluster.replicas``: replicas by id, also indexed by node and by app.
-
-    Kept up to date on every insert and delete, and told by :meth:`ending`
-    when a replica moves to an ended state, so that it can count each node's
-    replicas that have not ended (what placement balances) without a scan.
-    ``on_fewer(node_id)`` is called when that count goes down.
-    """
-
-    def __init__(self, on_fewer: Callable[[str], None] = lambda node_id: None) -> None:
-        super().__init__()
-        self.by_node: dict[str, dict[str, ReplicaState]] = {}
-        self.by_app: dict[str, dict[str, ReplicaState]] = {}
-        self.live_on_node: dict[str, int] = {}
-        self._on_fewer = on_fewer
-
-    def __setitem__(self, replica_id: str, r: ReplicaState) -> None:
-        if replica_id in self:
-            del self[replica_id]
-        super().__setitem__(replica_id, r)
-        self.by_node.setdefault(r.node_id, {})[replica_id] = r
-        self.by_app.setdefault(r.app, {})[replica_id] = r
-        if r.state not in reconcile.ENDED_STATES:
-            self.live_on_node[r.node_id] = self.live_on_node.get(r.node_id, 0) + 1
-
-    def __delitem__(self, replica_id: str) -> None:
-        r = self[replica_id]
-        super().__delitem__(replica_id)
-        for index, key in ((self.by_node, r.node_id), (self.by_app, r.app)):
-            group = index[key]
-            del group[replica_id]
-            if not group:
-                del index[key]
-        if r.state not in reconcile.ENDED_STATES:
-            self._fewer(r.node_id)
-
-    def pop(self, replica_id: str, *default: Any) -> Any:
-        if replica_id not in self:
-            if default:
-                return default[0]
-            raise KeyError(replica_id)
-        r = self[replica_id]
-        del self[replica_id]
-        return r
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("ReplicaTable: insert with [] and remove with del or pop")
-
-    popitem = clear = update = setdefault = _refuse  # type: ignore[assignment]
-
-    def ending(self, r: ReplicaState) -> None:
-        """``r`` is about to take an ended state (call before setting it)."""
-        if r.state not in reconcile.ENDED_STATES and self.get(r.replica_id) is r:
-            self._fewer(r.node_id)
-
-    def reviving(self, r: ReplicaState) -> None:
-        """``r`` is about to leave an ended state (a re-adoption; call before setting it)."""
-        if r.state in reconcile.ENDED_STATES and self.get(r.replica_id) is r:
-            self.live_on_node[r.node_id] = self.live_on_node.get(r.node_id, 0) + 1
-
-    def _fewer(self, node_id: str) -> None:
-        left = self.live_on_node[node_id] - 1
-        if left:
-            self.live_on_node[node_id] = left
-        else:
-            del self.live_on_node[node_id]
-        self._on_fewer(node_id)
-
-    def on_node(self, node_id: str) -> list[ReplicaState]:
-        return list(self.by_node.get(node_id, {}).values())
-
-    def of_app(self, app: str) -> list[ReplicaState]:
-        return list(self.by_app.get(app, {}).values())
-
-
-class TakenPorts(Mapping[str, Set[int]]):
-    """Address -> ports held or blocked there, read straight from the claims (no copy).
-
-    What :func:`~skr8tr.core.placement.place` needs: it asks only about the
-    addresses of the nodes it looks at.
-    """
-
-    def __init__(self, held: dict[str, dict[int, str]], blocked: dict[str, dict[int, float]]):
-        self._held = held
-        self._blocked = blocked
-
-    def __getitem__(self, address: str) -> Set[int]:
-        held = self._held.get(address)
-        blocked = self._blocked.get(address)
-        if blocked:
-            return set(held or ()) | set(blocked)
-        if held is None:
-            raise KeyError(address)
-        return held.keys()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(set(self._held) | {a for a, p in self._blocked.items() if p})
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-@dataclass(frozen=True)
-class Revision:
-    generation: int
-    manifest: Manifest
-    text: str
-    format: str
-    sha256: str
-
-
-@dataclass
-class HistoryEntry:
-    generation: int
-    state: str
-    started: float
-    finished: float | None
-    manifest_sha256: str
-
-    def row(self) -> dict[str, Any]:
-        return {"generation": self.generation, "state": self.state, "started": self.started,
-                "finished": self.finished, "manifest_sha256": self.manifest_sha256}
-
-
-@dataclass
-class AppState:
-    name: str
-    revision: Revision
-    desired: int
-    completed: int = 0
-    given_up: int = 0
-    rolling: bool = False  # a rollout owns the replicas; the reconciler waits
-    placement_error: str | None = None
-    revisions: dict[int, Revision] = field(default_factory=dict)
-    history: list[HistoryEntry] = field(default_factory=list)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.revision.manifest
-
-    @property
-    def generation(self) -> int:
-        return self.revision.generation
-
-
-def manifest_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    def status(self, now: float) -> dict[str, Any]: ...
 
 
 class Cluster:
@@ -271,7 +77,7 @@ class Cluster:
         node_timeout_s: float = 15.0,
         port_range: tuple[int, int] = placement.DEFAULT_PORT_RANGE,
         heartbeat_s: float | None = None,
-        state_path: str | None = None,
+        store: Store | None = None,
         adopt_grace_s: float | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] = time.time,
@@ -279,13 +85,17 @@ class Cluster:
         self.node_timeout_s = node_timeout_s
         self.port_range = port_range
         self.heartbeat_s = heartbeat_s or min(DEFAULT_HEARTBEAT_S, node_timeout_s / 3)
-        self.state_path = state_path
+        self.store: Store = MemoryStore() if store is None else store
         self.adopt_grace_s = 2 * self.heartbeat_s if adopt_grace_s is None else adopt_grace_s
         # Apps loaded from the state file wait until then for their nodes to report
         # what is still running before anything new is placed (set by start_adopt_grace).
         self.adopt_until = float("-inf")
         self.loaded_apps: set[str] = set()
-        self.state_write_pending = False
+        # Apps whose desired state changed other than by a command (a rollout's progress
+        # and end): serve_store_writes writes them as they are then (save_soon).
+        self.unsaved: set[str] = set()
+        self.unsaved_event = trio.Event()
+        self._app_locks: dict[str, trio.Lock] = {}
         # Signs every placement (core/placement_token.py); load_state puts back the one
         # the state file keeps, so that tokens given before a restart still prove.
         self.placement_secret = placement_token.new_secret()
@@ -296,8 +106,7 @@ class Cluster:
         self.node_messages_queued = 0  # ever; lets a command's caller see it sent some
         self.apps: dict[str, AppState] = {}
         self.replicas = ReplicaTable(on_fewer=self._offer_node)
-        self.ports: dict[str, dict[int, str]] = {}  # address -> port -> replica id
-        self.blocked: dict[str, dict[int, float]] = {}  # address -> port -> until (clock)
+        self.ports = PortClaims()
         self._seq = 0
         self._session = 0
         self._dirty = trio.Event()
@@ -311,8 +120,8 @@ class Cluster:
         self._load = placement.LoadOrder()  # live nodes by load, for launch()
         # The last replicas that ended, with their exit details, for rollout failure reports.
         self.ended: collections.OrderedDict[str, ReplicaState] = collections.OrderedDict()
-        # Set by the rollout manager: the `rollouts` part of `status`.
-        self.rollout_statuses: Callable[[], list[dict[str, Any]]] = list
+        # App -> its last rollout, running or ended (the rollout manager's records).
+        self.rollouts: dict[str, RolloutView] = {}
 
     # ------------------------------------------------------------------ signals to loops
 
@@ -362,9 +171,9 @@ class Cluster:
         if old is not None and old.address != node.address:
             # Its replicas' ports were claimed on the old address.
             for r in self._replicas_on(node_id):
-                self._release_port(r)
+                self.ports.release(r)
                 r.address = node.address
-                self._claim_port(r)
+                self.ports.claim(r)
         self.events.publish("node.joined", node=node_id, address=node.address,
                             cores=node.cores, ram_total_mb=node.ram_total_mb)
         log.info("node %s joined from %s (%d cores, %d MB RAM)", node_id, node.address,
@@ -426,10 +235,10 @@ class Cluster:
             pid=report.get("pid"),
             drain_s=0.0 if revision is None else revision.manifest.rollout.drain_s,
         )
-        holder = None if r.port is None else self.ports.get(r.address, {}).get(r.port)
+        holder = self.ports.holder(r.address, r.port)
         self.replicas[r.replica_id] = r
         if holder is None:
-            self._claim_port(r)
+            self.ports.claim(r)
         if revision is None or holder is not None:
             why = ("no app claims it" if revision is None
                    else f"port {r.port} on {r.address} is held by {holder}")
@@ -495,7 +304,7 @@ class Cluster:
                                 silent_s=round(now - node.last_seen, 3))
             for r in list(self._replicas_on(node.node_id)):
                 if r.state in reconcile.ENDED_STATES:
-                    self._release_port(r)
+                    self.ports.release(r)
                     continue
                 self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
                                     node_lost=True, message=f"node {node.node_id} lost")
@@ -528,29 +337,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ ports
 
-    def _claim_port(self, r: ReplicaState) -> None:
-        if r.port is not None:
-            self.ports.setdefault(r.address, {})[r.port] = r.replica_id
-
-    def _release_port(self, r: ReplicaState) -> None:
-        if r.port is None:
-            return
-        held = self.ports.get(r.address)
-        if held is not None and held.get(r.port) == r.replica_id:
-            del held[r.port]
-            if not held:
-                del self.ports[r.address]
-
     def taken_ports(self) -> Mapping[str, Set[int]]:
         """Address -> ports held or blocked there: a live view, valid until the next claim."""
-        now = self.clock()
-        for address, ports in list(self.blocked.items()):
-            for port, until in list(ports.items()):
-                if until <= now:
-                    del ports[port]
-            if not ports:
-                del self.blocked[address]
-        return TakenPorts(self.ports, self.blocked)
+        return self.ports.taken(self.clock())
 
     # ------------------------------------------------------------------ replicas
 
@@ -608,7 +397,7 @@ class Cluster:
             restart_count=restart_count, drain_s=m.rollout.drain_s,
         )
         self.replicas[r.replica_id] = r
-        self._claim_port(r)
+        self.ports.claim(r)
         node = self.nodes[where.node_id]
         node.reserved_ram_mb += request.ram_mb or 0
         node.reserved_cpu += request.cpu or 0.0
@@ -663,8 +452,7 @@ class Cluster:
             port_clash = (state == "failed" and msg.get("reason") == "port_in_use")
             r.port_clash = port_clash
             if port_clash and r.port is not None:
-                self.blocked.setdefault(r.address, {})[r.port] = (
-                    self.clock() + PORT_CLASH_BLOCK_S)
+                self.ports.block(r.address, r.port, self.clock())
             self._replica_ended(
                 r, exit_code=msg.get("exit_code"), signal=msg.get("signal"),
                 launch_failed=state == "failed", node_lost=port_clash,
@@ -707,7 +495,7 @@ class Cluster:
         if state in ("exited", "failed"):
             return  # the end we had assumed, now confirmed
         app = self.apps.get(r.app)
-        holder = None if r.port is None else self.ports.get(r.address, {}).get(r.port)
+        holder = self.ports.holder(r.address, r.port)
         if (not r.lost_with_node or r.stop_requested or app is None
                 or r.generation not in app.revisions or holder not in (None, r.replica_id)):
             why = ("it had ended" if not r.lost_with_node else
@@ -727,7 +515,7 @@ class Cluster:
         if msg.get("pid") is not None:
             r.pid = msg["pid"]
         self.ended.pop(r.replica_id, None)
-        self._claim_port(r)
+        self.ports.claim(r)
         log.info("re-adopted %s (pid %s, port %s) on %s: its node is back", r.replica_id,
                  r.pid, r.port, r.node_id)
         self.events.publish("replica.adopted", app=r.app, replica=r.replica_id,
@@ -741,7 +529,7 @@ class Cluster:
                        launch_failed: bool, node_lost: bool, message: str | None) -> None:
         if r.state in replica_state.ENDED:  # a bug in the caller: it can end only once
             raise replica_state.IllegalTransition(r.replica_id, r.state, "exited or failed")
-        self._release_port(r)
+        self.ports.release(r)
         self.replicas.ending(r)
         r.exit_code, r.signal, r.message = exit_code, signal, message
         r.lost_with_node = node_lost and not r.port_clash
@@ -807,7 +595,7 @@ class Cluster:
         """Drop the row of an ended replica."""
         r = self.replicas.pop(replica_id, None)
         if r is not None:
-            self._release_port(r)
+            self.ports.release(r)
             self.mark_dirty(r.app)
 
     def retire_replica(self, replica_id: str, reason: str) -> None:
@@ -847,7 +635,7 @@ class Cluster:
         """Ask the node to stop a replica; its row stays until the node confirms the exit."""
         r = self.replicas[replica_id]
         if r.state in reconcile.ENDED_STATES:
-            self._release_port(r)
+            self.ports.release(r)
             del self.replicas[replica_id]
             return
         r.state = replica_state.transition(r.replica_id, r.state, "stopping")
@@ -874,8 +662,6 @@ class Cluster:
         every app, at the cost of the ones that changed.
         """
         now = self.clock()
-        if self.state_write_pending:
-            self.persist_later_if_failing()
         wake_at: float | None = self._stop_drained(now)
         everything, dirty = self._all_dirty, self._dirty_apps
         self._all_dirty, self._dirty_apps = False, set()
@@ -915,7 +701,7 @@ class Cluster:
             if isinstance(action, reconcile.Forget):
                 r = self.replicas.pop(action.replica_id, None)
                 if r is not None:
-                    self._release_port(r)
+                    self.ports.release(r)
             elif isinstance(action, reconcile.Stop):
                 self.retire_replica(action.replica_id, action.reason)
             elif short is None:
@@ -925,7 +711,7 @@ class Cluster:
                 elif action.replaces is not None:
                     old = self.replicas.pop(action.replaces, None)
                     if old is not None:
-                        self._release_port(old)
+                        self.ports.release(old)
         message = None if short is None else short.message
         if message != app.placement_error:
             app.placement_error = message
@@ -937,34 +723,10 @@ class Cluster:
             return retry if plan.wake_at is None else min(plan.wake_at, retry)
         return plan.wake_at
 
-    async def run_reconciler(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Reconcile on every change, and at the times the last pass asked for."""
-        task_status.started()
-        while True:
-            self._dirty = trio.Event()
-            wake_at = self.reconcile()
-            with trio.move_on_at(wake_at if wake_at is not None else float("inf")):
-                await self._dirty.wait()
-
-    async def run_expiry_watchdog(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Expire nodes exactly ``node_timeout_s`` after their last heartbeat.
-
-        O(nodes) per wake, and it wakes about once per ``node_timeout_s -
-        heartbeat_s`` while every node beats (the oldest heartbeat is then about
-        one period old): cheaper than a deadline heap, whose stale entries would
-        each cost a wake.
-        """
-        task_status.started()
-        while True:
-            deadline = self.next_expiry()
-            if deadline is None:
-                await self.wait_node_joined()
-                continue
-            await trio.sleep_until(deadline)
-            late = self.clock() - deadline
-            if late > STALL_TOLERANCE_S:
-                self.excuse_stall(late)
-            self.expire_nodes()
+    def take_dirty(self) -> trio.Event:
+        """For the reconciler, before a pass: the event the next change sets."""
+        self._dirty = trio.Event()
+        return self._dirty
 
     def excuse_stall(self, stalled_s: float) -> None:
         """The conductor did not run for about *stalled_s* (it was paused, its machine
@@ -990,77 +752,79 @@ class Cluster:
 
     # ------------------------------------------------------------------ durable state
 
-    def stored_state(self, apps: dict[str, AppState] | None = None) -> state_store.StoredState:
-        apps = self.apps if apps is None else apps
-        return state_store.StoredState(
-            apps=tuple(
-                state_store.StoredApp(
-                    name=a.name, generation=a.generation, desired=a.desired,
-                    completed=a.completed, given_up=a.given_up,
-                    revisions=tuple(
-                        state_store.StoredRevision(r.generation, r.format, r.manifest.base_dir,
-                                                   r.sha256, r.text)
-                        for _, r in sorted(a.revisions.items())),
-                    history=tuple(state_store.StoredHistory(h.generation, h.state, h.started,
-                                                            h.finished) for h in a.history),
-                )
-                for a in sorted(apps.values(), key=lambda a: a.name)),
-            rollouts=tuple(s for s in self.rollout_statuses() if s["app"] in apps),
-            placement_key=self.placement_secret.hex(),
-        )
-
-    def persist(self, apps: dict[str, AppState] | None = None) -> None:
-        """Write the desired state (``apps``: what it will be once the caller applies its
-        change). Raises CommandError INTERNAL when the write fails; the file is unchanged."""
-        if self.state_path is None:
-            return
+    @contextlib.asynccontextmanager
+    async def changing(self, app: str) -> AsyncIterator[None]:
+        """Hold while changing ``app``'s desired state: compute, ``commit``, apply. Changes
+        of one app are made one after the other, so that each starts from the one before
+        it and the store ends as memory does; changes of different apps overlap (and
+        share the store's writes)."""
+        lock = self._app_locks.get(app)
+        if lock is None:
+            lock = self._app_locks[app] = trio.Lock()
         try:
-            state_store.save(self.state_path, self.stored_state(apps))
-        except state_store.StateWriteError as exc:
-            log.error("%s", exc)
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._app_locks.pop(app, None)
+
+    async def commit(self, change: Change) -> None:
+        """Make a command's change durable before it takes effect here (hold ``changing``).
+
+        Raises CommandError INTERNAL when the store cannot; it kept nothing of it."""
+        try:
+            await self.store.apply(change)
+        except StoreError as exc:
             raise CommandError("INTERNAL", f"{exc}; nothing was changed") from None
-        self.state_write_pending = False
 
-    def persist_later_if_failing(self) -> None:
-        """For changes that are not commands (a rollout ending): try now, retry later."""
-        try:
-            self.persist()
-        except CommandError:
-            self.state_write_pending = True
+    def save_soon(self, app: str) -> None:
+        """``app`` changed other than by a command (a rollout went a batch further, or
+        ended): store it as it is then, and its last rollout; retried until stored."""
+        self.unsaved.add(app)
+        self.unsaved_event.set()
 
-    def load_state(self, stored: state_store.StoredState) -> list[str]:
-        """Rebuild apps from the state file; returns the apps whose rollout was interrupted.
+    def saved_form(self, app: str) -> Change:
+        """The change that stores ``app`` (and its last rollout) as it is now, or removes
+        it when it is gone."""
+        current = self.apps.get(app)
+        if current is None:
+            return Change(apps={app: None}, rollouts={app: None})
+        rollout = self.rollouts.get(app)
+        return Change(apps={app: stored_app(current)},
+                      rollouts={} if rollout is None else {app: rollout.status(self.clock())})
 
-        Raises state_store.StateFileError when a stored manifest no longer parses.
-        """
+    def rollout_statuses(self) -> list[dict[str, Any]]:
+        """The last rollout of each app, as ``rollout status --json`` shows it."""
+        now = self.clock()
+        return [r.status(now) for _, r in sorted(self.rollouts.items())]
+
+    async def open_store(self, where: str) -> tuple[state_file.StoredState | None, list[str]]:
+        """At start: load the desired state from the store (``where`` names it in errors)
+        and keep this conductor's placement secret in it. Returns what was stored and the
+        apps whose rollout a restart interrupted. Raises StateFileError when a stored
+        manifest no longer parses, StoreError when the secret cannot be stored."""
+        stored = await self.store.load()
+        interrupted = [] if stored is None else self.load_state(stored, where)
+        if stored is None or stored.placement_key is None:
+            # Kept from the first start on: tokens given before a restart still prove.
+            await self.store.apply(Change(placement_key=self.placement_secret.hex()))
+        return stored, interrupted
+
+    def load_state(self, stored: state_file.StoredState, where: str) -> list[str]:
+        """Rebuild apps from the store (``where`` names it in errors); returns the apps whose
+        rollout was interrupted. Raises StateFileError when a stored manifest no longer
+        parses."""
         interrupted = []
         if stored.placement_key is not None:
             self.placement_secret = bytes.fromhex(stored.placement_key)
         for s in stored.apps:
-            revisions = {}
-            for r in s.revisions:
-                try:
-                    m = manifest_mod.parse_manifest(r.manifest, filename=f"{s.name} generation "
-                                                    f"{r.generation}", base_dir=r.base_dir,
-                                                    format=r.format)
-                except manifest_mod.ManifestError as exc:
-                    raise state_store.StateFileError(
-                        f"{self.state_path}: app {s.name} generation {r.generation}: the "
-                        f"stored manifest no longer parses: {exc}") from None
-                revisions[r.generation] = Revision(r.generation, m, r.manifest, r.format,
-                                                   r.sha256)
-            app = AppState(name=s.name, revision=revisions[s.generation], desired=s.desired,
-                           completed=s.completed, given_up=s.given_up, revisions=revisions,
-                           history=[HistoryEntry(h.generation, h.state, h.started, h.finished,
-                                                 revisions[h.generation].sha256
-                                                 if h.generation in revisions else "")
-                                    for h in s.history])
+            app = app_from_stored(s, where)
             if any(h.state == "rolling" for h in app.history):
                 app.rolling = True  # the rollout manager ends it once nodes have reported
                 interrupted.append(app.name)
             self.apps[app.name] = app
             self.loaded_apps.add(app.name)
-        log.info("loaded %d app(s) from %s%s", len(stored.apps), self.state_path,
+        log.info("loaded %d app(s) from %s%s", len(stored.apps), where,
                  f"; interrupted rollouts: {', '.join(interrupted)}" if interrupted else "")
         return interrupted
 
@@ -1093,7 +857,7 @@ class Cluster:
         stopping = 0
         for r in self.replicas.of_app(name):
             if r.state in reconcile.ENDED_STATES:
-                self._release_port(r)
+                self.ports.release(r)
                 del self.replicas[r.replica_id]
             elif r.state not in reconcile.LEAVING_STATES:
                 self.retire_replica(r.replica_id, "app removed")
@@ -1115,50 +879,3 @@ class Cluster:
         log.info("app %s scaled %d -> %d", name, before, replicas)
         self.mark_dirty(name)
         return app
-
-    # ------------------------------------------------------------------ views (DESIGN.md §5)
-
-    def replica_rows(self, app: str | None = None) -> list[dict[str, Any]]:
-        rows = list(self.replicas.values()) if app is None else self.replicas.of_app(app)
-        rows.sort(key=lambda r: (r.app, r.generation, r.seq))
-        return [r.row() for r in rows]
-
-    def node_rows(self) -> list[dict[str, Any]]:
-        now = self.clock()
-        rows = []
-        for n in sorted(self.nodes.values(), key=lambda n: n.node_id):
-            mine = [r for r in self._replicas_on(n.node_id)
-                    if r.state not in reconcile.ENDED_STATES]
-            rows.append({
-                "node": n.node_id, "address": n.address, "cpu_pct": round(n.cpu_pct, 1),
-                "ram_free_mb": n.ram_free_mb,
-                "ports": sorted(r.port for r in mine if r.port is not None),
-                "replicas": len(mine), "last_seen_s": round(max(0.0, now - n.last_seen), 3),
-            })
-        return rows
-
-    def app_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for app in sorted(self.apps.values(), key=lambda a: a.name):
-            mine = self.replicas.of_app(app.name)
-            current = [r for r in mine if r.generation == app.generation]
-            rows.append({
-                "app": app.name, "type": app.manifest.type, "generation": app.generation,
-                "desired": app.desired,
-                "running": sum(r.state in reconcile.LIVE_STATES for r in current),
-                "ready": sum(r.state == "ready" for r in current),
-                "completed": app.completed,
-                "message": app.placement_error,
-            })
-        return rows
-
-    def status(self) -> dict[str, Any]:
-        return {"nodes": self.node_rows(), "apps": self.app_rows(),
-                "replicas": self.replica_rows(), "rollouts": self.rollout_statuses()}
-
-    def up_result(self, app: AppState) -> dict[str, Any]:
-        return {"app": app.name, "generation": app.generation,
-                "replicas": self.replica_rows(app.name)}
-
-    def ping(self) -> dict[str, Any]:
-        return {"pong": "conductor", "version": __version__}

@@ -1,8 +1,14 @@
-"""The commands of ``/v1/cli`` (DESIGN.md §4), applied to the :class:`Cluster`.
+"""The commands of ``/v1/cli``, applied to the :class:`Cluster`.
 
 Each handler takes arguments the protocol layer has already validated and
-returns exactly the ``result`` of §4/§5, or raises :class:`CommandError` with
-a wire error code. Authentication happened before any of this runs.
+returns exactly the ``result`` the CLI's ``--json`` prints, or raises
+:class:`CommandError` with a wire error code. Authentication happened before
+any of this runs.
+
+A command that changes desired state holds ``cluster.changing(app)``,
+computes the change, makes it durable (``cluster.commit``: refused with
+INTERNAL, and nothing changed, when the store cannot) and only then applies
+it in memory.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from typing import Any
 
 import trio
 
-from skr8tr.conductor.cluster import Cluster, CommandError
+from skr8tr.conductor import views
+from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.rollout import RolloutManager
+from skr8tr.conductor.store import Change
+from skr8tr.conductor.tables import stored_app
 from skr8tr.core import manifest as manifest_mod
 
 log = logging.getLogger("skr8tr.conductor")
@@ -66,82 +76,89 @@ def _app(cluster: Cluster, name: str):
 
 
 async def cmd_ping(cluster: Cluster, args: dict) -> Any:
-    return cluster.ping()
+    return views.ping()
 
 
 async def cmd_up(cluster: Cluster, args: dict) -> Any:
     m, text, fmt = await _parse(args)
-    app = cluster.apps.get(m.app)
-    if app is not None:
-        if app.manifest == m:
-            return cluster.up_result(app)  # the same manifest again changes nothing
-        raise CommandError(
-            "CONFLICT",
-            f"app {m.app} already runs generation {app.generation} with a different "
-            f"manifest; use `skr8tr rollout FILE` to change it",
-        )
-    app = cluster.new_app(m, text, fmt)
-    cluster.persist({**cluster.apps, app.name: app})  # refuses the command if it cannot
-    cluster.add_app(app)
-    cluster.reconcile_app(app)
+    async with cluster.changing(m.app):
+        app = cluster.apps.get(m.app)
+        if app is not None:
+            if app.manifest == m:
+                return views.up_result(cluster, app)  # the same manifest changes nothing
+            raise CommandError(
+                "CONFLICT",
+                f"app {m.app} already runs generation {app.generation} with a different "
+                f"manifest; use `skr8tr rollout FILE` to change it",
+            )
+        app = cluster.new_app(m, text, fmt)
+        await cluster.commit(Change(apps={app.name: stored_app(app)}))
+        cluster.add_app(app)
+        cluster.reconcile_app(app)
     if app.placement_error is not None:
-        placed = len(cluster.replica_rows(app.name))
+        placed = len(views.replica_rows(cluster, app.name))
         raise CommandError(
             "NO_CAPACITY",
             f"placed {placed} of {app.desired} replica(s) of {app.name}; "
             f"{app.placement_error}. The app is kept and the rest will be placed when "
             f"capacity appears",
         )
-    return cluster.up_result(app)
+    return views.up_result(cluster, app)
 
 
 def make_down_handler(rollouts: RolloutManager) -> Handler:
     async def cmd_down(cluster: Cluster, args: dict) -> Any:
-        _app(cluster, args["app"])
-        if args["app"] in rollouts.active:
-            await rollouts.abort(args["app"])  # its cleanup first, then everything goes
-        cluster.persist({k: v for k, v in cluster.apps.items() if k != args["app"]})
-        stopped = cluster.remove_app(args["app"])
-        # Its last rollout goes with it: an app deployed again under the name starts at
-        # generation 1, and the state file must not pair it with the old generations.
-        rollouts.last.pop(args["app"], None)
-        return {"app": args["app"], "stopped": stopped}
+        name = args["app"]
+        _app(cluster, name)
+        if name in rollouts.active:
+            await rollouts.abort(name)  # its cleanup first, then everything goes
+        async with cluster.changing(name):
+            _app(cluster, name)  # (removed meanwhile by another `down`)
+            # Its last rollout goes with it: an app deployed again under the name starts
+            # at generation 1, and the store must not pair it with the old generations.
+            await cluster.commit(Change(apps={name: None}, rollouts={name: None}))
+            stopped = cluster.remove_app(name)
+            rollouts.last.pop(name, None)
+        return {"app": name, "stopped": stopped}
 
     return cmd_down
 
 
 async def cmd_scale(cluster: Cluster, args: dict) -> Any:
-    current = _app(cluster, args["app"])
-    if current.rolling:
-        raise CommandError("CONFLICT", f"a rollout of {args['app']} is running; scale after "
-                           "it ends, or put the new count in the manifest you roll out")
-    cluster.persist({**cluster.apps, current.name: dataclasses.replace(
-        current, desired=args["replicas"], completed=0, given_up=0)})
-    app = cluster.scale_app(args["app"], args["replicas"])
-    cluster.reconcile_app(app)
+    name = args["app"]
+    async with cluster.changing(name):
+        current = _app(cluster, name)
+        if current.rolling:
+            raise CommandError("CONFLICT", f"a rollout of {name} is running; scale after "
+                               "it ends, or put the new count in the manifest you roll out")
+        await cluster.commit(Change(apps={name: stored_app(dataclasses.replace(
+            current, desired=args["replicas"], completed=0, given_up=0))}))
+        app = cluster.scale_app(name, args["replicas"])
+        cluster.reconcile_app(app)
     if app.placement_error is not None:
+        placed = sum(r["generation"] == app.generation
+                     for r in views.replica_rows(cluster, app.name))
         raise CommandError(
             "NO_CAPACITY",
-            f"{app.name} is scaled to {app.desired} but only "
-            f"{sum(r['generation'] == app.generation for r in cluster.replica_rows(app.name))}"
-            f" replica(s) could be placed: {app.placement_error}",
+            f"{app.name} is scaled to {app.desired} but only {placed} replica(s) could be "
+            f"placed: {app.placement_error}",
         )
-    return cluster.up_result(app)
+    return views.up_result(cluster, app)
 
 
 async def cmd_list(cluster: Cluster, args: dict) -> Any:
     name = args.get("app")
-    if name is not None and name not in cluster.apps and not cluster.replica_rows(name):
+    if name is not None and name not in cluster.apps and not views.replica_rows(cluster, name):
         _app(cluster, name)
-    return cluster.replica_rows(name)
+    return views.replica_rows(cluster, name)
 
 
 async def cmd_nodes(cluster: Cluster, args: dict) -> Any:
-    return cluster.node_rows()
+    return views.node_rows(cluster)
 
 
 async def cmd_status(cluster: Cluster, args: dict) -> Any:
-    return cluster.status()
+    return views.status(cluster)
 
 
 async def cmd_history(cluster: Cluster, args: dict) -> Any:
@@ -190,7 +207,7 @@ class LogRequests:
 def make_logs_handler(requests: LogRequests) -> Handler:
     async def cmd_logs(cluster: Cluster, args: dict) -> Any:
         name, replica = args["app"], args.get("replica")
-        if name not in cluster.apps and not cluster.replica_rows(name):
+        if name not in cluster.apps and not views.replica_rows(cluster, name):
             _app(cluster, name)
         if replica is not None:
             r = cluster.replicas.get(replica)

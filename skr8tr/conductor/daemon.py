@@ -30,14 +30,16 @@ import trio
 
 from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
-from skr8tr.conductor import audit, replay_store, state_store, status_http, wsserver
+from skr8tr.conductor import audit, loops, replay_store, state_file, status_http, wsserver
 from skr8tr.conductor.accept import fit_limits_to_descriptors
 from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.file_store import FileStore
 from skr8tr.conductor.http import serve_http
 from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits, LogThrottle
 from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
 from skr8tr.conductor.origins import HostPolicy, OriginError
+from skr8tr.conductor.store import MemoryStore, StoreError
 from skr8tr.core import hostport, protocol
 from skr8tr.core.keys import (
     AuthorizedKeys,
@@ -160,7 +162,7 @@ def _open_audit(config: ConductorConfig, *, quiet: bool = False) -> audit.AuditL
         raise StartError(str(exc)) from None
 
 
-def _load_state(config: ConductorConfig) -> state_store.StoredState | None:
+def _load_state(config: ConductorConfig) -> state_file.StoredState | None:
     if config.state_path is None:
         return None
     try:
@@ -169,8 +171,8 @@ def _load_state(config: ConductorConfig) -> state_store.StoredState | None:
         raise StartError(f"cannot create the folder of --state {config.state_path}: "
                          f"{exc.strerror}") from None
     try:
-        return state_store.load(config.state_path)
-    except state_store.StateFileError as exc:
+        return state_file.load(config.state_path)
+    except state_file.StateFileError as exc:
         raise StartError(f"{exc} (the file was left as it is; fix or move it)") from None
 
 
@@ -202,8 +204,9 @@ async def run_conductor(config: ConductorConfig, *,
             if not tls.is_loopback_host(host):
                 log.warning("NO TLS on %s %s:%d: manifests, environment values and logs "
                             "travel in clear; pass --tls-cert and --tls-key", flag, host, port)
+    store = MemoryStore() if config.state_path is None else FileStore(config.state_path)
     cluster = Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
-                      state_path=config.state_path, adopt_grace_s=config.adopt_grace_s)
+                      store=store, adopt_grace_s=config.adopt_grace_s)
     closed = ClosedCounter()
     # Below the open-file limit (raised as far as it goes): over a cap a connection is
     # closed at once, and accept never runs out of descriptors (accept, limits).
@@ -213,12 +216,11 @@ async def run_conductor(config: ConductorConfig, *,
     policy = HostPolicy.from_flags(config.allowed_hosts, config.allowed_origins,
                                    tls=ssl_context is not None)
     cli = api_mod.CliApi(cluster, authority, time.time, limits=limits, closed=closed)
-    stored = _load_state(config)
+    try:
+        stored, cli.rollouts.interrupted = await cluster.open_store(config.state_path or "")
+    except (state_file.StateFileError, StoreError) as exc:
+        raise StartError(f"{exc} (the file was left as it is)") from None
     if stored is not None:
-        try:
-            cli.rollouts.interrupted = cluster.load_state(stored)
-        except state_store.StateFileError as exc:
-            raise StartError(f"{exc} (the file was left as it is)") from None
         cli.rollouts.restore(stored.rollouts)
         cluster.start_adopt_grace()
     cli.audit_log = audit_log = _open_audit(config)
@@ -264,9 +266,10 @@ async def run_conductor(config: ConductorConfig, *,
             await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
             await nursery.start(cli.refusals.serve)
             nursery.start_soon(_serve_heap_trim, admission.gate)
-            await nursery.start(cluster.run_reconciler)
+            await nursery.start(loops.serve_reconciler, cluster)
+            await nursery.start(loops.serve_store_writes, cluster)
             await nursery.start(cli.rollouts.run)
-            await nursery.start(cluster.run_expiry_watchdog)
+            await nursery.start(loops.serve_expiry_watchdog, cluster)
             await nursery.start(server.serve, *config.listen)
             listeners = await nursery.start(partial(
                 serve_http, on_http, *config.http, ssl_context=ssl_context,

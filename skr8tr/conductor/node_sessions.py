@@ -23,7 +23,8 @@ import logging
 import trio
 
 from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle
-from skr8tr.conductor.cluster import NODE_OUTBOX, Cluster, CommandError
+from skr8tr.conductor.cluster import NODE_OUTBOX, Cluster
+from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.limits import TokenBucket
 from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection
 from skr8tr.core import envelope

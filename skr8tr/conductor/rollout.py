@@ -32,7 +32,10 @@ from typing import Any
 
 import trio
 
-from skr8tr.conductor.cluster import AppState, Cluster, CommandError, HistoryEntry, Revision
+from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.errors import CommandError
+from skr8tr.conductor.store import Change
+from skr8tr.conductor.tables import AppState, HistoryEntry, Revision, stored_app
 from skr8tr.core import placement
 from skr8tr.core import rollout as plan
 from skr8tr.core.reconcile import ENDED_STATES, LIVE_STATES
@@ -85,10 +88,10 @@ class RolloutManager:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.active: dict[str, RolloutRecord] = {}
-        self.last: dict[str, RolloutRecord] = {}
+        # The cluster's table of last rollouts (status, store); this manager fills it.
+        self.last: dict[str, RolloutRecord] = cluster.rollouts  # type: ignore[assignment]
         self.interrupted: list[str] = []  # apps whose rollout a conductor restart cut short
         self._nursery: trio.Nursery | None = None
-        cluster.rollout_statuses = self.statuses
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Own the rollout tasks until cancelled (the conductor's shutdown).
@@ -159,10 +162,14 @@ class RolloutManager:
             app = cluster.apps.get(revision_manifest.app)
             if app is None:
                 raise CommandError("NOT_FOUND", f"app {revision_manifest.app} was removed")
-        self._check_first_batch(app, revision_manifest)
-        generation = plan.next_generation(app.revisions)
-        revision = cluster.new_revision(generation, revision_manifest, text, fmt)
-        return self._launch_task(app, revision)
+        async with cluster.changing(app.name):
+            if cluster.apps.get(app.name) is not app or app.name in self.active:
+                raise CommandError("CONFLICT", f"{app.name} changed while this rollout "
+                                   "was starting; try again")
+            self._check_first_batch(app, revision_manifest)
+            generation = plan.next_generation(app.revisions)
+            revision = cluster.new_revision(generation, revision_manifest, text, fmt)
+            return await self._launch_task(app, revision)
 
     def _check_first_batch(self, app: AppState, m) -> None:
         """Fail at once, before taking a generation, when the first batch cannot be placed."""
@@ -178,7 +185,7 @@ class RolloutManager:
             raise CommandError("NO_CAPACITY", f"cannot start the rollout of {app.name}: "
                                f"{short.message}")
 
-    def _launch_task(self, app: AppState, revision: Revision) -> dict[str, Any]:
+    async def _launch_task(self, app: AppState, revision: Revision) -> dict[str, Any]:
         cluster = self.cluster
         record = RolloutRecord(app=app.name, from_generation=app.generation,
                                to_generation=revision.generation, total=app.desired,
@@ -187,9 +194,9 @@ class RolloutManager:
         entry = HistoryEntry(revision.generation, "rolling", record.started_wall, None,
                              revision.sha256)
         # Durable first: a restarted conductor must know this rollout was under way.
-        cluster.persist({**cluster.apps, app.name: dataclasses.replace(
+        await cluster.commit(Change(apps={app.name: stored_app(dataclasses.replace(
             app, revisions={**app.revisions, revision.generation: revision},
-            history=[*app.history, entry])})
+            history=[*app.history, entry]))}))
         app.revisions[revision.generation] = revision
         app.history.append(entry)
         app.rolling = True
@@ -389,7 +396,7 @@ class RolloutManager:
             replaced=record.replaced, total=record.total, message=record.phase)
         log.info("rollout of %s %s: %s", app.name, record.state, record.phase)
         if app.name in self.cluster.apps:
-            self.cluster.persist_later_if_failing()
+            self.cluster.save_soon(app.name)
         self.cluster.mark_dirty()
         record.done.set()
 
@@ -439,7 +446,7 @@ class RolloutManager:
                                             to_generation=record.to_generation)
                 # Durable per batch: a conductor killed now restarts knowing how far
                 # this rollout got (rollout status, and the reason it ends with).
-                self.cluster.persist_later_if_failing()
+                self.cluster.save_soon(app.name)
 
     def _launch(self, record: RolloutRecord, app: AppState, revision: Revision, count: int
                 ) -> list[str]:

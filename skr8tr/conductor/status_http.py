@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from skr8tr import __version__
-from skr8tr.conductor import metrics
+from skr8tr.conductor import metrics, views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import Response
 from skr8tr.core import replica_state
@@ -125,7 +125,7 @@ class StatusSite:
         elif path == "/healthz":
             return Response(200, b"ok\n")
         elif path == "/api/state":
-            return Response.json(self.cluster.status())
+            return Response.json(views.status(self.cluster))
         elif path == "/api/config":
             return Response.json(self.config())
         elif path == "/api/events":

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import trio
 
+from skr8tr.conductor import views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.events import EventBus
 from skr8tr.conductor.limits import ClosedCounter, Limits, LogThrottle, TokenBucket
@@ -77,7 +78,7 @@ class SnapshotCache:
             if len(since) == bus.seq - self.seq:
                 return [self.frame, *(ev.frame for ev in since if ev.frame)]
         self.frame = frame_text(protocol.snapshot_message(bus.seq, cluster.wall(),
-                                                          cluster.status()))
+                                                          views.status(cluster)))
         self.seq, self.taken = bus.seq, now
         return [self.frame]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from skr8tr.conductor import state_store
-from skr8tr.conductor.state_store import (
+from skr8tr.conductor import state_file
+from skr8tr.conductor.state_file import (
     StateFileError,
     StoredApp,
     StoredHistory,
@@ -50,14 +50,14 @@ GOOD = StoredState(
 def good_text(tmp_path: Path) -> str:
     """The file a conductor writes for GOOD (history as inline tables, revisions and
     rollouts as arrays of tables)."""
-    state_store.save(str(tmp_path / "written.toml"), GOOD)
+    state_file.save(str(tmp_path / "written.toml"), GOOD)
     return (tmp_path / "written.toml").read_text()
 
 
 def load_text(tmp_path: Path, text: str) -> StoredState | None:
     path = tmp_path / "state.toml"
     path.write_text(text)
-    return state_store.load(str(path))
+    return state_file.load(str(path))
 
 
 def test_what_the_conductor_writes_reads_back_the_same(tmp_path, good_text):
@@ -69,8 +69,8 @@ def test_a_clock_stepping_back_never_writes_a_file_that_is_refused(tmp_path):
     app = GOOD.apps[1]
     stepped = StoredApp(app.name, 1, 2, 0, 0, app.revisions,
                         (StoredHistory(1, "complete", T0 + 300, T0 + 299.5),))
-    state_store.save(str(tmp_path / "state.toml"), StoredState((stepped,), ()))
-    loaded = state_store.load(str(tmp_path / "state.toml"))
+    state_file.save(str(tmp_path / "state.toml"), StoredState((stepped,), ()))
+    loaded = state_file.load(str(tmp_path / "state.toml"))
     assert loaded.apps[0].history == (StoredHistory(1, "complete", T0 + 300, T0 + 300),)
 
 
@@ -308,10 +308,10 @@ async def test_a_conductor_reads_back_what_it_wrote_after_down_and_up(tmp_path, 
     await h.settled(1, 2)
     await h.run("rollout", manifest("v2", replicas=2))
     assert (await h.until_done())["state"] == "complete"
-    assert [r["to_generation"] for r in state_store.load(state).rollouts] == [2]
+    assert [r["to_generation"] for r in state_file.load(state).rollouts] == [2]
     # The app is removed and deployed again: generation 1 of a new app, no rollout yet.
     await h.run("down", {"app": "web"})
     await h.run("up", manifest("v1", replicas=1))
-    stored = state_store.load(state)
+    stored = state_file.load(state)
     assert [(a.name, a.generation) for a in stored.apps] == [("web", 1)]
     assert stored.rollouts == ()
