@@ -145,30 +145,32 @@ class CliApi:
             if req.signer is not None:
                 log.info("%s by %s refused: %s: %s", req.cmd, req.signer, exc.code, shown)
             if signed:
-                self._audit_request(peer, req, parsed, {"ok": False, "code": exc.code,
+                await self._audit_request(peer, req, parsed, {"ok": False, "code": exc.code,
                                                         "message": shown})
             return protocol.error_reply(req.id, exc.code, exc.message)
         except Exception:
             log.exception("command %s failed", req.cmd)
             if signed:
-                self._audit_request(peer, req, parsed, {"ok": False, "code": "INTERNAL"})
+                await self._audit_request(peer, req, parsed, {"ok": False, "code": "INTERNAL"})
             return protocol.error_reply(req.id, "INTERNAL",
                                         f"{req.cmd} failed inside the conductor; see its log")
         finally:
             self.command_seconds.observe(time.perf_counter() - started, cmd=req.cmd)
         if signed:
             log.info("%s %s by %s", req.cmd, _summary(req.args), req.signer or "insecure mode")
-            self._audit_request(peer, req, parsed, audit.result_summary(req.cmd, result))
+            await self._audit_request(peer, req, parsed, audit.result_summary(req.cmd, result))
         return protocol.ok_reply(req.id, result)
 
-    def _audit_request(self, peer: str, req: protocol.Request,
-                       parsed: manifest.Manifest | None, result: dict) -> None:
+    async def _audit_request(self, peer: str, req: protocol.Request,
+                             parsed: manifest.Manifest | None, result: dict) -> None:
+        """Record the request; the reply waits until the record is written."""
         if self._audit_log is not None:
             key = _fingerprint(req.raw.get("key"))
-            self._audit_log.append({"peer": peer, "key": key, "verified": req.signer is not None,
-                                   "cmd": req.cmd,
-                                   "args": audit.redact_args(req.cmd, req.args, parsed),
-                                   "result": result}, self.wall())
+            number = self._audit_log.append(
+                {"peer": peer, "key": key, "verified": req.signer is not None,
+                 "cmd": req.cmd, "args": audit.redact_args(req.cmd, req.args, parsed),
+                 "result": result}, self.wall())
+            await self._audit_log.written(number)
 
     async def serve_connection(self, ws: ServerConnection) -> None:
         """Answer requests until the client leaves, is idle too long or sends too fast."""

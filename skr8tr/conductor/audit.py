@@ -21,9 +21,15 @@ noticed by ``audit verify`` and by the conductor's next start. On start the
 conductor verifies the whole log and refuses to start (exit 2) if it is not
 intact: a broken log is moved aside by a person, never repaired by us.
 
-Writes are small synchronous appends plus ``fsync`` on the Trio thread, like
-the state file: only signed commands pay for them. A failed write is logged
-at ERROR and counted; the command itself has already run.
+Writes leave the event loop: :meth:`AuditLog.append` stamps an entry and queues
+it; the writer task (:meth:`AuditLog.serve`) seals every queued entry into the
+chain, appends them in one write, fsyncs, and replaces the ``.head`` file, in
+a worker thread, then wakes who waits (:meth:`AuditLog.written`). A command's
+reply waits for its entry, so no acknowledged command is missing from a log
+that survived; many clients share one fsync. A failed write is logged at
+ERROR and counted (its entries are lost, the chain stays intact: the head moves
+only on success); the command itself has already run. Without a running writer
+(tests, tools) :meth:`written` writes at once, on the caller's thread.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import hashlib
 import logging
 import os
 from typing import Any
+
+import trio
 
 from skr8tr.core import audit_chain, manifest
 
@@ -58,6 +66,12 @@ class AuditLog:
         self.head = head
         self.write_errors = 0
         self._fd = fd
+        self._queue: list[dict[str, Any]] = []
+        self._queued = 0  # entries ever queued
+        self._done = 0  # of those, written or failed
+        self._serving = False
+        self._wake = trio.Event()
+        self._batch_done = trio.Event()
 
     @classmethod
     def open(cls, path: str, *, quiet: bool = False) -> AuditLog:
@@ -90,36 +104,79 @@ class AuditLog:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self._write_batch()
             os.close(self._fd)
             self._fd = -1
 
-    def append(self, entry: dict[str, Any], now: float) -> str | None:
-        """Seal *entry* (plus ``time``/``utc``) into the chain, write and fsync it,
-        then update the ``.head`` file; return the new head hash (None if the write failed)."""
+    def append(self, entry: dict[str, Any], now: float) -> int:
+        """Queue *entry* (plus ``time``/``utc``); returns its number for :meth:`written`."""
         stamp = datetime.datetime.fromtimestamp(now, tz=datetime.UTC)
-        entry = {"time": round(now, 3),
-                 "utc": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                 **entry}
+        self._queue.append({
+            "time": round(now, 3),
+            "utc": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            **entry})
+        self._queued += 1
+        self._wake.set()
+        return self._queued
+
+    async def written(self, number: int) -> None:
+        """Return once entry *number* was written (or its write failed and was logged)."""
+        while self._done < number:
+            if self._serving:
+                await self._batch_done.wait()
+            else:
+                self._write_batch()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Write queued entries, a batch at a time, until cancelled; then the rest."""
+        self._serving = True
+        task_status.started()
         try:
-            line, head = audit_chain.seal(entry, self.head)
-            data = line.encode("ascii")
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                if self._queue:
+                    batch, self._queue = self._queue, []  # taken here, on the loop
+                    await trio.to_thread.run_sync(self._write_entries, batch)
+                    self._batch_done.set()
+                    self._batch_done = trio.Event()
+        finally:
+            self._serving = False
+            self._write_batch()  # at shutdown: nothing queued goes unwritten
+            self._batch_done.set()
+
+    def _write_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        if batch:
+            self._write_entries(batch)
+
+    def _write_entries(self, batch: list[dict[str, Any]]) -> None:
+        """Seal, append and fsync *batch*, then replace the head file (in any thread: only
+        the writer touches the file and the head)."""
+        head, lines = self.head, []
+        try:
+            for entry in batch:
+                line, head = audit_chain.seal(entry, head)
+                lines.append(line)
+            data = "".join(lines).encode("ascii")
             written = os.write(self._fd, data)
             if written != len(data):
                 raise OSError(f"short write ({written} of {len(data)} bytes)")
             os.fsync(self._fd)
         except (OSError, ValueError) as exc:
-            self.write_errors += 1
-            log.error("audit log %s: cannot append an entry for %s: %s", self.path,
-                      entry.get("cmd"), exc)
-            return None
-        self.head = head
-        try:
-            _replace(head_path(self.path), audit_chain.head_line(head))
-        except OSError as exc:
-            self.write_errors += 1
-            log.error("audit log %s: cannot update %s: %s", self.path, head_path(self.path),
-                      exc)
-        return head.hash
+            self.write_errors += len(batch)
+            log.error("audit log %s: cannot append %d entry(ies) (the first for %s): %s",
+                      self.path, len(batch), batch[0].get("cmd"), exc)
+        else:
+            self.head = head
+            try:
+                _replace(head_path(self.path), audit_chain.head_line(head))
+            except OSError as exc:
+                self.write_errors += 1
+                log.error("audit log %s: cannot update %s: %s", self.path,
+                          head_path(self.path), exc)
+        finally:
+            self._done += len(batch)
 
 
 def read_head_file(path: str) -> audit_chain.Head | None:

@@ -265,6 +265,8 @@ async def run_conductor(config: ConductorConfig, *,
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
             await nursery.start(cli.refusals.serve)
+            if audit_log is not None:
+                await nursery.start(audit_log.serve)
             nursery.start_soon(_serve_heap_trim, admission.gate)
             await nursery.start(loops.serve_reconciler, cluster)
             await nursery.start(loops.serve_store_writes, cluster)

@@ -98,8 +98,11 @@ class Watchers:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def watch(self) -> AsyncIterator[StoredState]:
-        seen = self._version
+    def watch(self) -> AsyncIterator[StoredState]:
+        """The states published after this call (not after the first ``anext``)."""
+        return self._follow(self._version)
+
+    async def _follow(self, seen: int) -> AsyncIterator[StoredState]:
         while True:
             if self._version == seen:
                 await self._changed.wait()
