@@ -366,7 +366,7 @@ def cmd_fmt(opts: argparse.Namespace) -> int:
 def cmd_audit(opts: argparse.Namespace) -> int:
     """``audit verify FILE``: 0 and the head when the chain is intact, 1 naming the first
     bad line otherwise, 2 when FILE cannot be read."""
-    from skr8tr.conductor import audit
+    from skr8tr import audit_head
     from skr8tr.core import audit_chain
 
     expect = opts.expect_head
@@ -380,7 +380,7 @@ def cmd_audit(opts: argparse.Namespace) -> int:
         raise CliError("AUDIT", f"cannot read {opts.file}: {exc.strerror or exc}",
                        EXIT_USAGE) from None
     try:
-        recorded = audit.read_head_file(opts.file)
+        recorded = audit_head.read_head_file(opts.file)
     except ValueError as exc:
         raise CliError("AUDIT", f"{exc}", EXIT_REMOTE_ERROR) from None
     try:
@@ -397,7 +397,7 @@ def cmd_audit(opts: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{opts.file}: intact, {head.entries} entries; head {head.hash}")
     if not checked:
-        print(f"# no {audit.head_path(opts.file)} and no --expect-head: lines cut off the "
+        print(f"# no {audit_head.head_path(opts.file)} and no --expect-head: lines cut off the "
               "end, or a rewritten log, cannot be told apart from an intact one. Keep this "
               "head elsewhere and pass it as --expect-head next time.", file=sys.stderr)
     return EXIT_OK
