@@ -309,11 +309,12 @@ def _fail(opts: argparse.Namespace, err: CliError) -> int:
 
 
 def cmd_keygen(opts: argparse.Namespace) -> int:
+    from skr8tr import keyfiles
     from skr8tr.core import keys
 
     out = os.path.expanduser(opts.out)
     try:
-        pub = keys.write_keypair(out, force=opts.force)
+        pub = keyfiles.write_keypair(out, force=opts.force)
     except keys.KeyFileError as exc:
         raise CliError("KEY_EXISTS" if "exists" in str(exc) else "KEY_FILE", str(exc),
                        EXIT_USAGE) from None
@@ -425,10 +426,11 @@ def _signing_key(opts: argparse.Namespace, *, required: bool) -> Any | None:
     path = os.path.expanduser(opts.key)
     if not required and not os.path.exists(path):
         return None  # read-only verbs go unsigned when there is no key file
+    from skr8tr import keyfiles
     from skr8tr.core import keys
 
     try:
-        return keys.load_signing_key(path)
+        return keyfiles.load_signing_key(path)
     except keys.KeyFileError as exc:
         if not required:
             return None

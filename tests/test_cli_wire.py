@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio_websocket
 
+from skr8tr import keyfiles
 from skr8tr.core import envelope, keys, protocol
 from tests.conftest import MANIFESTS, skr8tr_command
 
@@ -88,7 +89,7 @@ class ScriptedConductor:
 
 @pytest.fixture
 def admin_key(tmp_path: Path) -> tuple[Path, str]:
-    pub = keys.write_keypair(str(tmp_path / "keys"))
+    pub = keyfiles.write_keypair(str(tmp_path / "keys"))
     return tmp_path / "keys" / "signing.sec", pub
 
 
@@ -176,7 +177,7 @@ async def test_conductor_error_exits_1_with_one_line(conductor, admin_key):
 
 
 async def test_key_not_authorized_is_refused_by_the_peer(conductor, tmp_path):
-    keys.write_keypair(str(tmp_path / "other"))
+    keyfiles.write_keypair(str(tmp_path / "other"))
     proc = await cli(conductor, "down", "web", key=tmp_path / "other" / "signing.sec")
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("error: UNAUTHORIZED: ")

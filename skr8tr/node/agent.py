@@ -37,9 +37,10 @@ import nacl.signing
 import trio
 
 from skr8tr import tls
-from skr8tr.core.keys import KeyFileError, fingerprint, load_signing_key, public_hex
+from skr8tr.core.keys import KeyFileError, fingerprint, public_hex
 from skr8tr.core.node_protocol import is_host_or_ip
 from skr8tr.heap import release_free_heap
+from skr8tr.keyfiles import load_signing_key
 from skr8tr.node import link
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.session import Refused, SessionError, run_session
