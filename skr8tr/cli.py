@@ -337,23 +337,23 @@ def cmd_keygen(opts: argparse.Namespace) -> int:
 
 def _read_manifest(path: str) -> tuple[str, str, str]:
     """(text, format, base_dir) of a manifest file, validated locally first (exit 2)."""
+    from skr8tr import manifest_files
     from skr8tr.core import manifest
 
     try:
-        parsed_from = manifest.load_manifest(path)
+        text, parsed = manifest_files.read_manifest(path)
     except manifest.ManifestError as exc:
         raise CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE) from None
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     fmt = "toml" if path.endswith(".toml") else "skr8tr"
-    return text, fmt, parsed_from.base_dir
+    return text, fmt, parsed.base_dir
 
 
 def cmd_fmt(opts: argparse.Namespace) -> int:
+    from skr8tr import manifest_files
     from skr8tr.core import manifest
 
     try:
-        m = manifest.load_manifest(opts.file)
+        m = manifest_files.load_manifest(opts.file)
     except manifest.ManifestError as exc:
         raise CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE) from None
     text = manifest.format_toml(m) if opts.toml else manifest.format_skr8tr(m)

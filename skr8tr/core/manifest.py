@@ -5,7 +5,8 @@ children); one validator that knows the schema then turns that tree into a `Mani
 rule, default and error message exists once, whatever the format. The formatters go the other
 way through one sparse dict (`_to_dict`), so ``.skr8tr`` and TOML output agree too.
 
-Pure code: no trio, no clock, no processes; only `load_manifest` reads a file.
+Pure code: no trio, no clock, no processes, no files (:mod:`skr8tr.manifest_files` reads
+them).
 """
 
 from __future__ import annotations
@@ -252,28 +253,6 @@ def parse_manifest(
             text=problem.text,
             expected=problem.expected,
         ) from None
-
-
-def load_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and parse a manifest file; a relative exec or workdir is resolved against its folder.
-
-    Raises ManifestError also when the file cannot be read (at 1:1, saying why).
-    """
-    filename = os.fspath(path)
-    try:
-        with open(filename, "rb") as file:
-            source = file.read()
-    except OSError as exc:
-        raise ManifestError(
-            f"cannot read manifest: {exc.strerror or exc}",
-            filename=filename,
-            line=1,
-            column=1,
-            text="",
-            expected="a readable manifest file",
-        ) from None
-    base_dir = os.path.dirname(os.path.abspath(filename))
-    return parse_manifest(source, filename=filename, base_dir=base_dir)
 
 
 def format_skr8tr(m: Manifest) -> str:
