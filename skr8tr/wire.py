@@ -40,6 +40,8 @@ __all__ = [
     "watch_message",
 ]
 
+# Where every client looks for the conductor without --conductor: the CLI, the node
+# agent and the ingress.
 DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 DEFAULT_TIMEOUT_S = 10.0
 

@@ -36,12 +36,12 @@ from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Limits, Proxy
 from skr8tr.ingress.routes import ReplicaTable, Route, RouteError, RouteTable, parse_route
 from skr8tr.ingress.upstreams import run_upstreams
+from skr8tr.wire import DEFAULT_CONDUCTOR_URL
 
 log = logging.getLogger("skr8tr.ingress")
 
 SHUTDOWN_GRACE_S = 10.0
 FD_LIMIT_WHEN_UNLIMITED = 1 << 20  # asked for when the hard limit is RLIM_INFINITY
-DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 
 
 class StartError(Exception):
