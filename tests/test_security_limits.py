@@ -300,14 +300,14 @@ async def test_a_failing_handler_closes_only_its_connection():
 
 
 async def test_ingress_measures_a_request_head_that_came_in_one_read():
+    from skr8tr.ingress.limits import ProxyLimits
     from skr8tr.ingress.pool import Pool
-    from skr8tr.ingress.proxy import Limits as IngressLimits
     from skr8tr.ingress.proxy import Proxy
-    from skr8tr.ingress.routes import ReplicaTable, RouteTable, parse_route
+    from skr8tr.ingress.routes import BackendTable, RouteTable, parse_route
 
-    table = ReplicaTable()
+    table = BackendTable()
     proxy = Proxy(RouteTable([parse_route("/:web")]), table, Pool(table.is_routable),
-                  IngressLimits(max_head_bytes=1024))
+                  ProxyLimits(max_head_bytes=1024))
     client, server = trio.testing.memory_stream_pair()
     with trio.fail_after(DEADLINE_S):
         async with trio.open_nursery() as nursery:
