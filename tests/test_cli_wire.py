@@ -2,9 +2,10 @@
 
 The peer verifies every signed request with the same code the conductor uses
 (:func:`skr8tr.core.envelope.verify_request`) and answers with scripted
-results, so these tests pin down the client half of DESIGN.md §4 and §5:
-what is signed, what is sent, how replies and errors are printed, and the
-exit codes.
+results, so these tests pin down the client half of the wire contract:
+what is signed (every field but ``sig``, canonical JSON), what is sent, how
+replies and errors are printed (``error: CODE: message``, and the error
+document with ``--json``), and the exit codes.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ HOST_PLACEHOLDER = (b"Host", b"")  # replaced by the replica's address when it i
 
 
 def origin_form(target: str) -> str:
-    """``http://host/path?q`` -> ``/path?q`` (absolute form, RFC 9112 §3.2.2); else as is."""
+    """``http://host/path?q`` -> ``/path?q`` (the absolute form of RFC 9112); else as is."""
     if target.startswith("/") or "://" not in target:
         return target
     parts = urlsplit(target)
