@@ -25,8 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
 
-from skr8tr import blocking_client, client  # noqa: E402
-from skr8tr.core import keys  # noqa: E402
+from skr8tr import blocking_client, client, keyfiles  # noqa: E402
 from tests.e2e import Cluster, running_cluster  # noqa: E402
 
 
@@ -65,7 +64,7 @@ def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *
 
 def call_options(cluster: Cluster) -> client.CallOptions:
     return client.CallOptions(conductor=cluster.url, timeout_s=30.0,
-                              signing_key=keys.load_signing_key(str(cluster.admin_key)))
+                              signing_key=keyfiles.load_signing_key(str(cluster.admin_key)))
 
 
 def request_text(opts: client.CallOptions, cmd: str, args: dict) -> tuple[str, str]:

@@ -33,7 +33,7 @@ import trio  # noqa: E402
 import trio_websocket  # noqa: E402
 from _harness import raise_fd_limit  # noqa: E402
 
-from skr8tr import __version__  # noqa: E402
+from skr8tr import __version__, keyfiles  # noqa: E402
 from skr8tr.core import envelope, keys  # noqa: E402
 from skr8tr.core.node_protocol import (  # noqa: E402
     MAX_NODE_MESSAGE_BYTES,
@@ -136,7 +136,7 @@ async def read_commands(nodes: list[SimNode]) -> None:
 
 
 async def main_async(url: str, key_path: str, count: int) -> None:
-    signing_key = keys.load_signing_key(key_path)
+    signing_key = keyfiles.load_signing_key(key_path)
     nodes = [SimNode(i, url, signing_key) for i in range(count)]
     done = 0
 

@@ -66,8 +66,7 @@ import psutil
 import trio
 from _harness import REPO, call_options, local_cluster, machine, pct, raise_fd_limit
 
-from skr8tr import blocking_client, client, wire, wsclient
-from skr8tr.core import keys
+from skr8tr import blocking_client, client, keyfiles, wire, wsclient
 from tests.e2e import poll
 
 HELLO = REPO / "manifests" / "apps" / "hello_http.py"
@@ -335,7 +334,7 @@ async def mute_watcher_slot(slot: int, target, tally: collections.Counter, ramp:
 async def churn(target, key_file: str, tally: collections.Counter, ramp: Ramp,
                 limiter) -> None:
     """Attack 5c: signed `scale churn` between CHURN_REPLICAS and 0, to make events."""
-    signing_key = keys.load_signing_key(key_file)
+    signing_key = keyfiles.load_signing_key(key_file)
     scales = 0
     try:
         for _ in range(MAX_RENEWALS):

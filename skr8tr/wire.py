@@ -1,4 +1,4 @@
-"""The client's half of the wire contract, without I/O (DESIGN.md §4, §5).
+"""The client's half of the wire contract, without I/O: requests, replies, exit codes.
 
 What both clients share, the blocking one the CLI uses
 (:mod:`skr8tr.blocking_client`) and the trio one the ingress and the
@@ -40,6 +40,8 @@ __all__ = [
     "watch_message",
 ]
 
+# Where every client looks for the conductor without --conductor: the CLI, the node
+# agent and the ingress.
 DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -134,7 +136,8 @@ _ids = itertools.count(1)
 
 
 def build_request(cmd: str, args: dict, signing_key: Any | None) -> dict:
-    """A request dict for ``cmd``; signed when a key is given (DESIGN.md §4)."""
+    """A request dict for ``cmd``; signed when a key is given (then ``ts``, a fresh
+    ``nonce``, ``key`` and a ``sig`` over the canonical JSON of every other field)."""
     req_id = f"{os.getpid()}-{next(_ids)}"
     if signing_key is None:
         return {"v": protocol.PROTOCOL_VERSION, "id": req_id, "cmd": cmd, "args": args}

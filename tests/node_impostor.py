@@ -15,7 +15,7 @@ from typing import Any
 
 import trio_websocket
 
-from skr8tr import __version__
+from skr8tr import __version__, keyfiles
 from skr8tr.core import envelope, keys
 from skr8tr.core.node_protocol import encode_node_message
 
@@ -33,7 +33,7 @@ async def impostor_node(url: str, key_file: Path, node_id: str, *,
                         address: str = "127.0.0.1") -> AsyncIterator[Any]:
     """Join the conductor at *url* as *node_id* with *key_file*'s node key and a hello
     that reports *replicas*; yields the open WebSocket once welcomed."""
-    key = keys.load_signing_key(key_file)
+    key = keyfiles.load_signing_key(key_file)
     async with trio_websocket.open_websocket_url(url + "/v1/node") as ws:
         challenge = json.loads(await ws.get_message())
         assert challenge["type"] == "challenge", challenge

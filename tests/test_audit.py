@@ -14,6 +14,7 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from skr8tr import audit_head
 from skr8tr.conductor import audit
 from skr8tr.conductor.daemon import ConductorConfig, StartError, run_conductor
 from skr8tr.core import audit_chain, keys, manifest, protocol
@@ -209,7 +210,7 @@ async def test_conductor_records_every_signed_command(tmp_path: Path, caplog):
     assert good.returncode == 0, good.stderr
     head = audit_chain.verify(log_path.read_bytes()).head
     assert good.stdout.strip() == f"{log_path}: intact, 6 entries; head {head.hash}"
-    assert audit.read_head_file(str(log_path)) == head
+    assert audit_head.read_head_file(str(log_path)) == head
     as_json = json.loads(run_verify(str(log_path), "--json").stdout)
     assert as_json["entries"] == 6 and as_json["checked_against"] == ["the HEAD file"]
 
@@ -223,7 +224,7 @@ async def test_conductor_records_every_signed_command(tmp_path: Path, caplog):
     cut = run_verify(str(log_path))
     assert cut.returncode == 1 and "cut off the end" in cut.stderr
     # Without the HEAD file, only a head kept elsewhere tells.
-    Path(audit.head_path(str(log_path))).unlink()
+    Path(audit_head.head_path(str(log_path))).unlink()
     alone = run_verify(str(log_path))
     assert alone.returncode == 0 and "cannot be told apart" in alone.stderr
     expected = run_verify(str(log_path), "--expect-head", head.hash)

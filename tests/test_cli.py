@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from skr8tr.core import manifest
+from skr8tr.manifest_files import load_manifest
 from tests.conftest import MANIFESTS, free_port, run_cli
 
 ALL_VERBS = [
@@ -105,7 +106,7 @@ def test_keygen_default_folder_is_home_dot_skr8tr(cli_env):
     ids=lambda p: p.name,
 )
 def test_fmt_prints_a_manifest_that_parses_back_equal(path, cli_env):
-    original = manifest.load_manifest(str(path))
+    original = load_manifest(str(path))
     proc = run_cli("fmt", str(path), env=cli_env)
     assert proc.returncode == 0, proc.stderr
     again = manifest.parse_manifest(

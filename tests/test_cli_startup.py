@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from skr8tr.core import keys
+from skr8tr import keyfiles
 from tests.security_helpers import make_pki, open_conductor
 
 DEADLINE_S = 30
@@ -75,7 +75,7 @@ async def test_client_verbs_import_no_trio(tmp_path, argv, code):
 
 
 async def test_a_signed_verb_with_a_key_still_imports_no_trio(tmp_path):
-    keys.write_keypair(str(tmp_path / "keys"))
+    keyfiles.write_keypair(str(tmp_path / "keys"))
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path) as c:
             status, modules, stderr = await run_importtime(

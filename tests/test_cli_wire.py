@@ -2,9 +2,10 @@
 
 The peer verifies every signed request with the same code the conductor uses
 (:func:`skr8tr.core.envelope.verify_request`) and answers with scripted
-results, so these tests pin down the client half of DESIGN.md §4 and §5:
-what is signed, what is sent, how replies and errors are printed, and the
-exit codes.
+results, so these tests pin down the client half of the wire contract:
+what is signed (every field but ``sig``, canonical JSON), what is sent, how
+replies and errors are printed (``error: CODE: message``, and the error
+document with ``--json``), and the exit codes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import trio
 import trio_websocket
 
+from skr8tr import keyfiles
 from skr8tr.core import envelope, keys, protocol
 from tests.conftest import MANIFESTS, skr8tr_command
 
@@ -88,7 +90,7 @@ class ScriptedConductor:
 
 @pytest.fixture
 def admin_key(tmp_path: Path) -> tuple[Path, str]:
-    pub = keys.write_keypair(str(tmp_path / "keys"))
+    pub = keyfiles.write_keypair(str(tmp_path / "keys"))
     return tmp_path / "keys" / "signing.sec", pub
 
 
@@ -176,7 +178,7 @@ async def test_conductor_error_exits_1_with_one_line(conductor, admin_key):
 
 
 async def test_key_not_authorized_is_refused_by_the_peer(conductor, tmp_path):
-    keys.write_keypair(str(tmp_path / "other"))
+    keyfiles.write_keypair(str(tmp_path / "other"))
     proc = await cli(conductor, "down", "web", key=tmp_path / "other" / "signing.sec")
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("error: UNAUTHORIZED: ")

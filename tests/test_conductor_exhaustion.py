@@ -34,8 +34,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from skr8tr import blocking_client, wsclient
-from skr8tr.core import keys, protocol
+from skr8tr import blocking_client, keyfiles, wsclient
+from skr8tr.core import protocol
 from tests.conftest import HELLO_HTTP, free_port, http_get, skr8tr_command
 from tests.e2e import Cluster, Daemon, poll
 
@@ -184,7 +184,7 @@ def scale_until(cluster: Cluster, done, *, limit: int = MAX_COMMANDS,
                 deadline_s: float = EVENTS_DEADLINE_S) -> int:
     """Signed ``scale`` commands over one /v1/cli connection (each publishes an event)
     until ``done()``, *limit* commands or the deadline; how many were sent."""
-    key = keys.load_signing_key(cluster.admin_key)
+    key = keyfiles.load_signing_key(cluster.admin_key)
     end = time.monotonic() + deadline_s
     sent = 0
     with blocking_client.connect(cluster.url + "/v1/cli", 10.0) as conn:

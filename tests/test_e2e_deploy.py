@@ -13,7 +13,8 @@ import pytest
 import trio
 import trio_websocket
 
-from skr8tr.core import envelope, keys
+from skr8tr import keyfiles
+from skr8tr.core import envelope
 from tests.conftest import HELLO_HTTP, MANIFESTS, free_port, http_get, skr8tr_command
 from tests.e2e import Cluster, poll, running_cluster
 
@@ -156,7 +157,7 @@ async def _send_raw(url: str, messages: list[str | bytes]) -> list[dict]:
 
 
 def _signed(key_path: Path, cmd: str, args: dict, *, ts: float | None = None) -> dict:
-    return envelope.sign_request(keys.load_signing_key(str(key_path)), id=f"t-{cmd}",
+    return envelope.sign_request(keyfiles.load_signing_key(str(key_path)), id=f"t-{cmd}",
                                  cmd=cmd, args=args, ts=time.time() if ts is None else ts,
                                  nonce=envelope.new_nonce())
 
@@ -165,7 +166,7 @@ async def test_refused_requests_change_nothing_and_ping_keeps_answering(cluster,
     await trio.to_thread.run_sync(cluster.start_node, "n1")
     manifest_args = {"manifest": (MANIFESTS / "sleep.skr8tr").read_text(), "format": "skr8tr",
                      "base_dir": str(MANIFESTS)}
-    keys.write_keypair(str(tmp_path / "stranger"))
+    keyfiles.write_keypair(str(tmp_path / "stranger"))
     unsigned = {"v": 1, "id": "u1", "cmd": "up", "args": {"junk": True}}
     forged = _signed(tmp_path / "stranger" / "signing.sec", "up", manifest_args)
     node_key = _signed(cluster.node_key, "up", manifest_args)  # a node key may not command
@@ -205,7 +206,7 @@ async def test_oversized_message_closes_that_connection_only(cluster):
 
 
 async def test_unauthorized_node_cannot_join(cluster, tmp_path):
-    keys.write_keypair(str(tmp_path / "rogue"))
+    keyfiles.write_keypair(str(tmp_path / "rogue"))
     rogue = cluster._spawn("rogue", "node", "--conductor", cluster.url, "--key",
                            str(tmp_path / "rogue" / "signing.sec"), "--node-id", "rogue",
                            "--data-dir", str(tmp_path / "rogue-data"))
@@ -217,7 +218,7 @@ async def test_unauthorized_node_cannot_join(cluster, tmp_path):
 
 
 def test_sighup_rereads_authorized_keys(cluster: Cluster, tmp_path):
-    newcomer = keys.write_keypair(str(tmp_path / "newcomer"))
+    newcomer = keyfiles.write_keypair(str(tmp_path / "newcomer"))
     new_key = tmp_path / "newcomer" / "signing.sec"
     before = cluster.cli("down", "nothing", "--key", str(new_key), signed=False)
     assert before.returncode == 1 and "UNAUTHORIZED" in before.stderr

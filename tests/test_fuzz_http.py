@@ -33,10 +33,10 @@ from skr8tr.conductor.limits import ClosedCounter, Limits
 from skr8tr.conductor.origins import HostPolicy
 from skr8tr.conductor.status_http import StatusSite
 from skr8tr.core.keys import parse_authorized_keys
+from skr8tr.ingress.limits import ProxyLimits
 from skr8tr.ingress.pool import Pool
-from skr8tr.ingress.proxy import Limits as IngressLimits
 from skr8tr.ingress.proxy import Proxy
-from skr8tr.ingress.routes import ReplicaTable, RouteTable, parse_route
+from skr8tr.ingress.routes import BackendTable, RouteTable, parse_route
 from tests.conftest import read_until_closed
 from tests.security_helpers import open_conductor
 
@@ -225,13 +225,13 @@ async def test_ingress_request_path():
         listeners = await nursery.start(partial(trio.serve_tcp, serve_upstream, 0,
                                                 host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        table = ReplicaTable()
+        table = BackendTable()
         table.apply_snapshot({"nodes": [{"node": "n1", "address": "127.0.0.1"}],
                               "replicas": [{"app": "web", "replica": "web-1", "node": "n1",
                                             "port": port, "state": "ready", "generation": 1,
                                             "pid": 1}], "apps": [], "rollouts": []})
         pool = Pool(table.is_routable, connect_timeout_s=2.0)
-        limits = IngressLimits(header_timeout_s=2.0, idle_timeout_s=2.0, body_timeout_s=2.0,
+        limits = ProxyLimits(header_timeout_s=2.0, idle_timeout_s=2.0, body_timeout_s=2.0,
                                upstream_timeout_s=5.0)
         proxy = Proxy(RouteTable([parse_route("/app:web"), parse_route("/healthz:web")]),
                       table, pool, limits)

@@ -19,12 +19,13 @@ from skr8tr.ingress.limits import (
     FD_RESERVE,
     AddressSlots,
     LogThrottle,
+    ProxyLimits,
     address_key,
     connection_cap,
 )
 from skr8tr.ingress.pool import Pool, UpstreamConnection
-from skr8tr.ingress.proxy import Limits, Proxy
-from skr8tr.ingress.routes import Backend, ReplicaTable, Route, RouteTable
+from skr8tr.ingress.proxy import Proxy
+from skr8tr.ingress.routes import Backend, BackendTable, Route, RouteTable
 from tests.conftest import read_until_closed
 
 DEADLINE_S = 600.0  # on the mock clock: far beyond every limit below
@@ -166,9 +167,9 @@ def _connection(ip: str | None = None) -> tuple[trio.StapledStream, trio.Stapled
 
 
 def _proxy(**limits) -> Proxy:
-    table = ReplicaTable()
+    table = BackendTable()
     return Proxy(RouteTable([Route("/web", "web")]), table, Pool(table.is_routable),
-                 Limits(**limits))
+                 ProxyLimits(**limits))
 
 
 async def test_a_silent_first_connection_closes_at_the_header_timeout_not_the_idle_one(

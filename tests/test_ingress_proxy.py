@@ -25,9 +25,10 @@ from hypothesis import strategies as st
 
 from skr8tr.core import protocol
 from skr8tr.ingress.daemon import IngressConfig, run_ingress
+from skr8tr.ingress.limits import ProxyLimits
 from skr8tr.ingress.pool import Pool
-from skr8tr.ingress.proxy import Limits, Proxy
-from skr8tr.ingress.routes import ReplicaTable, Route, RouteTable
+from skr8tr.ingress.proxy import Proxy
+from skr8tr.ingress.routes import BackendTable, Route, RouteTable
 from tests.conftest import free_port
 
 DEADLINE_S = 15.0
@@ -221,7 +222,7 @@ def snapshot(replicas: list[FakeReplica], dead: tuple[str, ...] = ()) -> dict:
 @dataclass
 class Harness:
     proxy: Proxy
-    table: ReplicaTable
+    table: BackendTable
     pool: Pool
     port: int
     replicas: dict[str, FakeReplica]
@@ -234,18 +235,18 @@ class Harness:
 
 @asynccontextmanager
 async def open_ingress(names=("a", "b"), *, dead: tuple[str, ...] = (),
-                       limits: Limits | None = None, routes: tuple[Route, ...] = ROOT,
+                       limits: ProxyLimits | None = None, routes: tuple[Route, ...] = ROOT,
                        synced: bool = True) -> AsyncIterator[Harness]:
     replicas = [FakeReplica(name) for name in names]
     with trio.fail_after(DEADLINE_S):
         async with trio.open_nursery() as nursery:
             for r in replicas:
                 await nursery.start(serve_fake_replica, r)
-            table = ReplicaTable()
+            table = BackendTable()
             if synced:
                 table.apply_snapshot(snapshot(replicas, dead))
             pool = Pool(table.is_routable, connect_timeout_s=1.0)
-            proxy = Proxy(RouteTable(routes), table, pool, limits or Limits())
+            proxy = Proxy(RouteTable(routes), table, pool, limits or ProxyLimits())
             listeners = await nursery.start(functools.partial(
                 trio.serve_tcp, proxy.serve_connection, 0, host="127.0.0.1"))
             yield Harness(proxy, table, pool, listeners[0].socket.getsockname()[1],
@@ -369,7 +370,7 @@ async def test_a_connect_failure_moves_on_to_another_replica():
 
 
 async def test_without_retries_a_dead_replica_is_a_502():
-    async with open_ingress(names=(), dead=("a-dead",), limits=Limits(retries=0)) as h:
+    async with open_ingress(names=(), dead=("a-dead",), limits=ProxyLimits(retries=0)) as h:
         r = await get(h.port)
         assert r.status == 502 and b"cannot connect to a-dead" in r.body
 
@@ -430,7 +431,7 @@ async def test_a_request_in_flight_on_a_draining_replica_finishes():
 
 
 async def test_a_slow_request_head_gets_408_and_is_closed():
-    async with open_ingress(limits=Limits(header_timeout_s=0.3)) as h:
+    async with open_ingress(limits=ProxyLimits(header_timeout_s=0.3)) as h:
         stream = await trio.open_tcp_stream("127.0.0.1", h.port)
         async with stream:
             await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ... and nothing more
@@ -442,7 +443,7 @@ async def test_a_slow_request_head_gets_408_and_is_closed():
 
 
 async def test_a_trickling_head_does_not_reset_the_clock():
-    async with open_ingress(limits=Limits(header_timeout_s=0.5)) as h:
+    async with open_ingress(limits=ProxyLimits(header_timeout_s=0.5)) as h:
         stream = await trio.open_tcp_stream("127.0.0.1", h.port)
         async with stream:
             await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -468,14 +469,14 @@ async def test_a_trickling_head_does_not_reset_the_clock():
 
 
 async def test_an_idle_keep_alive_connection_is_closed():
-    async with open_ingress(limits=Limits(idle_timeout_s=0.3)) as h, open_client(h.port) as c:
+    async with open_ingress(limits=ProxyLimits(idle_timeout_s=0.3)) as h, open_client(h.port) as c:
         assert (await c.request()).status == 200
         with trio.fail_after(3):
             assert await c.stream.receive_some(10) == b""
 
 
 async def test_a_stalled_request_body_is_cut_off():
-    async with open_ingress(names=("a",), limits=Limits(body_timeout_s=0.3)) as h:
+    async with open_ingress(names=("a",), limits=ProxyLimits(body_timeout_s=0.3)) as h:
         async with open_client(h.port) as c:
             await c.send(h11.Request(method="POST", target="/", headers=[
                 ("Host", "x"), ("Content-Length", "10")]), h11.Data(data=b"12345"))
@@ -485,7 +486,7 @@ async def test_a_stalled_request_body_is_cut_off():
 
 
 async def test_connections_beyond_the_limit_get_503():
-    async with open_ingress(limits=Limits(max_connections=1)) as h, open_client(h.port) as c1:
+    async with open_ingress(limits=ProxyLimits(max_connections=1)) as h, open_client(h.port) as c1:
         assert (await c1.request()).status == 200
         r = await get(h.port)
         assert r.status == 503 and r.headers["retry-after"] == "1"
@@ -495,7 +496,7 @@ async def test_connections_beyond_the_limit_get_503():
 
 
 async def test_a_replica_that_does_not_answer_is_a_504():
-    async with open_ingress(names=("a",), limits=Limits(upstream_timeout_s=0.3)) as h:
+    async with open_ingress(names=("a",), limits=ProxyLimits(upstream_timeout_s=0.3)) as h:
         r = await get(h.port, "/slow")
         assert r.status == 504 and b"no answer within 0.3 s" in r.body
 
@@ -517,7 +518,7 @@ async def test_a_replica_dying_mid_response_cuts_the_client_off():
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 async def test_garbage_never_takes_the_ingress_down(garbage):
-    async with open_ingress(names=("a",), limits=Limits(header_timeout_s=0.5)) as h:
+    async with open_ingress(names=("a",), limits=ProxyLimits(header_timeout_s=0.5)) as h:
         stream = await trio.open_tcp_stream("127.0.0.1", h.port)
         async with stream:
             with trio.fail_after(5):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from skr8tr.ingress.routes import Backend, ReplicaTable, Route, RouteError, RouteTable, parse_route
+from skr8tr.ingress.routes import Backend, BackendTable, Route, RouteError, RouteTable, parse_route
 
 # ---------------------------------------------------------------------------- routes
 
@@ -106,7 +106,7 @@ def ids(backends) -> list[str]:
 
 
 def test_snapshot_keeps_only_ready_replicas_with_known_nodes():
-    t = ReplicaTable()
+    t = BackendTable()
     assert not t.synced
     gone = t.apply_snapshot(snapshot(("r1", "n1", 2001, "ready"), ("r2", "n2", 2002, "ready"),
                                      ("r3", "n1", 2003, "running"),
@@ -119,7 +119,7 @@ def test_snapshot_keeps_only_ready_replicas_with_known_nodes():
 
 
 def test_round_robin_and_exclusion():
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r2", "n1", 2, "ready"),
                               ("r3", "n2", 3, "ready")))
     assert ids(t.pick("web") for _ in range(6)) == ["r1", "r2", "r3", "r1", "r2", "r3"]
@@ -133,7 +133,7 @@ def test_round_robin_and_exclusion():
                                    "replica.failed", "replica.unhealthy", "replica.running",
                                    "replica.pending", "replica.something-new"])
 def test_any_state_but_ready_leaves_rotation_at_once(event):
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r2", "n1", 2, "ready")))
     gone = t.apply_event(event, {"app": "web", "replica": "r1", "node": "n1", "port": 1,
                                  "generation": 1})
@@ -144,7 +144,7 @@ def test_any_state_but_ready_leaves_rotation_at_once(event):
 
 
 def test_a_replica_becomes_routable_when_ready_and_again_when_undrained():
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot(snapshot())
     data = {"app": "web", "replica": "r1", "node": "n2", "port": 7, "generation": 2}
     assert t.apply_event("replica.placed", data) == set()
@@ -159,7 +159,7 @@ def test_a_replica_becomes_routable_when_ready_and_again_when_undrained():
 
 
 def test_adopted_replicas_carry_their_state():
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot(snapshot())
     data = {"app": "web", "replica": "r1", "node": "n1", "pid": 3, "port": 9, "generation": 1}
     t.apply_event("replica.adopted", dict(data, state="running"))
@@ -169,7 +169,7 @@ def test_adopted_replicas_carry_their_state():
 
 
 def test_nodes_come_and_go():
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r2", "n3", 2, "ready")))
     assert ids(t.backends("web")) == ["r1"]
     t.apply_event("node.joined", {"node": "n3", "address": "10.0.0.3"})
@@ -182,14 +182,14 @@ def test_nodes_come_and_go():
 
 
 def test_app_removed_takes_all_its_replicas_out():
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r2", "n1", 2, "ready")))
     gone = t.apply_event("app.removed", {"app": "web", "stopping": 2})
     assert sorted(ids(gone)) == ["r1", "r2"] and t.backends("web") == []
 
 
 def test_a_new_snapshot_replaces_everything():
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r2", "n1", 2, "ready")))
     gone = t.apply_snapshot(snapshot(("r2", "n1", 2, "ready"), ("r3", "n1", 3, "ready")))
     assert ids(gone) == ["r1"]
@@ -197,7 +197,7 @@ def test_a_new_snapshot_replaces_everything():
 
 
 def test_malformed_messages_are_ignored():
-    t = ReplicaTable()
+    t = BackendTable()
     t.apply_snapshot({"nodes": [None, {"node": 3}], "replicas": [7, {"app": "web"}]})
     assert t.synced and t.backends("web") == []
     for event, data in [("replica.ready", {}), ("replica.ready", {"replica": 5}),
@@ -210,7 +210,7 @@ def test_malformed_messages_are_ignored():
 
 
 def test_ignore_drain_keeps_leaving_replicas_until_they_exit():
-    t = ReplicaTable(ignore_drain=True)
+    t = BackendTable(ignore_drain=True)
     t.apply_snapshot(snapshot(("r1", "n1", 1, "ready")))
     for event in ("replica.draining", "replica.stopping"):
         assert t.apply_event(event, {"app": "web", "replica": "r1", "node": "n1"}) == set()

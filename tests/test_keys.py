@@ -1,4 +1,4 @@
-"""Key files and the authorized-keys file (DESIGN.md §4)."""
+"""Keys, key files (keygen, modes, loading) and the authorized-keys file."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from skr8tr.core.keys import (
     KeyFileError,
     fingerprint,
     generate_keypair,
-    load_authorized_keys,
-    load_signing_key,
     parse_authorized_keys,
+    parse_signing_key,
     public_hex,
-    write_keypair,
+    public_key_line,
+    secret_key_line,
 )
+from skr8tr.keyfiles import load_authorized_keys, load_signing_key, write_keypair
 
 K1 = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
 K2 = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
@@ -199,6 +200,14 @@ def test_load_rejects_binary_content(tmp_path):
     path.chmod(0o600)
     with pytest.raises(KeyFileError, match="not a skr8tr key file"):
         load_signing_key(path)
+
+
+def test_key_file_lines_parse_back_without_any_file():
+    key, pub = generate_keypair()
+    assert HEX64.fullmatch(secret_key_line(key)) and HEX64.fullmatch(public_key_line(pub))
+    assert bytes(parse_signing_key(secret_key_line(key).encode(), filename="x")) == bytes(key)
+    with pytest.raises(KeyFileError, match="^x is not a skr8tr key file"):
+        parse_signing_key(public_key_line(pub).encode() * 2, filename="x")
 
 
 def test_fingerprint():

@@ -11,10 +11,10 @@ from skr8tr.core.manifest import (
     RolloutPolicy,
     format_skr8tr,
     format_toml,
-    load_manifest,
     manifest_to_dict,
     parse_manifest,
 )
+from skr8tr.manifest_files import load_manifest
 
 BASE = "/srv/site"
 

@@ -18,8 +18,9 @@ import trio
 import trio_websocket
 
 from skr8tr.core.envelope import new_challenge, verify_challenge
-from skr8tr.core.keys import parse_authorized_keys, write_keypair
+from skr8tr.core.keys import parse_authorized_keys
 from skr8tr.core.node_protocol import decode_node_message, encode_node_message
+from skr8tr.keyfiles import write_keypair
 from skr8tr.node.agent import (
     AgentConfig,
     AgentConfigError,

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import trio
 
-from skr8tr.core.keys import write_keypair
+from skr8tr.keyfiles import write_keypair
 from skr8tr.node.adopt import AdoptedProcess, identify
 from skr8tr.node.health import HealthTracker
 from skr8tr.node.logs import ReplicaLog

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from skr8tr import blocking_client
+from skr8tr import blocking_client, keyfiles
 from skr8tr.conductor import replay_store
 from skr8tr.core import envelope, keys, protocol
 from skr8tr.core.envelope import AuthError, ReplayGuard
@@ -116,7 +116,7 @@ def cluster(tmp_path: Path):
 
 def signed_text(cluster: Cluster, cmd: str, args: dict, *, ahead_s: float = 0.0) -> str:
     return protocol.encode_request(
-        id=f"t-{cmd}", cmd=cmd, args=args, signing_key=keys.load_signing_key(
+        id=f"t-{cmd}", cmd=cmd, args=args, signing_key=keyfiles.load_signing_key(
             str(cluster.admin_key)), ts=time.time() + ahead_s)
 
 

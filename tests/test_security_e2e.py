@@ -23,6 +23,7 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
+from skr8tr import keyfiles
 from skr8tr.core import audit_chain, envelope, keys
 from tests.conftest import HELLO_HTTP, MANIFESTS, http_get
 from tests.e2e import Cluster, poll
@@ -61,7 +62,7 @@ def closed(samples: dict, reason: str) -> float:
 
 def signed(key_path: Path, cmd: str, args: dict, *, ts: float | None = None) -> str:
     return json.dumps(envelope.sign_request(
-        keys.load_signing_key(str(key_path)), id=f"t-{cmd}-{random.random()}", cmd=cmd,
+        keyfiles.load_signing_key(str(key_path)), id=f"t-{cmd}-{random.random()}", cmd=cmd,
         args=args, ts=time.time() if ts is None else ts, nonce=envelope.new_nonce()))
 
 
@@ -86,7 +87,7 @@ async def test_every_refusal_is_counted_logged_and_audited(cluster: Cluster, tmp
     await trio.to_thread.run_sync(cluster.start_node, "n1")
     manifest = {"manifest": (MANIFESTS / "sleep.skr8tr").read_text(), "format": "skr8tr",
                 "base_dir": str(MANIFESTS)}
-    keys.write_keypair(str(tmp_path / "stranger"))
+    keyfiles.write_keypair(str(tmp_path / "stranger"))
     stranger = tmp_path / "stranger" / "signing.sec"
     tampered = json.loads(signed(cluster.admin_key, "up", manifest))
     tampered["args"]["manifest"] += "\n"
@@ -111,7 +112,7 @@ async def test_every_refusal_is_counted_logged_and_audited(cluster: Cluster, tmp
         lambda: cluster.cli_ok("status", "--json")))
     assert status["apps"] == [] and status["replicas"] == []
     log = cluster.conductor.log()
-    for fpr in (keys.fingerprint(keys.public_hex(keys.load_signing_key(str(k))))
+    for fpr in (keys.fingerprint(keys.public_hex(keyfiles.load_signing_key(str(k))))
                 for k in (stranger, cluster.node_key, cluster.admin_key)):
         assert f"(key {fpr}): " in log
     assert log.count("refused a request from 127.0.0.1") >= 6
@@ -168,7 +169,7 @@ def test_revoking_a_node_key_closes_its_session(cluster: Cluster, tmp_path):
 
 def test_a_node_cannot_take_another_nodes_id(cluster: Cluster, tmp_path):
     cluster.start_node("n1")
-    other = keys.write_keypair(str(tmp_path / "other-node"))
+    other = keyfiles.write_keypair(str(tmp_path / "other-node"))
     cluster.authorized_keys.write_text(cluster.authorized_keys.read_text()
                                        + f"node {other} a second node key\n")
     cluster.conductor.proc.send_signal(signal.SIGHUP)
@@ -186,7 +187,7 @@ def test_a_node_cannot_take_another_nodes_id(cluster: Cluster, tmp_path):
 
 
 def test_an_unauthorized_node_is_refused_and_counted(cluster: Cluster, tmp_path):
-    keys.write_keypair(str(tmp_path / "rogue"))
+    keyfiles.write_keypair(str(tmp_path / "rogue"))
     rogue = cluster._spawn("rogue", "node", "--conductor", cluster.url, "--key",
                            str(tmp_path / "rogue" / "signing.sec"), "--node-id", "rogue",
                            "--data-dir", str(tmp_path / "rogue-data"))

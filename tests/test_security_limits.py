@@ -117,7 +117,8 @@ async def test_message_rate_per_connection(tmp_path: Path):
                         await ws.get_message()
                 assert closed.value.reason.code == 1008
                 assert "messages/s" in closed.value.reason.reason
-            # A client that keeps within the rate is never bothered.
+            # A client that keeps within the rate is never bothered. The sleep paces it
+            # (about 16 messages/s against a limit of 20): it is the load, not a wait.
             async with trio_websocket.open_websocket_url(c.url + "/v1/cli") as ws:
                 for i in range(12):
                     await ws.send_message(ping_text(f"q{i}"))
@@ -241,6 +242,7 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
             slow = await trio.open_tcp_stream("127.0.0.1", port)
             cut_off = False
             # Dribbling the whole line would take 20 s; the head deadline must end it.
+            # The sleep is the dribble's pace, not a wait for the server.
             try:
                 for byte in b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"z" * 1000:
                     await slow.send_all(bytes([byte]))
@@ -257,11 +259,13 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
             assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"ok\n")
             await idle.aclose()
 
-            # A client that sends a request and never reads a large answer.
+            # A client that sends requests and never reads the answers (200 copies of
+            # app.js, more than the socket buffers hold): the server's write times out
+            # and it closes the connection. Wait for the count that says so.
             stuck = await trio.open_tcp_stream("127.0.0.1", port)
             request = b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             await stuck.send_all(request * 200)
-            await trio.sleep(1.5)
+            await wait_for_closed_count(port, "http_slow_client", 1)
             await stuck.aclose()
 
             await still_serving(c)
@@ -269,6 +273,13 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
             assert closed_count(samples, "http_header_too_large") == 1
             assert closed_count(samples, "http_header_timeout") == 1
             assert closed_count(samples, "http_idle_timeout") >= 1
+
+
+async def wait_for_closed_count(port: int, reason: str, count: int) -> None:
+    """Poll /metrics until *reason* has closed *count* connections (the caller's
+    deadline bounds the wait)."""
+    while closed_count(await scrape(port), reason) < count:
+        await trio.sleep(0.05)
 
 
 async def test_a_failing_handler_closes_only_its_connection():
@@ -300,14 +311,14 @@ async def test_a_failing_handler_closes_only_its_connection():
 
 
 async def test_ingress_measures_a_request_head_that_came_in_one_read():
+    from skr8tr.ingress.limits import ProxyLimits
     from skr8tr.ingress.pool import Pool
-    from skr8tr.ingress.proxy import Limits as IngressLimits
     from skr8tr.ingress.proxy import Proxy
-    from skr8tr.ingress.routes import ReplicaTable, RouteTable, parse_route
+    from skr8tr.ingress.routes import BackendTable, RouteTable, parse_route
 
-    table = ReplicaTable()
+    table = BackendTable()
     proxy = Proxy(RouteTable([parse_route("/:web")]), table, Pool(table.is_routable),
-                  IngressLimits(max_head_bytes=1024))
+                  ProxyLimits(max_head_bytes=1024))
     client, server = trio.testing.memory_stream_pair()
     with trio.fail_after(DEADLINE_S):
         async with trio.open_nursery() as nursery:

@@ -21,6 +21,7 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
+from skr8tr import keyfiles
 from skr8tr.core import envelope, keys
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
@@ -103,7 +104,7 @@ def assert_status_works_and_stays_small(cluster: Cluster, nodes: set[str]) -> No
 
 async def test_oversized_hellos_are_refused_and_status_keeps_working(cluster: Cluster):
     await trio.to_thread.run_sync(cluster.start_node, "n1")
-    signing_key = keys.load_signing_key(str(cluster.node_key))
+    signing_key = keyfiles.load_signing_key(str(cluster.node_key))
     # (node id, the oversized field, what the refusal names: the field and its limit)
     attacks: list[tuple[str, dict[str, Any], tuple[str, str]]] = [
         (f"fake-{i}", {"address": "a" * HUGE_CHARS}, ("'address'", str(MAX_ADDRESS_CHARS)))
@@ -135,7 +136,7 @@ async def test_oversized_hellos_are_refused_and_status_keeps_working(cluster: Cl
 async def test_oversized_fields_after_the_hello_are_dropped_and_the_session_goes_on(
         cluster: Cluster):
     await trio.to_thread.run_sync(cluster.start_node, "n1")
-    signing_key = keys.load_signing_key(str(cluster.node_key))
+    signing_key = keyfiles.load_signing_key(str(cluster.node_key))
     bad = [
         raw("heartbeat", cpu_pct=1e308, ram_free_mb=1, ram_total_mb=1, cores=1),
         raw("heartbeat", cpu_pct=1.0, ram_free_mb=2**62, ram_total_mb=2**62, cores=10**30),

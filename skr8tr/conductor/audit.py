@@ -15,8 +15,8 @@ its size, its app name and the *names* of its environment variables, never
 their values. The chain (:mod:`skr8tr.core.audit_chain`) is checked with
 ``skr8tr audit verify FILE``.
 
-Next to the log, ``FILE.head`` holds the current head (``ENTRIES HASH``),
-replaced atomically after each line, so that cutting lines off the end is
+Next to the log, ``FILE.head`` holds the current head (``ENTRIES HASH``,
+:mod:`skr8tr.audit_head`), replaced atomically after each line, so that cutting lines off the end is
 noticed by ``audit verify`` and by the conductor's next start. On start the
 conductor verifies the whole log and refuses to start (exit 2) if it is not
 intact: a broken log is moved aside by a person, never repaired by us.
@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from skr8tr.audit_head import head_path, read_head_file, write_head_file
 from skr8tr.core import audit_chain, manifest
 
 log = logging.getLogger("skr8tr.conductor")
@@ -52,10 +53,6 @@ MAX_SHOWN_ARGS = 16  # arguments recorded per request (a command has at most 4)
 
 class AuditError(Exception):
     """The audit log cannot be opened or is not intact; one line for the operator."""
-
-
-def head_path(path: str) -> str:
-    return path + ".head"
 
 
 class AuditLog:
@@ -170,31 +167,13 @@ class AuditLog:
         else:
             self.head = head
             try:
-                _replace(head_path(self.path), audit_chain.head_line(head))
+                write_head_file(self.path, head)
             except OSError as exc:
                 self.write_errors += 1
                 log.error("audit log %s: cannot update %s: %s", self.path,
                           head_path(self.path), exc)
         finally:
             self._done += len(batch)
-
-
-def read_head_file(path: str) -> audit_chain.Head | None:
-    """The head recorded next to *path*, or None when there is no ``.head`` file.
-
-    Raises ValueError when the file is there but is not ``ENTRIES HASH``.
-    """
-    try:
-        with open(head_path(path), encoding="ascii") as f:
-            text = f.read(200)
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {head_path(path)}: {exc}") from None
-    try:
-        return audit_chain.parse_head(text)
-    except ValueError as exc:
-        raise ValueError(f"{head_path(path)}: {exc}") from None
 
 
 def _read_all(fd: int) -> bytes:
@@ -206,17 +185,6 @@ def _read_all(fd: int) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         offset += len(chunk)
-
-
-def _replace(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- redaction

@@ -44,10 +44,10 @@ from skr8tr.core import hostport, protocol
 from skr8tr.core.keys import (
     AuthorizedKeys,
     AuthorizedKeysError,
-    load_authorized_keys,
     parse_authorized_keys,
 )
 from skr8tr.heap import TrimAfterPeaks, release_free_heap
+from skr8tr.keyfiles import load_authorized_keys
 
 log = logging.getLogger("skr8tr.conductor")
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 
-from skr8tr.conductor import state_file
+from skr8tr.atomic import write_atomically
 from skr8tr.core import envelope
 from skr8tr.core.keys import is_key_hex
 
@@ -76,7 +76,7 @@ class DurableReplayGuard(envelope.ReplayGuard):
         self._ahead[(key, nonce)] = ts_f
         text = _HEADER + "".join(f"{k} {n} {t!r}\n" for (k, n), t in sorted(self._ahead.items()))
         try:
-            state_file.write_atomically(self.path, text)
+            write_atomically(self.path, text)
         except OSError as exc:
             log.error("cannot write %s: %s; the request goes on, but it was signed %.1f s "
                       "ahead of this clock and a restart within that time would let it be "

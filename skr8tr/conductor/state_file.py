@@ -26,18 +26,17 @@ it is.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 import tomli_w
 
+from skr8tr.atomic import write_atomically
 from skr8tr.core import manifest as manifest_mod
 from skr8tr.core.protocol import APP_NAME_RE, ROLLOUT_STATES
 
@@ -121,30 +120,6 @@ def save(path: str, state: StoredState) -> None:
     except OSError as exc:
         raise StateWriteError(f"cannot write the state file {path}: "
                               f"{exc.strerror or exc}") from None
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Replace ``path`` by ``text``: a temporary file (mode 0600) in the same folder, fsync,
-    rename, fsync of the folder. Raises OSError; the previous file is then unchanged."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):  # best effort: it may not exist
-                os.unlink(tmp)
 
 
 _PLACEMENT_KEY = re.compile(r"[0-9a-f]{64}")

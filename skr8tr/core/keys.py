@@ -1,10 +1,9 @@
-"""Ed25519 key files and the conductor's authorized-keys file (DESIGN.md §4).
+"""Ed25519 keys, their files' content and the conductor's authorized-keys text.
 
 Key files:
 
 - ``signing.sec``: one line, the 32-byte Ed25519 seed as 64 lowercase hex
-  characters. Created with mode 0600 from the first byte written, and refused
-  on load if its mode grants anything to group or others.
+  characters (mode 0600).
 - ``signing.pub``: one line, the 32-byte public key as 64 lowercase hex
   characters (mode 0644).
 
@@ -17,19 +16,16 @@ Authorized keys, one entry per line::
 A key listed on two lines holds both roles. ``#`` starts a comment at the
 start of a line or after whitespace.
 
-The helpers here do small synchronous file I/O (key files are read once at
-start-up); everything else is pure.
+Pure: no file I/O. Reading and writing the files, with their modes, is
+:mod:`skr8tr.keyfiles`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -48,10 +44,10 @@ __all__ = [
     "public_hex",
     "fingerprint",
     "is_key_hex",
-    "write_keypair",
-    "load_signing_key",
+    "secret_key_line",
+    "public_key_line",
+    "parse_signing_key",
     "parse_authorized_keys",
-    "load_authorized_keys",
 ]
 
 ROLES = ("admin", "node")
@@ -59,8 +55,6 @@ SECRET_KEY_FILE = "signing.sec"
 PUBLIC_KEY_FILE = "signing.pub"
 
 _KEY_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
-# Key files are one short line; anything much longer is not a key file.
-_MAX_KEY_FILE_BYTES = 4096
 
 
 class KeyFileError(Exception):
@@ -113,123 +107,32 @@ def fingerprint(pub_hex: str) -> str:
     return "sha256:" + hashlib.sha256(bytes.fromhex(pub_hex)).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- key files
+# --------------------------------------------------------------------------- key file text
 
 
-def write_keypair(out_dir: str | os.PathLike[str], *, force: bool = False) -> str:
-    """Generate a key pair and write ``signing.sec`` and ``signing.pub`` into *out_dir*.
+def secret_key_line(signing_key: nacl.signing.SigningKey) -> str:
+    """The content of a ``signing.sec`` file: the seed as 64 lowercase hex, one line."""
+    return bytes(signing_key).hex() + "\n"
 
-    Creates *out_dir* (mode 0700) if it is missing. The secret file is created
-    with mode 0600 by ``open(2)`` itself, so it is never readable by others,
-    not even for an instant. Without *force*, refuses (KeyFileError) if either
-    file exists; with *force*, each file is written to a temporary file in the
-    same folder and renamed over the old one, so a crash leaves either the old
-    or the new key, never a torn one.
 
-    Returns the new public key as 64 lowercase hex characters.
+def public_key_line(pub_hex: str) -> str:
+    """The content of a ``signing.pub`` file: the public key as 64 lowercase hex, one line."""
+    return pub_hex + "\n"
+
+
+def parse_signing_key(data: bytes, *, filename: str) -> nacl.signing.SigningKey:
+    """The signing key in a ``signing.sec`` file's content *data*.
+
+    Raises KeyFileError, naming *filename*, unless *data* is exactly 64 hex
+    characters on one line (surrounding whitespace is fine).
     """
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise KeyFileError(f"{out} exists and is not a folder; pass another --out DIR")
-    try:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {out}: {exc.strerror or exc}") from exc
-
-    sec_path = out / SECRET_KEY_FILE
-    pub_path = out / PUBLIC_KEY_FILE
-    if not force:
-        for path in (sec_path, pub_path):
-            if path.exists() or path.is_symlink():
-                raise KeyFileError(f"{path} already exists; use --force to replace it")
-
-    signing_key, pub = generate_keypair()
-    sec_line = (bytes(signing_key).hex() + "\n").encode("ascii")
-    pub_line = (pub + "\n").encode("ascii")
-    try:
-        if force:
-            _replace_file(sec_path, sec_line, 0o600)
-            _replace_file(pub_path, pub_line, 0o644)
-        else:
-            _create_file(sec_path, sec_line, 0o600)
-            try:
-                _create_file(pub_path, pub_line, 0o644)
-            except BaseException:
-                # Do not leave half a key pair behind.
-                sec_path.unlink(missing_ok=True)
-                raise
-    except FileExistsError as exc:
-        raise KeyFileError(f"{exc.filename} already exists; use --force to replace it") from exc
-    except OSError as exc:
-        raise KeyFileError(f"cannot write key files in {out}: {exc.strerror or exc}") from exc
-    return pub
-
-
-def _create_file(path: Path, content: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        # The umask may have taken bits away from *mode*; set exactly what we promise.
-        os.fchmod(fd, mode)
-        os.write(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_file(path: Path, content: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    try:
-        _create_file(tmp, content, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def load_signing_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
-    """Read a ``signing.sec`` file written by ``skr8tr keygen``.
-
-    Raises KeyFileError when the file is missing (the message says how to make
-    one or pass ``--key``), is not a regular file, grants any permission to
-    group or others (the message gives the ``chmod 600`` to run), or does not
-    hold exactly 64 hex characters on one line (surrounding whitespace is fine).
-    """
-    p = Path(path).expanduser()
-    if p.name == PUBLIC_KEY_FILE:
-        # Its content has the same shape as a seed; loading it would sign with a wrong key.
-        raise KeyFileError(f"{p} is a public key; pass the signing.sec next to it")
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"no key file at {p}; create one with `skr8tr keygen` or pass --key FILE"
-        ) from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
-    try:
-        # fstat on the open descriptor: the file we check is the file we read.
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{p} is not a regular file; pass the signing.sec file with --key")
-        perms = stat.S_IMODE(st.st_mode)
-        if perms & 0o077:
-            what = "readable" if perms & 0o044 else "accessible"
-            raise KeyFileError(
-                f"{p} is {what} by other users (mode {perms:04o}); run: chmod 600 {p}"
-            )
-        data = os.read(fd, _MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
-
     expected = "expected one line of 64 hex characters (a 32-byte Ed25519 seed)"
     try:
         text = data.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise KeyFileError(f"{p} is not a skr8tr key file: {expected}") from None
+        raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}") from None
     if _KEY_HEX_RE.fullmatch(text) is None:
-        raise KeyFileError(f"{p} is not a skr8tr key file: {expected}")
+        raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}")
     import nacl.signing
 
     return nacl.signing.SigningKey(bytes.fromhex(text))
@@ -338,28 +241,6 @@ def parse_authorized_keys(text: str, *, filename: str = "<authorized-keys>") -> 
             comment = comment[1:].strip()
         entries.append(AuthorizedKey(key.lower(), frozenset({role}), comment))
     return AuthorizedKeys(tuple(entries))
-
-
-def load_authorized_keys(path: str | os.PathLike[str]) -> AuthorizedKeys:
-    """Read and parse an authorized-keys file. Raises AuthorizedKeysError."""
-    p = Path(path).expanduser()
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise AuthorizedKeysError(
-            str(p),
-            None,
-            "no such file; list trusted keys there as `admin HEX_PUBKEY` lines "
-            "(the hex is in signing.pub from `skr8tr keygen`)",
-        ) from None
-    except OSError as exc:
-        raise AuthorizedKeysError(str(p), None, f"cannot read: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise AuthorizedKeysError(str(p), line, "not valid UTF-8 text") from None
-    return parse_authorized_keys(text, filename=str(p))
 
 
 def _short(value: str, limit: int = 40) -> str:

@@ -31,20 +31,20 @@ import trio
 
 from skr8tr import __version__, client
 from skr8tr.core import hostport
-from skr8tr.ingress.limits import connection_cap
+from skr8tr.ingress.limits import ProxyLimits, connection_cap
 from skr8tr.ingress.pool import Pool
-from skr8tr.ingress.proxy import Limits, Proxy
-from skr8tr.ingress.routes import ReplicaTable, Route, RouteError, RouteTable, parse_route
+from skr8tr.ingress.proxy import Proxy
+from skr8tr.ingress.routes import BackendTable, Route, RouteError, RouteTable, parse_route
 from skr8tr.ingress.upstreams import run_upstreams
+from skr8tr.wire import DEFAULT_CONDUCTOR_URL
 
 log = logging.getLogger("skr8tr.ingress")
 
 SHUTDOWN_GRACE_S = 10.0
 FD_LIMIT_WHEN_UNLIMITED = 1 << 20  # asked for when the hard limit is RLIM_INFINITY
-DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 
 
-class StartError(Exception):
+class IngressStartError(Exception):
     """The ingress refuses to start; the message is one line for the operator."""
 
 
@@ -53,36 +53,36 @@ class IngressConfig:
     listen: tuple[str, int]
     routes: tuple[Route, ...]
     conductor_url: str = DEFAULT_CONDUCTOR_URL
-    limits: Limits = field(default_factory=Limits)
+    limits: ProxyLimits = field(default_factory=ProxyLimits)
     connect_timeout_s: float = 2.0
     ca_file: str | None = None  # verifies a wss:// conductor
-    ignore_drain: bool = False  # test knob: see ReplicaTable
+    ignore_drain: bool = False  # test knob: see BackendTable
 
 
 def parse_listen(text: str) -> tuple[str, int]:
     try:
         return hostport.parse_hostport(text, "--listen", "127.0.0.1:8080")
     except ValueError as exc:
-        raise StartError(str(exc)) from None
+        raise IngressStartError(str(exc)) from None
 
 
 def config_from_args(opts: argparse.Namespace) -> IngressConfig:
-    """The config of ``skr8tr ingress`` flags. Raises StartError on a bad value."""
+    """The config of ``skr8tr ingress`` flags. Raises IngressStartError on a bad value."""
     try:
         routes = tuple(parse_route(text) for text in opts.route)
         RouteTable(routes)  # refuses a prefix given twice
     except RouteError as exc:
-        raise StartError(str(exc)) from None
+        raise IngressStartError(str(exc)) from None
     url = getattr(opts, "conductor", DEFAULT_CONDUCTOR_URL)
     try:
         client.endpoint_url(url, "/v1/watch")
     except client.ClientError as exc:
-        raise StartError(f"--conductor: {exc.message}") from None
+        raise IngressStartError(f"--conductor: {exc.message}") from None
     ca_file = getattr(opts, "ca", None)
     if ca_file is not None and not url.startswith("wss://"):
-        raise StartError(f"--ca goes with a wss:// conductor URL; {url} is not encrypted")
-    defaults = Limits()
-    limits = Limits(
+        raise IngressStartError(f"--ca goes with a wss:// conductor URL; {url} is not encrypted")
+    defaults = ProxyLimits()
+    limits = ProxyLimits(
         max_connections=getattr(opts, "max_connections", None) or defaults.max_connections,
         max_connections_per_address=getattr(opts, "max_connections_per_address", None)
         or defaults.max_connections_per_address,
@@ -112,7 +112,7 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
     shutdown = trio.Event() if shutdown is None else shutdown
     limits = _limits_within_fd_budget(config.limits)
     routes = RouteTable(config.routes)
-    table = ReplicaTable(ignore_drain=config.ignore_drain)
+    table = BackendTable(ignore_drain=config.ignore_drain)
     pool = Pool(table.is_routable, connect_timeout_s=config.connect_timeout_s,
                 max_idle=limits.max_connections)
     proxy = Proxy(routes, table, pool, limits)
@@ -187,7 +187,7 @@ def _fd_soft_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def _limits_within_fd_budget(limits: Limits) -> Limits:
+def _limits_within_fd_budget(limits: ProxyLimits) -> ProxyLimits:
     """``limits`` with ``max_connections`` lowered to the descriptor budget, if it must be."""
     soft = _fd_soft_limit()
     cap = connection_cap(limits.max_connections, soft)
@@ -225,7 +225,7 @@ def main(opts: argparse.Namespace) -> int:
         config = config_from_args(opts)
         raise_fd_limit()
         trio.run(_serve_until_signalled, config)
-    except StartError as exc:
+    except IngressStartError as exc:
         sys.stderr.write(f"error: START: {exc}\n")
         return 2
     except KeyboardInterrupt:

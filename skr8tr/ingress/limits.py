@@ -30,15 +30,30 @@ Pure: no trio, no sockets, no clock; callers pass the current time.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from skr8tr.core.throttle import LOG_EVERY_S, AddressSlots, LogThrottle
 
 __all__ = ["FD_RESERVE", "FDS_PER_CONNECTION", "LOG_EVERY_S", "AddressSlots", "LogThrottle",
-           "address_key", "connection_cap"]
+           "ProxyLimits", "address_key", "connection_cap"]
 
 FD_RESERVE = 64
 FDS_PER_CONNECTION = 3  # the client's, one to a replica in use, one idle in the pool
 IPV6_GROUP_PREFIX = 64
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    """The proxy's limits (the table above) and its retries; the flags of ``skr8tr ingress``."""
+
+    max_connections: int = 1024
+    max_connections_per_address: int = 256  # IPv6: per /64
+    idle_timeout_s: float = 30.0  # keep-alive: between requests
+    header_timeout_s: float = 10.0  # first head from accept, later ones from their first byte
+    body_timeout_s: float = 30.0  # each read of a request body, each write to a client
+    upstream_timeout_s: float = 60.0  # response head, and each read of a response body
+    retries: int = 2  # other replicas tried after a failure that allows it
+    max_head_bytes: int = 32 * 1024
 
 
 def address_key(ip: str) -> str:

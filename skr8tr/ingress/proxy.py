@@ -7,10 +7,10 @@ replica table picks the next ready, non-draining replica round robin (none:
 request, and the response streams back. Bodies stream chunk by chunk in both
 directions; nothing is buffered whole. ``X-Forwarded-For`` gets the client's
 address appended and ``X-Forwarded-Proto`` is set; hop-by-hop headers are not
-forwarded.
+forwarded (:mod:`skr8tr.ingress.headers`).
 
 Retries go to another replica, never the same one twice, at most
-``Limits.retries`` times:
+``ProxyLimits.retries`` times:
 
 - a connect failure, for any method (nothing reached the replica);
 - a failure before the first response byte, for idempotent methods without
@@ -41,37 +41,36 @@ import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import h11
 import trio
 
-from skr8tr.ingress.limits import LOG_EVERY_S, AddressSlots, LogThrottle, address_key
+from skr8tr.ingress.headers import (
+    HOST_PLACEHOLDER,
+    IDEMPOTENT_METHODS,
+    origin_form,
+    request_framing,
+    response_headers,
+    upstream_headers,
+)
+from skr8tr.ingress.limits import (
+    LOG_EVERY_S,
+    AddressSlots,
+    LogThrottle,
+    ProxyLimits,
+    address_key,
+)
 from skr8tr.ingress.pool import ConnectFailed, Pool, UpstreamConnection
-from skr8tr.ingress.routes import Backend, ReplicaTable, RouteTable
+from skr8tr.ingress.routes import Backend, BackendTable, RouteTable
 
 log = logging.getLogger("skr8tr.ingress")
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade"})
 RECEIVE_BYTES = 64 * 1024
 DISCARD_BODY_BYTES = 1024 * 1024  # an unread body up to this size is read away after an error
 DISCARD_BODY_S = 2.0
 REFUSE_SEND_S = 1.0
 CLOSE_S = 1.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = 1024
-    max_connections_per_address: int = 256  # IPv6: per /64
-    idle_timeout_s: float = 30.0  # keep-alive: between requests
-    header_timeout_s: float = 10.0  # first head from accept, later ones from their first byte
-    body_timeout_s: float = 30.0  # each read of a request body, each write to a client
-    upstream_timeout_s: float = 60.0  # response head, and each read of a response body
-    retries: int = 2  # other replicas tried after a failure that allows it
-    max_head_bytes: int = 32 * 1024
+DEFAULT_LIMITS = ProxyLimits()
 
 
 @dataclass
@@ -112,8 +111,8 @@ class _UpstreamFailed(Exception):
 class Proxy:
     """Serves client connections; see the module docstring for the rules."""
 
-    def __init__(self, routes: RouteTable, table: ReplicaTable, pool: Pool,
-                 limits: Limits = Limits(), *, scheme: str = "http") -> None:
+    def __init__(self, routes: RouteTable, table: BackendTable, pool: Pool,
+                 limits: ProxyLimits = DEFAULT_LIMITS, *, scheme: str = "http") -> None:
         self.routes = routes
         self.table = table
         self.pool = pool
@@ -292,7 +291,7 @@ class Proxy:
         t0 = trio.current_time()
         self.stats.requests += 1
         method = req.method.decode("ascii", "replace")
-        target = _origin_form(req.target.decode("latin-1"))
+        target = origin_form(req.target.decode("latin-1"))
         if method == "CONNECT":
             await self._error(stream, conn, 501, "CONNECT is not supported")
             return
@@ -300,10 +299,10 @@ class Proxy:
         if route is None:
             await self._error(stream, conn, 404, f"no route matches {target.split('?')[0]}")
             return
-        framing = _request_framing(req.headers)
+        framing = request_framing(req.headers)
         if framing is None and not isinstance(conn.next_event(), h11.EndOfMessage):
             raise _ClientGone("a request without a body did not end")  # cannot happen
-        headers = self._upstream_headers(req, client_ip, framing)
+        headers = upstream_headers(req, client_ip, framing, self.scheme)
         may_resend = method in IDEMPOTENT_METHODS and framing is None
         tried: list[Backend] = []
         last_error = ""
@@ -355,32 +354,6 @@ class Proxy:
         log.info("retry: %s %s on another replica of %s after %s", method, target, app, why)
         return True
 
-    def _upstream_headers(self, req: h11.Request, client_ip: str, framing: str | None
-                          ) -> list[tuple[bytes, bytes]]:
-        named = {token.strip().lower() for name, value in req.headers if name == b"connection"
-                 for token in value.split(b",")}
-        out: list[tuple[bytes, bytes]] = []
-        forwarded_for: list[bytes] = []
-        has_host = False
-        for raw_name, name, value in _raw_headers(req.headers):
-            if name in HOP_BY_HOP or name in named or name == b"expect":
-                continue
-            if name == b"x-forwarded-for":
-                forwarded_for.append(value)
-                continue
-            if name == b"x-forwarded-proto":
-                continue
-            has_host = has_host or name == b"host"
-            out.append((raw_name, value))
-        if framing == "chunked":
-            out.append((b"transfer-encoding", b"chunked"))
-        forwarded_for.append(client_ip.encode("ascii", "replace"))
-        out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
-        out.append((b"X-Forwarded-Proto", self.scheme))
-        if not has_host:
-            out.append((b"Host", b""))  # filled in with the replica's address when sent
-        return out
-
     async def _exchange(self, stream: trio.SocketStream, conn: h11.Connection,
                         req: h11.Request, target: str, headers: list[tuple[bytes, bytes]],
                         framing: str | None, uc: UpstreamConnection) -> int:
@@ -388,9 +361,9 @@ class Proxy:
 
         Raises _UpstreamFailed before anything was sent to the client, and
         _ClientGone when the client failed or the response had to be cut off."""
-        if (b"Host", b"") in headers:
+        if HOST_PLACEHOLDER in headers:
             host = f"{uc.backend.address}:{uc.backend.port}".encode()
-            headers = [(n, host if (n, v) == (b"Host", b"") else v) for n, v in headers]
+            headers = [(n, host if (n, v) == HOST_PLACEHOLDER else v) for n, v in headers]
         try:
             head = uc.h11.send(h11.Request(method=req.method, target=target.encode("latin-1"),
                                            headers=headers))
@@ -421,11 +394,11 @@ class Proxy:
                 raise _UpstreamFailed("the connection closed before a response",
                                       retryable=uc.received_bytes == 0)
         status = event.status_code
-        response_headers = _filter_response_headers(event.headers)
+        back = response_headers(event.headers)
         if self.closing:
-            response_headers.append((b"connection", b"close"))
+            back.append((b"connection", b"close"))
         try:
-            data = conn.send(h11.Response(status_code=status, headers=response_headers,
+            data = conn.send(h11.Response(status_code=status, headers=back,
                                           reason=event.reason))
         except h11.LocalProtocolError as exc:
             raise _ClientGone(f"cannot forward the response head: {exc}") from None
@@ -555,37 +528,6 @@ class Proxy:
                     read += len(event.data)
                 else:
                     return
-
-
-def _origin_form(target: str) -> str:
-    """``http://host/path?q`` -> ``/path?q`` (absolute form, RFC 9112 §3.2.2); else as is."""
-    if target.startswith("/") or "://" not in target:
-        return target
-    parts = urlsplit(target)
-    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-
-def _request_framing(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """"chunked", "length" (a non-empty body of known size) or None (no body)."""
-    framing = None
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return "chunked"
-        if name == b"content-length" and value.strip() not in (b"0", b""):
-            framing = "length"
-    return framing
-
-
-def _filter_response_headers(headers) -> list[tuple[bytes, bytes]]:
-    named = {token.strip().lower() for name, value in headers if name == b"connection"
-             for token in value.split(b",")}
-    return [(raw, v) for raw, n, v in _raw_headers(headers)
-            if n not in HOP_BY_HOP and n not in named]
-
-
-def _raw_headers(headers) -> list[tuple[bytes, bytes, bytes]]:
-    """(name as sent, lower-case name, value): h11 keeps the sender's casing, and so do we."""
-    return [(raw, raw.lower(), value) for raw, value in headers.raw_items()]
 
 
 def _peer_ip(stream: trio.abc.Stream) -> str:

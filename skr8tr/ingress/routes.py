@@ -6,7 +6,7 @@ Two tables, both plain synchronous objects:
   prefix. A prefix matches whole path segments: ``/api`` matches ``/api``,
   ``/api/`` and ``/api/users`` but not ``/apis``; ``/`` matches everything.
   The path is forwarded unchanged (no prefix stripping).
-- :class:`ReplicaTable` is the ingress's view of the cluster, built from the
+- :class:`BackendTable` is the ingress's view of the cluster, built from the
   conductor's ``/v1/watch`` stream: a snapshot replaces it, each event updates
   it. A replica is routable only while its last known state is ``ready`` and
   its node's address is known; any other state (``draining`` first of all)
@@ -28,7 +28,7 @@ from skr8tr.core.names import APP_NAME_PATTERN, APP_NAME_RE
 
 __all__ = [
     "Backend",
-    "ReplicaTable",
+    "BackendTable",
     "Route",
     "RouteError",
     "RouteTable",
@@ -138,7 +138,7 @@ class _Replica:
 
 
 @dataclass
-class ReplicaTable:
+class BackendTable:
     """The routable replicas of every app, kept from ``/v1/watch`` messages.
 
     ``ignore_drain`` keeps ``draining`` and ``stopping`` replicas in rotation

@@ -1,7 +1,7 @@
 """The live replica table: fed by the conductor's ``/v1/watch`` stream, never by polling.
 
 :func:`run_upstreams` holds one watch connection at a time. Every message is
-applied to the :class:`~skr8tr.ingress.routes.ReplicaTable` the moment it
+applied to the :class:`~skr8tr.ingress.routes.BackendTable` the moment it
 arrives (a ``replica.draining`` event takes the replica out of rotation
 before the next request is routed), and the idle pooled connections of the
 replicas that left rotation are closed. When the stream ends or the conductor
@@ -22,7 +22,7 @@ import trio
 
 from skr8tr import client
 from skr8tr.ingress.pool import Pool
-from skr8tr.ingress.routes import ReplicaTable
+from skr8tr.ingress.routes import BackendTable
 
 log = logging.getLogger("skr8tr.ingress")
 
@@ -39,7 +39,7 @@ def backoff_delays(rand=random.random):
         delay = min(BACKOFF_MAX_S, delay * 2)
 
 
-async def run_upstreams(conductor_url: str, table: ReplicaTable, pool: Pool, *,
+async def run_upstreams(conductor_url: str, table: BackendTable, pool: Pool, *,
                         synced: trio.Event | None = None, ca_file: str | None = None,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Follow ``/v1/watch`` into ``table`` until cancelled, reconnecting as needed.

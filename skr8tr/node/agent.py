@@ -37,18 +37,19 @@ import nacl.signing
 import trio
 
 from skr8tr import tls
-from skr8tr.core.keys import KeyFileError, fingerprint, load_signing_key, public_hex
+from skr8tr.core.keys import KeyFileError, fingerprint, public_hex
 from skr8tr.core.node_protocol import is_host_or_ip
 from skr8tr.heap import release_free_heap
+from skr8tr.keyfiles import load_signing_key
 from skr8tr.node import link
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.session import Refused, SessionError, run_session
 from skr8tr.node.supervisor import RunAs, RunAsError, open_supervisor, resolve_run_as
 from skr8tr.node.sysinfo import prime_cpu
+from skr8tr.wire import DEFAULT_CONDUCTOR_URL
 
 log = logging.getLogger("skr8tr.node")
 
-DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 DEFAULT_KEY_FILE = "~/.skr8tr/signing.sec"
 NODE_PATH = "/v1/node"
 EXIT_USAGE = 2

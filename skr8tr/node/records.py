@@ -32,6 +32,8 @@ from typing import Any
 
 import trio
 
+from skr8tr.atomic import fsync_folder, write_atomically
+
 log = logging.getLogger("skr8tr.node")
 
 
@@ -49,25 +51,7 @@ def write_record(records_dir: str, replica: str, record: dict[str, Any]) -> None
     A crash leaves either the old record or the new one, never a torn file.
     Raises OSError (the temporary file is removed).
     """
-    _replace_file(records_dir, replica, encode_record(record))
-    _fsync_dir(records_dir)
-
-
-def _replace_file(records_dir: str, replica: str, data: bytes) -> None:
-    path = record_path(records_dir, replica)
-    tmp = os.path.join(records_dir, f".{replica}.json.{os.urandom(4).hex()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomically(record_path(records_dir, replica), encode_record(record))
 
 
 def remove_record(records_dir: str, replica: str) -> None:
@@ -76,7 +60,7 @@ def remove_record(records_dir: str, replica: str) -> None:
         os.unlink(record_path(records_dir, replica))
     except FileNotFoundError:
         return
-    _fsync_dir(records_dir)
+    fsync_folder(records_dir)
 
 
 def read_records(records_dir: str) -> list[tuple[str, dict[str, Any] | str]]:
@@ -171,22 +155,16 @@ class RecordWriter:
                     except FileNotFoundError:
                         continue
                 else:
-                    _replace_file(self.records_dir, replica, data)
+                    write_atomically(record_path(self.records_dir, replica), data,
+                                     sync_folder=False)  # once for the batch, below
                 changed = True
             except OSError as exc:
                 log.error("replica %s: cannot %s its record in %s: %s", replica,
                           "remove" if data is None else "write", self.records_dir, exc)
         if changed:
             try:
-                _fsync_dir(self.records_dir)
+                fsync_folder(self.records_dir)
             except OSError as exc:
                 log.error("cannot fsync the replica records folder %s: %s",
                           self.records_dir, exc)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

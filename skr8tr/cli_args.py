@@ -1,0 +1,270 @@
+"""The ``skr8tr`` command line's argument tree: every verb, its flags, their defaults and help.
+
+Only argparse and :mod:`skr8tr.wire` (stdlib only), so that building the
+parser costs ``skr8tr ping`` nothing. The verbs themselves are in
+:mod:`skr8tr.cli`. Client flags (``--conductor``, ``--key``, ``--ca``,
+``--json``, ``--timeout``) are accepted before or after the verb; a bad flag
+or value exits 2 with one ``error: USAGE: ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from skr8tr import __version__
+from skr8tr.wire import DEFAULT_CONDUCTOR_URL, DEFAULT_TIMEOUT_S, EXIT_USAGE
+
+__all__ = ["DEFAULT_KEY_FILE", "build_parser"]
+
+DEFAULT_KEY_FILE = "~/.skr8tr/signing.sec"
+
+
+def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The client flags, accepted before or after the verb.
+
+    On the top-level parser they carry the defaults; on each verb's parser they
+    default to SUPPRESS so that a flag given before the verb is not overwritten.
+    """
+    dflt: Callable[[Any], Any] = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    group = parser.add_argument_group("client options (before or after the verb)")
+    group.add_argument(
+        "--conductor", metavar="URL",
+        default=dflt(os.environ.get("SKR8TR_CONDUCTOR") or DEFAULT_CONDUCTOR_URL),
+        help=f"conductor WebSocket URL (env SKR8TR_CONDUCTOR; default {DEFAULT_CONDUCTOR_URL})",
+    )
+    group.add_argument(
+        "--key", metavar="FILE",
+        default=dflt(os.environ.get("SKR8TR_KEY") or DEFAULT_KEY_FILE),
+        help=f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})",
+    )
+    group.add_argument(
+        "--ca", metavar="FILE", default=dflt(os.environ.get("SKR8TR_CA") or None),
+        help="for a wss:// conductor: the CA certificate (PEM) to verify it with, instead "
+        "of the system's trust store (env SKR8TR_CA)",
+    )
+    group.add_argument("--json", action="store_true", default=dflt(False),
+                       help="print exactly one JSON document on stdout")
+    group.add_argument("--timeout", metavar="S", type=_positive_float,
+                       default=dflt(DEFAULT_TIMEOUT_S),
+                       help=f"seconds to wait for the conductor (default {DEFAULT_TIMEOUT_S:g})")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with ``error: USAGE: ...`` lines, so every failure has the same shape."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: USAGE: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="skr8tr",
+        description="Run bare processes on a fleet of machines; update them without "
+        "dropping a request.",
+        epilog="Exit codes: 0 success, 1 the conductor answered with an error, "
+        "2 bad usage or invalid manifest, 3 the conductor could not be reached.",
+    )
+    parser.add_argument("--version", action="version", version=f"skr8tr {__version__}")
+    _add_client_flags(parser, top=True)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+
+    def verb(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        p = verbs.add_parser(name, help=help, description=help, **kw)
+        _add_client_flags(p, top=False)
+        return p
+
+    p = verb("keygen", "create an Ed25519 signing key pair")
+    p.add_argument("--out", metavar="DIR", default="~/.skr8tr",
+                   help="folder for signing.sec and signing.pub (default ~/.skr8tr)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+
+    p = verb("conductor", "run the conductor daemon")
+    p.add_argument("--listen", metavar="H:P", default="127.0.0.1:7771",
+                   help="WebSocket API address (default 127.0.0.1:7771)")
+    p.add_argument("--http", metavar="H:P", default="127.0.0.1:7780",
+                   help="status page, /api/state, /metrics, /healthz (default 127.0.0.1:7780)")
+    p.add_argument("--authorized-keys", metavar="F", help="keys allowed to command or join")
+    p.add_argument("--state", metavar="F", help="desired-state file (TOML)")
+    p.add_argument("--node-timeout", metavar="S", type=_positive_float, default=15.0,
+                   help="seconds without heartbeat before a node is lost (default 15)")
+    p.add_argument("--port-range", metavar="LO-HI", default="20000-32000",
+                   help="ports for `port auto` (default 20000-32000)")
+    p.add_argument("--insecure", action="store_true",
+                   help="run without --authorized-keys (accepts anyone; never in production)")
+    p.add_argument("--adopt-grace", metavar="S", type=_positive_float, default=None,
+                   help="after a restart, seconds to wait for nodes to report running "
+                   "replicas before placing new ones (default: 2 x the node heartbeat)")
+    sec = p.add_argument_group("security (see SECURITY.md)")
+    sec.add_argument("--tls-cert", metavar="FILE",
+                     help="serve wss:// and https:// with this PEM certificate (chain)")
+    sec.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    sec.add_argument("--audit-log", metavar="FILE",
+                     help="append every signed command to FILE as hash-chained JSON lines "
+                     "(check it with `skr8tr audit verify FILE`)")
+    sec.add_argument("--max-connections-per-address", metavar="N", type=_positive_int,
+                     help="open connections per client address, on each listener "
+                     "(default 2048, at most half of --max-connections)")
+    sec.add_argument("--max-messages-per-s", metavar="N", type=_positive_float,
+                     help="WebSocket messages per second per connection before it is "
+                     "closed (default 2000)")
+    sec.add_argument("--message-burst", metavar="N", type=_positive_int,
+                     help="messages a connection may send at once above that rate "
+                     "(default 10000)")
+    sec.add_argument("--handshake-timeout", metavar="S", type=_positive_float,
+                     help="TLS + WebSocket handshake, and a node's hello (default 10)")
+    sec.add_argument("--idle-timeout", metavar="S", type=_positive_float,
+                     help="close a /v1/cli connection that sends nothing for S (default 300)")
+    sec.add_argument("--max-connections", metavar="N", type=_positive_int,
+                     help="open connections on both listeners together; lowered to fit the "
+                     "open-file limit (default: as many as that allows)")
+    sec.add_argument("--watch-idle-timeout", metavar="S", type=_positive_float,
+                     help="ping /v1/watch clients every S/2 and close one silent for S "
+                     "(default 60)")
+    sec.add_argument("--watch-queue-bytes", metavar="N", type=_positive_int,
+                     help="close a /v1/watch client with more than N bytes of events not "
+                     "yet sent to it (default 4194304)")
+    sec.add_argument("--max-bytes-per-s", metavar="N", type=_positive_int,
+                     help="bytes of /v1/cli requests per second from one client address "
+                     "(twice that at once) before its connection is closed (default "
+                     "16777216)")
+    sec.add_argument("--max-watchers-per-address", metavar="N", type=_positive_int,
+                     help="/v1/watch streams open from one client address; more are "
+                     "answered 429 (default 64)")
+    sec.add_argument("--allowed-host", metavar="NAME", action="append",
+                     help="a host name the HTTP routes and WebSockets answer besides IP "
+                     "addresses and localhost, e.g. behind a reverse proxy (repeatable)")
+    sec.add_argument("--allowed-origin", metavar="URL", action="append",
+                     help="a web page origin (SCHEME://HOST[:PORT]) that may open "
+                     "WebSockets besides the conductor's own status page (repeatable)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+    p = verb("node", "run a node agent that dials the conductor")
+    p.add_argument("--node-id", metavar="ID", help="this node's id (default: the host name)")
+    p.add_argument("--data-dir", metavar="D", help="replica records and logs")
+    p.add_argument("--advertise", metavar="ADDR",
+                   help="address replicas are reached at (default: the local address of "
+                   "the connection to the conductor)")
+    p.add_argument("--stop-workloads", action="store_true",
+                   help="stop every replica when the agent exits (default: leave them running)")
+    p.add_argument("--run-as", metavar="USER",
+                   help="start workloads as this user (and its groups); the agent itself "
+                   "must run as root for that")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+    p = verb("ingress", "run the HTTP ingress in front of apps")
+    p.add_argument("--listen", metavar="H:P", required=True)
+    p.add_argument("--route", metavar="/PREFIX:APP", action="append", required=True,
+                   help="route a path prefix to an app (repeatable)")
+    p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
+                   help="client connections served at once, lowered to fit the open-file "
+                   "limit; more get a 503 (default 1024)")
+    p.add_argument("--max-connections-per-address", metavar="N", type=_positive_int,
+                   default=256, help="client connections from one address (IPv6: one /64) "
+                   "at once; more get a 503 (default 256)")
+    p.add_argument("--header-timeout", metavar="S", type=_positive_float, default=10.0,
+                   help="the first request head must arrive whole within S of connecting, "
+                   "a later one within S of its first byte (default 10)")
+    p.add_argument("--idle-timeout", metavar="S", type=_positive_float, default=30.0,
+                   help="close a keep-alive client connection idle S between requests "
+                   "(default 30)")
+    p.add_argument("--body-timeout", metavar="S", type=_positive_float, default=30.0,
+                   help="each read of a request body and each write to a client must "
+                   "progress within S (default 30)")
+    p.add_argument("--connect-timeout", metavar="S", type=_positive_float, default=2.0,
+                   help="connecting to a replica (default 2)")
+    p.add_argument("--upstream-timeout", metavar="S", type=_positive_float, default=60.0,
+                   help="wait for a replica's response, and each read of it (default 60)")
+    p.add_argument("--retries", metavar="N", type=_non_negative_int, default=2,
+                   help="other replicas tried after a connect failure, or a failure before "
+                   "the response of an idempotent request without body (default 2)")
+    # Keeps draining replicas in rotation: only to demonstrate what draining prevents.
+    p.add_argument("--ignore-drain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+    p = verb("up", "submit a manifest: deploy a new app")
+    p.add_argument("file", metavar="FILE")
+
+    p = verb("down", "stop every replica of an app and forget it")
+    p.add_argument("app", metavar="APP")
+
+    p = verb(
+        "rollout", "rolling update, or its status / abort / undo / history",
+        usage="skr8tr rollout FILE [--watch] [--force]\n"
+        "       skr8tr rollout status APP | abort APP | undo APP [--to GEN] | history APP",
+    )
+    p.add_argument("target", nargs="+", metavar="FILE | SUBVERB APP",
+                   help="a manifest file, or one of: status, abort, undo, history "
+                   "followed by the app")
+    p.add_argument("--watch", action="store_true", help="follow the rollout until it ends")
+    p.add_argument("--force", action="store_true", help="abort a running rollout first")
+    p.add_argument("--to", metavar="GEN", type=_positive_int,
+                   help="with undo: the generation to return to")
+
+    p = verb("scale", "change an app's replica count")
+    p.add_argument("app", metavar="APP")
+    p.add_argument("replicas", metavar="N", type=_non_negative_int)
+
+    p = verb("list", "list replicas")
+    p.add_argument("app", metavar="APP", nargs="?")
+    verb("nodes", "list node agents")
+    verb("status", "nodes, apps, replicas and rollouts at once")
+    verb("ping", "check that the conductor answers")
+
+    p = verb("logs", "show a replica's or an app's logs")
+    p.add_argument("app", metavar="APP")
+    p.add_argument("--replica", metavar="ID")
+    p.add_argument("--tail", metavar="N", type=_positive_int, default=100)
+    p.add_argument("--follow", action="store_true", help="keep printing new lines")
+
+    verb("watch", "print live events until Ctrl-C")
+
+    p = verb("audit", "check an audit log written by `skr8tr conductor --audit-log`")
+    p.add_argument("action", choices=["verify"], metavar="verify",
+                   help="verify: check the hash chain of FILE")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--expect-head", metavar="HASH",
+                   help="a head printed by an earlier verify, kept elsewhere: fail unless "
+                   "the chain still contains it (catches lines cut off the end)")
+
+    p = verb("fmt", "check a manifest and print it normalised")
+    p.add_argument("--toml", action="store_true", help="print it as TOML")
+    p.add_argument("file", metavar="FILE")
+    return parser
+
+

@@ -1,0 +1,162 @@
+"""Key files on disk: ``keygen`` writes them, the CLI, the node agent and the conductor read them.
+
+The formats and their parsing are pure and live in :mod:`skr8tr.core.keys`;
+this module does the file I/O around them, small and synchronous (a key file
+is read once, at start-up):
+
+- ``signing.sec`` is created with mode 0600 from its first byte, and refused
+  on load if its mode grants anything to group or others;
+- ``signing.pub`` gets mode 0644;
+- the authorized-keys file is read as UTF-8 text.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from skr8tr.atomic import write_atomically
+from skr8tr.core.keys import (
+    PUBLIC_KEY_FILE,
+    SECRET_KEY_FILE,
+    AuthorizedKeys,
+    AuthorizedKeysError,
+    KeyFileError,
+    generate_keypair,
+    parse_authorized_keys,
+    parse_signing_key,
+    public_key_line,
+    secret_key_line,
+)
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+__all__ = ["write_keypair", "load_signing_key", "load_authorized_keys"]
+
+# Key files are one short line; anything much longer is not a key file.
+_MAX_KEY_FILE_BYTES = 4096
+
+
+def write_keypair(out_dir: str | os.PathLike[str], *, force: bool = False) -> str:
+    """Generate a key pair and write ``signing.sec`` and ``signing.pub`` into *out_dir*.
+
+    Creates *out_dir* (mode 0700) if it is missing. The secret file is created
+    with mode 0600 by ``open(2)`` itself, so it is never readable by others,
+    not even for an instant. Without *force*, refuses (KeyFileError) if either
+    file exists; with *force*, each file is replaced atomically
+    (:func:`skr8tr.atomic.write_atomically`), so a crash leaves either the old
+    or the new key, never a torn one.
+
+    Returns the new public key as 64 lowercase hex characters.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise KeyFileError(f"{out} exists and is not a folder; pass another --out DIR")
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create {out}: {exc.strerror or exc}") from exc
+
+    sec_path = out / SECRET_KEY_FILE
+    pub_path = out / PUBLIC_KEY_FILE
+    if not force:
+        for path in (sec_path, pub_path):
+            if path.exists() or path.is_symlink():
+                raise KeyFileError(f"{path} already exists; use --force to replace it")
+
+    signing_key, pub = generate_keypair()
+    sec_line = secret_key_line(signing_key).encode("ascii")
+    pub_line = public_key_line(pub).encode("ascii")
+    try:
+        if force:
+            write_atomically(sec_path, sec_line, 0o600)
+            write_atomically(pub_path, pub_line, 0o644)
+        else:
+            _create_file(sec_path, sec_line, 0o600)
+            try:
+                _create_file(pub_path, pub_line, 0o644)
+            except BaseException:
+                # Do not leave half a key pair behind.
+                sec_path.unlink(missing_ok=True)
+                raise
+    except FileExistsError as exc:
+        raise KeyFileError(f"{exc.filename} already exists; use --force to replace it") from exc
+    except OSError as exc:
+        raise KeyFileError(f"cannot write key files in {out}: {exc.strerror or exc}") from exc
+    return pub
+
+
+def _create_file(path: Path, content: bytes, mode: int) -> None:
+    """Create *path* (never replace it: FileExistsError) with exactly *mode*, and fsync it."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        # The umask may have taken bits away from *mode*; set exactly what we promise.
+        os.fchmod(fd, mode)
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_signing_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
+    """Read a ``signing.sec`` file written by ``skr8tr keygen``.
+
+    Raises KeyFileError when the file is missing (the message says how to make
+    one or pass ``--key``), is not a regular file, grants any permission to
+    group or others (the message gives the ``chmod 600`` to run), or does not
+    hold exactly 64 hex characters on one line (surrounding whitespace is fine).
+    """
+    p = Path(path).expanduser()
+    if p.name == PUBLIC_KEY_FILE:
+        # Its content has the same shape as a seed; loading it would sign with a wrong key.
+        raise KeyFileError(f"{p} is a public key; pass the signing.sec next to it")
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"no key file at {p}; create one with `skr8tr keygen` or pass --key FILE"
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
+    try:
+        # fstat on the open descriptor: the file we check is the file we read.
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{p} is not a regular file; pass the signing.sec file with --key")
+        perms = stat.S_IMODE(st.st_mode)
+        if perms & 0o077:
+            what = "readable" if perms & 0o044 else "accessible"
+            raise KeyFileError(
+                f"{p} is {what} by other users (mode {perms:04o}); run: chmod 600 {p}"
+            )
+        data = os.read(fd, _MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return parse_signing_key(data, filename=str(p))
+
+
+def load_authorized_keys(path: str | os.PathLike[str]) -> AuthorizedKeys:
+    """Read and parse an authorized-keys file. Raises AuthorizedKeysError."""
+    p = Path(path).expanduser()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise AuthorizedKeysError(
+            str(p),
+            None,
+            "no such file; list trusted keys there as `admin HEX_PUBKEY` lines "
+            "(the hex is in signing.pub from `skr8tr keygen`)",
+        ) from None
+    except OSError as exc:
+        raise AuthorizedKeysError(str(p), None, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise AuthorizedKeysError(str(p), line, "not valid UTF-8 text") from None
+    return parse_authorized_keys(text, filename=str(p))
