@@ -20,6 +20,7 @@ from skr8tr.conductor.state_file import (
     StoredState,
 )
 from tests.conftest import skr8tr_command
+from tests.fakes import wait_for
 from tests.test_rollout_sim import Harness, manifest
 
 T0 = 1_700_000_000.0
@@ -308,7 +309,9 @@ async def test_a_conductor_reads_back_what_it_wrote_after_down_and_up(tmp_path, 
     await h.settled(1, 2)
     await h.run("rollout", manifest("v2", replicas=2))
     assert (await h.until_done())["state"] == "complete"
-    assert [r["to_generation"] for r in state_file.load(state).rollouts] == [2]
+    # Its end is written behind, right after it (loops.serve_store_writes).
+    await wait_for(lambda: [r["to_generation"] for r in state_file.load(state).rollouts]
+                   == [2], timeout_s=5)
     # The app is removed and deployed again: generation 1 of a new app, no rollout yet.
     await h.run("down", {"app": "web"})
     await h.run("up", manifest("v1", replicas=1))

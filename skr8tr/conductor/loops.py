@@ -19,6 +19,7 @@ from skr8tr.conductor.store import StoreError
 log = logging.getLogger("skr8tr.conductor")
 
 STORE_RETRY_S = 1.0  # a failed write-behind is tried again after this long
+STORE_FLUSH_S = 5.0  # at shutdown, how long the last write-behind may take
 
 
 async def serve_reconciler(cluster: Cluster, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -60,18 +61,30 @@ async def serve_store_writes(cluster: Cluster, *,
     (after any command changing it). A write that fails is logged by the store and
     tried again every STORE_RETRY_S until it succeeds; the apps keep running meanwhile."""
     task_status.started()
-    while True:
-        await cluster.unsaved_event.wait()
-        cluster.unsaved_event = trio.Event()
-        names, cluster.unsaved = sorted(cluster.unsaved), set()
-        failed = []
-        for name in names:
-            async with cluster.changing(name):
-                try:
-                    await cluster.store.apply(cluster.saved_form(name))
-                except StoreError:
-                    failed.append(name)
-        if failed:
-            await trio.sleep(STORE_RETRY_S)
-            for name in failed:
-                cluster.save_soon(name)
+    try:
+        while True:
+            await cluster.unsaved_event.wait()
+            failed = await _store_unsaved(cluster)
+            if failed:
+                await trio.sleep(STORE_RETRY_S)
+                for name in failed:
+                    cluster.save_soon(name)
+    finally:
+        # Shutting down: what is not stored yet is stored now (bounded), so that a
+        # rollout that ended is not found "rolling" by the next start.
+        with trio.CancelScope(shield=True), trio.move_on_after(STORE_FLUSH_S):
+            await _store_unsaved(cluster)
+
+
+async def _store_unsaved(cluster: Cluster) -> list[str]:
+    """Store each app named so far; returns those whose write failed."""
+    cluster.unsaved_event = trio.Event()
+    names, cluster.unsaved = sorted(cluster.unsaved), set()
+    failed = []
+    for name in names:
+        async with cluster.changing(name):
+            try:
+                await cluster.store.apply(cluster.saved_form(name))
+            except StoreError:
+                failed.append(name)
+    return failed

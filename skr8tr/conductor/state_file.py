@@ -26,6 +26,7 @@ it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
