@@ -271,10 +271,9 @@ async def test_http_header_size_and_slow_clients(tmp_path: Path):
 
 
 async def test_a_failing_handler_closes_only_its_connection():
-    from skr8tr.conductor.wsserver import Request
-
     from skr8tr.conductor.limits import ClosedCounter
     from skr8tr.conductor.listen import WebSocketListener
+    from skr8tr.ws.server import Request
 
     async def handler(request: Request) -> None:
         ws = await request.accept()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from skr8tr.conductor.wsserver import frame_text
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
@@ -35,6 +34,7 @@ from skr8tr.conductor.limits import (
 from skr8tr.core import protocol
 from skr8tr.ws import frames as wsclient
 from skr8tr.ws import trio_client
+from skr8tr.ws.server import frame_text
 from tests.security_helpers import closed_count, open_conductor, scrape
 
 DEADLINE_S = 30
