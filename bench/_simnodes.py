@@ -30,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
-import trio_websocket  # noqa: E402
 from _harness import raise_fd_limit  # noqa: E402
 
 from skr8tr import __version__, keyfiles  # noqa: E402
@@ -40,6 +39,7 @@ from skr8tr.core.node_protocol import (  # noqa: E402
     decode_node_message,
     encode_node_message,
 )
+from skr8tr.ws import trio_client  # noqa: E402
 
 _pids = itertools.count(100000)
 FIGURES = {"cpu_pct": 3.0, "ram_free_mb": 60000, "ram_total_mb": 64000, "cores": 16}
@@ -63,8 +63,8 @@ class SimNode:
         self.outbox_send.send_nowait(encode_node_message(kind, **fields))
 
     async def run(self, welcomed: trio.CapacityLimiter, joined) -> None:
-        async with trio_websocket.open_websocket_url(
-                self.url, max_message_size=MAX_NODE_MESSAGE_BYTES) as ws:
+        async with trio_client.open_websocket(
+                self.url, max_message_bytes=MAX_NODE_MESSAGE_BYTES) as ws:
             async with welcomed:  # bound the handshakes in flight
                 challenge = decode_node_message(await ws.get_message())
                 sig = envelope.sign_challenge(self.key, bytes.fromhex(challenge["nonce"]),
@@ -97,7 +97,7 @@ class SimNode:
         while True:
             try:
                 raw = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
+            except trio_client.ConnectionClosed:
                 return
             msg = json.loads(raw)
             kind = msg["type"]

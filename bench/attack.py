@@ -66,7 +66,8 @@ import psutil
 import trio
 from _harness import REPO, call_options, local_cluster, machine, pct, raise_fd_limit
 
-from skr8tr import blocking_client, client, keyfiles, wire, wsclient
+from skr8tr import blocking_client, client, keyfiles, wire
+from skr8tr.ws import frames as wsclient
 from tests.e2e import poll
 
 HELLO = REPO / "manifests" / "apps" / "hello_http.py"

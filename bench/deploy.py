@@ -9,7 +9,7 @@ watch stream delivers `replica.running` (the node reported the pid) and
 `replica.exited` arrived. No CLI start-up is in these figures; it is
 measured on its own: `skr8tr ping` as a whole process, against the same
 conductor. The read round trip (an unsigned `ping` on an open connection,
-from send to reply) is taken with both wire clients, the trio-websocket one
+from send to reply) is taken with both wire clients, the Trio one (skr8tr.ws.trio_client)
 and the CLI's blocking one, taking turns call by call so that both see the
 same machine. Floors: spawning `/bin/sleep` from Python (trio) and the example
 service's own start (spawn -> first `200` on /healthz, polled every 1 ms).
@@ -195,7 +195,7 @@ def main() -> None:
                                     ("example HTTP service (probe every 100 ms)",
                                      http_manifest, "web")):
             pid, ready = trio.run(functools.partial(deploy_series, opts, make, prefix, count))
-            rows.append((f"{label}, trio-websocket client", pid, ready))
+            rows.append((f"{label}, trio client", pid, ready))
             pid, ready = deploy_series_blocking(opts, make, f"{prefix}-b", count)
             rows.append((f"{label}, blocking client (the CLI's)", pid, ready))
         ping, bare = cli_start(cluster, cli_runs)
@@ -216,7 +216,7 @@ def main() -> None:
     print()
     print("| other figure | median ms | p99 ms |")
     print("|---|---|---|")
-    for label, rtt in (("trio-websocket client", trio_rtt),
+    for label, rtt in (("trio client", trio_rtt),
                        ("blocking client (the CLI's)", blocking_rtt)):
         print(f"| read round trip (`ping`, open connection, {len(rtt)} calls), {label} "
               f"| {ms(median(rtt))} | {ms(pct(rtt, 99))} |")

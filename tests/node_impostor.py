@@ -13,11 +13,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import trio_websocket
-
 from skr8tr import __version__, keyfiles
 from skr8tr.core import envelope, keys
 from skr8tr.core.node_protocol import encode_node_message
+from skr8tr.ws import trio_client
 
 
 def report(replica: str, app: str, generation: int, *, state: str = "running",
@@ -34,7 +33,7 @@ async def impostor_node(url: str, key_file: Path, node_id: str, *,
     """Join the conductor at *url* as *node_id* with *key_file*'s node key and a hello
     that reports *replicas*; yields the open WebSocket once welcomed."""
     key = keyfiles.load_signing_key(key_file)
-    async with trio_websocket.open_websocket_url(url + "/v1/node") as ws:
+    async with trio_client.open_websocket(url + "/v1/node") as ws:
         challenge = json.loads(await ws.get_message())
         assert challenge["type"] == "challenge", challenge
         sig = envelope.sign_challenge(key, bytes.fromhex(challenge["nonce"]), node_id)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import h11
 import trio
-import trio_websocket
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from skr8tr.conductor.daemon import ConductorConfig, run_conductor
 from skr8tr.conductor.limits import Limits
 from skr8tr.core import keys, protocol
+from skr8tr.ws import trio_client
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def ping_text(rid: str = "p") -> str:
 
 async def ping(url: str, ssl_context=None) -> dict:
     """One ping over a fresh /v1/cli connection; the reply."""
-    async with trio_websocket.open_websocket_url(url + "/v1/cli", ssl_context=ssl_context) as ws:
+    async with trio_client.open_websocket(url + "/v1/cli", ssl_context=ssl_context) as ws:
         await ws.send_message(ping_text())
         return json.loads(await ws.get_message())
 

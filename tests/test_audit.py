@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from skr8tr.conductor import audit
 from skr8tr.conductor.daemon import ConductorConfig, StartError, run_conductor
 from skr8tr.core import audit_chain, keys, manifest, protocol
 from skr8tr.core.audit_chain import GENESIS, ChainError, Head
+from skr8tr.ws import trio_client
 from tests.conftest import skr8tr_command
 from tests.security_helpers import open_conductor, scrape
 
@@ -153,7 +153,7 @@ def manifest_args(tmp_path: Path) -> dict:
 
 async def send_all(url: str, messages: list[str]) -> list[dict]:
     replies = []
-    async with trio_websocket.open_websocket_url(url + "/v1/cli") as ws:
+    async with trio_client.open_websocket(url + "/v1/cli") as ws:
         for msg in messages:
             await ws.send_message(msg)
             replies.append(json.loads(await ws.get_message()))

@@ -17,13 +17,15 @@ from functools import partial
 
 import pytest
 import trio
-import trio_websocket
 
 from skr8tr import blocking_client, client
 from skr8tr.core import protocol
 from skr8tr.wire import CallOptions, ClientError
+from skr8tr.ws import server as wsserver
+from skr8tr.ws import trio_client
 from tests.conftest import free_port
 from tests.security_helpers import open_conductor
+from tests.ws_helpers import serve_websocket
 
 DEADLINE_S = 30
 
@@ -116,14 +118,19 @@ async def test_watch_stream_delivers_the_snapshot_then_events(tmp_path):
 
 
 async def test_a_ping_from_the_server_is_answered(tmp_path):
-    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+    async def handler(request: wsserver.Request) -> None:
         ws = await request.accept()
+        async def read_on() -> None:  # the reader sees the pong; the client's close ends it
+            with _quiet():
+                await ws.get_message()
+
         with trio.move_on_after(DEADLINE_S), _quiet():
             raw = await ws.get_message()
-            await ws.ping(b"still there?")  # returns only once our pong arrived
-            req = protocol.decode_request(raw)
-            await ws.send_message(protocol.ok_reply(req.id, {"pong": "peer"}))
-            await ws.get_message()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_on)
+                await ws.ping(b"still there?")  # returns only once our pong arrived
+                req = protocol.decode_request(raw)
+                await ws.send_message(protocol.ok_reply(req.id, {"pong": "peer"}))
 
     with trio.fail_after(DEADLINE_S):
         async with _serve_ws(handler) as url:
@@ -143,18 +150,18 @@ class _quiet:
     def __exit__(self, exc_type, exc, tb) -> bool:
         return exc_type is not None and issubclass(
             exc_type,
-            trio_websocket.ConnectionClosed | trio.BrokenResourceError | trio.ClosedResourceError,
+            trio_client.ConnectionClosed | trio.BrokenResourceError | trio.ClosedResourceError,
         )
 
 
 @asynccontextmanager
 async def _serve_ws(handler) -> AsyncIterator[str]:
-    async def guarded(request: trio_websocket.WebSocketRequest) -> None:
+    async def guarded(request: wsserver.Request) -> None:
         with _quiet():
             await handler(request)
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(trio_websocket.serve_websocket, guarded, "127.0.0.1", 0, None)
+        server = await nursery.start(serve_websocket, guarded, "127.0.0.1", 0, None)
         yield f"ws://127.0.0.1:{server.port}"
         nursery.cancel_scope.cancel()
 
@@ -183,12 +190,12 @@ def http_answer(answer: bytes):
 
 
 def ws_peer(
-    cli: Callable[[trio_websocket.WebSocketConnection], Awaitable[None]],
-    watch: Callable[[trio_websocket.WebSocketConnection], Awaitable[None]] | None = None,
+    cli: Callable[[trio_client.ClientConnection], Awaitable[None]],
+    watch: Callable[[trio_client.ClientConnection], Awaitable[None]] | None = None,
 ):
     """A WebSocket peer: *cli* serves /v1/cli connections, *watch* /v1/watch ones."""
 
-    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+    async def handler(request: wsserver.Request) -> None:
         ws = await request.accept()
         await (watch if request.path == "/v1/watch" and watch else cli)(ws)
 
@@ -212,7 +219,7 @@ async def _close_1000_without_reason(ws) -> None:
 
 async def _drop_tcp(ws) -> None:
     await ws.get_message()
-    await ws._stream.aclose()  # no close frame: an abnormal closure (1006)
+    await ws.stream.aclose()  # no close frame: an abnormal closure (1006)
 
 
 async def _not_json(ws) -> None:

@@ -1,8 +1,9 @@
 """The CLI's client verbs start without trio: what they import, and Ctrl-C.
 
 Speed itself is measured in bench/deploy.py (`skr8tr ping` as a whole
-process); here we check the cause: a client verb imports neither trio nor
-trio-websocket (nor wsproto/h11 under it), and ``ssl`` only for ``wss://``.
+process); here we check the cause: a client verb imports no trio and no h11
+(it frames with wsproto, but not wsproto's handshake, which needs h11), and
+``ssl`` only for ``wss://``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from skr8tr import keyfiles
 from tests.security_helpers import make_pki, open_conductor
 
 DEADLINE_S = 30
-DAEMON_ONLY = {"trio", "trio_websocket", "wsproto", "h11", "outcome", "sniffio"}
+DAEMON_ONLY = {"trio", "h11", "outcome", "sniffio"}
 
 
 def cli_env(home: Path) -> dict[str, str]:

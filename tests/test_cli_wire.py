@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio_websocket
 
 from skr8tr import keyfiles
 from skr8tr.core import envelope, keys, protocol
+from skr8tr.ws import server as wsserver
+from skr8tr.ws import trio_client
 from tests.conftest import MANIFESTS, skr8tr_command
+from tests.ws_helpers import serve_websocket
 
 REPLICAS = [
     {
@@ -56,12 +58,12 @@ class ScriptedConductor:
         self.fingerprints: list[str | None] = []
         self.silent = False
 
-    async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
+    async def handle(self, request: wsserver.Request) -> None:
         ws = await request.accept()
         while True:
             try:
                 raw = await ws.get_message()
-            except trio_websocket.ConnectionClosed:
+            except trio_client.ConnectionClosed:
                 return
             msg = json.loads(raw)
             self.received.append(msg)
@@ -99,7 +101,7 @@ async def conductor(nursery, admin_key):
     _, pub = admin_key
     authorized = keys.parse_authorized_keys(f"admin {pub} test\n", filename="authorized_keys")
     peer = ScriptedConductor(authorized)
-    server = await nursery.start(trio_websocket.serve_websocket, peer.handle, "127.0.0.1", 0, None)
+    server = await nursery.start(serve_websocket, peer.handle, "127.0.0.1", 0, None)
     peer.url = f"ws://127.0.0.1:{server.port}"
     return peer
 

@@ -34,8 +34,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from skr8tr import blocking_client, keyfiles, wsclient
+from skr8tr import blocking_client, keyfiles
 from skr8tr.core import protocol
+from skr8tr.ws import frames as wsclient
 from tests.conftest import HELLO_HTTP, free_port, http_get, skr8tr_command
 from tests.e2e import Cluster, Daemon, poll
 

@@ -16,12 +16,12 @@ import re
 import time
 
 import trio
-import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skr8tr.core import protocol
 from skr8tr.core.manifest import ManifestError, format_skr8tr, parse_manifest
+from skr8tr.ws import trio_client
 from tests.security_helpers import FUZZ_LIMITS, open_conductor, ping
 
 EXAMPLES = 10_000
@@ -150,7 +150,7 @@ async def test_manifest_parser_and_conductor_never_break(tmp_path):
     async with open_conductor(tmp_path, limits=FUZZ_LIMITS) as c:
         sample = await trio.to_thread.run_sync(run_fuzz)
         codes: dict[str, int] = {}
-        async with trio_websocket.open_websocket_url(c.url + "/v1/cli") as ws:
+        async with trio_client.open_websocket(c.url + "/v1/cli") as ws:
             for start in range(0, len(sample), BATCH):
                 for i, (fmt, text) in enumerate(sample[start:start + BATCH], start=start):
                     req = protocol.encode_request(

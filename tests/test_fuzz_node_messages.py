@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 
 import trio
-import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ from skr8tr.core.node_protocol import (
     decode_node_message,
     encode_node_message,
 )
+from skr8tr.ws import trio_client
 from tests.security_helpers import FUZZ_LIMITS, open_conductor, ping
 from tests.test_node_protocol import BASES, line, message, minimal_reports
 
@@ -179,7 +179,7 @@ def run_fuzz() -> list[tuple[str | bytes, str | None]]:
 async def join(nursery: trio.Nursery, url: str, signing_key, node_id: str,
                hello: str | bytes | None = None):
     """Open /v1/node and answer the challenge (with *hello* instead, when given)."""
-    ws = await trio_websocket.connect_websocket_url(nursery, url + "/v1/node")
+    ws = await trio_client.connect(url + "/v1/node")
     challenge = decode_node_message(await ws.get_message())
     if hello is None:
         sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
@@ -191,12 +191,12 @@ async def join(nursery: trio.Nursery, url: str, signing_key, node_id: str,
     return ws, decode_node_message(await ws.get_message())
 
 
-async def drain(ws: trio_websocket.WebSocketConnection) -> None:
+async def drain(ws: trio_client.ClientConnection) -> None:
     """Read what the conductor sends the node (stops for unknown replicas) until it closes."""
     try:
         while True:
             await ws.get_message()
-    except trio_websocket.ConnectionClosed:
+    except trio_client.ConnectionClosed:
         pass  # the conductor closed the session: the end this loop waits for
 
 
@@ -242,6 +242,6 @@ async def ping_nodes(url: str) -> list:
 
 async def call_text(url: str, cmd: str) -> str:
     """The reply to an unsigned read-only *cmd*, as the conductor sent it."""
-    async with trio_websocket.open_websocket_url(url + "/v1/cli") as ws:
+    async with trio_client.open_websocket(url + "/v1/cli") as ws:
         await ws.send_message(json.dumps({"v": 1, "id": "n", "cmd": cmd, "args": {}}))
         return await ws.get_message()

@@ -16,11 +16,11 @@ import os
 import time
 
 import trio
-import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skr8tr.core import envelope, keys, protocol
+from skr8tr.ws import trio_client
 from tests.security_helpers import FUZZ_LIMITS, open_conductor, ping, ping_text
 
 EXAMPLES = 10_000
@@ -122,7 +122,7 @@ def check_decoded(raw: str | bytes, admin_keys, guard) -> None:
         assert got.cmd in envelope.COMMANDS and isinstance(got.args, dict)
 
 
-async def roundtrip(ws: trio_websocket.WebSocketConnection, raw: str | bytes) -> dict:
+async def roundtrip(ws: trio_client.ClientConnection, raw: str | bytes) -> dict:
     await ws.send_message(raw)
     return json.loads(await ws.get_message())
 
@@ -148,7 +148,7 @@ async def test_request_decoder_and_conductor_never_break(tmp_path):
     async with open_conductor(tmp_path, limits=FUZZ_LIMITS) as c, trio.open_nursery() as nursery:
         examples = await trio.to_thread.run_sync(run_fuzz, c.admin)
         assert len(examples) >= EXAMPLES
-        ws = await trio_websocket.connect_websocket_url(nursery, c.url + "/v1/cli")
+        ws = await trio_client.connect(c.url + "/v1/cli")
         codes: dict[str, int] = {}
         for start in range(0, len(examples), BATCH):
             for message in examples[start:start + BATCH]:

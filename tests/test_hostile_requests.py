@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio_websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +25,7 @@ from skr8tr.conductor.api import Authority, CliApi
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.core import keys, manifest, protocol
 from skr8tr.core.manifest import MAX_LINE_CHARS, MAX_VALUE_CHARS, ManifestError, shell_words
+from skr8tr.ws import trio_client
 from tests.conftest import http_get
 from tests.e2e import poll, running_cluster
 
@@ -126,8 +126,8 @@ async def test_a_refused_request_is_never_parsed(monkeypatch):
 
 async def send_all(url: str, messages: list[str]) -> list[dict]:
     replies = []
-    async with trio_websocket.open_websocket_url(url + "/v1/cli",
-                                                 max_message_size=2 * 2**20) as ws:
+    async with trio_client.open_websocket(url + "/v1/cli",
+                                                 max_message_bytes=2 * 2**20) as ws:
         for msg in messages:
             await ws.send_message(msg)
             replies.append(json.loads(await ws.get_message()))
@@ -175,13 +175,13 @@ async def test_an_address_over_its_byte_budget_is_closed_before_decoding(tmp_pat
     with running_cluster(tmp_path, "--max-bytes-per-s", str(256 * 1024)) as cluster:
         for attempt in range(2):  # reconnecting does not refill the budget
             with trio.fail_after(60):
-                async with trio_websocket.open_websocket_url(
-                        cluster.url + "/v1/cli", max_message_size=2 * 2**20) as ws:
+                async with trio_client.open_websocket(
+                        cluster.url + "/v1/cli", max_message_bytes=2 * 2**20) as ws:
                     await ws.send_message(hostile_up(str(attempt)))
-                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    with pytest.raises(trio_client.ConnectionClosed) as closed:
                         await ws.get_message()
-            assert closed.value.reason.code == 1008
-            assert "bytes/s of requests from 127.0.0.1" in closed.value.reason.reason
+            assert closed.value.code == 1008
+            assert "bytes/s of requests from 127.0.0.1" in closed.value.reason
         _, _, text = http_get("127.0.0.1", cluster.http_port, "/metrics")
         assert 'skr8tr_connections_closed_total{reason="byte_rate_limit"} 2\n' in text
         assert "refused a request" not in cluster.conductor.log(), "it was never decoded"

@@ -19,7 +19,6 @@ import h11
 import pytest
 import trio
 import trio.testing
-import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +28,10 @@ from skr8tr.ingress.limits import ProxyLimits
 from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Proxy
 from skr8tr.ingress.routes import BackendTable, Route, RouteTable
+from skr8tr.ws import server as wsserver
+from skr8tr.ws import trio_client
 from tests.conftest import free_port
+from tests.ws_helpers import serve_websocket
 
 DEADLINE_S = 15.0
 ROOT = (Route("/", "web"),)
@@ -564,7 +566,7 @@ async def test_requests_arrive_as_sent(path, headers, method, body):
 
 
 def contextlib_suppress_closed():
-    return contextlib.suppress(trio_websocket.ConnectionClosed)
+    return contextlib.suppress(trio_client.ConnectionClosed)
 
 
 async def test_the_daemon_follows_the_watch_stream_and_reconnects():
@@ -577,7 +579,7 @@ async def test_the_daemon_follows_the_watch_stream_and_reconnects():
             channels: list[trio.MemorySendChannel] = []
             connections = [0]
 
-            async def handler(request: trio_websocket.WebSocketRequest) -> None:
+            async def handler(request: wsserver.Request) -> None:
                 ws = await request.accept()
                 connections[0] += 1
                 await ws.send_message(protocol.snapshot_message(connections[0], 0.0, state))
@@ -589,7 +591,7 @@ async def test_the_daemon_follows_the_watch_stream_and_reconnects():
                             await ws.send_message(protocol.event_message(1, 0.0, event, data))
                     await ws.aclose()
 
-            server = await nursery.start(trio_websocket.serve_websocket, handler, "127.0.0.1",
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1",
                                          0, None)
             synced = trio.Event()
             shutdown = trio.Event()

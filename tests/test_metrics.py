@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr.conductor import metrics
 from skr8tr.conductor.daemon import ConductorConfig, run_conductor
 from skr8tr.core import keys, protocol
+from skr8tr.ws import trio_client
 from tests.security_helpers import http_get
 
 DEADLINE_S = 20
@@ -82,7 +82,7 @@ async def scrape(port: int) -> dict[tuple[str, tuple], float]:
     return parse(body.decode())
 
 
-async def call(ws: trio_websocket.WebSocketConnection, message: str) -> dict:
+async def call(ws: trio_client.ClientConnection, message: str) -> dict:
     await ws.send_message(message)
     return json.loads(await ws.get_message())
 
@@ -105,7 +105,7 @@ async def test_counters_move_when_requests_are_refused(tmp_path: Path):
             assert before[("skr8tr_nodes_live", ())] == 0
             assert before[("skr8tr_rollouts_total", (("state", "complete"),))] == 0
 
-            async with trio_websocket.open_websocket_url(
+            async with trio_client.open_websocket(
                     f"ws://127.0.0.1:{ws_port}/v1/cli") as ws:
                 up = protocol.encode_request(id="1", cmd="up", args={
                     "manifest": "app x\n  exec /bin/true\n", "format": "skr8tr",

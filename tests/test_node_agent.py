@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import trio
-import trio_websocket
 
 from skr8tr.core.envelope import new_challenge, verify_challenge
 from skr8tr.core.keys import parse_authorized_keys
@@ -31,7 +30,10 @@ from skr8tr.node.agent import (
     run_agent,
 )
 from skr8tr.node.session import fit_lines
+from skr8tr.ws import server as wsserver
+from skr8tr.ws import trio_client
 from tests.test_node_supervisor import alive, assert_gone, wait_until
+from tests.ws_helpers import serve_websocket
 
 TEST_DEADLINE_S = 30
 STEP_S = 10
@@ -40,7 +42,7 @@ STEP_S = 10
 class Peer:
     """One WebSocket connection from the agent, seen from the conductor's side."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    def __init__(self, ws: trio_client.ClientConnection) -> None:
         self.ws = ws
         self.seen: list[dict[str, Any]] = []
 
@@ -69,7 +71,7 @@ class ScriptedConductor:
     def __init__(self) -> None:
         self._send, self._recv = trio.open_memory_channel[Peer](10)
 
-    async def handler(self, request: trio_websocket.WebSocketRequest) -> None:
+    async def handler(self, request: wsserver.Request) -> None:
         assert request.path == "/v1/node"
         ws = await request.accept()
         await self._send.send(Peer(ws))
@@ -84,7 +86,7 @@ async def start_conductor(nursery: trio.Nursery) -> tuple[ScriptedConductor, str
     """Serve a scripted conductor on a free port; return it and its URL."""
     conductor = ScriptedConductor()
     server = await nursery.start(
-        partial(trio_websocket.serve_websocket, conductor.handler, "127.0.0.1", 0, None))
+        partial(serve_websocket, conductor.handler, "127.0.0.1", 0, None))
     return conductor, f"ws://127.0.0.1:{server.port}"
 
 
@@ -257,10 +259,10 @@ async def test_sigterm_disconnects_and_exits_zero(tmp_path: Path, key_path: Path
                     agent.send_signal(signal.SIGTERM)
                     with trio.fail_after(STEP_S):
                         # The agent closes the session itself (code 1001, going away).
-                        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        with pytest.raises(trio_client.ConnectionClosed) as closed:
                             while True:
                                 await peer.ws.get_message()
-                        assert closed.value.reason.code == 1001
+                        assert closed.value.code == 1001
                         assert await agent.wait() == 0
                 finally:
                     if agent.returncode is None:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-import trio_websocket
 
 from skr8tr.conductor.limits import AddressSlots, Limits, TokenBucket
 from skr8tr.core import envelope, keys
 from skr8tr.core.node_protocol import decode_node_message, encode_node_message
+from skr8tr.ws import trio_client
 from tests.conftest import read_until_closed
 from tests.security_helpers import (
     closed_count,
@@ -78,8 +78,7 @@ async def test_connections_per_address(tmp_path: Path):
             async with trio.open_nursery() as nursery:
                 held = []
                 for _ in range(3):
-                    held.append(await trio_websocket.connect_websocket_url(
-                        nursery, c.url + "/v1/cli"))
+                    held.append(await trio_client.connect(c.url + "/v1/cli"))
                 # A fourth from the same address is closed before any handshake.
                 stream = await trio.open_tcp_stream("127.0.0.1", c.ws_port)
                 await stream.send_all(b"GET /v1/cli HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -109,17 +108,17 @@ async def test_connections_per_address(tmp_path: Path):
 async def test_message_rate_per_connection(tmp_path: Path):
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path, limits=SMALL) as c:
-            async with trio_websocket.open_websocket_url(c.url + "/v1/cli") as ws:
+            async with trio_client.open_websocket(c.url + "/v1/cli") as ws:
                 for i in range(40):  # far past the burst of 5, at once
                     await ws.send_message(ping_text(f"p{i}"))
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with pytest.raises(trio_client.ConnectionClosed) as closed:
                     while True:
                         await ws.get_message()
-                assert closed.value.reason.code == 1008
-                assert "messages/s" in closed.value.reason.reason
+                assert closed.value.code == 1008
+                assert "messages/s" in closed.value.reason
             # A client that keeps within the rate is never bothered. The sleep paces it
             # (about 16 messages/s against a limit of 20): it is the load, not a wait.
-            async with trio_websocket.open_websocket_url(c.url + "/v1/cli") as ws:
+            async with trio_client.open_websocket(c.url + "/v1/cli") as ws:
                 for i in range(12):
                     await ws.send_message(ping_text(f"q{i}"))
                     assert json.loads(await ws.get_message())["ok"]
@@ -131,14 +130,14 @@ async def test_message_rate_per_connection(tmp_path: Path):
 async def test_watchers_are_rate_limited_too(tmp_path: Path):
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path, limits=SMALL) as c:
-            async with trio_websocket.open_websocket_url(c.url + "/v1/watch") as ws:
+            async with trio_client.open_websocket(c.url + "/v1/watch") as ws:
                 assert json.loads(await ws.get_message())["type"] == "snapshot"
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with pytest.raises(trio_client.ConnectionClosed) as closed:
                     for _ in range(200):
                         await ws.send_message("noise")
                     while True:
                         await ws.get_message()
-                assert closed.value.reason.code == 1008
+                assert closed.value.code == 1008
             await still_serving(c)
             assert closed_count(await scrape(c.http_port), "rate_limit") == 1
 
@@ -163,11 +162,11 @@ async def test_handshake_deadline_and_bad_handshakes(tmp_path: Path):
 async def test_idle_cli_connections_are_closed(tmp_path: Path):
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path, limits=SMALL) as c:
-            async with trio_websocket.open_websocket_url(c.url + "/v1/cli") as ws:
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            async with trio_client.open_websocket(c.url + "/v1/cli") as ws:
+                with pytest.raises(trio_client.ConnectionClosed) as closed:
                     await ws.get_message()
-                assert closed.value.reason.code == 1000
-                assert "idle" in closed.value.reason.reason
+                assert closed.value.code == 1000
+                assert "idle" in closed.value.reason
             await still_serving(c)
             assert closed_count(await scrape(c.http_port), "idle_timeout") == 1
 
@@ -175,18 +174,18 @@ async def test_idle_cli_connections_are_closed(tmp_path: Path):
 async def test_oversized_messages_are_counted(tmp_path: Path):
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path) as c:
-            async with trio_websocket.open_websocket_url(c.url + "/v1/cli") as ws:
+            async with trio_client.open_websocket(c.url + "/v1/cli") as ws:
                 await ws.send_message("x" * (2**20 + 1))
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with pytest.raises(trio_client.ConnectionClosed) as closed:
                     await ws.get_message()
-                assert closed.value.reason.code == 1009
+                assert closed.value.code == 1009
             await still_serving(c)
             assert closed_count(await scrape(c.http_port), "message_too_big") == 1
 
 
 async def _join(url: str, signing_key, node_id: str):
     """A raw node session up to the welcome; returns the open WebSocket."""
-    ws = await trio_websocket.connect_websocket_url(_join.nursery, url + "/v1/node")
+    ws = await trio_client.connect(url + "/v1/node")
     challenge = decode_node_message(await ws.get_message())
     sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
     await ws.send_message(encode_node_message(
@@ -202,7 +201,7 @@ async def test_node_sessions_hello_deadline_and_rate(tmp_path: Path):
                 trio.open_nursery() as nursery:
             _join.nursery = nursery
             # Take the challenge and never answer it.
-            ws = await trio_websocket.connect_websocket_url(nursery, c.url + "/v1/node")
+            ws = await trio_client.connect(c.url + "/v1/node")
             assert decode_node_message(await ws.get_message())["type"] == "challenge"
             refused = decode_node_message(await ws.get_message())
             assert refused["type"] == "refused" and "no hello within 0.5 s" in refused["message"]
@@ -211,12 +210,12 @@ async def test_node_sessions_hello_deadline_and_rate(tmp_path: Path):
             assert welcome["type"] == "welcome"
             beat = encode_node_message("heartbeat", cpu_pct=1.0, ram_free_mb=1,
                                        ram_total_mb=1, cores=1)
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            with pytest.raises(trio_client.ConnectionClosed) as closed:
                 for _ in range(100):
                     await ws.send_message(beat)
                 while True:
                     await ws.get_message()
-            assert closed.value.reason.code == 1008
+            assert closed.value.code == 1008
             await still_serving(c)
             samples = await scrape(c.http_port)
             assert closed_count(samples, "handshake_timeout") == 1
@@ -285,7 +284,7 @@ async def wait_for_closed_count(port: int, reason: str, count: int) -> None:
 async def test_a_failing_handler_closes_only_its_connection():
     from skr8tr.conductor.limits import ClosedCounter
     from skr8tr.conductor.listen import WebSocketListener
-    from skr8tr.conductor.wsserver import Request
+    from skr8tr.ws.server import Request
 
     async def handler(request: Request) -> None:
         ws = await request.accept()
@@ -300,10 +299,10 @@ async def test_a_failing_handler_closes_only_its_connection():
             await nursery.start(listener.serve, "127.0.0.1", 0)
             url = f"ws://127.0.0.1:{listener.port}"
             for _ in range(3):
-                async with trio_websocket.open_websocket_url(url + "/boom") as ws:
-                    with pytest.raises(trio_websocket.ConnectionClosed):
+                async with trio_client.open_websocket(url + "/boom") as ws:
+                    with pytest.raises(trio_client.ConnectionClosed):
                         await ws.get_message()
-                async with trio_websocket.open_websocket_url(url + "/ok") as ws:
+                async with trio_client.open_websocket(url + "/ok") as ws:
                     assert await ws.get_message() == "fine"
             while listener.slots.open:  # the server side finishes its close
                 await trio.sleep(0.01)

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import trio
-import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr import keyfiles
@@ -28,6 +27,7 @@ from skr8tr.core.node_protocol import (
     decode_node_message,
     encode_node_message,
 )
+from skr8tr.ws import trio_client
 from tests.conftest import http_get, run_cli
 from tests.e2e import Cluster, poll, running_cluster
 
@@ -62,10 +62,10 @@ def minimal_reports(count: int) -> list[dict[str, Any]]:
 
 
 async def join(nursery: trio.Nursery, url: str, signing_key, node_id: str,
-               **over: Any) -> tuple[trio_websocket.WebSocketConnection, dict]:
+               **over: Any) -> tuple[trio_client.ClientConnection, dict]:
     """Open /v1/node, answer the challenge with a valid signature and a hello whose
     fields are *over* where given; the conductor's answer."""
-    ws = await trio_websocket.connect_websocket_url(nursery, url + "/v1/node")
+    ws = await trio_client.connect(url + "/v1/node")
     challenge = decode_node_message(await ws.get_message())
     sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
     hello = {"node_id": node_id, "key": keys.public_hex(signing_key), "sig": sig,

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio_websocket
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
-from skr8tr import wsclient
 from skr8tr.conductor import accept, watch
 from skr8tr.conductor.accept import Admission, serve_accepting
 from skr8tr.conductor.cluster import Cluster
@@ -33,8 +31,10 @@ from skr8tr.conductor.limits import (
     LogThrottle,
     fit_to_descriptors,
 )
-from skr8tr.conductor.wsserver import frame_text
 from skr8tr.core import protocol
+from skr8tr.ws import frames as wsclient
+from skr8tr.ws import trio_client
+from skr8tr.ws.server import frame_text
 from tests.security_helpers import closed_count, open_conductor, scrape
 
 DEADLINE_S = 30
@@ -258,13 +258,19 @@ async def silent_watcher(port: int) -> list[wsclient.Event]:
                 return seen
 
 
+async def read_forever(ws: trio_client.ClientConnection) -> None:
+    while True:
+        await ws.get_message()
+
+
 async def test_a_watcher_that_never_answers_pings_is_closed(tmp_path: Path):
     limits = Limits(watch_idle_timeout_s=1.0)
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path, limits=limits) as c:
-            # trio-websocket answers pings by itself: it stays.
-            async with trio_websocket.open_websocket_url(c.url + "/v1/watch") as alive:
+            async with trio_client.open_websocket(c.url + "/v1/watch") as alive, \
+                    trio.open_nursery() as reading:
                 assert json.loads(await alive.get_message())["type"] == "snapshot"
+                reading.start_soon(read_forever, alive)  # its reader answers pings: it stays
                 for _ in range(2):  # two in a row: `alive` lives through both timeouts
                     seen = await silent_watcher(c.ws_port)
                     assert any(isinstance(e, wsclient.Ping) for e in seen), seen
@@ -272,5 +278,6 @@ async def test_a_watcher_that_never_answers_pings_is_closed(tmp_path: Path):
                     assert isinstance(close, wsclient.Close), seen
                     assert (close.code, close.reason) == (1011, "no pong within 1 s")
                 assert alive.closed is None
+                reading.cancel_scope.cancel()
             samples = await scrape(c.http_port)
             assert closed_count(samples, "ping_timeout") == 2

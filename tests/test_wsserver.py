@@ -1,14 +1,15 @@
-"""The conductor's WebSocket server connection (skr8tr.conductor.wsserver) against real clients.
+"""The server side of skr8tr.ws (skr8tr.ws.server) against real clients.
 
-The peers are the clients the conductor meets: trio-websocket's (skr8tr.client,
-the ingress, the benches), the CLI's blocking one and the node agent's link
-(both on skr8tr.wsclient), plus a raw client that writes frames by hand for
+The peers are the clients the conductor meets: the Trio client (skr8tr.ws.trio_client:
+the node agent, skr8tr.client, the ingress, the benches) and the CLI's blocking
+one (skr8tr.ws.blocking), plus a raw client that writes frames by hand for
 what well-behaved clients never send. The server side runs behind the
 conductor's own listener (skr8tr.conductor.listen), as in production.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Awaitable, Callable
@@ -17,13 +18,13 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-import trio_websocket
 
-from skr8tr import blocking_client, tls, wsclient
-from skr8tr.conductor import wsserver
+from skr8tr import blocking_client, tls
 from skr8tr.conductor.limits import ClosedCounter, Limits
 from skr8tr.conductor.listen import WebSocketListener
-from skr8tr.node import link
+from skr8tr.ws import frames as wsframes
+from skr8tr.ws import server as wsserver
+from skr8tr.ws import trio_client
 from tests.conftest import read_until_closed
 from tests.security_helpers import make_pki
 
@@ -43,6 +44,7 @@ class Server:
         self.closes: list[tuple[int, str]] = []  # ConnectionClosed seen by handlers
         self.done = trio.Event()  # a handler returned
         self.finished = 0
+        self._finishing = trio.Event()  # set (and replaced) each time a handler returns
         self.listener = WebSocketListener(self.handle, limits=Limits(), closed=ClosedCounter(),
                                           max_message_size=max_message_size,
                                           ssl_context=ssl_context)
@@ -56,6 +58,8 @@ class Server:
         finally:
             self.finished += 1
             self.done.set()
+            self._finishing.set()
+            self._finishing = trio.Event()
 
     async def start(self, nursery: trio.Nursery) -> Server:
         await nursery.start(self.listener.serve, "127.0.0.1", 0)
@@ -67,6 +71,11 @@ class Server:
 
     def url(self, path: str = "/t", scheme: str = "ws") -> str:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    async def wait_finished(self, count: int) -> None:
+        """Until *count* handlers have returned."""
+        while self.finished < count:
+            await self._finishing.wait()
 
     async def wait_closed(self) -> None:
         """Until every connection's slot is given back (its stream closed)."""
@@ -121,17 +130,17 @@ def close_payload(code: int, reason: str = "") -> bytes:
 
 class RawClient:
     """A WebSocket client that sends hand-made frames; the server's frames are
-    decoded with skr8tr.wsclient."""
+    decoded with skr8tr.ws.frames."""
 
-    def __init__(self, stream: trio.SocketStream, proto: wsclient.ClientProtocol) -> None:
+    def __init__(self, stream: trio.SocketStream, proto: wsframes.ClientProtocol) -> None:
         self.stream = stream
         self.proto = proto
-        self.pending: list[wsclient.Event] = []
+        self.pending: list[wsframes.Event] = []
 
     @classmethod
     async def connect(cls, port: int, *, then: bytes = b"") -> RawClient:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        proto = wsclient.ClientProtocol(f"127.0.0.1:{port}", "/raw")
+        proto = wsframes.ClientProtocol(f"127.0.0.1:{port}", "/raw")
         await stream.send_all(proto.handshake_request() + then)
         rest = None
         while rest is None:
@@ -145,7 +154,7 @@ class RawClient:
     async def send(self, *frames: bytes) -> None:
         await self.stream.send_all(b"".join(frames))
 
-    async def next_event(self) -> wsclient.Event | None:
+    async def next_event(self) -> wsframes.Event | None:
         """The next event from the server; None when the stream ended."""
         while not self.pending:
             try:
@@ -172,14 +181,14 @@ class RawClient:
 # ---------------------------------------------------------------------- messages both ways
 
 
-async def test_messages_both_ways_with_trio_websocket() -> None:
+async def test_messages_both_ways_with_the_trio_client() -> None:
     seen: list = []
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             server = await Server(partial(echo, seen=seen)).start(nursery)
             sent: list = []
-            async with trio_websocket.open_websocket_url(
-                    server.url(), max_message_size=2 * LIMIT) as ws:
+            async with trio_client.open_websocket(
+                    server.url(), max_message_bytes=2 * LIMIT) as ws:
                 for text in texts():
                     if len(text.encode()) > LIMIT:
                         continue
@@ -217,11 +226,11 @@ async def test_messages_both_ways_with_the_blocking_client() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_messages_both_ways_with_the_node_link() -> None:
+async def test_messages_both_ways_with_a_trio_client_that_closes() -> None:
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             server = await Server(echo).start(nursery)
-            ws = await link.connect(server.url(), max_message_bytes=2 * LIMIT)
+            ws = await trio_client.connect(server.url(), max_message_bytes=2 * LIMIT)
             for text in texts():
                 if len(text.encode()) <= LIMIT:
                     await ws.send_message(text)
@@ -245,15 +254,15 @@ async def test_fragmented_messages_and_pings_between_fragments() -> None:
                            frame(0x0, text[cut:-3], fin=False),
                            frame(0x0, b"", fin=False),
                            frame(0x0, text[-3:]))
-            assert await raw.next_event() == wsclient.Pong(b"between fragments")
-            assert await raw.next_event() == wsclient.Message(text.decode())
+            assert await raw.next_event() == wsframes.Pong(b"between fragments")
+            assert await raw.next_event() == wsframes.Message(text.decode())
             # A binary message in many small pieces, sent one write at a time.
             blob = os.urandom(10_000)
             pieces = [blob[i:i + 999] for i in range(0, len(blob), 999)]
             for i, piece in enumerate(pieces):
                 await raw.send(frame(0x2 if i == 0 else 0x0, piece,
                                      fin=i == len(pieces) - 1))
-            assert await raw.next_event() == wsclient.Message(blob)
+            assert await raw.next_event() == wsframes.Message(blob)
             assert seen == [text.decode(), blob]
             nursery.cancel_scope.cancel()
 
@@ -266,8 +275,8 @@ async def test_frames_sent_right_behind_the_handshake_are_kept() -> None:
             raw = await RawClient.connect(server.port, then=frame(0x1, b"eager")
                                           + frame(0x9, b"p"))
             # The reader answers the ping as it reads it, before the handler's echo.
-            assert await raw.next_event() == wsclient.Pong(b"p")
-            assert await raw.next_event() == wsclient.Message("eager")
+            assert await raw.next_event() == wsframes.Pong(b"p")
+            assert await raw.next_event() == wsframes.Message("eager")
             assert seen == ["eager"]
             nursery.cancel_scope.cancel()
 
@@ -291,7 +300,7 @@ async def test_a_cancelled_get_message_loses_nothing() -> None:
             for i in range(0, len(data), 700):
                 await raw.send(data[i:i + 700])
                 await trio.sleep(0.002)
-            assert await raw.next_event() == wsclient.Message("done")
+            assert await raw.next_event() == wsframes.Message("done")
             assert got == ["a" * 3000, "é" * 2000, "z"]
             nursery.cancel_scope.cancel()
 
@@ -312,9 +321,9 @@ async def test_a_close_by_the_client_is_answered_then_the_server_hangs_up(code, 
             await raw.send(frame(0x1, b"one"), frame(0x1, b"two"),
                            frame(0x8, close_payload(code, reason)))
             event = await raw.next_event()
-            while isinstance(event, wsclient.Message):
+            while isinstance(event, wsframes.Message):
                 event = await raw.next_event()
-            assert event == wsclient.Close(code, reason)
+            assert event == wsframes.Close(code, reason)
             assert await raw.ended()
             await server.done.wait()
             assert seen == ["one"]  # its echo met the close; "two" was never asked for
@@ -328,7 +337,7 @@ async def test_a_close_without_a_code_is_answered_without_one() -> None:
             server = await Server(echo).start(nursery)
             raw = await RawClient.connect(server.port)
             await raw.send(frame(0x8))
-            assert await raw.next_event() == wsclient.Close(1005, "")
+            assert await raw.next_event() == wsframes.Close(1005, "")
             assert await raw.ended()
             await server.done.wait()
             assert server.closes == [(1005, "")]
@@ -347,27 +356,27 @@ async def closer(ws: wsserver.ServerConnection) -> None:
     await ws.aclose()  # again: nothing to do
 
 
-async def test_a_close_by_the_server_reaches_trio_websocket() -> None:
+async def test_a_close_by_the_server_reaches_the_trio_client() -> None:
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             server = await Server(closer).start(nursery)
-            async with trio_websocket.open_websocket_url(server.url()) as ws:
+            async with trio_client.open_websocket(server.url()) as ws:
                 assert await ws.get_message() == "last words"
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with pytest.raises(trio_client.ConnectionClosed) as closed:
                     await ws.get_message()
-                assert closed.value.reason.code == 4000
-                assert closed.value.reason.reason == "node revoked"
+                assert closed.value.code == 4000
+                assert closed.value.reason == "node revoked"
             await server.done.wait()
             assert server.closes == [] and server.finished == 1
             await server.wait_closed()
             nursery.cancel_scope.cancel()
 
 
-async def test_a_close_by_the_server_reaches_the_wsclient_clients() -> None:
+async def test_a_close_by_the_server_reaches_both_clients() -> None:
     def blocking(url: str) -> int:
         with blocking_client.connect(url, 10.0) as conn:
             assert conn.receive_message() == "last words"
-            with pytest.raises(blocking_client.Closed) as closed:
+            with pytest.raises(blocking_client.ConnectionClosed) as closed:
                 conn.receive_message()
             return closed.value.code
 
@@ -375,14 +384,13 @@ async def test_a_close_by_the_server_reaches_the_wsclient_clients() -> None:
         async with trio.open_nursery() as nursery:
             server = await Server(closer).start(nursery)
             assert await trio.to_thread.run_sync(blocking, server.url()) == 4000
-            ws = await link.connect(server.url())
+            ws = await trio_client.connect(server.url())
             assert await ws.get_message() == "last words"
-            with pytest.raises(link.ConnectionClosed) as closed:
+            with pytest.raises(trio_client.ConnectionClosed) as closed:
                 await ws.get_message()
             assert (closed.value.code, closed.value.reason) == (4000, "node revoked")
             await ws.aclose()
-            while server.finished < 2:
-                await trio.sleep(0.005)
+            await server.wait_finished(2)
             assert server.closes == []
             await server.wait_closed()
             nursery.cancel_scope.cancel()
@@ -400,8 +408,8 @@ async def test_aclose_drops_what_arrives_until_the_peer_answers() -> None:
             server = await Server(hang_up).start(nursery)
             raw = await RawClient.connect(server.port)
             await raw.send(frame(0x1, b"ignored"), frame(0x9, b"not answered"))
-            assert await raw.next_event() == wsclient.Close(1008, "too fast")
-            await trio.sleep(0.01)
+            assert await raw.next_event() == wsframes.Close(1008, "too fast")
+            await trio.testing.wait_all_tasks_blocked()  # the server read what was sent
             assert not returned.is_set(), "aclose waits for the client's close"
             await raw.send(frame(0x1, b"dropped"), frame(0x8, close_payload(1008)))
             await returned.wait()
@@ -422,7 +430,7 @@ async def test_aclose_is_bounded_by_its_caller_and_still_closes_the_stream() -> 
         async with trio.open_nursery() as nursery:
             server = await Server(impatient).start(nursery)
             raw = await RawClient.connect(server.port)
-            assert await raw.next_event() == wsclient.Close(1000, "bye")
+            assert await raw.next_event() == wsframes.Close(1000, "bye")
             assert await raw.ended()
             await server.done.wait()
             nursery.cancel_scope.cancel()
@@ -449,7 +457,7 @@ async def test_aclose_while_another_task_reads_ends_that_read_with_its_code() ->
         async with trio.open_nursery() as nursery:
             server = await Server(two_tasks).start(nursery)
             raw = await RawClient.connect(server.port)
-            assert await raw.next_event() == wsclient.Close(1008, "limit")
+            assert await raw.next_event() == wsframes.Close(1008, "limit")
             assert await raw.ended()
             await server.done.wait()
             assert seen == [1008]
@@ -499,13 +507,13 @@ async def test_a_message_over_the_limit_is_closed_with_1009() -> None:
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             server = await Server(echo, max_message_size=limit).start(nursery)
-            async with trio_websocket.open_websocket_url(server.url()) as ws:
+            async with trio_client.open_websocket(server.url()) as ws:
                 await ws.send_message("x" * limit)  # exactly the limit: fine
                 assert await ws.get_message() == "x" * limit
                 await ws.send_message("x" * (limit + 1))
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with pytest.raises(trio_client.ConnectionClosed) as closed:
                     await ws.get_message()
-                assert closed.value.reason.code == 1009
+                assert closed.value.code == 1009
             await server.done.wait()
             assert server.closes == [(1009, f"Exceeded maximum message size: {limit} bytes")]
             await server.wait_closed()
@@ -528,7 +536,7 @@ async def test_the_limit_counts_bytes_over_all_fragments(frames) -> None:
             data = b"".join(frames)
             await raw.send(data[:5000])
             event = await raw.next_event()
-            assert isinstance(event, wsclient.Close) and event.code == 1009
+            assert isinstance(event, wsframes.Close) and event.code == 1009
             # The server reads on (dropping it) until the client answers the close.
             await raw.send(data[5000:] + frame(0x8, close_payload(1009)))
             assert await raw.ended()
@@ -558,10 +566,10 @@ async def test_bad_frames_are_closed_with_a_protocol_error(bad, code) -> None:
             server = await Server(partial(echo, seen=seen)).start(nursery)
             raw = await RawClient.connect(server.port)
             await raw.send(frame(0x1, b"fine"))
-            assert await raw.next_event() == wsclient.Message("fine")
+            assert await raw.next_event() == wsframes.Message("fine")
             await raw.send(bad)
             event = await raw.next_event()
-            assert isinstance(event, wsclient.Close) and event.code == code, event
+            assert isinstance(event, wsframes.Close) and event.code == code, event
             assert await raw.ended()
             await server.done.wait()
             assert seen == ["fine"]
@@ -576,11 +584,14 @@ async def test_pings_are_answered_with_their_payload() -> None:
             server = await Server(echo).start(nursery)
             raw = await RawClient.connect(server.port)
             await raw.send(frame(0x9), frame(0x9, b"x" * 125), frame(0xA, b"unsolicited"))
-            assert await raw.next_event() == wsclient.Pong(b"")
-            assert await raw.next_event() == wsclient.Pong(b"x" * 125)
-            async with trio_websocket.open_websocket_url(server.url()) as ws:
+            assert await raw.next_event() == wsframes.Pong(b"")
+            assert await raw.next_event() == wsframes.Pong(b"x" * 125)
+            async with trio_client.open_websocket(server.url()) as ws, \
+                    trio.open_nursery() as client:
+                client.start_soon(ws.get_message)  # the reader, which sees the pongs
                 for i in range(3):
                     await ws.ping(b"%d" % i)  # returns on the matching pong
+                await ws.send_message("bye")  # echoed: the reader returns
             nursery.cancel_scope.cancel()
 
 
@@ -605,17 +616,23 @@ async def test_concurrent_senders_keep_every_message_whole_and_in_order() -> Non
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             server = await Server(chatty).start(nursery)
-            async with trio_websocket.open_websocket_url(server.url()) as ws, \
+            async with trio_client.open_websocket(server.url()) as ws, \
                     trio.open_nursery() as client:
                 pongs = 0
+                pinged = trio.Event()
 
                 async def pinger() -> None:
                     nonlocal pongs
                     for i in range(5):  # answered in between the senders' writes
                         await ws.ping(b"%d" % i)
                         pongs += 1
+                    pinged.set()
 
-                await trio.sleep(0.05)  # let the senders fill the socket buffers
+                async def read_pongs() -> None:
+                    with contextlib.suppress(trio_client.ConnectionClosed):
+                        await ws.get_message()  # no message comes: the close ends it
+
+                await trio.testing.wait_all_tasks_blocked()  # the senders filled the buffers
                 client.start_soon(pinger)
                 got: dict[str, list[str]] = {"a": [], "b": [], "c": []}
                 expected = count + (count + 2) // 3
@@ -631,8 +648,9 @@ async def test_concurrent_senders_keep_every_message_whole_and_in_order() -> Non
                         if i % 3 == 0:
                             want.append(f"{i}:b")
                     assert ids == want, name
-                while pongs < 5:
-                    await trio.sleep(0.005)
+                client.start_soon(read_pongs)  # pongs that came after the last message
+                await pinged.wait()
+                assert pongs == 5
                 await ws.send_message("bye")
             await server.done.wait()
             nursery.cancel_scope.cancel()
@@ -694,15 +712,15 @@ async def test_a_handler_can_reject_the_upgrade() -> None:
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             await nursery.start(listener.serve, "127.0.0.1", 0)
-            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                async with trio_websocket.open_websocket_url(
+            with pytest.raises(trio_client.HandshakeError) as refused:
+                async with trio_client.open_websocket(
                         f"ws://127.0.0.1:{listener.port}/nowhere?x=1"):
                     pass  # refused before the body: pytest.raises checks it
-            assert rejected.value.status_code == 404
-            assert rejected.value.body == b"unknown path\n"
-            with pytest.raises(link.HandshakeError) as refused:
-                await link.connect(f"ws://127.0.0.1:{listener.port}/nowhere?x=1")
             assert refused.value.status == 404
+            answer = await http_exchange(listener.port, b"GET /nowhere?x=1 HTTP/1.1\r\n"
+                                         + UPGRADE + b"Sec-WebSocket-Version: 13\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 404 ")
+            assert answer.endswith(b"\r\n\r\nunknown path\n")
             nursery.cancel_scope.cancel()
 
 
@@ -721,12 +739,11 @@ async def test_tls(tmp_path) -> None:
             server = await Server(echo, ssl_context=server_context).start(nursery)
             url = server.url(scheme="wss")
             await trio.to_thread.run_sync(blocking, url)
-            ws = await link.connect(url, ssl_context=tls.client_context(str(pki.ca)))
+            ws = await trio_client.connect(url, ssl_context=tls.client_context(str(pki.ca)))
             await ws.send_message("node over TLS")
             assert await ws.get_message() == "node over TLS"
             await ws.aclose()
-            while server.finished < 2:
-                await trio.sleep(0.005)
+            await server.wait_finished(2)
             assert server.closes == [(1000, ""), (1000, "")]
             await server.wait_closed()
             nursery.cancel_scope.cancel()

@@ -4,7 +4,7 @@ Every message gets exactly one reply and nothing a client sends takes the
 conductor down: undecodable or unauthorized requests get an error reply,
 a failing command gets ``INTERNAL`` and a log line, and the connection goes on.
 Oversized messages are closed with 1009 by the connection itself
-(:mod:`skr8tr.conductor.wsserver`, ``max_message_size``). A connection that
+(:mod:`skr8tr.ws.server`, ``max_message_size``). A connection that
 sends more than ``Limits.messages_per_s`` (with ``message_burst`` saved up)
 is closed with 1008, one that sends nothing for ``Limits.idle_timeout_s``
 with 1000; all three are counted (:mod:`skr8tr.conductor.limits`).
@@ -31,9 +31,9 @@ from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.limits import ClosedCounter, Limits, LogThrottle, TokenBucket
 from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager
-from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection
 from skr8tr.core import envelope, manifest, protocol
 from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
+from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 log = logging.getLogger("skr8tr.conductor")
 

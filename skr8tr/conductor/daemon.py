@@ -30,7 +30,7 @@ import trio
 
 from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
-from skr8tr.conductor import audit, loops, replay_store, state_file, status_http, wsserver
+from skr8tr.conductor import audit, loops, replay_store, state_file, status_http
 from skr8tr.conductor.accept import fit_limits_to_descriptors
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.file_store import FileStore
@@ -48,6 +48,7 @@ from skr8tr.core.keys import (
 )
 from skr8tr.heap import TrimAfterPeaks, release_free_heap
 from skr8tr.keyfiles import load_authorized_keys
+from skr8tr.ws import server as wsserver
 
 log = logging.getLogger("skr8tr.conductor")
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import trio
 
-from skr8tr.conductor.wsserver import frame_text
 from skr8tr.core import protocol
+from skr8tr.ws.server import frame_text
 
 log = logging.getLogger("skr8tr.conductor")
 

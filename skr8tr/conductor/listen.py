@@ -2,7 +2,7 @@
 
 This module accepts the TCP connections itself (:mod:`skr8tr.conductor.accept`)
 and serves each with our own server connection
-(:mod:`skr8tr.conductor.wsserver`: wsproto, no reader task):
+(:mod:`skr8tr.ws.server`: wsproto, no reader task):
 
 1. a connection over the total cap (``max_connections``, both listeners
    together) or from a client address already holding
@@ -18,7 +18,7 @@ and serves each with our own server connection
    this conductor's is answered 421, one from a foreign page 403
    (:mod:`skr8tr.conductor.origins`); one without ``Origin`` (the CLI, node
    agents, the ingress) may name the conductor by any host;
-5. the handler gets the :class:`~skr8tr.conductor.wsserver.Request` to accept
+5. the handler gets the :class:`~skr8tr.ws.server.Request` to accept
    or reject, and when it returns the connection is closed (the closing
    handshake bounded by ``DISCONNECT_TIMEOUT_S``).
 """
@@ -31,10 +31,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from skr8tr.conductor import wsserver
 from skr8tr.conductor.accept import Admission, serve_accepting
 from skr8tr.conductor.limits import AddressSlots, ClosedCounter, ConnectionGate, Limits
 from skr8tr.conductor.origins import HostPolicy
+from skr8tr.ws import server as wsserver
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -97,7 +97,7 @@ class WebSocketListener:
             try:
                 request = await wsserver.read_request(
                     stream, address, max_message_size=self.max_message_size)
-            except wsserver.BadHandshake as exc:
+            except wsserver.HandshakeError as exc:
                 why = str(exc)
         if request is None:
             reason = "handshake_timeout" if deadline.cancelled_caught else "bad_handshake"

@@ -26,10 +26,10 @@ from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle
 from skr8tr.conductor.cluster import NODE_OUTBOX, Cluster
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.limits import TokenBucket
-from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
 from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
+from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 log = logging.getLogger("skr8tr.conductor")
 

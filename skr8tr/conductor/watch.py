@@ -15,7 +15,7 @@ do not read, or are gone without a word, from holding memory and descriptors:
   shared log (:mod:`skr8tr.conductor.events`), and their frames are encoded
   once for all (:attr:`~skr8tr.conductor.events.Event.frame`): a watcher
   that is behind holds its place in the log and, while a write is stuck,
-  at most :data:`~skr8tr.conductor.wsserver.WRITE_CHUNK_BYTES` of frames
+  at most :data:`~skr8tr.ws.server.WRITE_CHUNK_BYTES` of frames
   joined into bytes of its own. (Measured: 4,000 watchers that never read,
   30,000 events: see the CHANGELOG.)
 - **Keep-alive** (``Limits.watch_idle_timeout_s``, ``--watch-idle-timeout``):
@@ -47,8 +47,8 @@ from skr8tr.conductor import views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.events import EventBus
 from skr8tr.conductor.limits import ClosedCounter, Limits, LogThrottle, TokenBucket
-from skr8tr.conductor.wsserver import ConnectionClosed, ServerConnection, frame_text
 from skr8tr.core import protocol
+from skr8tr.ws.server import ConnectionClosed, ServerConnection, frame_text
 
 log = logging.getLogger("skr8tr.conductor")
 

@@ -41,12 +41,12 @@ from skr8tr.core.keys import KeyFileError, fingerprint, public_hex
 from skr8tr.core.node_protocol import is_host_or_ip
 from skr8tr.heap import release_free_heap
 from skr8tr.keyfiles import load_signing_key
-from skr8tr.node import link
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.session import Refused, SessionError, run_session
 from skr8tr.node.supervisor import RunAs, RunAsError, open_supervisor, resolve_run_as
 from skr8tr.node.sysinfo import prime_cpu
 from skr8tr.wire import DEFAULT_CONDUCTOR_URL
+from skr8tr.ws import trio_client
 
 log = logging.getLogger("skr8tr.node")
 
@@ -222,7 +222,7 @@ def _welcomed(backoff: Backoff) -> None:
     release_free_heap()  # the start-up's garbage: ~1 MB of an idle agent's RSS
 
 
-_EXPECTED = (OSError, SessionError, link.HandshakeError, link.ConnectionClosed,
+_EXPECTED = (OSError, SessionError, trio_client.HandshakeError, trio_client.ConnectionClosed,
              trio.BrokenResourceError)
 
 
@@ -247,10 +247,10 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, link.HandshakeError):
+    if isinstance(exc, trio_client.HandshakeError):
         # "the handshake was refused with HTTP 404", "... no `Upgrade: websocket`", ...
         return f"WebSocket handshake failed: {exc}"
-    if isinstance(exc, link.ConnectionClosed):
+    if isinstance(exc, trio_client.ConnectionClosed):
         why = f": {exc.reason}" if exc.reason else ""
         return f"connection closed (code {exc.code}{why})"
     if isinstance(exc, OSError):

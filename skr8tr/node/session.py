@@ -32,12 +32,12 @@ from skr8tr.core.node_protocol import (
     encode_node_message,
     fit_report,
 )
-from skr8tr.node import link
 from skr8tr.node.health import os_error_text
 from skr8tr.node.spec import LaunchSpec
 from skr8tr.node.supervisor import Report, Supervisor
 from skr8tr.node.sysinfo import machine_figures
 from skr8tr.tls import TlsError
+from skr8tr.ws import trio_client
 
 log = logging.getLogger("skr8tr.node")
 
@@ -71,7 +71,7 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
     Returns normally when the conductor closes a session it had welcomed.
     Raises :class:`Refused` when the conductor refuses the node,
     :class:`SessionError` when it cannot be reached, breaks the protocol or
-    the outbox overflows, and :mod:`skr8tr.node.link`'s HandshakeError /
+    the outbox overflows, and :mod:`skr8tr.ws.trio_client`'s HandshakeError /
     ConnectionClosed when the WebSocket handshake fails or the connection
     drops during the join (possibly inside an exception group). Calls
     *on_welcome* once the conductor welcomed the node.
@@ -108,12 +108,12 @@ async def _cancel_when_cancelled(scope: trio.CancelScope) -> None:
 async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
                              ssl_context: ssl.SSLContext | None = None,
                              **serve_options: Any) -> None:
-    ws: link.Link | None = None
+    ws: trio_client.ClientConnection | None = None
     try:
         with work_scope:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT_S):
-                    ws = await link.connect(url, ssl_context=ssl_context,
+                    ws = await trio_client.connect(url, ssl_context=ssl_context,
                                             max_message_bytes=MAX_NODE_MESSAGE_BYTES)
             except TlsError as exc:
                 raise SessionError(f"the conductor at {url}: {exc}") from None
@@ -130,7 +130,7 @@ async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
                 await ws.aclose(code, reason)
 
 
-async def _serve(ws: link.Link, *, url: str, node_id: str,
+async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
                  signing_key: nacl.signing.SigningKey, advertise: str | None,
                  supervisor: Supervisor, on_welcome: Callable[[], None]) -> None:
     challenge = await _receive_handshake(ws, ("challenge",))
@@ -172,7 +172,7 @@ async def _serve(ws: link.Link, *, url: str, node_id: str,
                            f"{OUTBOX_LIMIT} queued messages")
 
 
-async def _receive_handshake(ws: link.Link,
+async def _receive_handshake(ws: trio_client.ClientConnection,
                              expected: tuple[str, ...]) -> dict[str, Any]:
     wanted = " or ".join(expected)
     with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
@@ -187,11 +187,11 @@ async def _receive_handshake(ws: link.Link,
     raise SessionError(f"no {wanted} from the conductor within {HANDSHAKE_TIMEOUT_S:g} s")
 
 
-def _local_address(ws: link.Link) -> str:
+def _local_address(ws: trio_client.ClientConnection) -> str:
     return ws.local_address or "127.0.0.1"
 
 
-async def _send_outbox(ws: link.Link,
+async def _send_outbox(ws: trio_client.ClientConnection,
                        outbox: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]) -> None:
     async for kind, fields in outbox:
         try:
@@ -201,7 +201,7 @@ async def _send_outbox(ws: link.Link,
             continue
         try:
             await ws.send_message(text)
-        except link.ConnectionClosed:
+        except trio_client.ConnectionClosed:
             return  # the receiving side notices and ends the session
 
 
@@ -212,13 +212,13 @@ async def _send_heartbeats(outbox: trio.MemorySendChannel[tuple[str, dict[str, A
         await outbox.send(("heartbeat", machine_figures()))
 
 
-async def _serve_commands(ws: link.Link, node_id: str,
+async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                           supervisor: Supervisor,
                           outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
     while True:
         try:
             data = await ws.get_message()
-        except link.ConnectionClosed as exc:
+        except trio_client.ConnectionClosed as exc:
             log.info("node %s: the conductor closed the session (code %s%s)", node_id,
                      exc.code, f": {exc.reason}" if exc.reason else "")
             return

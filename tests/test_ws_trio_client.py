@@ -1,9 +1,10 @@
-"""The node's WebSocket link (skr8tr.wsclient on trio) against trio-websocket's server.
+"""The Trio client (skr8tr.ws.trio_client: the node agent's link, skr8tr.client) against a server.
 
-trio-websocket is an independent, widely used WebSocket server, so it is the
-reference peer here: every way a connection can go or end. (The conductor's
-own server, skr8tr/conductor/wsserver.py, is tested against the link in
-tests/test_wsserver.py.)
+Every way a connection can go or end, seen from the client. The server is
+skr8tr.ws.server without the conductor's listener (tests/ws_helpers.py); the
+server's own behaviour, against hand-made frames, is tested in
+tests/test_wsserver.py, and the framing against wsproto's own handshake and
+peer in tests/test_ws_frames.py.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from functools import partial
 
 import pytest
 import trio
-import trio_websocket
 
-from skr8tr.node import link
+from skr8tr.ws import server as wsserver
+from skr8tr.ws import trio_client
+from tests.ws_helpers import serve_websocket
 
 STEP_S = 10
 
 
 async def serve(nursery: trio.Nursery, handler) -> str:
-    async def on_request(request: trio_websocket.WebSocketRequest) -> None:
+    async def on_request(request: wsserver.Request) -> None:
         ws = await request.accept()
         await handler(ws)
 
-    server = await nursery.start(partial(trio_websocket.serve_websocket, on_request,
+    server = await nursery.start(partial(serve_websocket, on_request,
                                          "127.0.0.1", 0, ssl_context=None,
                                          max_message_size=4 * 1024 * 1024))
     return f"ws://127.0.0.1:{server.port}/v1/node"
@@ -37,21 +39,21 @@ async def test_messages_both_ways_pings_and_a_close_by_us() -> None:
     closed = trio.Event()
     codes: list[int] = []
 
-    async def echo(ws: trio_websocket.WebSocketConnection) -> None:
+    async def echo(ws: trio_client.ClientConnection) -> None:
         try:
             while True:
                 text = await ws.get_message()
                 seen.append(text)
-                await ws.ping(b"are you there")  # the reader answers with a pong
+                await ws.send_ping(b"are you there")  # the client's reader answers with a pong
                 await ws.send_message(text.upper())
-        except trio_websocket.ConnectionClosed as exc:
-            codes.append(exc.reason.code)
+        except trio_client.ConnectionClosed as exc:
+            codes.append(exc.code)
             closed.set()
 
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             url = await serve(nursery, echo)
-            ws = await link.connect(url)
+            ws = await trio_client.connect(url)
             assert ws.local_address == "127.0.0.1"
             for text in ("hello", "", "x" * 70_000, "é" * 1000):
                 await ws.send_message(text)
@@ -60,22 +62,22 @@ async def test_messages_both_ways_pings_and_a_close_by_us() -> None:
             await closed.wait()
             assert codes == [1001]
             assert seen == ["hello", "", "x" * 70_000, "é" * 1000]
-            with pytest.raises(link.ConnectionClosed):
+            with pytest.raises(trio_client.ConnectionClosed):
                 await ws.send_message("after the close")
             nursery.cancel_scope.cancel()
 
 
 async def test_a_close_by_the_server_ends_get_message_with_its_code() -> None:
-    async def closer(ws: trio_websocket.WebSocketConnection) -> None:
+    async def closer(ws: trio_client.ClientConnection) -> None:
         await ws.send_message("last words")
         await ws.aclose(4000, "node revoked")
 
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             url = await serve(nursery, closer)
-            ws = await link.connect(url)
+            ws = await trio_client.connect(url)
             assert await ws.get_message() == "last words"
-            with pytest.raises(link.ConnectionClosed) as closed:
+            with pytest.raises(trio_client.ConnectionClosed) as closed:
                 await ws.get_message()
             assert (closed.value.code, closed.value.reason) == (4000, "node revoked")
             assert ws.closed is not None and ws.closed.code == 4000
@@ -87,19 +89,19 @@ async def test_a_message_over_the_limit_closes_with_1009() -> None:
     codes: list[int] = []
     done = trio.Event()
 
-    async def big(ws: trio_websocket.WebSocketConnection) -> None:
+    async def big(ws: trio_client.ClientConnection) -> None:
         await ws.send_message("y" * 2000)
         try:
             await ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            codes.append(exc.reason.code)
+        except trio_client.ConnectionClosed as exc:
+            codes.append(exc.code)
         done.set()
 
     with trio.fail_after(STEP_S):
         async with trio.open_nursery() as nursery:
             url = await serve(nursery, big)
-            ws = await link.connect(url, max_message_bytes=1000)
-            with pytest.raises(link.ConnectionClosed) as closed:
+            ws = await trio_client.connect(url, max_message_bytes=1000)
+            with pytest.raises(trio_client.ConnectionClosed) as closed:
                 await ws.get_message()
             assert closed.value.code == 1009
             await done.wait()
@@ -127,9 +129,9 @@ async def test_a_dropped_tcp_connection_is_1006() -> None:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(trio.serve_tcp, raw_server, 0)
             port = listeners[0].socket.getsockname()[1]
-            ws = await link.connect(f"ws://127.0.0.1:{port}/")
+            ws = await trio_client.connect(f"ws://127.0.0.1:{port}/")
             assert await ws.get_message() == "hi"  # frames that came with the handshake
-            with pytest.raises(link.ConnectionClosed) as closed:
+            with pytest.raises(trio_client.ConnectionClosed) as closed:
                 await ws.get_message()
             assert closed.value.code == 1006
             await ws.aclose()
@@ -146,8 +148,8 @@ async def test_a_refused_handshake_names_the_http_status() -> None:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(trio.serve_tcp, not_websocket, 0)
             port = listeners[0].socket.getsockname()[1]
-            with pytest.raises(link.HandshakeError) as refused:
-                await link.connect(f"ws://127.0.0.1:{port}/v1/node")
+            with pytest.raises(trio_client.HandshakeError) as refused:
+                await trio_client.connect(f"ws://127.0.0.1:{port}/v1/node")
             assert refused.value.status == 404
             assert "refused with HTTP 404" in str(refused.value)
             nursery.cancel_scope.cancel()
@@ -158,17 +160,17 @@ async def test_nothing_listening_is_an_os_error() -> None:
         await s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(OSError):
-        await link.connect(f"ws://127.0.0.1:{port}/")
+        await trio_client.connect(f"ws://127.0.0.1:{port}/")
 
 
 @pytest.mark.parametrize("url", ["http://x/", "ws:///nohost", "wss://x/"])
 async def test_bad_urls(url: str) -> None:
     with pytest.raises(ValueError):
-        await link.connect(url)  # wss:// without an SSL context is a ValueError too
+        await trio_client.connect(url)  # wss:// without an SSL context is a ValueError too
 
 
 def test_split_url() -> None:
-    assert link.split_url("ws://127.0.0.1:7771/v1/node") == (False, "127.0.0.1", 7771,
+    assert trio_client.split_url("ws://127.0.0.1:7771/v1/node") == (False, "127.0.0.1", 7771,
                                                              "/v1/node")
-    assert link.split_url("wss://example.org") == (True, "example.org", 443, "/")
-    assert link.split_url("ws://[::1]:80/a?b=c") == (False, "::1", 80, "/a?b=c")
+    assert trio_client.split_url("wss://example.org") == (True, "example.org", 443, "/")
+    assert trio_client.split_url("ws://[::1]:80/a?b=c") == (False, "::1", 80, "/a?b=c")
