@@ -24,6 +24,7 @@ from skr8tr.core import protocol
 from skr8tr.wire import CallOptions, ClientError
 from tests.conftest import free_port
 from tests.security_helpers import open_conductor
+from tests.wire_helpers import decode_request
 
 DEADLINE_S = 30
 
@@ -121,7 +122,7 @@ async def test_a_ping_from_the_server_is_answered(tmp_path):
         with trio.move_on_after(DEADLINE_S), _quiet():
             raw = await ws.get_message()
             await ws.ping(b"still there?")  # returns only once our pong arrived
-            req = protocol.decode_request(raw)
+            req = decode_request(raw)
             await ws.send_message(protocol.ok_reply(req.id, {"pong": "peer"}))
             await ws.get_message()
 
@@ -240,7 +241,7 @@ async def _other_ids_only(ws) -> None:
 
 
 async def _error_reply(ws) -> None:
-    req = protocol.decode_request(await ws.get_message())
+    req = decode_request(await ws.get_message())
     await ws.send_message(protocol.error_reply(req.id, "CONFLICT", "a rollout of web runs"))
     await _read_forever(ws)
 

@@ -20,6 +20,7 @@ import trio_websocket
 
 from skr8tr.core import envelope, keys, protocol
 from tests.conftest import MANIFESTS, skr8tr_command
+from tests.wire_helpers import decode_request
 
 REPLICAS = [
     {
@@ -65,7 +66,7 @@ class ScriptedConductor:
             self.received.append(msg)
             if self.silent:
                 continue
-            req = protocol.decode_request(raw)
+            req = decode_request(raw)
             assert not isinstance(req, protocol.DecodeError), req
             fp = None
             if req.cmd in envelope.SIGNED_COMMANDS:

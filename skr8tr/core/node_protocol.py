@@ -52,13 +52,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from skr8tr.core import names
 from skr8tr.core.names import APP_NAME_MAX_CHARS, APP_NAME_RE
 
 PROTOCOL_VERSION = 1
 MAX_NODE_MESSAGE_BYTES = 1024 * 1024
 
 # Bounds of what a node reports (hello, heartbeat, replica, logs_reply).
-MAX_ID_CHARS = 128  # node ids, replica ids, logs request ids
+MAX_ID_CHARS = names.MAX_ID_CHARS  # node ids, replica ids, logs request ids
 MAX_APP_NAME_CHARS = APP_NAME_MAX_CHARS  # as in a manifest
 MAX_ADDRESS_CHARS = 253  # a host name (RFC 1123) or an IP address
 MAX_VERSION_CHARS = 64
