@@ -11,7 +11,6 @@ Modules, each named for what it does:
 - :mod:`.records` — replica records in the data dir (atomic writes);
 - :mod:`.adopt` — after a restart: is a recorded pid still the replica
   (pid and start time), and watching and signalling it without being its parent;
-- :mod:`.spec` — the launch request as a frozen dataclass;
 - :mod:`.backoff`, :mod:`.sysinfo` — reconnect delays, machine figures.
 
 Nothing here imports :mod:`skr8tr.conductor`; the two share only

@@ -60,7 +60,7 @@ from typing import Any
 import psutil
 import trio
 
-from skr8tr.core.node_protocol import encode_node_message
+from skr8tr.core.node_protocol import Launch
 from skr8tr.node.adopt import AdoptedProcess, identify
 from skr8tr.node.health import HealthTracker, next_probe_delay, probe_http
 from skr8tr.node.logs import (
@@ -72,7 +72,6 @@ from skr8tr.node.logs import (
     run_tailer,
 )
 from skr8tr.node.records import RecordWriter, read_records, remove_record
-from skr8tr.node.spec import LaunchSpec
 
 log = logging.getLogger("skr8tr.node")
 
@@ -133,7 +132,7 @@ class LaunchFailed(Exception):
 
 @dataclass(eq=False)
 class _Replica:
-    spec: LaunchSpec
+    spec: Launch
     log: ReplicaLog
     proc: trio.Process | None = None  # spawned by this agent
     adopted: AdoptedProcess | None = None  # or re-adopted after a restart
@@ -219,7 +218,7 @@ class Supervisor:
         """The last *count* log lines of *app* (or one of its replicas), oldest first."""
         return self.logbook.tail(app, replica, count)
 
-    def launch(self, spec: LaunchSpec) -> None:
+    def launch(self, spec: Launch) -> None:
         """Start a replica in the background; its reports say how it goes.
 
         Launching a replica id that is still running is a duplicate: its last
@@ -349,8 +348,7 @@ class Supervisor:
         try:
             if not isinstance(launch, dict):
                 raise ValueError("missing")
-            encode_node_message("launch", **launch)  # validates every field
-            spec = LaunchSpec.from_message(launch)
+            spec = Launch.from_fields(launch)  # checks every field
         except (TypeError, ValueError) as exc:
             return f"bad launch fields in the record: {exc}"
         if spec.replica != replica:
@@ -607,7 +605,7 @@ class Supervisor:
             "stderr": rep.log.paths["stderr"],
             "started": self._clock(),
             "state": "running",
-            "launch": spec.to_message_fields(),
+            "launch": spec.fields(),
         }
         self._save_record(rep)
 
@@ -680,7 +678,7 @@ async def open_supervisor(data_dir: str, *, stop_on_exit: bool = False,
             writer_nursery.cancel_scope.cancel()
 
 
-def build_env(spec: LaunchSpec) -> dict[str, str]:
+def build_env(spec: Launch) -> dict[str, str]:
     """A few inherited variables, the manifest's env, then PORT/HOST and SKR8TR_*."""
     env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
     env.update(spec.env)
