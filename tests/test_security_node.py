@@ -13,7 +13,8 @@ import pytest
 import trio
 
 from skr8tr.core.node_protocol import Launch
-from skr8tr.node.supervisor import RunAsError, open_supervisor, resolve_run_as
+from skr8tr.node.process import RunAsError, resolve_run_as
+from skr8tr.node.supervisor import open_supervisor
 from tests.conftest import run_cli
 
 DEADLINE_S = 30

@@ -5,7 +5,8 @@ Modules, each named for what it does:
 - :mod:`.agent` — configuration, the reconnect loop, ``main`` for ``skr8tr node``;
 - :mod:`.session` — one WebSocket session with the conductor (handshake,
   heartbeats, commands);
-- :mod:`.supervisor` — replica processes: launch, readiness, stop, exit;
+- :mod:`.supervisor` — replicas: launch, readiness, stop, exit, re-adoption, reports;
+- :mod:`.process` — one workload process: spawning it, stopping its process group;
 - :mod:`.health` — HTTP health probes and the ready/unhealthy state machine;
 - :mod:`.logs` — per-replica log files, rotation and the in-memory tail;
 - :mod:`.records` — replica records in the data dir (atomic writes);
