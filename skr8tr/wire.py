@@ -136,16 +136,11 @@ _ids = itertools.count(1)
 
 
 def build_request(cmd: str, args: dict, signing_key: Any | None) -> dict:
-    """A request dict for ``cmd``; signed when a key is given (then ``ts``, a fresh
-    ``nonce``, ``key`` and a ``sig`` over the canonical JSON of every other field)."""
-    req_id = f"{os.getpid()}-{next(_ids)}"
-    if signing_key is None:
-        return {"v": protocol.PROTOCOL_VERSION, "id": req_id, "cmd": cmd, "args": args}
-    from skr8tr.core import envelope
-
-    return envelope.sign_request(
-        signing_key, id=req_id, cmd=cmd, args=args, ts=time.time(), nonce=envelope.new_nonce()
-    )
+    """A request for ``cmd`` with a fresh id (:func:`protocol.request_message`): signed
+    with the clock's reading and a fresh nonce when a key is given."""
+    return protocol.request_message(
+        id=f"{os.getpid()}-{next(_ids)}", cmd=cmd, args=args, signing_key=signing_key,
+        ts=None if signing_key is None else time.time())
 
 
 def match_reply(raw: str | bytes, request_id: str) -> protocol.Reply | None:

@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr.conductor.daemon import ConductorConfig, run_conductor
 from skr8tr.conductor.limits import Limits
-from skr8tr.core import keys, protocol
+from skr8tr.core import keys
 from skr8tr.ws import trio_client
+from tests.wire_helpers import encode_request
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ async def open_conductor(tmp_path: Path, **config):
 
 
 def ping_text(rid: str = "p") -> str:
-    return protocol.encode_request(id=rid, cmd="ping", args={})
+    return encode_request(id=rid, cmd="ping", args={})
 
 
 async def ping(url: str, ssl_context=None) -> dict:

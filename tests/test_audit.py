@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from skr8tr import audit_head
 from skr8tr.conductor import audit
 from skr8tr.conductor.daemon import ConductorConfig, StartError, run_conductor
-from skr8tr.core import audit_chain, keys, manifest, protocol
+from skr8tr.core import audit_chain, keys, manifest
 from skr8tr.core.audit_chain import GENESIS, ChainError, Head
 from skr8tr.ws import trio_client
 from tests.conftest import skr8tr_command
 from tests.security_helpers import open_conductor, scrape
+from tests.wire_helpers import encode_request
 
 DEADLINE_S = 30
 SECRET = "s3cret-value-never-logged"
@@ -171,16 +172,16 @@ async def test_conductor_records_every_signed_command(tmp_path: Path, caplog):
     stranger, _ = keys.generate_keypair()
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path, audit_log=str(log_path)) as c:
-            up = protocol.encode_request(id="1", cmd="up", args=manifest_args(tmp_path),
+            up = encode_request(id="1", cmd="up", args=manifest_args(tmp_path),
                                          signing_key=c.admin, ts=time.time())
-            forged = protocol.encode_request(id="2", cmd="up", args=manifest_args(tmp_path),
+            forged = encode_request(id="2", cmd="up", args=manifest_args(tmp_path),
                                              signing_key=stranger, ts=time.time())
-            unsigned = protocol.encode_request(id="3", cmd="down", args={"app": "vault"})
-            scale = protocol.encode_request(id="4", cmd="scale",
+            unsigned = encode_request(id="3", cmd="down", args={"app": "vault"})
+            scale = encode_request(id="4", cmd="scale",
                                             args={"app": "vault", "replicas": 0},
                                             signing_key=c.admin, ts=time.time())
-            ping = protocol.encode_request(id="5", cmd="ping", args={})
-            down = protocol.encode_request(id="6", cmd="down", args={"app": "vault"},
+            ping = encode_request(id="5", cmd="ping", args={})
+            down = encode_request(id="6", cmd="down", args={"app": "vault"},
                                            signing_key=c.admin, ts=time.time())
             replies = await send_all(c.url, [up, forged, unsigned, scale, scale, ping, down])
             codes = [r["error"]["code"] if not r["ok"] else "ok" for r in replies]
@@ -238,12 +239,12 @@ async def test_conductor_refuses_to_start_on_a_broken_log_and_continues_an_intac
     log_path = tmp_path / "audit.jsonl"
     with trio.fail_after(DEADLINE_S):
         async with open_conductor(tmp_path, audit_log=str(log_path)) as c:
-            down = protocol.encode_request(id="1", cmd="down", args={"app": "x"},
+            down = encode_request(id="1", cmd="down", args={"app": "x"},
                                            signing_key=c.admin, ts=time.time())
             assert (await send_all(c.url, [down]))[0]["error"]["code"] == "NOT_FOUND"
         # A second start continues the same chain.
         async with open_conductor(tmp_path, audit_log=str(log_path)) as c:
-            down = protocol.encode_request(id="2", cmd="down", args={"app": "y"},
+            down = encode_request(id="2", cmd="down", args={"app": "y"},
                                            signing_key=c.admin, ts=time.time())
             await send_all(c.url, [down])
     assert audit_chain.verify(log_path.read_bytes()).head.entries == 2

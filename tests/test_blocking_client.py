@@ -25,6 +25,7 @@ from skr8tr.ws import server as wsserver
 from skr8tr.ws import trio_client
 from tests.conftest import free_port
 from tests.security_helpers import open_conductor
+from tests.wire_helpers import decode_request
 from tests.ws_helpers import serve_websocket
 
 DEADLINE_S = 30
@@ -129,7 +130,7 @@ async def test_a_ping_from_the_server_is_answered(tmp_path):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_on)
                 await ws.ping(b"still there?")  # returns only once our pong arrived
-                req = protocol.decode_request(raw)
+                req = decode_request(raw)
                 await ws.send_message(protocol.ok_reply(req.id, {"pong": "peer"}))
 
     with trio.fail_after(DEADLINE_S):
@@ -247,7 +248,7 @@ async def _other_ids_only(ws) -> None:
 
 
 async def _error_reply(ws) -> None:
-    req = protocol.decode_request(await ws.get_message())
+    req = decode_request(await ws.get_message())
     await ws.send_message(protocol.error_reply(req.id, "CONFLICT", "a rollout of web runs"))
     await _read_forever(ws)
 

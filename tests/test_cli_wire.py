@@ -23,6 +23,7 @@ from skr8tr.core import envelope, keys, protocol
 from skr8tr.ws import server as wsserver
 from skr8tr.ws import trio_client
 from tests.conftest import MANIFESTS, skr8tr_command
+from tests.wire_helpers import decode_request
 from tests.ws_helpers import serve_websocket
 
 REPLICAS = [
@@ -69,7 +70,7 @@ class ScriptedConductor:
             self.received.append(msg)
             if self.silent:
                 continue
-            req = protocol.decode_request(raw)
+            req = decode_request(raw)
             assert not isinstance(req, protocol.DecodeError), req
             fp = None
             if req.cmd in envelope.SIGNED_COMMANDS:

@@ -35,10 +35,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr import blocking_client, keyfiles
-from skr8tr.core import protocol
 from skr8tr.ws import frames as wsclient
 from tests.conftest import HELLO_HTTP, free_port, http_get, skr8tr_command
 from tests.e2e import Cluster, Daemon, poll
+from tests.wire_helpers import encode_request
 
 pytestmark = pytest.mark.e2e
 
@@ -192,7 +192,7 @@ def scale_until(cluster: Cluster, done, *, limit: int = MAX_COMMANDS,
         while sent < limit and time.monotonic() < end:
             for _ in range(200):
                 sent += 1
-                conn.send_text(protocol.encode_request(
+                conn.send_text(encode_request(
                     id=str(sent), cmd="scale", args={"app": APP, "replicas": 0},
                     signing_key=key, ts=time.time()))
                 reply = json.loads(conn.receive_message(time.monotonic() + 10))

@@ -23,6 +23,7 @@ from skr8tr.core import protocol
 from skr8tr.core.manifest import ManifestError, format_skr8tr, parse_manifest
 from skr8tr.ws import trio_client
 from tests.security_helpers import FUZZ_LIMITS, open_conductor, ping
+from tests.wire_helpers import encode_request
 
 EXAMPLES = 10_000
 SEND_EVERY = 10
@@ -153,7 +154,7 @@ async def test_manifest_parser_and_conductor_never_break(tmp_path):
         async with trio_client.open_websocket(c.url + "/v1/cli") as ws:
             for start in range(0, len(sample), BATCH):
                 for i, (fmt, text) in enumerate(sample[start:start + BATCH], start=start):
-                    req = protocol.encode_request(
+                    req = encode_request(
                         id=f"m{i}", cmd="up", signing_key=c.admin, ts=time.time(),
                         args={"manifest": text, "format": fmt, "base_dir": "/srv"})
                     await ws.send_message(req)

@@ -1,9 +1,10 @@
 """Fuzz the request decoder, alone and through a running conductor: 10,000 examples.
 
-Every example is decoded by ``protocol.accept_request`` directly (it must
-return a Request or a DecodeError with a clear code and message, never raise)
-and is also sent to a real conductor on one ``/v1/cli`` connection, whose
-reply must be a well-formed reply: ``ok``, or an error code of the protocol
+Every example is decoded as the conductor decodes it (``accept_request`` in
+tests/wire_helpers.py: authenticate, then admit; it must return a Request
+or a DecodeError with a clear code and message, never raise) and is also
+sent to a real conductor on one ``/v1/cli`` connection, whose reply must be a
+well-formed reply: ``ok``, or an error code of the protocol
 other than ``INTERNAL``. Some examples are validly signed by the admin key,
 so that the commands behind the decoder get hostile arguments too. After
 every batch of examples a fresh connection must still get ``pong``.
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from skr8tr.core import envelope, keys, protocol
 from skr8tr.ws import trio_client
 from tests.security_helpers import FUZZ_LIMITS, open_conductor, ping, ping_text
+from tests.wire_helpers import accept_request
 
 EXAMPLES = 10_000
 BATCH = 1_000
@@ -89,7 +91,7 @@ def messages(draw):
         return kind, json.dumps(draw(request_dicts), ensure_ascii=draw(st.booleans()))
     if kind == "signed":
         cmd = draw(st.sampled_from(sorted(envelope.COMMANDS)))
-        names = protocol.ARG_NAMES[cmd]
+        names = tuple(protocol.ARG_SPECS[cmd])
         args = {name: draw(ARG_VALUES[name]) for name in names if draw(st.integers(0, 9))}
         if not draw(st.integers(0, 4)):
             args = draw(st.one_of(plausible_args, json_values))
@@ -113,7 +115,7 @@ def render(kind: str, payload, admin) -> str | bytes:
 
 
 def check_decoded(raw: str | bytes, admin_keys, guard) -> None:
-    got = protocol.accept_request(raw, authorized=admin_keys, guard=guard, now=time.time())
+    got = accept_request(raw, authorized=admin_keys, guard=guard, now=time.time())
     if isinstance(got, protocol.DecodeError):
         assert got.code in ("BAD_REQUEST", "UNAUTHORIZED", "EXPIRED", "REPLAY")
         assert isinstance(got.message, str) and got.message

@@ -23,11 +23,12 @@ from hypothesis import strategies as st
 from skr8tr.conductor import commands
 from skr8tr.conductor.api import Authority, CliApi
 from skr8tr.conductor.cluster import Cluster
-from skr8tr.core import keys, manifest, protocol
+from skr8tr.core import keys, manifest
 from skr8tr.core.manifest import MAX_LINE_CHARS, MAX_VALUE_CHARS, ManifestError, shell_words
 from skr8tr.ws import trio_client
 from tests.conftest import http_get
 from tests.e2e import poll, running_cluster
+from tests.wire_helpers import encode_request
 
 HUGE_WORD = "a" * 1_000_000
 
@@ -112,7 +113,7 @@ async def test_a_refused_request_is_never_parsed(monkeypatch):
     assert api.refusals.by_code == {"UNAUTHORIZED": 2}
     # A signed one is parsed (in a worker thread: it is large), and refused for its word.
     text = f"app x\n  exec /bin/true\n  args {HUGE_WORD}\n"
-    signed = protocol.encode_request(
+    signed = encode_request(
         id="3", cmd="up", args={"manifest": text, "format": "skr8tr", "base_dir": "/"},
         signing_key=admin, ts=time.time())
     reply = json.loads(await api.handle_message(signed, "127.0.0.1"))

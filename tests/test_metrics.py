@@ -12,9 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr.conductor import metrics
 from skr8tr.conductor.daemon import ConductorConfig, run_conductor
-from skr8tr.core import keys, protocol
+from skr8tr.core import keys
 from skr8tr.ws import trio_client
 from tests.security_helpers import http_get
+from tests.wire_helpers import encode_request
 
 DEADLINE_S = 20
 
@@ -107,20 +108,20 @@ async def test_counters_move_when_requests_are_refused(tmp_path: Path):
 
             async with trio_client.open_websocket(
                     f"ws://127.0.0.1:{ws_port}/v1/cli") as ws:
-                up = protocol.encode_request(id="1", cmd="up", args={
+                up = encode_request(id="1", cmd="up", args={
                     "manifest": "app x\n  exec /bin/true\n", "format": "skr8tr",
                     "base_dir": str(tmp_path)})
                 reply = await call(ws, up)
                 assert reply["error"]["code"] == "UNAUTHORIZED"
-                stale = protocol.encode_request(id="2", cmd="down", args={"app": "x"},
+                stale = encode_request(id="2", cmd="down", args={"app": "x"},
                                                 signing_key=signing_key, ts=time.time() - 600)
                 assert (await call(ws, stale))["error"]["code"] == "EXPIRED"
-                once = protocol.encode_request(id="3", cmd="down", args={"app": "x"},
+                once = encode_request(id="3", cmd="down", args={"app": "x"},
                                                signing_key=signing_key, ts=time.time())
                 assert (await call(ws, once))["error"]["code"] == "NOT_FOUND"
                 assert (await call(ws, once))["error"]["code"] == "REPLAY"
                 for i in range(3):
-                    reply = await call(ws, protocol.encode_request(id=f"p{i}", cmd="ping",
+                    reply = await call(ws, encode_request(id=f"p{i}", cmd="ping",
                                                                    args={}))
                     assert reply["ok"]
 

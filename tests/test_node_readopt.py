@@ -180,7 +180,7 @@ async def test_records_of_gone_or_other_processes_are_dropped_never_signalled(
                 record = {"version": 1, "replica": replica, "app": "demo", "generation": 1,
                           "pid": pid, "create_time": create_time, "port": None,
                           "state": "ready",
-                          "launch": spec(replica, "/bin/sleep", "60").to_message_fields()}
+                          "launch": spec(replica, "/bin/sleep", "60").fields()}
                 record.update(kw)
                 (records / f"{replica}.json").write_text(json.dumps(record))
 

@@ -16,8 +16,8 @@ import psutil
 import pytest
 import trio
 
-from skr8tr.core.node_protocol import encode_node_message
-from skr8tr.node.spec import HealthSpec, LaunchSpec
+from skr8tr.core.manifest import HealthCheck
+from skr8tr.core.node_protocol import Launch, encode_node_message
 from skr8tr.node.supervisor import Supervisor, open_supervisor
 from tests.conftest import HELLO_HTTP, free_port
 
@@ -87,17 +87,17 @@ async def supervisor_for_test(data_dir: Path, **options: Any) -> AsyncIterator[
         await assert_gone(reports.pids)
 
 
-def spec(replica: str, exec_: str, *args: str, **kw: Any) -> LaunchSpec:
-    kw.setdefault("app", "demo")
-    kw.setdefault("generation", 1)
-    kw.setdefault("settle_ms", 100)
-    kw.setdefault("stop_grace_ms", 2000)
-    return LaunchSpec(replica=replica, exec=exec_, args=tuple(args), **kw)
+def spec(replica: str, exec_: str, *args: str, **kw: Any) -> Launch:
+    fields: dict[str, Any] = {
+        "app": "demo", "generation": 1, "app_type": "process", "env": {}, "workdir": None,
+        "port": None, "host": "127.0.0.1", "health": None, "settle_ms": 100,
+        "stop_grace_ms": 2000, **kw}
+    return Launch(replica=replica, exec=exec_, args=tuple(args), **fields)
 
 
-def hello_spec(replica: str, port: int, *extra: str, **kw: Any) -> LaunchSpec:
-    kw.setdefault("health", HealthSpec("/healthz", 200, interval_ms=100, timeout_ms=300,
-                                       retries=2))
+def hello_spec(replica: str, port: int, *extra: str, **kw: Any) -> Launch:
+    kw.setdefault("health", HealthCheck("/healthz", expect_status=200, interval_ms=100,
+                                        timeout_ms=300, retries=2))
     return spec(replica, sys.executable, str(HELLO_HTTP), "--host", "127.0.0.1", "--port",
                 str(port), "--version", "v1", *extra, port=port, host="127.0.0.1", **kw)
 

@@ -16,9 +16,10 @@ import pytest
 
 from skr8tr import blocking_client, keyfiles
 from skr8tr.conductor import replay_store
-from skr8tr.core import envelope, keys, protocol
+from skr8tr.core import envelope, keys
 from skr8tr.core.envelope import AuthError, ReplayGuard
 from tests.e2e import Cluster, running_cluster
+from tests.wire_helpers import encode_request
 
 NOW = 1_700_000_000.0
 ADMIN, ADMIN_PUB = keys.generate_keypair()
@@ -26,7 +27,7 @@ AUTHORIZED = keys.parse_authorized_keys(f"admin {ADMIN_PUB} test\n", filename="a
 
 
 def request(ts: float, cmd: str = "scale", args: dict | None = None) -> dict:
-    return json.loads(protocol.encode_request(
+    return json.loads(encode_request(
         id="r", cmd=cmd, args={"app": "web", "replicas": 2} if args is None else args,
         signing_key=ADMIN, ts=ts))
 
@@ -115,7 +116,7 @@ def cluster(tmp_path: Path):
 
 
 def signed_text(cluster: Cluster, cmd: str, args: dict, *, ahead_s: float = 0.0) -> str:
-    return protocol.encode_request(
+    return encode_request(
         id=f"t-{cmd}", cmd=cmd, args=args, signing_key=keyfiles.load_signing_key(
             str(cluster.admin_key)), ts=time.time() + ahead_s)
 

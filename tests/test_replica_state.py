@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from skr8tr.core import protocol, reconcile
+from skr8tr.core import reconcile
 from skr8tr.core.replica_state import (
     ALLOWED,
     ENDED,
@@ -36,7 +36,6 @@ def test_the_states_are_the_wire_contracts():
     # `list --json`'s state is one of these (DESIGN.md §5), in this order.
     assert STATES == ("pending", "running", "ready", "draining", "stopping", "exited",
                       "failed")
-    assert protocol.REPLICA_STATES is STATES  # one home, no copies
     assert (LIVE, LEAVING, ENDED) == (reconcile.LIVE_STATES, reconcile.LEAVING_STATES,
                                       reconcile.ENDED_STATES)
     assert set(STATES) == LIVE | LEAVING | ENDED and set(ALLOWED) == set(STATES)

@@ -12,18 +12,20 @@ import psutil
 import pytest
 import trio
 
-from skr8tr.node.spec import LaunchSpec
-from skr8tr.node.supervisor import RunAsError, open_supervisor, resolve_run_as
+from skr8tr.core.node_protocol import Launch
+from skr8tr.node.process import RunAsError, resolve_run_as
+from skr8tr.node.supervisor import open_supervisor
 from tests.conftest import run_cli
 
 DEADLINE_S = 30
 IS_ROOT = os.geteuid() == 0
 
 
-def launch_spec(replica: str, script: str) -> LaunchSpec:
-    return LaunchSpec(replica=replica, app="least", generation=1, exec="/bin/sh",
-                      args=("-c", script), env={"TOKEN": "workload-sees-it"}, settle_ms=100,
-                      stop_grace_ms=2000)
+def launch_spec(replica: str, script: str) -> Launch:
+    return Launch(replica=replica, app="least", generation=1, app_type="process",
+                  exec="/bin/sh", args=("-c", script), env={"TOKEN": "workload-sees-it"},
+                  workdir=None, port=None, host="127.0.0.1", health=None, settle_ms=100,
+                  stop_grace_ms=2000)
 
 
 async def wait_for(reports: list[dict], replica: str, state: str) -> dict:

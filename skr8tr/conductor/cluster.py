@@ -401,21 +401,14 @@ class Cluster:
         node = self.nodes[where.node_id]
         node.reserved_ram_mb += request.ram_mb or 0
         node.reserved_cpu += request.cpu or 0.0
-        health = None
-        if m.health is not None:
-            health = {"path": m.health.path, "expect_status": m.health.expect_status,
-                      "interval_ms": m.health.interval_ms, "timeout_ms": m.health.timeout_ms,
-                      "retries": m.health.retries}
-        sent = self.send(
-            where.node_id, "launch", replica=r.replica_id, app=app.name,
-            generation=revision.generation, app_type=m.type, exec=m.exec_path,
-            args=list(m.expand_args(where.address, where.port)), env=m.env_dict(),
-            workdir=m.workdir_path, port=where.port, host=where.address, health=health,
-            settle_ms=m.rollout.settle_ms, stop_grace_ms=m.stop_grace_ms,
+        launch = node_protocol.Launch.for_replica(
+            m, replica=r.replica_id, generation=revision.generation, host=where.address,
+            port=where.port,
             token=placement_token.make(self.placement_secret, node_id=where.node_id,
                                        replica=r.replica_id, app=app.name,
                                        generation=revision.generation, port=where.port),
         )
+        sent = self.send(where.node_id, "launch", **launch.fields())
         self.events.publish("replica.placed", app=app.name, replica=r.replica_id,
                             node=r.node_id, port=r.port, generation=r.generation)
         log.info("placed %s (generation %d) on %s port %s", r.replica_id, r.generation,

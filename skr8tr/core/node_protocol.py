@@ -14,9 +14,9 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
    - node -> conductor ``heartbeat`` {cpu_pct, ram_free_mb, ram_total_mb, cores}
      every ``heartbeat_s`` seconds;
    - conductor -> node ``launch`` {replica, app, generation, app_type, exec, args, env,
-     workdir, port, host, health, settle_ms, stop_grace_ms}: ``args`` are already
-     expanded, ``env`` is the manifest's (the node adds PORT, HOST,
-     SKR8TR_APP, SKR8TR_REPLICA, SKR8TR_GENERATION);
+     workdir, port, host, health, settle_ms, stop_grace_ms, token}: one replica to
+     start, defined once as :class:`Launch` (which says where each field comes
+     from in the manifest and what the node does with it);
    - conductor -> node ``stop`` {replica}: SIGTERM to the process group,
      ``stop_grace_ms``, SIGKILL, wait;
    - node -> conductor ``replica`` {replica, app, generation, state, pid, port,
@@ -48,17 +48,20 @@ import json
 import math
 import re
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from skr8tr.core import names
+from skr8tr.core.durations import MAX_DURATION_MS
+from skr8tr.core.manifest import MAX_RETRIES, HealthCheck, Manifest
 from skr8tr.core.names import APP_NAME_MAX_CHARS, APP_NAME_RE
 
 PROTOCOL_VERSION = 1
 MAX_NODE_MESSAGE_BYTES = 1024 * 1024
 
 # Bounds of what a node reports (hello, heartbeat, replica, logs_reply).
-MAX_ID_CHARS = 128  # node ids, replica ids, logs request ids
+MAX_ID_CHARS = names.MAX_ID_CHARS  # node ids, replica ids, logs request ids
 MAX_APP_NAME_CHARS = APP_NAME_MAX_CHARS  # as in a manifest
 MAX_ADDRESS_CHARS = 253  # a host name (RFC 1123) or an IP address
 MAX_VERSION_CHARS = 64
@@ -242,14 +245,25 @@ def _str_dict(v: Any) -> bool:
                                        for k, x in v.items())
 
 
+# A launch carries what a manifest allows, no more and no less: the bounds are the
+# manifest's (a duration up to 30 days, at most MAX_RETRIES probes).
+_duration_ms = _int(0, MAX_DURATION_MS)
+_positive_duration_ms = _int(1, MAX_DURATION_MS)
+_HEALTH_FIELDS = ("path", "expect_status", "interval_ms", "timeout_ms", "retries")
+
+
 def _health(v: Any) -> bool:
     if v is None:
         return True
-    return (isinstance(v, dict) and set(v) == {"path", "expect_status", "interval_ms",
-                                              "timeout_ms", "retries"}
+    return (isinstance(v, dict) and set(v) == set(_HEALTH_FIELDS)
             and _str(v["path"]) and _int(100, 599)(v["expect_status"])
-            and _int(1, 10**9)(v["interval_ms"]) and _int(1, 10**9)(v["timeout_ms"])
-            and _int(1, 1000)(v["retries"]))
+            and _positive_duration_ms(v["interval_ms"])
+            and _positive_duration_ms(v["timeout_ms"])
+            and _int(1, MAX_RETRIES)(v["retries"]))
+
+
+_health_rule = _Rule(_health, "null or {path, expect_status 100..599, interval_ms and "
+                              f"timeout_ms 1..{MAX_DURATION_MS}, retries 1..{MAX_RETRIES}}}")
 
 
 _LOG_LINE_FIELDS: dict[str, tuple[Check, bool]] = {
@@ -318,9 +332,9 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "workdir": (_opt(_str), True),
         "port": (_opt(_int(1, MAX_PORT)), True),
         "host": (_str, True),
-        "health": (_health, True),
-        "settle_ms": (_int(0, 10**9), True),
-        "stop_grace_ms": (_int(0, 10**9), True),
+        "health": (_health_rule, True),
+        "settle_ms": (_duration_ms, True),
+        "stop_grace_ms": (_duration_ms, True),
         "token": (_opt(_hex(PLACEMENT_TOKEN_HEX)), False),
     },
     "stop": {"replica": (_ident, True)},
@@ -400,3 +414,96 @@ def encode_node_message(kind: str, **fields: Any) -> str:
     if problem is not None:
         raise ValueError(f"{kind}: {problem}")
     return json.dumps(msg, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The ``launch`` message, conductor -> node: one replica to start.
+
+    The one definition of the message. The conductor builds it from the app's
+    manifest and its placement (:meth:`for_replica`) and sends :meth:`fields`; the
+    node reads it back with :meth:`from_fields`, which checks every field with the
+    bounds above, and its supervisor runs it as it is. Field by field:
+
+    - ``replica``, ``app``, ``generation``: who it is; every report names them.
+    - ``app_type``: the manifest's ``type`` (``process`` or ``job``).
+    - ``exec``, ``workdir``: the manifest's, resolved against its folder
+      (``workdir`` None: the node's data dir).
+    - ``args``: the manifest's, with ``{host}`` and ``{port}`` already expanded.
+    - ``env``: the manifest's ``env`` block; the node adds PORT and HOST (when there
+      is a port) and SKR8TR_APP, SKR8TR_REPLICA, SKR8TR_GENERATION.
+    - ``port``: the port placement claimed for this replica: the manifest's fixed
+      ``port N``, or with ``port auto`` one from the conductor's ``--port-range``;
+      None when the manifest has no ``port``. The node checks it is free, passes it
+      in PORT, and probes the health check there.
+    - ``host``: the node's advertised address (``{host}``, HOST, and where probes go).
+    - ``health``: the manifest's ``health`` block, or None.
+    - ``settle_ms``: the manifest's ``rollout`` ``settle`` (default and bounds are the
+      manifest's): without a health check, a replica alive this long is ``ready``.
+    - ``stop_grace_ms``: the manifest's ``stop-grace``: SIGTERM to SIGKILL.
+    - ``token``: the placement token (:mod:`skr8tr.core.placement_token`), sent back
+      in every report about the replica.
+    """
+
+    replica: str
+    app: str
+    generation: int
+    app_type: str
+    exec: str
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    workdir: str | None
+    port: int | None
+    host: str
+    health: HealthCheck | None
+    settle_ms: int
+    stop_grace_ms: int
+    token: str | None = None
+
+    @classmethod
+    def for_replica(cls, manifest: Manifest, *, replica: str, generation: int, host: str,
+                    port: int | None, token: str | None) -> Launch:
+        """The launch of one replica of *manifest*, placed on the node at *host* with
+        *port*. Raises ValueError when the args use ``{port}`` and *port* is None."""
+        return cls(
+            replica=replica, app=manifest.app, generation=generation, app_type=manifest.type,
+            exec=manifest.exec_path, args=manifest.expand_args(host, port),
+            env=manifest.env_dict(), workdir=manifest.workdir_path, port=port, host=host,
+            health=manifest.health, settle_ms=manifest.rollout.settle_ms,
+            stop_grace_ms=manifest.stop_grace_ms, token=token,
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """The message's fields (without ``v`` and ``type``), as JSON values."""
+        h = self.health
+        return {
+            "replica": self.replica, "app": self.app, "generation": self.generation,
+            "app_type": self.app_type, "exec": self.exec, "args": list(self.args),
+            "env": dict(self.env), "workdir": self.workdir, "port": self.port,
+            "host": self.host,
+            "health": None if h is None else {name: getattr(h, name) for name in _HEALTH_FIELDS},
+            "settle_ms": self.settle_ms, "stop_grace_ms": self.stop_grace_ms,
+            "token": self.token,
+        }
+
+    def encode(self) -> str:
+        """The message as JSON text; ValueError if a field is out of bounds (a bug)."""
+        return encode_node_message("launch", **self.fields())
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> Launch:
+        """The launch in *fields*: a decoded ``launch`` message, or the fields a replica
+        record kept. Every field is checked as :func:`decode_node_message` does
+        (``v`` and ``type`` may be there); ValueError names the first bad one."""
+        problem = _check_fields(fields, SCHEMAS["launch"])
+        if problem is not None:
+            raise ValueError(f"launch: {problem}")
+        health = fields["health"]
+        return cls(
+            replica=fields["replica"], app=fields["app"], generation=fields["generation"],
+            app_type=fields["app_type"], exec=fields["exec"], args=tuple(fields["args"]),
+            env=dict(fields["env"]), workdir=fields["workdir"], port=fields["port"],
+            host=fields["host"], health=None if health is None else HealthCheck(**health),
+            settle_ms=fields["settle_ms"], stop_grace_ms=fields["stop_grace_ms"],
+            token=fields.get("token"),
+        )

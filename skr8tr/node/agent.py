@@ -42,8 +42,9 @@ from skr8tr.core.node_protocol import is_host_or_ip
 from skr8tr.heap import release_free_heap
 from skr8tr.keyfiles import load_signing_key
 from skr8tr.node.backoff import Backoff
+from skr8tr.node.process import RunAs, RunAsError, resolve_run_as
 from skr8tr.node.session import Refused, SessionError, run_session
-from skr8tr.node.supervisor import RunAs, RunAsError, open_supervisor, resolve_run_as
+from skr8tr.node.supervisor import open_supervisor
 from skr8tr.node.sysinfo import prime_cpu
 from skr8tr.wire import DEFAULT_CONDUCTOR_URL
 from skr8tr.ws import trio_client

@@ -27,13 +27,13 @@ from skr8tr.core.envelope import sign_challenge
 from skr8tr.core.keys import public_hex
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
+    Launch,
     NodeDecodeError,
     decode_node_message,
     encode_node_message,
     fit_report,
 )
 from skr8tr.node.health import os_error_text
-from skr8tr.node.spec import LaunchSpec
 from skr8tr.node.supervisor import Report, Supervisor
 from skr8tr.node.sysinfo import machine_figures
 from skr8tr.tls import TlsError
@@ -232,7 +232,7 @@ async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
         if kind == "refused":  # e.g. this node's key was revoked
             raise Refused(msg["code"], msg["message"])
         if kind == "launch":
-            supervisor.launch(LaunchSpec.from_message(msg))
+            supervisor.launch(Launch.from_fields(msg))
         elif kind == "stop":
             supervisor.stop(msg["replica"])
         elif kind == "logs":

@@ -1,6 +1,8 @@
-"""Replica processes: launch, readiness, stop, exit — and the reports about them.
+"""Replicas: launch, readiness, stop, exit — and the reports about them.
 
-The :class:`Supervisor` lives in the agent's root nursery, not in a conductor
+What a replica is comes from the conductor as a :class:`~skr8tr.core.node_protocol.Launch`
+(its port, its ``settle_ms``, its health check); starting and stopping its process
+is :mod:`.process`. The :class:`Supervisor` lives in the agent's root nursery, not in a conductor
 session, so replicas outlive sessions. Each replica is one task:
 
     spawn (own session, output straight to its log files)  -> ``running``
@@ -12,9 +14,10 @@ session, so replicas outlive sessions. Each replica is one task:
 Reports go to whatever sink the current session attached; without a session
 they are dropped (the next ``hello`` carries :meth:`Supervisor.reports`).
 
-Stopping is SIGTERM to the process group, ``stop_grace_ms`` for the group to
-go, SIGKILL to the group, and always a wait for the exit. It runs shielded so
-that a stop the conductor asked for completes even while the agent shuts down.
+Stopping (:func:`.process.terminate`) is SIGTERM to the process group,
+``stop_grace_ms`` for the group to go, SIGKILL to the group, and always a wait
+for the exit. It runs shielded so that a stop the conductor asked for completes
+even while the agent shuts down.
 When the supervisor is closed (agent shutdown), replicas keep running unless
 it was opened with ``stop_on_exit``.
 
@@ -43,24 +46,19 @@ agent restart"), so the first ``hello`` lists it with its pid, and then:
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import pwd
-import signal
-import socket
-import subprocess
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 import trio
 
-from skr8tr.core.node_protocol import encode_node_message
+from skr8tr.core.node_protocol import Launch
 from skr8tr.node.adopt import AdoptedProcess, identify
 from skr8tr.node.health import HealthTracker, next_probe_delay, probe_http
 from skr8tr.node.logs import (
@@ -71,17 +69,19 @@ from skr8tr.node.logs import (
     ReplicaLog,
     run_tailer,
 )
+from skr8tr.node.process import (
+    LaunchFailed,
+    RunAs,
+    check_port_free,
+    signal_name,
+    spawn,
+    terminate,
+    terminate_adopted,
+)
 from skr8tr.node.records import RecordWriter, read_records, remove_record
-from skr8tr.node.spec import LaunchSpec
 
 log = logging.getLogger("skr8tr.node")
 
-INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
-# After SIGKILL a process is gone in microseconds unless stuck in the kernel;
-# the shielded part of a stop waits this long, then the replica task keeps
-# waiting unshielded.
-KILL_WAIT_S = 10.0
-GROUP_POLL_S = 0.05
 KEEP_FINISHED_REPORTS = 1000
 # The states a record keeps (for the readiness of a re-adopted replica).
 RECORDED_STATES = ("running", "ready", "unhealthy")
@@ -90,50 +90,9 @@ Report = dict[str, Any]
 ReportSink = Callable[[Report], None]
 
 
-@dataclass(frozen=True)
-class RunAs:
-    """The user workloads run as (``skr8tr node --run-as USER``), resolved once."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str
-
-
-class RunAsError(Exception):
-    """``--run-as`` cannot be used; the message says why."""
-
-
-def resolve_run_as(name: str) -> RunAs:
-    """Look up *name* (or a numeric uid) and its groups; RunAsError if unknown or if this
-    process cannot switch users (it is not root)."""
-    try:
-        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
-    except (KeyError, OverflowError):
-        raise RunAsError(f"--run-as {name!r}: no such user on this machine") from None
-    if os.geteuid() != 0:
-        raise RunAsError(f"--run-as {name}: the agent must run as root to start workloads as "
-                         f"another user (it runs as uid {os.geteuid()})")
-    groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))))
-    return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
-
-
-class LaunchFailed(Exception):
-    """A replica could not be started; the message goes into the ``failed`` report.
-
-    ``reason`` is the report's ``reason``: ``port_in_use`` (the conductor picks
-    another port) or ``launch_error``.
-    """
-
-    def __init__(self, message: str, reason: str = "launch_error") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(eq=False)
 class _Replica:
-    spec: LaunchSpec
+    spec: Launch
     log: ReplicaLog
     proc: trio.Process | None = None  # spawned by this agent
     adopted: AdoptedProcess | None = None  # or re-adopted after a restart
@@ -219,7 +178,7 @@ class Supervisor:
         """The last *count* log lines of *app* (or one of its replicas), oldest first."""
         return self.logbook.tail(app, replica, count)
 
-    def launch(self, spec: LaunchSpec) -> None:
+    def launch(self, spec: Launch) -> None:
         """Start a replica in the background; its reports say how it goes.
 
         Launching a replica id that is still running is a duplicate: its last
@@ -349,8 +308,7 @@ class Supervisor:
         try:
             if not isinstance(launch, dict):
                 raise ValueError("missing")
-            encode_node_message("launch", **launch)  # validates every field
-            spec = LaunchSpec.from_message(launch)
+            spec = Launch.from_fields(launch)  # checks every field
         except (TypeError, ValueError) as exc:
             return f"bad launch fields in the record: {exc}"
         if spec.replica != replica:
@@ -379,50 +337,11 @@ class Supervisor:
             fds = rep.log.open_for_child()
         except OSError as exc:
             raise LaunchFailed(f"cannot open log files in {self.logs_dir}: {exc}") from None
-        user: dict[str, Any] = {}
-        env = build_env(spec)
-        workdir = spec.workdir or self.data_dir
-        run_as = self.run_as
         try:
-            if run_as is not None:
-                # The workload writes to the fds it inherits; owning its files lets it
-                # reopen them too. The agent's data dir stays private (0700).
-                for fd in fds.values():
-                    os.fchown(fd, run_as.uid, run_as.gid)
-                user = {"user": run_as.uid, "group": run_as.gid,
-                        "extra_groups": list(run_as.groups)}
-                env.update(HOME=run_as.home, USER=run_as.name, LOGNAME=run_as.name)
-                if spec.workdir is None:
-                    workdir = self._work_dir(run_as)
-            return await trio.lowlevel.open_process(
-                [spec.exec, *spec.args],
-                stdin=subprocess.DEVNULL,
-                stdout=fds["stdout"],
-                stderr=fds["stderr"],
-                cwd=workdir,
-                env=env,
-                start_new_session=True,
-                **user,
-            )
-        except (OSError, ValueError) as exc:
-            who = f" as {run_as.name}" if run_as is not None else ""
-            raise LaunchFailed(f"{exc}{who}") from None
+            return await spawn(spec, fds, data_dir=self.data_dir, run_as=self.run_as)
         finally:
             for fd in fds.values():
                 os.close(fd)
-
-    def _work_dir(self, run_as: RunAs) -> str:
-        """``<data-dir>/work``, owned by the --run-as user: the default workdir then."""
-        path = os.path.join(self.data_dir, "work")
-        os.makedirs(path, mode=0o750, exist_ok=True)
-        st = os.stat(path)
-        if (st.st_uid, st.st_gid) != (run_as.uid, run_as.gid):
-            os.chown(path, run_as.uid, run_as.gid)
-        # Inside the 0700 data dir: let the user through to its own folder only.
-        data = os.stat(self.data_dir)
-        if not data.st_mode & 0o001:
-            os.chmod(self.data_dir, (data.st_mode & 0o7777) | 0o001)
-        return path
 
     async def _watch_readiness(self, rep: _Replica) -> None:
         spec = rep.spec
@@ -475,75 +394,14 @@ class Supervisor:
         await self._terminate(rep, why="stop requested")
 
     async def _terminate(self, rep: _Replica, *, why: str) -> None:
-        """SIGTERM the group, wait up to the grace for it to go, SIGKILL what is left.
-
-        Shielded: once begun it completes, bounded by the grace plus
-        :data:`KILL_WAIT_S`.
-        """
+        """Stop the replica's process (:func:`.process.terminate`): shielded, bounded."""
+        rep.stopping = True
+        rep.readiness_scope.cancel()
         if rep.adopted is not None:
-            await self._terminate_adopted(rep, why=why)
+            rep.sent_signal = await terminate_adopted(rep.adopted, rep.spec, why=why)
             return
-        proc = rep.proc
-        assert proc is not None
-        spec = rep.spec
-        rep.stopping = True
-        rep.readiness_scope.cancel()
-        grace_s = spec.stop_grace_ms / 1000
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                log.info("replica %s (app %s) pid %d: SIGTERM to its group (%s), grace %g s",
-                         spec.replica, spec.app, proc.pid, why, grace_s)
-                _signal_group(proc, signal.SIGTERM)
-            deadline = trio.current_time() + grace_s
-            with trio.move_on_at(deadline):
-                await proc.wait()
-                # The leader is gone; give the rest of its group the rest of the grace.
-                while _group_alive(proc.pid):
-                    await trio.sleep(GROUP_POLL_S)
-            if proc.returncode is None or _group_alive(proc.pid):
-                log.warning("replica %s (app %s) pid %d: still there after %g s; SIGKILL to "
-                            "its group", spec.replica, spec.app, proc.pid, grace_s)
-                _signal_group(proc, signal.SIGKILL)
-            with trio.move_on_after(KILL_WAIT_S):
-                await proc.wait()
-            if proc.returncode is None:
-                log.error("replica %s pid %d survived SIGKILL for %g s; still waiting",
-                          spec.replica, proc.pid, KILL_WAIT_S)
-
-    async def _terminate_adopted(self, rep: _Replica, *, why: str) -> None:
-        """:meth:`_terminate` for a process this agent is not the parent of: signals, polls.
-
-        Every signal to the process re-checks its pid and start time first
-        (:meth:`AdoptedProcess.send_signal`). ``rep.sent_signal`` ends up as
-        the last signal sent while it was still there.
-        """
-        ap = rep.adopted
-        assert ap is not None
-        spec = rep.spec
-        rep.stopping = True
-        rep.readiness_scope.cancel()
-        grace_s = spec.stop_grace_ms / 1000
-        target = "its group" if ap.group is not None else "it (not leading its own group)"
-        with trio.CancelScope(shield=True):
-            if ap.send_signal(signal.SIGTERM):
-                rep.sent_signal = signal.SIGTERM
-                log.info("replica %s (app %s) pid %d (adopted): SIGTERM to %s (%s), grace %g s",
-                         spec.replica, spec.app, ap.pid, target, why, grace_s)
-            with trio.move_on_after(grace_s):
-                await ap.wait(GROUP_POLL_S)
-                while ap.group_alive():
-                    await trio.sleep(GROUP_POLL_S)
-            leader_there = ap.check()
-            if leader_there or ap.group_alive():
-                log.warning("replica %s (app %s) pid %d (adopted): still there after %g s; "
-                            "SIGKILL to %s", spec.replica, spec.app, ap.pid, grace_s, target)
-                if ap.send_signal(signal.SIGKILL) and leader_there:
-                    rep.sent_signal = signal.SIGKILL
-            with trio.move_on_after(KILL_WAIT_S):
-                await ap.wait(GROUP_POLL_S)
-            if not ap.gone:
-                log.error("replica %s pid %d survived SIGKILL for %g s; still waiting",
-                          spec.replica, ap.pid, KILL_WAIT_S)
+        assert rep.proc is not None
+        await terminate(rep.proc, rep.spec, why=why)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -558,7 +416,7 @@ class Supervisor:
             if sig is None:
                 message = "exited while adopted; exit status unknown"
             else:
-                message = (f"gone after a stop ({_signal_name(sig)} sent); adopted, so its "
+                message = (f"gone after a stop ({signal_name(sig)} sent); adopted, so its "
                            "exit status is unknown")
             self._report(rep, "exited", signal=sig, message=message)
             self._retire(rep)
@@ -569,7 +427,7 @@ class Supervisor:
         if rc >= 0:
             message = f"exited with code {rc}"
         else:
-            message = f"killed by signal {-rc} ({_signal_name(-rc)})"
+            message = f"killed by signal {-rc} ({signal_name(-rc)})"
         if rep.stopping:
             message += " after a stop"
         self._report(rep, "exited", exit_code=rc if rc >= 0 else None,
@@ -607,7 +465,7 @@ class Supervisor:
             "stderr": rep.log.paths["stderr"],
             "started": self._clock(),
             "state": "running",
-            "launch": spec.to_message_fields(),
+            "launch": spec.fields(),
         }
         self._save_record(rep)
 
@@ -678,89 +536,3 @@ async def open_supervisor(data_dir: str, *, stop_on_exit: bool = False,
             with trio.CancelScope(shield=True):
                 await records.flush()
             writer_nursery.cancel_scope.cancel()
-
-
-def build_env(spec: LaunchSpec) -> dict[str, str]:
-    """A few inherited variables, the manifest's env, then PORT/HOST and SKR8TR_*."""
-    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-    env.update(spec.env)
-    if spec.port is not None:
-        env["PORT"] = str(spec.port)
-        env["HOST"] = spec.host
-    env["SKR8TR_APP"] = spec.app
-    env["SKR8TR_REPLICA"] = spec.replica
-    env["SKR8TR_GENERATION"] = str(spec.generation)
-    return env
-
-
-async def check_port_free(host: str, port: int) -> None:
-    """Raise LaunchFailed if something listens on (*host*, *port*).
-
-    Binds a socket there and closes it. ``SO_REUSEADDR`` keeps connections in
-    TIME_WAIT from counting as "in use" (the workload will set it too). When
-    *host* is not an address of this machine, the port is checked on the
-    wildcard address instead.
-    """
-    try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        infos = []
-    targets = [(family, addr) for family, _t, _p, _c, addr in infos]
-    if not targets:
-        targets = [(socket.AF_INET, ("0.0.0.0", port))]
-    family, addr = targets[0]
-    try:
-        _try_bind(family, addr)
-        return
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise LaunchFailed(f"port {port} is already in use on {host}",
-                               reason="port_in_use") from None
-        if exc.errno != errno.EADDRNOTAVAIL:
-            # E.g. EACCES for a low port: the workload may hold a capability we lack.
-            log.debug("cannot check port %d on %s (%s); launching anyway", port, host, exc)
-            return
-    wildcard = ("::", port) if family == socket.AF_INET6 else ("0.0.0.0", port)
-    try:
-        _try_bind(family, wildcard)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise LaunchFailed(f"port {port} is already in use on {host}",
-                               reason="port_in_use") from None
-
-
-def _try_bind(family: int, addr: Any) -> None:
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-
-
-def _signal_group(proc: trio.Process, sig: int) -> None:
-    # The replica was started with start_new_session, so its pid is its group id.
-    try:
-        os.killpg(proc.pid, sig)
-        return
-    except ProcessLookupError:
-        pass  # the group is empty, or the process moved to a group of its own
-    except PermissionError as exc:
-        log.warning("pid %d: cannot signal its group: %s", proc.pid, exc)
-    if proc.returncode is None:
-        with suppress(ProcessLookupError):
-            proc.send_signal(sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
