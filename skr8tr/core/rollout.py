@@ -98,6 +98,14 @@ def next_generation(used: Iterable[int]) -> int:
     return max(used, default=0) + 1
 
 
+@dataclass(frozen=True)
+class HistoryView:
+    """One entry of an app's rollout history: a generation and how its rollout ended."""
+
+    generation: int
+    state: str
+
+
 # ------------------------------------------------------------------ what the runner sees
 
 
@@ -459,12 +467,6 @@ def _describe(app: str, rid: str, r: ReplicaView | None, why: str) -> str:
 
 
 # ------------------------------------------------------------------ undo, failure text
-
-
-@dataclass(frozen=True)
-class HistoryView:
-    generation: int
-    state: str
 
 
 class UndoError(Exception):
