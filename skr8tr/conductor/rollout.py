@@ -1,21 +1,17 @@
-"""Rolling updates: readiness-gated, abortable, self-reverting (DESIGN.md §6).
+"""Rolling updates: the runner that drives :mod:`skr8tr.core.rollout`.
 
 Each rollout is one task in the manager's nursery, under its own cancel scope
-kept in a registry keyed by app. The task, top to bottom:
+kept in a registry keyed by app. The task is a loop: observe the app's
+replicas, ask :func:`skr8tr.core.rollout.decide` for the next step, do that
+step's I/O, and ask again. The I/O is all that lives here: place and launch
+replicas (ports are claimed at placement), wait for the next change or a
+deadline, drain (``draining`` in state and events, wait ``drain``) and stop
+replicas and wait for the node to confirm each exit, publish events, write
+state. What the steps are — batches of ``surge``, start-first or stop-first,
+which old replica goes next, when a batch is ready, when the rollout fails,
+rolls back or is complete, how one cut short by a conductor restart ends —
+is decided in the core.
 
-1. for each batch of ``surge``: place and launch new replicas (ports are
-   claimed at placement), wait until each is ready (the node reports its
-   health check passing, or that it stayed alive for ``settle``), then drain
-   (``draining`` in state and events, wait ``drain``) and stop as many old
-   replicas, waiting for the node to confirm each exit; ``order stop-first``
-   stops first and launches second;
-2. apply a changed ``replicas`` count of the new manifest;
-3. make the new revision current: ``complete``.
-
-A new replica that exits or is not ready within ``ready-timeout`` fails the
-rollout. With ``auto-rollback yes`` the same batch machinery then replaces
-the new replicas that did become ready by replicas of the previous revision
-(generation N again), and the state is ``rolled_back``; otherwise ``failed``.
 An abort cancels the scope. Whatever the ending, the ``finally`` block —
 shielded and bounded by :data:`CLEANUP_S` — stops every new-generation
 replica that is not part of the outcome, so their ports are released, and
@@ -27,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,18 +35,13 @@ from skr8tr.conductor.store import Change
 from skr8tr.conductor.tables import AppState, HistoryEntry, Revision, stored_app
 from skr8tr.core import placement
 from skr8tr.core import rollout as plan
-from skr8tr.core.reconcile import ENDED_STATES, LIVE_STATES
+from skr8tr.core.reconcile import ENDED_STATES
 
 log = logging.getLogger("skr8tr.conductor")
 
 CLEANUP_S = 30.0  # bound on the shielded cleanup of an ended rollout
 STOP_CONFIRM_EXTRA_S = 15.0  # beyond stop-grace, how long to wait for a node's exit report
 ABORT_WAIT_S = 45.0  # how long `rollout abort` waits for the cleanup before answering
-PORT_CLASH_RETRIES = 5  # per batch: a port found taken on the host is replaced by another
-
-
-class RolloutFailed(Exception):
-    """A rollout cannot go on; ``str()`` is the reason shown to people."""
 
 
 @dataclass
@@ -97,7 +89,7 @@ class RolloutManager:
         """Own the rollout tasks until cancelled (the conductor's shutdown).
 
         Rollouts interrupted by a restart are ended once the nodes have had the
-        adopt grace to report what still runs (see :meth:`_recover`).
+        adopt grace to report what still runs (see :meth:`_start_recovery`).
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -208,7 +200,12 @@ class RolloutManager:
         log.info("rollout of %s started: generation %d -> %d, %d replica(s)", app.name,
                  record.from_generation, record.to_generation, record.total)
         assert self._nursery is not None, "RolloutManager.run is not running"
-        self._nursery.start_soon(self._run, record, app, app.revision, revision)
+        progress = plan.begin(
+            app=app.name, from_generation=record.from_generation,
+            to_generation=record.to_generation, total=record.total,
+            want=revision.manifest.replicas, forward=revision.manifest.rollout,
+            back=app.manifest.rollout, now=record.started_clock)
+        self._nursery.start_soon(self._drive, record, app, progress)
         return record.status(cluster.clock())
 
     async def abort(self, app_name: str) -> dict[str, Any]:
@@ -244,38 +241,39 @@ class RolloutManager:
         nodes report back (the adopt grace)."""
         cluster = self.cluster
         app = cluster.apps.get(app_name)
-        entry = None if app is None else next(
-            (h for h in app.history if h.state == "rolling"), None)
-        if app is None or entry is None or entry.generation not in app.revisions:
+        generation = None if app is None else plan.interrupted_generation(
+            [plan.HistoryView(h.generation, h.state) for h in app.history], app.revisions)
+        if app is None or generation is None:
             if app is not None:
                 app.rolling = False
             return None
+        entry = next(h for h in app.history if h.generation == generation)
         stored = self.last.get(app_name)
         record = RolloutRecord(
-            app=app_name, from_generation=app.generation, to_generation=entry.generation,
+            app=app_name, from_generation=app.generation, to_generation=generation,
             total=app.desired, started_wall=entry.started, started_clock=cluster.clock(),
             phase="interrupted by a conductor restart; waiting for the nodes to report",
             phase_since=cluster.clock(),
-            replaced=stored.replaced if stored and stored.to_generation == entry.generation
-            else 0)
+            replaced=stored.replaced if stored and stored.to_generation == generation else 0)
         self.active[app_name] = record
         self.last[app_name] = record
         return record
 
     def _start_recovery(self, app_name: str, record: RolloutRecord) -> None:
-        """End an interrupted rollout by the app's policy: roll back (auto-rollback) or
-        fail. Either way the new generation's replicas are stopped and the previous
-        generation is brought back to its count; the rollout is never left half-done."""
+        """End an interrupted rollout by the app's policy (see :func:`plan.recover`), from
+        what the nodes report now."""
         cluster = self.cluster
         app = cluster.apps[app_name]
         new = app.revisions[record.to_generation]
         record.launched = {r.replica_id for r in cluster.replicas.values()
                            if r.app == app_name and r.generation == new.generation}
-        # What the nodes report is the truth: new replicas serving are replaced ones,
-        # even those whose batch ended after the last state write.
-        serving_new = sum(1 for rid in record.launched
-                          if cluster.replicas[rid].state == "ready")
-        record.replaced = min(record.total, max(record.replaced, serving_new))
+        progress = plan.recover(
+            app=app_name, from_generation=record.from_generation,
+            to_generation=record.to_generation, total=record.total, replaced=record.replaced,
+            forward=new.manifest.rollout, back=app.manifest.rollout,
+            replicas=_AppReplicas(cluster, app_name, ()), now=cluster.clock())
+        record.replaced = progress.replaced
+        record.reason = progress.reason
         cluster.events.publish("rollout.interrupted", app=app_name,
                                from_generation=record.from_generation,
                                to_generation=record.to_generation,
@@ -284,36 +282,7 @@ class RolloutManager:
                     "ending it by the app's policy", app_name, record.from_generation,
                     record.to_generation)
         assert self._nursery is not None
-        self._nursery.start_soon(self._recover, record, app, app.revision, new)
-
-    async def _recover(self, record: RolloutRecord, app: AppState, old: Revision,
-                       new: Revision) -> None:
-        why = (f"interrupted by a conductor restart after {record.replaced}/{record.total} "
-               "replaced")
-        record.reason = why
-        shutting_down = False
-        try:
-            with record.cancel_scope:
-                if new.manifest.rollout.auto_rollback:
-                    try:
-                        await self._roll_back(record, app, old, new)
-                    except RolloutFailed as exc:
-                        record.state, record.phase = "failed", f"failed: {exc}"
-                    else:
-                        record.state = "rolled_back"
-                        record.phase = f"rolled back to generation {old.generation}: {why}"
-                else:
-                    record.state, record.phase = "failed", f"failed: {why}"
-            if record.cancel_scope.cancelled_caught:
-                record.state, record.phase = "aborted", f"aborted while recovering: {why}"
-        except trio.Cancelled:
-            shutting_down = True  # as in _run: the next start tries again
-            raise
-        finally:
-            if not shutting_down:
-                with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
-                    await self._clean_up(record, app, old.generation)
-                self._finish(record, app)
+        self._nursery.start_soon(self._drive, record, app, progress)
 
     # ------------------------------------------------------------------ the rollout task
 
@@ -325,46 +294,37 @@ class RolloutManager:
                                     replaced=record.replaced, total=record.total,
                                     to_generation=record.to_generation, **data)
 
-    async def _run(self, record: RolloutRecord, app: AppState, old: Revision,
-                   new: Revision) -> None:
+    async def _drive(self, record: RolloutRecord, app: AppState, progress: plan.Progress
+                     ) -> None:
+        """Run a rollout to its end: ask the core for a step, do it, ask again.
+
+        An abort (the record's cancel scope) ends it as ``aborted``. Cancelled from
+        outside — the conductor shutting down — it leaves the rollout recorded as
+        rolling, and the next start ends it by the app's policy, as after a crash.
+        Otherwise, however it ends, its new replicas that are not part of the outcome
+        are stopped, under a shielded scope bounded by :data:`CLEANUP_S`.
+        """
         cluster = self.cluster
-        keep_generation = old.generation
+        keep_generation = record.from_generation
         shutting_down = False
         try:
             with record.cancel_scope:
-                try:
-                    await self._replace(record, app, new, old.generation, new.manifest.rollout,
-                                        forward=True)
-                    await self._apply_count(record, app, new)
-                except RolloutFailed as exc:
-                    record.reason = str(exc)
-                    log.warning("rollout of %s failed: %s", app.name, exc)
-                    cluster.events.publish("rollout.failed", app=app.name, reason=str(exc),
-                                           to_generation=new.generation)
-                    if not new.manifest.rollout.auto_rollback:
-                        record.state = "failed"
-                        record.phase = f"failed: {exc}"
-                    else:
-                        try:
-                            await self._roll_back(record, app, old, new)
-                        except RolloutFailed as worse:
-                            record.state = "failed"
-                            record.phase = f"failed: {worse}"
-                        else:
-                            record.state = "rolled_back"
-                            record.phase = f"rolled back to generation {old.generation}: {exc}"
-                else:
+                while True:
+                    seen = _AppReplicas(cluster, app.name, plan.watching(progress))
+                    step = plan.decide(progress, seen, cluster.clock())
+                    if isinstance(step, plan.Finish):
+                        break
+                    progress = await self._do(record, app, step)
+                if step.state == "complete":
+                    new = app.revisions[record.to_generation]
                     keep_generation = new.generation
                     app.revision = new
                     app.desired = new.manifest.replicas
                     app.completed = app.given_up = 0
-                    record.state = "complete"
-                    record.phase = (f"{record.replaced}/{record.total} replaced in "
-                                    f"{cluster.clock() - record.started_clock:.1f} s")
+                record.state, record.phase = step.state, step.message
             if record.cancel_scope.cancelled_caught:
-                record.state = "aborted"
-                record.phase = (f"aborted after {record.replaced}/{record.total} replaced; "
-                                f"generation {old.generation} keeps serving")
+                end = plan.aborted(progress)
+                record.state, record.phase = end.state, end.message
         except trio.Cancelled:
             # Not an abort (the rollout's own scope absorbs those): the conductor is
             # shutting down. The rollout stays recorded as rolling and the next start
@@ -378,6 +338,57 @@ class RolloutManager:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_S):
                     await self._clean_up(record, app, keep_generation)
                 self._finish(record, app)
+
+    async def _do(self, record: RolloutRecord, app: AppState, step: plan.Step
+                  ) -> plan.Progress:
+        """Do one step's I/O; returns the progress to decide the next step from."""
+        cluster = self.cluster
+        match step:
+            case plan.Launch(generation, count, then):
+                ids = self._launch(record, app, app.revisions[generation], count)
+                if isinstance(ids, placement.NoCapacity):
+                    return plan.refused(then, ids.message)
+                return plan.launched(then, ids, cluster.clock())
+            case plan.Relaunch(replica_id, generation, then):
+                # Something outside skr8tr holds that port: the port is blocked on that
+                # host for a while, and a new placement picks another one.
+                cluster.forget_replica(replica_id)
+                ids = self._launch(record, app, app.revisions[generation], 1)
+                if isinstance(ids, placement.NoCapacity):
+                    return plan.refused(then, ids.message)
+                return plan.relaunched(then, replica_id, ids[0])
+            case plan.AwaitReady(waiting, deadline, phase, then):
+                if record.phase != phase:
+                    self._phase(record, phase, replicas=list(waiting))
+                with trio.move_on_at(deadline):
+                    await cluster.wait_changed()
+                return then
+            case plan.Retire(replica_ids, then):
+                await self._drain_and_stop(record, app, list(replica_ids))
+                return then
+            case plan.StopNow(replica_ids, phase, then):
+                self._phase(record, phase, replicas=list(replica_ids))
+                await self._stop_and_wait(list(replica_ids), app, reason="rollout failed")
+                return then
+            case plan.Announce(phase, then):
+                self._phase(record, phase)
+                return then
+            case plan.BatchDone(replaced, then):
+                record.replaced = replaced
+                cluster.events.publish("rollout.progress", app=app.name,
+                                       replaced=record.replaced, total=record.total,
+                                       to_generation=record.to_generation)
+                # Durable per batch: a conductor killed now restarts knowing how far
+                # this rollout got (rollout status, and the reason it ends with).
+                cluster.save_soon(app.name)
+                return then
+            case plan.Failed(reason, then):
+                record.reason = reason
+                log.warning("rollout of %s failed: %s", app.name, reason)
+                cluster.events.publish("rollout.failed", app=app.name, reason=reason,
+                                       to_generation=record.to_generation)
+                return then
+        raise AssertionError(f"no way to do {step!r}")
 
     def _finish(self, record: RolloutRecord, app: AppState) -> None:
         if record.state == "rolling":  # ended by something unexpected (a bug, or shutdown)
@@ -414,94 +425,23 @@ class RolloutManager:
             self._phase(record, f"stopping {len(strays)} new replica(s)", replicas=strays)
             await self._stop_and_wait(strays, app, reason="rollout ended")
 
-    # ------------------------------------------------------------------ the machinery
-
-    def _live(self, app: AppState, generation: int, *, ready_only: bool = False
-              ) -> list[str]:
-        rows = [r for r in self.cluster.replicas.values()
-                if r.app == app.name and r.generation == generation
-                and r.state in LIVE_STATES and (not ready_only or r.state == "ready")]
-        # Replace what is not serving first, then the oldest.
-        rows.sort(key=lambda r: (r.state == "ready", r.seq))
-        return [r.replica_id for r in rows]
-
-    async def _replace(self, record: RolloutRecord, app: AppState, to: Revision,
-                       from_generation: int, policy, *, forward: bool,
-                       total: int | None = None) -> None:
-        """Replace ``total`` replicas of ``from_generation`` by ``to``, batch by batch."""
-        total = record.total if total is None else total
-        for size in plan.batches(total, policy.surge):
-            if policy.order == "stop-first":
-                await self._drain_and_stop(record, app, self._live(app, from_generation)[:size])
-                new_ids = self._launch(record, app, to, size)
-                await self._wait_ready(record, app, new_ids, to)
-            else:
-                new_ids = self._launch(record, app, to, size)
-                await self._wait_ready(record, app, new_ids, to)
-                await self._drain_and_stop(record, app, self._live(app, from_generation)[:size])
-            if forward:
-                record.replaced += size
-                self.cluster.events.publish("rollout.progress", app=app.name,
-                                            replaced=record.replaced, total=record.total,
-                                            to_generation=record.to_generation)
-                # Durable per batch: a conductor killed now restarts knowing how far
-                # this rollout got (rollout status, and the reason it ends with).
-                self.cluster.save_soon(app.name)
+    # ------------------------------------------------------------------ the I/O of a step
 
     def _launch(self, record: RolloutRecord, app: AppState, revision: Revision, count: int
-                ) -> list[str]:
+                ) -> list[str] | placement.NoCapacity:
+        """Place and launch ``count`` replicas; at the first that finds no room, that
+        refusal (the ones launched before it stay, in ``record.launched`` if new)."""
         ids = []
         for _ in range(count):
             result = self.cluster.launch(app, revision)
             if isinstance(result, placement.NoCapacity):
-                raise RolloutFailed(f"NO_CAPACITY: {result.message}")
+                return result
             ids.append(result.replica_id)
             if revision.generation == record.to_generation:
                 record.launched.add(result.replica_id)
         self._phase(record, f"launched {', '.join(ids)}", replicas=ids,
                     generation=revision.generation)
         return ids
-
-    async def _wait_ready(self, record: RolloutRecord, app: AppState, ids: list[str],
-                          revision: Revision) -> None:
-        timeout_s = revision.manifest.rollout.ready_timeout_s
-        deadline = self.cluster.clock() + timeout_s
-        ids = list(ids)
-        clashes = 0
-        while True:
-            waiting = []
-            for i, rid in enumerate(ids):
-                r = self.cluster.replicas.get(rid) or self.cluster.ended.get(rid)
-                if (r is not None and r.port_clash and r.state in ENDED_STATES
-                        and clashes < PORT_CLASH_RETRIES):
-                    # Something outside skr8tr holds that port: the port is blocked on
-                    # that host for a while, and a new placement picks another one.
-                    clashes += 1
-                    self.cluster.forget_replica(rid)
-                    rid = ids[i] = self._launch(record, app, revision, 1)[0]
-                    r = self.cluster.replicas.get(rid)
-                if r is None or r.state in ENDED_STATES or r.state in ("draining", "stopping"):
-                    raise RolloutFailed(self._failure(app, rid, "exited before it was "
-                                                            "ready"))
-                if r.state != "ready":
-                    waiting.append(rid)
-            if not waiting:
-                return
-            what = (f"waiting for {waiting[0]} to become ready" if len(waiting) == 1
-                    else f"waiting for {len(waiting)} replicas to become ready")
-            if record.phase != what:
-                self._phase(record, what, replicas=waiting)
-            with trio.move_on_at(deadline) as scope:
-                await self.cluster.wait_changed()
-            if scope.cancelled_caught:
-                raise RolloutFailed(self._failure(
-                    app, waiting[0], f"was not ready within {timeout_s:g} s (ready-timeout)"))
-
-    def _failure(self, app: AppState, rid: str, why: str) -> str:
-        r = self.cluster.replicas.get(rid) or self.cluster.ended.get(rid)
-        return plan.describe_failure(
-            rid, app=app.name, why=why, exit_code=None if r is None else r.exit_code,
-            signal=None if r is None else r.signal, message=None if r is None else r.message)
 
     async def _drain_and_stop(self, record: RolloutRecord, app: AppState, ids: list[str]
                               ) -> None:
@@ -536,34 +476,32 @@ class RolloutManager:
                         "claimed until the node reports or expires)", ", ".join(left),
                         grace_s + STOP_CONFIRM_EXTRA_S)
 
-    async def _apply_count(self, record: RolloutRecord, app: AppState, new: Revision) -> None:
-        """After the replacement, grow or shrink to the new manifest's ``replicas``."""
-        want, have = new.manifest.replicas, record.total
-        if want > have:
-            self._phase(record, f"scaling {have} -> {want}")
-            # Replacing "generation 0" (which never exists) only launches and waits.
-            await self._replace(record, app, new, 0, new.manifest.rollout, forward=False,
-                                total=want - have)
-        elif want < have:
-            surplus = self._live(app, new.generation)[: have - want]
-            await self._drain_and_stop(record, app, surplus)
 
-    async def _roll_back(self, record: RolloutRecord, app: AppState, old: Revision,
-                         new: Revision) -> None:
-        """Put generation ``old`` back: never-ready new replicas go at once, ready ones
-        are replaced batch by batch like any rollout."""
-        not_ready = [rid for rid in record.launched
-                     if (r := self.cluster.replicas.get(rid)) is not None and r.state != "ready"]
-        if not_ready:
-            self._phase(record, f"rolling back: stopping {', '.join(not_ready)}",
-                        replicas=not_ready)
-            await self._stop_and_wait(not_ready, app, reason="rollout failed")
-        serving_new = self._live(app, new.generation, ready_only=True)
-        if serving_new:
-            self._phase(record, f"rolling back {len(serving_new)} replica(s) to generation "
-                        f"{old.generation}")
-            try:
-                await self._replace(record, app, old, new.generation, old.manifest.rollout,
-                                    forward=False, total=len(serving_new))
-            except RolloutFailed as exc:
-                raise RolloutFailed(f"{record.reason}; the rollback failed too: {exc}") from None
+class _AppReplicas(Mapping[str, plan.ReplicaView]):
+    """An app's replicas as :func:`plan.decide` sees them, read from the cluster on
+    demand: the rows the cluster holds, and those of the ``watched`` ids it has dropped
+    but still remembers (how they ended). A decision reads its batch's few rows after
+    every change and all of them only when it picks replicas, so a big app's rollout
+    costs no copy of every row per change. Valid until the next checkpoint."""
+
+    def __init__(self, cluster: Cluster, app: str, watched: tuple[str, ...]) -> None:
+        self._cluster, self._app, self._watched = cluster, app, watched
+
+    def __getitem__(self, replica_id: str) -> plan.ReplicaView:
+        r = self._cluster.replicas.get(replica_id)
+        if r is None and replica_id in self._watched:
+            r = self._cluster.ended.get(replica_id)
+        if r is None or r.app != self._app:
+            raise KeyError(replica_id)
+        return plan.ReplicaView(r.replica_id, r.generation, r.state, r.seq, r.port_clash,
+                                r.exit_code, r.signal, r.message)
+
+    def __iter__(self) -> Iterator[str]:
+        held = self._cluster.replicas
+        yield from (r.replica_id for r in held.of_app(self._app))
+        yield from (rid for rid in self._watched
+                    if rid not in held and rid in self._cluster.ended
+                    and self._cluster.ended[rid].app == self._app)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
