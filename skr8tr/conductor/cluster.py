@@ -1,8 +1,15 @@
 """The conductor's state machine: nodes, apps, replicas and port claims.
 
-Everything that changes the cluster's state lives here and runs
-synchronously, so no change is ever half-applied while another task looks
-(the house rule of h11's ``_state.py``). I/O stays outside: messages to a
+Everything that changes the cluster's state is a method of :class:`Cluster`
+and runs synchronously, so no change is ever half-applied while another task
+looks (the house rule of h11's ``_state.py``). The transitions are in two
+files by who drives them: here commands, rollouts and the reconciler
+(launch, drain, stop, apps, the reconcile pass, the store); in
+:mod:`~skr8tr.conductor.node_reports` what nodes report (hello, heartbeats,
+replica states, silence). The records and indexes are in
+:mod:`~skr8tr.conductor.tables`, port claims in :mod:`~skr8tr.conductor.ports`,
+the rows shown to people in :mod:`~skr8tr.conductor.views`, the long-running
+tasks in :mod:`~skr8tr.conductor.loops`. I/O stays outside: messages to a
 node go into that node's outbox channel, sent by its session task; events go
 to the :class:`~skr8tr.conductor.events.EventBus`. Decisions come from the
 pure core (:mod:`skr8tr.core.placement`, :mod:`skr8tr.core.reconcile`).
@@ -10,7 +17,7 @@ pure core (:mod:`skr8tr.core.placement`, :mod:`skr8tr.core.reconcile`).
 Time: ``clock()`` (trio's clock, so tests can run under ``MockClock``) for
 every deadline; ``wall()`` only for timestamps shown to people.
 
-Cost (BENCHMARKS.md, "Scale"): nothing that runs per message scans every
+Cost (measured in BENCHMARKS.md, "Scale"): nothing that runs per message scans every
 replica or every node. Replicas are indexed by node and by app
 (:class:`ReplicaTable`); placement takes the least-loaded node from a heap
 (:class:`~skr8tr.core.placement.LoadOrder`), O(log nodes); a reconcile pass
@@ -33,6 +40,7 @@ import trio
 from skr8tr.conductor import state_file
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.events import EventBus
+from skr8tr.conductor.node_reports import NodeReports
 from skr8tr.conductor.ports import PortClaims
 from skr8tr.conductor.store import Change, MemoryStore, Store, StoreError
 from skr8tr.conductor.tables import (
@@ -52,8 +60,6 @@ from skr8tr.core.manifest import Manifest
 log = logging.getLogger("skr8tr.conductor")
 
 UNPLACED_RETRY_S = 2.0  # look again at apps short of replicas this often
-NODE_OUTBOX = 1000  # messages queued for one node before its session is cut
-FORGET_EXPIRED_NODE_S = 600.0  # an expired node stays in `nodes` this long
 DEFAULT_HEARTBEAT_S = 2.0
 ENDED_KEPT = 1000  # ended replicas remembered for failure reports
 # The expiry watchdog waking this much later than it asked means the conductor itself
@@ -68,7 +74,7 @@ class RolloutView(Protocol):
     def status(self, now: float) -> dict[str, Any]: ...
 
 
-class Cluster:
+class Cluster(NodeReports):
     """Desired and observed state of the whole cluster, and every change to it."""
 
     def __init__(
@@ -139,201 +145,6 @@ class Cluster:
     async def wait_changed(self) -> None:
         """Return at the next change of state (callers re-check what they wait for)."""
         await self._changed.wait()
-
-    # ------------------------------------------------------------------ nodes
-
-    def attach_node(self, hello: dict, outbox: trio.MemorySendChannel[str]) -> int:
-        """A node proved its key and said hello; returns the session number.
-
-        Raises CommandError("UNAUTHORIZED") when the node id is held by a
-        different key (a node may not impersonate another).
-        """
-        node_id = hello["node_id"]
-        now = self.clock()
-        old = self.nodes.get(node_id)
-        if old is not None and old.key != hello["key"] and not old.expired:
-            raise CommandError(
-                "UNAUTHORIZED",
-                f"node id {node_id!r} is held by another key; give this node its own --node-id",
-            )
-        self._session += 1
-        if old is not None and old.outbox is not None:
-            log.info("node %s reconnected; replacing its previous session", node_id)
-            old.outbox.close()
-        node = NodeState(
-            node_id=node_id, key=hello["key"], address=hello["address"],
-            cores=hello["cores"], ram_total_mb=hello["ram_total_mb"],
-            ram_free_mb=hello["ram_free_mb"], cpu_pct=float(hello["cpu_pct"]),
-            last_seen=now, session=self._session, outbox=outbox,
-        )
-        self.nodes[node_id] = node
-        self._offer_node(node_id)
-        if old is not None and old.address != node.address:
-            # Its replicas' ports were claimed on the old address.
-            for r in self._replicas_on(node_id):
-                self.ports.release(r)
-                r.address = node.address
-                self.ports.claim(r)
-        self.events.publish("node.joined", node=node_id, address=node.address,
-                            cores=node.cores, ram_total_mb=node.ram_total_mb)
-        log.info("node %s joined from %s (%d cores, %d MB RAM)", node_id, node.address,
-                 node.cores, node.ram_total_mb)
-        self._sync_reported_replicas(node, hello["replicas"])
-        self._node_joined.set()
-        self._node_joined = trio.Event()
-        self.mark_dirty()
-        return node.session
-
-    def _sync_reported_replicas(self, node: NodeState, reports: list[dict]) -> None:
-        reported = {r["replica"]: r for r in reports}
-        for r in list(self._replicas_on(node.node_id)):
-            if r.replica_id in reported:
-                report = reported.pop(r.replica_id)
-                self.replica_report(node.node_id, report)
-                if r.stop_requested and report["state"] not in ("exited", "failed"):
-                    self.send(node.node_id, "stop", replica=r.replica_id)  # asked while away
-            elif r.state not in reconcile.ENDED_STATES:
-                # The node no longer has it (the agent restarted without it).
-                self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
-                                    node_lost=True, message=f"node {node.node_id} lost it")
-        for report in reported.values():
-            owner = self.replicas.get(report["replica"])
-            if owner is not None:  # placed on another node: not this node's to claim
-                self._refuse_claim(node.node_id, owner)
-                continue
-            if report["state"] in ("exited", "failed"):
-                continue
-            self._adopt(node, report)
-
-    def _adopt(self, node: NodeState, report: dict) -> None:
-        """A node reports a replica this conductor does not know (it restarted, or the node
-        was lost and came back). A replica of a known revision of an app is adopted, with
-        its pid and port, and the reconciler then trims any surplus; anything else is
-        stopped. Its port is claimed until it exits, unless another replica holds it.
-
-        Only with the placement token its launch carried, for this very node id: a node
-        cannot pass off a replica of another node, or one it made up, as its own.
-        """
-        if not placement_token.check(
-                self.placement_secret, report.get("token"), node_id=node.node_id,
-                replica=report["replica"], app=report["app"],
-                generation=report["generation"], port=report.get("port")):
-            log.warning("node %s reports replica %s (app %s, pid %s) without a placement "
-                        "token for this node; refused, and told to stop it", node.node_id,
-                        report["replica"], report["app"], report.get("pid"))
-            self.events.publish("node.claim_refused", node=node.node_id,
-                                replica=report["replica"], owner=None)
-            self.send(node.node_id, "stop", replica=report["replica"])
-            return
-        app = self.apps.get(report["app"])
-        revision = None if app is None else app.revisions.get(report["generation"])
-        r = ReplicaState(
-            replica_id=report["replica"], app=report["app"], generation=report["generation"],
-            node_id=node.node_id, address=node.address, port=report.get("port"),
-            seq=self._next_seq(), launched_at=self.clock(),
-            state=report["state"] if report["state"] != "unhealthy" else "running",
-            pid=report.get("pid"),
-            drain_s=0.0 if revision is None else revision.manifest.rollout.drain_s,
-        )
-        holder = self.ports.holder(r.address, r.port)
-        self.replicas[r.replica_id] = r
-        if holder is None:
-            self.ports.claim(r)
-        if revision is None or holder is not None:
-            why = ("no app claims it" if revision is None
-                   else f"port {r.port} on {r.address} is held by {holder}")
-            log.warning("node %s runs %s (pid %s): %s; stopping it", node.node_id,
-                        r.replica_id, r.pid, why)
-            self.stop_replica(r.replica_id, why)
-            return
-        log.info("adopted %s (pid %s, port %s, generation %d) on %s", r.replica_id, r.pid,
-                 r.port, r.generation, node.node_id)
-        self.events.publish("replica.adopted", app=r.app, replica=r.replica_id,
-                            node=node.node_id, pid=r.pid, port=r.port, generation=r.generation,
-                            state=r.state)
-        self.mark_dirty(r.app)
-
-    def detach_node(self, node_id: str, session: int) -> None:
-        """A node's session ended. It is lost only when its heartbeats stay away too long."""
-        node = self.nodes.get(node_id)
-        if node is None or node.session != session:
-            return  # replaced by a newer session already
-        node.outbox = None
-        self.events.publish("node.disconnected", node=node_id)
-        log.info("node %s disconnected; it expires in %.1f s unless it comes back",
-                 node_id, node.last_seen + self.node_timeout_s - self.clock())
-        self.mark_dirty()
-
-    def node_heartbeat(self, node_id: str, msg: dict) -> None:
-        node = self.nodes[node_id]
-        node.last_seen = self.clock()
-        cpu_pct = float(msg["cpu_pct"])
-        lower = cpu_pct < node.cpu_pct
-        node.cpu_pct = cpu_pct
-        node.ram_free_mb = msg["ram_free_mb"]
-        node.ram_total_mb = msg["ram_total_mb"]
-        node.cores = msg["cores"]
-        node.reserved_ram_mb = 0
-        node.reserved_cpu = 0.0
-        if lower:
-            self._offer_node(node_id)
-
-    def next_expiry(self) -> float | None:
-        deadlines = [n.last_seen + self.node_timeout_s for n in self.nodes.values()
-                     if not n.expired]
-        return min(deadlines) if deadlines else None
-
-    async def wait_node_joined(self) -> None:
-        await self._node_joined.wait()
-
-    def expire_nodes(self) -> list[str]:
-        """Expire every node whose last heartbeat is ``node_timeout_s`` old or older."""
-        now = self.clock()
-        expired = []
-        for node in self.nodes.values():
-            if node.expired or now < node.last_seen + self.node_timeout_s:
-                continue
-            node.expired = True
-            if node.outbox is not None:
-                node.outbox.close()
-                node.outbox = None
-            expired.append(node.node_id)
-            log.warning("node %s lost: no heartbeat for %.1f s; re-placing its replicas",
-                        node.node_id, now - node.last_seen)
-            self.events.publish("node.lost", node=node.node_id,
-                                silent_s=round(now - node.last_seen, 3))
-            for r in list(self._replicas_on(node.node_id)):
-                if r.state in reconcile.ENDED_STATES:
-                    self.ports.release(r)
-                    continue
-                self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
-                                    node_lost=True, message=f"node {node.node_id} lost")
-        for node_id in [n.node_id for n in self.nodes.values()
-                        if n.expired and now - n.last_seen > FORGET_EXPIRED_NODE_S]:
-            del self.nodes[node_id]
-        if expired:
-            self.mark_dirty()
-        return expired
-
-    def _replicas_on(self, node_id: str) -> list[ReplicaState]:
-        return self.replicas.on_node(node_id)
-
-    def send(self, node_id: str, kind: str, **fields: Any) -> bool:
-        """Queue a message for a node; False when it is not connected (or too far behind)."""
-        node = self.nodes.get(node_id)
-        if node is None or node.outbox is None:
-            return False
-        text = node_protocol.encode_node_message(kind, **fields)
-        try:
-            node.outbox.send_nowait(text)
-            self.node_messages_queued += 1
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            log.warning("node %s is %d messages behind; closing its session", node_id,
-                        NODE_OUTBOX)
-            node.outbox.close()
-            node.outbox = None
-            return False
-        return True
 
     # ------------------------------------------------------------------ ports
 
@@ -417,106 +228,6 @@ class Cluster:
             self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
                                 node_lost=True, message=f"node {r.node_id} went away")
         return r
-
-    def replica_report(self, node_id: str, msg: dict) -> None:
-        """Apply a ``replica`` report from a node (idempotent).
-
-        A node speaks only for the replicas placed on it: a report about a replica
-        that the conductor placed on another node is refused, logged, and changes
-        nothing (issue #13.2). A report that an ended replica runs re-adopts it or
-        stops it, never leaves it running untracked (#13.3).
-        """
-        r = self.replicas.get(msg["replica"])
-        if r is None or r.node_id != node_id:
-            if r is not None:
-                self._refuse_claim(node_id, r)
-            elif msg["state"] not in ("exited", "failed"):
-                log.warning("node %s reports unknown replica %s; stopping it", node_id,
-                            msg["replica"])
-                self.send(node_id, "stop", replica=msg["replica"])
-            return
-        state = msg["state"]
-        if r.state in reconcile.ENDED_STATES:
-            self._report_on_ended(r, msg)
-            return
-        if msg.get("pid") is not None:
-            r.pid = msg["pid"]
-        if state in ("exited", "failed"):
-            port_clash = (state == "failed" and msg.get("reason") == "port_in_use")
-            r.port_clash = port_clash
-            if port_clash and r.port is not None:
-                self.ports.block(r.address, r.port, self.clock())
-            self._replica_ended(
-                r, exit_code=msg.get("exit_code"), signal=msg.get("signal"),
-                launch_failed=state == "failed", node_lost=port_clash,
-                message=msg.get("message"),
-            )
-            return
-        if r.state == "draining":
-            if state in ("running", "ready"):
-                r.drained_from = state  # what an undrain puts back
-            return
-        if r.state == "stopping":
-            return  # a late report about a replica that is already on its way out
-        if state == "unhealthy":
-            self.events.publish("replica.unhealthy", app=r.app, replica=r.replica_id,
-                                node=node_id, message=msg.get("message"))
-            log.warning("replica %s is unhealthy; replacing it", r.replica_id)
-            self.retire_replica(r.replica_id, "unhealthy")
-            return
-        if state != r.state:
-            r.state = replica_state.transition(r.replica_id, r.state, state)
-            self.events.publish(f"replica.{state}", app=r.app, replica=r.replica_id,
-                                node=node_id, pid=r.pid, port=r.port, generation=r.generation)
-            self.mark_dirty(r.app)
-
-    def _refuse_claim(self, node_id: str, owner: ReplicaState) -> None:
-        log.warning("node %s claims replica %s, which was placed on node %s; refused (the "
-                    "rightful row is left as it is)", node_id, owner.replica_id, owner.node_id)
-        self.events.publish("node.claim_refused", node=node_id, replica=owner.replica_id,
-                            owner=owner.node_id)
-
-    def _report_on_ended(self, r: ReplicaState, msg: dict) -> None:
-        """Its node says a replica that ended here is alive (or confirms it has ended).
-
-        A replica declared ended only because its node fell silent (a conductor
-        paused past --node-timeout, a network partition) is re-adopted with its
-        pid when its app still has its revision and its port is free; the
-        reconciler then trims any surplus. Any other is stopped.
-        """
-        state = msg["state"]
-        if state in ("exited", "failed"):
-            return  # the end we had assumed, now confirmed
-        app = self.apps.get(r.app)
-        holder = self.ports.holder(r.address, r.port)
-        if (not r.lost_with_node or r.stop_requested or app is None
-                or r.generation not in app.revisions or holder not in (None, r.replica_id)):
-            why = ("it had ended" if not r.lost_with_node else
-                   "its app is gone" if app is None or r.generation not in app.revisions else
-                   f"port {r.port} on {r.address} is held by {holder}" if holder else
-                   "it was being stopped")
-            log.warning("node %s reports %s (pid %s) alive, but %s; stopping it", r.node_id,
-                        r.replica_id, msg.get("pid"), why)
-            self.send(r.node_id, "stop", replica=r.replica_id)
-            return
-        back = replica_state.readopt(r.replica_id, r.state,
-                                     "ready" if state == "ready" else "running",
-                                     lost_with_node=r.lost_with_node)
-        self.replicas.reviving(r)
-        r.state, r.lost_with_node = back, False
-        r.restart_at = r.exit_code = r.signal = r.message = None
-        if msg.get("pid") is not None:
-            r.pid = msg["pid"]
-        self.ended.pop(r.replica_id, None)
-        self.ports.claim(r)
-        log.info("re-adopted %s (pid %s, port %s) on %s: its node is back", r.replica_id,
-                 r.pid, r.port, r.node_id)
-        self.events.publish("replica.adopted", app=r.app, replica=r.replica_id,
-                            node=r.node_id, pid=r.pid, port=r.port, generation=r.generation,
-                            state=r.state)
-        self.mark_dirty(r.app)
-        if state == "unhealthy":
-            self.retire_replica(r.replica_id, "unhealthy")
 
     def _replica_ended(self, r: ReplicaState, *, exit_code: int | None, signal: int | None,
                        launch_failed: bool, node_lost: bool, message: str | None) -> None:
@@ -720,22 +431,6 @@ class Cluster:
         """For the reconciler, before a pass: the event the next change sets."""
         self._dirty = trio.Event()
         return self._dirty
-
-    def excuse_stall(self, stalled_s: float) -> None:
-        """The conductor did not run for about *stalled_s* (it was paused, its machine
-        suspended, or its loop blocked): no node could be heard meanwhile, so each gets
-        that time back before it can be declared lost. Their heartbeats, held in the
-        sockets, arrive next; a node that really died expires that much later (#13.3)."""
-        now = self.clock()
-        excused = 0
-        for node in self.nodes.values():
-            if not node.expired:
-                node.last_seen = min(now, node.last_seen + stalled_s)
-                excused += 1
-        log.warning("the conductor did not run for %.1f s (paused, suspended, or its event "
-                    "loop blocked); %d node(s) get that time back before they can be lost",
-                    stalled_s, excused)
-        self.events.publish("conductor.stalled", stalled_s=round(stalled_s, 3), nodes=excused)
 
     # ------------------------------------------------------------------ apps
 

@@ -23,9 +23,10 @@ import logging
 import trio
 
 from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle
-from skr8tr.conductor.cluster import NODE_OUTBOX, Cluster
+from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.limits import TokenBucket
+from skr8tr.conductor.node_reports import NODE_OUTBOX
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
 from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
