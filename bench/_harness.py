@@ -44,22 +44,27 @@ def raise_fd_limit() -> int:
 
 @contextmanager
 def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *,
-                  node_timeout_s: float = 5.0, log_level: str | None = None):
+                  node_timeout_s: float = 5.0, log_level: str | None = None,
+                  durable: bool = False):
     """A conductor and ``nodes`` node agents. ``log_level`` overrides the e2e harness's
-    ``debug`` (benchmarks of speed use ``info``, the daemons' default)."""
+    ``debug`` (benchmarks of speed use ``info``, the daemons' default). ``durable``: the
+    conductor runs with ``--state`` and ``--audit-log`` (files in the run's folder)."""
     extra = () if log_level is None else ("--log-level", log_level)
-    with (tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp,
-          running_cluster(Path(tmp), *extra, node_timeout_s=node_timeout_s) as cluster):
-        try:
-            for i in range(nodes):
-                cluster.start_node(f"n{i + 1}", addresses[i % len(addresses)], *extra)
-            yield cluster
-        except BaseException:
-            alive = "running" if cluster.conductor.proc.poll() is None else (
-                f"exited {cluster.conductor.proc.returncode}")
-            print(f"conductor ({alive}), end of its log:\n{cluster.conductor.log()[-3000:]}",
-                  file=sys.stderr)
-            raise
+    with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp:
+        files = (("--state", str(Path(tmp) / "state" / "state.toml"),
+                  "--audit-log", str(Path(tmp) / "state" / "audit.log")) if durable else ())
+        with running_cluster(Path(tmp), *extra, *files,
+                             node_timeout_s=node_timeout_s) as cluster:
+            try:
+                for i in range(nodes):
+                    cluster.start_node(f"n{i + 1}", addresses[i % len(addresses)], *extra)
+                yield cluster
+            except BaseException:
+                alive = "running" if cluster.conductor.proc.poll() is None else (
+                    f"exited {cluster.conductor.proc.returncode}")
+                print(f"conductor ({alive}), end of its log:\n"
+                      f"{cluster.conductor.log()[-3000:]}", file=sys.stderr)
+                raise
 
 
 def call_options(cluster: Cluster) -> client.CallOptions:

@@ -6,7 +6,12 @@ as the CLI signs it, before the clock starts (the client's signing is not
 in the figure). Each connection runs a closed loop: send, wait for the
 reply, send the next. Read: `list tp`. Mutating: `scale tp 1` (the count it
 already has: authentication, replay guard, the command and a reconcile
-pass, without launching anything; no `--state` file, so no disk write).
+pass, without launching anything). Then the same mutating request with the
+conductor's `--state` and `--audit-log` on: each accepted request is made
+durable in the state file and the audit log before its reply. With 32
+connections each connection scales its own app (`tp0`..`tp31`): changes of one
+app are made one after the other by design, changes of different apps share
+the writes.
 The conductor's CPU% over the run (psutil; 100 % = one core) says whether
 it, and not the client, was the limit. Three runs per case, median shown.
 """
@@ -48,11 +53,23 @@ async def run_case(opts, cmd: str, args: dict, connections: int, per_connection:
     return connections * per_connection / (time.perf_counter() - t0)
 
 
-async def set_up(opts) -> None:
+async def set_up(opts, names=("tp",)) -> None:
     async with client.open_conductor(opts.conductor, "/v1/cli", opts.timeout_s) as ws:
-        await timed_call(ws, opts, "up", {
-            "manifest": "app tp\n  exec /bin/sleep\n  args 3600\n", "format": "skr8tr",
-            "base_dir": str(REPO)})
+        for name in names:
+            await timed_call(ws, opts, "up", {
+                "manifest": f"app {name}\n  exec /bin/sleep\n  args 3600\n",
+                "format": "skr8tr", "base_dir": str(REPO)})
+
+
+async def run_per_app(opts, connections: int, per_connection: int) -> float:
+    """Each connection scales its own app (tp0, tp1, ...)."""
+    batches = [[request_text(opts, "scale", {"app": f"tp{i}", "replicas": 1})
+                for _ in range(per_connection)] for i in range(connections)]
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for texts in batches:
+            nursery.start_soon(closed_loop, opts, texts)
+    return connections * per_connection / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -75,6 +92,23 @@ def main() -> None:
                         run_case, opts, cmd, args, connections, total // connections)))
                     cpus.append(conductor.cpu_percent(None))
                 results.append((label, connections, rates, statistics.median(cpus)))
+    with local_cluster(nodes=1, log_level="info", durable=True) as cluster:
+        opts = call_options(cluster)
+        conductor = psutil.Process(cluster.conductor.proc.pid)
+        trio.run(set_up, opts, ("tp", *(f"tp{i}" for i in range(32))))
+        label = "mutating, `--state` + `--audit-log`"
+        for connections in (1, 32):
+            rates, cpus = [], []
+            for _ in range(runs):
+                conductor.cpu_percent(None)
+                if connections == 1:
+                    rates.append(trio.run(functools.partial(
+                        run_case, opts, "scale", {"app": "tp", "replicas": 1}, 1, total)))
+                else:
+                    rates.append(trio.run(functools.partial(
+                        run_per_app, opts, connections, total // connections)))
+                cpus.append(conductor.cpu_percent(None))
+            results.append((label, connections, rates, statistics.median(cpus)))
     print("## Command throughput (bench/throughput.py)")
     print()
     print(f"Machine: {machine()}. {total} requests per run, {runs} run(s) per case; "

@@ -1,4 +1,5 @@
-"""Human-readable rendering of the results of DESIGN.md §5 (the ``--json`` shapes).
+"""Human-readable rendering of command results: the tables the CLI prints where ``--json``
+prints the result as it came.
 
 Pure functions from result dicts to text; the CLI prints what they return.
 """
@@ -105,7 +106,8 @@ def rollout_status(result: dict) -> str:
 
 
 def generic_rows(rows: Sequence[dict], empty: str = "(none)") -> str:
-    """A table whose columns are the keys of the first row (for shapes §5 leaves open)."""
+    """A table whose columns are the keys of the first row (results without a table of
+    their own)."""
     if not rows:
         return empty
     columns = [(key.upper().replace("_", " "), _key(key)) for key in rows[0]]

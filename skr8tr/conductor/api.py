@@ -1,4 +1,5 @@
-"""``/v1/cli``: signed requests in, one reply each (DESIGN.md §4).
+"""``/v1/cli``: signed requests in, one reply each (a result, or an error code and
+message).
 
 Every message gets exactly one reply and nothing a client sends takes the
 conductor down: undecodable or unauthorized requests get an error reply,
@@ -110,9 +111,10 @@ class CliApi:
     async def handle_message(self, raw: str | bytes, peer: str) -> str:
         """The reply to one message. Never raises (but for cancellation).
 
-        The order of §4 holds: nothing past the frame is looked at before the
-        signature verified, and a refusal costs the JSON decode and the checks
-        of the envelope, never a parse of what the arguments hold. A message
+        Checks go in the envelope's order (authentication, freshness, replay, then the
+        command): nothing past the frame is looked at before the signature verified,
+        and a refusal costs the JSON decode and the checks of the envelope, never a
+        parse of what the arguments hold. A message
         over LARGE_MESSAGE_BYTES is decoded and verified in a worker thread (one
         at a time), so that it cannot hold up the event loop, node heartbeats and
         every other client; the replay guard always runs here, on the loop.

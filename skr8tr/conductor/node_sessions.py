@@ -1,6 +1,6 @@
 """``/v1/node``: one task tree per connected node agent.
 
-The session proves the node's key (challenge-response, DESIGN.md §4), attaches
+The session proves the node's key (it signs the conductor's random challenge), attaches
 it to the :class:`Cluster`, then runs two tasks in its own nursery: one sends
 what the cluster queued in the node's outbox, one applies what the node
 reports. The session ends when either side closes, when the cluster closes

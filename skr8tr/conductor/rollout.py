@@ -64,7 +64,7 @@ class RolloutRecord:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def status(self, now: float) -> dict[str, Any]:
-        """The ``rollout status`` result of DESIGN.md §5."""
+        """What ``skr8tr rollout status APP --json`` prints (each key is part of the contract)."""
         if self.state == "rolling":
             message = f"{self.phase} · {now - self.phase_since:.1f} s"
         else:

@@ -1,4 +1,4 @@
-"""The conductor's desired state on disk (``--state FILE``, TOML; DESIGN.md §7).
+"""The conductor's desired state on disk (``--state FILE``, TOML): its format and its checks.
 
 What is stored: every app with its current generation, desired count, every
 revision (manifest text, format, base folder, hash), the rollout history and
@@ -16,8 +16,9 @@ the offending key or value, and what was expected. The rules are those the
 conductor keeps while it runs: names and counts as in a manifest (``desired``
 0..1000 like ``replicas``), generations >= 1 and never repeated, the current
 generation and every history and rollout generation among the stored
-revisions, the rollout states of DESIGN.md §5, times that are Unix seconds
-with ``finished`` not before ``started``, each revision's SHA-256 equal to the
+revisions, the rollout states (rolling, complete, failed, rolled_back,
+aborted), times that are Unix seconds with ``finished`` not before
+``started``, each revision's SHA-256 equal to the
 SHA-256 of its manifest text, which parses and names its app, and no key the
 conductor does not write. Nothing is dropped or repaired: a file that breaks
 a rule (edited by hand, damaged, tampered with) is refused whole and left as
@@ -84,7 +85,7 @@ class StoredApp:
 @dataclass(frozen=True)
 class StoredState:
     apps: tuple[StoredApp, ...]
-    rollouts: tuple[dict[str, Any], ...]  # last rollout status per app (DESIGN.md §5 shape)
+    rollouts: tuple[dict[str, Any], ...]  # last rollout status per app, as `rollout status --json`
     # The secret of the placement tokens (skr8tr/core/placement_token.py), 64 hex digits;
     # None in a file written before there were tokens.
     placement_key: str | None = None

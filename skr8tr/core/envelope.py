@@ -1,4 +1,4 @@
-"""Signed requests and node-join challenges (DESIGN.md §4).
+"""Signed requests and node-join challenges: what is signed, and the order of the checks.
 
 A request on ``/v1/cli`` carries ``key`` (the signer's public key) and ``sig``
 (an Ed25519 signature over the canonical JSON of every other field). The
@@ -90,7 +90,8 @@ class AuthError(Exception):
 
 
 def canonical_json(fields: dict[str, Any]) -> bytes:
-    """The bytes that a request signature covers (DESIGN.md §4).
+    """The bytes that a request signature covers: every field but ``sig``, keys sorted, no
+    spaces, UTF-8 (the same bytes on every client and the conductor).
 
     Raises TypeError/ValueError for values JSON cannot carry (including
     strings with lone surrogates, which have no UTF-8 encoding).

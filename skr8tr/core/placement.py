@@ -1,6 +1,6 @@
 """Placement: which node runs a new replica, and on which port (pure).
 
-Rules (DESIGN.md §6.3, issue "Conductor and node agents"):
+Rules:
 
 - only live nodes are candidates;
 - a port belongs to a host, not to an agent: nodes that advertise the same

@@ -3,7 +3,7 @@
 Every change of a replica's state in the conductor goes through
 :func:`transition`, which raises :class:`IllegalTransition` for a change the
 table does not allow (the house rule of h11's ``_state.py``: one module owns
-the state machine). The states are DESIGN.md §5's::
+the state machine). The states (the ``state`` of each replica in ``list`` and ``status``)::
 
     pending ──> running ──> ready
        │  ╲        │  ╲  ↗   │
