@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skr8tr.conductor import api as api_mod
+from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import handle_connection
 from skr8tr.conductor.limits import ClosedCounter, Limits
@@ -131,7 +132,7 @@ def statuses(answer: bytes) -> list[int]:
 
 def status_site() -> tuple[StatusSite, ClosedCounter]:
     cluster = Cluster(node_timeout_s=5.0, port_range=(20000, 20100))
-    authority = api_mod.Authority(parse_authorized_keys(""))
+    authority = Authority(parse_authorized_keys(""))
     closed = ClosedCounter()
     cli = api_mod.CliApi(cluster, authority, time.time, closed=closed)
     return StatusSite(cluster, cli, listen=("127.0.0.1", 7771)), closed

@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skr8tr.conductor import commands
-from skr8tr.conductor.api import Authority, CliApi
+from skr8tr.conductor.api import CliApi
+from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.core import keys, manifest
 from skr8tr.core.manifest import MAX_LINE_CHARS, MAX_VALUE_CHARS, ManifestError, shell_words

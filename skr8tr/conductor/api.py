@@ -22,57 +22,25 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import trio
 
 from skr8tr.conductor import audit, commands, metrics, watch
+from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
-from skr8tr.conductor.limits import ClosedCounter, Limits, LogThrottle, TokenBucket
+from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
+from skr8tr.conductor.policing import Policing
 from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import envelope, manifest, protocol
-from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
+from skr8tr.core.keys import fingerprint, is_key_hex
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 log = logging.getLogger("skr8tr.conductor")
 
 LARGE_MESSAGE_BYTES = 64 * 1024  # above this, decoded and verified in a worker thread
 BYTE_BUDGETS_KEPT = 10_000  # client addresses whose byte budget is remembered
-
-
-@dataclass(eq=False)
-class NodeSessionHandle:
-    """A welcomed node session, so that revoking its key can end it."""
-
-    node_id: str
-    key: str
-    scope: trio.CancelScope
-    revoked: bool = False
-
-
-@dataclass
-class Authority:
-    """Who may do what: the authorized keys (replaced on SIGHUP), the replay guard and the
-    node sessions those keys opened."""
-
-    authorized: AuthorizedKeys
-    insecure: bool = False
-    guard: envelope.ReplayGuard = field(default_factory=envelope.ReplayGuard)
-    node_sessions: set[NodeSessionHandle] = field(default_factory=set)
-
-    def replace_keys(self, authorized: AuthorizedKeys) -> list[NodeSessionHandle]:
-        """Trust *authorized* from now on; end the node sessions whose key lost the node
-        role, and return them. Requests are checked against the new keys at once."""
-        self.authorized = authorized
-        if self.insecure:
-            return []
-        revoked = [h for h in self.node_sessions if not authorized.has_role(h.key, "node")]
-        for handle in revoked:
-            handle.revoked = True
-            handle.scope.cancel()
-        return revoked
 
 
 class CliApi:
@@ -82,12 +50,13 @@ class CliApi:
         self.cluster = cluster
         self.authority = authority
         self.wall = wall_clock
-        self.limits = limits or Limits()
-        self.closed = closed or ClosedCounter()
+        self.policing = Policing(limits or Limits(), closed or ClosedCounter(),
+                                 RefusalReporter(audit_log=audit_log, wall=wall_clock))
+        self.limits, self.closed = self.policing.limits, self.policing.closed
+        self.refusals = self.policing.refusals
         self.log_requests = commands.LogRequests()
         self.rollouts = RolloutManager(cluster)
         self.handlers = commands.handlers(self.log_requests, self.rollouts)
-        self.refusals = RefusalReporter(audit_log=audit_log, wall=wall_clock)
         self.audit_log = audit_log
         # CPU-heavy work taken off the event loop (large requests' decode and signature
         # check, large manifests' parse) runs in one worker thread at a time.
@@ -95,7 +64,6 @@ class CliApi:
         # Bytes of requests per client address (Limits.cli_bytes_per_s), kept after its
         # connections close, so that reconnecting does not refill it.
         self._byte_budgets: dict[str, TokenBucket] = {}
-        self._close_log = LogThrottle()
         self.command_seconds = metrics.Histogram(
             "skr8tr_command_duration_seconds",
             "Time from receiving a /v1/cli request to its reply, by command.", labels=("cmd",))
@@ -184,20 +152,20 @@ class CliApi:
                 try:
                     raw = await ws.get_message()
                 except ConnectionClosed as exc:
-                    self.count_close(exc, peer)
+                    self.policing.count_close(exc, peer)
                     return
             if idle.cancelled_caught:
-                await self.close_for(ws, peer, "idle_timeout", 1000,
+                await self.policing.close_for(ws, peer, "idle_timeout", 1000,
                                      f"idle for {self.limits.idle_timeout_s:g} s")
                 return
             now = trio.current_time()
             if not bucket.take(now):
-                await self.close_for(ws, peer, "rate_limit", 1008,
+                await self.policing.close_for(ws, peer, "rate_limit", 1008,
                                      f"more than {self.limits.messages_per_s:g} messages/s")
                 return
             if not self._byte_budget(peer, now).take(now, len(raw)):
                 # Before any decoding: a flood of large requests costs their reception.
-                await self.close_for(ws, peer, "byte_rate_limit", 1008,
+                await self.policing.close_for(ws, peer, "byte_rate_limit", 1008,
                                      f"more than {self.limits.cli_bytes_per_s} bytes/s of "
                                      f"requests from {peer}")
                 return
@@ -224,25 +192,6 @@ class CliApi:
             rate = self.limits.cli_bytes_per_s
             budget = self._byte_budgets[peer] = TokenBucket(rate, 2 * rate, now)
         return budget
-
-    def count_close(self, exc: ConnectionClosed, peer: str) -> None:
-        """Count a close that the connection did for a limit (1009: message too big)."""
-        if exc.code == 1009:
-            self.closed.count("message_too_big")
-            log.warning("closed a connection from %s: a message over %d bytes", peer,
-                        protocol.MAX_MESSAGE_BYTES)
-
-    async def close_for(self, ws: ServerConnection, peer: str, reason: str,
-                        code: int, why: str) -> None:
-        """Close *ws* because it broke a limit; count it, and log it (at most one line
-        per reason every few seconds, with the count since the last)."""
-        self.closed.count(reason)
-        n = self._close_log.note(reason, trio.current_time())
-        if n:
-            log.warning("closed %d connection(s) for %s, the last from %s: %s", n, reason,
-                        peer, why)
-        with trio.move_on_after(2):
-            await ws.aclose(code=code, reason=why[:120])
 
 
 def _fingerprint(key: object) -> str | None:

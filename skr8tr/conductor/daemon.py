@@ -32,6 +32,7 @@ from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
 from skr8tr.conductor import audit, loops, replay_store, state_file, status_http
 from skr8tr.conductor.accept import fit_limits_to_descriptors
+from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.file_store import FileStore
 from skr8tr.conductor.http import serve_http
@@ -195,7 +196,7 @@ async def run_conductor(config: ConductorConfig, *,
     # Requests signed before this moment are refused: the previous process may have
     # accepted them (replay_store; a client clock behind ours is refused for its lag).
     guard = replay_store.open_replay_guard(config.state_path, started_at=time.time())
-    authority = api_mod.Authority(_load_keys(config), insecure=config.insecure, guard=guard)
+    authority = Authority(_load_keys(config), insecure=config.insecure, guard=guard)
     ssl_context = _tls_context(config)
     if config.insecure:
         log.warning("INSECURE MODE: no key is checked; anyone who can reach %s:%d can "
@@ -247,7 +248,7 @@ async def run_conductor(config: ConductorConfig, *,
             if path == "/v1/cli":
                 await cli.serve_connection(ws)
             elif path == "/v1/node":
-                await serve_node(cluster, authority, cli, ws)
+                await serve_node(cluster, authority, cli.policing, cli.log_requests, ws)
             else:
                 await api_mod.serve_watch(cluster, ws, cli)
         finally:
@@ -306,7 +307,7 @@ async def _serve_heap_trim(gate) -> None:
                      peaks.min_drop)
 
 
-async def _serve_signals(authority: api_mod.Authority, config: ConductorConfig,
+async def _serve_signals(authority: Authority, config: ConductorConfig,
                          root: trio.CancelScope, *,
                          task_status=trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:

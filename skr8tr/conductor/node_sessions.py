@@ -22,11 +22,13 @@ import logging
 
 import trio
 
-from skr8tr.conductor.api import Authority, CliApi, NodeSessionHandle
+from skr8tr.conductor.authority import Authority, NodeSessionHandle
 from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.commands import LogRequests
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.limits import TokenBucket
 from skr8tr.conductor.node_reports import NODE_OUTBOX
+from skr8tr.conductor.policing import Policing
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
 from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
@@ -41,28 +43,28 @@ async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
         await ws.aclose(code=1008, reason=message[:120])
 
 
-async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
-                     ws: ServerConnection) -> None:
+async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
+                     log_requests: LogRequests, ws: ServerConnection) -> None:
     peer = ws.peer
     challenge = envelope.new_challenge()
     raw: str | bytes | None = None
-    timeout_s = api.limits.handshake_timeout_s
+    timeout_s = policing.limits.handshake_timeout_s
     try:
         await ws.send_message(encode_node_message("challenge", nonce=challenge.hex()))
         with trio.move_on_after(timeout_s):
             raw = await ws.get_message()
     except ConnectionClosed as exc:
-        api.count_close(exc, peer)
+        policing.count_close(exc, peer)
         return
     if raw is None:
-        api.closed.count("handshake_timeout")
+        policing.closed.count("handshake_timeout")
         log.warning("refused a node session from %s: no hello within %g s", peer, timeout_s)
         await _refuse(ws, "BAD_REQUEST", f"no hello within {timeout_s:g} s")
         return
     hello = decode_node_message(raw)
     if isinstance(hello, NodeDecodeError) or hello["type"] != "hello":
         why = hello.message if isinstance(hello, NodeDecodeError) else "expected hello"
-        api.refusals.count("BAD_REQUEST")
+        policing.refusals.count("BAD_REQUEST")
         log.warning("refused a node session from %s: %s", peer, why)
         await _refuse(ws, "BAD_REQUEST", why)
         return
@@ -73,7 +75,7 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
         envelope.verify_challenge(key=hello["key"], sig=hello["sig"], challenge=challenge,
                                   node_id=hello["node_id"], authorized=authorized)
     except envelope.AuthError as exc:
-        api.refusals.count(exc.code)
+        policing.refusals.count(exc.code)
         log.warning("refused node %s from %s (key %s): %s", hello["node_id"], peer,
                     fingerprint(hello["key"]), exc.message)
         await _refuse(ws, exc.code, exc.message)
@@ -83,7 +85,7 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
     try:
         session = cluster.attach_node(hello, outbox_send)
     except CommandError as exc:
-        api.refusals.count(exc.code)
+        policing.refusals.count(exc.code)
         log.warning("refused node %s from %s (key %s): %s", hello["node_id"], peer,
                     fingerprint(hello["key"]), exc.message)
         await _refuse(ws, exc.code, exc.message)
@@ -115,33 +117,33 @@ async def serve_node(cluster: Cluster, authority: Authority, api: CliApi,
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(send_outbox)
-                await _receive(cluster, api, ws, node_id)
+                await _receive(cluster, policing, log_requests, ws, node_id)
                 nursery.cancel_scope.cancel()
     finally:
         authority.node_sessions.discard(handle)
         cluster.detach_node(node_id, session)
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             if handle.revoked:
-                api.closed.count("revoked")
-                api.refusals.count("UNAUTHORIZED")
+                policing.closed.count("revoked")
+                policing.refusals.count("UNAUTHORIZED")
                 log.warning("closed the session of node %s from %s: its key %s is no longer "
                             "authorized as node", node_id, peer, fingerprint(hello["key"]))
                 await _refuse(ws, "UNAUTHORIZED", "this node's key was revoked")
             await ws.aclose()
 
 
-async def _receive(cluster: Cluster, api: CliApi, ws: ServerConnection,
-                   node_id: str) -> None:
-    limits = api.limits
+async def _receive(cluster: Cluster, policing: Policing, log_requests: LogRequests,
+                   ws: ServerConnection, node_id: str) -> None:
+    limits = policing.limits
     bucket = TokenBucket(limits.messages_per_s, limits.message_burst, trio.current_time())
     while True:
         try:
             raw = await ws.get_message()
         except ConnectionClosed as exc:
-            api.count_close(exc, f"node {node_id}")
+            policing.count_close(exc, f"node {node_id}")
             return
         if not bucket.take(trio.current_time()):
-            await api.close_for(ws, f"node {node_id}", "rate_limit", 1008,
+            await policing.close_for(ws, f"node {node_id}", "rate_limit", 1008,
                                 f"more than {limits.messages_per_s:g} messages/s")
             return
         msg = decode_node_message(raw)
@@ -157,6 +159,6 @@ async def _receive(cluster: Cluster, api: CliApi, ws: ServerConnection,
         elif kind == "replica":
             cluster.replica_report(node_id, msg)
         elif kind == "logs_reply":
-            api.log_requests.reply(node_id, msg)
+            log_requests.reply(node_id, msg)
         else:
             log.warning("node %s sent an unexpected %s message", node_id, kind)
