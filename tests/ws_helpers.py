@@ -39,14 +39,14 @@ async def serve_websocket(handler: Callable[[wsserver.Request], Awaitable[None]]
                 request = await wsserver.read_request(stream, "test",
                                                       max_message_size=max_message_size)
         except (wsserver.HandshakeError, trio.BrokenResourceError):
-            pass
+            pass  # answered already (a 4xx), or the client left: nothing to serve
         if request is None:
             await trio.aclose_forcefully(stream)
             return
         try:
             await handler(request)
         except wsserver.ConnectionClosed:
-            pass
+            pass  # the client closed first: the handler's work is over either way
         finally:
             with trio.move_on_after(DISCONNECT_TIMEOUT_S):
                 await request.aclose()
