@@ -28,7 +28,7 @@ from skr8tr import __version__
 from skr8tr.conductor import metrics, views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import Response
-from skr8tr.core import replica_state
+from skr8tr.core import protocol, replica_state
 
 if TYPE_CHECKING:
     from skr8tr.conductor.accept import Admission
@@ -56,7 +56,6 @@ PAGE_HEADERS = (
 )
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 REPLICA_STATES = replica_state.STATES
-ROLLOUT_FINAL_STATES = ("complete", "aborted", "failed", "rolled_back")
 REFUSAL_CODES = ("BAD_REQUEST", "UNAUTHORIZED", "EXPIRED", "REPLAY")
 NOT_FOUND_TEXT = (b"not found; try / (the status page), /api/state, /api/config, /api/events, "
                   b"/metrics or /healthz\n")
@@ -97,7 +96,7 @@ class StatusSite:
         self.files = load_web_files()
         self.rollouts_finished = metrics.Counter(
             "skr8tr_rollouts_total", "Rollouts ended since the conductor started, by final state.",
-            labels=("state",), preset=[{"state": s} for s in ROLLOUT_FINAL_STATES])
+            labels=("state",), preset=[{"state": s} for s in protocol.ROLLOUT_FINAL_STATES])
 
     # ------------------------------------------------------------------ background
 

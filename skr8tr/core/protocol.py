@@ -76,6 +76,7 @@ __all__ = [
     "MAX_ID_CHARS",
     "APP_NAME_RE",
     "EVENT_NAME_RE",
+    "ROLLOUT_FINAL_STATES",
     "ROLLOUT_STATES",
     "DecodeError",
     "Envelope",
@@ -114,6 +115,7 @@ ERROR_CODES = (
 EVENT_NAME_RE = re.compile(r"[a-z]+(\.[a-z_]+)+")
 
 ROLLOUT_STATES = ("rolling", "complete", "aborted", "failed", "rolled_back")
+ROLLOUT_FINAL_STATES = ROLLOUT_STATES[1:]  # a rollout in one of these has ended
 
 REQUEST_FIELDS = ("v", "id", "cmd", "args", "ts", "nonce", "key", "sig")
 _MISSING = object()

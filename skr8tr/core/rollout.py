@@ -40,7 +40,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from skr8tr.core import replica_state
+from skr8tr.core import protocol, replica_state
 from skr8tr.core.manifest import RolloutPolicy
 
 __all__ = [
@@ -77,7 +77,7 @@ __all__ = [
     "watching",
 ]
 
-FINAL_STATES = frozenset({"complete", "aborted", "failed", "rolled_back"})
+FINAL_STATES = frozenset(protocol.ROLLOUT_FINAL_STATES)
 PORT_CLASH_RETRIES = 5  # per batch: a port found taken on the host is replaced by another
 
 
