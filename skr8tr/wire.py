@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from skr8tr import DEFAULT_CONDUCTOR_URL
 from skr8tr.core import protocol
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ __all__ = [
 
 # Where every client looks for the conductor without --conductor: the CLI, the node
 # agent and the ingress.
-DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"
 DEFAULT_TIMEOUT_S = 10.0
 
 EXIT_OK = 0

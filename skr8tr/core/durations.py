@@ -3,7 +3,9 @@
 import re
 from fractions import Fraction
 
-MAX_DURATION_MS = 30 * 24 * 3600 * 1000
+from skr8tr.core.manifest_model import MAX_DURATION_MS
+
+__all__ = ["MAX_DURATION_MS", "DURATION_EXAMPLES", "format_duration_ms", "parse_duration_ms"]
 DURATION_EXAMPLES = "a duration like 500ms, 8s or 2m"
 
 # Largest first: the formatter picks the largest unit that divides exactly.

@@ -20,6 +20,7 @@ PLACEHOLDERS = ("host", "port")
 MAX_REPLICAS = 1000
 MAX_SURGE = 1000
 MAX_RETRIES = 100
+MAX_DURATION_MS = 30 * 24 * 3600 * 1000  # the longest duration a manifest may give
 MAX_CPU = 1024
 RAM_UNITS = {"T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10, "B": 1}  # largest first
 MAX_RAM_BYTES = 1024 * RAM_UNITS["T"]

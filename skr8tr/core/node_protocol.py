@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from skr8tr.core import names
-from skr8tr.core.durations import MAX_DURATION_MS
-from skr8tr.core.manifest import MAX_RETRIES, HealthCheck, Manifest
+
+# The model only (not the parser): the node agent imports this module.
+from skr8tr.core.manifest_model import MAX_DURATION_MS, MAX_RETRIES, HealthCheck, Manifest
 from skr8tr.core.names import APP_NAME_MAX_CHARS, APP_NAME_RE
 
 PROTOCOL_VERSION = 1

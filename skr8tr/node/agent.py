@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import nacl.signing
 import trio
 
-from skr8tr import tls
+from skr8tr import DEFAULT_CONDUCTOR_URL, tls
 from skr8tr.core.keys import KeyFileError, fingerprint, public_hex
 from skr8tr.core.node_protocol import is_host_or_ip
 from skr8tr.heap import release_free_heap
@@ -46,7 +46,6 @@ from skr8tr.node.process import RunAs, RunAsError, resolve_run_as
 from skr8tr.node.session import Refused, SessionError, run_session
 from skr8tr.node.supervisor import open_supervisor
 from skr8tr.node.sysinfo import prime_cpu
-from skr8tr.wire import DEFAULT_CONDUCTOR_URL
 from skr8tr.ws import trio_client
 
 log = logging.getLogger("skr8tr.node")
