@@ -25,7 +25,7 @@ import time
 
 import trio
 
-from skr8tr.conductor import audit, commands, metrics, watch
+from skr8tr.conductor import audit, commands, metrics
 from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
@@ -208,15 +208,3 @@ def _location(message: str) -> str:
     """``FILE:LINE:COL`` of a manifest error, without the text it quotes."""
     head = message.split(": ", 1)[0]
     return f"{head}: (manifest error; details in the reply, not logged)"
-
-
-async def serve_watch(cluster: Cluster, ws: ServerConnection,
-                      api: CliApi | None = None) -> None:
-    """``/v1/watch``: a snapshot, then every event (:mod:`skr8tr.conductor.watch`).
-
-    What a watcher sends is read and dropped; with *api*, its limits apply
-    (message rate and size, queue in bytes, keep-alive) and its closes are
-    counted with the others.
-    """
-    await watch.serve_watch(cluster, ws, limits=api.limits if api is not None else None,
-                            closed=api.closed if api is not None else None)

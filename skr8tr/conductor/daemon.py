@@ -30,7 +30,7 @@ import trio
 
 from skr8tr import __version__, tls
 from skr8tr.conductor import api as api_mod
-from skr8tr.conductor import audit, loops, replay_store, state_file, status_http
+from skr8tr.conductor import audit, loops, replay_store, state_file, status_http, watch
 from skr8tr.conductor.accept import fit_limits_to_descriptors
 from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
@@ -244,13 +244,15 @@ async def run_conductor(config: ConductorConfig, *,
                 f"{request.peer} already (--max-watchers-per-address)\n").encode())
             return
         try:
+            if path == "/v1/watch":  # subscribed before the handshake ends (watch.py)
+                await watch.serve_watch(cluster, request.accept, limits=cli.limits,
+                                        closed=cli.closed)
+                return
             ws = await request.accept()
             if path == "/v1/cli":
                 await cli.serve_connection(ws)
-            elif path == "/v1/node":
-                await serve_node(cluster, authority, cli.policing, cli.log_requests, ws)
             else:
-                await api_mod.serve_watch(cluster, ws, cli)
+                await serve_node(cluster, authority, cli.policing, cli.log_requests, ws)
         finally:
             if path == "/v1/watch":
                 watchers.release(request.peer)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -102,21 +103,26 @@ def _count_close(closed: ClosedCounter | None, reason: str, peer: str, why: str)
         log.warning("closed %d watcher(s) for %s, the last from %s: %s", n, reason, peer, why)
 
 
-async def serve_watch(cluster: Cluster, ws: ServerConnection, *, limits: Limits | None = None,
-                      closed: ClosedCounter | None = None) -> None:
+async def serve_watch(cluster: Cluster, accept: Callable[[], Awaitable[ServerConnection]], *,
+                      limits: Limits | None = None, closed: ClosedCounter | None = None) -> None:
     """Serve one watcher until it leaves or breaks a limit (module docstring).
 
-    Never raises ConnectionClosed; returns with *ws* closed, or broken for the
-    caller to close.
+    ``accept`` completes the WebSocket handshake. The watcher is subscribed and
+    its snapshot taken *before* that: a client that has its handshake answer
+    and then sends a command sees every event the command publishes.
+
+    Never raises ConnectionClosed; returns with the connection closed, or
+    broken for the caller to close.
     """
     limits = limits or Limits()
-    peer = ws.peer
     idle_s = limits.watch_idle_timeout_s
     ending: tuple[str, int, str] | None = None  # (reason, close code, why) of a limit
     counted = False
 
     with cluster.events.subscribe(max_bytes=limits.watch_queue_bytes) as events:
         start = snapshot_cache(cluster).start_frames(cluster)
+        ws = await accept()
+        peer = ws.peer
         async with trio.open_nursery() as nursery:
             sending = trio.CancelScope()
 
