@@ -4,7 +4,7 @@
 client URL answers ``/health``; ``stop()`` ends it (SIGTERM to its process
 group, then SIGKILL after a grace, always waiting for the exit), and a later
 ``start()`` brings it back on the same ports with the same data — "etcd went
-away and came back". The ``etcd`` fixture gives a started one and stops it
+away and came back". The ``etcd`` fixture (import ``etcd_fixture``) gives a started one and stops it
 after the test whatever happened.
 """
 
@@ -108,8 +108,8 @@ class Etcd:
             return False
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[Etcd]:
+@pytest.fixture(name="etcd")
+def etcd_fixture(tmp_path: Path) -> Iterator[Etcd]:
     """A started etcd of its own for one test; stopped (and waited for) afterwards."""
     server = Etcd(tmp_path / "etcd")
     try:
