@@ -269,7 +269,11 @@ class EtcdClient:
                 first = _result(await _next_line(lines, endpoint), endpoint)
                 if not first.get("created"):
                     raise EtcdError(f"etcd {endpoint}: watch of {key} was not created")
-                yield _batches(lines, endpoint, key)
+                batches = _batches(lines, endpoint, key)
+                try:
+                    yield batches
+                finally:
+                    await batches.aclose()
             finally:
                 await response.aclose()
             return
