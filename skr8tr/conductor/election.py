@@ -70,7 +70,8 @@ class Leadership:
     def lose(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-            log.warning("no longer leading (term %d): %s", self.term, reason)
+            log.log(logging.INFO if reason == "resigned" else logging.WARNING,
+                    "no longer leading (term %d): %s", self.term, reason)
             self.lost.set()
 
 
