@@ -1,0 +1,253 @@
+"""``--store etcd://...``: the :class:`~skr8tr.conductor.store.Store` kept in etcd.
+
+Layout under the prefix (default ``/skr8tr``, so that clusters can share one etcd):
+
+- ``PREFIX/apps/NAME``: one app as JSON, with the fields the state file keeps
+  for it (generation, desired, completed, given_up, revisions, history);
+- ``PREFIX/rollouts/NAME``: that app's last rollout status as JSON (the fields
+  of ``rollout status --json``);
+- ``PREFIX/placement_key``: the secret of the placement tokens (64 hex digits).
+
+Other keys under the prefix (the leader key, nonces) are not the store's.
+
+:meth:`EtcdStore.apply` writes a whole :class:`~skr8tr.conductor.store.Change` as
+one etcd transaction, so that it is all there or none of it is. It may carry a
+*fence*: compares that must hold for the transaction to run, such as "the leader
+key still holds my URL and was created at my term". When the fence no longer
+holds nothing is written and :class:`FenceLost` is raised: the writer is no
+longer the leader and must step down.
+
+Reading trusts nothing, as for the state file: every value is checked by the
+same rules (:mod:`skr8tr.conductor.state_file`), and a value that breaks one
+raises :class:`StoredValueError` naming its key and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from skr8tr.conductor import state_file
+from skr8tr.conductor.etcd_client import Compare, Delete, EtcdClient, EtcdError, Get, KeyValue, Put
+from skr8tr.conductor.state_file import StateFileError, StoredApp, StoredState
+from skr8tr.conductor.store import EMPTY, Change, StoreError
+
+__all__ = ["EtcdStore", "FenceLost", "StoredValueError"]
+
+log = logging.getLogger("skr8tr.conductor")
+
+
+class FenceLost(StoreError):
+    """The change's fence did not hold (this conductor no longer leads); nothing was kept."""
+
+
+class StoredValueError(StoreError, StateFileError):
+    """A value in etcd breaks the state's rules; the message names the key."""
+
+
+class EtcdStore:
+    def __init__(self, client: EtcdClient, prefix: str = "/skr8tr") -> None:
+        prefix = prefix.rstrip("/")
+        if not prefix.startswith("/"):
+            raise ValueError(f"store prefix {prefix!r} must start with /")
+        self.client = client
+        self.prefix = prefix
+        self.revision = 0  # the etcd revision of the last state this store read or wrote
+
+    # ------------------------------------------------------------ keys
+
+    def app_key(self, name: str) -> str:
+        return f"{self.prefix}/apps/{name}"
+
+    def rollout_key(self, name: str) -> str:
+        return f"{self.prefix}/rollouts/{name}"
+
+    @property
+    def placement_key_key(self) -> str:
+        return f"{self.prefix}/placement_key"
+
+    # ------------------------------------------------------------ the Store interface
+
+    async def load(self) -> StoredState | None:
+        """The stored state (None when no key of it exists), read at one etcd revision.
+
+        Raises StoredValueError naming the first key that breaks a rule, StoreError when
+        etcd cannot be read.
+        """
+        state, _raw = await self._read()
+        return state
+
+    async def apply(self, change: Change, fence: Sequence[Compare] = ()) -> None:
+        """Write ``change`` in one transaction that runs only while ``fence`` holds.
+
+        Returns once etcd has committed it. Raises FenceLost when the fence does not hold,
+        StoreError when etcd cannot be reached or refuses (including a rollout status for
+        an app neither stored nor written by the change); nothing is kept in either case.
+        A cancelled apply may or may not have been committed.
+        """
+        ops: dict[str, Put | Delete] = {}
+        compare = list(fence)
+        for name, app in change.apps.items():
+            if app is None:
+                ops[self.app_key(name)] = Delete(self.app_key(name))
+                ops[self.rollout_key(name)] = Delete(self.rollout_key(name))
+            else:
+                ops[self.app_key(name)] = Put(self.app_key(name), encode_app(app))
+        for name, status in change.rollouts.items():
+            if change.apps.get(name, False) is None:
+                continue  # a removed app's last rollout goes with it
+            if status is None:
+                ops[self.rollout_key(name)] = Delete(self.rollout_key(name))
+                continue
+            if name not in change.apps:  # as merged(): no rollout without its app
+                compare.append(Compare.exists(self.app_key(name)))
+            ops[self.rollout_key(name)] = Put(self.rollout_key(name),
+                                              json.dumps(status).encode())
+        if change.placement_key is not None:
+            ops[self.placement_key_key] = Put(self.placement_key_key,
+                                              change.placement_key.encode())
+        try:
+            result = await self.client.txn(compare, list(ops.values()))
+            if not result.succeeded:
+                held = await self.client.txn(fence, []) if fence else None
+                if held is not None and not held.succeeded:
+                    raise FenceLost(f"not written: this conductor no longer leads "
+                                    f"(the leadership fence under {self.prefix} failed)")
+                missing = sorted(n for n in change.rollouts if n not in change.apps)
+                raise StoreError(f"not written: a rollout status for app(s) "
+                                 f"{', '.join(missing)} that are not stored")
+        except EtcdError as exc:
+            raise StoreError(f"not written to etcd: {exc}") from None
+        self.revision = max(self.revision, result.revision)
+
+    def watch(self) -> AsyncIterator[StoredState]:
+        """The whole state after each change to it committed after the last revision this
+        store read or wrote (or, when it has done neither, after the first ``anext``): one
+        state per transaction, in order. A follower's view of the leader's writes.
+
+        Raises StoredValueError for a value that breaks a rule, StoreError when etcd
+        goes away (watch again to go on).
+        """
+        return self._follow(self.revision)
+
+    # ------------------------------------------------------------ reading
+
+    async def _read(self, revision: int | None = None
+                    ) -> tuple[StoredState | None, dict[str, bytes]]:
+        try:
+            if revision is None:
+                result = await self.client.txn([], [
+                    Get(self.prefix + "/apps/", prefix=True),
+                    Get(self.prefix + "/rollouts/", prefix=True),
+                    Get(self.placement_key_key)])
+                kvs: list[KeyValue] = [kv for found in result.ranges for kv in found]
+                read_at = result.revision
+            else:
+                kvs, read_at = await self.client.get(self.prefix + "/", prefix=True,
+                                                     revision=revision)
+                read_at = revision
+        except EtcdError as exc:
+            raise StoreError(f"cannot read the state from etcd: {exc}") from None
+        raw = {kv.key: kv.value for kv in kvs if self._is_state_key(kv.key)}
+        self.revision = max(self.revision, read_at)
+        return self.decode(raw), raw
+
+    def _is_state_key(self, key: str) -> bool:
+        return (key.startswith((self.prefix + "/apps/", self.prefix + "/rollouts/"))
+                or key == self.placement_key_key)
+
+    async def _follow(self, after: int) -> AsyncIterator[StoredState]:
+        if after == 0:
+            _state, raw = await self._read()
+            after = self.revision
+        else:
+            _state, raw = await self._read(after)
+        try:
+            async with self.client.watch(self.prefix + "/", prefix=True,
+                                         start_revision=after + 1) as batches:
+                async for events in batches:
+                    touched = False
+                    for event in events:
+                        if not self._is_state_key(event.kv.key):
+                            continue
+                        touched = True
+                        if event.kind == "DELETE":
+                            raw.pop(event.kv.key, None)
+                        else:
+                            raw[event.kv.key] = event.kv.value
+                    if touched:
+                        yield self.decode(raw) or EMPTY
+        except EtcdError as exc:
+            raise StoreError(f"lost the watch of the state in etcd: {exc}") from None
+
+    def decode(self, raw: dict[str, bytes]) -> StoredState | None:
+        """The state held by the raw values of its keys (None when there is none).
+        Raises StoredValueError naming the first key that breaks a rule."""
+        if not raw:
+            return None
+        apps: dict[str, Any] = {}
+        rollouts: list[Any] = []
+        rollout_keys: list[str] = []
+        doc: dict[str, Any] = {"version": state_file.STATE_VERSION, "apps": apps,
+                               "rollouts": rollouts}
+        for key in sorted(raw):
+            if key == self.placement_key_key:
+                try:
+                    doc["placement_key"] = raw[key].decode("ascii")
+                except UnicodeDecodeError:
+                    raise StoredValueError(f"etcd key {key}: not 64 lowercase hex digits "
+                                           "(the secret of the placement tokens)") from None
+                continue
+            value = _json(key, raw[key])
+            if key.startswith(self.prefix + "/apps/"):
+                apps[key.removeprefix(self.prefix + "/apps/")] = value
+                continue
+            name = key.removeprefix(self.prefix + "/rollouts/")
+            if not isinstance(value, dict) or value.get("app") != name:
+                raise StoredValueError(f"etcd key {key}: expected a rollout status object "
+                                       f"whose app is {name!r}")
+            rollouts.append(value)
+            rollout_keys.append(key)
+        return _Checker(self, rollout_keys).state(doc)
+
+
+def encode_app(app: StoredApp) -> bytes:
+    """One app's value: the fields the state file keeps for it, as JSON."""
+    doc = state_file.to_document(StoredState(apps=(app,), rollouts=()))
+    return json.dumps(doc["apps"][app.name], separators=(",", ":")).encode()
+
+
+def _json(key: str, value: bytes) -> Any:
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a number")
+
+    try:
+        return json.loads(value.decode("utf-8"), parse_constant=no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise StoredValueError(f"etcd key {key}: not JSON ({exc})") from None
+
+
+class _Checker(state_file._Checker):
+    """The state file's rules, with each error placed at the etcd key that broke it (and
+    the field inside its JSON value) instead of a line and column."""
+
+    def __init__(self, store: EtcdStore, rollout_keys: list[str]) -> None:
+        super().__init__(store.prefix, "")
+        self.store = store
+        self.rollout_keys = rollout_keys
+
+    def fail(self, where: state_file.Path, message: str, *, at_key: bool = False
+             ) -> StateFileError:
+        if where[:1] == ("apps",) and len(where) >= 2:
+            key, inside = self.store.app_key(str(where[1])), where[2:]
+        elif where[:1] == ("rollouts",) and len(where) >= 2 and isinstance(where[1], int):
+            key, inside = self.rollout_keys[where[1]], where[2:]
+        elif where[:1] == ("placement_key",):
+            key, inside = self.store.placement_key_key, ()
+        else:
+            key, inside = self.store.prefix, where
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in inside)
+        return StoredValueError(f"etcd key {key}{' field ' + field.lstrip('.') if field else ''}"
+                                f": {message}")
