@@ -42,7 +42,10 @@ def write_atomically(path: str | os.PathLike[str], data: bytes | str, mode: int 
                                dir=folder)
     try:
         try:
-            os.fchmod(fd, mode)
+            # mkstemp made it 0600 less the umask: change it only when that is not
+            # *mode* (an inode change on every write adds to the journal's work).
+            if os.fstat(fd).st_mode & 0o777 != mode:
+                os.fchmod(fd, mode)
             view = memoryview(content)
             while view:
                 view = view[os.write(fd, view):]
