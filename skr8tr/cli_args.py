@@ -15,12 +15,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from skr8tr import __version__
+from skr8tr import DEFAULT_KEY_FILE, __version__
 from skr8tr.wire import DEFAULT_CONDUCTOR_URL, DEFAULT_TIMEOUT_S, EXIT_USAGE
 
 __all__ = ["DEFAULT_KEY_FILE", "build_parser"]
 
-DEFAULT_KEY_FILE = "~/.skr8tr/signing.sec"
 
 
 def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import nacl.signing
 import trio
 
-from skr8tr import DEFAULT_CONDUCTOR_URL, tls
+from skr8tr import DEFAULT_CONDUCTOR_URL, DEFAULT_KEY_FILE, tls
 from skr8tr.core.keys import KeyFileError, fingerprint, public_hex
 from skr8tr.core.node_protocol import is_host_or_ip
 from skr8tr.heap import release_free_heap
@@ -50,7 +50,6 @@ from skr8tr.ws import trio_client
 
 log = logging.getLogger("skr8tr.node")
 
-DEFAULT_KEY_FILE = "~/.skr8tr/signing.sec"
 NODE_PATH = "/v1/node"
 EXIT_USAGE = 2
 
