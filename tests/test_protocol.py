@@ -74,6 +74,8 @@ def test_constants():
         "NO_CAPACITY",
         "INVALID_MANIFEST",
         "INTERNAL",
+        "NOT_LEADER",
+        "UNAVAILABLE",
     )
     assert COMMANDS == SIGNED_COMMANDS | READ_ONLY_COMMANDS
     assert len(COMMANDS) == 13
@@ -495,7 +497,7 @@ def test_ok_reply_round_trip(result):
     assert decode_reply(text) == Reply(id="r1", ok=True, result=result)
 
 
-@pytest.mark.parametrize("code", ERROR_CODES)
+@pytest.mark.parametrize("code", [c for c in ERROR_CODES if c != "NOT_LEADER"])
 def test_error_reply_round_trip(code):
     text = error_reply("r1", code, "it broke: ✗")
     assert json.loads(text) == {
@@ -615,7 +617,7 @@ def test_event_message_refuses(args, words):
         ('{"v":1,"type":"event","seq":1,"ts":1,"event":"a.b"}', "event data must be an object"),
         ('{"v":1,"type":"event","seq":1,"ts":1,"event":"ab","data":{}}', "dotted name"),
         ('{"v":1,"type":"snapshot","seq":1,"ts":1}', "snapshot state must be an object"),
-        ('{"v":1,"type":"other","seq":1,"ts":1}', 'type must be "event" or "snapshot"'),
+        ('{"v":1,"type":"other","seq":1,"ts":1}', 'type must be "event", "snapshot" or "error"'),
         ('{"v":1,"type":"event","seq":-1,"ts":1,"event":"a.b","data":{}}', "seq must be"),
         ('{"v":1,"type":"event","seq":1,"ts":"x","event":"a.b","data":{}}', "ts must be"),
         ('{"v":0,"type":"event","seq":1,"ts":1,"event":"a.b","data":{}}', "v must be 1"),
@@ -703,3 +705,26 @@ def test_signed_round_trip_with_any_id(cmd_args, rid, ts):
     req = accept(text)
     assert isinstance(req, Request), req
     assert (req.id, req.args, req.ts) == (rid, normalized, ts)
+
+
+def test_not_leader_reply_carries_the_leader_both_ways():
+    from skr8tr.core.protocol import decode_reply, error_reply
+
+    raw = error_reply("r1", "NOT_LEADER", "a follower", leader="ws://10.0.0.2:7771")
+    assert json.loads(raw)["error"] == {"code": "NOT_LEADER", "message": "a follower",
+                                        "leader": "ws://10.0.0.2:7771"}
+    reply = decode_reply(raw)
+    assert (reply.error_code, reply.error_leader) == ("NOT_LEADER", "ws://10.0.0.2:7771")
+    unknown = json.loads(error_reply("r2", "NOT_LEADER", "no leader yet"))
+    assert unknown["error"]["leader"] is None
+    assert "leader" not in json.loads(error_reply("r3", "CONFLICT", "busy"))["error"]
+
+
+def test_watch_error_message_decodes():
+    from skr8tr.core.protocol import WatchError, decode_watch_message, not_leader_watch_message
+
+    msg = decode_watch_message(not_leader_watch_message("follower", "ws://h:1"))
+    assert msg == WatchError(code="NOT_LEADER", message="follower", leader="ws://h:1")
+    bad = decode_watch_message(json.dumps({"v": 1, "type": "error", "error": {
+        "code": "NOT_LEADER", "message": "x", "leader": 5}}))
+    assert bad.code == "BAD_REQUEST"

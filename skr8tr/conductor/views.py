@@ -68,4 +68,4 @@ def up_result(cluster: Cluster, app: AppState) -> dict[str, Any]:
 
 
 def ping() -> dict[str, Any]:
-    return {"pong": "conductor", "version": __version__}
+    return {"pong": "conductor", "version": __version__, "role": "leader", "leader": None}

@@ -2,13 +2,18 @@
 
 Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
 
-1. conductor -> node ``challenge`` {nonce}: 32 random bytes, hex.
+1. conductor -> node ``challenge`` {nonce, term}: 32 random bytes, hex; ``term``
+   is the conductor's leadership term (0 for a lone conductor, else the etcd
+   revision at which it became leader). A node remembers the highest term it has
+   been welcomed under and closes a session offered under a lower one: a deposed
+   leader cannot command it. A follower conductor sends instead ``refused``
+   {code: "NOT_LEADER", message, leader: URL or null} and closes.
 2. node -> conductor ``hello`` {node_id, key, sig, version, address, cores,
    ram_total_mb, ram_free_mb, cpu_pct, replicas}: ``sig`` signs the challenge
    and the node id (:func:`skr8tr.core.envelope.sign_challenge`) with a key the
    conductor trusts in the ``node`` role; ``replicas`` lists what the agent is
    already running (after a reconnect) as ``replica`` reports.
-3. conductor -> node ``welcome`` {node_id, heartbeat_s}, or ``refused``
+3. conductor -> node ``welcome`` {node_id, heartbeat_s, term}, or ``refused``
    {code, message} followed by a close.
 4. Then, in any order:
    - node -> conductor ``heartbeat`` {cpu_pct, ram_free_mb, ram_total_mb, cores}
@@ -70,6 +75,7 @@ MAX_REPORT_MESSAGE_CHARS = 4096  # a replica report's message (the agent cuts it
 MAX_LOG_TEXT_CHARS = 64 * 1024  # one log line (the agent cuts lines at 64 KiB)
 MAX_LOG_LINES = 100_000  # lines in one logs_reply: the largest tail a logs request asks for
 MAX_HELLO_REPLICAS = 10_000  # replica reports in one hello
+MAX_TERM = 2**63 - 1  # a leadership term: an etcd revision (int64)
 MAX_CORES = 65_536
 MAX_RAM_MB = 2**30  # 1 PiB
 MAX_CPU_PCT = 100.0  # of the whole machine
@@ -301,7 +307,7 @@ _replica_reports = _list_of(lambda x: _check_fields(x, _REPLICA_FIELDS, envelope
 
 # type -> {field: (check, required)}
 SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
-    "challenge": {"nonce": (_hex(64), True)},
+    "challenge": {"nonce": (_hex(64), True), "term": (_int(0, MAX_TERM), False)},
     "hello": {
         "node_id": (_ident, True),
         "key": (_hex(64), True),
@@ -314,8 +320,10 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "cpu_pct": (_num(0, MAX_CPU_PCT), True),
         "replicas": (_replica_reports, True),
     },
-    "welcome": {"node_id": (_ident, True), "heartbeat_s": (_num(0.01, 3600), True)},
-    "refused": {"code": (_str, True), "message": (_str, True)},
+    "welcome": {"node_id": (_ident, True), "heartbeat_s": (_num(0.01, 3600), True),
+                "term": (_int(0, MAX_TERM), False)},
+    "refused": {"code": (_str, True), "message": (_str, True),
+                "leader": (_opt(_str), False)},
     "heartbeat": {
         "cpu_pct": (_num(0, MAX_CPU_PCT), True),
         "ram_free_mb": (_int(0, MAX_RAM_MB), True),

@@ -97,6 +97,8 @@ __all__ = [
     "event_message",
     "snapshot_message",
     "decode_watch_message",
+    "not_leader_watch_message",
+    "WatchError",
 ]
 
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -111,6 +113,8 @@ ERROR_CODES = (
     "NO_CAPACITY",
     "INVALID_MANIFEST",
     "INTERNAL",
+    "NOT_LEADER",  # a follower conductor: the error object also has "leader": URL or null
+    "UNAVAILABLE",  # the conductor cannot reach its store (etcd) to keep its leadership
 )
 EVENT_NAME_RE = re.compile(r"[a-z]+(\.[a-z_]+)+")
 
@@ -346,6 +350,7 @@ class Reply:
     result: Any = None
     error_code: str | None = None
     error_message: str | None = None
+    error_leader: str | None = None  # NOT_LEADER: the leader's URL when the follower knows it
 
 
 def ok_reply(id: str | None, result: Any) -> str:
@@ -353,24 +358,29 @@ def ok_reply(id: str | None, result: Any) -> str:
     return dumps({"v": PROTOCOL_VERSION, "id": id, "ok": True, "result": result})
 
 
-def error_reply(id: str | None, code: str, message: str) -> str:
+def error_reply(id: str | None, code: str, message: str, *,
+                leader: str | None = None) -> str:
     """``{"v":1,"id":ID,"ok":false,"error":{"code":CODE,"message":TEXT}}``.
 
-    *id* is None when the request's id could not be read. Raises ValueError for
-    a code not in ERROR_CODES.
+    *id* is None when the request's id could not be read. A ``NOT_LEADER`` error
+    also carries ``"leader"``: the leader's URL, or null while none is known.
+    Raises ValueError for a code not in ERROR_CODES.
     """
     if code not in ERROR_CODES:
         raise ValueError(f"error code must be one of {', '.join(ERROR_CODES)}, got {code!r}")
     if not isinstance(message, str):
         raise TypeError(f"error message must be a string, got {type(message).__name__}")
-    return dumps(
-        {
-            "v": PROTOCOL_VERSION,
-            "id": id,
-            "ok": False,
-            "error": {"code": code, "message": message},
-        }
-    )
+    error: dict[str, Any] = {"code": code, "message": message}
+    if code == "NOT_LEADER":
+        error["leader"] = leader
+    return dumps({"v": PROTOCOL_VERSION, "id": id, "ok": False, "error": error})
+
+
+def not_leader_watch_message(message: str, leader: str | None) -> str:
+    """The one message a follower sends on ``/v1/watch`` before it closes:
+    ``{"v":1,"type":"error","error":{"code":"NOT_LEADER","message","leader"}}``."""
+    return dumps({"v": PROTOCOL_VERSION, "type": "error",
+                  "error": {"code": "NOT_LEADER", "message": message, "leader": leader}})
 
 
 def decode_reply(data: str | bytes) -> Reply | DecodeError:
@@ -404,7 +414,11 @@ def decode_reply(data: str | bytes) -> Reply | DecodeError:
         return bad(f"reply error.code must be a non-empty string, got {show(code)}")
     if not isinstance(message, str):
         return bad(f"reply error.message must be a string, got {show(message)}")
-    return Reply(id=good_id, ok=False, error_code=code, error_message=message)
+    leader = error.get("leader")
+    if leader is not None and not isinstance(leader, str):
+        return bad(f"reply error.leader must be a string or null, got {show(leader)}")
+    return Reply(id=good_id, ok=False, error_code=code, error_message=message,
+                 error_leader=leader)
 
 
 # --------------------------------------------------------------------------- watch stream
@@ -427,7 +441,18 @@ class SnapshotMessage:
     type: Literal["snapshot"] = "snapshot"
 
 
-WatchMessage = EventMessage | SnapshotMessage
+@dataclass(frozen=True)
+class WatchError:
+    """A conductor that cannot serve the stream (a follower: ``NOT_LEADER``) says so in
+    its first message and closes; ``leader`` is where to go, None while unknown."""
+
+    code: str
+    message: str
+    leader: str | None
+    type: Literal["error"] = "error"
+
+
+WatchMessage = EventMessage | SnapshotMessage | WatchError
 
 
 def _check_seq_ts(seq: Any, ts: Any) -> None:
@@ -472,6 +497,16 @@ def decode_watch_message(data: str | bytes) -> WatchMessage | DecodeError:
     v = obj.get("v")
     if not is_int(v, PROTOCOL_VERSION, PROTOCOL_VERSION):
         return bad(f"watch message v must be {PROTOCOL_VERSION}, got {show(v)}")
+    if obj.get("type") == "error":
+        error = obj.get("error")
+        if not isinstance(error, dict):
+            return bad(f"watch error must be an object, got {json_type(error)}")
+        code, message, leader = error.get("code"), error.get("message"), error.get("leader")
+        if not isinstance(code, str) or not code or not isinstance(message, str):
+            return bad("watch error needs a non-empty code and a message")
+        if leader is not None and not isinstance(leader, str):
+            return bad(f"watch error leader must be a string or null, got {show(leader)}")
+        return WatchError(code=code, message=message, leader=leader)
     seq, ts, kind = obj.get("seq"), obj.get("ts"), obj.get("type")
     if not is_int(seq, 0):
         return bad(f"watch message seq must be an integer >= 0, got {show(seq)}")
@@ -489,4 +524,4 @@ def decode_watch_message(data: str | bytes) -> WatchMessage | DecodeError:
         if not isinstance(state, dict):
             return bad(f"snapshot state must be an object, got {json_type(state)}")
         return SnapshotMessage(seq=seq, ts=float(ts), state=state)
-    return bad(f'watch message type must be "event" or "snapshot", got {show(kind)}')
+    return bad(f'watch message type must be "event", "snapshot" or "error", got {show(kind)}')
