@@ -42,7 +42,15 @@ from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.events import EventBus
 from skr8tr.conductor.node_reports import NodeReports
 from skr8tr.conductor.ports import PortClaims
-from skr8tr.conductor.store import Change, MemoryStore, Store, StoreError
+from skr8tr.conductor.seat import Seat
+from skr8tr.conductor.store import (
+    Change,
+    FenceLost,
+    MemoryStore,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from skr8tr.conductor.tables import (
     AppState,
     HistoryEntry,
@@ -87,7 +95,12 @@ class Cluster(NodeReports):
         adopt_grace_s: float | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] = time.time,
+        seat: Seat | None = None,
     ) -> None:
+        # Leader or follower, the term, the leader's URL (a lone conductor: leader, term 0).
+        self.seat = Seat(url="") if seat is None else seat
+        # Called with the reason when a write finds that another conductor leads now.
+        self.deposed: Callable[[str], None] = lambda reason: None
         self.node_timeout_s = node_timeout_s
         self.port_range = port_range
         self.heartbeat_s = heartbeat_s or min(DEFAULT_HEARTBEAT_S, node_timeout_s / 3)
@@ -466,6 +479,11 @@ class Cluster(NodeReports):
         Raises CommandError INTERNAL when the store cannot; it kept nothing of it."""
         try:
             await self.store.apply(change)
+        except StoreUnavailable as exc:
+            raise CommandError("UNAVAILABLE", f"{exc}; nothing was changed") from None
+        except FenceLost as exc:
+            self.deposed(str(exc))
+            raise CommandError("NOT_LEADER", f"{exc}; nothing was changed") from None
         except StoreError as exc:
             raise CommandError("INTERNAL", f"{exc}; nothing was changed") from None
 

@@ -76,7 +76,7 @@ def _app(cluster: Cluster, name: str):
 
 
 async def cmd_ping(cluster: Cluster, args: dict) -> Any:
-    return views.ping()
+    return views.ping(cluster)
 
 
 async def cmd_up(cluster: Cluster, args: dict) -> Any:

@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from skr8tr.conductor import state_file
 from skr8tr.conductor.etcd_client import Compare, Delete, EtcdClient, EtcdError, Get, KeyValue, Put
 from skr8tr.conductor.state_file import StateFileError, StoredApp, StoredState
-from skr8tr.conductor.store import EMPTY, Change, StoreError
+from skr8tr.conductor.store import EMPTY, Change, FenceLost, StoreError, StoreUnavailable
 
 __all__ = ["EtcdStore", "FenceLost", "StoredValueError"]
 
 log = logging.getLogger("skr8tr.conductor")
-
-
-class FenceLost(StoreError):
-    """The change's fence did not hold (this conductor no longer leads); nothing was kept."""
 
 
 class StoredValueError(StoreError, StateFileError):
@@ -48,12 +44,14 @@ class StoredValueError(StoreError, StateFileError):
 
 
 class EtcdStore:
-    def __init__(self, client: EtcdClient, prefix: str = "/skr8tr") -> None:
+    def __init__(self, client: EtcdClient, prefix: str = "/skr8tr", *,
+                 fence: Callable[[], Sequence[Compare]] | None = None) -> None:
         prefix = prefix.rstrip("/")
         if not prefix.startswith("/"):
             raise ValueError(f"store prefix {prefix!r} must start with /")
         self.client = client
         self.prefix = prefix
+        self.fence = fence  # the compares every apply carries (a leader's: its leadership)
         self.revision = 0  # the etcd revision of the last state this store read or wrote
 
     # ------------------------------------------------------------ keys
@@ -87,6 +85,8 @@ class EtcdStore:
         an app neither stored nor written by the change); nothing is kept in either case.
         A cancelled apply may or may not have been committed.
         """
+        if not fence and self.fence is not None:
+            fence = self.fence()
         ops: dict[str, Put | Delete] = {}
         compare = list(fence)
         for name, app in change.apps.items():
@@ -119,7 +119,7 @@ class EtcdStore:
                 raise StoreError(f"not written: a rollout status for app(s) "
                                  f"{', '.join(missing)} that are not stored")
         except EtcdError as exc:
-            raise StoreError(f"not written to etcd: {exc}") from None
+            raise StoreUnavailable(f"not written to etcd: {exc}") from None
         self.revision = max(self.revision, result.revision)
 
     def watch(self) -> AsyncIterator[StoredState]:
@@ -149,7 +149,7 @@ class EtcdStore:
                                                      revision=revision)
                 read_at = revision
         except EtcdError as exc:
-            raise StoreError(f"cannot read the state from etcd: {exc}") from None
+            raise StoreUnavailable(f"cannot read the state from etcd: {exc}") from None
         raw = {kv.key: kv.value for kv in kvs if self._is_state_key(kv.key)}
         self.revision = max(self.revision, read_at)
         return self.decode(raw), raw

@@ -14,7 +14,7 @@ import logging
 import trio
 
 from skr8tr.conductor.cluster import STALL_TOLERANCE_S, Cluster
-from skr8tr.conductor.store import StoreError
+from skr8tr.conductor.store import FenceLost, StoreError
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -85,6 +85,9 @@ async def _store_unsaved(cluster: Cluster) -> list[str]:
         async with cluster.changing(name):
             try:
                 await cluster.store.apply(cluster.saved_form(name))
+            except FenceLost as exc:
+                cluster.deposed(str(exc))  # another conductor leads: nothing more to write
+                return []
             except StoreError:
                 failed.append(name)
     return failed

@@ -50,7 +50,8 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
     raw: str | bytes | None = None
     timeout_s = policing.limits.handshake_timeout_s
     try:
-        await ws.send_message(encode_node_message("challenge", nonce=challenge.hex()))
+        await ws.send_message(encode_node_message("challenge", nonce=challenge.hex(),
+                                                  term=cluster.seat.term))
         with trio.move_on_after(timeout_s):
             raw = await ws.get_message()
     except ConnectionClosed as exc:
@@ -97,7 +98,8 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
         # ConnectionClosed from either task simply ends the session.
         with handle.scope, contextlib.suppress(ConnectionClosed):
             await ws.send_message(encode_node_message("welcome", node_id=node_id,
-                                                      heartbeat_s=cluster.heartbeat_s))
+                                                      heartbeat_s=cluster.heartbeat_s,
+                                                      term=cluster.seat.term))
             async with trio.open_nursery() as nursery:
                 async def send_outbox() -> None:
                     async with outbox_recv:

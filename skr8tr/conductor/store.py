@@ -42,6 +42,15 @@ class StoreError(Exception):
     """A change could not be made durable; nothing of it was kept. One line for people."""
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer (etcd unreachable); nothing was kept. The command is
+    refused with ``UNAVAILABLE``: it may be sent again."""
+
+
+class FenceLost(StoreError):
+    """The change's fence did not hold (this conductor no longer leads); nothing was kept."""
+
+
 @dataclass(frozen=True)
 class Change:
     """One atomic change: each named app (and its last rollout status) written whole, or

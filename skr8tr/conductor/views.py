@@ -59,7 +59,8 @@ def app_rows(cluster: Cluster) -> list[dict[str, Any]]:
 def status(cluster: Cluster) -> dict[str, Any]:
     """``skr8tr status --json``: nodes, apps, replicas and the last rollout of each app."""
     return {"nodes": node_rows(cluster), "apps": app_rows(cluster),
-            "replicas": replica_rows(cluster), "rollouts": cluster.rollout_statuses()}
+            "replicas": replica_rows(cluster), "rollouts": cluster.rollout_statuses(),
+            "leader": cluster.seat.leader, "conductors": cluster.seat.conductors()}
 
 
 def up_result(cluster: Cluster, app: AppState) -> dict[str, Any]:
@@ -67,5 +68,6 @@ def up_result(cluster: Cluster, app: AppState) -> dict[str, Any]:
             "replicas": replica_rows(cluster, app.name)}
 
 
-def ping() -> dict[str, Any]:
-    return {"pong": "conductor", "version": __version__, "role": "leader", "leader": None}
+def ping(cluster: Cluster) -> dict[str, Any]:
+    """``{"pong":"conductor","version","role","leader"}``: a follower answers it too."""
+    return cluster.seat.ping(__version__)
