@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adopt-grace", metavar="S", type=_positive_float, default=None,
                    help="after a restart, seconds to wait for nodes to report running "
                    "replicas before placing new ones (default: 2 x the node heartbeat)")
+    ha = p.add_argument_group("several conductors on etcd (README: High availability)")
+    ha.add_argument("--store", metavar="etcd://H:P[,H:P...]",
+                    help="keep the desired state in etcd and elect one leader among the "
+                    "conductors that share it (excludes --state)")
+    ha.add_argument("--store-prefix", metavar="PREFIX", default="/skr8tr",
+                    help="the etcd key prefix of this cluster (default /skr8tr)")
+    ha.add_argument("--advertise-url", metavar="URL",
+                    help="the URL clients and nodes reach this conductor at (default "
+                    "ws:// or wss:// + --listen)")
+    ha.add_argument("--lease-ttl", metavar="S", type=_positive_float, default=5.0,
+                    help="the leader's etcd lease: a dead leader is replaced within about "
+                    "this (default 5, at least 2)")
     sec = p.add_argument_group("security (see SECURITY.md)")
     sec.add_argument("--tls-cert", metavar="FILE",
                      help="serve wss:// and https:// with this PEM certificate (chain)")

@@ -289,8 +289,13 @@ def test_insecure_mode_says_so_loudly(tmp_path):
         status, _, body = poll(lambda: _try_get(http, "/healthz"), what="/healthz")
         assert status == 200 and body == "ok\n"
         status, _, body = _try_get(http, "/api/state")
-        assert status == 200 and json.loads(body) == {"nodes": [], "apps": [], "replicas": [],
-                                                       "rollouts": []}
+        state = json.loads(body)
+        assert status == 200 and state == {
+            "nodes": [], "apps": [], "replicas": [], "rollouts": [],
+            "leader": f"ws://127.0.0.1:{ws}",
+            "conductors": [{"url": f"ws://127.0.0.1:{ws}", "role": "leader",
+                            "since": state["conductors"][0]["since"],
+                            "http": f"http://127.0.0.1:{http}"}]}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

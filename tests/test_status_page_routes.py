@@ -14,12 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from skr8tr.conductor import metrics
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.refusals import RefusalReporter
+from skr8tr.conductor.seat import Member, Seat
 from skr8tr.conductor.status_http import StatusSite
 
 
 def make_site(listen=("127.0.0.1", 7771), ws_port=None) -> StatusSite:
-    cluster = Cluster(node_timeout_s=9.0)
-    api = SimpleNamespace(
+    cluster = Cluster(node_timeout_s=9.0, seat=Seat(url="ws://127.0.0.1:7771",
+                                                    http="http://127.0.0.1:7780"))
+    api = SimpleNamespace(cluster=cluster,
         refusals=RefusalReporter(audit_log=None, wall=time.time),
         rollouts=SimpleNamespace(active={}),
         command_seconds=metrics.Histogram("skr8tr_command_duration_seconds", "t", ("cmd",)))
@@ -49,7 +51,30 @@ def test_page_and_its_files_are_served_from_the_package():
 async def test_api_state_is_the_status_document():
     site = make_site()
     doc = json.loads(site("GET", "/api/state").body)
-    assert doc == {"nodes": [], "apps": [], "replicas": [], "rollouts": []}
+    since = site.cluster.seat.since
+    assert doc == {"nodes": [], "apps": [], "replicas": [], "rollouts": [],
+                   "leader": "ws://127.0.0.1:7771",
+                   "conductors": [{"url": "ws://127.0.0.1:7771", "role": "leader",
+                                   "since": since, "http": "http://127.0.0.1:7780"}]}
+    assert site("GET", "/healthz").body == b"ok\n"
+
+
+async def test_a_follower_names_its_leader_on_healthz_state_and_config():
+    site = make_site()
+    seat = site.cluster.seat
+    seat.members = {"ws://10.0.0.2:7771": Member("ws://10.0.0.2:7771",
+                                                 "http://10.0.0.2:7780", 5.0)}
+    seat.step_down("ws://10.0.0.2:7771")
+    health = site("GET", "/healthz")
+    assert health.status == 200
+    assert json.loads(health.body) == {"role": "follower", "leader": "ws://10.0.0.2:7771"}
+    doc = json.loads(site("GET", "/api/state").body)
+    assert doc["leader"] == "ws://10.0.0.2:7771"
+    assert [(c["url"], c["role"], c["http"]) for c in doc["conductors"]] == [
+        ("ws://10.0.0.2:7771", "leader", "http://10.0.0.2:7780"),
+        ("ws://127.0.0.1:7771", "follower", "http://127.0.0.1:7780")]
+    config = json.loads(site("GET", "/api/config").body)
+    assert (config["role"], config["leader"]) == ("follower", "ws://10.0.0.2:7771")
 
 
 @pytest.mark.parametrize("listen, ws_port, url, host", [

@@ -25,6 +25,7 @@ import time
 
 import trio
 
+from skr8tr import __version__
 from skr8tr.conductor import audit, commands, metrics
 from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
@@ -35,6 +36,8 @@ from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import envelope, manifest, protocol
 from skr8tr.core.keys import fingerprint, is_key_hex
+from skr8tr.core.names import MAX_ID_CHARS
+from skr8tr.core.wire_json import parse_object
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 log = logging.getLogger("skr8tr.conductor")
@@ -87,6 +90,8 @@ class CliApi:
         at a time), so that it cannot hold up the event loop, node heartbeats and
         every other client; the replay guard always runs here, on the loop.
         """
+        if not self.cluster.seat.leading:
+            return self._not_leading(raw)
         started = time.perf_counter()
         authorized, insecure = self.authority.authorized, self.authority.insecure
         if len(raw) > LARGE_MESSAGE_BYTES:
@@ -130,6 +135,27 @@ class CliApi:
             log.info("%s %s by %s", req.cmd, _summary(req.args), req.signer or "insecure mode")
             await self._audit_request(peer, req, parsed, audit.result_summary(req.cmd, result))
         return protocol.ok_reply(req.id, result)
+
+    def begin_term(self, cluster: Cluster) -> None:
+        """Serve commands from ``cluster``: this conductor leads (or follows) anew. The
+        rollout manager and the handlers are the term's; limits, counters, the audit log
+        and the connections are the process's."""
+        self.cluster = cluster
+        self.rollouts = RolloutManager(cluster)
+        self.handlers = commands.handlers(self.log_requests, self.rollouts)
+
+    def _not_leading(self, raw: str | bytes) -> str:
+        """A follower's reply: ``ping`` is answered (role and leader), everything else
+        is refused with NOT_LEADER (naming the leader) or UNAVAILABLE. Nothing is
+        verified and no nonce is spent: the same signed request may go to the leader."""
+        msg = parse_object(raw, max_bytes=protocol.MAX_MESSAGE_BYTES, what="request")
+        rid = msg.get("id") if isinstance(msg, dict) else None
+        rid = rid if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS else None
+        seat = self.cluster.seat
+        if isinstance(msg, dict) and msg.get("cmd") == "ping":
+            return protocol.ok_reply(rid, seat.ping(__version__))
+        code, message, leader = seat.refusal()
+        return protocol.error_reply(rid, code, message, leader=leader)
 
     async def _audit_request(self, peer: str, req: protocol.Request,
                              parsed: manifest.Manifest | None, result: dict) -> None:

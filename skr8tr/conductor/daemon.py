@@ -17,6 +17,7 @@ network in clear. ``--audit-log FILE`` records every signed command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -40,16 +41,19 @@ from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits, LogThro
 from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
 from skr8tr.conductor.origins import HostPolicy, OriginError
-from skr8tr.conductor.store import MemoryStore, StoreError
-from skr8tr.core import hostport, protocol
+from skr8tr.conductor.seat import Seat
+from skr8tr.conductor.store import Store, StoreError
+from skr8tr.core import envelope, hostport, protocol
 from skr8tr.core.keys import (
     AuthorizedKeys,
     AuthorizedKeysError,
     parse_authorized_keys,
 )
+from skr8tr.core.node_protocol import encode_node_message
 from skr8tr.heap import TrimAfterPeaks, release_free_heap
 from skr8tr.keyfiles import load_authorized_keys
 from skr8tr.ws import server as wsserver
+from skr8tr.ws.server import ConnectionClosed
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -74,6 +78,10 @@ class ConductorConfig:
     limits: Limits = Limits()
     allowed_hosts: tuple[str, ...] = ()  # --allowed-host: names HTTP and WebSockets answer
     allowed_origins: tuple[str, ...] = ()  # --allowed-origin: pages that may open /v1/*
+    store_endpoints: tuple[str, ...] = ()  # --store etcd://...: etcd's client URLs
+    store_prefix: str = "/skr8tr"
+    advertise_url: str | None = None  # None: ws(s):// + --listen (its bound port)
+    lease_ttl_s: float = 5.0
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:
@@ -127,7 +135,35 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         HostPolicy.from_flags(allowed_hosts, allowed_origins)
     except OriginError as exc:
         raise StartError(str(exc)) from None
+    store, prefix = getattr(opts, "store", None), getattr(opts, "store_prefix", "/skr8tr")
+    endpoints: tuple[str, ...] = ()
+    if store is not None:
+        if opts.state is not None:
+            raise StartError("--store and --state exclude each other: with --store the "
+                             "desired state lives in etcd")
+        # Imported only here: a lone conductor does not load httpx (idle RSS).
+        from skr8tr.conductor.etcd_client import endpoints_from_url
+        try:
+            endpoints = tuple(endpoints_from_url(store))
+        except ValueError as exc:
+            raise StartError(f"--store {store!r}: {exc}") from None
+    if not prefix.startswith("/") or prefix.rstrip("/") == "" or any(
+            ord(c) < 33 or ord(c) > 126 for c in prefix):
+        raise StartError(f"--store-prefix {prefix!r}: expected a key path such as /skr8tr "
+                         "(starting with /, printable ASCII, no spaces)")
+    lease_ttl = getattr(opts, "lease_ttl", 5.0)
+    if lease_ttl < 2 or lease_ttl > 3600:
+        raise StartError(f"--lease-ttl {lease_ttl:g}: expected 2 to 3600 seconds (etcd "
+                         "grants whole seconds, at least 2)")
+    advertise = getattr(opts, "advertise_url", None)
+    if advertise is not None and not advertise.startswith(("ws://", "wss://")):
+        raise StartError(f"--advertise-url {advertise!r}: expected ws://HOST:PORT or "
+                         "wss://HOST:PORT, the address clients and nodes dial")
     return ConductorConfig(
+        store_endpoints=endpoints,
+        store_prefix=prefix.rstrip("/"),
+        advertise_url=advertise,
+        lease_ttl_s=float(lease_ttl),
         listen=parse_hostport(opts.listen, "--listen"),
         http=parse_hostport(opts.http, "--http"),
         authorized_keys=opts.authorized_keys,
@@ -193,9 +229,14 @@ def _load_keys(config: ConductorConfig) -> AuthorizedKeys:
 async def run_conductor(config: ConductorConfig, *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled. ``task_status.started((ws_port, http_port))`` once listening."""
-    # Requests signed before this moment are refused: the previous process may have
-    # accepted them (replay_store; a client clock behind ours is refused for its lag).
-    guard = replay_store.open_replay_guard(config.state_path, started_at=time.time())
+    ha_mode = bool(config.store_endpoints)
+    if ha_mode:
+        # The nonces of accepted requests are in etcd for every conductor to see.
+        guard = envelope.ReplayGuard()
+    else:
+        # Requests signed before this moment are refused: the previous process may have
+        # accepted them (replay_store; a client clock behind ours is refused for its lag).
+        guard = replay_store.open_replay_guard(config.state_path, started_at=time.time())
     authority = Authority(_load_keys(config), insecure=config.insecure, guard=guard)
     ssl_context = _tls_context(config)
     if config.insecure:
@@ -206,9 +247,13 @@ async def run_conductor(config: ConductorConfig, *,
             if not tls.is_loopback_host(host):
                 log.warning("NO TLS on %s %s:%d: manifests, environment values and logs "
                             "travel in clear; pass --tls-cert and --tls-key", flag, host, port)
-    store = MemoryStore() if config.state_path is None else FileStore(config.state_path)
-    cluster = Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
-                      store=store, adopt_grace_s=config.adopt_grace_s)
+    # Its URLs are set once the listeners are bound; with etcd it follows until elected.
+    seat = Seat(url="", role="follower" if ha_mode else "leader")
+
+    def new_cluster(store: Store | None) -> Cluster:
+        return Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
+                       store=store, adopt_grace_s=config.adopt_grace_s, seat=seat)
+
     closed = ClosedCounter()
     # Below the open-file limit (raised as far as it goes): over a cap a connection is
     # closed at once, and accept never runs out of descriptors (accept, limits).
@@ -217,20 +262,44 @@ async def run_conductor(config: ConductorConfig, *,
     watch_throttle = LogThrottle()
     policy = HostPolicy.from_flags(config.allowed_hosts, config.allowed_origins,
                                    tls=ssl_context is not None)
-    cli = api_mod.CliApi(cluster, authority, time.time, limits=limits, closed=closed)
-    try:
-        stored, cli.rollouts.interrupted = await cluster.open_store(config.state_path or "")
-    except (state_file.StateFileError, StoreError) as exc:
-        raise StartError(f"{exc} (the file was left as it is)") from None
-    if stored is not None:
-        cli.rollouts.restore(stored.rollouts)
-        cluster.start_adopt_grace()
+    first = new_cluster(None if ha_mode or config.state_path is None
+                        else FileStore(config.state_path))
+    cli = api_mod.CliApi(first, authority, time.time, limits=limits, closed=closed)
+
+    async def begin_term(cluster: Cluster) -> None:
+        """Load the desired state into ``cluster`` and serve commands from it."""
+        where = config.state_path or (f"etcd {config.store_prefix}" if ha_mode else "")
+        stored, interrupted = await cluster.open_store(where)
+        cli.begin_term(cluster)
+        cli.rollouts.interrupted = interrupted
+        if stored is not None:
+            cli.rollouts.restore(stored.rollouts)
+            cluster.start_adopt_grace()
+
+    async def serve_term(cluster: Cluster, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """A leader's loops: reconcile, store, rollouts, node expiry, counters."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(loops.serve_reconciler, cluster)
+            await nursery.start(loops.serve_store_writes, cluster)
+            await nursery.start(cli.rollouts.run)
+            await nursery.start(loops.serve_expiry_watchdog, cluster)
+            await nursery.start(on_http.run)
+            task_status.started()
+
+    if not ha_mode:
+        try:
+            await begin_term(first)
+        except (state_file.StateFileError, StoreError) as exc:
+            raise StartError(f"{exc} (the file was left as it is)") from None
     cli.audit_log = audit_log = _open_audit(config)
 
     async def on_websocket(request: wsserver.Request) -> None:
         path = request.path.split("?", 1)[0]
         if path not in ("/v1/cli", "/v1/node", "/v1/watch"):
             await request.reject(404, body=b"unknown path; use /v1/cli, /v1/node or /v1/watch\n")
+            return
+        if path != "/v1/cli" and not seat.leading:
+            await _refuse_stream(request, path, seat)
             return
         if path == "/v1/watch" and not watchers.acquire(request.peer):
             closed.count("too_many_watchers")
@@ -244,14 +313,16 @@ async def run_conductor(config: ConductorConfig, *,
                 f"{request.peer} already (--max-watchers-per-address)\n").encode())
             return
         try:
-            if path == "/v1/watch":  # subscribed before the handshake ends (watch.py)
-                await watch.serve_watch(cluster, request.accept, limits=cli.limits,
-                                        closed=cli.closed)
-                return
-            ws = await request.accept()
             if path == "/v1/cli":
-                await cli.serve_connection(ws)
-            else:
+                await cli.serve_connection(await request.accept())
+                return
+            with seat.for_term():  # a deposed leader closes them at once
+                cluster = cli.cluster
+                if path == "/v1/watch":  # subscribed before the handshake ends (watch.py)
+                    await watch.serve_watch(cluster, request.accept, limits=cli.limits,
+                                            closed=cli.closed)
+                    return
+                ws = await request.accept()
                 await serve_node(cluster, authority, cli.policing, cli.log_requests, ws)
         finally:
             if path == "/v1/watch":
@@ -261,7 +332,7 @@ async def run_conductor(config: ConductorConfig, *,
                                max_message_size=protocol.MAX_MESSAGE_BYTES,
                                ssl_context=ssl_context, admission=admission, policy=policy)
     # The status page, /api/*, /metrics; `server` is bound below, before any request.
-    on_http = status_http.StatusSite(cluster, cli, listen=config.listen,
+    on_http = status_http.StatusSite(first, cli, listen=config.listen,
                                      ws_port=lambda: server.port, tls=ssl_context is not None,
                                      admission=admission, policy=policy)
 
@@ -272,10 +343,8 @@ async def run_conductor(config: ConductorConfig, *,
             if audit_log is not None:
                 await nursery.start(audit_log.serve)
             nursery.start_soon(_serve_heap_trim, admission.gate)
-            await nursery.start(loops.serve_reconciler, cluster)
-            await nursery.start(loops.serve_store_writes, cluster)
-            await nursery.start(cli.rollouts.run)
-            await nursery.start(loops.serve_expiry_watchdog, cluster)
+            if not ha_mode:
+                await nursery.start(serve_term, first)
             await nursery.start(server.serve, *config.listen)
             listeners = await nursery.start(partial(
                 serve_http, on_http, *config.http, ssl_context=ssl_context,
@@ -284,13 +353,66 @@ async def run_conductor(config: ConductorConfig, *,
             http_port = listeners[0].socket.getsockname()[1]
             policy.http_address, policy.http_port = config.http[0], http_port
             ws_scheme, http_scheme = ("wss", "https") if ssl_context else ("ws", "http")
-            log.info("skr8tr conductor %s: API %s://%s:%d, status %s://%s:%d", __version__,
+            seat.url = config.advertise_url or _url(ws_scheme, config.listen[0], server.port)
+            seat.http = _url(http_scheme, _advertised_host(seat.url, config.http[0]),
+                             http_port)
+            if ha_mode:
+                from skr8tr.conductor import ha
+
+                client = await nursery.start(_open_etcd, config.store_endpoints)
+                await nursery.start(partial(
+                    ha.serve_ha, client, config.store_prefix, config.lease_ttl_s, seat,
+                    new_cluster, begin_term, serve_term, cli.begin_term))
+            else:
+                seat.lead(0)
+            log.info("skr8tr conductor %s: API %s://%s:%d, status %s://%s:%d%s", __version__,
                      ws_scheme, config.listen[0], server.port, http_scheme, config.http[0],
-                     http_port)
+                     http_port, f", advertised as {seat.url}" if config.advertise_url else "")
             task_status.started((server.port, http_port))
     finally:
         if audit_log is not None:
             audit_log.close()
+
+
+async def _open_etcd(endpoints: tuple[str, ...], *, task_status=trio.TASK_STATUS_IGNORED
+                     ) -> None:
+    """Hold the etcd client open until cancelled (``task_status.started(client)``)."""
+    from skr8tr.conductor.etcd_client import EtcdClient
+
+    async with EtcdClient(list(endpoints)) as client:
+        task_status.started(client)
+        await trio.sleep_forever()
+
+
+async def _refuse_stream(request: wsserver.Request, path: str, seat: Seat) -> None:
+    """A follower's answer on /v1/watch and /v1/node: one message naming the leader, then
+    a close, so that the stream's client goes to the leader."""
+    code, message, leader = seat.refusal()
+    if path == "/v1/watch":
+        text = protocol.not_leader_watch_message(message, leader) if code == "NOT_LEADER" \
+            else protocol.dumps({"v": protocol.PROTOCOL_VERSION, "type": "error", "error": {
+                "code": code, "message": message, "leader": None}})
+    else:
+        text = encode_node_message("refused", code=code, message=message, leader=leader)
+    ws = await request.accept()
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send_message(text)
+        await ws.aclose(code=1000, reason=code)
+
+
+def _url(scheme: str, host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _advertised_host(url: str, http_host: str) -> str:
+    """The status page's host: --http's own unless it listens everywhere, then the
+    advertised URL's host."""
+    if http_host not in ("", "0.0.0.0", "::"):
+        return http_host
+    rest = url.split("://", 1)[1].rsplit(":", 1)[0]
+    return rest.strip("[]")
 
 
 HEAP_CHECK_EVERY_S = 10.0

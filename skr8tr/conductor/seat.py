@@ -46,6 +46,7 @@ class Seat:
     since: float = field(default_factory=time.time)  # wall clock of the last role change
     store_reachable: bool = True  # False: no answer from etcd for a whole lease
     members: dict[str, Member] = field(default_factory=dict)  # by URL, ours included
+    changed: trio.Event = field(default_factory=trio.Event)  # set (and renewed) on a change
     _scopes: set[trio.CancelScope] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class Seat:
 
     def lead(self, term: int) -> None:
         self.role, self.term, self.leader, self.since = "leader", term, self.url, time.time()
+        self._changed()
 
     def step_down(self, leader: str | None = None) -> None:
         """Stop leading: every node session and watch stream of the term is cancelled."""
@@ -69,11 +71,16 @@ class Seat:
         self.leader = None if leader == self.url else leader
         for scope in list(self._scopes):
             scope.cancel()
+        self._changed()
 
     def follow(self, leader: str | None) -> None:
         """The leader changed (seen by the election watch) while we follow."""
         if self.role != "leader":
             self.leader = None if leader == self.url else leader
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     @contextlib.contextmanager
     def for_term(self) -> Iterator[trio.CancelScope]:

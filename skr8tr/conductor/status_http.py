@@ -8,7 +8,7 @@ where the WebSocket API is, follows ``/v1/watch`` there, and re-reads
 | path | what |
 |---|---|
 | ``/`` | the status page (``web/index.html``); ``/static/NAME`` its other files |
-| ``/healthz`` | ``ok`` |
+| ``/healthz`` | ``ok``; a follower: ``{"role":"follower","leader":URL}`` |
 | ``/api/state`` | what ``skr8tr status --json`` prints |
 | ``/api/config`` | where the page finds ``/v1/watch``, the node timeout, the version |
 | ``/api/events`` | the last 200 events, newest first, as in ``/v1/watch`` |
@@ -85,8 +85,7 @@ class StatusSite:
     def __init__(self, cluster: Cluster, api: CliApi, *, listen: tuple[str, int],
                  ws_port: Callable[[], int] | None = None, tls: bool = False,
                  admission: Admission | None = None, policy: HostPolicy | None = None) -> None:
-        self.cluster = cluster
-        self.api = api
+        self.api = api  # its cluster is the current term's (a follower's: an empty one)
         self.admission = admission
         self.policy = policy
         self.listen = listen
@@ -98,10 +97,15 @@ class StatusSite:
             "skr8tr_rollouts_total", "Rollouts ended since the conductor started, by final state.",
             labels=("state",), preset=[{"state": s} for s in protocol.ROLLOUT_FINAL_STATES])
 
+    @property
+    def cluster(self) -> Cluster:
+        return self.api.cluster
+
     # ------------------------------------------------------------------ background
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Count ``rollout.finished`` events until cancelled."""
+        """Count ``rollout.finished`` events until cancelled (run it once per term: it
+        follows the term's event bus)."""
         task_status.started()
         while True:
             with self.cluster.events.subscribe() as events:
@@ -122,7 +126,10 @@ class StatusSite:
             if name in self.files and name != "index.html":
                 return self._file(name)
         elif path == "/healthz":
-            return Response(200, b"ok\n")
+            seat = self.cluster.seat
+            if seat.leading:
+                return Response(200, b"ok\n")
+            return Response.json({"role": seat.role, "leader": seat.leader})
         elif path == "/api/state":
             return Response.json(views.status(self.cluster))
         elif path == "/api/config":
@@ -153,6 +160,7 @@ class StatusSite:
             "node_timeout_s": self.cluster.node_timeout_s,
             "heartbeat_s": self.cluster.heartbeat_s, "version": __version__,
             "started": self.started_wall, "now": self.cluster.wall(),
+            "role": self.cluster.seat.role, "leader": self.cluster.seat.leader,
         }
 
     def recent_events(self) -> list[dict[str, Any]]:
