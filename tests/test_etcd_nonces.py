@@ -193,6 +193,15 @@ async def test_a_deposed_leader_gets_fence_lost_and_writes_nothing(etcd: Etcd, b
             assert await nonce_keys(client) == [guard.key(KEY, nonce(1))]
 
 
+async def test_a_fence_that_names_no_term_writes_nothing(etcd: Etcd):
+    with trio.fail_after(DEADLINE_S):
+        async with EtcdClient([etcd.url]) as client, \
+                serving(EtcdNonceGuard(client, PREFIX, fence=lambda: None)) as guard:
+            with pytest.raises(FenceLost, match="does not lead"):
+                await guard.spend(KEY, nonce(1), TS)
+            assert await nonce_keys(client) == []
+
+
 async def test_etcd_away_is_an_error_never_fresh_and_the_guard_recovers(etcd: Etcd):
     with trio.fail_after(DEADLINE_S):
         async with EtcdClient([etcd.url], timeout_s=0.5) as client, \

@@ -87,10 +87,12 @@ class EtcdNonceGuard:
     """Spent nonces of signed requests, kept in etcd under ``PREFIX/nonces/``.
 
     ``fence`` gives the compares under which this conductor leads (``Leadership.fence``
-    of the current term), or None to write without a fence; it is read once per
-    transaction. ``clock`` is only used to age the bucket leases (monotonic by
-    default). ``batch=False`` writes each nonce in a transaction of its own, from the
-    spending task (for comparison; :meth:`serve` is then not needed).
+    of the current term), read once per transaction; when it gives None this
+    conductor leads no term, and spends raise FenceLost. Without ``fence`` (None, a
+    conductor that holds no election) nonces are written unfenced. ``clock`` is only
+    used to age the bucket leases (monotonic by default). ``batch=False`` writes each
+    nonce in a transaction of its own, from the spending task (for comparison;
+    :meth:`serve` is then not needed).
     """
 
     def __init__(self, client: EtcdClient, prefix: str = "/skr8tr", *,
@@ -105,7 +107,7 @@ class EtcdNonceGuard:
             raise ValueError("bucket_s must be > 0, window_s and skew_s >= 0")
         self.client = client
         self.prefix = prefix
-        self.fence = fence or (lambda: None)
+        self.fence = fence
         self.clock = clock
         self.bucket_s = float(bucket_s)
         self.ttl_s = math.ceil(2 * window_s + bucket_s + skew_s)
@@ -182,7 +184,7 @@ class EtcdNonceGuard:
             self._queue.clear()
 
     def _take(self) -> list[_Waiter]:
-        fence = self.fence() or ()
+        fence = (self.fence() if self.fence else None) or ()
         room = min(self.max_batch, MAX_TXN_OPS - len(fence))
         taken: list[_Waiter] = []
         while self._queue and len(taken) < room:
@@ -226,7 +228,7 @@ class EtcdNonceGuard:
         pending = keys
         lease_retried = False
         while pending:
-            fence = list(self.fence() or ())
+            fence = self._compares()
             try:
                 lease = await self._current_lease()
                 result = await self.client.txn(
@@ -249,6 +251,15 @@ class EtcdNonceGuard:
             outcome.update(dict.fromkeys(found, False))
             pending = [k for k in pending if k not in found]
         return outcome
+
+    def _compares(self) -> list[Compare]:
+        if self.fence is None:
+            return []
+        compares = self.fence()
+        if compares is None:  # between terms, or never elected: write nothing
+            raise FenceLost(f"nonce not recorded: this conductor does not lead (no "
+                            f"leadership term under {self.prefix})")
+        return list(compares)
 
     async def _current_lease(self) -> int:
         now = self.clock()
