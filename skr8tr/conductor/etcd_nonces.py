@@ -271,6 +271,8 @@ class EtcdNonceGuard:
         if ttl < self.ttl_s:
             raise EtcdError(f"etcd granted a nonce lease of {ttl} s, {self.ttl_s} s needed")
         self._lease = (lease, now)
+        log.debug("nonces under %s/nonces/ now go under lease %x (%d s)", self.prefix,
+                  lease, ttl)
         return lease
 
 
