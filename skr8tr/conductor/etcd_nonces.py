@@ -49,8 +49,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from skr8tr.conductor.etcd_client import Compare, EtcdClient, EtcdError, Get, Put
-from skr8tr.conductor.etcd_store import FenceLost
-from skr8tr.conductor.store import StoreError
+from skr8tr.conductor.store import FenceLost, StoreError, StoreUnavailable
 from skr8tr.core import envelope, protocol
 from skr8tr.core.envelope import AuthError, ReplayGuard
 from skr8tr.core.keys import fingerprint, is_key_hex
@@ -132,8 +131,9 @@ class EtcdNonceGuard:
         ``ts`` is not judged here (the in-memory guard did, :func:`admit_request`); every
         key lives ``ttl_s`` from its bucket, enough for any ``ts`` that passed.
         Raises FenceLost when this conductor no longer leads (nothing was written),
-        StoreError when etcd cannot be reached or refuses: the caller answers
-        UNAVAILABLE, and the request cannot be sent again (it may have been recorded).
+        StoreUnavailable when etcd cannot be reached or refuses: the caller answers
+        UNAVAILABLE; the command may be sent again signed anew (this nonce may have been
+        recorded).
         RuntimeError when batching and :meth:`serve` is not running. A cancelled spend
         may or may not have been recorded.
         """
@@ -162,7 +162,7 @@ class EtcdNonceGuard:
                     ) -> None:
         """Write queued nonces, one transaction at a time, until cancelled. Started
         (``await nursery.start(guard.serve)``) once spends can be queued. When it ends,
-        every spend still waiting fails with StoreError."""
+        every spend still waiting fails with StoreUnavailable."""
         self._serving = True
         task_status.started()
         taken: list[_Waiter] = []
@@ -179,8 +179,8 @@ class EtcdNonceGuard:
             self._serving = False
             for waiter in [*taken, *self._queue]:
                 if not waiter.done.is_set():
-                    waiter.fail(StoreError, "the nonce guard stopped before this nonce was "
-                                "recorded in etcd (it may have been)")
+                    waiter.fail(StoreUnavailable, "the nonce guard stopped before this "
+                                "nonce was recorded in etcd (it may have been)")
             self._queue.clear()
 
     def _take(self) -> list[_Waiter]:
@@ -206,24 +206,20 @@ class EtcdNonceGuard:
                 first.settle(fresh)
                 for waiter in again:  # the same nonce twice in one batch: one is a replay
                     waiter.settle(False)
-        except FenceLost as exc:
+        except StoreError as exc:  # FenceLost or StoreUnavailable: each waiter gets its own
             for waiter in waiters:
                 if not waiter.done.is_set():
-                    waiter.fail(FenceLost, str(exc))
-        except StoreError as exc:
-            for waiter in waiters:
-                if not waiter.done.is_set():
-                    waiter.fail(StoreError, str(exc))
+                    waiter.fail(type(exc), str(exc))
         except BaseException:
             for waiter in waiters:
                 if not waiter.done.is_set():
-                    waiter.fail(StoreError, "cancelled while recording the nonce in etcd "
-                                "(it may have been)")
+                    waiter.fail(StoreUnavailable, "cancelled while recording the nonce "
+                                "in etcd (it may have been)")
             raise
 
     async def _write(self, keys: list[str]) -> dict[str, bool]:
         """Create each of ``keys`` (distinct) unless it exists; key -> created. Raises
-        FenceLost, StoreError."""
+        FenceLost, StoreUnavailable."""
         outcome: dict[str, bool] = {}
         pending = keys
         lease_retried = False
@@ -239,7 +235,7 @@ class EtcdNonceGuard:
                 if exc.code == 5 and not lease_retried:  # NOT_FOUND: the lease is gone
                     self._lease, lease_retried = None, True
                     continue
-                raise StoreError(f"nonce not recorded in etcd: {exc}") from None
+                raise StoreUnavailable(f"nonce not recorded in etcd: {exc}") from None
             self.transactions += 1
             if result.succeeded:
                 outcome.update(dict.fromkeys(pending, True))
@@ -286,7 +282,7 @@ async def admit_request(auth: protocol.Authenticated | protocol.DecodeError, *,
     ``nonces`` records it in etcd, where a nonce another conductor spent is REPLAY.
     Like the in-memory spend, the etcd one happens once the signature verified,
     before the fields and args are judged (§4: spent whatever the outcome).
-    Raises FenceLost (no longer leader) and StoreError (etcd unreachable: answer
+    Raises FenceLost (no longer leader) and StoreUnavailable (etcd unreachable: answer
     UNAVAILABLE); the nonce stays spent in memory, so the same signed request is
     REPLAY here afterwards. Anything else is a reply, as from protocol.admit_request.
     """
