@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,11 +35,15 @@ from skr8tr.conductor.limits import ClosedCounter, Limits, TokenBucket
 from skr8tr.conductor.policing import Policing
 from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager
+from skr8tr.conductor.store import FenceLost, StoreUnavailable
 from skr8tr.core import envelope, manifest, protocol
 from skr8tr.core.keys import fingerprint, is_key_hex
 from skr8tr.core.names import MAX_ID_CHARS
 from skr8tr.core.wire_json import parse_object
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
+
+if TYPE_CHECKING:
+    from skr8tr.conductor.etcd_nonces import EtcdNonceGuard
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -61,6 +66,8 @@ class CliApi:
         self.rollouts = RolloutManager(cluster)
         self.handlers = commands.handlers(self.log_requests, self.rollouts)
         self.audit_log = audit_log
+        # With --store etcd: the cluster-wide nonce guard (etcd_nonces); None otherwise.
+        self.nonces: EtcdNonceGuard | None = None
         # CPU-heavy work taken off the event loop (large requests' decode and signature
         # check, large manifests' parse) runs in one worker thread at a time.
         self._cpu_limiter = trio.CapacityLimiter(1)
@@ -100,7 +107,19 @@ class CliApi:
                                   insecure=insecure), limiter=self._cpu_limiter)
         else:
             auth = protocol.authenticate_request(raw, authorized=authorized, insecure=insecure)
-        req = protocol.admit_request(auth, guard=self.authority.guard, now=self.wall())
+        if self.nonces is None:
+            req = protocol.admit_request(auth, guard=self.authority.guard, now=self.wall())
+        else:  # several conductors: the nonce is also spent in etcd, for all of them
+            from skr8tr.conductor import etcd_nonces  # not for a lone conductor (httpx)
+            try:
+                req = await etcd_nonces.admit_request(auth, guard=self.authority.guard,
+                                                      nonces=self.nonces, now=self.wall())
+            except StoreUnavailable as exc:
+                return protocol.error_reply(_request_id(auth), "UNAVAILABLE",
+                                            f"{exc}; nothing was changed")
+            except FenceLost as exc:
+                self.cluster.deposed(str(exc))
+                return self._not_leading(raw)
         if isinstance(req, protocol.DecodeError):
             self.refusals.refused(peer, req)
             return protocol.error_reply(req.id, req.code, req.message)
@@ -218,6 +237,10 @@ class CliApi:
             rate = self.limits.cli_bytes_per_s
             budget = self._byte_budgets[peer] = TokenBucket(rate, 2 * rate, now)
         return budget
+
+
+def _request_id(auth: protocol.Authenticated | protocol.DecodeError) -> str | None:
+    return auth.id if isinstance(auth, protocol.DecodeError) else auth.envelope.id
 
 
 def _fingerprint(key: object) -> str | None:

@@ -358,8 +358,12 @@ async def run_conductor(config: ConductorConfig, *,
                              http_port)
             if ha_mode:
                 from skr8tr.conductor import ha
+                from skr8tr.conductor.etcd_nonces import EtcdNonceGuard
 
                 client = await nursery.start(_open_etcd, config.store_endpoints)
+                cli.nonces = EtcdNonceGuard(client, config.store_prefix,
+                                            fence=seat.current_fence)
+                await nursery.start(cli.nonces.serve)
                 await nursery.start(partial(
                     ha.serve_ha, client, config.store_prefix, config.lease_ttl_s, seat,
                     new_cluster, begin_term, serve_term, cli.begin_term))

@@ -102,7 +102,7 @@ def _end_term(seat: Seat, on_follow, new_cluster) -> None:
 
 async def _lead(prefix: str, leadership: election.Leadership, seat: Seat,
                 cluster: Cluster, begin_term, serve_term) -> None:
-    seat.lead(leadership.term)
+    seat.lead(leadership.term, leadership.fence)
     try:
         try:
             await begin_term(cluster)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,8 @@ class Seat:
     store_reachable: bool = True  # False: no answer from etcd for a whole lease
     members: dict[str, Member] = field(default_factory=dict)  # by URL, ours included
     changed: trio.Event = field(default_factory=trio.Event)  # set (and renewed) on a change
+    # While leading with etcd: the compares that fence a write on this leadership.
+    fence: Callable[[], Any] | None = None
     _scopes: set[trio.CancelScope] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -59,7 +61,8 @@ class Seat:
 
     # ------------------------------------------------------------ transitions
 
-    def lead(self, term: int) -> None:
+    def lead(self, term: int, fence: Callable[[], Any] | None = None) -> None:
+        self.fence = fence
         self.role, self.term, self.leader, self.since = "leader", term, self.url, time.time()
         self._changed()
 
@@ -67,7 +70,7 @@ class Seat:
         """Stop leading: every node session and watch stream of the term is cancelled."""
         if self.role == "leader":
             self.since = time.time()
-        self.role, self.term = "follower", 0
+        self.role, self.term, self.fence = "follower", 0, None
         self.leader = None if leader == self.url else leader
         for scope in list(self._scopes):
             scope.cancel()
@@ -108,6 +111,11 @@ class Seat:
                     "yet (an election takes up to the lease TTL); try again", None)
         return ("NOT_LEADER", f"this conductor is a follower; the leader is {self.leader}",
                 self.leader)
+
+    def current_fence(self) -> Any:
+        """The fence of the leadership held now; None when not leading (a write then
+        must not happen: etcd_nonces treats None as "no term")."""
+        return self.fence() if self.leading and self.fence is not None else None
 
     def ping(self, version: str) -> dict[str, Any]:
         return {"pong": "conductor", "version": version, "role": self.role,
