@@ -46,6 +46,7 @@ class FakeConductor:
         self.state: dict[str, Any] = {"nodes": [], "replicas": []}
         self.received: list[dict[str, Any]] = []
         self.watch_connections = 0
+        self.snapshots = 0  # sent as a leader
         self.url = ""
         self._scope = trio.CancelScope()
         self._seq = 0
@@ -126,6 +127,7 @@ class FakeConductor:
             await ws.aclose(1000, "not the leader")
             return
         self._seq += 1
+        self.snapshots += 1
         await ws.send_message(protocol.snapshot_message(self._seq, 1.0, self.state))
         ended = self._streams_end
         async with trio.open_nursery() as nursery:
