@@ -173,3 +173,19 @@ async def test_etcd_away_ends_leadership_and_a_campaign_wins_once_it_is_back(etc
             await until(b.elected.is_set, "B leads", 3 * TTL_S + 2)
             assert await current_leader(client, "/t") == B
             nursery.cancel_scope.cancel()
+
+
+async def test_a_campaign_ends_its_own_stale_term_instead_of_waiting_for_its_lease(
+        etcd: Etcd):
+    """A leader cut off from etcd could not revoke its lease; etcd, restarted, gives that
+    lease a fresh TTL. Campaigning again under the same URL ends it at once."""
+    from skr8tr.conductor.election import campaign, leader_key
+
+    async with EtcdClient([etcd.url]) as client:
+        lease, _ttl = await client.grant(60)
+        stale = await client.put(leader_key("/t"), A.encode(), lease=lease)
+        with trio.fail_after(5):  # far below the stale lease's 60 s
+            leadership = await campaign(client, "/t", A, TTL_S)
+        assert leadership.term > stale and leadership.lease != lease
+        assert await client.keepalive(lease) == 0, "the stale lease was ended"
+        await client.revoke(leadership.lease)

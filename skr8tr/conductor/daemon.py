@@ -250,9 +250,16 @@ async def run_conductor(config: ConductorConfig, *,
     # Its URLs are set once the listeners are bound; with etcd it follows until elected.
     seat = Seat(url="", role="follower" if ha_mode else "leader")
 
+    adopt_grace_s = config.adopt_grace_s
+    if ha_mode and adopt_grace_s is None:
+        # After a failover the nodes must first notice that their conductor is gone (a
+        # frozen one only by its silence: 2 heartbeats) and dial the next: one node
+        # timeout covers that with room to spare (2 heartbeats are 2/3 of it).
+        adopt_grace_s = config.node_timeout_s
+
     def new_cluster(store: Store | None) -> Cluster:
         return Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
-                       store=store, adopt_grace_s=config.adopt_grace_s, seat=seat)
+                       store=store, adopt_grace_s=adopt_grace_s, seat=seat)
 
     closed = ClosedCounter()
     # Below the open-file limit (raised as far as it goes): over a cap a connection is
@@ -462,6 +469,8 @@ def main(opts: argparse.Namespace) -> int:
         level=getattr(logging, opts.log_level.upper()), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every etcd request at INFO: several a second, nothing an operator needs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = config_from_args(opts)
         _load_keys(config)  # fail before anything listens

@@ -103,6 +103,12 @@ async def campaign(client: EtcdClient, prefix: str, url: str, ttl_s: float = LEA
     while True:
         try:
             kvs, revision = await client.get(key)
+            if kvs and kvs[0].value == url.encode() and kvs[0].lease:
+                # Our own key from a term whose lease we could not revoke (etcd was away):
+                # nobody else can hold it; end that lease rather than wait out its TTL.
+                log.info("the leader key still holds our previous term; ending its lease")
+                await client.revoke(kvs[0].lease)
+                continue
             if kvs:  # someone leads: wait until the key is gone
                 log.info("%s leads; waiting", kvs[0].value.decode("utf-8", "replace"))
                 async with client.watch(key, start_revision=revision + 1) as batches:

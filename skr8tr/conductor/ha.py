@@ -102,13 +102,15 @@ def _end_term(seat: Seat, on_follow, new_cluster) -> None:
 
 async def _lead(prefix: str, leadership: election.Leadership, seat: Seat,
                 cluster: Cluster, begin_term, serve_term) -> None:
-    seat.lead(leadership.term, leadership.fence)
     try:
         try:
             await begin_term(cluster)
         except (StoreError, StateFileError) as exc:
             raise _CannotLoad(f"cannot load the desired state from etcd {prefix}: "
                               f"{exc}") from None
+        # Only now: a node or command let in before the state is loaded and installed
+        # would meet the follower's empty cluster (and its unknown placement secret).
+        seat.lead(leadership.term, leadership.fence)
         async with trio.open_nursery() as nursery:
             def deposed(reason: str) -> None:
                 leadership.lose(reason)
