@@ -150,6 +150,13 @@
       return;
     }
     page.config = config;
+    if (config.role === "follower") {
+      // Several conductors on etcd: only the leader streams; point to its page.
+      showFollower(config.leader);
+      retry("this conductor is a follower");
+      return;
+    }
+    showFollower(null, false);
     const url = watchUrl(config);
     let ws;
     try {
@@ -168,6 +175,11 @@
       } catch (err) {
         return; // not ours to fix; the next snapshot or event will do
       }
+      if (doc.type === "error") {
+        // A follower (or one that lost etcd) names the leader, then closes.
+        showFollower(doc.error ? doc.error.leader : null);
+        return;
+      }
       if (doc.type === "snapshot") {
         clearTimeout(timer);
         live = true;
@@ -183,6 +195,30 @@
       stopPolling();
       retry(live ? "the watch stream closed" : `cannot reach ${url}`);
     };
+  }
+
+  // The follower banner: shown with a link to the leader's own status page (its
+  // address comes from /api/state's conductors), or hidden.
+  async function showFollower(leader, shown = true) {
+    const box = $("follower");
+    box.hidden = !shown;
+    if (!shown) return;
+    const slot = $("follower-leader");
+    if (!leader) {
+      slot.textContent = "No leader is elected yet; this page checks again by itself.";
+      return;
+    }
+    let http = null;
+    try {
+      const state = await getJSON("/api/state");
+      const entry = (state.conductors || []).find((c) => c.url === leader);
+      http = entry && entry.http;
+    } catch (err) {
+      // The link is a comfort; the leader's URL is still shown.
+    }
+    slot.replaceChildren("The leader is ",
+      http ? el("a", { id: "leader-link", href: http, text: http }) : el("code", { text: leader }),
+      http ? ` (API ${leader}).` : ".");
   }
 
   function retry(reason) {
@@ -202,13 +238,14 @@
 
   function renderConn() {
     const banner = $("banner");
-    if (page.lostAt === null) {
+    if (page.lostAt === null || !$("follower").hidden) {
       banner.hidden = true;
       return;
     }
     if (page.retryTimer !== null) {
       const secs = Math.max(0, Math.ceil((page.retryAt - Date.now()) / 1000));
-      setConn("disconnected", `Disconnected · reconnecting in ${secs} s (attempt ${page.attempt})`);
+      if (!$("follower").hidden) setConn("disconnected", `Follower · checking again in ${secs} s`);
+      else setConn("disconnected", `Disconnected · reconnecting in ${secs} s (attempt ${page.attempt})`);
     }
     const when = new Date(page.lostAt).toLocaleTimeString([], { hour12: false });
     const text = `Lost the conductor at ${when} (${page.lostReason}). ` +
@@ -348,14 +385,19 @@
   function renderSummary() {
     const st = page.state;
     const cfg = page.config;
-    if (page.lostAt !== null) {
+    if (!$("follower").hidden) {
+      $("sum-conductor").textContent = "Follower";
+      $("sum-conductor-note").textContent = "the cluster is on the leader's page";
+    } else if (page.lostAt !== null) {
       $("sum-conductor").textContent = "Unreachable";
       $("sum-conductor-note").textContent = `since ${new Date(page.lostAt)
         .toLocaleTimeString([], { hour12: false })}`;
     } else if (st) {
       $("sum-conductor").textContent = "Healthy";
       const up = cfg ? fmtAge(conductorNow() - cfg.started) : "—";
-      $("sum-conductor-note").textContent = cfg ? `v${cfg.version} · up ${up}` : "";
+      const peers = (st.conductors || []).length;
+      const role = peers > 1 ? ` · leader of ${peers} conductors` : "";
+      $("sum-conductor-note").textContent = cfg ? `v${cfg.version} · up ${up}${role}` : "";
     }
     if (!st) return;
     const links = nodeLinks();
