@@ -242,5 +242,7 @@ async def open_watch(opts: CallOptions) -> AsyncIterator[WatchStream]:
     run.search.served()
     try:
         yield WatchStream(ws, run.url, first=first, conductor=run.base)
+    except ConnectionClosed as exc:
+        raise _unreachable(run.url, f"the connection closed: {exc.close_reason}") from None
     finally:
         await _close(ws)
