@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 EXTRA_HOPS = 3  # leader hints followed per pass beyond one per listed conductor
+# Between passes when a conductor answered in the last one (a follower, one without
+# etcd): the control plane is alive and a leader is due within a lease TTL, so the
+# backoff is capped here; a client that waited 10 s would miss the new leader's
+# adopt grace (a node) or keep its user waiting (the CLI).
+ANSWERED_WAIT_S = 1.0
 
 
 def conductor_urls(text: str) -> tuple[str, ...]:
@@ -143,6 +148,8 @@ class LeaderSearch:
         self._hint: str | None = None
         self._hops = 0
         self._current: str | None = None
+        self._answered = False  # a conductor answered during this pass
+        self._last: str | None = None  # one that served and then went away: dialled last
 
     def next(self) -> Attempt:
         """The next conductor to dial, and how long to wait first."""
@@ -155,6 +162,9 @@ class LeaderSearch:
         if starts_pass:
             if self.passes > 0:
                 wait_s = self._backoff.next_delay()
+                if self._answered:
+                    wait_s = min(wait_s, ANSWERED_WAIT_S)
+            self._answered = False
             self.passes += 1
             self._hops = 0
             self._queue = deque(self._pass_order())
@@ -169,6 +179,7 @@ class LeaderSearch:
         when the search goes on down the list instead (no usable leader, or the
         hops of this pass are spent).
         """
+        self._answered = True
         hint = leader_hint(self._current or "", leader)
         if hint is None or self._hops >= self.max_hops:
             return None
@@ -176,13 +187,28 @@ class LeaderSearch:
         self._hint = hint
         return hint
 
+    def answered(self) -> None:
+        """The conductor just dialled answered but cannot serve (``UNAVAILABLE``): the
+        next pass comes within ANSWERED_WAIT_S. Then call :meth:`failed`."""
+        self._answered = True
+
     def failed(self) -> None:
         """The conductor just dialled could not be used: the next one of the pass."""
         self._hint = None
 
+    def went_silent(self) -> None:
+        """The conductor that served went silent (frozen, cut off): it is dialled last in
+        the next passes until another serves, since a frozen process may still accept
+        TCP connections and hold each attempt for its whole handshake timeout."""
+        self._hint = None
+        if self._current is not None:
+            self._last, self._preferred = self._current, None
+
     def served(self) -> None:
         """The conductor just dialled leads: start over from it next time."""
         self._preferred = self._current
+        if self._last is not None and not same_conductor(self._last, self._current or ""):
+            self._last = None
         self._queue.clear()
         self._hint = None
         self._backoff.reset()
@@ -192,4 +218,6 @@ class LeaderSearch:
         for url in self.urls:
             if not any(same_conductor(url, seen) for seen in order):
                 order.append(url)
+        if self._last is not None:
+            order.sort(key=lambda url: same_conductor(url, self._last or ""))
         return order

@@ -107,3 +107,37 @@ async def test_both_clients_follow_a_follower_and_agree_when_nobody_leads():
     assert (via_trio.value.code, via_trio.value.exit) == ("NOT_LEADER", 1)
     assert (via_blocking.value.code, via_blocking.value.exit) == ("NOT_LEADER", 1)
     assert via_trio.value.message == via_blocking.value.message
+
+
+def test_after_a_pass_in_which_a_conductor_answered_the_wait_is_short():
+    """Followers or a conductor without etcd answered: a leader is due soon, so the
+    backoff (here already at 8 s) is capped at ANSWERED_WAIT_S for the next pass."""
+    from skr8tr.failover import ANSWERED_WAIT_S
+
+    search = LeaderSearch(["ws://a", "ws://b"], backoff=Doubling(8.0, 10.0))
+    dial(search, 2)  # pass 1: nobody answers
+    assert search.next().wait_s == 8.0  # pass 2: the backoff
+    assert search.not_leader(None) is None  # a: a follower that knows no leader
+    search.failed()
+    dial(search, 1)
+    assert search.next().wait_s == ANSWERED_WAIT_S  # pass 3
+    search.answered()  # a: UNAVAILABLE
+    search.failed()
+    dial(search, 1)
+    assert search.next().wait_s == ANSWERED_WAIT_S  # pass 4
+    search.failed()
+    dial(search, 1)  # a whole pass without an answer: the backoff again
+    assert search.next().wait_s == 10.0
+
+
+def test_a_conductor_that_went_silent_is_dialled_last_until_another_serves():
+    search = LeaderSearch(["ws://a", "ws://b", "ws://c"], backoff=Doubling(0.2, 1.0))
+    assert search.next().url == "ws://a"
+    search.served()
+    assert search.next().url == "ws://a"  # a served: first again
+    search.went_silent()  # frozen
+    assert [url for url, _ in dial(search, 3)] == ["ws://b", "ws://c", "ws://a"]
+    assert search.next().url == "ws://b"
+    search.served()  # b leads now: a is an ordinary member of the list again
+    search.failed()
+    assert [url for url, _ in dial(search, 3)] == ["ws://b", "ws://a", "ws://c"]

@@ -132,3 +132,28 @@ def test_the_conductor_list_is_checked_url_by_url():
         with pytest.raises(AgentConfigError) as err:
             node_urls(bad)
         assert err.value.code == "BAD_URL"
+
+
+async def test_a_frozen_conductor_is_left_for_the_next(tmp_path: Path, key_path: Path) -> None:
+    """A conductor that stops answering (SIGSTOP, a partition) keeps the TCP connection
+    open; the agent notices by its unanswered pings and goes to the next one."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            a, a_url = await start_conductor(nursery)
+            b, b_url = await start_conductor(nursery)
+            config = AgentConfig(f"{a_url},{b_url}", str(key_path), "node-a",
+                                 str(tmp_path / "d"), None, stop_workloads=True)
+            await nursery.start(run_agent, config)
+            peer = await a.next_peer()
+            await offer(peer, term=3)
+            await peer.send("welcome", node_id="node-a", heartbeat_s=0.1, term=3)
+            await peer.expect("heartbeat")
+            frozen_at = trio.current_time()
+            # From now on `a` reads nothing: no pong goes back, as from a frozen process.
+            peer = await b.next_peer()
+            left_after = trio.current_time() - frozen_at
+            assert left_after >= 0.3 - 0.05, "not before 3 silent heartbeats"
+            await offer(peer, term=4)
+            await peer.send("welcome", node_id="node-a", heartbeat_s=0.1, term=4)
+            await peer.expect("heartbeat")
+            nursery.cancel_scope.cancel()

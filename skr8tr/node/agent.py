@@ -52,7 +52,14 @@ from skr8tr.heap import release_free_heap
 from skr8tr.keyfiles import load_signing_key
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.process import RunAs, RunAsError, resolve_run_as
-from skr8tr.node.session import Refused, SessionError, StaleTerm, Terms, run_session
+from skr8tr.node.session import (
+    ConductorSilent,
+    Refused,
+    SessionError,
+    StaleTerm,
+    Terms,
+    run_session,
+)
 from skr8tr.node.supervisor import open_supervisor
 from skr8tr.node.sysinfo import prime_cpu
 from skr8tr.ws import trio_client
@@ -247,7 +254,12 @@ async def run_agent(config: AgentConfig, *,
                     if refused is not None and refused.code == "NOT_LEADER":
                         _follow(config.node_id, url, refused, search)
                         continue
+                    if refused is not None and refused.code == "UNAVAILABLE":
+                        search.answered()  # alive, without etcd: try again soon
                     _log_session_end(config.node_id, url, exc)
+                    if any(isinstance(e, ConductorSilent) for e in _leaves(exc)):
+                        search.went_silent()  # frozen: dial the others first
+                        continue
                 search.failed()
     finally:
         log.info("node %s: stopped", config.node_id)

@@ -60,6 +60,10 @@ class SessionError(Exception):
     """The conductor broke the protocol, or the session could not keep up."""
 
 
+class ConductorSilent(SessionError):
+    """The conductor sent nothing, not even a pong, for SILENCE_HEARTBEATS heartbeats."""
+
+
 class Refused(SessionError):
     """The conductor answered with ``refused``: to ``hello``, or at once (a follower:
     code NOT_LEADER, ``leader`` its URL or None)."""
@@ -220,6 +224,7 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_send_outbox, ws, outbox_recv)
                 nursery.start_soon(_send_heartbeats, outbox_send, heartbeat_s)
+                nursery.start_soon(_watch_conductor, ws, url, heartbeat_s)
                 await _serve_commands(ws, node_id, supervisor, outbox_send)
                 nursery.cancel_scope.cancel()
         finally:
@@ -227,6 +232,26 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
     if session_scope.cancelled_caught:
         raise SessionError(f"the connection to {url} could not keep up with "
                            f"{OUTBOX_LIMIT} queued messages")
+
+
+SILENCE_HEARTBEATS = 3  # a conductor silent this many heartbeats (pings unanswered) is gone
+
+
+async def _watch_conductor(ws: trio_client.ClientConnection, url: str,
+                           heartbeat_s: float) -> None:
+    """Ping the conductor every heartbeat; end the session when nothing (a pong included)
+    came from it for SILENCE_HEARTBEATS of them. A conductor that is frozen (SIGSTOP,
+    a partition) keeps the TCP connection open: without this the node would stay with
+    it and never go to the leader that replaced it. The conductor declares a silent
+    node lost after the same time (``--node-timeout`` is 3 heartbeats)."""
+    limit_s = SILENCE_HEARTBEATS * heartbeat_s
+    while True:
+        await trio.sleep(heartbeat_s)
+        silent_s = trio.current_time() - ws.last_received
+        if silent_s >= limit_s:
+            raise ConductorSilent(f"nothing from {url} for {silent_s:.1f} s (not even a "
+                                  "pong); it is frozen or cut off")
+        await ws.send_ping()
 
 
 async def _receive_handshake(ws: trio_client.ClientConnection,
