@@ -136,6 +136,7 @@ def test_a_conductor_that_went_silent_is_dialled_last_until_another_serves():
     search.served()
     assert search.next().url == "ws://a"  # a served: first again
     search.went_silent()  # frozen
+    assert [url for url, _ in dial(search, 2)] == ["ws://b", "ws://c"]  # this pass's rest
     assert [url for url, _ in dial(search, 3)] == ["ws://b", "ws://c", "ws://a"]
     assert search.next().url == "ws://b"
     search.served()  # b leads now: a is an ordinary member of the list again
