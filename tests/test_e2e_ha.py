@@ -16,6 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from skr8tr.blocking_client import call_on, open_conductor
+from skr8tr.keyfiles import load_signing_key
+from skr8tr.wire import CallOptions, ClientError
 from tests.e2e import poll
 from tests.ha import HaCluster, running_ha_cluster
 from tests.test_e2e_rollout import web
@@ -134,6 +137,7 @@ def test_a_stopped_leader_that_wakes_up_does_not_lead_again(ha: HaCluster, tmp_p
     before = ha.wait_ready("web", 3)
     old = ha.leader()
     old_url = ha.conductors[old].url
+    conn = open_conductor(old_url, "/v1/cli", 10.0)  # to it alone, opened while it leads
     ha.kill(old, signal.SIGSTOP)
     try:
         leader = poll(lambda: (answers := {n: ha.ping(n) for n in ha.conductors if n != old})
@@ -145,11 +149,14 @@ def test_a_stopped_leader_that_wakes_up_does_not_lead_again(ha: HaCluster, tmp_p
         exactly(ha, "web", before)
     finally:
         ha.kill(old, signal.SIGCONT)
-    # Sent to the woken conductor alone, at once: it must not be acknowledged, whether
+    # Sent to the woken conductor alone, at once, on a connection opened while it led
+    # (no following, unlike the CLI): it must not be acknowledged, whether
     # it has noticed yet or its fenced write is what fails.
-    woken = ha.cli("scale", "web", "1", "--timeout", "5", url=old_url)
-    assert woken.returncode == 1, woken.stdout + woken.stderr
-    assert "NOT_LEADER" in woken.stderr or "UNAVAILABLE" in woken.stderr, woken.stderr
+    with pytest.raises(ClientError) as refused:
+        call_on(conn, CallOptions(old_url, 10.0, load_signing_key(ha.admin_key)),
+                "scale", {"app": "web", "replicas": 1})
+    conn.close()
+    assert refused.value.code in ("NOT_LEADER", "UNAVAILABLE"), refused.value
     poll(lambda: (a := ha.ping(old)) and a["role"] == "follower"
          and a["leader"] == ha.conductors[leader].url,
          what="the woken conductor to follow the new leader")

@@ -295,6 +295,17 @@ def test_ping_is_answered_with_a_pong_in_one_call():
     assert isinstance(server_pong[0], wse.Ping)
 
 
+def test_a_ping_read_together_with_the_close_after_it_gets_no_pong():
+    """A node's keep-alive pings, then its close, all read at once by a conductor that
+    was frozen: answering the pings after the close was parsed raised RuntimeError."""
+    client, server = connected()
+    data = server.send(wse.Ping(payload=b"1")) + server.send(wse.CloseConnection(code=1000))
+    events = client.receive(data)
+    assert events == [Ping(b"1"), Close(1000, "")]
+    assert client.reply_to(events[0]) == b""
+    assert client.reply_to(events[1]) != b""  # the close is still answered
+
+
 def test_close_handshake_started_by_the_client():
     client, server = connected()
     late = server.send(wse.TextMessage(data="late"))  # sent before our close reaches it

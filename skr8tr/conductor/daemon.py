@@ -253,9 +253,10 @@ async def run_conductor(config: ConductorConfig, *,
     adopt_grace_s = config.adopt_grace_s
     if ha_mode and adopt_grace_s is None:
         # After a failover the nodes must first notice that their conductor is gone (a
-        # frozen one only by its silence: 2 heartbeats) and dial the next: one node
-        # timeout covers that with room to spare (2 heartbeats are 2/3 of it).
-        adopt_grace_s = config.node_timeout_s
+        # frozen one only by its silence: 3 heartbeats, i.e. one node timeout, checked
+        # every half heartbeat) and dial the next, while the new leader was elected
+        # about a lease TTL after the old one froze: one node timeout plus one TTL.
+        adopt_grace_s = config.node_timeout_s + config.lease_ttl_s
 
     def new_cluster(store: Store | None) -> Cluster:
         return Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,

@@ -245,13 +245,17 @@ async def _watch_conductor(ws: trio_client.ClientConnection, url: str,
     it and never go to the leader that replaced it. The conductor declares a silent
     node lost after the same time (``--node-timeout`` is 3 heartbeats)."""
     limit_s = SILENCE_HEARTBEATS * heartbeat_s
+    pinged_at = trio.current_time()
     while True:
-        await trio.sleep(heartbeat_s)
-        silent_s = trio.current_time() - ws.last_received
+        await trio.sleep(heartbeat_s / 2)  # noticed within half a heartbeat of the limit
+        now = trio.current_time()
+        silent_s = now - ws.last_received
         if silent_s >= limit_s:
             raise ConductorSilent(f"nothing from {url} for {silent_s:.1f} s (not even a "
                                   "pong); it is frozen or cut off")
-        await ws.send_ping()
+        if now - pinged_at >= heartbeat_s:
+            pinged_at = now
+            await ws.send_ping()
 
 
 async def _receive_handshake(ws: trio_client.ClientConnection,

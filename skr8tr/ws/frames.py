@@ -365,7 +365,9 @@ class Protocol:
         if self.close_sent:
             return b""
         if type(event) is Ping:
-            return self.encode_pong(event.payload)
+            # A ping read in the same data as the peer's close that followed it: the
+            # close is parsed already, and no pong may follow it (nor is one of use).
+            return self.encode_pong(event.payload) if self._conn.state is _State.OPEN else b""
         if type(event) is Close:
             return self.encode_close(event.code, event.reason)
         return b""
