@@ -36,6 +36,7 @@ class Etcd:
         self.peer_port = free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra_listen: list[str] = []  # more client URLs (an address a netns reaches)
         self.start_s: list[float] = []  # how long each start took to answer
         self.stop_s: list[float] = []
 
@@ -57,7 +58,8 @@ class Etcd:
         with log:
             self.process = subprocess.Popen(
                 [binary, "--name", "test", "--data-dir", str(self.folder / "data"),
-                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                 "--listen-client-urls", ",".join([self.url, *self.extra_listen]),
+                 "--advertise-client-urls", self.url,
                  "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                  "--initial-cluster", f"test={peer}", "--log-level", "warn"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import free_port
+from tests.conftest import free_port, skr8tr_command
 from tests.e2e import Cluster, Daemon, poll
 from tests.etcd import Etcd
+from tests.netns import Partitionable
 
 LEASE_TTL_S = 2  # the shortest etcd 3.4 grants: failovers in about 2-3 s
 
@@ -35,10 +37,13 @@ class Conductor:
     ws_port: int
     http_port: int
     daemon: Daemon | None = None
+    host: str = "127.0.0.1"
+    netns: Partitionable | None = None  # runs inside this namespace when set
+    store_url: str | None = None  # how it reaches etcd (default: the cluster's)
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}"
+        return f"ws://{self.host}:{self.ws_port}"
 
     @property
     def alive(self) -> bool:
@@ -66,12 +71,18 @@ class HaCluster(Cluster):
     def start_ha_conductor(self, name: str, *extra: str) -> Daemon:
         c = self.conductors[name]
         assert self.etcd is not None
-        c.daemon = self._spawn(
-            name, "conductor", "--listen", f"127.0.0.1:{c.ws_port}",
-            "--http", f"127.0.0.1:{c.http_port}", "--authorized-keys",
-            str(self.authorized_keys), "--node-timeout", str(self.node_timeout_s),
-            "--store", self.etcd.store_url, "--lease-ttl", str(LEASE_TTL_S),
-            "--port-range", self.port_block, "--log-level", "debug", *extra)
+        argv = [*skr8tr_command(), "conductor", "--listen", f"{c.host}:{c.ws_port}",
+                "--http", f"{c.host}:{c.http_port}", "--authorized-keys",
+                str(self.authorized_keys), "--node-timeout", str(self.node_timeout_s),
+                "--store", c.store_url or self.etcd.store_url, "--lease-ttl",
+                str(LEASE_TTL_S), "--port-range", self.port_block, "--log-level", "debug",
+                *extra]
+        log_path = self.root / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(c.netns.wrap(argv) if c.netns else argv, env=self.env,
+                                    stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        c.daemon = Daemon(name, proc, log_path)
         poll(lambda: self.ping(name) is not None or not c.alive,
              what=f"conductor {name} to answer ping")
         self._assert_alive(c.daemon)
@@ -83,10 +94,11 @@ class HaCluster(Cluster):
                         url=self.conductors[name].url)
         return json.loads(proc.stdout) if proc.returncode == 0 else None
 
-    def leader(self) -> str | None:
-        """The one conductor that says it leads and whom every live one names; None while
-        they disagree or none leads."""
-        answers = {name: self.ping(name) for name, c in self.conductors.items() if c.alive}
+    def leader(self, among: tuple[str, ...] | None = None) -> str | None:
+        """The one conductor that says it leads and whom every live one (of ``among``)
+        names; None while they disagree or none leads."""
+        answers = {name: self.ping(name) for name, c in self.conductors.items()
+                   if c.alive and (among is None or name in among)}
         leaders = [n for n, a in answers.items() if a is not None and a["role"] == "leader"]
         if len(leaders) != 1:
             return None

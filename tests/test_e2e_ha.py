@@ -9,6 +9,8 @@ failed request through the ingress.
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -19,8 +21,11 @@ import pytest
 from skr8tr.blocking_client import call_on, open_conductor
 from skr8tr.keyfiles import load_signing_key
 from skr8tr.wire import CallOptions, ClientError
+from tests import netns
+from tests.conftest import free_port
 from tests.e2e import poll
-from tests.ha import HaCluster, running_ha_cluster
+from tests.etcd import Etcd
+from tests.ha import Conductor, HaCluster, running_ha_cluster
 from tests.test_e2e_rollout import web
 from tests.test_ingress_load import assert_steady, failures, start_load, wait_serving
 from tests.test_ingress_load import web as load_web
@@ -181,3 +186,58 @@ def test_etcd_stopped_and_restarted(ha: HaCluster, tmp_path: Path):
     exactly(ha, "web", before)
     ha.json("scale", "web", "2")
     assert set(pids(ha.wait_ready("web", 2))) <= set(pids(before))
+
+
+def test_a_leader_partitioned_from_etcd_and_nodes_steps_down_and_nothing_restarts(
+        tmp_path: Path):
+    """The leader runs in its own network namespace; its veth link is set down: a
+    partition (packets lost, no reset), not a crash. The others elect a leader, the
+    nodes leave the silent one for it with their workloads untouched, and the cut-off
+    conductor steps down by itself; healed, it follows."""
+    why = netns.available()
+    if why is not None:
+        pytest.fail(f"network namespaces are needed for the partition test (run as root, "
+                    f"with CAP_NET_ADMIN): {why}")
+    part = netns.Partitionable()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
+    env["HOME"] = str(tmp_path / "home")
+    ha = HaCluster(root=tmp_path, env=env)
+    lo = random.randrange(10000, 19800, 200)
+    ha.port_block = f"{lo}-{lo + 199}"
+    try:
+        ha.etcd = Etcd(tmp_path / "etcd")
+        ha.etcd.extra_listen = [f"http://{part.host_ip}:{ha.etcd.client_port}"]
+        ha.etcd.start()
+        ha.make_keys()
+        ha.conductors["c1"] = Conductor("c1", free_port(), free_port(), host=part.ns_ip,
+                                        netns=part, store_url=f"etcd://{part.host_ip}:"
+                                        f"{ha.etcd.client_port}")
+        ha.start_ha_conductor("c1")
+        poll(lambda: ha.leader() == "c1", what="c1, in the namespace, to lead")
+        for name in ("c2", "c3"):
+            ha.conductors[name] = Conductor(name, free_port(), free_port())
+            ha.start_ha_conductor(name)
+        assert ha.leader() == "c1"
+        ha.start_node("n1")
+        ha.start_node("n2")
+        ha.json("up", str(web(tmp_path, "v1", replicas=3)))
+        before = ha.wait_ready("web", 3)
+
+        part.cut()
+        leader = poll(lambda: ha.leader(among=("c2", "c3")), what="c2 or c3 to lead")
+        ha.nodes_on()
+        exactly(ha, "web", before)
+        c1 = ha.conductors["c1"].daemon
+        poll(lambda: "no longer leading" in c1.log(), what="c1 to step down by itself")
+
+        part.heal()
+        poll(lambda: (a := ha.ping("c1")) and a["role"] == "follower"
+             and a["leader"] == ha.conductors[leader].url,
+             what="the healed conductor to follow the new leader")
+        assert ha.leader() == leader
+        assert pids(ha.replicas("web")) == pids(before)
+    finally:
+        try:
+            ha.shutdown()
+        finally:
+            part.close()
