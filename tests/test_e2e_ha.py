@@ -9,6 +9,7 @@ failed request through the ingress.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,8 +20,9 @@ import psutil
 import pytest
 
 from skr8tr.blocking_client import call_on, open_conductor
+from skr8tr.core.protocol import Reply, decode_reply
 from skr8tr.keyfiles import load_signing_key
-from skr8tr.wire import CallOptions, ClientError
+from skr8tr.wire import CallOptions, ClientError, build_request
 from tests import netns
 from tests.conftest import free_port
 from tests.e2e import poll
@@ -41,6 +43,16 @@ def ha(tmp_path: Path):
 
 def pids(rows: list[dict]) -> list[int]:
     return sorted(r["pid"] for r in rows)
+
+
+def send_raw(url: str, text: str) -> Reply:
+    """One request as it is (no signing, no following) to this conductor; its reply."""
+    with open_conductor(url, "/v1/cli", 10.0) as conn:
+        deadline = time.monotonic() + 10
+        conn.send_text(text, deadline)
+        reply = decode_reply(conn.receive_message(deadline))
+    assert isinstance(reply, Reply), reply
+    return reply
 
 
 def new_leader(ha: HaCluster, old: str) -> str:
@@ -71,9 +83,13 @@ def test_kill_9_of_the_idle_leader_restarts_nothing_and_loses_no_command(
         ha: HaCluster, tmp_path: Path):
     ha.json("up", str(web(tmp_path, "v1", replicas=3)))
     ha.wait_ready("web", 3)
-    ha.json("scale", "web", "4")  # acknowledged just before the kill: must not be lost
-    before = ha.wait_ready("web", 4)
     old = ha.leader()
+    # Acknowledged just before the kill: must not be lost; and the same signed envelope
+    # sent again to the next leader must be REPLAY there (the nonce is in etcd).
+    envelope = json.dumps(build_request("scale", {"app": "web", "replicas": 4},
+                                        load_signing_key(ha.admin_key)))
+    assert send_raw(ha.conductors[old].url, envelope).ok
+    before = ha.wait_ready("web", 4)
     ha.kill(old)
     assert all(psutil.pid_exists(p) for p in pids(before))
     leader = new_leader(ha, old)
@@ -84,6 +100,8 @@ def test_kill_9_of_the_idle_leader_restarts_nothing_and_loses_no_command(
     roles = {c["url"]: c["role"] for c in status["conductors"]}
     assert roles[ha.conductors[leader].url] == "leader"
     assert ha.conductors[old].url not in roles or roles[ha.conductors[old].url] == "follower"
+    replayed = send_raw(ha.conductors[leader].url, envelope)
+    assert (replayed.ok, replayed.error_code) == (False, "REPLAY"), replayed
     # The new leader takes commands, and knows the generation history.
     ha.json("scale", "web", "2")
     after = ha.wait_ready("web", 2)
