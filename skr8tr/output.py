@@ -114,8 +114,33 @@ def generic_rows(rows: Sequence[dict], empty: str = "(none)") -> str:
     return table(rows, columns, empty=empty)
 
 
+def conductors(rows: Sequence[dict], now: float | None = None) -> str:
+    """The conductors sharing one etcd, leader first, with how long each has held its
+    role."""
+    now = time.time() if now is None else now
+    ordered = sorted(rows, key=lambda r: (r.get("role") != "leader", str(r.get("url"))))
+    return table(ordered, [
+        ("URL", _key("url")), ("ROLE", _key("role")),
+        ("FOR", lambda r: _duration(now - r["since"]) if isinstance(r.get("since"), int | float)
+         else None),
+        ("STATUS PAGE", _key("http")),
+    ])
+
+
+def _duration(s: float) -> str:
+    s = max(0, int(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def status(result: dict) -> str:
-    parts = [
+    parts = []
+    if len(result.get("conductors", [])) > 1:  # several conductors on etcd
+        parts += ["CONDUCTORS", conductors(result["conductors"]), ""]
+    parts += [
         "NODES", nodes(result.get("nodes", [])), "",
         "APPS", generic_rows(result.get("apps", []), empty="no apps"), "",
         "REPLICAS", replicas(result.get("replicas", [])), "",

@@ -100,6 +100,9 @@ def test_kill_9_of_the_idle_leader_restarts_nothing_and_loses_no_command(
     roles = {c["url"]: c["role"] for c in status["conductors"]}
     assert roles[ha.conductors[leader].url] == "leader"
     assert ha.conductors[old].url not in roles or roles[ha.conductors[old].url] == "follower"
+    table = ha.cli_ok("status").split("NODES")[0]
+    assert table.startswith("CONDUCTORS")
+    assert table.splitlines()[2].split()[:2] == [ha.conductors[leader].url, "leader"]
     replayed = send_raw(ha.conductors[leader].url, envelope)
     assert (replayed.ok, replayed.error_code) == (False, "REPLAY"), replayed
     # The new leader takes commands, and knows the generation history.
