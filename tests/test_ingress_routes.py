@@ -217,3 +217,63 @@ def test_ignore_drain_keeps_leaving_replicas_until_they_exit():
         assert ids(t.backends("web")) == ["r1"]
     assert ids(t.apply_event("replica.exited", {"app": "web", "replica": "r1",
                                                 "node": "n1"})) == ["r1"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_new_leaders_snapshot_without_a_node_keeps_that_nodes_replicas_routed():
+    """A new leader in its adopt grace has not heard from n2 yet: n2's replicas serve
+    on; they become rows again when the leader reports them."""
+    from skr8tr.ingress.routes import CARRY_S
+
+    clock = Clock()
+    t = BackendTable(clock=clock)
+    t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r2", "n2", 2, "ready")))
+    gone = t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), nodes=(("n1", "127.0.0.1"),)))
+    assert gone == set() and ids(t.backends("web")) == ["r1", "r2"]
+    t.apply_event("node.joined", {"node": "n2", "address": "127.0.0.2"})
+    t.apply_event("replica.adopted", {"app": "web", "replica": "r2", "node": "n2",
+                                      "state": "ready", "port": 2, "generation": 1})
+    clock.now += CARRY_S + 1
+    assert ids(t.backends("web")) == ["r1", "r2"] and t.pick("web").replica in ("r1", "r2")
+    assert ids(t.backends("web")) == ["r1", "r2"], "reported again: no longer carried"
+
+
+def test_carried_replicas_leave_soon_after_their_node_joins_without_them_or_at_the_limit():
+    from skr8tr.ingress.routes import CARRY_S, REJOIN_S
+
+    clock = Clock()
+    t = BackendTable(clock=clock)
+    t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r2", "n2", 2, "ready"),
+                              ("r3", "n2", 3, "ready"),
+                              nodes=(("n1", "127.0.0.1"), ("n2", "127.0.0.2"),
+                                     ("n3", "127.0.0.3"))))
+    t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), nodes=(("n1", "127.0.0.1"),)))
+    t.apply_event("node.joined", {"node": "n2", "address": "127.0.0.2"})
+    t.apply_event("replica.adopted", {"app": "web", "replica": "r3", "node": "n2",
+                                      "state": "ready", "port": 3, "generation": 1})
+    clock.now += REJOIN_S
+    assert t.pick("web") is not None
+    assert ids(t.backends("web")) == ["r1", "r3"], "r2 was not reported by its node"
+    # A replica whose node never comes back is routed at most CARRY_S.
+    t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r4", "n3", 4, "ready"),
+                              nodes=(("n1", "127.0.0.1"), ("n2", "127.0.0.2"),
+                                     ("n3", "127.0.0.3"))))
+    assert ids(t.backends("web")) == ["r1", "r4"]  # n2 known, r3 not listed: gone
+    t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), nodes=(("n1", "127.0.0.1"),)))
+    assert ids(t.backends("web")) == ["r1", "r4"]
+    clock.now += CARRY_S
+    gone = t.apply_event("replica.ready", {"app": "web", "replica": "r1", "node": "n1",
+                                           "state": "ready", "port": 1})
+    assert ids(gone) == ["r4"] and ids(t.backends("web")) == ["r1"]
+    # A snapshot whose conductor knows the node but not the replica: gone at once.
+    t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), ("r5", "n1", 5, "ready"),
+                              nodes=(("n1", "127.0.0.1"),)))
+    gone = t.apply_snapshot(snapshot(("r1", "n1", 1, "ready"), nodes=(("n1", "127.0.0.1"),)))
+    assert ids(gone) == ["r5"]

@@ -15,12 +15,21 @@ Two tables, both plain synchronous objects:
 
 Every update returns the backends that just stopped being routable, so the
 shell can close its idle pooled connections to them.
+
+A snapshot from a conductor that does not know a node yet (a new leader in its
+adopt grace, a restarted conductor before the node reconnected) says nothing
+about that node's replicas: they are kept in rotation, *carried over*, until
+the conductor reports them (any event for them makes them ordinary rows
+again), or REJOIN_S after their node joined without reporting them, or
+CARRY_S at most. Dropping them would answer 503 for a failover's few seconds
+while the replicas serve as before.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+import time
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +146,10 @@ class _Replica:
     pid: int | None = None
 
 
+CARRY_S = 30.0  # the longest a replica unknown to a new snapshot's conductor stays routed
+REJOIN_S = 2.0  # after its node joined: its replica reports come with the node's hello
+
+
 @dataclass
 class BackendTable:
     """The routable replicas of every app, kept from ``/v1/watch`` messages.
@@ -150,15 +163,15 @@ class BackendTable:
     nodes: dict[str, str] = field(default_factory=dict)  # node id -> address
     replicas: dict[str, _Replica] = field(default_factory=dict)
     synced: bool = False  # a snapshot has been applied
+    clock: Callable[[], float] = time.monotonic
+    _carried: dict[str, float] = field(default_factory=dict)  # replica id -> routed until
     _cursor: dict[str, int] = field(default_factory=dict)
     _cache: dict[str, list[Backend]] = field(default_factory=dict)  # cleared on every update
 
     # ------------------------------------------------------------------ reading
 
     def _routable(self, r: _Replica) -> bool:
-        ok = r.state in ROUTABLE_STATES or (
-            self.ignore_drain and r.state in ("draining", "stopping"))
-        return ok and r.port is not None and r.node in self.nodes
+        return self._routable_in(r, self.nodes)
 
     def backends(self, app: str) -> list[Backend]:
         """The app's routable replicas, in a stable order (by replica id)."""
@@ -182,6 +195,8 @@ class BackendTable:
     def pick(self, app: str, exclude: Collection[str] = ()) -> Backend | None:
         """The next routable replica of ``app`` in round-robin order, skipping the
         replica ids in ``exclude``; None when there is none."""
+        if self._carried and self.clock() >= min(self._carried.values()):
+            self._drop_expired()
         candidates = [b for b in self.backends(app) if b.replica not in exclude]
         if not candidates:
             return None
@@ -194,11 +209,21 @@ class BackendTable:
     def apply_snapshot(self, state: dict[str, Any]) -> set[Backend]:
         """Replace everything by a ``status`` document; returns backends no longer routable."""
         before = self.all_backends()
+        old_nodes, old_replicas = self.nodes, self.replicas
         self._cache.clear()
         self.nodes = {row["node"]: row["address"] for row in state.get("nodes", [])
                       if isinstance(row, dict) and isinstance(row.get("node"), str)
                       and isinstance(row.get("address"), str)}
         self.replicas = {}
+        # Replicas on nodes this conductor has not heard from yet: carried over.
+        until = self.clock() + CARRY_S
+        carried = {rid: r for rid, r in old_replicas.items()
+                   if r.node not in self.nodes and r.node in old_nodes
+                   and self._routable_in(r, old_nodes)}
+        self._carried = {rid: self._carried.get(rid, until) for rid in carried}
+        for r in carried.values():
+            self.nodes.setdefault(r.node, old_nodes[r.node])
+        self.replicas.update(carried)
         for row in state.get("replicas", []):
             if not isinstance(row, dict) or not isinstance(row.get("replica"), str):
                 continue
@@ -206,6 +231,7 @@ class BackendTable:
                 app=str(row.get("app")), node=str(row.get("node")), state=str(row.get("state")),
                 port=_int_or_none(row.get("port")), generation=_int_or_none(
                     row.get("generation")) or 0, pid=_int_or_none(row.get("pid")))
+            self._carried.pop(row["replica"], None)
         self.synced = True
         return self._gone(before)
 
@@ -215,18 +241,38 @@ class BackendTable:
         self._cache.clear()
         kind, _, what = event.partition(".")
         if kind == "replica" and isinstance(data.get("replica"), str):
+            self._carried.pop(data["replica"], None)  # the conductor knows it: a row again
             self._replica_event(what, data)
         elif event == "node.joined" and isinstance(data.get("node"), str):
             if isinstance(data.get("address"), str):
                 self.nodes[data["node"]] = data["address"]
+            soon = self.clock() + REJOIN_S
+            for rid in self._carried:
+                if self.replicas[rid].node == data["node"]:
+                    self._carried[rid] = min(self._carried[rid], soon)
         elif event == "node.lost" and isinstance(data.get("node"), str):
             self.nodes.pop(data["node"], None)
             for rid in [rid for rid, r in self.replicas.items() if r.node == data["node"]]:
                 del self.replicas[rid]
+                self._carried.pop(rid, None)
         elif event == "app.removed" and isinstance(data.get("app"), str):
             for rid in [rid for rid, r in self.replicas.items() if r.app == data["app"]]:
                 self.replicas[rid].state = "stopping"
+        if self._carried:
+            self._drop_expired()
         return self._gone(before)
+
+    def _drop_expired(self) -> None:
+        now = self.clock()
+        for rid in [rid for rid, until in self._carried.items() if now >= until]:
+            del self._carried[rid]
+            self.replicas.pop(rid, None)
+        self._cache.clear()
+
+    def _routable_in(self, r: _Replica, nodes: dict[str, str]) -> bool:
+        ok = r.state in ROUTABLE_STATES or (
+            self.ignore_drain and r.state in ("draining", "stopping"))
+        return ok and r.port is not None and r.node in nodes
 
     def _gone(self, before: set[Backend]) -> set[Backend]:
         still = {b.key for b in self.all_backends()}
