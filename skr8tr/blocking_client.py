@@ -13,6 +13,12 @@ when a reply does not come in time; BAD_REPLY (exit 1) for a reply that cannot
 be read; the conductor's own error code (exit 1) when it answers with one.
 Ctrl-C (KeyboardInterrupt) is never caught here: it leaves at once, closing
 the socket on the way out.
+
+``CallOptions.conductor`` may list several conductors (``URL,URL,...``, DESIGN.md
+§9): :func:`call`, :class:`Session`, :func:`open_watch` and
+:func:`follow_watch` follow ``NOT_LEADER`` to the leader and go round the list
+(:class:`skr8tr.wire.FailoverCall`); :func:`open_conductor` and
+:func:`call_on` talk to the one URL they are given.
 """
 
 from __future__ import annotations
@@ -22,18 +28,16 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from skr8tr import wire
+from skr8tr.core import protocol
 from skr8tr.wire import CallOptions, ClientError
 from skr8tr.ws.blocking import Connection
 from skr8tr.ws.blocking import connect as _connect
 from skr8tr.ws.frames import ConnectionClosed, HandshakeError
-
-if TYPE_CHECKING:
-    from skr8tr.core import protocol
 
 __all__ = [
     "CallOptions",
@@ -46,6 +50,8 @@ __all__ = [
     "call",
     "call_on",
     "open_watch",
+    "follow_watch",
+    "Session",
 ]
 
 
@@ -120,19 +126,107 @@ def open_conductor(
 
 
 def call(opts: CallOptions, cmd: str, args: dict) -> Any:
-    """Send one request and return the reply's ``result``.
+    """Send one request to the leading conductor and return the reply's ``result``.
 
-    Raises ClientError: exit 3 when the conductor cannot be reached or does not
-    answer within the timeout, exit 1 when it answers with an error.
+    ``opts.conductor`` may list several conductors (``URL,URL,...``): the
+    request follows ``NOT_LEADER`` to the leader and goes round the list on
+    ``UNAVAILABLE`` or a failed connection (:class:`skr8tr.wire.FailoverCall`).
+    Raises ClientError: exit 3 when no conductor could be reached or one did not
+    answer within the timeout, exit 1 when the leader answers with an error or
+    only followers answered until the timeout, exit 2 for a bad URL.
     """
-    with open_conductor(opts.conductor, "/v1/cli", opts.timeout_s, ca_file=opts.ca_file) as conn:
-        return call_on(conn, opts, cmd, args)
+    with Session(opts) as session:
+        return session.call(cmd, args)
+
+
+class Session:
+    """Requests to whichever conductor leads, on a connection kept open between them.
+
+    :meth:`call` sends each request to the conductor that answered the previous
+    one, and looks for the leader again (:class:`skr8tr.wire.FailoverCall`)
+    when that conductor says ``NOT_LEADER`` or ``UNAVAILABLE`` or the
+    connection drops. One signed envelope (one nonce) is built per call and
+    sent unchanged to every conductor tried: a follower refuses before it
+    spends the nonce, and the leader records it in etcd, so a request that a
+    dropped conductor had already accepted is ``REPLAY`` everywhere else
+    (reported as "accepted before the connection dropped") instead of being
+    run twice. A context manager; leaving it closes the connection.
+    """
+
+    def __init__(self, opts: CallOptions, path: str = "/v1/cli") -> None:
+        self.opts = opts
+        self.path = path
+        self._conn: Connection | None = None
+        self._base: str | None = None  # the conductor self._conn goes to, as listed or named
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._conn is not None:
+            self._conn.__exit__(*exc_info)
+            self._conn = None
+
+    @property
+    def conductor(self) -> str | None:
+        """The conductor the last request was answered by (its base URL)."""
+        return self._base
+
+    def call(self, cmd: str, args: dict, *, patient_s: float | None = None) -> Any:
+        """Send one request; return its result or raise ClientError as :func:`call` does.
+
+        With *patient_s*, a lost conductor is looked for that long (passes with no
+        conductor answering included) before giving up: for the polls of
+        ``rollout --watch`` and ``logs --follow``, which outlive a failover.
+        """
+        opts = self.opts
+        request = wire.build_request(cmd, args, opts.signing_key)
+        text = json.dumps(request)
+        run = wire.FailoverCall(opts.conductor, self.path, opts.timeout_s, time.monotonic(),
+                                patient_s=patient_s, first=self._base)
+        while True:
+            attempt = run.next(time.monotonic())
+            if self._conn is None or self._base != attempt.url:
+                self._drop()
+                time.sleep(attempt.wait_s)
+                try:
+                    self._conn = connect(run.url, run.connect_timeout_s, ca_file=opts.ca_file)
+                except ClientError as err:
+                    if err.exit == wire.EXIT_USAGE:
+                        raise
+                    run.unreachable(err)
+                    continue
+                self._base = attempt.url
+            deadline = time.monotonic() + opts.timeout_s
+            try:
+                self._conn.send_text(text, deadline)
+                reply = None
+                while reply is None:  # replies to other requests are skipped
+                    reply = wire.match_reply(self._conn.receive_message(deadline), request["id"])
+            except TimeoutError:
+                self._drop()
+                raise wire.timed_out(run.url, opts.timeout_s) from None
+            except ConnectionClosed as closed:
+                self._drop()
+                run.dropped_after_send(
+                    wire.unreachable(run.url, f"the connection closed: {closed.close_reason}"))
+                continue
+            if run.settles(reply):
+                return run.result(reply)
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self._base = None
 
 
 def call_on(conn: Connection, opts: CallOptions, cmd: str, args: dict) -> Any:
-    """Like :func:`call`, on a connection that is already open (for polling loops)."""
+    """Send one request on a connection that is already open, to that conductor only
+    (no following: a ``NOT_LEADER`` is its ClientError, exit 1)."""
     request = wire.build_request(cmd, args, opts.signing_key)
-    url = wire.endpoint_url(opts.conductor, "/v1/cli")
+    url = conn.url
     deadline = time.monotonic() + opts.timeout_s
     try:
         conn.send_text(json.dumps(request), deadline)
@@ -151,11 +245,18 @@ class WatchStream:
 
     Iteration blocks until the next message and ends only with an error:
     ClientError UNREACHABLE when the stream closes, BAD_REPLY for a message
-    that cannot be read.
+    that cannot be read. ``conductor`` is the base URL it came from.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, *, first: protocol.WatchMessage | None = None,
+                 conductor: str = "") -> None:
         self._conn = conn
+        self._first = first
+        self.conductor = conductor
+
+    @property
+    def url(self) -> str:
+        return self._conn.url
 
     def __enter__(self) -> WatchStream:
         return self
@@ -167,6 +268,9 @@ class WatchStream:
         return self
 
     def __next__(self) -> protocol.WatchMessage:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         try:
             raw = self._conn.receive_message()
         except ConnectionClosed as closed:
@@ -175,8 +279,75 @@ class WatchStream:
         return wire.watch_message(raw)
 
 
-def open_watch(opts: CallOptions) -> WatchStream:
-    """Open ``/v1/watch``: ``with open_watch(opts) as stream: for msg in stream: ...``."""
-    return WatchStream(
-        open_conductor(opts.conductor, "/v1/watch", opts.timeout_s, ca_file=opts.ca_file)
-    )
+def open_watch(opts: CallOptions, *, patient_s: float | None = None,
+               first: str | None = None) -> WatchStream:
+    """Open ``/v1/watch`` on the leading conductor:
+    ``with open_watch(opts) as stream: for msg in stream: ...``.
+
+    A follower's first message (``NOT_LEADER``) sends it to the leader, as
+    :func:`call` goes; the stream returned starts with the leader's snapshot.
+    *patient_s* and *first* are :class:`skr8tr.wire.FailoverCall`'s (for a
+    reconnection). Raises ClientError as :func:`call` does; exit 3 (TIMEOUT)
+    also when a conductor sends nothing within the timeout.
+    """
+    run = wire.FailoverCall(opts.conductor, "/v1/watch", opts.timeout_s, time.monotonic(),
+                            patient_s=patient_s, first=first)
+    while True:
+        attempt = run.next(time.monotonic())
+        time.sleep(attempt.wait_s)
+        try:
+            conn = connect(run.url, run.connect_timeout_s, ca_file=opts.ca_file)
+        except ClientError as err:
+            if err.exit == wire.EXIT_USAGE:
+                raise
+            run.unreachable(err)
+            continue
+        try:
+            msg = wire.watch_message(conn.receive_message(time.monotonic() + opts.timeout_s))
+        except TimeoutError:
+            conn.abort()
+            run.unreachable(wire.timed_out(run.url, opts.timeout_s))
+            continue
+        except ConnectionClosed as closed:
+            conn.abort()
+            run.unreachable(wire.unreachable(run.url, f"the stream closed: {closed.close_reason}"))
+            continue
+        except BaseException:
+            conn.abort()
+            raise
+        if isinstance(msg, protocol.WatchError) and msg.code in wire.FOLLOW_CODES:
+            conn.close()
+            run.refused(msg.code, msg.message, msg.leader)
+            continue
+        run.search.served()
+        return WatchStream(conn, first=msg, conductor=attempt.url)
+
+
+def follow_watch(opts: CallOptions, *, reconnect_s: float = wire.RECONNECT_BUDGET_S,
+                 note: Callable[[str], None] = lambda text: None
+                 ) -> Iterator[protocol.WatchMessage]:
+    """The messages of ``/v1/watch`` on the leader, across failovers: when the
+    stream drops (or the leader steps down), the list is searched again for up to
+    *reconnect_s*, and the new leader's stream (a fresh snapshot first) goes on.
+
+    *note* is told, in one line each, when a stream is lost and which conductor
+    took over. Raises ClientError as :func:`open_watch` (for the reconnection,
+    exit 3 when no conductor answered for *reconnect_s*) and BAD_REPLY (exit 1).
+    """
+    stream = open_watch(opts)
+    while True:
+        with stream:
+            try:
+                for msg in stream:
+                    if isinstance(msg, protocol.WatchError):
+                        note(f"{stream.conductor} stopped serving the stream ({msg.code}: "
+                             f"{msg.message}); looking for the leader")
+                        break
+                    yield msg
+            except ClientError as err:
+                if err.code != "UNREACHABLE":
+                    raise
+                note(f"lost the stream from {stream.conductor}; looking for the leader "
+                     f"for up to {reconnect_s:g} s")
+        stream = open_watch(opts, patient_s=reconnect_s, first=stream.conductor)
+        note(f"following {stream.conductor}")

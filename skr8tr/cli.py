@@ -36,6 +36,7 @@ from skr8tr.wire import (  # noqa: F401 (the exit codes are part of this module'
     EXIT_REMOTE_ERROR,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    RECONNECT_BUDGET_S,
 )
 from skr8tr.wire import ClientError as CliError
 
@@ -225,7 +226,16 @@ def _simple_call(cmd: str, args_of: Callable[[argparse.Namespace], dict],
 
 
 def _render_ping(result: dict) -> str:
-    return f"pong from {result.get('pong', '?')} (version {result.get('version', '?')})"
+    """``pong from conductor (version V, leader)``, ``(version V, follower; leader URL)``;
+    a conductor older than roles: ``(version V)``."""
+    about = f"version {result.get('version', '?')}"
+    role = result.get("role")
+    if role == "follower":
+        leader = result.get("leader")
+        about += f", follower; leader {leader}" if leader else ", follower; no leader known"
+    elif role is not None:
+        about += f", {role}"
+    return f"pong from {result.get('pong', '?')} ({about})"
 
 
 def _render_down(result: dict) -> str:
@@ -275,9 +285,8 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
     from skr8tr import blocking_client as client
 
     def body(call_opts: Any) -> int:
-        with client.open_conductor(call_opts.conductor, "/v1/cli", call_opts.timeout_s,
-                                   ca_file=call_opts.ca_file) as conn:
-            status = client.call_on(conn, call_opts, "rollout", args)
+        with client.Session(call_opts) as session:
+            status = session.call("rollout", args)
             if not opts.watch:
                 if opts.json:
                     _print_json(status)
@@ -286,7 +295,8 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
                 return EXIT_OK
             # Follow by polling rollout-status on the open connection: it needs no
             # command beyond the fixed set every conductor answers, and survives lost
-            # events.
+            # events. A poll outlives a failover: it looks for the new leader for up to
+            # RECONNECT_BUDGET_S, which then reports how the rollout ended (§7).
             tty = sys.stdout.isatty() and not opts.json
             last = None
             while status["state"] == "rolling":
@@ -299,8 +309,8 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
                     sys.stdout.flush()
                     last = key
                 time.sleep(0.2)
-                status = client.call_on(conn, call_opts, "rollout-status",
-                                        {"app": status["app"]})
+                status = session.call("rollout-status", {"app": status["app"]},
+                                      patient_s=RECONNECT_BUDGET_S)
         if opts.json:
             _print_json(status)
         else:
@@ -320,9 +330,8 @@ def cmd_logs(opts: argparse.Namespace) -> int:
     args = {"app": opts.app, "replica": opts.replica, "tail": opts.tail}
 
     def body(call_opts: Any) -> int:
-        with client.open_conductor(call_opts.conductor, "/v1/cli", call_opts.timeout_s,
-                                   ca_file=call_opts.ca_file) as conn:
-            result = client.call_on(conn, call_opts, "logs", args)
+        with client.Session(call_opts) as session:
+            result = session.call("logs", args)
             if opts.json and not opts.follow:
                 _print_json(result)
                 return EXIT_OK
@@ -342,7 +351,7 @@ def cmd_logs(opts: argparse.Namespace) -> int:
                 if not opts.follow:
                     return EXIT_OK
                 time.sleep(1.0)
-                result = client.call_on(conn, call_opts, "logs", args)
+                result = session.call("logs", args, patient_s=RECONNECT_BUDGET_S)
 
     return _run_client(opts, body, signed=True)
 
@@ -350,18 +359,23 @@ def cmd_logs(opts: argparse.Namespace) -> int:
 def cmd_watch(opts: argparse.Namespace) -> int:
     from skr8tr import blocking_client as client
 
+    def note(text: str) -> None:  # on stderr: stdout keeps one document per line
+        sys.stderr.write(f"# {text}\n")
+        sys.stderr.flush()
+
     def body(call_opts: Any) -> int:
-        with client.open_watch(call_opts) as stream:
-            for msg in stream:
-                if opts.json:
-                    # one JSON document per line: a stream has no single document
-                    _print_json(dataclasses.asdict(msg))
-                    sys.stdout.flush()
-                elif msg.type == "event":
-                    print(output.event_line(msg.seq, msg.ts, msg.event, msg.data), flush=True)
-                else:
-                    print(f"snapshot #{msg.seq}: {len(msg.state.get('nodes', []))} node(s), "
-                          f"{len(msg.state.get('replicas', []))} replica(s)", flush=True)
+        # A dropped stream is looked for again (the leader may have failed over); the
+        # new leader's stream starts with a snapshot of its own.
+        for msg in client.follow_watch(call_opts, note=note):
+            if opts.json:
+                # one JSON document per line: a stream has no single document
+                _print_json(dataclasses.asdict(msg))
+                sys.stdout.flush()
+            elif msg.type == "event":
+                print(output.event_line(msg.seq, msg.ts, msg.event, msg.data), flush=True)
+            else:
+                print(f"snapshot #{msg.seq}: {len(msg.state.get('nodes', []))} node(s), "
+                      f"{len(msg.state.get('replicas', []))} replica(s)", flush=True)
         return EXIT_OK
 
     return _run_client(opts, body, signed=False)

@@ -31,9 +31,11 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
     dflt: Callable[[Any], Any] = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
     group = parser.add_argument_group("client options (before or after the verb)")
     group.add_argument(
-        "--conductor", metavar="URL",
+        "--conductor", metavar="URL[,URL...]",
         default=dflt(os.environ.get("SKR8TR_CONDUCTOR") or DEFAULT_CONDUCTOR_URL),
-        help=f"conductor WebSocket URL (env SKR8TR_CONDUCTOR; default {DEFAULT_CONDUCTOR_URL})",
+        help="conductor WebSocket URL, or several conductors on etcd comma-separated: "
+        "tried in order, following a follower to the leader (env SKR8TR_CONDUCTOR; "
+        f"default {DEFAULT_CONDUCTOR_URL})",
     )
     group.add_argument(
         "--key", metavar="FILE",
@@ -49,7 +51,8 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
                        help="print exactly one JSON document on stdout")
     group.add_argument("--timeout", metavar="S", type=_positive_float,
                        default=dflt(DEFAULT_TIMEOUT_S),
-                       help=f"seconds to wait for the conductor (default {DEFAULT_TIMEOUT_S:g})")
+                       help="seconds to wait for the conductor: to find the leader, and "
+                       f"for each reply (default {DEFAULT_TIMEOUT_S:g})")
 
 
 def _positive_float(text: str) -> float:

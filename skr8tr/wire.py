@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from skr8tr import DEFAULT_CONDUCTOR_URL
 from skr8tr.core import protocol
+from skr8tr.failover import Attempt, LeaderSearch, conductor_urls
 
 if TYPE_CHECKING:
     import ssl
@@ -39,6 +40,9 @@ __all__ = [
     "match_reply",
     "result_of",
     "watch_message",
+    "FOLLOW_CODES",
+    "RECONNECT_BUDGET_S",
+    "FailoverCall",
 ]
 
 # Where every client looks for the conductor without --conductor: the CLI, the node
@@ -49,6 +53,13 @@ EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+
+# The error codes that send a client to another conductor: a follower (NOT_LEADER),
+# a conductor that lost etcd (UNAVAILABLE).
+FOLLOW_CODES = ("NOT_LEADER", "UNAVAILABLE")
+# How long a stream (`watch`, `rollout --watch`, `logs --follow`) looks for a leader
+# after its connection dropped: a failover takes a few seconds (etcd lease 5 s).
+RECONNECT_BUDGET_S = 30.0
 
 # Replies (a `status` of a big cluster) may be larger than what the conductor
 # accepts from a client (protocol.MAX_MESSAGE_BYTES).
@@ -175,3 +186,120 @@ def watch_message(raw: str | bytes) -> protocol.WatchMessage:
             EXIT_REMOTE_ERROR,
         )
     return msg
+
+
+class FailoverCall:
+    """One request, or the opening of one stream, across the ``--conductor`` list (no I/O).
+
+    The caller dials what :meth:`next` returns and reports the outcome; this
+    object decides where to go next (:class:`skr8tr.failover.LeaderSearch`)
+    and when to give up with which error:
+
+    - the first pass tries every listed conductor once, each connection
+      bounded by ``timeout_s / len(urls)`` (one URL: ``timeout_s``, as before
+      lists existed); leader hints and later passes only until the deadline;
+    - a whole pass in which no conductor answered, while none ever did, ends
+      it at once with the last connection failure (exit 3), as one
+      unreachable conductor always has (unless *patient_s* is given);
+    - otherwise it keeps cycling (0.2 s doubling to 1 s between passes) until
+      ``timeout_s`` (or *patient_s*) is spent, then reports the last
+      ``NOT_LEADER``/``UNAVAILABLE`` answer (exit 1) or, if no conductor ever
+      answered, the last connection failure (exit 3).
+
+    *first* is a base URL to try before the list (the conductor that served
+    the previous request). Raises ClientError BAD_URL (exit 2) for a list with
+    a URL that is not ws:// or wss://.
+    """
+
+    def __init__(self, conductor: str, path: str, timeout_s: float, now: float, *,
+                 patient_s: float | None = None, first: str | None = None) -> None:
+        try:
+            self.urls = conductor_urls(conductor)
+        except ValueError as exc:
+            raise ClientError("BAD_URL", str(exc), EXIT_USAGE) from None
+        for url in self.urls:
+            endpoint_url(url, path)  # a bad URL is bad usage before anything is sent
+        self.path = path
+        self.patient = patient_s is not None
+        self.budget_s = patient_s if patient_s is not None else timeout_s
+        self.deadline = now + self.budget_s
+        self.connect_timeout_s = timeout_s / len(self.urls)
+        self.search = LeaderSearch(self.urls, first=first)
+        self.base = ""  # the conductor of the current attempt, as listed or named
+        self.url = ""  # ... and the endpoint dialled (base + path)
+        self.refusal: ClientError | None = None  # the last NOT_LEADER / UNAVAILABLE
+        self.failure: ClientError | None = None  # the last connection failure
+        self.dropped = False  # a request went out on a connection that then dropped
+
+    def next(self, now: float) -> Attempt:
+        """The next conductor to dial (``self.url``), after ``wait_s``; raises the
+        ClientError to report when it is time to give up."""
+        attempt = self.search.next()
+        later = attempt.followed or attempt.pass_no > 1
+        if attempt.starts_pass and later and self.refusal is None and not self.patient:
+            raise self._give_up()
+        if later and now + attempt.wait_s >= self.deadline:
+            raise self._give_up()
+        self.base = attempt.url
+        self.url = endpoint_url(attempt.url, self.path)
+        return attempt
+
+    def unreachable(self, error: ClientError) -> None:
+        """The connection to ``self.url`` failed, or closed before it answered."""
+        self.failure = error
+        self.search.failed()
+
+    def dropped_after_send(self, error: ClientError) -> None:
+        """The connection closed after the request went out: it may have been
+        accepted; the same envelope goes to the next conductor."""
+        self.dropped = True
+        self.unreachable(error)
+
+    def refused(self, code: str, message: str, leader: str | None) -> None:
+        """``self.url`` answered NOT_LEADER (naming *leader*, or None) or UNAVAILABLE."""
+        self.refusal = ClientError(code, message, EXIT_REMOTE_ERROR)
+        if code == "NOT_LEADER":
+            self.search.not_leader(leader)
+        else:
+            self.search.failed()
+
+    def settles(self, reply: protocol.Reply) -> bool:
+        """True when *reply* is the answer to report; False when it sends the request
+        on to another conductor (NOT_LEADER, UNAVAILABLE)."""
+        if not reply.ok and reply.error_code in FOLLOW_CODES:
+            self.refused(reply.error_code, reply.error_message or "", reply.error_leader)
+            return False
+        self.search.served()
+        return True
+
+    def result(self, reply: protocol.Reply) -> Any:
+        """The result of a settling *reply*, or its ClientError (exit 1).
+
+        ``REPLAY`` after a dropped connection means a conductor accepted this
+        very envelope before the drop (the nonce guard is shared through etcd):
+        it is reported as such, not as an attack.
+        """
+        if not reply.ok and reply.error_code == "REPLAY" and self.dropped:
+            raise ClientError(
+                "REPLAY",
+                "the conductor accepted this request before the connection dropped; "
+                "check with `skr8tr status`",
+                EXIT_REMOTE_ERROR,
+            )
+        return result_of(reply)
+
+    def _give_up(self) -> ClientError:
+        listed = ", ".join(self.urls)
+        if self.refusal is not None:
+            return ClientError(
+                self.refusal.code,
+                f"{self.refusal.message} (no conductor of {listed} served within "
+                f"{self.budget_s:g} s)",
+                EXIT_REMOTE_ERROR,
+            )
+        if self.failure is None:  # cannot happen: a later pass follows a failed attempt
+            return unreachable(listed, "no conductor answered")
+        if self.patient:
+            return ClientError(self.failure.code, f"{self.failure.message} (no conductor of "
+                               f"{listed} answered for {self.budget_s:g} s)", self.failure.exit)
+        return self.failure

@@ -187,10 +187,11 @@ class Cluster:
     # -------------------------------------------------------------- the CLI
 
     def cli(self, *args: str, conductor: bool = True, signed: bool = True,
-            timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+            timeout_s: float = 30.0, url: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
         flags: list[str] = []
         if conductor:
-            flags += ["--conductor", self.url]
+            flags += ["--conductor", url or self.url]
         if signed and hasattr(self, "admin_key"):
             flags += ["--key", str(self.admin_key)]
         return subprocess.run(

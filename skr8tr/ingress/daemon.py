@@ -31,6 +31,7 @@ import trio
 
 from skr8tr import __version__, client
 from skr8tr.core import hostport
+from skr8tr.failover import conductor_urls
 from skr8tr.ingress.limits import ProxyLimits, connection_cap
 from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Proxy
@@ -75,11 +76,15 @@ def config_from_args(opts: argparse.Namespace) -> IngressConfig:
         raise IngressStartError(str(exc)) from None
     url = getattr(opts, "conductor", DEFAULT_CONDUCTOR_URL)
     try:
-        client.endpoint_url(url, "/v1/watch")
+        urls = conductor_urls(url)
+        for one in urls:
+            client.endpoint_url(one, "/v1/watch")
+    except ValueError as exc:
+        raise IngressStartError(f"--conductor: {exc}") from None
     except client.ClientError as exc:
         raise IngressStartError(f"--conductor: {exc.message}") from None
     ca_file = getattr(opts, "ca", None)
-    if ca_file is not None and not url.startswith("wss://"):
+    if ca_file is not None and not any(one.startswith("wss://") for one in urls):
         raise IngressStartError(f"--ca goes with a wss:// conductor URL; {url} is not encrypted")
     defaults = ProxyLimits()
     limits = ProxyLimits(

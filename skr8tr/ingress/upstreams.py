@@ -11,6 +11,13 @@ each new stream begins with a fresh snapshot that replaces the whole table.
 Between streams the last known table keeps serving: replicas run on without
 the conductor, and a replica that went away in the meantime fails to connect
 and the request moves on to another one.
+
+``--conductor`` may list several conductors (DESIGN.md §9): they are tried in
+order (:class:`skr8tr.failover.LeaderSearch`; the backoff comes between
+passes over the list, the conductor that served last first), and a follower's
+``NOT_LEADER`` sends the ingress straight to the leader it names. A failover
+is one more "stream lost": the table keeps routing until the new leader's
+snapshot replaces it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import random
 import trio
 
 from skr8tr import client
+from skr8tr.core import protocol
+from skr8tr.failover import LeaderSearch, conductor_urls
 from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.routes import BackendTable
 
@@ -39,46 +48,44 @@ def backoff_delays(rand=random.random):
         delay = min(BACKOFF_MAX_S, delay * 2)
 
 
+class _Backoff:
+    """:func:`backoff_delays` as the backoff of a LeaderSearch."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def next_delay(self) -> float:
+        return next(self._delays)
+
+    def reset(self) -> None:
+        self._delays = backoff_delays()
+
+
 async def run_upstreams(conductor_url: str, table: BackendTable, pool: Pool, *,
                         synced: trio.Event | None = None, ca_file: str | None = None,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Follow ``/v1/watch`` into ``table`` until cancelled, reconnecting as needed.
+    """Follow ``/v1/watch`` of the leading conductor into ``table`` until cancelled,
+    reconnecting as needed.
 
-    ``task_status.started()`` is called at once (the ingress serves, with 503s,
-    before the conductor answers); ``synced`` is set after the first snapshot.
-    ``ca_file`` verifies a ``wss://`` conductor. Never raises but for cancellation.
+    *conductor_url* is ``URL[,URL...]``. ``task_status.started()`` is called at
+    once (the ingress serves, with 503s, before the conductor answers);
+    ``synced`` is set after the first snapshot. ``ca_file`` verifies a
+    ``wss://`` conductor. Never raises but for cancellation.
     """
     task_status.started()
-    opts = client.CallOptions(conductor=conductor_url, timeout_s=WATCH_CONNECT_TIMEOUT_S,
-                              signing_key=None, ca_file=ca_file)
-    delays = backoff_delays()
+    search = LeaderSearch(conductor_urls(conductor_url), backoff=_Backoff())
     failures = 0
+    why: str | None = None
     while True:
-        got_snapshot = False
+        attempt = search.next()
+        if why is not None:
+            log_fn = log.warning if failures == 1 or failures % 20 == 0 else log.debug
+            log_fn("watch stream lost (%s); keeping the last known replicas and trying %s "
+                   "in %.1f s", why, attempt.url, attempt.wait_s)
+        await trio.sleep(attempt.wait_s)
+        stream = _Stream(attempt.url, failures)
         try:
-            async with client.open_watch(opts) as stream:
-                async for msg in stream:
-                    if msg.type == "snapshot":
-                        gone = table.apply_snapshot(msg.state)
-                        if not got_snapshot:
-                            got_snapshot = True
-                            delays = backoff_delays()
-                            log.info("watching %s: %d node(s), %d replica(s) in the snapshot",
-                                     conductor_url, len(table.nodes), len(table.replicas))
-                            if failures:
-                                log.info("reconnected to the conductor after %d failed "
-                                         "attempt(s)", failures)
-                            failures = 0
-                        if synced is not None:
-                            synced.set()
-                    else:
-                        gone = table.apply_event(msg.event, msg.data)
-                        if msg.event.startswith("replica.") and log.isEnabledFor(logging.DEBUG):
-                            log.debug("%s %s", msg.event, msg.data)
-                    if gone:
-                        log.info("out of rotation: %s", ", ".join(sorted(map(str, gone))))
-                        pool.retire(gone)
-            why = "the conductor closed the stream"
+            why = await stream.follow(table, pool, search, synced, ca_file)
         except client.ClientError as exc:
             why = exc.message
         except OSError as exc:
@@ -86,9 +93,58 @@ async def run_upstreams(conductor_url: str, table: BackendTable, pool: Pool, *,
         except Exception as exc:  # a bug or an unexpected library error: log it, go on
             log.exception("the watch stream failed")
             why = f"{type(exc).__name__}: {exc}"
-        failures += 1
-        delay = next(delays)
-        log_fn = log.warning if failures == 1 or failures % 20 == 0 else log.debug
-        log_fn("watch stream lost (%s); keeping the last known replicas and reconnecting in "
-               "%.1f s", why, delay)
-        await trio.sleep(delay)
+        if stream.got_snapshot:
+            failures = 0
+        if why is not None:  # None: a follower named the leader, dialled next
+            failures += 1
+            search.failed()
+
+
+class _Stream:
+    """One ``/v1/watch`` connection of :func:`run_upstreams`."""
+
+    def __init__(self, url: str, failures: int) -> None:
+        self.url = url
+        self.failures = failures  # failed attempts before this one
+        self.got_snapshot = False
+
+    async def follow(self, table: BackendTable, pool: Pool, search: LeaderSearch,
+                     synced: trio.Event | None, ca_file: str | None) -> str | None:
+        """Apply the stream to *table* until it ends; say why it ended (None when a
+        follower named the leader, which *search* dials next). Raises ClientError when
+        the conductor cannot be reached or the stream closes."""
+        url = self.url
+        async with client.open_conductor(url, "/v1/watch", WATCH_CONNECT_TIMEOUT_S,
+                                         ca_file=ca_file if url.startswith("wss://")
+                                         else None) as ws:
+            stream = client.WatchStream(ws, client.endpoint_url(url, "/v1/watch"),
+                                        conductor=url)
+            async for msg in stream:
+                if isinstance(msg, protocol.WatchError):
+                    leader = (search.not_leader(msg.leader) if msg.code == "NOT_LEADER"
+                              else None)
+                    if leader is not None:
+                        log.info("%s is not the leader; following %s", url, leader)
+                        return None
+                    return f"{url} answered {msg.code}: {msg.message}"
+                if msg.type == "snapshot":
+                    # A new leader's snapshot replaces the whole table, like any other.
+                    gone = table.apply_snapshot(msg.state)
+                    if not self.got_snapshot:
+                        self.got_snapshot = True
+                        search.served()
+                        log.info("watching %s: %d node(s), %d replica(s) in the snapshot",
+                                 url, len(table.nodes), len(table.replicas))
+                        if self.failures:
+                            log.info("reconnected to the conductor after %d failed "
+                                     "attempt(s)", self.failures)
+                    if synced is not None:
+                        synced.set()
+                else:
+                    gone = table.apply_event(msg.event, msg.data)
+                    if msg.event.startswith("replica.") and log.isEnabledFor(logging.DEBUG):
+                        log.debug("%s %s", msg.event, msg.data)
+                if gone:
+                    log.info("out of rotation: %s", ", ".join(sorted(map(str, gone))))
+                    pool.retire(gone)
+        return "the conductor closed the stream"

@@ -7,6 +7,14 @@ jittered exponential backoff (0.5 s doubling up to 10 s, ±25 %), which starts
 over after a session the conductor welcomed. A refusal is logged at error
 level and retried the same way: the key may be authorized later.
 
+``--conductor`` may list several conductors (DESIGN.md §9): the agent dials
+them in order (:class:`skr8tr.failover.LeaderSearch`; the backoff comes
+between passes over the list, the conductor that last welcomed it first),
+goes straight to the leader a follower's ``refused`` NOT_LEADER names, and
+closes a session offered under a leadership term lower than the highest one
+it was welcomed under (:class:`~skr8tr.node.session.Terms`, in memory), then
+tries the others. Replicas run on through all of it.
+
 On start, before the first session, the supervisor re-adopts the replicas
 recorded in the data dir whose processes still run (pid and start time both
 match), so the first ``hello`` lists them; a ``kill -9`` of the agent leaves
@@ -39,11 +47,12 @@ import trio
 from skr8tr import DEFAULT_CONDUCTOR_URL, DEFAULT_KEY_FILE, tls
 from skr8tr.core.keys import KeyFileError, fingerprint, public_hex
 from skr8tr.core.node_protocol import is_host_or_ip
+from skr8tr.failover import LeaderSearch, conductor_urls
 from skr8tr.heap import release_free_heap
 from skr8tr.keyfiles import load_signing_key
 from skr8tr.node.backoff import Backoff
 from skr8tr.node.process import RunAs, RunAsError, resolve_run_as
-from skr8tr.node.session import Refused, SessionError, run_session
+from skr8tr.node.session import Refused, SessionError, StaleTerm, Terms, run_session
 from skr8tr.node.supervisor import open_supervisor
 from skr8tr.node.sysinfo import prime_cpu
 from skr8tr.ws import trio_client
@@ -113,8 +122,18 @@ def node_url(conductor_url: str) -> str:
     return base + NODE_PATH
 
 
+def node_urls(conductor: str) -> tuple[str, ...]:
+    """:func:`node_url` of each conductor of ``URL[,URL...]``; AgentConfigError BAD_URL."""
+    try:
+        listed = conductor_urls(conductor)
+    except ValueError as exc:
+        raise AgentConfigError("BAD_URL", str(exc)) from None
+    return tuple(node_url(url) for url in listed)
+
+
 def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
-    """Check *config* and create the data dir; return the signing key and the node URL.
+    """Check *config* and create the data dir; return the signing key and the node
+    URL(s) (comma-separated when several conductors are listed).
 
     Raises AgentConfigError: BAD_NODE_ID, BAD_ADVERTISE, BAD_URL, BAD_KEY (the
     message says how to make or pass a key), BAD_CA, BAD_RUN_AS or BAD_DATA_DIR.
@@ -133,7 +152,7 @@ def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
             "address; pass the address other machines reach this node at, for example "
             "10.0.0.5, fd00::5 or node1.example.com",
         )
-    url = node_url(config.conductor_url)
+    url = ",".join(node_urls(config.conductor_url))
     security(config)
     try:
         signing_key = load_signing_key(config.key_path)
@@ -160,7 +179,7 @@ def security(config: AgentConfig) -> tuple[ssl.SSLContext | None, RunAs | None]:
     ``ws://`` URL) or BAD_RUN_AS (unknown user, or the agent is not root).
     """
     ssl_context = None
-    if config.conductor_url.strip().startswith("wss://"):
+    if any(url.startswith("wss://") for url in _listed(config.conductor_url)):
         try:
             ssl_context = tls.client_context(config.ca_file)
         except tls.TlsError as exc:
@@ -177,6 +196,13 @@ def security(config: AgentConfig) -> tuple[ssl.SSLContext | None, RunAs | None]:
     return ssl_context, run_as
 
 
+def _listed(conductor: str) -> tuple[str, ...]:
+    try:
+        return conductor_urls(conductor)
+    except ValueError:
+        return ()
+
+
 async def run_agent(config: AgentConfig, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node agent until cancelled; ``task_status.started()`` once it is set up.
@@ -188,11 +214,12 @@ async def run_agent(config: AgentConfig, *,
     (shielded, bounded by each replica's stop grace) before Cancelled
     propagates, otherwise the workloads keep running.
     """
-    signing_key, url = prepare(config)
+    signing_key, shown = prepare(config)
+    urls = node_urls(config.conductor_url)
     ssl_context, run_as = security(config)
     data_dir = os.path.abspath(config.data_dir)  # replicas may run in it; cwd must not matter
     prime_cpu()
-    log.info("node %s: starting (conductor %s, key %s, data dir %s%s%s)", config.node_id, url,
+    log.info("node %s: starting (conductor %s, key %s, data dir %s%s%s)", config.node_id, shown,
              fingerprint(public_hex(signing_key)), data_dir,
              ", workloads stop with the agent" if config.stop_workloads else "",
              f", workloads run as {run_as.name} (uid {run_as.uid})" if run_as else "")
@@ -200,25 +227,55 @@ async def run_agent(config: AgentConfig, *,
         async with open_supervisor(data_dir, stop_on_exit=config.stop_workloads,
                                    run_as=run_as) as supervisor:
             task_status.started()
-            backoff = Backoff()
+            search = LeaderSearch(urls, backoff=Backoff())
+            terms = Terms()
             while True:
+                attempt = search.next()
+                if attempt.wait_s > 0:
+                    log.info("node %s: reconnecting to %s in %.2f s", config.node_id,
+                             attempt.url, attempt.wait_s)
+                    await trio.sleep(attempt.wait_s)
+                url = attempt.url
                 try:
                     await run_session(url, node_id=config.node_id, signing_key=signing_key,
                                       advertise=config.advertise, supervisor=supervisor,
-                                      on_welcome=partial(_welcomed, backoff),
-                                      ssl_context=ssl_context)
+                                      on_welcome=partial(_welcomed, search),
+                                      ssl_context=ssl_context if url.startswith("wss://")
+                                      else None, terms=terms)
                 except Exception as exc:  # the loop's job is to survive it, whatever it is
+                    refused = next((e for e in _leaves(exc) if isinstance(e, Refused)), None)
+                    if refused is not None and refused.code == "NOT_LEADER":
+                        _follow(config.node_id, url, refused, search)
+                        continue
                     _log_session_end(config.node_id, url, exc)
-                delay = backoff.next_delay()
-                log.info("node %s: reconnecting to %s in %.2f s", config.node_id, url, delay)
-                await trio.sleep(delay)
+                search.failed()
     finally:
         log.info("node %s: stopped", config.node_id)
 
 
-def _welcomed(backoff: Backoff) -> None:
-    backoff.reset()
+def _welcomed(search: LeaderSearch) -> None:
+    search.served()  # the backoff starts over; this conductor is dialled first next time
     release_free_heap()  # the start-up's garbage: ~1 MB of an idle agent's RSS
+
+
+def _follow(node_id: str, url: str, refused: Refused, search: LeaderSearch) -> None:
+    """A follower answered: on to the leader it names, or to the next listed conductor."""
+    hint = refused.leader and node_url_or_none(refused.leader)
+    target = search.not_leader(hint) if hint else None
+    if target is not None:
+        log.info("node %s: %s is a follower; going to the leader %s", node_id, url, target)
+    else:
+        search.failed()
+        log.info("node %s: %s is a follower and names no leader it can follow (%s); "
+                 "trying the others", node_id, url, refused.leader or "none elected yet")
+
+
+def node_url_or_none(url: str) -> str | None:
+    """:func:`node_url` of a leader a follower named, None if it is not usable."""
+    try:
+        return node_url(url)
+    except AgentConfigError:
+        return None
 
 
 _EXPECTED = (OSError, SessionError, trio_client.HandshakeError, trio_client.ConnectionClosed,
@@ -231,6 +288,8 @@ def _log_session_end(node_id: str, url: str, exc: BaseException) -> None:
     if isinstance(first, Refused):
         log.error("node %s: the conductor at %s refused this node: %s: %s", node_id, url,
                   first.code, first.message)
+    elif isinstance(first, StaleTerm):
+        pass  # Terms.check logged it, naming both terms
     elif all(isinstance(e, _EXPECTED) for e in leaves):
         log.warning("node %s: session with %s ended: %s", node_id, url, _describe(first))
     else:

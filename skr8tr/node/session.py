@@ -4,6 +4,13 @@ challenge -> hello (signed, with the replicas already running) -> welcome or
 refused; then heartbeats every ``heartbeat_s``, replica reports as they
 happen, and the conductor's ``launch``, ``stop`` and ``logs`` requests.
 
+A follower conductor answers the connection with ``refused`` NOT_LEADER
+instead of a challenge (:class:`Refused`, with the leader it names). The
+challenge and the welcome carry the conductor's leadership term (absent: 0);
+:class:`Terms` keeps the highest one this agent was welcomed under, and a
+session offered under a lower one (a deposed leader that has not noticed yet)
+is closed with :class:`StaleTerm` before the node obeys it.
+
 Everything the node sends after the handshake goes through one bounded
 outbox drained by one task, so messages never interleave and a stuck
 connection cannot make the agent buffer without bound: when the outbox is
@@ -54,22 +61,64 @@ class SessionError(Exception):
 
 
 class Refused(SessionError):
-    """The conductor answered ``hello`` with ``refused``."""
+    """The conductor answered with ``refused``: to ``hello``, or at once (a follower:
+    code NOT_LEADER, ``leader`` its URL or None)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, leader: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.leader = leader
+
+
+class StaleTerm(SessionError):
+    """The conductor offered a leadership term lower than one this node was welcomed under."""
+
+    def __init__(self, url: str, term: int, highest: int) -> None:
+        super().__init__(f"the conductor at {url} leads under term {term}, older than term "
+                         f"{highest} this node was welcomed under")
+        self.url = url
+        self.term = term
+        self.highest = highest
+
+
+class Terms:
+    """The highest leadership term the agent was welcomed under.
+
+    Kept in memory only: a restarted agent starts from 0 and trusts the first
+    conductor that welcomes it; a deposed leader steps down within its etcd
+    lease anyway, so the window this guards is the seconds in which two
+    conductors both believe they lead.
+    """
+
+    def __init__(self) -> None:
+        self.highest = 0
+
+    def check(self, url: str, term: int) -> None:
+        """Raises StaleTerm (after a warning naming *url* and both terms) if *term* is
+        lower than the highest one welcomed under."""
+        if term < self.highest:
+            log.warning("the conductor at %s offers leadership term %d, lower than term %d "
+                        "this node was welcomed under (a deposed leader); closing the session",
+                        url, term, self.highest)
+            raise StaleTerm(url, term, self.highest)
+
+    def welcomed(self, term: int) -> None:
+        self.highest = max(self.highest, term)
 
 
 async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.SigningKey,
                       advertise: str | None, supervisor: Supervisor,
                       on_welcome: Callable[[], None] = lambda: None,
-                      ssl_context: ssl.SSLContext | None = None) -> None:
+                      ssl_context: ssl.SSLContext | None = None,
+                      terms: Terms | None = None) -> None:
     """Connect to *url*, join as *node_id* and serve until the connection ends.
 
     Returns normally when the conductor closes a session it had welcomed.
-    Raises :class:`Refused` when the conductor refuses the node,
+    Raises :class:`Refused` when the conductor refuses the node (a follower
+    does so at once, NOT_LEADER), :class:`StaleTerm` when its challenge or
+    welcome carries a term lower than *terms* remembers (which records the
+    term of a welcome),
     :class:`SessionError` when it cannot be reached, breaks the protocol or
     the outbox overflows, and :mod:`skr8tr.ws.trio_client`'s HandshakeError /
     ConnectionClosed when the WebSocket handshake fails or the connection
@@ -92,7 +141,8 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
             await _connect_and_serve(work_scope, url, ssl_context=ssl_context,
                                      node_id=node_id, signing_key=signing_key,
                                      advertise=advertise, supervisor=supervisor,
-                                     on_welcome=on_welcome)
+                                     on_welcome=on_welcome,
+                                     terms=terms if terms is not None else Terms())
         forwarder.cancel_scope.cancel()
     # When the outer scope was cancelled, the checkpoint here raises Cancelled.
     await trio.lowlevel.checkpoint_if_cancelled()
@@ -132,8 +182,11 @@ async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
 
 async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
                  signing_key: nacl.signing.SigningKey, advertise: str | None,
-                 supervisor: Supervisor, on_welcome: Callable[[], None]) -> None:
-    challenge = await _receive_handshake(ws, ("challenge",))
+                 supervisor: Supervisor, on_welcome: Callable[[], None], terms: Terms) -> None:
+    challenge = await _receive_handshake(ws, ("challenge", "refused"))
+    if challenge["type"] == "refused":  # a follower, before anything else
+        raise Refused(challenge["code"], challenge["message"], challenge.get("leader"))
+    terms.check(url, challenge.get("term", 0))
     address = advertise or _local_address(ws)
     outbox_send, outbox_recv = trio.open_memory_channel[tuple[str, dict[str, Any]]](OUTBOX_LIMIT)
 
@@ -156,10 +209,14 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
                      node_id, url, address, len(replicas))
             reply = await _receive_handshake(ws, ("welcome", "refused"))
             if reply["type"] == "refused":
-                raise Refused(reply["code"], reply["message"])
+                raise Refused(reply["code"], reply["message"], reply.get("leader"))
+            term = reply.get("term", 0)
+            terms.check(url, term)
+            terms.welcomed(term)
             on_welcome()
             heartbeat_s = reply["heartbeat_s"]
-            log.info("node %s: welcomed by %s (heartbeat every %g s)", node_id, url, heartbeat_s)
+            log.info("node %s: welcomed by %s under term %d (heartbeat every %g s)", node_id,
+                     url, term, heartbeat_s)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_send_outbox, ws, outbox_recv)
                 nursery.start_soon(_send_heartbeats, outbox_send, heartbeat_s)
