@@ -8,6 +8,7 @@ uses), so the CLI's own start-up time is not in them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,20 +43,74 @@ def raise_fd_limit() -> int:
     return hard
 
 
+ETCD_WHERE = {"disk": None, "tmpfs": "/dev/shm"}  # where a benchmark's etcd keeps its data
+
+
+@contextmanager
+def local_etcd(where: str = "disk"):
+    """A single-member etcd (Debian's, as the tests start it: tests/etcd.py) whose data is
+    on ``where``: "disk" (a temporary folder under /tmp) or "tmpfs" (/dev/shm); stopped
+    and waited for afterwards."""
+    from tests.etcd import Etcd
+
+    with tempfile.TemporaryDirectory(prefix="skr8tr-bench-etcd-",
+                                     dir=ETCD_WHERE[where]) as tmp:
+        etcd = Etcd(Path(tmp) / "etcd")
+        etcd.start()
+        try:
+            yield etcd
+        finally:
+            etcd.stop()
+
+
+def ping_reply(url: str, timeout_s: float = 1.0) -> dict | None:
+    """The result of an unsigned `ping` to ``url`` (a new connection), None when it does
+    not answer."""
+    try:
+        return blocking_client.call(client.CallOptions(url, timeout_s, None), "ping", {})
+    except client.ClientError:
+        return None
+
+
+def wait_leading(url: str, timeout_s: float = 30.0) -> float:
+    """Wait until the conductor at ``url`` says it leads; returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        reply = ping_reply(url)
+        if reply is not None and reply.get("role", "leader") == "leader":
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not lead within {timeout_s} s")
+
+
 @contextmanager
 def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *,
                   node_timeout_s: float = 5.0, log_level: str | None = None,
-                  durable: bool = False):
+                  durable: bool = False, store: str | None = None):
     """A conductor and ``nodes`` node agents. ``log_level`` overrides the e2e harness's
     ``debug`` (benchmarks of speed use ``info``, the daemons' default). ``durable``: the
-    conductor runs with ``--state`` and ``--audit-log`` (files in the run's folder)."""
+    conductor runs with ``--state`` and ``--audit-log`` (files in the run's folder).
+    ``store``: None (as ``durable`` says), "state" (``--state`` only, no audit log), or
+    "etcd-disk" / "etcd-tmpfs" (``--store`` on an etcd of its own, data on disk or tmpfs;
+    the nodes start once the conductor leads)."""
     extra = () if log_level is None else ("--log-level", log_level)
-    with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp:
-        files = (("--state", str(Path(tmp) / "state" / "state.toml"),
-                  "--audit-log", str(Path(tmp) / "state" / "audit.log")) if durable else ())
+    with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
+        files: tuple[str, ...] = ()
+        if durable:
+            files = ("--state", str(Path(tmp) / "state" / "state.toml"),
+                     "--audit-log", str(Path(tmp) / "state" / "audit.log"))
+        elif store == "state":
+            files = ("--state", str(Path(tmp) / "state" / "state.toml"))
+        elif store is not None:
+            etcd = stack.enter_context(local_etcd(store.removeprefix("etcd-")))
+            files = ("--store", etcd.store_url)
         with running_cluster(Path(tmp), *extra, *files,
                              node_timeout_s=node_timeout_s) as cluster:
             try:
+                if store is not None and store.startswith("etcd"):
+                    cluster.etcd = etcd
+                    wait_leading(cluster.url)
                 for i in range(nodes):
                     cluster.start_node(f"n{i + 1}", addresses[i % len(addresses)], *extra)
                 yield cluster

@@ -262,3 +262,16 @@ def test_a_leader_partitioned_from_etcd_and_nodes_steps_down_and_nothing_restart
             ha.shutdown()
         finally:
             part.close()
+
+
+def test_a_leader_stopped_with_sigterm_resigns(tmp_path: Path):
+    """SIGTERM: the leader revokes its lease on the way out (etcd still open then), so
+    another leads at once instead of after the lease TTL (30 s here), and it exits 0."""
+    with running_ha_cluster(tmp_path, "--lease-ttl", "30", nodes=0) as ha:
+        old = ha.leader()
+        daemon = ha.conductors[old].daemon
+        began = time.monotonic()
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log()[-3000:]
+        new_leader(ha, old)
+        assert time.monotonic() - began < 15, "the next leader waited for the lease TTL"
+        assert "Traceback" not in daemon.log(), daemon.log()[-3000:]

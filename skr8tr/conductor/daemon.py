@@ -345,7 +345,10 @@ async def run_conductor(config: ConductorConfig, *,
                                      admission=admission, policy=policy)
 
     try:
-        async with trio.open_nursery() as nursery:
+        # The etcd client is closed after the nursery, not by one of its tasks: on the way
+        # out a leader still revokes its lease (shielded), so the next need not wait a TTL.
+        async with contextlib.AsyncExitStack() as resources, \
+                trio.open_nursery() as nursery:
             await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
             await nursery.start(cli.refusals.serve)
             if audit_log is not None:
@@ -366,9 +369,11 @@ async def run_conductor(config: ConductorConfig, *,
                              http_port)
             if ha_mode:
                 from skr8tr.conductor import ha
+                from skr8tr.conductor.etcd_client import EtcdClient
                 from skr8tr.conductor.etcd_nonces import EtcdNonceGuard
 
-                client = await nursery.start(_open_etcd, config.store_endpoints)
+                client = await resources.enter_async_context(
+                    EtcdClient(list(config.store_endpoints)))
                 cli.nonces = EtcdNonceGuard(client, config.store_prefix,
                                             fence=seat.current_fence)
                 await nursery.start(cli.nonces.serve)
@@ -384,16 +389,6 @@ async def run_conductor(config: ConductorConfig, *,
     finally:
         if audit_log is not None:
             audit_log.close()
-
-
-async def _open_etcd(endpoints: tuple[str, ...], *, task_status=trio.TASK_STATUS_IGNORED
-                     ) -> None:
-    """Hold the etcd client open until cancelled (``task_status.started(client)``)."""
-    from skr8tr.conductor.etcd_client import EtcdClient
-
-    async with EtcdClient(list(endpoints)) as client:
-        task_status.started(client)
-        await trio.sleep_forever()
 
 
 async def _refuse_stream(request: wsserver.Request, path: str, seat: Seat) -> None:
