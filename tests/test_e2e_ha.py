@@ -18,13 +18,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr.blocking_client import call_on, open_conductor
 from skr8tr.core.protocol import Reply, decode_reply
 from skr8tr.keyfiles import load_signing_key
 from skr8tr.wire import CallOptions, ClientError, build_request
 from tests import netns
-from tests.conftest import free_port
+from tests.conftest import free_port, http_get
 from tests.e2e import poll
 from tests.etcd import Etcd
 from tests.ha import Conductor, HaCluster, running_ha_cluster
@@ -123,7 +124,7 @@ def test_kill_9_of_the_leader_during_a_rollout_ends_it_by_policy(
     alive_at_kill = ha.replicas("web")
     old = ha.leader()
     ha.kill(old)
-    new_leader(ha, old)
+    leader = new_leader(ha, old)
     ha.nodes_on()
     status = poll(lambda: (s := ha.json("rollout", "status", "web"))["state"] != "rolling"
                   and s, timeout_s=60, what="the interrupted rollout to end")
@@ -140,6 +141,12 @@ def test_kill_9_of_the_leader_during_a_rollout_ends_it_by_policy(
             assert r["pid"] == kept[r["replica"]]
     history = {h["generation"]: h["state"] for h in ha.json("rollout", "history", "web")}
     assert history == {1: "complete", 2: status["state"]}
+    # The new leader ended it, and its /metrics count it (its own term's events).
+    _status, _headers, body = http_get("127.0.0.1", ha.conductors[leader].http_port,
+                                       "/metrics")
+    counted = {s.labels["state"]: s.value for family in text_string_to_metric_families(body)
+               for s in family.samples if s.name == "skr8tr_rollouts_total"}
+    assert counted[status["state"]] == 1, counted
 
 
 def test_kill_9_of_the_leader_under_load_drops_no_request(ha: HaCluster, tmp_path: Path):

@@ -105,7 +105,7 @@ def test_events_are_the_last_200_newest_first():
 async def test_finished_rollouts_are_counted_by_final_state():
     site = make_site()
     async with trio.open_nursery() as nursery:
-        await nursery.start(site.run)
+        await nursery.start(site.count_rollouts)
         for state in ("complete", "complete", "rolled_back", "aborted"):
             site.cluster.events.publish("rollout.finished", app="web", state=state)
         site.cluster.events.publish("rollout.started", app="web")

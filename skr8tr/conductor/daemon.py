@@ -291,7 +291,7 @@ async def run_conductor(config: ConductorConfig, *,
             await nursery.start(loops.serve_store_writes, cluster)
             await nursery.start(cli.rollouts.run)
             await nursery.start(loops.serve_expiry_watchdog, cluster)
-            await nursery.start(on_http.run)
+            await nursery.start(on_http.count_rollouts)
             task_status.started()
 
     if not ha_mode:

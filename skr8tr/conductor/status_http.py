@@ -75,7 +75,8 @@ def load_web_files() -> dict[str, tuple[bytes, str]]:
 
 
 class StatusSite:
-    """The HTTP handler: ``site(method, path) -> Response``; ``run`` counts finished rollouts.
+    """The HTTP handler: ``site(method, path) -> Response``; ``count_rollouts`` counts
+    finished rollouts.
 
     ``ws_port`` returns the port the WebSocket API is bound to (asked at
     request time, since with ``--listen HOST:0`` it is known only once bound).
@@ -103,9 +104,9 @@ class StatusSite:
 
     # ------------------------------------------------------------------ background
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Count ``rollout.finished`` events until cancelled (run it once per term: it
-        follows the term's event bus)."""
+    async def count_rollouts(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Count ``rollout.finished`` events until cancelled. It follows one term's event
+        bus: the daemon runs it with each term's loops (not as the listener's ``run``)."""
         task_status.started()
         while True:
             with self.cluster.events.subscribe() as events:
