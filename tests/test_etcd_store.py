@@ -202,3 +202,71 @@ async def test_the_next_endpoint_answers_when_the_first_cannot_be_reached(etcd: 
         async with EtcdClient([dead]) as client:
             with pytest.raises(EtcdError, match=f"no etcd endpoint answers \\({dead}\\)"):
                 await client.get("/t")
+
+
+class CountingClient(EtcdClient):
+    """An EtcdClient that counts its transactions."""
+
+    txns = 0
+
+    async def txn(self, *args, **kwargs):
+        self.txns += 1
+        return await super().txn(*args, **kwargs)
+
+
+async def test_changes_in_flight_together_share_transactions(etcd: Etcd):
+    """Group commit: 60 commands' changes at once cost a few etcd commits, not 60, and
+    each change is all there."""
+    with trio.fail_after(DEADLINE_S):
+        async with CountingClient([etcd.url]) as client:
+            store = EtcdStore(client, "/t")
+            async with trio.open_nursery() as nursery:
+                for i in range(60):
+                    nursery.start_soon(store.apply, Change(apps={f"a{i}": app(f"a{i}", i)},
+                                                           rollouts={f"a{i}": rollout(f"a{i}")}))
+            assert client.txns <= 10, client.txns
+            stored = await store.load()
+            assert stored is not None
+            assert sorted(a.name for a in stored.apps) == sorted(f"a{i}" for i in range(60))
+            assert {a.name: a.desired for a in stored.apps} == {f"a{i}": i for i in range(60)}
+            assert len(stored.rollouts) == 60
+
+
+async def test_one_refused_change_in_a_batch_keeps_the_others(etcd: Etcd):
+    with trio.fail_after(DEADLINE_S):
+        async with EtcdClient([etcd.url]) as client:
+            store = EtcdStore(client, "/t")
+            outcomes: dict[str, str] = {}
+
+            async def apply(name: str, change: Change) -> None:
+                try:
+                    await store.apply(change)
+                    outcomes[name] = "ok"
+                except StoreError as exc:
+                    outcomes[name] = type(exc).__name__
+
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(apply, f"a{i}", Change(apps={f"a{i}": app(f"a{i}")}))
+                nursery.start_soon(apply, "ghost", Change(rollouts={"ghost": rollout("ghost")}))
+            assert outcomes.pop("ghost") == "StoreError"
+            assert set(outcomes.values()) == {"ok"} and len(outcomes) == 20
+            stored = await store.load()
+            assert stored is not None and len(stored.apps) == 20 and stored.rollouts == ()
+
+
+async def test_a_waiter_cancelled_in_the_queue_is_not_written_and_stops_no_one(etcd: Etcd):
+    with trio.fail_after(DEADLINE_S):
+        async with EtcdClient([etcd.url]) as client:
+            store = EtcdStore(client, "/t")
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(store.apply, Change(apps={f"a{i}": app(f"a{i}")}))
+                await trio.sleep(0)  # one of them is writing now; the rest wait their turn
+                assert store._writing
+                with trio.CancelScope() as scope:
+                    scope.cancel()  # queued behind the writer, cancelled before its turn
+                    await store.apply(Change(apps={"never": app("never")}))
+            stored = await store.load()
+            assert stored is not None
+            assert sorted(a.name for a in stored.apps) == sorted(f"a{i}" for i in range(10))

@@ -24,10 +24,13 @@ raises :class:`StoredValueError` naming its key and what was expected.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
+
+import trio
 
 from skr8tr.conductor import state_file
 from skr8tr.conductor.etcd_client import Compare, Delete, EtcdClient, EtcdError, Get, KeyValue, Put
@@ -37,6 +40,29 @@ from skr8tr.conductor.store import EMPTY, Change, FenceLost, StoreError, StoreUn
 __all__ = ["EtcdStore", "FenceLost", "StoredValueError"]
 
 log = logging.getLogger("skr8tr.conductor")
+
+
+MAX_BATCH_OPS = 120  # etcd's default --max-txn-ops is 128; the fence takes 2
+
+
+class _Pending:
+    """One change waiting in the group commit, and how it ended."""
+
+    def __init__(self, change: Change, fence: tuple[Compare, ...]) -> None:
+        self.change = change
+        self.fence = fence
+        self.size = 2 * len(change.apps) + len(change.rollouts) + 1
+        self.woken = trio.Event()  # its batch was written, or it is its turn to write
+        self.finished = False
+        self.error: StoreError | None = None
+
+    def finish(self, error: StoreError | None) -> None:
+        self.finished, self.error = True, error
+        self.woken.set()
+
+    def finish_if_unfinished(self, error: StoreError) -> None:
+        if not self.finished:
+            self.finish(error)
 
 
 class StoredValueError(StoreError, StateFileError):
@@ -52,6 +78,8 @@ class EtcdStore:
         self.client = client
         self.prefix = prefix
         self.fence = fence  # the compares every apply carries (a leader's: its leadership)
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._writing = False  # a waiter is writing a batch; the next one waits its turn
         self.revision = 0  # the etcd revision of the last state this store read or wrote
 
     # ------------------------------------------------------------ keys
@@ -78,17 +106,99 @@ class EtcdStore:
         return state
 
     async def apply(self, change: Change, fence: Sequence[Compare] = ()) -> None:
-        """Write ``change`` in one transaction that runs only while ``fence`` holds.
+        """Write ``change`` in one transaction that runs only while ``fence`` holds (by
+        default the store's ``fence()``).
 
         Returns once etcd has committed it. Raises FenceLost when the fence does not hold,
-        StoreError when etcd cannot be reached or refuses (including a rollout status for
-        an app neither stored nor written by the change); nothing is kept in either case.
-        A cancelled apply may or may not have been committed.
+        StoreUnavailable when etcd cannot be reached, StoreError when it refuses
+        (a rollout status for an app neither stored nor written by the change); nothing
+        of the change is kept in any of these cases.
+
+        Group commit: changes that arrive while a transaction is under way are written
+        together by the next one (at most MAX_BATCH_OPS operations), so that N commands
+        in flight cost about two etcd commits, not N. A batch that etcd refuses for one
+        change's compare is written again change by change, so that the others are kept.
         """
-        if not fence and self.fence is not None:
-            fence = self.fence()
-        ops: dict[str, Put | Delete] = {}
+        pending = _Pending(change, tuple(fence))
+        self._queue.append(pending)
+        try:
+            while not pending.finished:
+                if not self._writing:
+                    await self._write_next_batch()
+                else:
+                    await pending.woken.wait()
+                    pending.woken = trio.Event()
+        finally:
+            if not pending.finished and pending in self._queue:
+                self._queue.remove(pending)  # cancelled while waiting: never sent
+                if self._queue and not self._writing:
+                    self._queue[0].woken.set()  # it may have been woken to write: pass it on
+        if pending.error is not None:
+            raise pending.error
+
+    async def _write_next_batch(self) -> None:
+        """Take the queue's head (what fits in one transaction) and write it; then wake the
+        next waiter, which writes the rest."""
+        self._writing = True
+        batch: list[_Pending] = []
+        try:
+            ops = 0
+            while self._queue and (not batch or ops + self._queue[0].size <= MAX_BATCH_OPS):
+                head = self._queue[0]
+                if batch and head.fence != batch[0].fence:
+                    break  # another fence (a test's explicit one): a batch of its own
+                batch.append(self._queue.popleft())
+                ops += head.size
+            # Shielded: a cancelled writer would leave the others of its batch not knowing
+            # whether they were written; etcd's answer is bounded by the client's timeout.
+            with trio.CancelScope(shield=True):
+                await self._write_batch(batch)
+        finally:
+            self._writing = False
+            for p in batch:
+                p.finish_if_unfinished(StoreUnavailable("not written: the write was cut "
+                                                        "short"))
+            if self._queue:
+                self._queue[0].woken.set()
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        fence = list(batch[0].fence) or (list(self.fence()) if self.fence is not None else [])
         compare = list(fence)
+        ops: dict[str, Put | Delete] = {}
+        for p in batch:
+            p_compare, p_ops = self._operations(p.change)
+            compare += p_compare
+            ops.update(p_ops)  # a later change of the same key wins: it is newer
+        try:
+            result = await self.client.txn(compare, list(ops.values()))
+            if result.succeeded:
+                self.revision = max(self.revision, result.revision)
+                for p in batch:
+                    p.finish(None)
+                return
+            held = await self.client.txn(fence, []) if fence else None
+        except EtcdError as exc:
+            for p in batch:
+                p.finish(StoreUnavailable(f"not written to etcd: {exc}"))
+            return
+        if held is not None and not held.succeeded:
+            for p in batch:
+                p.finish(FenceLost(f"not written: this conductor no longer leads (the "
+                                   f"leadership fence under {self.prefix} failed)"))
+            return
+        if len(batch) == 1:
+            missing = sorted(n for n in batch[0].change.rollouts
+                             if n not in batch[0].change.apps)
+            batch[0].finish(StoreError(f"not written: a rollout status for app(s) "
+                                       f"{', '.join(missing)} that are not stored"))
+            return
+        for p in batch:  # one change's compare failed: find it, keep the others
+            await self._write_batch([p])
+
+    def _operations(self, change: Change) -> tuple[list[Compare], dict[str, Put | Delete]]:
+        """The compares (beyond the fence) and operations that write ``change``."""
+        ops: dict[str, Put | Delete] = {}
+        compare: list[Compare] = []
         for name, app in change.apps.items():
             if app is None:
                 ops[self.app_key(name)] = Delete(self.app_key(name))
@@ -108,19 +218,7 @@ class EtcdStore:
         if change.placement_key is not None:
             ops[self.placement_key_key] = Put(self.placement_key_key,
                                               change.placement_key.encode())
-        try:
-            result = await self.client.txn(compare, list(ops.values()))
-            if not result.succeeded:
-                held = await self.client.txn(fence, []) if fence else None
-                if held is not None and not held.succeeded:
-                    raise FenceLost(f"not written: this conductor no longer leads "
-                                    f"(the leadership fence under {self.prefix} failed)")
-                missing = sorted(n for n in change.rollouts if n not in change.apps)
-                raise StoreError(f"not written: a rollout status for app(s) "
-                                 f"{', '.join(missing)} that are not stored")
-        except EtcdError as exc:
-            raise StoreUnavailable(f"not written to etcd: {exc}") from None
-        self.revision = max(self.revision, result.revision)
+        return compare, ops
 
     def watch(self) -> AsyncIterator[StoredState]:
         """The whole state after each change to it committed after the last revision this
