@@ -196,6 +196,12 @@ def test_a_stopped_leader_that_wakes_up_does_not_lead_again(ha: HaCluster, tmp_p
     assert ha.leader() == leader
     assert pids(ha.replicas("web")) == pids(before), "scale 1 was never applied"
     assert "no longer leading" in ha.conductors[old].daemon.log()
+    # Its page and /api/state show no stale copy of the cluster, and name the leader.
+    _status, _headers, body = http_get("127.0.0.1", ha.conductors[old].http_port,
+                                       "/api/state")
+    state = json.loads(body)
+    assert (state["apps"], state["nodes"], state["leader"]) == (
+        [], [], ha.conductors[leader].url)
 
 
 def test_etcd_stopped_and_restarted(ha: HaCluster, tmp_path: Path):

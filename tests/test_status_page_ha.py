@@ -47,10 +47,14 @@ def test_a_followers_page_links_to_the_leader_and_goes_live_after_a_failover(
                 expect(other.locator("#sum-conductor-note")).to_contain_text(
                     "leader of 2 conductors", timeout=WAIT_MS)
                 shot(other, "ha-2-leader")
-                other.close()
 
                 ha.kill(leader)
                 poll(lambda: ha.leader() == follower, what="the follower to lead")
+                # The dead leader's page offers the other conductors' pages.
+                expect(other.locator("#banner a.other-conductor")).to_have_attribute(
+                    "href", follower_http + "/", timeout=WAIT_MS)
+                shot(other, "ha-4-leader-lost")
+                other.close()
                 # The page retries with backoff (at most 10 s) and goes live by itself.
                 expect(page.locator("#conn")).to_have_attribute("data-state", "live",
                                                                 timeout=WAIT_MS)

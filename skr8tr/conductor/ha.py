@@ -95,9 +95,11 @@ class _CannotLoad(Exception):
 
 
 def _end_term(seat: Seat, on_follow, new_cluster) -> None:
+    """Follow: the term's cluster (its apps, nodes, events) is dropped, so that a
+    follower's status page and /api/state show no stale copy of the cluster."""
     if seat.leading:
         seat.step_down(None)
-        on_follow(new_cluster(None))
+    on_follow(new_cluster(None))
 
 
 async def _lead(prefix: str, leadership: election.Leadership, seat: Seat,

@@ -250,8 +250,17 @@
     const when = new Date(page.lostAt).toLocaleTimeString([], { hour12: false });
     const text = `Lost the conductor at ${when} (${page.lostReason}). ` +
       "Showing the last state received; it may be out of date. Reconnecting by itself.";
+    // Several conductors: the others' pages (one of them leads now, or soon).
+    const others = ((page.state && page.state.conductors) || [])
+      .filter((c) => c.http && c.http !== location.origin);
+    const full = others.length ? `${text} Other conductors: ${others.map((c) => c.http).join(" ")}` : text;
     banner.hidden = false;
-    if (banner.textContent !== text) banner.textContent = text;
+    if (banner.dataset.text !== full) {
+      banner.dataset.text = full;
+      banner.replaceChildren(text, ...(others.length ? [" Other conductors of this cluster: ",
+        ...others.flatMap((c, i) => [i ? ", " : "", el("a", { href: `${c.http}/`, class: "other-conductor", text: c.http })]),
+        "."] : []));
+    }
   }
 
   function onSnapshot(doc) {
