@@ -268,6 +268,18 @@ def test_watch_streams_events_until_interrupted(cluster: Cluster):
     (["conductor", "--authorized-keys", "/nonexistent/keys"], "/nonexistent/keys: no such file"),
     (["conductor", "--insecure", "--listen", "nowhere"], "expected HOST:PORT"),
     (["conductor", "--insecure", "--port-range", "9-2"], "expected LO-HI"),
+    (["conductor", "--insecure", "--store", "etcd://127.0.0.1:2379", "--state", "s.toml"],
+     "--store and --state exclude each other"),
+    (["conductor", "--insecure", "--store", "http://127.0.0.1:2379"],
+     "is not an etcd store URL"),
+    (["conductor", "--insecure", "--store", "etcd://h:1", "--store-prefix", "skr8tr"],
+     "--store-prefix 'skr8tr': expected a key path"),
+    (["conductor", "--insecure", "--store", "etcd://h:1", "--lease-ttl", "1"],
+     "--lease-ttl 1: expected 2 to 3600 seconds"),
+    (["conductor", "--insecure", "--store", "etcd://h:1", "--advertise-url", "10.0.0.1"],
+     "--advertise-url '10.0.0.1': expected ws://HOST:PORT"),
+    (["conductor", "--insecure", "--store", "etcd://h:1", "--listen", "0.0.0.0:7771"],
+     "with --store needs --advertise-url"),
 ])
 def test_conductor_refuses_to_start_with_one_line(argv, message, tmp_path):
     proc = subprocess.run([*skr8tr_command(), *argv], capture_output=True, text=True,

@@ -115,13 +115,15 @@ def test_kill_9_of_the_idle_leader_restarts_nothing_and_loses_no_command(
 
 def test_kill_9_of_the_leader_during_a_rollout_ends_it_by_policy(
         ha: HaCluster, tmp_path: Path):
-    ha.json("up", str(web(tmp_path, "v1", replicas=3)))
+    # A replica drains for its own manifest's `drain`: v1's 3 s make each batch last.
+    slow = "ready-timeout 20s; drain 3s"
+    ha.json("up", str(web(tmp_path, "v1", replicas=3, rollout=slow)))
     ha.wait_ready("web", 3)
-    ha.json("rollout", str(web(tmp_path, "v2", replicas=3,
-                               rollout="ready-timeout 20s; drain 2s")))
+    ha.json("rollout", str(web(tmp_path, "v2", replicas=3, rollout=slow)))
     poll(lambda: ha.json("rollout", "status", "web")["replaced"] >= 1,
          what="the rollout's first batch")
     alive_at_kill = ha.replicas("web")
+    assert ha.json("rollout", "status", "web")["state"] == "rolling", "killed mid-rollout"
     old = ha.leader()
     ha.kill(old)
     leader = new_leader(ha, old)

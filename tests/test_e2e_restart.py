@@ -98,6 +98,10 @@ def test_node_agent_kill_9_and_restart_readopts(cluster: Cluster, tmp_path):
     cluster.nodes["n1"].proc.wait(timeout=10)
     assert all(psutil.pid_exists(p) for p in pids(before))
     cluster.start_node("n1")  # same --data-dir
+    # The conductor still lists n1 (it expires only after the node timeout): wait for
+    # the new agent's own session, not for a row that may be the old one's.
+    poll(lambda: cluster.nodes["n1"].log().count("welcomed by") >= 2,
+         what="the restarted agent to be welcomed")
     after = cluster.wait_ready("web", 2)
     assert pids(after) == pids(before)
     # Every health probe adds a line (5 a second per replica): ask for all the agent

@@ -179,13 +179,29 @@ async def test_a_campaign_ends_its_own_stale_term_instead_of_waiting_for_its_lea
         etcd: Etcd):
     """A leader cut off from etcd could not revoke its lease; etcd, restarted, gives that
     lease a fresh TTL. Campaigning again under the same URL ends it at once."""
+    from skr8tr.conductor import election
     from skr8tr.conductor.election import campaign, leader_key
 
     async with EtcdClient([etcd.url]) as client:
         lease, _ttl = await client.grant(60)
+        election._granted.add(lease)  # as if this process's earlier term had granted it
         stale = await client.put(leader_key("/t"), A.encode(), lease=lease)
         with trio.fail_after(5):  # far below the stale lease's 60 s
             leadership = await campaign(client, "/t", A, TTL_S)
         assert leadership.term > stale and leadership.lease != lease
         assert await client.keepalive(lease) == 0, "the stale lease was ended"
         await client.revoke(leadership.lease)
+
+
+async def test_a_key_with_our_url_under_a_lease_we_did_not_grant_is_left_alone(etcd: Etcd):
+    """Two conductors misconfigured with one URL must not depose each other forever."""
+    from skr8tr.conductor.election import campaign, leader_key
+
+    async with EtcdClient([etcd.url]) as client:
+        lease, _ttl = await client.grant(60)  # another process's, same URL
+        await client.put(leader_key("/t"), A.encode(), lease=lease)
+        with trio.move_on_after(1.5) as waited:
+            await campaign(client, "/t", A, TTL_S)
+        assert waited.cancelled_caught, "it waited instead of taking over"
+        assert await client.keepalive(lease) > 0, "the other's lease is untouched"
+        await client.revoke(lease)

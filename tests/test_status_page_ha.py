@@ -37,6 +37,8 @@ def test_a_followers_page_links_to_the_leader_and_goes_live_after_a_failover(
                 expect(page.locator("#leader-link")).to_have_attribute(
                     "href", leader_http, timeout=WAIT_MS)
                 expect(page.locator("#banner")).to_be_hidden()
+                expect(page.locator("#conn-text")).to_contain_text("Follower",
+                                                                   timeout=WAIT_MS)
                 shot(page, "ha-1-follower")
 
                 other = browser.new_page(viewport={"width": 1280, "height": 700})

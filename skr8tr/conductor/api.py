@@ -97,7 +97,11 @@ class CliApi:
         at a time), so that it cannot hold up the event loop, node heartbeats and
         every other client; the replay guard always runs here, on the loop.
         """
-        if not self.cluster.seat.leading:
+        # The term's cluster and handlers, taken together with the leading check: a term
+        # that ends during the awaits below leaves this command on its own (fenced) store,
+        # where a write fails with NOT_LEADER, never on the next term's or a follower's.
+        cluster, handlers, term = self.cluster, self.handlers, self.cluster.seat.term
+        if not cluster.seat.leading:
             return self._not_leading(raw)
         started = time.perf_counter()
         authorized, insecure = self.authority.authorized, self.authority.insecure
@@ -118,12 +122,13 @@ class CliApi:
                 return protocol.error_reply(_request_id(auth), "UNAVAILABLE",
                                             f"{exc}; nothing was changed")
             except FenceLost as exc:
-                self.cluster.deposed(str(exc))
+                if cluster.seat.term == term:
+                    cluster.deposed(str(exc))
                 return self._not_leading(raw)
         if isinstance(req, protocol.DecodeError):
             self.refusals.refused(peer, req)
             return protocol.error_reply(req.id, req.code, req.message)
-        handler = self.handlers[req.cmd]  # the decoder admits only known commands
+        handler = handlers[req.cmd]  # the decoder admits only known commands
         signed = req.cmd in envelope.SIGNED_COMMANDS
         args = req.args
         parsed = None
@@ -132,7 +137,7 @@ class CliApi:
                 # Authenticated (or read-only) from here on: parse off the loop when large.
                 parsed = await commands.parse_manifest_arg(args, self._cpu_limiter)
                 args = {**args, "parsed": parsed}
-            result = await handler(self.cluster, args)
+            result = await handler(cluster, args)
         except CommandError as exc:
             # The message may quote the manifest (file:line:col: text): never its env.
             shown = exc.message if exc.code != "INVALID_MANIFEST" else _location(exc.message)
@@ -167,6 +172,9 @@ class CliApi:
         """A follower's reply: ``ping`` is answered (role and leader), everything else
         is refused with NOT_LEADER (naming the leader) or UNAVAILABLE. Nothing is
         verified and no nonce is spent: the same signed request may go to the leader."""
+        if len(raw) > LARGE_MESSAGE_BYTES:  # not parsed on the loop for a refusal
+            code, message, leader = self.cluster.seat.refusal()
+            return protocol.error_reply(None, code, message, leader=leader)
         msg = parse_object(raw, max_bytes=protocol.MAX_MESSAGE_BYTES, what="request")
         rid = msg.get("id") if isinstance(msg, dict) else None
         rid = rid if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS else None

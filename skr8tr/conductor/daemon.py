@@ -159,12 +159,17 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
     if advertise is not None and not advertise.startswith(("ws://", "wss://")):
         raise StartError(f"--advertise-url {advertise!r}: expected ws://HOST:PORT or "
                          "wss://HOST:PORT, the address clients and nodes dial")
+    listen = parse_hostport(opts.listen, "--listen")
+    if endpoints and advertise is None and listen[0] in ("", "0.0.0.0", "::"):
+        raise StartError(f"--listen {opts.listen} with --store needs --advertise-url: the "
+                         "URL the other conductors hand out for this one, and by which "
+                         "they tell it apart (e.g. ws://10.0.0.1:7771)")
     return ConductorConfig(
         store_endpoints=endpoints,
         store_prefix=prefix.rstrip("/"),
         advertise_url=advertise,
         lease_ttl_s=float(lease_ttl),
-        listen=parse_hostport(opts.listen, "--listen"),
+        listen=listen,
         http=parse_hostport(opts.http, "--http"),
         authorized_keys=opts.authorized_keys,
         insecure=opts.insecure,

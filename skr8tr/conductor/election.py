@@ -22,7 +22,7 @@ leader that has not noticed yet cannot write once another leads.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -37,6 +37,11 @@ log = logging.getLogger("skr8tr.conductor")
 
 LEASE_TTL_S = 5
 RETRY_S = 0.2  # between attempts while etcd does not answer
+
+
+# Leases this process granted for the leader key: only those it may end as stale (another
+# conductor with the same URL, a misconfiguration, must not be deposed by it).
+_granted: set[int] = set()
 
 
 class LeadershipLost(Exception):
@@ -60,6 +65,9 @@ class Leadership:
     renewed_at: float  # trio clock, sent time of the last renewal that etcd confirmed
     lost: trio.Event = field(default_factory=trio.Event)
     reason: str | None = None
+    # Called with the reason, synchronously, the moment leadership is lost: before any
+    # task of the term has been cancelled and has finished.
+    on_lose: list[Callable[[str], None]] = field(default_factory=list)
 
     def fence(self) -> list[Compare]:
         """The compares under which a write is this leader's: the leader key was created
@@ -73,6 +81,8 @@ class Leadership:
             log.log(logging.INFO if reason == "resigned" else logging.WARNING,
                     "no longer leading (term %d): %s", self.term, reason)
             self.lost.set()
+            for callback in self.on_lose:
+                callback(reason)
 
 
 async def current_leader(client: EtcdClient, prefix: str) -> str | None:
@@ -103,7 +113,7 @@ async def campaign(client: EtcdClient, prefix: str, url: str, ttl_s: float = LEA
     while True:
         try:
             kvs, revision = await client.get(key)
-            if kvs and kvs[0].value == url.encode() and kvs[0].lease:
+            if kvs and kvs[0].value == url.encode() and kvs[0].lease in _granted:
                 # Our own key from a term whose lease we could not revoke (etcd was away):
                 # nobody else can hold it; end that lease rather than wait out its TTL.
                 log.info("the leader key still holds our previous term; ending its lease")
@@ -118,6 +128,7 @@ async def campaign(client: EtcdClient, prefix: str, url: str, ttl_s: float = LEA
                 continue
             granted_at = trio.current_time()
             lease, ttl = await client.grant(max(1, round(ttl_s)))
+            _granted.add(lease)
             result = await client.txn([Compare.created_at(key, 0)],
                                       [Put(key, url.encode(), lease), Get(key)])
             if result.succeeded:

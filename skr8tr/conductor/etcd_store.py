@@ -119,6 +119,9 @@ class EtcdStore:
         in flight cost about two etcd commits, not N. A batch that etcd refuses for one
         change's compare is written again change by change, so that the others are kept.
         """
+        # A cancelled caller (a deposed term's shutdown flush past its bound) queues
+        # nothing: the write below is shielded once it has begun.
+        await trio.lowlevel.checkpoint_if_cancelled()
         pending = _Pending(change, tuple(fence))
         self._queue.append(pending)
         try:

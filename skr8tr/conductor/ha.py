@@ -113,6 +113,9 @@ async def _lead(prefix: str, leadership: election.Leadership, seat: Seat,
         # Only now: a node or command let in before the state is loaded and installed
         # would meet the follower's empty cluster (and its unknown placement secret).
         seat.lead(leadership.term, leadership.fence)
+        # At once when it ends, before the term's tasks have wound down (a store flush,
+        # etcd timeouts): node sessions and watchers close, commands get NOT_LEADER.
+        leadership.on_lose.append(lambda reason: seat.step_down(None))
         async with trio.open_nursery() as nursery:
             def deposed(reason: str) -> None:
                 leadership.lose(reason)
@@ -146,10 +149,11 @@ async def _serve_membership(client: EtcdClient, prefix: str, ttl_s: float, seat:
                 lease = 0  # it expired while we could not renew it: a new one
                 continue
             if written != (seat.role, seat.since):
-                written = (seat.role, seat.since)
+                now = (seat.role, seat.since)
                 await client.put(key, json.dumps({"url": seat.url, "http": seat.http,
                                                   "role": seat.role, "since": seat.since}
                                                  ).encode(), lease=lease)
+                written = now
             last_ok = trio.current_time()
             if not seat.store_reachable:
                 log.info("etcd answers again")

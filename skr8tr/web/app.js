@@ -238,14 +238,15 @@
 
   function renderConn() {
     const banner = $("banner");
-    if (page.lostAt === null || !$("follower").hidden) {
+    const follower = !$("follower").hidden;
+    if (page.lostAt !== null && page.retryTimer !== null) {
+      const secs = Math.max(0, Math.ceil((page.retryAt - Date.now()) / 1000));
+      if (follower) setConn("disconnected", `Follower · checking again in ${secs} s`);
+      else setConn("disconnected", `Disconnected · reconnecting in ${secs} s (attempt ${page.attempt})`);
+    }
+    if (page.lostAt === null || follower) {
       banner.hidden = true;
       return;
-    }
-    if (page.retryTimer !== null) {
-      const secs = Math.max(0, Math.ceil((page.retryAt - Date.now()) / 1000));
-      if (!$("follower").hidden) setConn("disconnected", `Follower · checking again in ${secs} s`);
-      else setConn("disconnected", `Disconnected · reconnecting in ${secs} s (attempt ${page.attempt})`);
     }
     const when = new Date(page.lostAt).toLocaleTimeString([], { hour12: false });
     const text = `Lost the conductor at ${when} (${page.lostReason}). ` +

@@ -1,0 +1,55 @@
+"""What a follower conductor answers on /v1/cli (DESIGN.md §9), without etcd: the seat
+says follower, and every request but ping is refused naming the leader, before
+anything is verified or spent."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from skr8tr.conductor.api import LARGE_MESSAGE_BYTES, CliApi
+from skr8tr.conductor.authority import Authority
+from skr8tr.conductor.cluster import Cluster
+from skr8tr.conductor.seat import Seat
+from skr8tr.core.keys import parse_authorized_keys
+
+LEADER = "ws://10.0.0.2:7771"
+
+
+def follower_api(*, reachable: bool = True, leader: str | None = LEADER) -> CliApi:
+    seat = Seat(url="ws://10.0.0.1:7771", role="follower", leader=leader)
+    seat.store_reachable = reachable
+    authority = Authority(parse_authorized_keys("", filename="(none)"), insecure=True)
+    return CliApi(Cluster(node_timeout_s=9.0, seat=seat), authority, time.time)
+
+
+async def test_a_follower_answers_ping_and_refuses_the_rest_naming_the_leader():
+    api = follower_api()
+    ping = json.loads(await api.handle_message(json.dumps(
+        {"v": 1, "id": "p", "cmd": "ping", "args": {}}), "127.0.0.1"))
+    assert ping["result"] == {"pong": "conductor", "version": ping["result"]["version"],
+                              "role": "follower", "leader": LEADER}
+    for cmd, args in (("list", {"app": None}), ("scale", {"app": "web", "replicas": 2})):
+        reply = json.loads(await api.handle_message(json.dumps(
+            {"v": 1, "id": "r", "cmd": cmd, "args": args}), "127.0.0.1"))
+        assert reply["id"] == "r" and reply["error"]["code"] == "NOT_LEADER"
+        assert reply["error"]["leader"] == LEADER
+
+
+async def test_without_etcd_and_a_leader_it_is_unavailable_and_large_requests_are_not_parsed(
+        monkeypatch):
+    from skr8tr.conductor import api as api_mod
+
+    parsed: list[int] = []
+    real = api_mod.parse_object
+    monkeypatch.setattr(api_mod, "parse_object",
+                        lambda raw, **kw: parsed.append(len(raw)) or real(raw, **kw))
+    api = follower_api(reachable=False, leader=None)
+    reply = json.loads(await api.handle_message(json.dumps(
+        {"v": 1, "id": "r", "cmd": "status", "args": {}}), "127.0.0.1"))
+    assert reply["error"]["code"] == "UNAVAILABLE"
+    big = '{"v":1,"id":"big","cmd":"up","args":{"manifest":"' + "x" * LARGE_MESSAGE_BYTES + '"}}'
+    assert len(parsed) == 1  # the small one
+    reply = json.loads(await api.handle_message(big, "127.0.0.1"))
+    assert reply["id"] is None and reply["error"]["code"] == "UNAVAILABLE"
+    assert len(parsed) == 1, "a request over LARGE_MESSAGE_BYTES is refused unparsed"
