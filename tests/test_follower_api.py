@@ -53,3 +53,18 @@ async def test_without_etcd_and_a_leader_it_is_unavailable_and_large_requests_ar
     reply = json.loads(await api.handle_message(big, "127.0.0.1"))
     assert reply["id"] is None and reply["error"]["code"] == "UNAVAILABLE"
     assert len(parsed) == 1, "a request over LARGE_MESSAGE_BYTES is refused unparsed"
+
+
+async def test_a_message_to_a_node_whose_session_just_ended_is_not_sent_and_raises_nothing():
+    """A deposed leader's reconciler may still place on a node whose session the step-down
+    has just closed: BrokenResourceError took the whole conductor down."""
+    from types import SimpleNamespace
+
+    import trio
+
+    cluster = Cluster(node_timeout_s=9.0)
+    send, receive = trio.open_memory_channel[str](8)
+    cluster.nodes["n1"] = SimpleNamespace(outbox=send)  # type: ignore[assignment]
+    await receive.aclose()  # the session's side is gone
+    assert cluster.send("n1", "stop", replica="r1") is False
+    assert cluster.nodes["n1"].outbox is None

@@ -218,6 +218,11 @@ class NodeReports:
         try:
             node.outbox.send_nowait(text)
             self.node_messages_queued += 1
+        except trio.BrokenResourceError:
+            # Its session is over (closed, or cancelled by a step-down) and has not
+            # detached yet: as not connected.
+            node.outbox = None
+            return False
         except (trio.WouldBlock, trio.ClosedResourceError):
             log.warning("node %s is %d messages behind; closing its session", node_id,
                         NODE_OUTBOX)

@@ -248,7 +248,8 @@ async def run_agent(config: AgentConfig, *,
                                       advertise=config.advertise, supervisor=supervisor,
                                       on_welcome=partial(_welcomed, search),
                                       ssl_context=ssl_context if url.startswith("wss://")
-                                      else None, terms=terms)
+                                      else None, terms=terms,
+                                      leave_when_silent=len(urls) > 1)
                 except Exception as exc:  # the loop's job is to survive it, whatever it is
                     refused = next((e for e in _leaves(exc) if isinstance(e, Refused)), None)
                     if refused is not None and refused.code == "NOT_LEADER":

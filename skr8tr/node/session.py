@@ -115,8 +115,14 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
                       advertise: str | None, supervisor: Supervisor,
                       on_welcome: Callable[[], None] = lambda: None,
                       ssl_context: ssl.SSLContext | None = None,
-                      terms: Terms | None = None) -> None:
+                      terms: Terms | None = None, leave_when_silent: bool = True) -> None:
     """Connect to *url*, join as *node_id* and serve until the connection ends.
+
+    With *leave_when_silent* (the agent has other conductors to go to) a conductor
+    that sends nothing, not even a pong, for SILENCE_HEARTBEATS heartbeats is left
+    (:class:`ConductorSilent`). A lone conductor is never left for its silence: it
+    has no replacement, and on waking it excuses its own stall instead of declaring
+    its nodes lost.
 
     Returns normally when the conductor closes a session it had welcomed.
     Raises :class:`Refused` when the conductor refuses the node (a follower
@@ -146,7 +152,8 @@ async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.Signi
                                      node_id=node_id, signing_key=signing_key,
                                      advertise=advertise, supervisor=supervisor,
                                      on_welcome=on_welcome,
-                                     terms=terms if terms is not None else Terms())
+                                     terms=terms if terms is not None else Terms(),
+                                     leave_when_silent=leave_when_silent)
         forwarder.cancel_scope.cancel()
     # When the outer scope was cancelled, the checkpoint here raises Cancelled.
     await trio.lowlevel.checkpoint_if_cancelled()
@@ -186,7 +193,8 @@ async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
 
 async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
                  signing_key: nacl.signing.SigningKey, advertise: str | None,
-                 supervisor: Supervisor, on_welcome: Callable[[], None], terms: Terms) -> None:
+                 supervisor: Supervisor, on_welcome: Callable[[], None], terms: Terms,
+                 leave_when_silent: bool = True) -> None:
     challenge = await _receive_handshake(ws, ("challenge", "refused"))
     if challenge["type"] == "refused":  # a follower, before anything else
         raise Refused(challenge["code"], challenge["message"], challenge.get("leader"))
@@ -224,7 +232,8 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_send_outbox, ws, outbox_recv)
                 nursery.start_soon(_send_heartbeats, outbox_send, heartbeat_s)
-                nursery.start_soon(_watch_conductor, ws, url, heartbeat_s)
+                if leave_when_silent:
+                    nursery.start_soon(_watch_conductor, ws, url, heartbeat_s)
                 await _serve_commands(ws, node_id, supervisor, outbox_send)
                 nursery.cancel_scope.cancel()
         finally:
