@@ -31,7 +31,15 @@ from skr8tr.conductor.node_reports import NODE_OUTBOX
 from skr8tr.conductor.policing import Policing
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
-from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
+from skr8tr.core.node_protocol import (
+    Heartbeat,
+    Hello,
+    LogsReply,
+    NodeDecodeError,
+    ReplicaReport,
+    decode_node_message,
+    encode_node_message,
+)
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 log = logging.getLogger("skr8tr.conductor")
@@ -63,7 +71,7 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
         await _refuse(ws, "BAD_REQUEST", f"no hello within {timeout_s:g} s")
         return
     hello = decode_node_message(raw)
-    if isinstance(hello, NodeDecodeError) or hello["type"] != "hello":
+    if not isinstance(hello, Hello):
         why = hello.message if isinstance(hello, NodeDecodeError) else "expected hello"
         policing.refusals.count("BAD_REQUEST")
         log.warning("refused a node session from %s: %s", peer, why)
@@ -73,12 +81,12 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
     if authority.insecure:
         authorized = parse_authorized_keys(f"node {hello['key']}\n", filename="--insecure")
     try:
-        envelope.verify_challenge(key=hello["key"], sig=hello["sig"], challenge=challenge,
-                                  node_id=hello["node_id"], authorized=authorized)
+        envelope.verify_challenge(key=hello.key, sig=hello.sig, challenge=challenge,
+                                  node_id=hello.node_id, authorized=authorized)
     except envelope.AuthError as exc:
         policing.refusals.count(exc.code)
-        log.warning("refused node %s from %s (key %s): %s", hello["node_id"], peer,
-                    fingerprint(hello["key"]), exc.message)
+        log.warning("refused node %s from %s (key %s): %s", hello.node_id, peer,
+                    fingerprint(hello.key), exc.message)
         await _refuse(ws, exc.code, exc.message)
         return
 
@@ -87,12 +95,12 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
         session = cluster.attach_node(hello, outbox_send)
     except CommandError as exc:
         policing.refusals.count(exc.code)
-        log.warning("refused node %s from %s (key %s): %s", hello["node_id"], peer,
-                    fingerprint(hello["key"]), exc.message)
+        log.warning("refused node %s from %s (key %s): %s", hello.node_id, peer,
+                    fingerprint(hello.key), exc.message)
         await _refuse(ws, exc.code, exc.message)
         return
-    node_id = hello["node_id"]
-    handle = NodeSessionHandle(node_id, hello["key"], trio.CancelScope())
+    node_id = hello.node_id
+    handle = NodeSessionHandle(node_id, hello.key, trio.CancelScope())
     authority.node_sessions.add(handle)
     try:
         # ConnectionClosed from either task simply ends the session.
@@ -129,7 +137,7 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
                 policing.closed.count("revoked")
                 policing.refusals.count("UNAUTHORIZED")
                 log.warning("closed the session of node %s from %s: its key %s is no longer "
-                            "authorized as node", node_id, peer, fingerprint(hello["key"]))
+                            "authorized as node", node_id, peer, fingerprint(hello.key))
                 await _refuse(ws, "UNAUTHORIZED", "this node's key was revoked")
             await ws.aclose()
 
@@ -155,12 +163,12 @@ async def _receive(cluster: Cluster, policing: Policing, log_requests: LogReques
         node = cluster.nodes.get(node_id)
         if node is None or node.outbox is None:
             return  # expired or replaced while this message was in flight
-        kind = msg["type"]
-        if kind == "heartbeat":
+        if isinstance(msg, Heartbeat):
             cluster.node_heartbeat(node_id, msg)
-        elif kind == "replica":
+        elif isinstance(msg, ReplicaReport):
             cluster.replica_report(node_id, msg)
-        elif kind == "logs_reply":
+        elif isinstance(msg, LogsReply):
             log_requests.reply(node_id, msg)
         else:
+            kind = msg.TYPE if not isinstance(msg, dict) else msg["type"]
             log.warning("node %s sent an unexpected %s message", node_id, kind)

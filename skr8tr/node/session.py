@@ -34,11 +34,14 @@ from skr8tr.core.envelope import sign_challenge
 from skr8tr.core.keys import public_hex
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
+    Heartbeat,
+    Hello,
     Launch,
+    LogsReply,
     NodeDecodeError,
+    NodeMessage,
+    ReplicaReport,
     decode_node_message,
-    encode_node_message,
-    fit_report,
 )
 from skr8tr.node.health import os_error_text
 from skr8tr.node.supervisor import Report, Supervisor
@@ -192,23 +195,23 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
         raise Refused(challenge["code"], challenge["message"], challenge.get("leader"))
     terms.check(url, challenge.get("term", 0))
     address = advertise or _local_address(ws)
-    outbox_send, outbox_recv = trio.open_memory_channel[tuple[str, dict[str, Any]]](OUTBOX_LIMIT)
+    outbox_send, outbox_recv = trio.open_memory_channel[NodeMessage](OUTBOX_LIMIT)
 
     with trio.CancelScope() as session_scope:
         def sink(report: Report) -> None:
             try:
-                outbox_send.send_nowait(("replica", fit_report(report)))
+                outbox_send.send_nowait(report.fit())
             except trio.WouldBlock:
                 log.error("node %s: %d messages waiting for %s; ending the session",
                           node_id, OUTBOX_LIMIT, url)
                 session_scope.cancel()
 
-        replicas = [fit_report(report) for report in supervisor.attach(sink)]
+        replicas = tuple(report.fit() for report in supervisor.attach(sink))
         try:
             sig = sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
-            await ws.send_message(encode_node_message(
-                "hello", node_id=node_id, key=public_hex(signing_key), sig=sig,
-                version=__version__, address=address, **machine_figures(), replicas=replicas))
+            await ws.send_message(Hello(
+                node_id=node_id, key=public_hex(signing_key), sig=sig, version=__version__,
+                address=address, **machine_figures(), replicas=replicas).encode())
             log.info("node %s: hello sent to %s (address %s, %d replica(s) running)",
                      node_id, url, address, len(replicas))
             reply = await _receive_handshake(ws, ("welcome", "refused"))
@@ -278,12 +281,12 @@ def _local_address(ws: trio_client.ClientConnection) -> str:
 
 
 async def _send_outbox(ws: trio_client.ClientConnection,
-                       outbox: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]) -> None:
-    async for kind, fields in outbox:
+                       outbox: trio.MemoryReceiveChannel[NodeMessage]) -> None:
+    async for msg in outbox:
         try:
-            text = encode_node_message(kind, **fields)
+            text = msg.encode()
         except ValueError:
-            log.exception("cannot encode a %s message; dropped (this is a bug)", kind)
+            log.exception("cannot encode a %s message; dropped (this is a bug)", msg.TYPE)
             continue
         try:
             await ws.send_message(text)
@@ -291,16 +294,16 @@ async def _send_outbox(ws: trio_client.ClientConnection,
             return  # the receiving side notices and ends the session
 
 
-async def _send_heartbeats(outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]],
+async def _send_heartbeats(outbox: trio.MemorySendChannel[NodeMessage],
                            interval_s: float) -> None:
     while True:
         await trio.sleep(interval_s)
-        await outbox.send(("heartbeat", machine_figures()))
+        await outbox.send(Heartbeat(**machine_figures()))
 
 
 async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                           supervisor: Supervisor,
-                          outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
+                          outbox: trio.MemorySendChannel[NodeMessage]) -> None:
     while True:
         try:
             data = await ws.get_message()
@@ -323,14 +326,14 @@ async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
             supervisor.stop(msg["replica"])
         elif kind == "logs":
             lines = supervisor.tail_logs(msg["app"], msg["replica"], msg["tail"])
-            await outbox.send(("logs_reply", {"req": msg["req"], "lines": fit_lines(lines)}))
+            await outbox.send(LogsReply(req=msg["req"], lines=fit_lines(lines)))
         else:
             log.warning("node %s: unexpected %s message from the conductor ignored",
                         node_id, kind)
 
 
 async def _answer_bad_launch(data: str | bytes, problem: NodeDecodeError,
-                             outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
+                             outbox: trio.MemorySendChannel[NodeMessage]) -> None:
     """A launch we cannot read still names its replica: say it failed, so nobody waits."""
     try:
         msg = json.loads(data)
@@ -338,17 +341,18 @@ async def _answer_bad_launch(data: str | bytes, problem: NodeDecodeError,
         return
     if not isinstance(msg, dict) or msg.get("type") != "launch":
         return
-    report = {
-        "replica": msg.get("replica"), "app": msg.get("app"), "generation": msg.get("generation"),
-        "state": "failed", "pid": None, "port": None, "exit_code": None, "signal": None,
-        "message": f"bad launch message: {problem.message}", "reason": "launch_error",
-        "ts": time.time(),
-    }
     try:
-        encode_node_message("replica", **report)
+        # Checked as the conductor will (no token: the wire has always left it out).
+        report = ReplicaReport.from_fields({
+            "replica": msg.get("replica"), "app": msg.get("app"),
+            "generation": msg.get("generation"), "state": "failed", "pid": None,
+            "port": None, "exit_code": None, "signal": None,
+            "message": f"bad launch message: {problem.message}", "reason": "launch_error",
+            "ts": time.time(),
+        })
     except ValueError:
         return  # not even the replica id is usable
-    await outbox.send(("replica", report))
+    await outbox.send(report)
 
 
 def fit_lines(lines: list[dict[str, Any]],
