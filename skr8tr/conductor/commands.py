@@ -29,7 +29,7 @@ from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.store import Change
 from skr8tr.conductor.tables import stored_app
 from skr8tr.core import manifest as manifest_mod
-from skr8tr.core.node_protocol import LogsReply
+from skr8tr.core.node_protocol import LogsReply, LogsRequest
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -189,7 +189,7 @@ class LogRequests:
             req = secrets.token_hex(8)
             self._pending[req] = (send, node_id)
             reqs.append(req)
-            if cluster.send(node_id, "logs", req=req, app=app, replica=replica, tail=tail):
+            if cluster.send(node_id, LogsRequest(req=req, app=app, replica=replica, tail=tail)):
                 asked += 1
         lines: list[dict] = []
         try:

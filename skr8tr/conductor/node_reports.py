@@ -12,14 +12,14 @@ in cluster.py; both work on the same tables, synchronously.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.tables import NodeState, ReplicaState
-from skr8tr.core import node_protocol, placement_token, reconcile, replica_state
-from skr8tr.core.node_protocol import Heartbeat, Hello, ReplicaReport
+from skr8tr.core import placement_token, reconcile, replica_state
+from skr8tr.core.node_protocol import Heartbeat, Hello, NodeMessage, ReplicaReport, Stop
 
 if TYPE_CHECKING:
     from skr8tr.conductor.cluster import Cluster
@@ -84,7 +84,7 @@ class NodeReports:
                 report = reported.pop(r.replica_id)
                 self.replica_report(node.node_id, report)
                 if r.stop_requested and report.state not in ("exited", "failed"):
-                    self.send(node.node_id, "stop", replica=r.replica_id)  # asked while away
+                    self.send(node.node_id, Stop(replica=r.replica_id))  # asked while away
             elif r.state not in reconcile.ENDED_STATES:
                 # The node no longer has it (the agent restarted without it).
                 self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
@@ -116,7 +116,7 @@ class NodeReports:
                         report.replica, report.app, report.pid)
             self.events.publish("node.claim_refused", node=node.node_id,
                                 replica=report.replica, owner=None)
-            self.send(node.node_id, "stop", replica=report.replica)
+            self.send(node.node_id, Stop(replica=report.replica))
             return
         app = self.apps.get(report.app)
         revision = None if app is None else app.revisions.get(report.generation)
@@ -211,12 +211,12 @@ class NodeReports:
     def _replicas_on(self: Cluster, node_id: str) -> list[ReplicaState]:
         return self.replicas.on_node(node_id)
 
-    def send(self: Cluster, node_id: str, kind: str, **fields: Any) -> bool:
+    def send(self: Cluster, node_id: str, msg: NodeMessage) -> bool:
         """Queue a message for a node; False when it is not connected (or too far behind)."""
         node = self.nodes.get(node_id)
         if node is None or node.outbox is None:
             return False
-        text = node_protocol.encode_node_message(kind, **fields)
+        text = msg.encode()
         try:
             node.outbox.send_nowait(text)
             self.node_messages_queued += 1
@@ -244,7 +244,7 @@ class NodeReports:
             elif msg.state not in ("exited", "failed"):
                 log.warning("node %s reports unknown replica %s; stopping it", node_id,
                             msg.replica)
-                self.send(node_id, "stop", replica=msg.replica)
+                self.send(node_id, Stop(replica=msg.replica))
             return
         state = msg.state
         if r.state in reconcile.ENDED_STATES:
@@ -308,7 +308,7 @@ class NodeReports:
                    "it was being stopped")
             log.warning("node %s reports %s (pid %s) alive, but %s; stopping it", r.node_id,
                         r.replica_id, msg.pid, why)
-            self.send(r.node_id, "stop", replica=r.replica_id)
+            self.send(r.node_id, Stop(replica=r.replica_id))
             return
         back = replica_state.readopt(r.replica_id, r.state,
                                      "ready" if state == "ready" else "running",

@@ -32,13 +32,15 @@ from skr8tr.conductor.policing import Policing
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
 from skr8tr.core.node_protocol import (
+    Challenge,
     Heartbeat,
     Hello,
     LogsReply,
     NodeDecodeError,
+    Refused,
     ReplicaReport,
+    Welcome,
     decode_node_message,
-    encode_node_message,
 )
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
@@ -47,7 +49,9 @@ log = logging.getLogger("skr8tr.conductor")
 
 async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
     with contextlib.suppress(ConnectionClosed):  # it left first: fine
-        await ws.send_message(encode_node_message("refused", code=code, message=message))
+        # No leader field: only a follower's refusal names one (daemon.py).
+        await ws.send_message(Refused(code=code, message=message,
+                                      omit=frozenset({"leader"})).encode())
         await ws.aclose(code=1008, reason=message[:120])
 
 
@@ -58,8 +62,8 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
     raw: str | bytes | None = None
     timeout_s = policing.limits.handshake_timeout_s
     try:
-        await ws.send_message(encode_node_message("challenge", nonce=challenge.hex(),
-                                                  term=cluster.seat.term))
+        await ws.send_message(Challenge(nonce=challenge.hex(),
+                                        term=cluster.seat.term).encode())
         with trio.move_on_after(timeout_s):
             raw = await ws.get_message()
     except ConnectionClosed as exc:
@@ -105,9 +109,8 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
     try:
         # ConnectionClosed from either task simply ends the session.
         with handle.scope, contextlib.suppress(ConnectionClosed):
-            await ws.send_message(encode_node_message("welcome", node_id=node_id,
-                                                      heartbeat_s=cluster.heartbeat_s,
-                                                      term=cluster.seat.term))
+            await ws.send_message(Welcome(node_id=node_id, heartbeat_s=cluster.heartbeat_s,
+                                          term=cluster.seat.term).encode())
             async with trio.open_nursery() as nursery:
                 async def send_outbox() -> None:
                     async with outbox_recv:
@@ -170,5 +173,4 @@ async def _receive(cluster: Cluster, policing: Policing, log_requests: LogReques
         elif isinstance(msg, LogsReply):
             log_requests.reply(node_id, msg)
         else:
-            kind = msg.TYPE if not isinstance(msg, dict) else msg["type"]
-            log.warning("node %s sent an unexpected %s message", node_id, kind)
+            log.warning("node %s sent an unexpected %s message", node_id, msg.TYPE)

@@ -34,8 +34,12 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
    - conductor -> node ``logs`` {req, app, replica, tail} and node -> conductor
      ``logs_reply`` {req, lines:[{replica, ts, stream, text}]}.
 
-Decoding never raises: :func:`decode_node_message` returns a message dict or a
-:class:`NodeDecodeError` that the receiver logs and answers.
+Each type of message is a frozen dataclass (a :class:`NodeMessage`: :class:`Challenge`,
+:class:`Hello`, :class:`Welcome`, :class:`Refused`, :class:`Heartbeat`, :class:`Launch`,
+:class:`Stop`, :class:`ReplicaReport`, :class:`LogsRequest`, :class:`LogsReply`): its
+producer builds one and sends :meth:`NodeMessage.encode`. Decoding never raises:
+:func:`decode_node_message` returns the typed message or a :class:`NodeDecodeError`
+that the receiver logs and answers.
 
 Every field a node sends is bounded (the ``MAX_*`` constants, units in their
 names), so that one node key cannot grow the conductor's state, and with it
@@ -377,7 +381,7 @@ def _check_fields(msg: Any, schema: dict[str, tuple[Check, bool]], *,
     return None
 
 
-def decode_node_message(data: str | bytes) -> NodeMessage | dict | NodeDecodeError:
+def decode_node_message(data: str | bytes) -> NodeMessage | NodeDecodeError:
     """Parse and validate one node-session message: the typed message of its kind
     (a :class:`NodeMessage`), or what is wrong with it. Never raises."""
     size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
@@ -400,8 +404,7 @@ def decode_node_message(data: str | bytes) -> NodeMessage | dict | NodeDecodeErr
     problem = _check_fields(msg, schema)
     if problem is not None:
         return NodeDecodeError(f"{kind}: {problem}")
-    typed = _TYPED.get(kind)
-    return msg if typed is None else typed._from_checked(msg)
+    return _TYPED[kind]._from_checked(msg)
 
 
 def encode_node_message(kind: str, **fields: Any) -> str:
@@ -416,99 +419,6 @@ def encode_node_message(kind: str, **fields: Any) -> str:
     if problem is not None:
         raise ValueError(f"{kind}: {problem}")
     return json.dumps(msg, ensure_ascii=False)
-
-
-@dataclass(frozen=True)
-class Launch:
-    """The ``launch`` message, conductor -> node: one replica to start.
-
-    The one definition of the message. The conductor builds it from the app's
-    manifest and its placement (:meth:`for_replica`) and sends :meth:`fields`; the
-    node reads it back with :meth:`from_fields`, which checks every field with the
-    bounds above, and its supervisor runs it as it is. Field by field:
-
-    - ``replica``, ``app``, ``generation``: who it is; every report names them.
-    - ``app_type``: the manifest's ``type`` (``process`` or ``job``).
-    - ``exec``, ``workdir``: the manifest's, resolved against its folder
-      (``workdir`` None: the node's data dir).
-    - ``args``: the manifest's, with ``{host}`` and ``{port}`` already expanded.
-    - ``env``: the manifest's ``env`` block; the node adds PORT and HOST (when there
-      is a port) and SKR8TR_APP, SKR8TR_REPLICA, SKR8TR_GENERATION.
-    - ``port``: the port placement claimed for this replica: the manifest's fixed
-      ``port N``, or with ``port auto`` one from the conductor's ``--port-range``;
-      None when the manifest has no ``port``. The node checks it is free, passes it
-      in PORT, and probes the health check there.
-    - ``host``: the node's advertised address (``{host}``, HOST, and where probes go).
-    - ``health``: the manifest's ``health`` block, or None.
-    - ``settle_ms``: the manifest's ``rollout`` ``settle`` (default and bounds are the
-      manifest's): without a health check, a replica alive this long is ``ready``.
-    - ``stop_grace_ms``: the manifest's ``stop-grace``: SIGTERM to SIGKILL.
-    - ``token``: the placement token (:mod:`skr8tr.core.placement_token`), sent back
-      in every report about the replica.
-    """
-
-    replica: str
-    app: str
-    generation: int
-    app_type: str
-    exec: str
-    args: tuple[str, ...]
-    env: Mapping[str, str]
-    workdir: str | None
-    port: int | None
-    host: str
-    health: HealthCheck | None
-    settle_ms: int
-    stop_grace_ms: int
-    token: str | None = None
-
-    @classmethod
-    def for_replica(cls, manifest: Manifest, *, replica: str, generation: int, host: str,
-                    port: int | None, token: str | None) -> Launch:
-        """The launch of one replica of *manifest*, placed on the node at *host* with
-        *port*. Raises ValueError when the args use ``{port}`` and *port* is None."""
-        return cls(
-            replica=replica, app=manifest.app, generation=generation, app_type=manifest.type,
-            exec=manifest.exec_path, args=manifest.expand_args(host, port),
-            env=manifest.env_dict(), workdir=manifest.workdir_path, port=port, host=host,
-            health=manifest.health, settle_ms=manifest.rollout.settle_ms,
-            stop_grace_ms=manifest.stop_grace_ms, token=token,
-        )
-
-    def fields(self) -> dict[str, Any]:
-        """The message's fields (without ``v`` and ``type``), as JSON values."""
-        h = self.health
-        return {
-            "replica": self.replica, "app": self.app, "generation": self.generation,
-            "app_type": self.app_type, "exec": self.exec, "args": list(self.args),
-            "env": dict(self.env), "workdir": self.workdir, "port": self.port,
-            "host": self.host,
-            "health": None if h is None else {name: getattr(h, name) for name in _HEALTH_FIELDS},
-            "settle_ms": self.settle_ms, "stop_grace_ms": self.stop_grace_ms,
-            "token": self.token,
-        }
-
-    def encode(self) -> str:
-        """The message as JSON text; ValueError if a field is out of bounds (a bug)."""
-        return encode_node_message("launch", **self.fields())
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, Any]) -> Launch:
-        """The launch in *fields*: a decoded ``launch`` message, or the fields a replica
-        record kept. Every field is checked as :func:`decode_node_message` does
-        (``v`` and ``type`` may be there); ValueError names the first bad one."""
-        problem = _check_fields(fields, SCHEMAS["launch"])
-        if problem is not None:
-            raise ValueError(f"launch: {problem}")
-        health = fields["health"]
-        return cls(
-            replica=fields["replica"], app=fields["app"], generation=fields["generation"],
-            app_type=fields["app_type"], exec=fields["exec"], args=tuple(fields["args"]),
-            env=dict(fields["env"]), workdir=fields["workdir"], port=fields["port"],
-            host=fields["host"], health=None if health is None else HealthCheck(**health),
-            settle_ms=fields["settle_ms"], stop_grace_ms=fields["stop_grace_ms"],
-            token=fields.get("token"),
-        )
 
 
 _M = TypeVar("_M", bound="NodeMessage")
@@ -667,3 +577,156 @@ class LogsReply(NodeMessage):
     TYPE: ClassVar[str] = "logs_reply"
     req: str
     lines: list[dict[str, Any]]
+
+
+@_message
+@dataclass(frozen=True)
+class Challenge(NodeMessage):
+    """conductor -> node, first: sign ``nonce`` (64 hex digits). ``term`` is the
+    conductor's leadership term (None: not sent; a node takes it as 0)."""
+
+    TYPE: ClassVar[str] = "challenge"
+    nonce: str
+    term: int | None = None
+
+
+@_message
+@dataclass(frozen=True)
+class Welcome(NodeMessage):
+    """conductor -> node: the hello is accepted; heartbeat every ``heartbeat_s``.
+    ``term`` as in :class:`Challenge`."""
+
+    TYPE: ClassVar[str] = "welcome"
+    node_id: str
+    heartbeat_s: float
+    term: int | None = None
+
+
+@_message
+@dataclass(frozen=True)
+class Refused(NodeMessage):
+    """conductor -> node, then a close: ``code`` and ``message`` say why. A follower
+    conductor (code ``NOT_LEADER``) always sends ``leader``: the leader's URL or null;
+    a refused hello leaves it out (``omit``)."""
+
+    TYPE: ClassVar[str] = "refused"
+    code: str
+    message: str
+    leader: str | None = None
+
+
+@_message
+@dataclass(frozen=True)
+class Stop(NodeMessage):
+    """conductor -> node: stop one replica (SIGTERM to its group, grace, SIGKILL)."""
+
+    TYPE: ClassVar[str] = "stop"
+    replica: str
+
+
+@_message
+@dataclass(frozen=True)
+class LogsRequest(NodeMessage):
+    """conductor -> node ``logs``: the last ``tail`` lines of ``app`` (of one
+    ``replica``, or of all with None); answered by a :class:`LogsReply` with ``req``."""
+
+    TYPE: ClassVar[str] = "logs"
+    req: str
+    app: str
+    replica: str | None
+    tail: int
+
+
+@_message
+@dataclass(frozen=True)
+class Launch(NodeMessage):
+    """The ``launch`` message, conductor -> node: one replica to start.
+
+    The one definition of the message. The conductor builds it from the app's
+    manifest and its placement (:meth:`for_replica`) and sends :meth:`fields`; the
+    node reads it back with :meth:`from_fields`, which checks every field with the
+    bounds above, and its supervisor runs it as it is. Field by field:
+
+    - ``replica``, ``app``, ``generation``: who it is; every report names them.
+    - ``app_type``: the manifest's ``type`` (``process`` or ``job``).
+    - ``exec``, ``workdir``: the manifest's, resolved against its folder
+      (``workdir`` None: the node's data dir).
+    - ``args``: the manifest's, with ``{host}`` and ``{port}`` already expanded.
+    - ``env``: the manifest's ``env`` block; the node adds PORT and HOST (when there
+      is a port) and SKR8TR_APP, SKR8TR_REPLICA, SKR8TR_GENERATION.
+    - ``port``: the port placement claimed for this replica: the manifest's fixed
+      ``port N``, or with ``port auto`` one from the conductor's ``--port-range``;
+      None when the manifest has no ``port``. The node checks it is free, passes it
+      in PORT, and probes the health check there.
+    - ``host``: the node's advertised address (``{host}``, HOST, and where probes go).
+    - ``health``: the manifest's ``health`` block, or None.
+    - ``settle_ms``: the manifest's ``rollout`` ``settle`` (default and bounds are the
+      manifest's): without a health check, a replica alive this long is ``ready``.
+    - ``stop_grace_ms``: the manifest's ``stop-grace``: SIGTERM to SIGKILL.
+    - ``token``: the placement token (:mod:`skr8tr.core.placement_token`), sent back
+      in every report about the replica.
+    """
+
+    TYPE: ClassVar[str] = "launch"
+    replica: str
+    app: str
+    generation: int
+    app_type: str
+    exec: str
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    workdir: str | None
+    port: int | None
+    host: str
+    health: HealthCheck | None
+    settle_ms: int
+    stop_grace_ms: int
+    token: str | None = None
+
+    @classmethod
+    def for_replica(cls, manifest: Manifest, *, replica: str, generation: int, host: str,
+                    port: int | None, token: str | None) -> Launch:
+        """The launch of one replica of *manifest*, placed on the node at *host* with
+        *port*. Raises ValueError when the args use ``{port}`` and *port* is None."""
+        return cls(
+            replica=replica, app=manifest.app, generation=generation, app_type=manifest.type,
+            exec=manifest.exec_path, args=manifest.expand_args(host, port),
+            env=manifest.env_dict(), workdir=manifest.workdir_path, port=port, host=host,
+            health=manifest.health, settle_ms=manifest.rollout.settle_ms,
+            stop_grace_ms=manifest.stop_grace_ms, token=token,
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """The message's fields (without ``v`` and ``type``), as JSON values."""
+        h = self.health
+        return {
+            "replica": self.replica, "app": self.app, "generation": self.generation,
+            "app_type": self.app_type, "exec": self.exec, "args": list(self.args),
+            "env": dict(self.env), "workdir": self.workdir, "port": self.port,
+            "host": self.host,
+            "health": None if h is None else {name: getattr(h, name) for name in _HEALTH_FIELDS},
+            "settle_ms": self.settle_ms, "stop_grace_ms": self.stop_grace_ms,
+            "token": self.token,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> Launch:
+        """The launch in *fields*: a decoded ``launch`` message, or the fields a replica
+        record kept. Every field is checked as :func:`decode_node_message` does
+        (``v`` and ``type`` may be there); ValueError names the first bad one."""
+        problem = _check_fields(fields, SCHEMAS["launch"])
+        if problem is not None:
+            raise ValueError(f"launch: {problem}")
+        return cls._from_checked(fields)
+
+    @classmethod
+    def _from_checked(cls, fields: Mapping[str, Any]) -> Launch:
+        health = fields["health"]
+        return cls(
+            replica=fields["replica"], app=fields["app"], generation=fields["generation"],
+            app_type=fields["app_type"], exec=fields["exec"], args=tuple(fields["args"]),
+            env=dict(fields["env"]), workdir=fields["workdir"], port=fields["port"],
+            host=fields["host"], health=None if health is None else HealthCheck(**health),
+            settle_ms=fields["settle_ms"], stop_grace_ms=fields["stop_grace_ms"],
+            token=fields.get("token"),
+        )

@@ -24,23 +24,28 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import nacl.signing
 import trio
 
 from skr8tr import __version__
+from skr8tr.core import node_protocol
 from skr8tr.core.envelope import sign_challenge
 from skr8tr.core.keys import public_hex
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
+    Challenge,
     Heartbeat,
     Hello,
     Launch,
     LogsReply,
+    LogsRequest,
     NodeDecodeError,
     NodeMessage,
     ReplicaReport,
+    Stop,
+    Welcome,
     decode_node_message,
 )
 from skr8tr.node.health import os_error_text
@@ -190,10 +195,8 @@ async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
 async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
                  signing_key: nacl.signing.SigningKey, advertise: str | None,
                  supervisor: Supervisor, on_welcome: Callable[[], None], terms: Terms) -> None:
-    challenge = await _receive_handshake(ws, ("challenge", "refused"))
-    if challenge["type"] == "refused":  # a follower, before anything else
-        raise Refused(challenge["code"], challenge["message"], challenge.get("leader"))
-    terms.check(url, challenge.get("term", 0))
+    challenge = await _receive_handshake(ws, Challenge)
+    terms.check(url, challenge.term or 0)
     address = advertise or _local_address(ws)
     outbox_send, outbox_recv = trio.open_memory_channel[NodeMessage](OUTBOX_LIMIT)
 
@@ -208,20 +211,18 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
 
         replicas = tuple(report.fit() for report in supervisor.attach(sink))
         try:
-            sig = sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
+            sig = sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
             await ws.send_message(Hello(
                 node_id=node_id, key=public_hex(signing_key), sig=sig, version=__version__,
                 address=address, **machine_figures(), replicas=replicas).encode())
             log.info("node %s: hello sent to %s (address %s, %d replica(s) running)",
                      node_id, url, address, len(replicas))
-            reply = await _receive_handshake(ws, ("welcome", "refused"))
-            if reply["type"] == "refused":
-                raise Refused(reply["code"], reply["message"], reply.get("leader"))
-            term = reply.get("term", 0)
+            reply = await _receive_handshake(ws, Welcome)
+            term = reply.term or 0
             terms.check(url, term)
             terms.welcomed(term)
             on_welcome()
-            heartbeat_s = reply["heartbeat_s"]
+            heartbeat_s = reply.heartbeat_s
             log.info("node %s: welcomed by %s under term %d (heartbeat every %g s)", node_id,
                      url, term, heartbeat_s)
             async with trio.open_nursery() as nursery:
@@ -261,17 +262,25 @@ async def _watch_conductor(ws: trio_client.ClientConnection, url: str,
             await ws.send_ping()
 
 
+_Handshake = TypeVar("_Handshake", Challenge, Welcome)
+
+
 async def _receive_handshake(ws: trio_client.ClientConnection,
-                             expected: tuple[str, ...]) -> dict[str, Any]:
-    wanted = " or ".join(expected)
+                             expected: type[_Handshake]) -> _Handshake:
+    """The next message, of type *expected*; raises :class:`Refused` for a ``refused``
+    (a follower, before anything else; or a hello refused) and SessionError for
+    anything else or nothing within HANDSHAKE_TIMEOUT_S."""
+    wanted = f"{expected.TYPE} or refused"
     with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
         data = await ws.get_message()
         msg = decode_node_message(data)
         if isinstance(msg, NodeDecodeError):
             raise SessionError(f"bad message from the conductor, expected {wanted}: "
                                f"{msg.message}")
-        if msg["type"] not in expected:
-            raise SessionError(f"expected {wanted} from the conductor, got {msg['type']}")
+        if isinstance(msg, node_protocol.Refused):
+            raise Refused(msg.code, msg.message, msg.leader)
+        if not isinstance(msg, expected):
+            raise SessionError(f"expected {wanted} from the conductor, got {msg.TYPE}")
         return msg
     raise SessionError(f"no {wanted} from the conductor within {HANDSHAKE_TIMEOUT_S:g} s")
 
@@ -317,19 +326,18 @@ async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                         msg.message)
             await _answer_bad_launch(data, msg, outbox)
             continue
-        kind = msg["type"]
-        if kind == "refused":  # e.g. this node's key was revoked
-            raise Refused(msg["code"], msg["message"])
-        if kind == "launch":
-            supervisor.launch(Launch.from_fields(msg))
-        elif kind == "stop":
-            supervisor.stop(msg["replica"])
-        elif kind == "logs":
-            lines = supervisor.tail_logs(msg["app"], msg["replica"], msg["tail"])
-            await outbox.send(LogsReply(req=msg["req"], lines=fit_lines(lines)))
+        if isinstance(msg, node_protocol.Refused):  # e.g. this node's key was revoked
+            raise Refused(msg.code, msg.message)
+        if isinstance(msg, Launch):
+            supervisor.launch(msg)
+        elif isinstance(msg, Stop):
+            supervisor.stop(msg.replica)
+        elif isinstance(msg, LogsRequest):
+            lines = supervisor.tail_logs(msg.app, msg.replica, msg.tail)
+            await outbox.send(LogsReply(req=msg.req, lines=fit_lines(lines)))
         else:
             log.warning("node %s: unexpected %s message from the conductor ignored",
-                        node_id, kind)
+                        node_id, msg.TYPE)
 
 
 async def _answer_bad_launch(data: str | bytes, problem: NodeDecodeError,
