@@ -67,18 +67,18 @@ class SimNode:
                 self.url, max_message_bytes=MAX_NODE_MESSAGE_BYTES) as ws:
             async with welcomed:  # bound the handshakes in flight
                 challenge = decode_node_message(await ws.get_message())
-                sig = envelope.sign_challenge(self.key, bytes.fromhex(challenge["nonce"]),
+                sig = envelope.sign_challenge(self.key, bytes.fromhex(challenge.nonce),
                                               self.node_id)
                 await ws.send_message(encode_node_message(
                     "hello", node_id=self.node_id, key=keys.public_hex(self.key), sig=sig,
                     version=__version__, address=address_of(self.index), replicas=[],
                     **FIGURES))
                 welcome = decode_node_message(await ws.get_message())
-                assert welcome["type"] == "welcome", welcome
+                assert welcome.TYPE == "welcome", welcome
             joined()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_outbox, ws)
-                nursery.start_soon(self._heartbeat, welcome["heartbeat_s"])
+                nursery.start_soon(self._heartbeat, welcome.heartbeat_s)
                 await self._serve(ws)
                 nursery.cancel_scope.cancel()
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from skr8tr.conductor.cluster import Cluster
+from skr8tr.core.node_protocol import Heartbeat, Hello, ReplicaReport
 
 _pids = itertools.count(1000)
 FAKE_KEY = "ab" * 32
@@ -59,24 +60,23 @@ class FakeNode:
     silent: bool = False  # stop heartbeating (the node "dies")
     key: str = FAKE_KEY
 
-    def hello(self) -> dict:
+    def hello(self) -> Hello:
         """What a (re)connecting agent says: who it is and what it still runs."""
-        return {"v": 1, "type": "hello", "node_id": self.node_id, "key": self.key,
-                "sig": "00" * 64, "version": "fake", "address": self.address,
-                "cores": self.cores, "ram_total_mb": 16000, "ram_free_mb": self.ram_free_mb,
-                "cpu_pct": 0.0, "replicas": [
-                    {"replica": r.replica, "app": r.app, "generation": r.generation,
-                     "state": r.state, "pid": r.pid, "port": r.port, "ts": 0.0,
-                     "token": r.token}
-                    for r in self.running.values()]}
+        return Hello(
+            node_id=self.node_id, key=self.key, sig="00" * 64, version="fake",
+            address=self.address, cpu_pct=0.0, ram_free_mb=self.ram_free_mb,
+            ram_total_mb=16000, cores=self.cores, replicas=tuple(
+                ReplicaReport(replica=r.replica, app=r.app, generation=r.generation,
+                              state=r.state, pid=r.pid, port=r.port, ts=0.0, token=r.token)
+                for r in self.running.values()))
 
     def _report(self, r: FakeReplica, state: str, **extra) -> None:
         r.state = state
         if self.silent:
             return
-        msg = {"v": 1, "type": "replica", "replica": r.replica, "app": r.app,
-               "generation": r.generation, "state": state, "pid": r.pid, "port": r.port,
-               "ts": 0.0, "token": r.token, **extra}
+        msg = ReplicaReport(replica=r.replica, app=r.app, generation=r.generation,
+                            state=state, pid=r.pid, port=r.port, ts=0.0, token=r.token,
+                            **extra)
         self.cluster.replica_report(self.node_id, msg)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -102,9 +102,9 @@ class FakeNode:
             if self.silent:
                 continue
             if self.node_id in self.cluster.nodes:
-                self.cluster.node_heartbeat(self.node_id, {
-                    "cpu_pct": 0.0, "ram_free_mb": self.ram_free_mb, "ram_total_mb": 16000,
-                    "cores": self.cores})
+                self.cluster.node_heartbeat(self.node_id, Heartbeat(
+                    cpu_pct=0.0, ram_free_mb=self.ram_free_mb, ram_total_mb=16000,
+                    cores=self.cores))
 
     async def _launch(self, msg: dict) -> None:
         now = trio.current_time()
@@ -116,11 +116,10 @@ class FakeNode:
         if self.launch_hook is not None:
             behaviour.update(self.launch_hook(msg))
         if behaviour["port_in_use"]:
-            self.cluster.replica_report(self.node_id, {
-                "v": 1, "type": "replica", "replica": r.replica, "app": r.app,
-                "generation": r.generation, "state": "failed", "pid": None, "port": r.port,
-                "reason": "port_in_use", "ts": 0.0,
-                "message": f"port {r.port} is already in use on {self.address}"})
+            self.cluster.replica_report(self.node_id, ReplicaReport(
+                replica=r.replica, app=r.app, generation=r.generation, state="failed",
+                pid=None, port=r.port, reason="port_in_use", ts=0.0,
+                message=f"port {r.port} is already in use on {self.address}"))
             return
         self.running[r.replica] = r
         self._report(r, "running")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import trio
 
@@ -10,6 +12,7 @@ from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.core import reconcile
+from skr8tr.core.node_protocol import ReplicaReport
 from tests.fakes import FakeNode, wait_for
 
 BASE = "/srv/apps"
@@ -224,11 +227,10 @@ async def test_port_clash_blocks_the_port_and_picks_another(cluster, nursery, au
         if not clashed:
             clashed.append(msg["port"])
             node.launches.append((trio.current_time(), msg))
-            cluster.replica_report(node.node_id, {
-                "v": 1, "type": "replica", "replica": msg["replica"], "app": msg["app"],
-                "generation": msg["generation"], "state": "failed", "pid": None,
-                "port": msg["port"], "reason": "port_in_use", "ts": 0.0,
-                "message": f"port {msg['port']} is already in use on 127.0.0.1"})
+            cluster.replica_report(node.node_id, ReplicaReport(
+                replica=msg["replica"], app=msg["app"], generation=msg["generation"],
+                state="failed", pid=None, port=msg["port"], reason="port_in_use", ts=0.0,
+                message=f"port {msg['port']} is already in use on 127.0.0.1"))
             return
         await original_launch(msg)
 
@@ -247,10 +249,9 @@ async def test_reconnect_replaces_the_session_and_keeps_replicas(cluster, nurser
     await run(cluster, "up", manifest(replicas=2))
     await wait_for(lambda: len(node.running) == 2)
     ids = sorted(cluster.replicas)
-    hello = node.hello()
-    hello["replicas"] = [
-        {"replica": r.replica, "app": r.app, "generation": r.generation, "state": "ready",
-         "pid": r.pid, "port": r.port, "ts": 0.0} for r in node.running.values()]
+    hello = replace(node.hello(), replicas=tuple(
+        ReplicaReport(replica=r.replica, app=r.app, generation=r.generation, state="ready",
+                      pid=r.pid, port=r.port, ts=0.0) for r in node.running.values()))
     send, recv = trio.open_memory_channel(100)
     cluster.attach_node(hello, send)
     assert sorted(cluster.replicas) == ids
@@ -259,8 +260,7 @@ async def test_reconnect_replaces_the_session_and_keeps_replicas(cluster, nurser
 
 async def test_another_key_cannot_take_a_live_node_id(cluster, nursery, autojump_clock):
     (node,) = await start_nodes(nursery, cluster, ("n1", "127.0.0.1"))
-    hello = node.hello()
-    hello["key"] = "cd" * 32
+    hello = replace(node.hello(), key="cd" * 32)
     send, recv = trio.open_memory_channel(100)
     with pytest.raises(CommandError) as err:
         cluster.attach_node(hello, send)

@@ -62,9 +62,11 @@ async def test_a_message_to_a_node_whose_session_just_ended_is_not_sent_and_rais
 
     import trio
 
+    from skr8tr.core.node_protocol import Stop
+
     cluster = Cluster(node_timeout_s=9.0)
     send, receive = trio.open_memory_channel[str](8)
     cluster.nodes["n1"] = SimpleNamespace(outbox=send)  # type: ignore[assignment]
     await receive.aclose()  # the session's side is gone
-    assert cluster.send("n1", "stop", replica="r1") is False
+    assert cluster.send("n1", Stop(replica="r1")) is False
     assert cluster.nodes["n1"].outbox is None

@@ -18,7 +18,12 @@ import trio
 
 from skr8tr.core.envelope import new_challenge, verify_challenge
 from skr8tr.core.keys import parse_authorized_keys
-from skr8tr.core.node_protocol import decode_node_message, encode_node_message
+from skr8tr.core.node_protocol import (
+    NodeDecodeError,
+    NodeMessage,
+    decode_node_message,
+    encode_node_message,
+)
 from skr8tr.keyfiles import write_keypair
 from skr8tr.node.agent import (
     AgentConfig,
@@ -39,6 +44,12 @@ TEST_DEADLINE_S = 30
 STEP_S = 10
 
 
+def wire(msg: NodeMessage | dict | NodeDecodeError) -> dict[str, Any]:
+    """A decoded message as the JSON object it came as: what these tests check."""
+    assert not isinstance(msg, NodeDecodeError), msg
+    return msg if isinstance(msg, dict) else {"v": 1, "type": msg.TYPE, **msg.fields()}
+
+
 class Peer:
     """One WebSocket connection from the agent, seen from the conductor's side."""
 
@@ -53,8 +64,7 @@ class Peer:
         """The next message of *kind* whose fields include *match*; others are kept in seen."""
         with trio.fail_after(STEP_S):
             while True:
-                msg = decode_node_message(await self.ws.get_message())
-                assert isinstance(msg, dict), msg
+                msg = wire(decode_node_message(await self.ws.get_message()))
                 self.seen.append(msg)
                 if msg["type"] == kind and all(msg.get(k) == v for k, v in match.items()):
                     return msg

@@ -61,7 +61,9 @@ def message(kind: str, path: tuple, value: Any) -> str:
 
 @pytest.mark.parametrize("kind", sorted(BASES))
 def test_the_bases_are_valid(kind):
-    assert isinstance(decode_node_message(message(kind, ("v",), 1)), dict)
+    got = decode_node_message(message(kind, ("v",), 1))
+    assert not isinstance(got, NodeDecodeError), got
+    assert kind == got.TYPE
 
 
 LONG_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters of valid labels
@@ -156,7 +158,7 @@ def test_a_field_past_its_limit_is_refused_naming_field_and_limit(kind, path, va
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
 def test_a_field_at_its_limit_is_accepted(kind, path, value):
     got = decode_node_message(message(kind, path, value))
-    assert isinstance(got, dict), got
+    assert not isinstance(got, NodeDecodeError), got
 
 
 def test_a_hello_with_too_many_replicas_is_refused_by_count():
@@ -211,13 +213,58 @@ def test_host_or_ip_refuses(value):
 
 def test_the_agent_cuts_its_report_messages_to_the_limit():
     long = report(state="failed", message="x" * HUGE_CHARS, reason="launch_error")
-    fitted = np.fit_report(long)
-    assert len(fitted["message"]) == np.MAX_REPORT_MESSAGE_CHARS
-    encode_node_message("replica", **fitted)  # raises if the conductor would refuse it
-    short = report(message="exited with code 1")
-    assert np.fit_report(short) is short
+    fitted = np.ReplicaReport(**long).fit()
+    assert len(fitted.message) == np.MAX_REPORT_MESSAGE_CHARS
+    fitted.encode()  # raises if the conductor would refuse it
+    short = np.ReplicaReport(**report(message="exited with code 1"))
+    assert short.fit() is short
 
 
 def test_the_agents_log_lines_fit_the_limit():
     # A line is cut at MAX_LINE_BYTES bytes, and a byte decodes to at most one character.
     assert logs.MAX_LINE_BYTES <= np.MAX_LOG_TEXT_CHARS
+
+
+# The wire does not change with the typed messages: what is decoded encodes back to
+# the same JSON object, optional fields left out stay out, and null stays null.
+ROUND_TRIPS = [
+    *({"type": kind, **base} for kind, base in BASES.items()),
+    {"type": "hello", **{**BASES["hello"], "replicas": minimal_reports(2)}},
+    {"type": "replica", **{**report(), "token": "0f" * 16}},
+    {"type": "challenge", "nonce": "ab" * 32},
+    {"type": "challenge", "nonce": "ab" * 32, "term": 7},
+    {"type": "welcome", "node_id": "n1", "heartbeat_s": 1.0},
+    {"type": "welcome", "node_id": "n1", "heartbeat_s": 1.0, "term": 0},
+    {"type": "refused", "code": "UNAUTHORIZED", "message": "no"},
+    {"type": "refused", "code": "NOT_LEADER", "message": "follower", "leader": None},
+    {"type": "refused", "code": "NOT_LEADER", "message": "follower", "leader": "http://a:1"},
+    {"type": "stop", "replica": "web-1-abc"},
+    {"type": "logs", "req": "q1", "app": "web", "replica": None, "tail": 10},
+]
+
+
+@pytest.mark.parametrize("fields", ROUND_TRIPS, ids=lambda f: f["type"])
+def test_a_decoded_message_encodes_to_the_same_json(fields):
+    raw = json.dumps({"v": 1, **fields})
+    got = decode_node_message(raw)
+    assert not isinstance(got, NodeDecodeError), got
+    assert type(got).from_fields(json.loads(raw)) == got
+    assert json.loads(got.encode()) == json.loads(raw)
+
+
+def test_the_agent_sends_its_fields_in_the_order_it_always_did():
+    beat = np.Heartbeat(cpu_pct=1.0, ram_free_mb=2, ram_total_mb=3, cores=4)
+    assert list(json.loads(beat.encode())) == ["v", "type", "cpu_pct", "ram_free_mb",
+                                               "ram_total_mb", "cores"]
+    rep = np.ReplicaReport(replica="r1", app="a", generation=1, state="ready", ts=0.0)
+    assert list(json.loads(rep.encode()))[2:] == [
+        "replica", "app", "generation", "state", "pid", "port", "exit_code", "signal",
+        "message", "reason", "ts", "token"]
+    hello = np.Hello(node_id="n1", key="ab" * 32, sig="cd" * 64, version="1", address="h",
+                     cpu_pct=0.0, ram_free_mb=1, ram_total_mb=1, cores=1, replicas=(rep,))
+    assert list(json.loads(hello.encode()))[2:] == [
+        "node_id", "key", "sig", "version", "address", "cpu_pct", "ram_free_mb",
+        "ram_total_mb", "cores", "replicas"]
+    unknown = np.ReplicaReport(replica="r1", app="", generation=1, state="exited", ts=0.0,
+                               omit=frozenset({"token"}))
+    assert "token" not in json.loads(unknown.encode())

@@ -88,18 +88,18 @@ async def test_a_new_supervisor_readopts_watches_and_stops(tmp_path: Path) -> No
             async with open_supervisor(str(data), stop_on_exit=True,
                                        tail_interval_s=0.05) as sup:
                 # What the first hello carries: every replica with its old pid.
-                hello = {r["replica"]: r for r in sup.attach(second)}
-                assert {r: hello[r]["pid"] for r in hello} == {
+                hello = {r.replica: r for r in sup.attach(second)}
+                assert {r: hello[r].pid for r in hello} == {
                     "web-1": web_pid, "log-1": log_pid, "idle-1": idle_pid}
-                assert {r["state"] for r in hello.values()} <= {"running", "ready"}
+                assert {r.state for r in hello.values()} <= {"running", "ready"}
 
                 # Readiness: the health check passes once; recorded ready without a
                 # check is ready at once; recorded running still has its settle ahead.
                 await second.wait_for("web-1", "ready")
                 await second.wait_for("log-1", "ready")
                 assert "ready" not in second.states("idle-1")
-                assert "ready" not in [r["state"] for r in sup.reports()
-                                       if r["replica"] == "idle-1"]
+                assert "ready" not in [r.state for r in sup.reports()
+                                       if r.replica == "idle-1"]
 
                 # Logs: the tail starts from the files on disk and follows new lines.
                 assert sorted(texts(sup.tail_logs("demo", "log-1", 10))) == ["before", "oops"]
@@ -123,7 +123,7 @@ async def test_a_new_supervisor_readopts_watches_and_stops(tmp_path: Path) -> No
                 assert not alive(log_pid)
                 await sup.records.flush()
                 assert not (data / "replicas" / "log-1.json").exists()
-                assert [r["replica"] for r in sup.reports()] == ["web-1"]
+                assert [r.replica for r in sup.reports()] == ["web-1"]
             # Closing with stop_on_exit stops the adopted replica that is left.
             await assert_gone([web_pid])
             assert second.of("web-1")[-1]["signal"] == signal.SIGTERM

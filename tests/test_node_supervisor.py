@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from skr8tr.core.manifest import HealthCheck
-from skr8tr.core.node_protocol import Launch, encode_node_message
+from skr8tr.core.node_protocol import Launch, ReplicaReport
 from skr8tr.node.supervisor import Supervisor, open_supervisor
 from tests.conftest import HELLO_HTTP, free_port
 
@@ -32,8 +32,9 @@ class Reports:
         self.items: list[dict[str, Any]] = []
         self.pids: set[int] = set()
 
-    def __call__(self, report: dict[str, Any]) -> None:
-        encode_node_message("replica", **report)  # raises if it breaks the schema
+    def __call__(self, report: ReplicaReport) -> None:
+        report.encode()  # raises if it breaks the schema
+        report = report.fields()  # as the wire carries it
         self.items.append(report)
         if report["pid"] is not None:
             self.pids.add(report["pid"])

@@ -187,7 +187,7 @@ async def _join(url: str, signing_key, node_id: str):
     """A raw node session up to the welcome; returns the open WebSocket."""
     ws = await trio_client.connect(url + "/v1/node")
     challenge = decode_node_message(await ws.get_message())
-    sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
+    sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
     await ws.send_message(encode_node_message(
         "hello", node_id=node_id, key=keys.public_hex(signing_key), sig=sig, version="t",
         address="127.0.0.1", cores=1, ram_total_mb=1, ram_free_mb=1, cpu_pct=0.0,
@@ -202,12 +202,12 @@ async def test_node_sessions_hello_deadline_and_rate(tmp_path: Path):
             _join.nursery = nursery
             # Take the challenge and never answer it.
             ws = await trio_client.connect(c.url + "/v1/node")
-            assert decode_node_message(await ws.get_message())["type"] == "challenge"
+            assert decode_node_message(await ws.get_message()).TYPE == "challenge"
             refused = decode_node_message(await ws.get_message())
-            assert refused["type"] == "refused" and "no hello within 0.5 s" in refused["message"]
+            assert refused.TYPE == "refused" and "no hello within 0.5 s" in refused.message
             # A welcomed node that floods is closed; the node stays known, merely detached.
             ws, welcome = await _join(c.url, c.node, "flooder")
-            assert welcome["type"] == "welcome"
+            assert welcome.TYPE == "welcome"
             beat = encode_node_message("heartbeat", cpu_pct=1.0, ram_free_mb=1,
                                        ram_total_mb=1, cores=1)
             with pytest.raises(trio_client.ConnectionClosed) as closed:

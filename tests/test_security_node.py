@@ -12,7 +12,7 @@ import psutil
 import pytest
 import trio
 
-from skr8tr.core.node_protocol import Launch
+from skr8tr.core.node_protocol import Launch, ReplicaReport
 from skr8tr.node.process import RunAsError, resolve_run_as
 from skr8tr.node.supervisor import open_supervisor
 from tests.conftest import run_cli
@@ -28,11 +28,11 @@ def launch_spec(replica: str, script: str) -> Launch:
                   stop_grace_ms=2000)
 
 
-async def wait_for(reports: list[dict], replica: str, state: str) -> dict:
+async def wait_for(reports: list[ReplicaReport], replica: str, state: str) -> ReplicaReport:
     with trio.fail_after(DEADLINE_S):
         while True:
             for r in reports:
-                if r["replica"] == replica and r["state"] == state:
+                if r.replica == replica and r.state == state:
                     return r
             await trio.sleep(0.02)
 
@@ -55,7 +55,7 @@ async def test_run_as_starts_workloads_as_that_user(tmp_path: Path):
                                          'test -n "$TOKEN" && echo token-set; '
                                          'touch ./made-by-me; exec sleep 30'))
             running = await wait_for(reports, "r1", "running")
-            proc = psutil.Process(running["pid"])
+            proc = psutil.Process(running.pid)
             assert proc.uids().real == proc.uids().effective == nobody.pw_uid
             assert proc.gids().real == nobody.pw_gid
             log = data / "logs" / "r1.stdout"
@@ -73,9 +73,9 @@ async def test_run_as_starts_workloads_as_that_user(tmp_path: Path):
             assert (data / "replicas" / "r1.json").stat().st_uid == 0
             sup.stop("r1")
             exited = await wait_for(reports, "r1", "exited")
-            assert exited["signal"] == 15
-    assert not psutil.pid_exists(running["pid"]) or \
-        psutil.Process(running["pid"]).status() == psutil.STATUS_ZOMBIE
+            assert exited.signal == 15
+    assert not psutil.pid_exists(running.pid) or \
+        psutil.Process(running.pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_run_as_refuses_an_unknown_user(cli_env, tmp_path: Path):

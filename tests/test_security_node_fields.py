@@ -67,7 +67,7 @@ async def join(nursery: trio.Nursery, url: str, signing_key, node_id: str,
     fields are *over* where given; the conductor's answer."""
     ws = await trio_client.connect(url + "/v1/node")
     challenge = decode_node_message(await ws.get_message())
-    sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
+    sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
     hello = {"node_id": node_id, "key": keys.public_hex(signing_key), "sig": sig,
              "version": "fake", "address": "127.0.0.1", "cores": 2, "ram_total_mb": 2048,
              "ram_free_mb": 1024, "cpu_pct": 1.0, "replicas": [], **over}
@@ -122,9 +122,9 @@ async def test_oversized_hellos_are_refused_and_status_keeps_working(cluster: Cl
         for node_id, over, named in attacks:
             with trio.fail_after(30):
                 ws, answer = await join(nursery, cluster.url, signing_key, node_id, **over)
-            assert answer["type"] == "refused" and answer["code"] == "BAD_REQUEST", answer
-            assert all(part in answer["message"] for part in named), answer["message"]
-            assert len(answer["message"]) < 400, answer["message"]
+            assert answer.TYPE == "refused" and answer.code == "BAD_REQUEST", answer
+            assert all(part in answer.message for part in named), answer.message
+            assert len(answer.message) < 400, answer.message
             await ws.aclose()
     after = await trio.to_thread.run_sync(refused_bad_requests, cluster)
     assert after - before == len(attacks)
@@ -151,7 +151,7 @@ async def test_oversized_fields_after_the_hello_are_dropped_and_the_session_goes
     async with trio.open_nursery() as nursery:
         with trio.fail_after(30):
             ws, answer = await join(nursery, cluster.url, signing_key, "fake-ok")
-            assert answer["type"] == "welcome", answer
+            assert answer.TYPE == "welcome", answer
             for text in bad:
                 await ws.send_message(text)
             await ws.send_message(encode_node_message("heartbeat", cpu_pct=2.0, ram_free_mb=1,

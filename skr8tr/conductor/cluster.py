@@ -232,7 +232,7 @@ class Cluster(NodeReports):
                                        replica=r.replica_id, app=app.name,
                                        generation=revision.generation, port=where.port),
         )
-        sent = self.send(where.node_id, "launch", **launch.fields())
+        sent = self.send(where.node_id, launch)
         self.events.publish("replica.placed", app=app.name, replica=r.replica_id,
                             node=r.node_id, port=r.port, generation=r.generation)
         log.info("placed %s (generation %d) on %s port %s", r.replica_id, r.generation,
@@ -366,7 +366,7 @@ class Cluster(NodeReports):
             return
         # If the node is disconnected the stop is repeated when it says hello again
         # (its report of a running replica in `stopping` state is answered with a stop).
-        self.send(r.node_id, "stop", replica=r.replica_id)
+        self.send(r.node_id, node_protocol.Stop(replica=r.replica_id))
 
     # ------------------------------------------------------------------ reconciliation
 

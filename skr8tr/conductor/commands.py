@@ -29,6 +29,7 @@ from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.store import Change
 from skr8tr.conductor.tables import stored_app
 from skr8tr.core import manifest as manifest_mod
+from skr8tr.core.node_protocol import LogsReply, LogsRequest
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -171,13 +172,13 @@ class LogRequests:
     def __init__(self) -> None:
         self._pending: dict[str, tuple[trio.MemorySendChannel, str]] = {}
 
-    def reply(self, node_id: str, msg: dict) -> None:
-        slot = self._pending.get(msg["req"])
+    def reply(self, node_id: str, msg: LogsReply) -> None:
+        slot = self._pending.get(msg.req)
         if slot is not None and slot[1] == node_id:
             # The asker may have given up (closed) or have its answer already.
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                      trio.ClosedResourceError):
-                slot[0].send_nowait(msg["lines"])
+                slot[0].send_nowait(msg.lines)
 
     async def gather(self, cluster: Cluster, node_ids: list[str], app: str,
                      replica: str | None, tail: int) -> list[dict]:
@@ -188,7 +189,7 @@ class LogRequests:
             req = secrets.token_hex(8)
             self._pending[req] = (send, node_id)
             reqs.append(req)
-            if cluster.send(node_id, "logs", req=req, app=app, replica=replica, tail=tail):
+            if cluster.send(node_id, LogsRequest(req=req, app=app, replica=replica, tail=tail)):
                 asked += 1
         lines: list[dict] = []
         try:

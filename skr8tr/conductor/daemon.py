@@ -49,7 +49,7 @@ from skr8tr.core.keys import (
     AuthorizedKeysError,
     parse_authorized_keys,
 )
-from skr8tr.core.node_protocol import encode_node_message
+from skr8tr.core.node_protocol import Refused
 from skr8tr.heap import TrimAfterPeaks, release_free_heap
 from skr8tr.keyfiles import load_authorized_keys
 from skr8tr.ws import server as wsserver
@@ -405,7 +405,7 @@ async def _refuse_stream(request: wsserver.Request, path: str, seat: Seat) -> No
             else protocol.dumps({"v": protocol.PROTOCOL_VERSION, "type": "error", "error": {
                 "code": code, "message": message, "leader": None}})
     else:
-        text = encode_node_message("refused", code=code, message=message, leader=leader)
+        text = Refused(code=code, message=message, leader=leader).encode()
     ws = await request.accept()
     with contextlib.suppress(ConnectionClosed):
         await ws.send_message(text)

@@ -12,13 +12,14 @@ in cluster.py; both work on the same tables, synchronously.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.tables import NodeState, ReplicaState
-from skr8tr.core import node_protocol, placement_token, reconcile, replica_state
+from skr8tr.core import placement_token, reconcile, replica_state
+from skr8tr.core.node_protocol import Heartbeat, Hello, NodeMessage, ReplicaReport, Stop
 
 if TYPE_CHECKING:
     from skr8tr.conductor.cluster import Cluster
@@ -33,16 +34,16 @@ class NodeReports:
     """The node-driven transitions of :class:`~skr8tr.conductor.cluster.Cluster`."""
 
 
-    def attach_node(self: Cluster, hello: dict, outbox: trio.MemorySendChannel[str]) -> int:
+    def attach_node(self: Cluster, hello: Hello, outbox: trio.MemorySendChannel[str]) -> int:
         """A node proved its key and said hello; returns the session number.
 
         Raises CommandError("UNAUTHORIZED") when the node id is held by a
         different key (a node may not impersonate another).
         """
-        node_id = hello["node_id"]
+        node_id = hello.node_id
         now = self.clock()
         old = self.nodes.get(node_id)
-        if old is not None and old.key != hello["key"] and not old.expired:
+        if old is not None and old.key != hello.key and not old.expired:
             raise CommandError(
                 "UNAUTHORIZED",
                 f"node id {node_id!r} is held by another key; give this node its own --node-id",
@@ -52,9 +53,9 @@ class NodeReports:
             log.info("node %s reconnected; replacing its previous session", node_id)
             old.outbox.close()
         node = NodeState(
-            node_id=node_id, key=hello["key"], address=hello["address"],
-            cores=hello["cores"], ram_total_mb=hello["ram_total_mb"],
-            ram_free_mb=hello["ram_free_mb"], cpu_pct=float(hello["cpu_pct"]),
+            node_id=node_id, key=hello.key, address=hello.address,
+            cores=hello.cores, ram_total_mb=hello.ram_total_mb,
+            ram_free_mb=hello.ram_free_mb, cpu_pct=float(hello.cpu_pct),
             last_seen=now, session=self._session, outbox=outbox,
         )
         self.nodes[node_id] = node
@@ -69,34 +70,35 @@ class NodeReports:
                             cores=node.cores, ram_total_mb=node.ram_total_mb)
         log.info("node %s joined from %s (%d cores, %d MB RAM)", node_id, node.address,
                  node.cores, node.ram_total_mb)
-        self._sync_reported_replicas(node, hello["replicas"])
+        self._sync_reported_replicas(node, hello.replicas)
         self._node_joined.set()
         self._node_joined = trio.Event()
         self.mark_dirty()
         return node.session
 
-    def _sync_reported_replicas(self: Cluster, node: NodeState, reports: list[dict]) -> None:
-        reported = {r["replica"]: r for r in reports}
+    def _sync_reported_replicas(self: Cluster, node: NodeState,
+                                reports: tuple[ReplicaReport, ...]) -> None:
+        reported = {r.replica: r for r in reports}
         for r in list(self._replicas_on(node.node_id)):
             if r.replica_id in reported:
                 report = reported.pop(r.replica_id)
                 self.replica_report(node.node_id, report)
-                if r.stop_requested and report["state"] not in ("exited", "failed"):
-                    self.send(node.node_id, "stop", replica=r.replica_id)  # asked while away
+                if r.stop_requested and report.state not in ("exited", "failed"):
+                    self.send(node.node_id, Stop(replica=r.replica_id))  # asked while away
             elif r.state not in reconcile.ENDED_STATES:
                 # The node no longer has it (the agent restarted without it).
                 self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
                                     node_lost=True, message=f"node {node.node_id} lost it")
         for report in reported.values():
-            owner = self.replicas.get(report["replica"])
+            owner = self.replicas.get(report.replica)
             if owner is not None:  # placed on another node: not this node's to claim
                 self._refuse_claim(node.node_id, owner)
                 continue
-            if report["state"] in ("exited", "failed"):
+            if report.state in ("exited", "failed"):
                 continue
             self._adopt(node, report)
 
-    def _adopt(self: Cluster, node: NodeState, report: dict) -> None:
+    def _adopt(self: Cluster, node: NodeState, report: ReplicaReport) -> None:
         """A node reports a replica this conductor does not know (it restarted, or the node
         was lost and came back). A replica of a known revision of an app is adopted, with
         its pid and port, and the reconciler then trims any surplus; anything else is
@@ -106,24 +108,24 @@ class NodeReports:
         cannot pass off a replica of another node, or one it made up, as its own.
         """
         if not placement_token.check(
-                self.placement_secret, report.get("token"), node_id=node.node_id,
-                replica=report["replica"], app=report["app"],
-                generation=report["generation"], port=report.get("port")):
+                self.placement_secret, report.token, node_id=node.node_id,
+                replica=report.replica, app=report.app,
+                generation=report.generation, port=report.port):
             log.warning("node %s reports replica %s (app %s, pid %s) without a placement "
                         "token for this node; refused, and told to stop it", node.node_id,
-                        report["replica"], report["app"], report.get("pid"))
+                        report.replica, report.app, report.pid)
             self.events.publish("node.claim_refused", node=node.node_id,
-                                replica=report["replica"], owner=None)
-            self.send(node.node_id, "stop", replica=report["replica"])
+                                replica=report.replica, owner=None)
+            self.send(node.node_id, Stop(replica=report.replica))
             return
-        app = self.apps.get(report["app"])
-        revision = None if app is None else app.revisions.get(report["generation"])
+        app = self.apps.get(report.app)
+        revision = None if app is None else app.revisions.get(report.generation)
         r = ReplicaState(
-            replica_id=report["replica"], app=report["app"], generation=report["generation"],
-            node_id=node.node_id, address=node.address, port=report.get("port"),
+            replica_id=report.replica, app=report.app, generation=report.generation,
+            node_id=node.node_id, address=node.address, port=report.port,
             seq=self._next_seq(), launched_at=self.clock(),
-            state=report["state"] if report["state"] != "unhealthy" else "running",
-            pid=report.get("pid"),
+            state=report.state if report.state != "unhealthy" else "running",
+            pid=report.pid,
             drain_s=0.0 if revision is None else revision.manifest.rollout.drain_s,
         )
         holder = self.ports.holder(r.address, r.port)
@@ -155,15 +157,15 @@ class NodeReports:
                  node_id, node.last_seen + self.node_timeout_s - self.clock())
         self.mark_dirty()
 
-    def node_heartbeat(self: Cluster, node_id: str, msg: dict) -> None:
+    def node_heartbeat(self: Cluster, node_id: str, msg: Heartbeat) -> None:
         node = self.nodes[node_id]
         node.last_seen = self.clock()
-        cpu_pct = float(msg["cpu_pct"])
+        cpu_pct = float(msg.cpu_pct)
         lower = cpu_pct < node.cpu_pct
         node.cpu_pct = cpu_pct
-        node.ram_free_mb = msg["ram_free_mb"]
-        node.ram_total_mb = msg["ram_total_mb"]
-        node.cores = msg["cores"]
+        node.ram_free_mb = msg.ram_free_mb
+        node.ram_total_mb = msg.ram_total_mb
+        node.cores = msg.cores
         node.reserved_ram_mb = 0
         node.reserved_cpu = 0.0
         if lower:
@@ -209,12 +211,12 @@ class NodeReports:
     def _replicas_on(self: Cluster, node_id: str) -> list[ReplicaState]:
         return self.replicas.on_node(node_id)
 
-    def send(self: Cluster, node_id: str, kind: str, **fields: Any) -> bool:
+    def send(self: Cluster, node_id: str, msg: NodeMessage) -> bool:
         """Queue a message for a node; False when it is not connected (or too far behind)."""
         node = self.nodes.get(node_id)
         if node is None or node.outbox is None:
             return False
-        text = node_protocol.encode_node_message(kind, **fields)
+        text = msg.encode()
         try:
             node.outbox.send_nowait(text)
             self.node_messages_queued += 1
@@ -232,7 +234,7 @@ class NodeReports:
         return True
 
 
-    def replica_report(self: Cluster, node_id: str, msg: dict) -> None:
+    def replica_report(self: Cluster, node_id: str, msg: ReplicaReport) -> None:
         """Apply a ``replica`` report from a node (idempotent).
 
         A node speaks only for the replicas placed on it: a report about a replica
@@ -240,30 +242,30 @@ class NodeReports:
         nothing (issue #13.2). A report that an ended replica runs re-adopts it or
         stops it, never leaves it running untracked (#13.3).
         """
-        r = self.replicas.get(msg["replica"])
+        r = self.replicas.get(msg.replica)
         if r is None or r.node_id != node_id:
             if r is not None:
                 self._refuse_claim(node_id, r)
-            elif msg["state"] not in ("exited", "failed"):
+            elif msg.state not in ("exited", "failed"):
                 log.warning("node %s reports unknown replica %s; stopping it", node_id,
-                            msg["replica"])
-                self.send(node_id, "stop", replica=msg["replica"])
+                            msg.replica)
+                self.send(node_id, Stop(replica=msg.replica))
             return
-        state = msg["state"]
+        state = msg.state
         if r.state in reconcile.ENDED_STATES:
             self._report_on_ended(r, msg)
             return
-        if msg.get("pid") is not None:
-            r.pid = msg["pid"]
+        if msg.pid is not None:
+            r.pid = msg.pid
         if state in ("exited", "failed"):
-            port_clash = (state == "failed" and msg.get("reason") == "port_in_use")
+            port_clash = (state == "failed" and msg.reason == "port_in_use")
             r.port_clash = port_clash
             if port_clash and r.port is not None:
                 self.ports.block(r.address, r.port, self.clock())
             self._replica_ended(
-                r, exit_code=msg.get("exit_code"), signal=msg.get("signal"),
+                r, exit_code=msg.exit_code, signal=msg.signal,
                 launch_failed=state == "failed", node_lost=port_clash,
-                message=msg.get("message"),
+                message=msg.message,
             )
             return
         if r.state == "draining":
@@ -274,7 +276,7 @@ class NodeReports:
             return  # a late report about a replica that is already on its way out
         if state == "unhealthy":
             self.events.publish("replica.unhealthy", app=r.app, replica=r.replica_id,
-                                node=node_id, message=msg.get("message"))
+                                node=node_id, message=msg.message)
             log.warning("replica %s is unhealthy; replacing it", r.replica_id)
             self.retire_replica(r.replica_id, "unhealthy")
             return
@@ -290,7 +292,7 @@ class NodeReports:
         self.events.publish("node.claim_refused", node=node_id, replica=owner.replica_id,
                             owner=owner.node_id)
 
-    def _report_on_ended(self: Cluster, r: ReplicaState, msg: dict) -> None:
+    def _report_on_ended(self: Cluster, r: ReplicaState, msg: ReplicaReport) -> None:
         """Its node says a replica that ended here is alive (or confirms it has ended).
 
         A replica declared ended only because its node fell silent (a conductor
@@ -298,7 +300,7 @@ class NodeReports:
         pid when its app still has its revision and its port is free; the
         reconciler then trims any surplus. Any other is stopped.
         """
-        state = msg["state"]
+        state = msg.state
         if state in ("exited", "failed"):
             return  # the end we had assumed, now confirmed
         app = self.apps.get(r.app)
@@ -310,8 +312,8 @@ class NodeReports:
                    f"port {r.port} on {r.address} is held by {holder}" if holder else
                    "it was being stopped")
             log.warning("node %s reports %s (pid %s) alive, but %s; stopping it", r.node_id,
-                        r.replica_id, msg.get("pid"), why)
-            self.send(r.node_id, "stop", replica=r.replica_id)
+                        r.replica_id, msg.pid, why)
+            self.send(r.node_id, Stop(replica=r.replica_id))
             return
         back = replica_state.readopt(r.replica_id, r.state,
                                      "ready" if state == "ready" else "running",
@@ -319,8 +321,8 @@ class NodeReports:
         self.replicas.reviving(r)
         r.state, r.lost_with_node = back, False
         r.restart_at = r.exit_code = r.signal = r.message = None
-        if msg.get("pid") is not None:
-            r.pid = msg["pid"]
+        if msg.pid is not None:
+            r.pid = msg.pid
         self.ended.pop(r.replica_id, None)
         self.ports.claim(r)
         log.info("re-adopted %s (pid %s, port %s) on %s: its node is back", r.replica_id,

@@ -31,7 +31,17 @@ from skr8tr.conductor.node_reports import NODE_OUTBOX
 from skr8tr.conductor.policing import Policing
 from skr8tr.core import envelope
 from skr8tr.core.keys import fingerprint, parse_authorized_keys
-from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
+from skr8tr.core.node_protocol import (
+    Challenge,
+    Heartbeat,
+    Hello,
+    LogsReply,
+    NodeDecodeError,
+    Refused,
+    ReplicaReport,
+    Welcome,
+    decode_node_message,
+)
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 log = logging.getLogger("skr8tr.conductor")
@@ -39,7 +49,9 @@ log = logging.getLogger("skr8tr.conductor")
 
 async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
     with contextlib.suppress(ConnectionClosed):  # it left first: fine
-        await ws.send_message(encode_node_message("refused", code=code, message=message))
+        # No leader field: only a follower's refusal names one (daemon.py).
+        await ws.send_message(Refused(code=code, message=message,
+                                      omit=frozenset({"leader"})).encode())
         await ws.aclose(code=1008, reason=message[:120])
 
 
@@ -50,8 +62,8 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
     raw: str | bytes | None = None
     timeout_s = policing.limits.handshake_timeout_s
     try:
-        await ws.send_message(encode_node_message("challenge", nonce=challenge.hex(),
-                                                  term=cluster.seat.term))
+        await ws.send_message(Challenge(nonce=challenge.hex(),
+                                        term=cluster.seat.term).encode())
         with trio.move_on_after(timeout_s):
             raw = await ws.get_message()
     except ConnectionClosed as exc:
@@ -63,7 +75,7 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
         await _refuse(ws, "BAD_REQUEST", f"no hello within {timeout_s:g} s")
         return
     hello = decode_node_message(raw)
-    if isinstance(hello, NodeDecodeError) or hello["type"] != "hello":
+    if not isinstance(hello, Hello):
         why = hello.message if isinstance(hello, NodeDecodeError) else "expected hello"
         policing.refusals.count("BAD_REQUEST")
         log.warning("refused a node session from %s: %s", peer, why)
@@ -73,12 +85,12 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
     if authority.insecure:
         authorized = parse_authorized_keys(f"node {hello['key']}\n", filename="--insecure")
     try:
-        envelope.verify_challenge(key=hello["key"], sig=hello["sig"], challenge=challenge,
-                                  node_id=hello["node_id"], authorized=authorized)
+        envelope.verify_challenge(key=hello.key, sig=hello.sig, challenge=challenge,
+                                  node_id=hello.node_id, authorized=authorized)
     except envelope.AuthError as exc:
         policing.refusals.count(exc.code)
-        log.warning("refused node %s from %s (key %s): %s", hello["node_id"], peer,
-                    fingerprint(hello["key"]), exc.message)
+        log.warning("refused node %s from %s (key %s): %s", hello.node_id, peer,
+                    fingerprint(hello.key), exc.message)
         await _refuse(ws, exc.code, exc.message)
         return
 
@@ -87,19 +99,18 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
         session = cluster.attach_node(hello, outbox_send)
     except CommandError as exc:
         policing.refusals.count(exc.code)
-        log.warning("refused node %s from %s (key %s): %s", hello["node_id"], peer,
-                    fingerprint(hello["key"]), exc.message)
+        log.warning("refused node %s from %s (key %s): %s", hello.node_id, peer,
+                    fingerprint(hello.key), exc.message)
         await _refuse(ws, exc.code, exc.message)
         return
-    node_id = hello["node_id"]
-    handle = NodeSessionHandle(node_id, hello["key"], trio.CancelScope())
+    node_id = hello.node_id
+    handle = NodeSessionHandle(node_id, hello.key, trio.CancelScope())
     authority.node_sessions.add(handle)
     try:
         # ConnectionClosed from either task simply ends the session.
         with handle.scope, contextlib.suppress(ConnectionClosed):
-            await ws.send_message(encode_node_message("welcome", node_id=node_id,
-                                                      heartbeat_s=cluster.heartbeat_s,
-                                                      term=cluster.seat.term))
+            await ws.send_message(Welcome(node_id=node_id, heartbeat_s=cluster.heartbeat_s,
+                                          term=cluster.seat.term).encode())
             async with trio.open_nursery() as nursery:
                 async def send_outbox() -> None:
                     async with outbox_recv:
@@ -129,7 +140,7 @@ async def serve_node(cluster: Cluster, authority: Authority, policing: Policing,
                 policing.closed.count("revoked")
                 policing.refusals.count("UNAUTHORIZED")
                 log.warning("closed the session of node %s from %s: its key %s is no longer "
-                            "authorized as node", node_id, peer, fingerprint(hello["key"]))
+                            "authorized as node", node_id, peer, fingerprint(hello.key))
                 await _refuse(ws, "UNAUTHORIZED", "this node's key was revoked")
             await ws.aclose()
 
@@ -155,12 +166,11 @@ async def _receive(cluster: Cluster, policing: Policing, log_requests: LogReques
         node = cluster.nodes.get(node_id)
         if node is None or node.outbox is None:
             return  # expired or replaced while this message was in flight
-        kind = msg["type"]
-        if kind == "heartbeat":
+        if isinstance(msg, Heartbeat):
             cluster.node_heartbeat(node_id, msg)
-        elif kind == "replica":
+        elif isinstance(msg, ReplicaReport):
             cluster.replica_report(node_id, msg)
-        elif kind == "logs_reply":
+        elif isinstance(msg, LogsReply):
             log_requests.reply(node_id, msg)
         else:
-            log.warning("node %s sent an unexpected %s message", node_id, kind)
+            log.warning("node %s sent an unexpected %s message", node_id, msg.TYPE)

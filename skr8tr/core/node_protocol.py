@@ -34,8 +34,12 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
    - conductor -> node ``logs`` {req, app, replica, tail} and node -> conductor
      ``logs_reply`` {req, lines:[{replica, ts, stream, text}]}.
 
-Decoding never raises: :func:`decode_node_message` returns a message dict or a
-:class:`NodeDecodeError` that the receiver logs and answers.
+Each type of message is a frozen dataclass (a :class:`NodeMessage`: :class:`Challenge`,
+:class:`Hello`, :class:`Welcome`, :class:`Refused`, :class:`Heartbeat`, :class:`Launch`,
+:class:`Stop`, :class:`ReplicaReport`, :class:`LogsRequest`, :class:`LogsReply`): its
+producer builds one and sends :meth:`NodeMessage.encode`. Decoding never raises:
+:func:`decode_node_message` returns the typed message or a :class:`NodeDecodeError`
+that the receiver logs and answers.
 
 Every field a node sends is bounded (the ``MAX_*`` constants, units in their
 names), so that one node key cannot grow the conductor's state, and with it
@@ -54,8 +58,8 @@ import math
 import re
 import reprlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, TypeVar
 
 from skr8tr.core import names
 
@@ -71,7 +75,7 @@ MAX_ID_CHARS = names.MAX_ID_CHARS  # node ids, replica ids, logs request ids
 MAX_APP_NAME_CHARS = APP_NAME_MAX_CHARS  # as in a manifest
 MAX_ADDRESS_CHARS = 253  # a host name (RFC 1123) or an IP address
 MAX_VERSION_CHARS = 64
-MAX_REPORT_MESSAGE_CHARS = 4096  # a replica report's message (the agent cuts it: fit_report)
+MAX_REPORT_MESSAGE_CHARS = 4096  # a replica report's message (the agent cuts it: ReplicaReport.fit)
 MAX_LOG_TEXT_CHARS = 64 * 1024  # one log line (the agent cuts lines at 64 KiB)
 MAX_LOG_LINES = 100_000  # lines in one logs_reply: the largest tail a logs request asks for
 MAX_HELLO_REPLICAS = 10_000  # replica reports in one hello
@@ -134,15 +138,6 @@ def is_host_or_ip(value: Any) -> bool:
         return (all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
                 and not labels[-1].isdigit())
     return True
-
-
-def fit_report(report: dict[str, Any]) -> dict[str, Any]:
-    """*report* (the fields of a ``replica`` message) with its ``message`` cut to
-    :data:`MAX_REPORT_MESSAGE_CHARS`: a node never sends what the conductor refuses."""
-    message = report.get("message")
-    if isinstance(message, str) and len(message) > MAX_REPORT_MESSAGE_CHARS:
-        return {**report, "message": message[:MAX_REPORT_MESSAGE_CHARS - 1] + "\u2026"}
-    return report
 
 
 Check = Callable[[Any], bool]
@@ -214,7 +209,8 @@ def _num(lo: float, hi: float) -> _Rule:
 
 
 def _opt(check: Check) -> _Rule:
-    return _Rule(lambda v: v is None or check(v),
+    test = check.test if isinstance(check, _Rule) else check  # one call less per value
+    return _Rule(lambda v: v is None or test(v),
                  f"null or {getattr(check, 'expected', 'another value')}")
 
 
@@ -379,15 +375,19 @@ def _check_fields(msg: Any, schema: dict[str, tuple[Check, bool]], *,
             problem = f"bad value for {name!r}: {_shown(value)}"
             expected = getattr(check, "expected", None)
             return problem if expected is None else f"{problem}; expected {expected}"
-    extra = sorted(set(msg) - set(schema) - (_ENVELOPE_KEYS if envelope else set()))
+    extra = msg.keys() - schema.keys()
+    if envelope:
+        extra -= _ENVELOPE_KEYS
     if extra:
-        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        return f"unknown field(s) {', '.join(map(_shown, extra[:3]))}{more}"
+        names = sorted(extra)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return f"unknown field(s) {', '.join(map(_shown, names[:3]))}{more}"
     return None
 
 
-def decode_node_message(data: str | bytes) -> dict | NodeDecodeError:
-    """Parse and validate one node-session message. Never raises."""
+def decode_node_message(data: str | bytes) -> NodeMessage | NodeDecodeError:
+    """Parse and validate one node-session message: the typed message of its kind
+    (a :class:`NodeMessage`), or what is wrong with it. Never raises."""
     size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
     if size > MAX_NODE_MESSAGE_BYTES:
         return NodeDecodeError(f"message of {size} bytes is over the "
@@ -408,7 +408,7 @@ def decode_node_message(data: str | bytes) -> dict | NodeDecodeError:
     problem = _check_fields(msg, schema)
     if problem is not None:
         return NodeDecodeError(f"{kind}: {problem}")
-    return msg
+    return _TYPED[kind]._from_checked(msg)
 
 
 def encode_node_message(kind: str, **fields: Any) -> str:
@@ -425,8 +425,230 @@ def encode_node_message(kind: str, **fields: Any) -> str:
     return json.dumps(msg, ensure_ascii=False)
 
 
+_M = TypeVar("_M", bound="NodeMessage")
+
+
 @dataclass(frozen=True)
-class Launch:
+class NodeMessage:
+    """A message of ``/v1/node``, typed: one frozen dataclass per ``type``.
+
+    Its fields are the message's, in the order they go on the wire; :data:`SCHEMAS`
+    ``[TYPE]`` bounds them. :meth:`fields` and :meth:`encode` give the JSON the
+    producers always sent; :func:`decode_node_message` checks a message and returns
+    the object of its type; :meth:`from_fields` does the same for fields at hand.
+
+    ``omit`` names optional fields left out of the message (a value of None is then
+    not sent at all): some producers leave a field out rather than send null, and the
+    wire keeps doing exactly that. A decoded message omits what the sender omitted.
+    It plays no part in equality.
+    """
+
+    TYPE: ClassVar[str]
+    _NAMES: ClassVar[tuple[str, ...]]  # the fields on the wire, in order
+    _REQUIRED: ClassVar[tuple[str, ...]]
+    _OPTIONAL: ClassVar[tuple[str, ...]]
+
+    omit: frozenset[str] = field(default=frozenset(), kw_only=True, compare=False,
+                                 repr=False)
+
+    def fields(self) -> dict[str, Any]:
+        """The message's fields (without ``v`` and ``type``), as JSON values."""
+        omit = self.omit
+        return {name: getattr(self, name) for name in self._NAMES if name not in omit}
+
+    def encode(self) -> str:
+        """The message as JSON text; ValueError if a field is out of bounds (a bug)."""
+        return encode_node_message(self.TYPE, **self.fields())
+
+    @classmethod
+    def from_fields(cls: type[_M], msg: Mapping[str, Any]) -> _M:
+        """The message in *msg* (its fields; ``v`` and ``type`` may be there), checked
+        as :func:`decode_node_message` does; ValueError names the first bad field."""
+        problem = _check_fields(msg, SCHEMAS[cls.TYPE])
+        if problem is not None:
+            raise ValueError(f"{cls.TYPE}: {problem}")
+        return cls._from_checked(msg)
+
+    @classmethod
+    def _from_checked(cls: type[_M], msg: Mapping[str, Any]) -> _M:
+        """*msg*, already checked against the schema, as an object."""
+        # Every heartbeat and report comes this way: fill the instance's __dict__ at once
+        # rather than through the frozen __init__ (an object.__setattr__ per field). The
+        # result is the same object (there is no __post_init__); ``omit`` defaults to
+        # the class attribute when nothing is absent.
+        obj = object.__new__(cls)
+        values = obj.__dict__
+        for name in cls._NAMES:
+            values[name] = msg.get(name)
+        if cls._OPTIONAL:
+            absent = [name for name in cls._OPTIONAL if name not in msg]
+            if absent:
+                values["omit"] = frozenset(absent)
+        return obj
+
+
+_TYPED: dict[str, type[NodeMessage]] = {}
+
+
+def _message(cls: type[_M]) -> type[_M]:
+    """Register *cls* as the type of its messages; its fields must be its schema's."""
+    schema = SCHEMAS[cls.TYPE]
+    names = tuple(f.name for f in fields(cls) if f.name != "omit")
+    if set(names) != set(schema):
+        raise TypeError(f"{cls.__name__} has fields {names}, its schema {tuple(schema)}")
+    cls._NAMES = names
+    cls._REQUIRED = tuple(n for n in names if schema[n][1])
+    cls._OPTIONAL = tuple(n for n in names if not schema[n][1])
+    _TYPED[cls.TYPE] = cls
+    return cls
+
+
+@_message
+@dataclass(frozen=True)
+class Heartbeat(NodeMessage):
+    """node -> conductor, every ``heartbeat_s``: the machine's load."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    cpu_pct: float  # of the whole machine, 0..100
+    ram_free_mb: int
+    ram_total_mb: int
+    cores: int
+
+
+@_message
+@dataclass(frozen=True)
+class ReplicaReport(NodeMessage):
+    """node -> conductor ``replica``: a replica changed state (see the module's docstring).
+
+    ``app`` is "" and ``generation`` 1 for a replica the node never knew. Every field
+    after ``state`` but ``ts`` may be None; ``token`` is the placement token its
+    launch carried."""
+
+    TYPE: ClassVar[str] = "replica"
+    replica: str
+    app: str
+    generation: int
+    state: str
+    pid: int | None = None
+    port: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str | None = None
+    reason: str | None = None  # "port_in_use" or "launch_error", for "failed"
+    ts: float = field(kw_only=True)  # seconds since the epoch, on the node
+    token: str | None = None
+
+    def fit(self) -> ReplicaReport:
+        """This report with its ``message`` cut to :data:`MAX_REPORT_MESSAGE_CHARS`:
+        a node never sends what the conductor refuses."""
+        message = self.message
+        if message is None or len(message) <= MAX_REPORT_MESSAGE_CHARS:
+            return self
+        return replace(self, message=message[:MAX_REPORT_MESSAGE_CHARS - 1] + "\u2026")
+
+
+@_message
+@dataclass(frozen=True)
+class Hello(NodeMessage):
+    """node -> conductor, first: who the node is (``sig`` proves its key), its machine,
+    and the replicas it already runs."""
+
+    TYPE: ClassVar[str] = "hello"
+    node_id: str
+    key: str  # the node's public key, hex
+    sig: str  # skr8tr.core.envelope.sign_challenge of the challenge and node_id
+    version: str
+    address: str
+    cpu_pct: float
+    ram_free_mb: int
+    ram_total_mb: int
+    cores: int
+    replicas: tuple[ReplicaReport, ...] = ()
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        out["replicas"] = [r.fields() for r in self.replicas]
+        return out
+
+    @classmethod
+    def _from_checked(cls, msg: Mapping[str, Any]) -> Hello:
+        values = {name: msg[name] for name in cls._REQUIRED}
+        values["replicas"] = tuple(ReplicaReport._from_checked(r) for r in msg["replicas"])
+        return cls(**values)
+
+
+@_message
+@dataclass(frozen=True)
+class LogsReply(NodeMessage):
+    """node -> conductor: the answer to a ``logs`` request ``req``: log lines, each
+    ``{replica, ts, stream, text}``, oldest first."""
+
+    TYPE: ClassVar[str] = "logs_reply"
+    req: str
+    lines: list[dict[str, Any]]
+
+
+@_message
+@dataclass(frozen=True)
+class Challenge(NodeMessage):
+    """conductor -> node, first: sign ``nonce`` (64 hex digits). ``term`` is the
+    conductor's leadership term (None: not sent; a node takes it as 0)."""
+
+    TYPE: ClassVar[str] = "challenge"
+    nonce: str
+    term: int | None = None
+
+
+@_message
+@dataclass(frozen=True)
+class Welcome(NodeMessage):
+    """conductor -> node: the hello is accepted; heartbeat every ``heartbeat_s``.
+    ``term`` as in :class:`Challenge`."""
+
+    TYPE: ClassVar[str] = "welcome"
+    node_id: str
+    heartbeat_s: float
+    term: int | None = None
+
+
+@_message
+@dataclass(frozen=True)
+class Refused(NodeMessage):
+    """conductor -> node, then a close: ``code`` and ``message`` say why. A follower
+    conductor (code ``NOT_LEADER``) always sends ``leader``: the leader's URL or null;
+    a refused hello leaves it out (``omit``)."""
+
+    TYPE: ClassVar[str] = "refused"
+    code: str
+    message: str
+    leader: str | None = None
+
+
+@_message
+@dataclass(frozen=True)
+class Stop(NodeMessage):
+    """conductor -> node: stop one replica (SIGTERM to its group, grace, SIGKILL)."""
+
+    TYPE: ClassVar[str] = "stop"
+    replica: str
+
+
+@_message
+@dataclass(frozen=True)
+class LogsRequest(NodeMessage):
+    """conductor -> node ``logs``: the last ``tail`` lines of ``app`` (of one
+    ``replica``, or of all with None); answered by a :class:`LogsReply` with ``req``."""
+
+    TYPE: ClassVar[str] = "logs"
+    req: str
+    app: str
+    replica: str | None
+    tail: int
+
+
+@_message
+@dataclass(frozen=True)
+class Launch(NodeMessage):
     """The ``launch`` message, conductor -> node: one replica to start.
 
     The one definition of the message. The conductor builds it from the app's
@@ -454,6 +676,7 @@ class Launch:
       in every report about the replica.
     """
 
+    TYPE: ClassVar[str] = "launch"
     replica: str
     app: str
     generation: int
@@ -495,10 +718,6 @@ class Launch:
             "token": self.token,
         }
 
-    def encode(self) -> str:
-        """The message as JSON text; ValueError if a field is out of bounds (a bug)."""
-        return encode_node_message("launch", **self.fields())
-
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> Launch:
         """The launch in *fields*: a decoded ``launch`` message, or the fields a replica
@@ -507,6 +726,10 @@ class Launch:
         problem = _check_fields(fields, SCHEMAS["launch"])
         if problem is not None:
             raise ValueError(f"launch: {problem}")
+        return cls._from_checked(fields)
+
+    @classmethod
+    def _from_checked(cls, fields: Mapping[str, Any]) -> Launch:
         health = fields["health"]
         return cls(
             replica=fields["replica"], app=fields["app"], generation=fields["generation"],

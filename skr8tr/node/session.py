@@ -24,21 +24,29 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import nacl.signing
 import trio
 
 from skr8tr import __version__
+from skr8tr.core import node_protocol
 from skr8tr.core.envelope import sign_challenge
 from skr8tr.core.keys import public_hex
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
+    Challenge,
+    Heartbeat,
+    Hello,
     Launch,
+    LogsReply,
+    LogsRequest,
     NodeDecodeError,
+    NodeMessage,
+    ReplicaReport,
+    Stop,
+    Welcome,
     decode_node_message,
-    encode_node_message,
-    fit_report,
 )
 from skr8tr.node.health import os_error_text
 from skr8tr.node.supervisor import Report, Supervisor
@@ -195,38 +203,34 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
                  signing_key: nacl.signing.SigningKey, advertise: str | None,
                  supervisor: Supervisor, on_welcome: Callable[[], None], terms: Terms,
                  leave_when_silent: bool = True) -> None:
-    challenge = await _receive_handshake(ws, ("challenge", "refused"))
-    if challenge["type"] == "refused":  # a follower, before anything else
-        raise Refused(challenge["code"], challenge["message"], challenge.get("leader"))
-    terms.check(url, challenge.get("term", 0))
+    challenge = await _receive_handshake(ws, Challenge)
+    terms.check(url, challenge.term or 0)
     address = advertise or _local_address(ws)
-    outbox_send, outbox_recv = trio.open_memory_channel[tuple[str, dict[str, Any]]](OUTBOX_LIMIT)
+    outbox_send, outbox_recv = trio.open_memory_channel[NodeMessage](OUTBOX_LIMIT)
 
     with trio.CancelScope() as session_scope:
         def sink(report: Report) -> None:
             try:
-                outbox_send.send_nowait(("replica", fit_report(report)))
+                outbox_send.send_nowait(report.fit())
             except trio.WouldBlock:
                 log.error("node %s: %d messages waiting for %s; ending the session",
                           node_id, OUTBOX_LIMIT, url)
                 session_scope.cancel()
 
-        replicas = [fit_report(report) for report in supervisor.attach(sink)]
+        replicas = tuple(report.fit() for report in supervisor.attach(sink))
         try:
-            sig = sign_challenge(signing_key, bytes.fromhex(challenge["nonce"]), node_id)
-            await ws.send_message(encode_node_message(
-                "hello", node_id=node_id, key=public_hex(signing_key), sig=sig,
-                version=__version__, address=address, **machine_figures(), replicas=replicas))
+            sig = sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
+            await ws.send_message(Hello(
+                node_id=node_id, key=public_hex(signing_key), sig=sig, version=__version__,
+                address=address, **machine_figures(), replicas=replicas).encode())
             log.info("node %s: hello sent to %s (address %s, %d replica(s) running)",
                      node_id, url, address, len(replicas))
-            reply = await _receive_handshake(ws, ("welcome", "refused"))
-            if reply["type"] == "refused":
-                raise Refused(reply["code"], reply["message"], reply.get("leader"))
-            term = reply.get("term", 0)
+            reply = await _receive_handshake(ws, Welcome)
+            term = reply.term or 0
             terms.check(url, term)
             terms.welcomed(term)
             on_welcome()
-            heartbeat_s = reply["heartbeat_s"]
+            heartbeat_s = reply.heartbeat_s
             log.info("node %s: welcomed by %s under term %d (heartbeat every %g s)", node_id,
                      url, term, heartbeat_s)
             async with trio.open_nursery() as nursery:
@@ -267,17 +271,25 @@ async def _watch_conductor(ws: trio_client.ClientConnection, url: str,
             await ws.send_ping()
 
 
+_Handshake = TypeVar("_Handshake", Challenge, Welcome)
+
+
 async def _receive_handshake(ws: trio_client.ClientConnection,
-                             expected: tuple[str, ...]) -> dict[str, Any]:
-    wanted = " or ".join(expected)
+                             expected: type[_Handshake]) -> _Handshake:
+    """The next message, of type *expected*; raises :class:`Refused` for a ``refused``
+    (a follower, before anything else; or a hello refused) and SessionError for
+    anything else or nothing within HANDSHAKE_TIMEOUT_S."""
+    wanted = f"{expected.TYPE} or refused"
     with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
         data = await ws.get_message()
         msg = decode_node_message(data)
         if isinstance(msg, NodeDecodeError):
             raise SessionError(f"bad message from the conductor, expected {wanted}: "
                                f"{msg.message}")
-        if msg["type"] not in expected:
-            raise SessionError(f"expected {wanted} from the conductor, got {msg['type']}")
+        if isinstance(msg, node_protocol.Refused):
+            raise Refused(msg.code, msg.message, msg.leader)
+        if not isinstance(msg, expected):
+            raise SessionError(f"expected {wanted} from the conductor, got {msg.TYPE}")
         return msg
     raise SessionError(f"no {wanted} from the conductor within {HANDSHAKE_TIMEOUT_S:g} s")
 
@@ -287,12 +299,12 @@ def _local_address(ws: trio_client.ClientConnection) -> str:
 
 
 async def _send_outbox(ws: trio_client.ClientConnection,
-                       outbox: trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]) -> None:
-    async for kind, fields in outbox:
+                       outbox: trio.MemoryReceiveChannel[NodeMessage]) -> None:
+    async for msg in outbox:
         try:
-            text = encode_node_message(kind, **fields)
+            text = msg.encode()
         except ValueError:
-            log.exception("cannot encode a %s message; dropped (this is a bug)", kind)
+            log.exception("cannot encode a %s message; dropped (this is a bug)", msg.TYPE)
             continue
         try:
             await ws.send_message(text)
@@ -300,16 +312,16 @@ async def _send_outbox(ws: trio_client.ClientConnection,
             return  # the receiving side notices and ends the session
 
 
-async def _send_heartbeats(outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]],
+async def _send_heartbeats(outbox: trio.MemorySendChannel[NodeMessage],
                            interval_s: float) -> None:
     while True:
         await trio.sleep(interval_s)
-        await outbox.send(("heartbeat", machine_figures()))
+        await outbox.send(Heartbeat(**machine_figures()))
 
 
 async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                           supervisor: Supervisor,
-                          outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
+                          outbox: trio.MemorySendChannel[NodeMessage]) -> None:
     while True:
         try:
             data = await ws.get_message()
@@ -323,23 +335,22 @@ async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                         msg.message)
             await _answer_bad_launch(data, msg, outbox)
             continue
-        kind = msg["type"]
-        if kind == "refused":  # e.g. this node's key was revoked
-            raise Refused(msg["code"], msg["message"])
-        if kind == "launch":
-            supervisor.launch(Launch.from_fields(msg))
-        elif kind == "stop":
-            supervisor.stop(msg["replica"])
-        elif kind == "logs":
-            lines = supervisor.tail_logs(msg["app"], msg["replica"], msg["tail"])
-            await outbox.send(("logs_reply", {"req": msg["req"], "lines": fit_lines(lines)}))
+        if isinstance(msg, node_protocol.Refused):  # e.g. this node's key was revoked
+            raise Refused(msg.code, msg.message)
+        if isinstance(msg, Launch):
+            supervisor.launch(msg)
+        elif isinstance(msg, Stop):
+            supervisor.stop(msg.replica)
+        elif isinstance(msg, LogsRequest):
+            lines = supervisor.tail_logs(msg.app, msg.replica, msg.tail)
+            await outbox.send(LogsReply(req=msg.req, lines=fit_lines(lines)))
         else:
             log.warning("node %s: unexpected %s message from the conductor ignored",
-                        node_id, kind)
+                        node_id, msg.TYPE)
 
 
 async def _answer_bad_launch(data: str | bytes, problem: NodeDecodeError,
-                             outbox: trio.MemorySendChannel[tuple[str, dict[str, Any]]]) -> None:
+                             outbox: trio.MemorySendChannel[NodeMessage]) -> None:
     """A launch we cannot read still names its replica: say it failed, so nobody waits."""
     try:
         msg = json.loads(data)
@@ -347,17 +358,18 @@ async def _answer_bad_launch(data: str | bytes, problem: NodeDecodeError,
         return
     if not isinstance(msg, dict) or msg.get("type") != "launch":
         return
-    report = {
-        "replica": msg.get("replica"), "app": msg.get("app"), "generation": msg.get("generation"),
-        "state": "failed", "pid": None, "port": None, "exit_code": None, "signal": None,
-        "message": f"bad launch message: {problem.message}", "reason": "launch_error",
-        "ts": time.time(),
-    }
     try:
-        encode_node_message("replica", **report)
+        # Checked as the conductor will (no token: the wire has always left it out).
+        report = ReplicaReport.from_fields({
+            "replica": msg.get("replica"), "app": msg.get("app"),
+            "generation": msg.get("generation"), "state": "failed", "pid": None,
+            "port": None, "exit_code": None, "signal": None,
+            "message": f"bad launch message: {problem.message}", "reason": "launch_error",
+            "ts": time.time(),
+        })
     except ValueError:
         return  # not even the replica id is usable
-    await outbox.send(("replica", report))
+    await outbox.send(report)
 
 
 def fit_lines(lines: list[dict[str, Any]],

@@ -58,7 +58,7 @@ from typing import Any
 import psutil
 import trio
 
-from skr8tr.core.node_protocol import Launch
+from skr8tr.core.node_protocol import Launch, ReplicaReport
 from skr8tr.node.adopt import AdoptedProcess, identify
 from skr8tr.node.health import HealthTracker, next_probe_delay, probe_http
 from skr8tr.node.logs import (
@@ -86,7 +86,7 @@ KEEP_FINISHED_REPORTS = 1000
 # The states a record keeps (for the readiness of a re-adopted replica).
 RECORDED_STATES = ("running", "ready", "unhealthy")
 
-Report = dict[str, Any]
+Report = ReplicaReport
 ReportSink = Callable[[Report], None]
 
 
@@ -172,7 +172,7 @@ class Supervisor:
 
     def reports(self) -> list[Report]:
         """The last report of every replica that is running (in launch order)."""
-        return [dict(r.last_report) for r in self._live.values() if r.last_report is not None]
+        return [r.last_report for r in self._live.values() if r.last_report is not None]
 
     def tail_logs(self, app: str, replica: str | None, count: int) -> list[dict[str, Any]]:
         """The last *count* log lines of *app* (or one of its replicas), oldest first."""
@@ -216,11 +216,12 @@ class Supervisor:
         log.warning("replica %s: stop of an unknown replica", replica)
         # The wire needs app and generation; for a replica never seen they are
         # unknown, so they are sent empty / as 1. The conductor goes by replica id.
-        self._emit({
-            "replica": replica, "app": "", "generation": 1, "state": "exited", "pid": None,
-            "port": None, "exit_code": None, "signal": None, "message": "unknown replica",
-            "reason": None, "ts": self._clock(),
-        })
+        # Without a token: the wire has always left it out of this report.
+        self._emit(ReplicaReport(
+            replica=replica, app="", generation=1, state="exited", pid=None, port=None,
+            exit_code=None, signal=None, message="unknown replica", reason=None,
+            ts=self._clock(), omit=frozenset({"token"}),
+        ))
 
     # ------------------------------------------------------------------ replica task
 
@@ -485,12 +486,11 @@ class Supervisor:
                 and rep.record.get("state") != state):
             rep.record["state"] = state
             self._save_record(rep)
-        report: Report = {
-            "replica": spec.replica, "app": spec.app, "generation": spec.generation,
-            "state": state, "pid": pid, "port": spec.port, "exit_code": exit_code,
-            "signal": signal, "message": message, "reason": reason, "ts": self._clock(),
-            "token": spec.token,
-        }
+        report = ReplicaReport(
+            replica=spec.replica, app=spec.app, generation=spec.generation, state=state,
+            pid=pid, port=spec.port, exit_code=exit_code, signal=signal, message=message,
+            reason=reason, ts=self._clock(), token=spec.token,
+        )
         rep.last_report = report
         level = logging.WARNING if state in ("failed", "unhealthy") else logging.INFO
         log.log(level, "replica %s (app %s gen %d) %s%s%s", spec.replica, spec.app,
@@ -500,7 +500,7 @@ class Supervisor:
 
     def _emit(self, report: Report) -> None:
         if self._sink is not None:
-            self._sink(dict(report))
+            self._sink(report)  # frozen: shared safely
 
 
 @asynccontextmanager
