@@ -88,7 +88,7 @@ class FakeConductor:
             else:
                 await self._cli(ws)
         except _GONE:
-            pass
+            return  # the client left or the fake was stopped: nothing to answer
 
     async def _cli(self, ws: Any) -> None:
         while True:
