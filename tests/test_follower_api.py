@@ -70,3 +70,37 @@ async def test_a_message_to_a_node_whose_session_just_ended_is_not_sent_and_rais
     await receive.aclose()  # the session's side is gone
     assert cluster.send("n1", Stop(replica="r1")) is False
     assert cluster.nodes["n1"].outbox is None
+
+
+async def test_a_write_whose_outcome_is_unknown_ends_the_term_and_says_it_may_have_happened():
+    """etcd timed out after the transaction was sent: it may have been kept, so the
+    command must not say "nothing was changed", and memory (which may now differ from
+    etcd) is dropped with the term."""
+    import pytest
+
+    from skr8tr.conductor.errors import CommandError
+    from skr8tr.conductor.etcd_client import EtcdError
+    from skr8tr.conductor.etcd_store import EtcdStore
+    from skr8tr.conductor.store import Change, StoreOutcomeUnknown, StoreUnavailable
+    from tests.test_store import app
+
+    class Client:
+        def __init__(self, sent: bool) -> None:
+            self.sent = sent
+
+        async def txn(self, *args, **kwargs):
+            raise EtcdError("etcd http://h:1: /v3/kv/txn: read timed out", sent=self.sent)
+
+    unsent = EtcdStore(Client(sent=False), "/t")  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable) as caught:
+        await unsent.apply(Change(apps={"web": app("web")}))
+    assert not isinstance(caught.value, StoreOutcomeUnknown)
+
+    cluster = Cluster(node_timeout_s=9.0, store=EtcdStore(Client(sent=True), "/t"))  # type: ignore[arg-type]
+    deposed: list[str] = []
+    cluster.deposed = deposed.append
+    with pytest.raises(CommandError) as refused:
+        await cluster.commit(Change(apps={"web": app("web")}))
+    assert refused.value.code == "UNAVAILABLE"
+    assert "may have been applied" in refused.value.message
+    assert deposed and "outcome is unknown" in deposed[0]

@@ -49,6 +49,7 @@ from skr8tr.conductor.store import (
     MemoryStore,
     Store,
     StoreError,
+    StoreOutcomeUnknown,
     StoreUnavailable,
 )
 from skr8tr.conductor.tables import (
@@ -479,6 +480,12 @@ class Cluster(NodeReports):
         Raises CommandError INTERNAL when the store cannot; it kept nothing of it."""
         try:
             await self.store.apply(change)
+        except StoreOutcomeUnknown as exc:
+            # Memory no longer knows what the store holds: end this term, so that the
+            # next one (this conductor or another) loads the truth from the store.
+            self.deposed(f"a write's outcome is unknown: {exc}")
+            raise CommandError("UNAVAILABLE", f"{exc}; it may have been applied: check "
+                               "with `skr8tr status`") from None
         except StoreUnavailable as exc:
             raise CommandError("UNAVAILABLE", f"{exc}; nothing was changed") from None
         except FenceLost as exc:

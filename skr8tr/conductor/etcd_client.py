@@ -39,9 +39,13 @@ class EtcdError(Exception):
     """etcd could not be reached, or refused or garbled a request. One line for people;
     ``code`` is etcd's gRPC status code when etcd answered with an error."""
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, *,
+                 sent: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        # The request may have reached etcd and been carried out (a timeout or a broken
+        # connection after it was sent): its outcome is unknown.
+        self.sent = sent
 
 
 def endpoints_from_url(url: str) -> list[str]:
@@ -296,7 +300,8 @@ class EtcdClient:
             except httpx.ConnectError:
                 continue  # nothing was sent: the next endpoint may answer
             except httpx.HTTPError as exc:
-                raise EtcdError(f"etcd {endpoint}: {path}: {_why(exc)}") from None
+                sent = not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
+                raise EtcdError(f"etcd {endpoint}: {path}: {_why(exc)}", sent=sent) from None
             self._preferred = self.endpoints.index(endpoint)
             if stream:  # a streaming endpoint sent one result per line; one was asked for
                 return _result(response.text.partition("\n")[0], endpoint)

@@ -35,7 +35,14 @@ import trio
 from skr8tr.conductor import state_file
 from skr8tr.conductor.etcd_client import Compare, Delete, EtcdClient, EtcdError, Get, KeyValue, Put
 from skr8tr.conductor.state_file import StateFileError, StoredApp, StoredState
-from skr8tr.conductor.store import EMPTY, Change, FenceLost, StoreError, StoreUnavailable
+from skr8tr.conductor.store import (
+    EMPTY,
+    Change,
+    FenceLost,
+    StoreError,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
 
 __all__ = ["EtcdStore", "FenceLost", "StoredValueError"]
 
@@ -112,7 +119,8 @@ class EtcdStore:
         Returns once etcd has committed it. Raises FenceLost when the fence does not hold,
         StoreUnavailable when etcd cannot be reached, StoreError when it refuses
         (a rollout status for an app neither stored nor written by the change); nothing
-        of the change is kept in any of these cases.
+        of the change is kept in any of these cases. StoreOutcomeUnknown when etcd did
+        not answer after the request was sent: it may have been kept.
 
         Group commit: changes that arrive while a transaction is under way are written
         together by the next one (at most MAX_BATCH_OPS operations), so that N commands
@@ -182,7 +190,8 @@ class EtcdStore:
             held = await self.client.txn(fence, []) if fence else None
         except EtcdError as exc:
             for p in batch:
-                p.finish(StoreUnavailable(f"not written to etcd: {exc}"))
+                p.finish(StoreOutcomeUnknown(f"etcd may or may not have written it: {exc}")
+                         if exc.sent else StoreUnavailable(f"not written to etcd: {exc}"))
             return
         if held is not None and not held.succeeded:
             for p in batch:

@@ -47,6 +47,11 @@ class StoreUnavailable(StoreError):
     refused with ``UNAVAILABLE``: it may be sent again."""
 
 
+class StoreOutcomeUnknown(StoreUnavailable):
+    """The store did not answer after the change was sent: it may or may not have been
+    kept. Memory can no longer be trusted to match the store."""
+
+
 class FenceLost(StoreError):
     """The change's fence did not hold (this conductor no longer leads); nothing was kept."""
 
