@@ -111,8 +111,7 @@ class Cluster:
             # A block of its own for `port auto`, below the ephemeral ports, so two
             # suites on one machine do not take each other's ports (same block on restart).
             if not self.port_block:
-                lo = random.randrange(10000, 19800, 200)
-                self.port_block = f"{lo}-{lo + 199}"
+                self.port_block = new_port_block()
             extra = (*extra, "--port-range", self.port_block)
         self.conductor = self._spawn(
             "conductor", "conductor", "--listen", f"127.0.0.1:{self.ws_port}",
@@ -225,19 +224,23 @@ class Cluster:
 
     # -------------------------------------------------------------- teardown
 
+    def conductor_daemons(self) -> list[Daemon]:
+        """What shutdown stops after the nodes (a subclass may run several)."""
+        return [] if self.conductor is None else [self.conductor]
+
+    def after_daemons(self) -> None:
+        """Called by shutdown once every daemon has stopped (a subclass stops etcd)."""
+
     def shutdown(self) -> None:
         """Stop nodes (which stop their workloads), then the conductor; check for orphans."""
         problems = []
-        for daemon in [*self.others.values(), *self.nodes.values()]:
+        for daemon in [*self.others.values(), *self.nodes.values(),
+                       *self.conductor_daemons()]:
             try:
                 daemon.stop()
             except AssertionError as exc:
                 problems.append(str(exc))
-        if self.conductor is not None:
-            try:
-                self.conductor.stop()
-            except AssertionError as exc:
-                problems.append(str(exc))
+        self.after_daemons()
         survivors = [p for p in self.seen_pids if psutil.pid_exists(p)
                      and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         for pid in survivors:
@@ -248,13 +251,25 @@ class Cluster:
         assert not problems, "\n".join(problems)
 
 
+def new_port_block() -> str:
+    """A block of 200 ports for `port auto`, below the ephemeral ports, so that two
+    suites on one machine do not take each other's ports."""
+    lo = random.randrange(10000, 19800, 200)
+    return f"{lo}-{lo + 199}"
+
+
+def private_env(root: Path) -> dict[str, str]:
+    """The test's environment without SKR8TR_* and with a HOME of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
+    env["HOME"] = str(root / "home")
+    return env
+
+
 @contextmanager
 def running_cluster(root: Path, *conductor_flags: str,
                     node_timeout_s: float = 5.0) -> Iterator[Cluster]:
     """Keys and a started conductor in ``root``, with a private HOME; shut down after."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-    env["HOME"] = str(root / "home")
-    cluster = Cluster(root=root, env=env)
+    cluster = Cluster(root=root, env=private_env(root))
     cluster.make_keys()
     cluster.start_conductor(*conductor_flags, node_timeout_s=node_timeout_s)
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -21,10 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from tests.conftest import free_port, skr8tr_command
-from tests.e2e import Cluster, Daemon, poll
+from tests.e2e import Cluster, Daemon, new_port_block, poll, private_env
 from tests.etcd import Etcd
 from tests.netns import Partitionable
 
@@ -121,33 +118,20 @@ class HaCluster(Cluster):
              what=f"nodes {sorted(want)} to join the leader")
         return want
 
-    def shutdown(self) -> None:
-        problems = []
-        for daemon in [*self.others.values(), *self.nodes.values()]:
-            try:
-                daemon.stop()
-            except AssertionError as exc:
-                problems.append(str(exc))
+    def conductor_daemons(self) -> list[Daemon]:
+        daemons = []
         for c in self.conductors.values():
             if c.daemon is None:
                 continue
             if c.daemon.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(c.daemon.proc.pid, signal.SIGCONT)  # a test may have stopped it
-            try:
-                c.daemon.stop()
-            except AssertionError as exc:
-                problems.append(str(exc))
+            daemons.append(c.daemon)
+        return daemons
+
+    def after_daemons(self) -> None:
         if self.etcd is not None and self.etcd.process is not None:
             self.etcd.stop()
-        survivors = [p for p in self.seen_pids if psutil.pid_exists(p)
-                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        for pid in survivors:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        if survivors:
-            problems.append(f"workloads outlived the test: {sorted(survivors)}")
-        assert not problems, "\n".join(problems)
 
 
 @contextmanager
@@ -155,11 +139,7 @@ def running_ha_cluster(root: Path, *conductor_flags: str, conductors: int = 3,
                        nodes: int = 2) -> Iterator[HaCluster]:
     """etcd, keys, ``conductors`` conductors on it with a leader elected, and ``nodes``
     node agents joined to it; everything stopped after."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-    env["HOME"] = str(root / "home")
-    cluster = HaCluster(root=root, env=env)
-    lo = random.randrange(10000, 19800, 200)  # `port auto`'s block, as tests/e2e.py
-    cluster.port_block = f"{lo}-{lo + 199}"
+    cluster = HaCluster(root=root, env=private_env(root), port_block=new_port_block())
     try:
         cluster.etcd = Etcd(root / "etcd").start()
         cluster.make_keys()

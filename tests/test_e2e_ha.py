@@ -10,8 +10,6 @@ failed request through the ingress.
 from __future__ import annotations
 
 import json
-import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from skr8tr.keyfiles import load_signing_key
 from skr8tr.wire import CallOptions, ClientError, build_request
 from tests import netns
 from tests.conftest import free_port, http_get
-from tests.e2e import poll
+from tests.e2e import new_port_block, poll, private_env
 from tests.etcd import Etcd
 from tests.ha import Conductor, HaCluster, running_ha_cluster
 from tests.test_e2e_rollout import web
@@ -235,11 +233,7 @@ def test_a_leader_partitioned_from_etcd_and_nodes_steps_down_and_nothing_restart
         pytest.fail(f"network namespaces are needed for the partition test (run as root, "
                     f"with CAP_NET_ADMIN): {why}")
     part = netns.Partitionable()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
-    env["HOME"] = str(tmp_path / "home")
-    ha = HaCluster(root=tmp_path, env=env)
-    lo = random.randrange(10000, 19800, 200)
-    ha.port_block = f"{lo}-{lo + 199}"
+    ha = HaCluster(root=tmp_path, env=private_env(tmp_path), port_block=new_port_block())
     try:
         ha.etcd = Etcd(tmp_path / "etcd")
         ha.etcd.extra_listen = [f"http://{part.host_ip}:{ha.etcd.client_port}"]

@@ -36,6 +36,17 @@ async def offer(peer: Peer, **term: int) -> dict:
     return await peer.expect("hello")
 
 
+async def agent_on_two(nursery: trio.Nursery, tmp_path: Path, key_path: Path):
+    """Two scripted conductors, ((conductor, url), (conductor, url)), and an agent given
+    both URLs, in that order."""
+    a, a_url = await start_conductor(nursery)
+    b, b_url = await start_conductor(nursery)
+    config = AgentConfig(f"{a_url},{b_url}", str(key_path), "node-a",
+                         str(tmp_path / "d"), None, stop_workloads=True)
+    await nursery.start(run_agent, config)
+    return (a, a_url), (b, b_url)
+
+
 async def closed_by_the_agent(peer: Peer) -> None:
     """The agent closes the connection, sending nothing more (no hello, no heartbeat)."""
     with trio.fail_after(STEP_S), pytest.raises(trio_client.ConnectionClosed):
@@ -73,11 +84,7 @@ async def test_a_lower_term_is_refused_and_the_others_are_tried(
     pids: list[int] = []
     with trio.fail_after(TEST_DEADLINE_S):
         async with trio.open_nursery() as nursery:
-            a, a_url = await start_conductor(nursery)
-            b, b_url = await start_conductor(nursery)
-            config = AgentConfig(f"{a_url},{b_url}", str(key_path), "node-a",
-                                 str(tmp_path / "d"), None, stop_workloads=True)
-            await nursery.start(run_agent, config)
+            (a, a_url), (b, _b_url) = await agent_on_two(nursery, tmp_path, key_path)
 
             # a leads under term 7 and starts a replica.
             peer = await a.next_peer()
@@ -139,11 +146,7 @@ async def test_a_frozen_conductor_is_left_for_the_next(tmp_path: Path, key_path:
     open; the agent notices by its unanswered pings and goes to the next one."""
     with trio.fail_after(TEST_DEADLINE_S):
         async with trio.open_nursery() as nursery:
-            a, a_url = await start_conductor(nursery)
-            b, b_url = await start_conductor(nursery)
-            config = AgentConfig(f"{a_url},{b_url}", str(key_path), "node-a",
-                                 str(tmp_path / "d"), None, stop_workloads=True)
-            await nursery.start(run_agent, config)
+            (a, _a_url), (b, _b_url) = await agent_on_two(nursery, tmp_path, key_path)
             peer = await a.next_peer()
             await offer(peer, term=3)
             await peer.send("welcome", node_id="node-a", heartbeat_s=0.1, term=3)

@@ -298,11 +298,11 @@ _EXPECTED = (OSError, SessionError, trio_client.HandshakeError, trio_client.Conn
 def _log_session_end(node_id: str, url: str, exc: BaseException) -> None:
     leaves = list(_leaves(exc))
     first = leaves[0] if leaves else exc
+    if isinstance(first, StaleTerm):
+        return  # Terms.check logged it, naming both terms
     if isinstance(first, Refused):
         log.error("node %s: the conductor at %s refused this node: %s: %s", node_id, url,
                   first.code, first.message)
-    elif isinstance(first, StaleTerm):
-        pass  # Terms.check logged it, naming both terms
     elif all(isinstance(e, _EXPECTED) for e in leaves):
         log.warning("node %s: session with %s ended: %s", node_id, url, _describe(first))
     else:
