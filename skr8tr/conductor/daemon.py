@@ -40,7 +40,7 @@ from skr8tr.conductor.http import serve_http
 from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits, LogThrottle
 from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
-from skr8tr.conductor.origins import HostPolicy, OriginError
+from skr8tr.conductor.origins import WILDCARD_HOSTS, HostPolicy, OriginError
 from skr8tr.conductor.seat import Seat
 from skr8tr.conductor.store import Store, StoreError
 from skr8tr.core import envelope, hostport, protocol
@@ -160,7 +160,7 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         raise StartError(f"--advertise-url {advertise!r}: expected ws://HOST:PORT or "
                          "wss://HOST:PORT, the address clients and nodes dial")
     listen = parse_hostport(opts.listen, "--listen")
-    if endpoints and advertise is None and listen[0] in ("", "0.0.0.0", "::"):
+    if endpoints and advertise is None and listen[0] in WILDCARD_HOSTS:
         raise StartError(f"--listen {opts.listen} with --store needs --advertise-url: the "
                          "URL the other conductors hand out for this one, and by which "
                          "they tell it apart (e.g. ws://10.0.0.1:7771)")
@@ -413,7 +413,7 @@ async def _refuse_stream(request: wsserver.Request, path: str, seat: Seat) -> No
 
 
 def _url(scheme: str, host: str, port: int) -> str:
-    if host in ("", "0.0.0.0", "::"):
+    if host in WILDCARD_HOSTS:
         host = "127.0.0.1"
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
@@ -421,7 +421,7 @@ def _url(scheme: str, host: str, port: int) -> str:
 def _advertised_host(url: str, http_host: str) -> str:
     """The status page's host: --http's own unless it listens everywhere, then the
     advertised URL's host."""
-    if http_host not in ("", "0.0.0.0", "::"):
+    if http_host not in WILDCARD_HOSTS:
         return http_host
     rest = url.split("://", 1)[1].rsplit(":", 1)[0]
     return rest.strip("[]")

@@ -132,7 +132,3 @@ class Seat:
             since = self.since if url == self.url else member.since
             rows.append({"url": url, "role": role, "since": since, "http": member.http})
         return rows
-
-    def health(self) -> dict[str, Any]:
-        return {"role": self.role, "leader": self.leader, "term": self.term,
-                "store_reachable": self.store_reachable}

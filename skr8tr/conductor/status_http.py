@@ -28,6 +28,7 @@ from skr8tr import __version__
 from skr8tr.conductor import metrics, views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import Response
+from skr8tr.conductor.origins import WILDCARD_HOSTS
 from skr8tr.core import protocol, replica_state
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ PAGE_HEADERS = (
      "frame-ancestors 'none'"),
     ("Referrer-Policy", "no-referrer"),
 )
-WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 REPLICA_STATES = replica_state.STATES
 REFUSAL_CODES = ("BAD_REQUEST", "UNAUTHORIZED", "EXPIRED", "REPLAY")
 NOT_FOUND_TEXT = (b"not found; try / (the status page), /api/state, /api/config, /api/events, "
