@@ -278,6 +278,7 @@ def _follow(node_id: str, url: str, refused: Refused, search: LeaderSearch) -> N
     if target is not None:
         log.info("node %s: %s is a follower; going to the leader %s", node_id, url, target)
     else:
+        search.answered()  # alive: a leader is due within a lease TTL, so come back soon
         search.failed()
         log.info("node %s: %s is a follower and names no leader it can follow (%s); "
                  "trying the others", node_id, url, refused.leader or "none elected yet")
