@@ -33,7 +33,7 @@ import trio  # noqa: E402
 from _harness import raise_fd_limit  # noqa: E402
 
 from skr8tr import __version__, keyfiles  # noqa: E402
-from skr8tr.core import envelope, keys  # noqa: E402
+from skr8tr.core import envelope  # noqa: E402
 from skr8tr.core.node_protocol import (  # noqa: E402
     MAX_NODE_MESSAGE_BYTES,
     decode_node_message,
@@ -70,7 +70,7 @@ class SimNode:
                 sig = envelope.sign_challenge(self.key, bytes.fromhex(challenge.nonce),
                                               self.node_id)
                 await ws.send_message(encode_node_message(
-                    "hello", node_id=self.node_id, key=keys.public_hex(self.key), sig=sig,
+                    "hello", node_id=self.node_id, key=self.key.public, sig=sig,
                     version=__version__, address=address_of(self.index), replicas=[],
                     **FIGURES))
                 welcome = decode_node_message(await ws.get_message())

@@ -62,11 +62,12 @@ def _fail(opts: argparse.Namespace, err: CliError) -> int:
 
 def cmd_keygen(opts: argparse.Namespace) -> int:
     from skr8tr import keyfiles
-    from skr8tr.core import keys
+    from skr8tr.core import keys, signatures
 
     out = os.path.expanduser(opts.out)
     try:
-        pub = keyfiles.write_keypair(out, force=opts.force)
+        pub = keyfiles.write_keypair(out, force=opts.force,
+                                     algorithm=signatures.algorithm_named(opts.alg))
     except keys.KeyFileError as exc:
         raise CliError("KEY_EXISTS" if "exists" in str(exc) else "KEY_FILE", str(exc),
                        EXIT_USAGE) from None
@@ -77,13 +78,17 @@ def cmd_keygen(opts: argparse.Namespace) -> int:
     pub_path = os.path.join(out, "signing.pub")
     if opts.json:
         _print_json({"public_key": pub, "secret_key_file": sec_path, "public_key_file": pub_path,
-                     "fingerprint": keys.fingerprint(pub)})
+                     "fingerprint": signatures.fingerprint(pub), "algorithm": opts.alg})
     else:
         print(pub)
         print(f"# secret key: {sec_path} (mode 0600; keep it private)", file=sys.stderr)
-        print(f"# public key: {pub_path}; authorize it on the conductor with a line",
-              file=sys.stderr)
-        print(f"#   admin {pub}", file=sys.stderr)
+        print(f"# public key: {pub_path} ({opts.alg}); authorize it on the conductor with a "
+              "line", file=sys.stderr)
+        if len(pub) <= 64:
+            print(f"#   admin {pub}", file=sys.stderr)
+        else:  # a post-quantum key is ~4,000 characters: let the shell copy it
+            print(f"#   admin {opts.alg}:... (the whole of signing.pub), e.g.", file=sys.stderr)
+            print(f"#   echo \"admin $(cat {pub_path})\" >> authorized_keys", file=sys.stderr)
     return EXIT_OK
 
 

@@ -108,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_client_flags(p, top=False)
         return p
 
-    p = verb("keygen", "create an Ed25519 signing key pair")
+    p = verb("keygen", "create a signing key pair (Ed25519, ML-DSA-65 or both)")
+    # The names are spelled out here: importing skr8tr.core.signatures for them
+    # would not cost much, but every verb pays for what this module imports.
+    p.add_argument("--alg", choices=("ed25519", "ml-dsa-65", "ed25519+ml-dsa-65"),
+                   default="ed25519",
+                   help="signature algorithm (default ed25519; ed25519+ml-dsa-65 is a hybrid "
+                        "whose signatures need both to verify, post-quantum)")
     p.add_argument("--out", metavar="DIR", default="~/.skr8tr",
                    help="folder for signing.sec and signing.pub (default ~/.skr8tr)")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
@@ -126,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ports for `port auto` (default 20000-32000)")
     p.add_argument("--insecure", action="store_true",
                    help="run without --authorized-keys (accepts anyone; never in production)")
+    p.add_argument("--require-pq", action="store_true",
+                   help="accept only post-quantum keys (ml-dsa-65, ed25519+ml-dsa-65) for "
+                        "commands and node joins; Ed25519 keys listed are ignored, and named "
+                        "at start")
     p.add_argument("--adopt-grace", metavar="S", type=_positive_float, default=None,
                    help="after a restart, seconds to wait for nodes to report running "
                    "replicas before placing new ones (default: 2 x the node heartbeat)")

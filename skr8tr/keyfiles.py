@@ -30,18 +30,21 @@ from skr8tr.core.keys import (
     public_key_line,
     secret_key_line,
 )
+from skr8tr.core.signatures import ED25519, Algorithm
 
 if TYPE_CHECKING:
-    import nacl.signing
+    from skr8tr.core.signatures import Signer
 
 __all__ = ["write_keypair", "load_signing_key", "load_authorized_keys"]
 
-# Key files are one short line; anything much longer is not a key file.
-_MAX_KEY_FILE_BYTES = 4096
+# Key files are one line (a hybrid signing.pub, the longest, is 3,987 bytes);
+# anything much longer is not a key file.
+_MAX_KEY_FILE_BYTES = 8192
 
 
-def write_keypair(out_dir: str | os.PathLike[str], *, force: bool = False) -> str:
-    """Generate a key pair and write ``signing.sec`` and ``signing.pub`` into *out_dir*.
+def write_keypair(out_dir: str | os.PathLike[str], *, force: bool = False,
+                  algorithm: Algorithm = ED25519) -> str:
+    """Generate a key pair of *algorithm*; write ``signing.sec`` and ``signing.pub`` in *out_dir*.
 
     Creates *out_dir* (mode 0700) if it is missing. The secret file is created
     with mode 0600 by ``open(2)`` itself, so it is never readable by others,
@@ -50,7 +53,7 @@ def write_keypair(out_dir: str | os.PathLike[str], *, force: bool = False) -> st
     (:func:`skr8tr.atomic.write_atomically`), so a crash leaves either the old
     or the new key, never a torn one.
 
-    Returns the new public key as 64 lowercase hex characters.
+    Returns the new public key's text (what ``signing.pub`` holds).
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -67,7 +70,7 @@ def write_keypair(out_dir: str | os.PathLike[str], *, force: bool = False) -> st
             if path.exists() or path.is_symlink():
                 raise KeyFileError(f"{path} already exists; use --force to replace it")
 
-    signing_key, pub = generate_keypair()
+    signing_key, pub = generate_keypair(algorithm)
     sec_line = secret_key_line(signing_key).encode("ascii")
     pub_line = public_key_line(pub).encode("ascii")
     try:
@@ -101,17 +104,18 @@ def _create_file(path: Path, content: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def load_signing_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
+def load_signing_key(path: str | os.PathLike[str]) -> Signer:
     """Read a ``signing.sec`` file written by ``skr8tr keygen``.
 
     Raises KeyFileError when the file is missing (the message says how to make
     one or pass ``--key``), is not a regular file, grants any permission to
     group or others (the message gives the ``chmod 600`` to run), or does not
-    hold exactly 64 hex characters on one line (surrounding whitespace is fine).
+    hold one line ``[ALG:]HEX`` of a known algorithm's seed (surrounding whitespace is
+    fine).
     """
     p = Path(path).expanduser()
     if p.name == PUBLIC_KEY_FILE:
-        # Its content has the same shape as a seed; loading it would sign with a wrong key.
+        # An Ed25519 one has the same shape as a seed; loading it would sign with a wrong key.
         raise KeyFileError(f"{p} is a public key; pass the signing.sec next to it")
     try:
         fd = os.open(p, os.O_RDONLY)

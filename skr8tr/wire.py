@@ -80,7 +80,7 @@ class ClientError(Exception):
 class CallOptions:
     conductor: str
     timeout_s: float
-    signing_key: Any | None  # nacl.signing.SigningKey, or None for unsigned read-only calls
+    signing_key: Any | None  # core.signatures.Signer, or None for unsigned read-only calls
     ca_file: str | None = None  # for wss://: the CA to verify the conductor with
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from skr8tr import __version__, keyfiles
-from skr8tr.core import envelope, keys
+from skr8tr.core import envelope
 from skr8tr.core.node_protocol import encode_node_message
 from skr8tr.ws import trio_client
 
@@ -38,7 +38,7 @@ async def impostor_node(url: str, key_file: Path, node_id: str, *,
         assert challenge["type"] == "challenge", challenge
         sig = envelope.sign_challenge(key, bytes.fromhex(challenge["nonce"]), node_id)
         await ws.send_message(encode_node_message(
-            "hello", node_id=node_id, key=keys.public_hex(key), sig=sig, version=__version__,
+            "hello", node_id=node_id, key=key.public, sig=sig, version=__version__,
             address=address, cores=1, ram_total_mb=1024, ram_free_mb=1024, cpu_pct=0.0,
             replicas=list(replicas)))
         welcome = json.loads(await ws.get_message())

@@ -88,7 +88,7 @@ class Conductor:
 
     ws_port: int
     http_port: int
-    admin: object  # nacl SigningKey
+    admin: object  # core.signatures.Signer
     node: object
     authorized: Path
     scheme: str = "ws"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from skr8tr import audit_head
 from skr8tr.conductor import audit
 from skr8tr.conductor.daemon import ConductorConfig, StartError, run_conductor
-from skr8tr.core import audit_chain, keys, manifest
+from skr8tr.core import audit_chain, keys, manifest, signatures
 from skr8tr.core.audit_chain import GENESIS, ChainError, Head
 from skr8tr.ws import trio_client
 from tests.conftest import skr8tr_command
@@ -197,11 +197,11 @@ async def test_conductor_records_every_signed_command(tmp_path: Path, caplog):
         ("up", True, True), ("up", False, False), ("down", False, False),
         ("scale", True, True), ("scale", True, False), ("down", True, True)]
     first = entries[0]
-    assert first["key"] == keys.fingerprint(keys.public_hex(c.admin))
+    assert first["key"] == signatures.fingerprint(c.admin.public)
     assert first["peer"] == "127.0.0.1" and first["args"]["app"] == "vault"
     assert first["args"]["env_keys"] == ["API_TOKEN"]
     assert first["result"] == {"ok": True, "app": "vault", "generation": 1, "replicas": 0}
-    assert entries[1]["key"] == keys.fingerprint(keys.public_hex(stranger))
+    assert entries[1]["key"] == signatures.fingerprint(stranger.public)
     assert entries[1]["result"]["code"] == "UNAUTHORIZED"
     assert entries[2]["key"] is None
     assert entries[4]["result"]["code"] == "REPLAY"

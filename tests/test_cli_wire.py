@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from skr8tr import keyfiles
-from skr8tr.core import envelope, keys, protocol
+from skr8tr.core import envelope, keys, protocol, signatures
 from skr8tr.ws import server as wsserver
 from skr8tr.ws import trio_client
 from tests.conftest import MANIFESTS, skr8tr_command
@@ -139,7 +139,7 @@ async def test_up_sends_signed_manifest_and_prints_placements(conductor, admin_k
         "format": "skr8tr",
         "base_dir": str(MANIFESTS),
     }
-    assert conductor.fingerprints[-1] == keys.fingerprint(pub)
+    assert conductor.fingerprints[-1] == signatures.fingerprint(pub)
     out = proc.stdout.decode()
     assert "web: generation 1, 2 replica(s)" in out
     assert "web-1a2b" in out and "4343" in out

@@ -25,14 +25,15 @@ from skr8tr.core.envelope import (
     verify_challenge,
     verify_request,
 )
-from skr8tr.core.keys import AuthorizedKeys, fingerprint, parse_authorized_keys, public_hex
+from skr8tr.core.keys import AuthorizedKeys, fingerprint, parse_authorized_keys
+from skr8tr.core.signatures import ED25519, Signer
 
 NOW = 1_700_000_000.0
-ADMIN = nacl.signing.SigningKey(bytes(range(32)))
-NODE = nacl.signing.SigningKey(bytes(range(1, 33)))
-STRANGER = nacl.signing.SigningKey(bytes(range(2, 34)))
+ADMIN = Signer(ED25519, bytes(range(32)))
+NODE = Signer(ED25519, bytes(range(1, 33)))
+STRANGER = Signer(ED25519, bytes(range(2, 34)))
 AUTHORIZED = parse_authorized_keys(
-    f"admin {public_hex(ADMIN)} alice\nnode {public_hex(NODE)} n1\n", filename="ak"
+    f"admin {ADMIN.public} alice\nnode {NODE.public} n1\n", filename="ak"
 )
 ARGS = {"app": "web", "replicas": 3, "nested": {"list": [1, "two", {"x": None}]}}
 
@@ -70,10 +71,12 @@ def test_sign_request_shape():
     req = signed(nonce="ab" * 16)
     assert set(req) == {"v", "id", "cmd", "args", "ts", "nonce", "key", "sig"}
     assert req["v"] == 1
-    assert req["key"] == public_hex(ADMIN)
+    assert req["key"] == ADMIN.public
     assert len(req["sig"]) == 128 and req["sig"] == req["sig"].lower()
     body = {k: v for k, v in req.items() if k != "sig"}
-    ADMIN.verify_key.verify(canonical_json(body), bytes.fromhex(req["sig"]))
+    # An independent check with PyNaCl itself: the Ed25519 wire is unchanged.
+    verify_key = nacl.signing.VerifyKey(bytes.fromhex(ADMIN.public))
+    verify_key.verify(canonical_json(body), bytes.fromhex(req["sig"]))
 
 
 def test_new_nonce_is_32_lowercase_hex_and_fresh():
@@ -84,7 +87,7 @@ def test_new_nonce_is_32_lowercase_hex_and_fresh():
 
 def test_signed_request_verifies_and_returns_fingerprint():
     req = signed()
-    assert verify(req) == fingerprint(public_hex(ADMIN))
+    assert verify(req) == fingerprint(ADMIN.public)
 
 
 def test_signed_request_survives_a_json_round_trip():
@@ -105,13 +108,13 @@ def test_signed_request_survives_a_json_round_trip():
         ("ts", NOW + 1),
         ("ts", int(NOW) + 0.5),
         ("nonce", "0" * 32),
-        ("key", public_hex(STRANGER)),
+        ("key", STRANGER.public),
         ("extra", "smuggled"),
     ],
 )
 def test_changing_any_signed_field_fails(field, value):
     authorized = parse_authorized_keys(
-        f"admin {public_hex(ADMIN)}\nadmin {public_hex(STRANGER)}\n", filename="ak"
+        f"admin {ADMIN.public}\nadmin {STRANGER.public}\n", filename="ak"
     )
     req = signed()
     req[field] = value
@@ -144,17 +147,17 @@ def test_unauthorized_key_fails_even_with_a_valid_signature():
         verify(signed(STRANGER))
     assert info.value.code == "UNAUTHORIZED"
     assert "not authorized as admin" in info.value.message
-    assert public_hex(STRANGER) in info.value.message  # the line to add
+    assert STRANGER.public in info.value.message  # the line to add
 
 
 def test_node_key_is_not_an_admin():
     assert auth_code(signed(NODE)) == "UNAUTHORIZED"
-    assert verify(signed(NODE), role="node") == fingerprint(public_hex(NODE))
+    assert verify(signed(NODE), role="node") == fingerprint(NODE.public)
 
 
 def test_key_with_both_roles_is_an_admin():
     both = parse_authorized_keys(
-        f"node {public_hex(NODE)}\nadmin {public_hex(NODE)}\n", filename="ak"
+        f"node {NODE.public}\nadmin {NODE.public}\n", filename="ak"
     )
     assert verify(signed(NODE), authorized=both)
 
@@ -248,7 +251,7 @@ def test_same_nonce_in_a_new_request_is_a_replay_too():
 
 def test_nonces_are_per_key():
     both = parse_authorized_keys(
-        f"admin {public_hex(ADMIN)}\nadmin {public_hex(STRANGER)}\n", filename="ak"
+        f"admin {ADMIN.public}\nadmin {STRANGER.public}\n", filename="ak"
     )
     guard = ReplayGuard()
     verify(signed(ADMIN, nonce="ab" * 16), guard=guard, authorized=both)
@@ -468,9 +471,9 @@ def test_join_challenge_round_trip():
     assert len(challenge) == CHALLENGE_BYTES
     sig = sign_challenge(NODE, challenge, "node-a")
     fpr = verify_challenge(
-        key=public_hex(NODE), sig=sig, challenge=challenge, node_id="node-a", authorized=AUTHORIZED
+        key=NODE.public, sig=sig, challenge=challenge, node_id="node-a", authorized=AUTHORIZED
     )
-    assert fpr == fingerprint(public_hex(NODE))
+    assert fpr == fingerprint(NODE.public)
 
 
 @pytest.mark.parametrize(
@@ -478,7 +481,7 @@ def test_join_challenge_round_trip():
     [
         {"node_id": "node-b"},
         {"challenge": bytes(CHALLENGE_BYTES)},
-        {"key": public_hex(ADMIN)},
+        {"key": ADMIN.public},
         {"sig": "00" * 64},
         {"sig": "zz"},
         {"key": None},
@@ -488,7 +491,7 @@ def test_join_challenge_round_trip():
 def test_join_challenge_refusals(change):
     challenge = b"\x01" * CHALLENGE_BYTES
     kw = {
-        "key": public_hex(NODE),
+        "key": NODE.public,
         "sig": sign_challenge(NODE, challenge, "node-a"),
         "challenge": challenge,
         "node_id": "node-a",
@@ -504,7 +507,7 @@ def test_admin_key_cannot_join_as_node():
     challenge = new_challenge()
     with pytest.raises(AuthError, match="not authorized as node"):
         verify_challenge(
-            key=public_hex(ADMIN),
+            key=ADMIN.public,
             sig=sign_challenge(ADMIN, challenge, "n"),
             challenge=challenge,
             node_id="n",
@@ -514,7 +517,7 @@ def test_admin_key_cannot_join_as_node():
 
 def test_join_signature_and_request_signature_are_not_interchangeable():
     both = parse_authorized_keys(
-        f"admin {public_hex(NODE)}\nnode {public_hex(NODE)}\n", filename="ak"
+        f"admin {NODE.public}\nnode {NODE.public}\n", filename="ak"
     )
     req = signed(NODE)
     body = canonical_json({k: v for k, v in req.items() if k != "sig"})

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
-import nacl.signing
 import pytest
 import trio
 
@@ -20,7 +19,8 @@ from skr8tr.conductor.etcd_nonces import EtcdNonceGuard, admit_request
 from skr8tr.conductor.store import FenceLost, StoreUnavailable
 from skr8tr.core import protocol
 from skr8tr.core.envelope import ReplayGuard
-from skr8tr.core.keys import parse_authorized_keys, public_hex
+from skr8tr.core.keys import parse_authorized_keys
+from skr8tr.core.signatures import ED25519, Signer
 from tests.etcd import Etcd, etcd_fixture  # noqa: F401 - the fixture
 
 DEADLINE_S = 30
@@ -224,8 +224,8 @@ async def test_spend_without_serve_says_what_to_start(etcd: Etcd):
 
 # --------------------------------------------------------------------------- the api's path
 
-ADMIN = nacl.signing.SigningKey(bytes(range(32)))
-AUTHORIZED = parse_authorized_keys(f"admin {public_hex(ADMIN)}\n", filename="ak")
+ADMIN = Signer(ED25519, bytes(range(32)))
+AUTHORIZED = parse_authorized_keys(f"admin {ADMIN.public}\n", filename="ak")
 NOW = 1_800_000_000.0
 
 

@@ -23,7 +23,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skr8tr.core import envelope, keys
+from skr8tr.core import envelope
 from skr8tr.core import node_protocol as np
 from skr8tr.core.node_protocol import (
     SCHEMAS,
@@ -184,7 +184,7 @@ async def join(nursery: trio.Nursery, url: str, signing_key, node_id: str,
     if hello is None:
         sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
         hello = encode_node_message(
-            "hello", node_id=node_id, key=keys.public_hex(signing_key), sig=sig, version="f",
+            "hello", node_id=node_id, key=signing_key.public, sig=sig, version="f",
             address="127.0.0.1", cores=1, ram_total_mb=1, ram_free_mb=1, cpu_pct=0.0,
             replicas=[])
     await ws.send_message(hello)

@@ -132,7 +132,7 @@ async def roundtrip(ws: trio_client.ClientConnection, raw: str | bytes) -> dict:
 def run_fuzz(admin) -> list:
     """The Hypothesis part (pure, in a worker thread): every example through the decoder.
     Returns the examples, for the conductor."""
-    admin_keys = keys.parse_authorized_keys(f"admin {keys.public_hex(admin)}\n")
+    admin_keys = keys.parse_authorized_keys(f"admin {admin.public}\n")
     guard = envelope.ReplayGuard()
     examples = []
 

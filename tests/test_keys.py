@@ -18,10 +18,10 @@ from skr8tr.core.keys import (
     generate_keypair,
     parse_authorized_keys,
     parse_signing_key,
-    public_hex,
     public_key_line,
     secret_key_line,
 )
+from skr8tr.core.signatures import Signer
 from skr8tr.keyfiles import load_authorized_keys, load_signing_key, write_keypair
 
 K1 = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
@@ -38,8 +38,9 @@ def mode_of(path) -> int:
 
 def test_generate_keypair_returns_matching_public_hex():
     key, pub = generate_keypair()
-    assert isinstance(key, nacl.signing.SigningKey)
-    assert pub == public_hex(key) == key.verify_key.encode().hex()
+    assert isinstance(key, Signer)
+    # The public key is the one PyNaCl derives from the seed: Ed25519 files are unchanged.
+    assert pub == key.public == nacl.signing.SigningKey(key.seed).verify_key.encode().hex()
     assert len(pub) == 64
 
 
@@ -55,7 +56,7 @@ def test_write_keypair_creates_dir_and_files_with_modes_and_formats(tmp_path):
     assert mode_of(out / "signing.sec") == 0o600
     assert mode_of(out / "signing.pub") == 0o644
     # The seed on disk is the key whose public half is in signing.pub.
-    assert public_hex(load_signing_key(out / "signing.sec")) == pub
+    assert (load_signing_key(out / "signing.sec")).public == pub
 
 
 def test_write_keypair_modes_do_not_depend_on_umask(tmp_path):
@@ -90,7 +91,7 @@ def test_write_keypair_force_replaces_both_files(tmp_path):
     assert first != second
     assert (tmp_path / "signing.pub").read_text() == second + "\n"
     assert mode_of(tmp_path / "signing.sec") == 0o600
-    assert public_hex(load_signing_key(tmp_path / "signing.sec")) == second
+    assert (load_signing_key(tmp_path / "signing.sec")).public == second
     assert sorted(p.name for p in tmp_path.iterdir()) == ["signing.pub", "signing.sec"]
 
 
@@ -129,7 +130,7 @@ def test_load_refuses_any_group_or_other_permission(tmp_path, mode):
 def test_load_accepts_owner_only_modes(tmp_path, mode):
     pub = write_keypair(tmp_path)
     (tmp_path / "signing.sec").chmod(mode)
-    assert public_hex(load_signing_key(tmp_path / "signing.sec")) == pub
+    assert (load_signing_key(tmp_path / "signing.sec")).public == pub
 
 
 def test_load_missing_file_says_how_to_make_one(tmp_path):
@@ -170,7 +171,7 @@ def test_load_accepts_seed_with_surrounding_whitespace(tmp_path, content):
     path = tmp_path / "k.sec"
     path.write_text(content)
     path.chmod(0o600)
-    assert bytes(load_signing_key(path)).hex() == SEED
+    assert load_signing_key(path).seed.hex() == SEED
 
 
 @pytest.mark.parametrize(
@@ -205,7 +206,7 @@ def test_load_rejects_binary_content(tmp_path):
 def test_key_file_lines_parse_back_without_any_file():
     key, pub = generate_keypair()
     assert HEX64.fullmatch(secret_key_line(key)) and HEX64.fullmatch(public_key_line(pub))
-    assert bytes(parse_signing_key(secret_key_line(key).encode(), filename="x")) == bytes(key)
+    assert parse_signing_key(secret_key_line(key).encode(), filename="x").seed == key.seed
     with pytest.raises(KeyFileError, match="^x is not a skr8tr key file"):
         parse_signing_key(public_key_line(pub).encode() * 2, filename="x")
 
@@ -281,7 +282,7 @@ def test_authorized_keys_is_frozen():
         (f"admin {K1}#c\n", 1, "got 66 characters"),
         (f"admin {K1[:-1]}z\n", 1, "public key is not hex"),
         (f"admin {K1}\nadmin {K2}\n\n\nadmin xyz\n", 5, "got 3 characters"),
-        (f"{K1} admin\n", 1, "line starts with a key; expected `ROLE HEX_PUBKEY [comment]`"),
+        (f"{K1} admin\n", 1, "line starts with a key; expected `ROLE PUBLIC_KEY [comment]`"),
         (f"{K1[:10]} admin\n", 1, "unknown role '3b6a27bcce'"),
         (f"node{'x' * 60} {K1}\n", 1, "unknown role 'node" + "x" * 31 + "...'"),
     ],

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import nacl.signing
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from skr8tr.core.command_args import check_args
 from skr8tr.core.envelope import ReplayGuard, sign_request
-from skr8tr.core.keys import AuthorizedKeys, fingerprint, parse_authorized_keys, public_hex
+from skr8tr.core.keys import AuthorizedKeys, fingerprint, parse_authorized_keys
 from skr8tr.core.protocol import (
     COMMANDS,
     ERROR_CODES,
@@ -33,12 +32,13 @@ from skr8tr.core.protocol import (
     request_message,
     snapshot_message,
 )
+from skr8tr.core.signatures import ED25519, Signer
 from tests.wire_helpers import accept_request, decode_request, encode_request
 
 NOW = 1_700_000_000.0
-ADMIN = nacl.signing.SigningKey(bytes(range(32)))
-OTHER = nacl.signing.SigningKey(bytes(range(3, 35)))
-AUTHORIZED = parse_authorized_keys(f"admin {public_hex(ADMIN)}\n", filename="ak")
+ADMIN = Signer(ED25519, bytes(range(32)))
+OTHER = Signer(ED25519, bytes(range(3, 35)))
+AUTHORIZED = parse_authorized_keys(f"admin {ADMIN.public}\n", filename="ak")
 KEY = "ab" * 32
 SIG = "cd" * 64
 NONCE = "ef" * 16
@@ -237,8 +237,8 @@ def test_long_bad_values_are_not_echoed_in_full():
         ('{"v":1,"id":"r1","cmd":"ping","args":{},"ts":true}', "ts must be", "r1"),
         ('{"v":1,"id":"r1","cmd":"ping","args":{},"ts":1e400}', "ts must be", "r1"),
         ('{"v":1,"id":"r1","cmd":"ping","args":{},"nonce":"abc"}', "nonce must be 16..128", "r1"),
-        ('{"v":1,"id":"r1","cmd":"list","args":{},"key":"AB"}', "key must be 64 lowercase", "r1"),
-        ('{"v":1,"id":"r1","cmd":"status","args":{},"sig":5}', "sig must be 128 lowercase", "r1"),
+        ('{"v":1,"id":"r1","cmd":"list","args":{},"key":"AB"}', "key must be a public key as in signing.pub", "r1"),
+        ('{"v":1,"id":"r1","cmd":"status","args":{},"sig":5}', "sig must be a signature in lowercase hex", "r1"),
     ],
 )
 def test_bad_envelopes(data, words, rid):
@@ -382,9 +382,9 @@ def signed_text(cmd="scale", args=None, *, key=ADMIN, ts=NOW, nonce=None, id="r1
 def test_accept_signed_request():
     req = accept(signed_text())
     assert isinstance(req, Request)
-    assert req.signer == fingerprint(public_hex(ADMIN))
+    assert req.signer == fingerprint(ADMIN.public)
     assert req.args == {"app": "web", "replicas": 2}
-    assert req.key == public_hex(ADMIN)
+    assert req.key == ADMIN.public
 
 
 @pytest.mark.parametrize("cmd", sorted(SIGNED_COMMANDS))
@@ -462,7 +462,7 @@ def test_encode_decode_round_trip_signed(cmd, args, normalized):
     req = accept(text)
     assert isinstance(req, Request), req
     assert (req.id, req.cmd, req.args, req.ts, req.nonce) == ("abc", cmd, normalized, NOW, NONCE)
-    assert req.key == public_hex(ADMIN)
+    assert req.key == ADMIN.public
 
 
 def test_encode_non_ascii_manifest_is_signed_and_sent_as_utf8():
@@ -651,7 +651,7 @@ def request_like():
             "args": st.dictionaries(arg_names, json_values, max_size=5) | json_values,
             "ts": json_values,
             "nonce": st.sampled_from([NONCE, "x"]) | json_values,
-            "key": st.sampled_from([KEY, public_hex(ADMIN)]) | json_values,
+            "key": st.sampled_from([KEY, ADMIN.public]) | json_values,
             "sig": st.sampled_from([SIG]) | json_values,
         },
     )

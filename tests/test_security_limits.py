@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from skr8tr.conductor.limits import AddressSlots, Limits, TokenBucket
-from skr8tr.core import envelope, keys
+from skr8tr.core import envelope
 from skr8tr.core.node_protocol import decode_node_message, encode_node_message
 from skr8tr.ws import trio_client
 from tests.conftest import read_until_closed
@@ -189,7 +189,7 @@ async def _join(url: str, signing_key, node_id: str):
     challenge = decode_node_message(await ws.get_message())
     sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
     await ws.send_message(encode_node_message(
-        "hello", node_id=node_id, key=keys.public_hex(signing_key), sig=sig, version="t",
+        "hello", node_id=node_id, key=signing_key.public, sig=sig, version="t",
         address="127.0.0.1", cores=1, ram_total_mb=1, ram_free_mb=1, cpu_pct=0.0,
         replicas=[]))
     return ws, decode_node_message(await ws.get_message())

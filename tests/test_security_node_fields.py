@@ -21,7 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr import keyfiles
-from skr8tr.core import envelope, keys
+from skr8tr.core import envelope
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
     decode_node_message,
@@ -68,7 +68,7 @@ async def join(nursery: trio.Nursery, url: str, signing_key, node_id: str,
     ws = await trio_client.connect(url + "/v1/node")
     challenge = decode_node_message(await ws.get_message())
     sig = envelope.sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
-    hello = {"node_id": node_id, "key": keys.public_hex(signing_key), "sig": sig,
+    hello = {"node_id": node_id, "key": signing_key.public, "sig": sig,
              "version": "fake", "address": "127.0.0.1", "cores": 2, "ram_total_mb": 2048,
              "ram_free_mb": 1024, "cpu_pct": 1.0, "replicas": [], **over}
     text = raw("hello", **hello)

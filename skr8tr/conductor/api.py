@@ -37,8 +37,8 @@ from skr8tr.conductor.refusals import RefusalReporter
 from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.store import FenceLost, StoreUnavailable
 from skr8tr.core import envelope, manifest, protocol
-from skr8tr.core.keys import fingerprint, is_key_hex
 from skr8tr.core.names import MAX_ID_CHARS
+from skr8tr.core.signatures import fingerprint, is_public_key
 from skr8tr.core.wire_json import parse_object
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
@@ -252,7 +252,7 @@ def _request_id(auth: protocol.Authenticated | protocol.DecodeError) -> str | No
 
 
 def _fingerprint(key: object) -> str | None:
-    return fingerprint(key) if isinstance(key, str) and is_key_hex(key) else None
+    return fingerprint(key) if isinstance(key, str) and is_public_key(key) else None
 
 
 def _summary(args: dict) -> str:

@@ -50,6 +50,7 @@ from skr8tr.core.keys import (
     parse_authorized_keys,
 )
 from skr8tr.core.node_protocol import Refused
+from skr8tr.core.signatures import fingerprint
 from skr8tr.heap import TrimAfterPeaks, release_free_heap
 from skr8tr.keyfiles import load_authorized_keys
 from skr8tr.ws import server as wsserver
@@ -68,6 +69,7 @@ class ConductorConfig:
     http: tuple[str, int] = ("127.0.0.1", 7780)
     authorized_keys: str | None = None
     insecure: bool = False
+    require_pq: bool = False  # --require-pq: only ML-DSA-65 and hybrid keys hold roles
     node_timeout_s: float = 15.0
     port_range: tuple[int, int] = (20000, 32000)
     state_path: str | None = None
@@ -104,6 +106,10 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         raise StartError("no --authorized-keys FILE given; list the admin and node keys "
                          "there (`admin HEX comment`), or pass --insecure for a throwaway "
                          "local cluster")
+    require_pq = bool(getattr(opts, "require_pq", False))
+    if require_pq and opts.insecure:
+        raise StartError("--require-pq and --insecure contradict each other: --insecure "
+                         "checks no key at all; give --authorized-keys with post-quantum keys")
     tls_cert, tls_key = getattr(opts, "tls_cert", None), getattr(opts, "tls_key", None)
     if (tls_cert is None) != (tls_key is None):
         raise StartError("--tls-cert and --tls-key go together: the certificate (PEM) and "
@@ -173,6 +179,7 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         http=parse_hostport(opts.http, "--http"),
         authorized_keys=opts.authorized_keys,
         insecure=opts.insecure,
+        require_pq=require_pq,
         node_timeout_s=opts.node_timeout,
         port_range=parse_port_range(opts.port_range),
         state_path=None if opts.state is None else os.path.abspath(opts.state),
@@ -220,15 +227,28 @@ def _load_state(config: ConductorConfig) -> state_file.StoredState | None:
 
 
 def _load_keys(config: ConductorConfig) -> AuthorizedKeys:
+    """The authorized keys (StartError if unreadable); with --require-pq the Ed25519 ones
+    hold no role, and the log names each of them (at start and on every SIGHUP)."""
     if config.authorized_keys is None:
         return parse_authorized_keys("", filename="(none)")
     try:
-        return load_authorized_keys(config.authorized_keys)
+        keys = load_authorized_keys(config.authorized_keys)
     except AuthorizedKeysError as exc:
         raise StartError(str(exc)) from None
     except OSError as exc:
         raise StartError(f"cannot read --authorized-keys {config.authorized_keys}: "
                          f"{exc.strerror}") from None
+    if config.require_pq:
+        keys = keys.post_quantum_only()
+        for entry in keys.ignored():
+            log.warning("--require-pq: ignoring %s key %s (%s%s) in %s: it is not "
+                        "post-quantum", entry.algorithm.name, fingerprint(entry.pub_hex),
+                        "/".join(sorted(entry.roles)),
+                        f", {entry.comment}" if entry.comment else "", config.authorized_keys)
+        if len(keys.ignored()) == len(keys):
+            log.error("--require-pq: no key in %s is post-quantum; no command and no node "
+                      "will be accepted", config.authorized_keys)
+    return keys
 
 
 async def run_conductor(config: ConductorConfig, *,

@@ -52,7 +52,7 @@ from skr8tr.conductor.etcd_client import Compare, EtcdClient, EtcdError, Get, Pu
 from skr8tr.conductor.store import FenceLost, StoreError, StoreUnavailable
 from skr8tr.core import envelope, protocol
 from skr8tr.core.envelope import AuthError, ReplayGuard
-from skr8tr.core.keys import fingerprint, is_key_hex
+from skr8tr.core.signatures import fingerprint, is_public_key
 
 __all__ = ["BUCKET_S", "MAX_TXN_OPS", "SKEW_S", "EtcdNonceGuard", "admit_request"]
 
@@ -307,5 +307,5 @@ async def admit_request(auth: protocol.Authenticated | protocol.DecodeError, *,
 def _refused(env: protocol.Envelope, exc: AuthError) -> protocol.DecodeError:
     key = env.raw.get("key")
     return protocol.DecodeError(env.id, exc.code, exc.message, cmd=env.cmd,
-                                key=key if is_key_hex(key) else None,
+                                key=key if is_public_key(key) else None,
                                 args=env.raw.get("args"))

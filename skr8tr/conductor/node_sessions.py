@@ -30,7 +30,7 @@ from skr8tr.conductor.limits import TokenBucket
 from skr8tr.conductor.node_reports import NODE_OUTBOX
 from skr8tr.conductor.policing import Policing
 from skr8tr.core import envelope
-from skr8tr.core.keys import fingerprint, parse_authorized_keys
+from skr8tr.core.keys import parse_authorized_keys
 from skr8tr.core.node_protocol import (
     Challenge,
     Heartbeat,
@@ -42,6 +42,7 @@ from skr8tr.core.node_protocol import (
     Welcome,
     decode_node_message,
 )
+from skr8tr.core.signatures import fingerprint
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 log = logging.getLogger("skr8tr.conductor")

@@ -26,7 +26,7 @@ import trio
 from skr8tr.conductor import audit
 from skr8tr.conductor.limits import TokenBucket
 from skr8tr.core import envelope, protocol
-from skr8tr.core.keys import fingerprint
+from skr8tr.core.signatures import fingerprint
 
 log = logging.getLogger("skr8tr.conductor")
 

@@ -29,7 +29,7 @@ import logging
 
 from skr8tr.atomic import write_atomically
 from skr8tr.core import envelope
-from skr8tr.core.keys import is_key_hex
+from skr8tr.core.signatures import is_public_key
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -107,7 +107,7 @@ def _read(path: str) -> tuple[list[tuple[str, str, float]], str | None]:
             continue
         parts = line.split()
         ts = envelope.finite_float(_text_float(parts[2])) if len(parts) == 3 else None
-        if ts is None or not is_key_hex(parts[0]) or not envelope.is_nonce(parts[1]):
+        if ts is None or not is_public_key(parts[0]) or not envelope.is_nonce(parts[1]):
             return [], (f"{path}: line {number}: expected KEY NONCE TS (64 hex, 16-128 hex, "
                         f"Unix seconds)")
         entries.append((parts[0], parts[1], ts))

@@ -1,8 +1,10 @@
 """Signed requests and node-join challenges: what is signed, and the order of the checks.
 
-A request on ``/v1/cli`` carries ``key`` (the signer's public key) and ``sig``
-(an Ed25519 signature over the canonical JSON of every other field). The
-conductor checks, in this order, and stops at the first failure:
+A request on ``/v1/cli`` carries ``key`` (the signer's public key, its text as
+in ``signing.pub``) and ``sig`` (a signature over the canonical JSON of every
+other field: Ed25519, ML-DSA-65 or both, as the key's algorithm says, see
+:mod:`skr8tr.core.signatures`). The conductor checks, in this order, and stops
+at the first failure:
 
 1. **Authentication** -> ``UNAUTHORIZED``: ``key``, ``sig``, ``nonce`` and ``ts``
    are present and well-formed, the key is authorized for the role, and the
@@ -31,10 +33,17 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported where a signature is checked: the CLI starts faster
-    import nacl.signing
+from skr8tr.core.keys import AuthorizedKeys
+from skr8tr.core.signatures import (
+    Algorithm,
+    fingerprint,
+    is_signature,
+    key_algorithm,
+    verify,
+)
 
-from skr8tr.core.keys import AuthorizedKeys, fingerprint, is_key_hex
+if TYPE_CHECKING:
+    from skr8tr.core.signatures import Signer
 
 __all__ = [
     "REQUEST_WINDOW_S",
@@ -113,15 +122,8 @@ def is_nonce(value: object) -> bool:
     )
 
 
-def is_sig_hex(value: object) -> bool:
-    """True for a 64-byte signature as 128 lowercase hex characters."""
-    return (
-        isinstance(value, str) and len(value) == 128 and _LOWER_HEX_RE.fullmatch(value) is not None
-    )
-
-
 def sign_request(
-    signing_key: nacl.signing.SigningKey,
+    signer: Signer,
     *,
     id: str,
     cmd: str,
@@ -137,9 +139,9 @@ def sign_request(
         "args": args,
         "ts": ts,
         "nonce": nonce,
-        "key": signing_key.verify_key.encode().hex(),
+        "key": signer.public,
     }
-    fields["sig"] = signing_key.sign(canonical_json(fields)).signature.hex()
+    fields["sig"] = signer.sign(canonical_json(fields)).hex()
     return fields
 
 
@@ -306,10 +308,7 @@ def check_signature(req: dict[str, Any], *, authorized: AuthorizedKeys,
             f"request is not signed; this command needs a signature from an {role} key "
             "(create one with `skr8tr keygen`, pass it with --key)",
         )
-    if not is_key_hex(key):
-        raise AuthError("UNAUTHORIZED", "key must be 64 lowercase hex characters (Ed25519)")
-    if not is_sig_hex(sig):
-        raise AuthError("UNAUTHORIZED", "sig must be 128 lowercase hex characters (Ed25519)")
+    algorithm = _key_and_sig(key, sig)
     nonce, ts = req.get("nonce"), req.get("ts")
     if not is_nonce(nonce):
         raise AuthError(
@@ -319,32 +318,35 @@ def check_signature(req: dict[str, Any], *, authorized: AuthorizedKeys,
     if isinstance(ts, bool) or not isinstance(ts, int | float):
         raise AuthError("UNAUTHORIZED", "ts must be a number (seconds since the epoch)")
 
-    fpr = fingerprint(key)
     if not authorized.has_role(key, role):
-        raise AuthError(
-            "UNAUTHORIZED",
-            f"key {fpr} is not authorized as {role}; add `{role} {key}` to the "
-            "conductor's authorized-keys file",
-        )
+        raise AuthError("UNAUTHORIZED", authorized.refusal(key, role))
+    fpr = fingerprint(key)
     fields = {k: v for k, v in req.items() if k != "sig"}
     try:
         message = canonical_json(fields)
     except (TypeError, ValueError, RecursionError):
         raise AuthError("UNAUTHORIZED", "request cannot be put in canonical JSON form") from None
-    if not _signature_ok(key, message, sig):
-        raise AuthError("UNAUTHORIZED", f"bad signature for key {fpr}")
+    if not verify(key, message, sig):
+        raise AuthError("UNAUTHORIZED", f"bad signature for key {fpr} ({algorithm.name})")
     return fpr
 
 
-def _signature_ok(key_hex: str, message: bytes, sig_hex: str) -> bool:
-    import nacl.exceptions
-    import nacl.signing
+_KEY_FORMS = ("64 lowercase hex characters (Ed25519), or ml-dsa-65:HEX or "
+              "ed25519+ml-dsa-65:HEX, as in signing.pub")
 
-    try:
-        nacl.signing.VerifyKey(bytes.fromhex(key_hex)).verify(message, bytes.fromhex(sig_hex))
-    except (nacl.exceptions.CryptoError, ValueError, TypeError):
-        return False
-    return True
+
+def _key_and_sig(key: object, sig: object) -> Algorithm:
+    """The algorithm of a well-formed *key* whose *sig* has that algorithm's length;
+    AuthError UNAUTHORIZED naming what is wrong otherwise. Costs a length check
+    before any scan."""
+    algorithm = key_algorithm(key)
+    if algorithm is None:
+        raise AuthError("UNAUTHORIZED", f"key must be {_KEY_FORMS}")
+    if not is_signature(sig, algorithm):
+        raise AuthError("UNAUTHORIZED",
+                        f"sig must be {2 * algorithm.signature_bytes} lowercase hex characters "
+                        f"(a {algorithm.name} signature)")
+    return algorithm
 
 
 # --------------------------------------------------------------------------- node joins
@@ -359,11 +361,11 @@ def _join_message(challenge: bytes, node_id: str) -> bytes:
     return _JOIN_DOMAIN + challenge + b":" + node_id.encode("utf-8")
 
 
-def sign_challenge(signing_key: nacl.signing.SigningKey, challenge: bytes, node_id: str) -> str:
-    """Answer a join challenge: the signature as 128 lowercase hex characters."""
+def sign_challenge(signer: Signer, challenge: bytes, node_id: str) -> str:
+    """Answer a join challenge: the signature as lowercase hex."""
     if len(challenge) != CHALLENGE_BYTES:
         raise ValueError(f"challenge must be {CHALLENGE_BYTES} bytes, got {len(challenge)}")
-    return signing_key.sign(_join_message(challenge, node_id)).signature.hex()
+    return signer.sign(_join_message(challenge, node_id)).hex()
 
 
 def verify_challenge(
@@ -383,23 +385,17 @@ def verify_challenge(
     """
     if len(challenge) != CHALLENGE_BYTES:
         raise ValueError(f"challenge must be {CHALLENGE_BYTES} bytes, got {len(challenge)}")
-    if not is_key_hex(key):
-        raise AuthError("UNAUTHORIZED", "key must be 64 lowercase hex characters (Ed25519)")
-    if not is_sig_hex(sig):
-        raise AuthError("UNAUTHORIZED", "sig must be 128 lowercase hex characters (Ed25519)")
+    algorithm = _key_and_sig(key, sig)
+    assert isinstance(key, str) and isinstance(sig, str)
     if not isinstance(node_id, str):
         raise AuthError("UNAUTHORIZED", "node id must be a string")
-    fpr = fingerprint(key)
     if not authorized.has_role(key, role):
-        raise AuthError(
-            "UNAUTHORIZED",
-            f"key {fpr} is not authorized as {role}; add `{role} {key}` to the "
-            "conductor's authorized-keys file",
-        )
+        raise AuthError("UNAUTHORIZED", authorized.refusal(key, role))
+    fpr = fingerprint(key)
     try:
         message = _join_message(challenge, node_id)
     except UnicodeEncodeError:
         raise AuthError("UNAUTHORIZED", "node id is not valid UTF-8") from None
-    if not _signature_ok(key, message, sig):
-        raise AuthError("UNAUTHORIZED", f"bad join signature for key {fpr}")
+    if not verify(key, message, sig):
+        raise AuthError("UNAUTHORIZED", f"bad join signature for key {fpr} ({algorithm.name})")
     return fpr

@@ -1,20 +1,24 @@
-"""Ed25519 keys, their files' content and the conductor's authorized-keys text.
+"""Key files' content and the conductor's authorized-keys text.
 
-Key files:
+Key files (the algorithms and their sizes: :mod:`skr8tr.core.signatures`):
 
-- ``signing.sec``: one line, the 32-byte Ed25519 seed as 64 lowercase hex
-  characters (mode 0600).
-- ``signing.pub``: one line, the 32-byte public key as 64 lowercase hex
-  characters (mode 0644).
+- ``signing.sec``: one line, the secret seed in lowercase hex (mode 0600): for
+  Ed25519 the bare 32-byte seed (64 characters), for the others
+  ``ALG:HEX`` (``ml-dsa-65:`` + 32 bytes, ``ed25519+ml-dsa-65:`` + the Ed25519
+  seed then the ML-DSA-65 seed, 64 bytes).
+- ``signing.pub``: one line, the public key's text (mode 0644): bare hex for
+  Ed25519, ``ALG:HEX`` for the others.
 
-Authorized keys, one entry per line::
+Authorized keys, one entry per line, ``ROLE [ALG:]HEX [comment]``::
 
-    # ROLE  HEX_PUBKEY                                                        comment
+    # ROLE  PUBLIC KEY (signing.pub)                                          comment
     admin   3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29  alice@laptop
-    node    3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29
+    node    ed25519+ml-dsa-65:3b6a27bc...(3,968 hex characters)              web-1
 
 A key listed on two lines holds both roles. ``#`` starts a comment at the
-start of a line or after whitespace.
+start of a line or after whitespace. A conductor that requires post-quantum
+keys (``--require-pq``) keeps the Ed25519 lines but grants them nothing
+(:meth:`AuthorizedKeys.post_quantum_only`).
 
 Pure: no file I/O. Reading and writing the files, with their modes, is
 :mod:`skr8tr.keyfiles`.
@@ -22,15 +26,20 @@ Pure: no file I/O. Reading and writing the files, with their modes, is
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:  # imported by what makes or loads a key: `skr8tr ping` with none is faster
-    import nacl.signing
+from skr8tr.core.signatures import (
+    ALGORITHMS,
+    ED25519,
+    Algorithm,
+    Signer,
+    fingerprint,
+    generate,
+    key_algorithm,
+)
 
 __all__ = [
     "ROLES",
@@ -41,9 +50,6 @@ __all__ = [
     "AuthorizedKey",
     "AuthorizedKeys",
     "generate_keypair",
-    "public_hex",
-    "fingerprint",
-    "is_key_hex",
     "secret_key_line",
     "public_key_line",
     "parse_signing_key",
@@ -53,8 +59,6 @@ __all__ = [
 ROLES = ("admin", "node")
 SECRET_KEY_FILE = "signing.sec"
 PUBLIC_KEY_FILE = "signing.pub"
-
-_KEY_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class KeyFileError(Exception):
@@ -76,77 +80,71 @@ class AuthorizedKeysError(KeyFileError):
         super().__init__(f"{where}: {message}")
 
 
-def generate_keypair() -> tuple[nacl.signing.SigningKey, str]:
-    """Return a fresh signing key and its public key as 64 lowercase hex characters."""
-    import nacl.signing
-
-    signing_key = nacl.signing.SigningKey.generate()
-    return signing_key, public_hex(signing_key)
-
-
-def public_hex(signing_key: nacl.signing.SigningKey) -> str:
-    """The public half of *signing_key* as 64 lowercase hex characters."""
-    return signing_key.verify_key.encode().hex()
-
-
-def is_key_hex(value: object) -> bool:
-    """True if *value* is a public key as the wire carries it: 64 lowercase hex characters."""
-    return (
-        isinstance(value, str)
-        and len(value) == 64
-        and _KEY_HEX_RE.fullmatch(value) is not None
-        and value == value.lower()
-    )
-
-
-def fingerprint(pub_hex: str) -> str:
-    """A short, log-friendly name for a public key: ``sha256:`` + 16 hex characters.
-
-    Raises ValueError if *pub_hex* is not hex.
-    """
-    return "sha256:" + hashlib.sha256(bytes.fromhex(pub_hex)).hexdigest()[:16]
+def generate_keypair(algorithm: Algorithm = ED25519) -> tuple[Signer, str]:
+    """A fresh secret key of *algorithm* and its public key's text."""
+    signer = generate(algorithm)
+    return signer, signer.public
 
 
 # --------------------------------------------------------------------------- key file text
 
 
-def secret_key_line(signing_key: nacl.signing.SigningKey) -> str:
-    """The content of a ``signing.sec`` file: the seed as 64 lowercase hex, one line."""
-    return bytes(signing_key).hex() + "\n"
+def secret_key_line(signer: Signer) -> str:
+    """The content of a ``signing.sec`` file: ``[ALG:]HEX`` of the seed, one line."""
+    return signer.algorithm.prefix + signer.seed.hex() + "\n"
 
 
-def public_key_line(pub_hex: str) -> str:
-    """The content of a ``signing.pub`` file: the public key as 64 lowercase hex, one line."""
-    return pub_hex + "\n"
+def public_key_line(public: str) -> str:
+    """The content of a ``signing.pub`` file: the public key's text, one line."""
+    return public + "\n"
 
 
-def parse_signing_key(data: bytes, *, filename: str) -> nacl.signing.SigningKey:
-    """The signing key in a ``signing.sec`` file's content *data*.
+_SEED_FORMS = ("one line of 64 hex characters (a 32-byte Ed25519 seed), or "
+               "ml-dsa-65:HEX (64 hex) or ed25519+ml-dsa-65:HEX (128 hex)")
 
-    Raises KeyFileError, naming *filename*, unless *data* is exactly 64 hex
-    characters on one line (surrounding whitespace is fine).
+
+def parse_signing_key(data: bytes, *, filename: str) -> Signer:
+    """The secret key in a ``signing.sec`` file's content *data*.
+
+    Raises KeyFileError, naming *filename*, unless *data* is one line of
+    ``[ALG:]HEX`` with a known algorithm and its seed's length (surrounding
+    whitespace is fine).
     """
-    expected = "expected one line of 64 hex characters (a 32-byte Ed25519 seed)"
+    expected = f"expected {_SEED_FORMS}"
     try:
         text = data.decode("ascii").strip()
     except UnicodeDecodeError:
         raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}") from None
-    if _KEY_HEX_RE.fullmatch(text) is None:
+    name, colon, hex_part = text.rpartition(":")
+    algorithm = ALGORITHMS.get(name) if colon else ED25519
+    if algorithm is None or (colon and algorithm is ED25519):
+        raise KeyFileError(f"{filename} is not a skr8tr key file: unknown algorithm "
+                           f"{name[:40]!r}; {expected}")
+    if len(hex_part) != 2 * algorithm.seed_bytes:
         raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}")
-    import nacl.signing
-
-    return nacl.signing.SigningKey(bytes.fromhex(text))
+    try:
+        seed = bytes.fromhex(hex_part)
+    except ValueError:
+        raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}") from None
+    return Signer(algorithm, seed)
 
 
 # --------------------------------------------------------------------------- authorized keys
 
 
 class AuthorizedKey(NamedTuple):
-    """One trusted key: its lowercase hex, its roles, and the comment from its first line."""
+    """One trusted key: its text (lowercase, as in signing.pub), its roles, and the comment
+    from its first line."""
 
     pub_hex: str
     roles: frozenset[str]
     comment: str
+
+    @property
+    def algorithm(self) -> Algorithm:
+        found = key_algorithm(self.pub_hex)
+        assert found is not None  # parse_authorized_keys admits only well-formed keys
+        return found
 
 
 @dataclass(frozen=True)
@@ -155,10 +153,17 @@ class AuthorizedKeys:
 
     Immutable. Lookups accept hex in either case. Iterating yields
     ``AuthorizedKey(pub_hex, roles, comment)`` tuples in file order.
+
+    With ``require_pq`` (:meth:`post_quantum_only`), keys that are not post-quantum
+    (Ed25519) stay listed but hold no role; :meth:`refusal` says why.
     """
 
     entries: tuple[AuthorizedKey, ...] = ()
+    require_pq: bool = False
     _by_key: MappingProxyType[str, AuthorizedKey] = field(init=False, repr=False, compare=False)
+    # The entries that hold their roles: all of them, or the post-quantum ones.
+    _granted: MappingProxyType[str, AuthorizedKey] = field(init=False, repr=False,
+                                                           compare=False)
 
     def __post_init__(self) -> None:
         merged: dict[str, AuthorizedKey] = {}
@@ -171,16 +176,47 @@ class AuthorizedKeys:
                 merged[pub] = old._replace(roles=old.roles | entry.roles)
         object.__setattr__(self, "entries", tuple(merged.values()))
         object.__setattr__(self, "_by_key", MappingProxyType(merged))
+        granted = {k: e for k, e in merged.items()
+                   if not self.require_pq or e.algorithm.post_quantum}
+        object.__setattr__(self, "_granted", MappingProxyType(granted))
 
-    def roles(self, pub_hex: str) -> frozenset[str]:
-        """The roles of *pub_hex*; empty for an unknown key or a non-string."""
+    def post_quantum_only(self) -> AuthorizedKeys:
+        """The same list, granting roles only to ML-DSA-65 and hybrid keys."""
+        return AuthorizedKeys(self.entries, require_pq=True)
+
+    def ignored(self) -> list[AuthorizedKey]:
+        """The listed keys that hold no role because of ``require_pq``, in file order."""
+        if not self.require_pq:
+            return []
+        return [e for e in self.entries if not e.algorithm.post_quantum]
+
+    def entry(self, pub_hex: object) -> AuthorizedKey | None:
+        """The entry of a key that holds a role here; None for any other value."""
         if not isinstance(pub_hex, str):
-            return frozenset()
-        entry = self._by_key.get(pub_hex.lower())
+            return None
+        return self._granted.get(pub_hex.lower())
+
+    def roles(self, pub_hex: object) -> frozenset[str]:
+        """The roles of *pub_hex*; empty for an unknown key, a key ``require_pq`` ignores,
+        or a non-string."""
+        entry = self.entry(pub_hex)
         return entry.roles if entry is not None else frozenset()
 
-    def has_role(self, pub_hex: str, role: str) -> bool:
+    def has_role(self, pub_hex: object, role: str) -> bool:
         return role in self.roles(pub_hex)
+
+    def refusal(self, pub_hex: str, role: str) -> str:
+        """Why *pub_hex* (a well-formed key) may not act as *role*: the text of an
+        ``UNAUTHORIZED`` error, with what to do about it."""
+        fpr = fingerprint(pub_hex)
+        algorithm = key_algorithm(pub_hex)
+        if self.require_pq and algorithm is not None and not algorithm.post_quantum:
+            return (f"key {fpr} is {algorithm.name}, and this conductor accepts only "
+                    "post-quantum keys (--require-pq); make one with `skr8tr keygen --alg "
+                    "ed25519+ml-dsa-65` (or ml-dsa-65) and authorize it")
+        shown = pub_hex if len(pub_hex) <= 80 else "$(cat signing.pub)"
+        return (f"key {fpr} is not authorized as {role}; add `{role} {shown}` to the "
+                "conductor's authorized-keys file")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -192,12 +228,17 @@ class AuthorizedKeys:
         return isinstance(pub_hex, str) and pub_hex.lower() in self._by_key
 
 
+_KEY_FORMS = ("64 hex characters (Ed25519, the content of signing.pub), or "
+              "ALG:HEX for ml-dsa-65 and ed25519+ml-dsa-65")
+
+
 def parse_authorized_keys(text: str, *, filename: str = "<authorized-keys>") -> AuthorizedKeys:
     """Parse authorized-keys *text*; see the module docstring for the format.
 
     Raises AuthorizedKeysError ``"filename:line: message"`` on the first bad line:
-    an unknown role, a missing key, or a key that is not 64 hex characters.
-    Hex may be given in either case; it is stored in lowercase.
+    an unknown role, a missing key, an unknown algorithm, or hex that is not a key
+    of its algorithm's size. Hex may be given in either case; it is stored in
+    lowercase.
     """
     entries: list[AuthorizedKey] = []
     # Split on "\n" only: str.splitlines() also breaks on form feeds and the
@@ -207,11 +248,11 @@ def parse_authorized_keys(text: str, *, filename: str = "<authorized-keys>") -> 
         if not words or words[0].startswith("#"):
             continue
         role = words[0]
-        if role not in ROLES and _KEY_HEX_RE.fullmatch(role):
+        if role not in ROLES and key_algorithm(role.lower(), any_case=True) is not None:
             raise AuthorizedKeysError(
                 filename,
                 lineno,
-                "line starts with a key; expected `ROLE HEX_PUBKEY [comment]` "
+                "line starts with a key; expected `ROLE PUBLIC_KEY [comment]` "
                 "with ROLE admin or node",
             )
         if role not in ROLES:
@@ -220,27 +261,37 @@ def parse_authorized_keys(text: str, *, filename: str = "<authorized-keys>") -> 
             )
         if len(words) < 2 or words[1].startswith("#"):
             raise AuthorizedKeysError(
-                filename,
-                lineno,
-                f"missing public key after role {role!r} (expected 64 hex "
-                "characters, e.g. the content of signing.pub)",
+                filename, lineno,
+                f"missing public key after role {role!r} (expected {_KEY_FORMS})",
             )
-        key = words[1]
-        if len(key) != 64:
-            raise AuthorizedKeysError(
-                filename,
-                lineno,
-                f"public key must be 64 hex characters (32 bytes), got {len(key)} characters",
-            )
-        if _KEY_HEX_RE.fullmatch(key) is None:
-            raise AuthorizedKeysError(
-                filename, lineno, "public key is not hex (expected 64 characters 0-9, a-f)"
-            )
+        key = words[1].lower()
+        problem = _key_problem(key)
+        if problem is not None:
+            raise AuthorizedKeysError(filename, lineno, problem)
         comment = words[2].strip() if len(words) > 2 else ""
         if comment.startswith("#"):
             comment = comment[1:].strip()
-        entries.append(AuthorizedKey(key.lower(), frozenset({role}), comment))
+        entries.append(AuthorizedKey(key, frozenset({role}), comment))
     return AuthorizedKeys(tuple(entries))
+
+
+def _key_problem(key: str) -> str | None:
+    """What is wrong with a public key's text (lowercased), or None if nothing is."""
+    if key_algorithm(key) is not None:
+        return None
+    prefix, colon, hex_part = key.partition(":")
+    if not colon:
+        hex_part = key
+    algorithm = ALGORITHMS.get(prefix) if colon else ED25519
+    if algorithm is None or (colon and algorithm is ED25519):
+        return (f"unknown key algorithm {_short(prefix)} (expected "
+                f"{' or '.join(a.name for a in ALGORITHMS.values() if a is not ED25519)}, "
+                "or a bare Ed25519 key)")
+    want = 2 * algorithm.public_bytes
+    if len(hex_part) != want:
+        return (f"{algorithm.name} public key must be {want} hex characters "
+                f"({algorithm.public_bytes} bytes), got {len(hex_part)} characters")
+    return f"{algorithm.name} public key is not hex (expected {want} characters 0-9, a-f)"
 
 
 def _short(value: str, limit: int = 40) -> str:

@@ -66,6 +66,7 @@ from skr8tr.core import names
 # The model only (not the parser): the node agent imports this module.
 from skr8tr.core.manifest_model import MAX_DURATION_MS, MAX_RETRIES, HealthCheck, Manifest
 from skr8tr.core.names import APP_NAME_MAX_CHARS, APP_NAME_RE
+from skr8tr.core.signatures import is_public_key, is_signature
 
 PROTOCOL_VERSION = 1
 MAX_NODE_MESSAGE_BYTES = 1024 * 1024
@@ -197,6 +198,10 @@ def _hex(length: int) -> _Rule:
                  f"{length} lowercase hex digits")
 
 
+_public_key = _Rule(is_public_key, "a public key as in signing.pub ([ALG:]lowercase hex)")
+_signature = _Rule(is_signature, "a signature in lowercase hex (Ed25519, ML-DSA-65 or both)")
+
+
 def _int(lo: int, hi: int) -> _Rule:
     return _Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
                  f"an integer from {lo} to {hi}")
@@ -306,8 +311,8 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
     "challenge": {"nonce": (_hex(64), True), "term": (_int(0, MAX_TERM), False)},
     "hello": {
         "node_id": (_ident, True),
-        "key": (_hex(64), True),
-        "sig": (_hex(128), True),
+        "key": (_public_key, True),
+        "sig": (_signature, True),
         "version": (_version, True),
         "address": (_address, True),
         "cores": (_int(1, MAX_CORES), True),

@@ -37,8 +37,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-if TYPE_CHECKING:  # nacl is imported only by what signs or verifies (CLI start-up)
-    import nacl.signing
+if TYPE_CHECKING:
+    from skr8tr.core.signatures import Signer
 
 from skr8tr.core.command_args import ARG_SPECS, check_args
 from skr8tr.core.envelope import (
@@ -49,12 +49,12 @@ from skr8tr.core.envelope import (
     ReplayGuard,
     check_signature,
     is_nonce,
-    is_sig_hex,
     new_nonce,
     sign_request,
 )
-from skr8tr.core.keys import AuthorizedKeys, is_key_hex
+from skr8tr.core.keys import AuthorizedKeys
 from skr8tr.core.names import APP_NAME_RE, MAX_ID_CHARS
+from skr8tr.core.signatures import is_public_key, is_signature
 from skr8tr.core.wire_json import (
     dumps,
     is_finite_number,
@@ -236,17 +236,18 @@ def validate_request(envelope: Envelope) -> Request | DecodeError:
         # Authentication has judged these already; keep what is well-formed.
         ts = float(ts) if is_finite_number(ts) else None
         nonce = nonce if is_nonce(nonce) else None
-        key = key if is_key_hex(key) else None
-        sig = sig if is_sig_hex(sig) else None
+        key = key if is_public_key(key) else None
+        sig = sig if is_signature(sig) else None
     else:
         if ts is not None and not is_finite_number(ts):
             return bad(f"ts must be a finite number (seconds since the epoch), got {show(ts)}")
         if nonce is not None and not is_nonce(nonce):
             return bad(f"nonce must be 16..128 lowercase hex characters, got {show(nonce)}")
-        if key is not None and not is_key_hex(key):
-            return bad(f"key must be 64 lowercase hex characters, got {show(key)}")
-        if sig is not None and not is_sig_hex(sig):
-            return bad(f"sig must be 128 lowercase hex characters, got {show(sig)}")
+        if key is not None and not is_public_key(key):
+            return bad(f"key must be a public key as in signing.pub ([ALG:]lowercase hex), "
+                       f"got {show(key)}")
+        if sig is not None and not is_signature(sig):
+            return bad(f"sig must be a signature in lowercase hex, got {show(sig)}")
         ts = float(ts) if ts is not None else None
     return Request(
         id=envelope.id,
@@ -311,7 +312,7 @@ def admit_request(auth: Authenticated | DecodeError, *, guard: ReplayGuard,
 def _refused(envelope: Envelope, exc: AuthError) -> DecodeError:
     key = envelope.raw.get("key")
     return DecodeError(envelope.id, exc.code, exc.message, cmd=envelope.cmd,
-                       key=key if is_key_hex(key) else None, args=envelope.raw.get("args"))
+                       key=key if is_public_key(key) else None, args=envelope.raw.get("args"))
 
 
 def request_message(
@@ -319,7 +320,7 @@ def request_message(
     id: str,
     cmd: str,
     args: dict[str, Any],
-    signing_key: nacl.signing.SigningKey | None = None,
+    signing_key: Signer | None = None,
     ts: float | None = None,
     nonce: str | None = None,
 ) -> dict[str, Any]:

@@ -41,12 +41,12 @@ from dataclasses import dataclass
 from functools import partial
 from urllib.parse import urlsplit
 
-import nacl.signing
 import trio
 
 from skr8tr import DEFAULT_CONDUCTOR_URL, DEFAULT_KEY_FILE, tls
-from skr8tr.core.keys import KeyFileError, fingerprint, public_hex
+from skr8tr.core.keys import KeyFileError
 from skr8tr.core.node_protocol import is_host_or_ip
+from skr8tr.core.signatures import Signer, fingerprint
 from skr8tr.failover import LeaderSearch, conductor_urls
 from skr8tr.heap import release_free_heap
 from skr8tr.keyfiles import load_signing_key
@@ -138,7 +138,7 @@ def node_urls(conductor: str) -> tuple[str, ...]:
     return tuple(node_url(url) for url in listed)
 
 
-def prepare(config: AgentConfig) -> tuple[nacl.signing.SigningKey, str]:
+def prepare(config: AgentConfig) -> tuple[Signer, str]:
     """Check *config* and create the data dir; return the signing key and the node
     URL(s) (comma-separated when several conductors are listed).
 
@@ -227,7 +227,7 @@ async def run_agent(config: AgentConfig, *,
     data_dir = os.path.abspath(config.data_dir)  # replicas may run in it; cwd must not matter
     prime_cpu()
     log.info("node %s: starting (conductor %s, key %s, data dir %s%s%s)", config.node_id, shown,
-             fingerprint(public_hex(signing_key)), data_dir,
+             fingerprint(signing_key.public), data_dir,
              ", workloads stop with the agent" if config.stop_workloads else "",
              f", workloads run as {run_as.name} (uid {run_as.uid})" if run_as else "")
     try:

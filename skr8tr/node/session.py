@@ -26,13 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import nacl.signing
 import trio
 
 from skr8tr import __version__
 from skr8tr.core import node_protocol
 from skr8tr.core.envelope import sign_challenge
-from skr8tr.core.keys import public_hex
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
     Challenge,
@@ -48,6 +46,7 @@ from skr8tr.core.node_protocol import (
     Welcome,
     decode_node_message,
 )
+from skr8tr.core.signatures import Signer
 from skr8tr.node.health import os_error_text
 from skr8tr.node.supervisor import Report, Supervisor
 from skr8tr.node.sysinfo import machine_figures
@@ -119,7 +118,7 @@ class Terms:
         self.highest = max(self.highest, term)
 
 
-async def run_session(url: str, *, node_id: str, signing_key: nacl.signing.SigningKey,
+async def run_session(url: str, *, node_id: str, signing_key: Signer,
                       advertise: str | None, supervisor: Supervisor,
                       on_welcome: Callable[[], None] = lambda: None,
                       ssl_context: ssl.SSLContext | None = None,
@@ -200,7 +199,7 @@ async def _connect_and_serve(work_scope: trio.CancelScope, url: str,
 
 
 async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
-                 signing_key: nacl.signing.SigningKey, advertise: str | None,
+                 signing_key: Signer, advertise: str | None,
                  supervisor: Supervisor, on_welcome: Callable[[], None], terms: Terms,
                  leave_when_silent: bool = True) -> None:
     challenge = await _receive_handshake(ws, Challenge)
@@ -221,7 +220,7 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
         try:
             sig = sign_challenge(signing_key, bytes.fromhex(challenge.nonce), node_id)
             await ws.send_message(Hello(
-                node_id=node_id, key=public_hex(signing_key), sig=sig, version=__version__,
+                node_id=node_id, key=signing_key.public, sig=sig, version=__version__,
                 address=address, **machine_figures(), replicas=replicas).encode())
             log.info("node %s: hello sent to %s (address %s, %d replica(s) running)",
                      node_id, url, address, len(replicas))
