@@ -38,7 +38,6 @@ from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.store import FenceLost, StoreUnavailable
 from skr8tr.core import envelope, manifest, protocol
 from skr8tr.core.names import MAX_ID_CHARS
-from skr8tr.core.signatures import fingerprint, is_public_key
 from skr8tr.core.wire_json import parse_object
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
@@ -188,9 +187,9 @@ class CliApi:
                              parsed: manifest.Manifest | None, result: dict) -> None:
         """Record the request; the reply waits until the record is written."""
         if self._audit_log is not None:
-            key = _fingerprint(req.raw.get("key"))
             number = self._audit_log.append(
-                {"peer": peer, "key": key, "verified": req.signer is not None,
+                {"peer": peer, **audit.signer_fields(req.raw.get("key")),
+                 "verified": req.signer is not None,
                  "cmd": req.cmd, "args": audit.redact_args(req.cmd, req.args, parsed),
                  "result": result}, self.wall())
             await self._audit_log.written(number)
@@ -249,10 +248,6 @@ class CliApi:
 
 def _request_id(auth: protocol.Authenticated | protocol.DecodeError) -> str | None:
     return auth.id if isinstance(auth, protocol.DecodeError) else auth.envelope.id
-
-
-def _fingerprint(key: object) -> str | None:
-    return fingerprint(key) if isinstance(key, str) and is_public_key(key) else None
 
 
 def _summary(args: dict) -> str:

@@ -4,12 +4,14 @@ One line per request for a command that needs an admin signature (``up``,
 ``down``, ``scale``, ``rollout``, ``rollout-abort``, ``rollout-undo`` and
 ``logs``), accepted or refused::
 
-    {"args":{...},"cmd":"up","hash":"...","key":"sha256:...","peer":"127.0.0.1",
-     "prev":"...","result":{"ok":true,"app":"web","generation":1},"seq":7,
-     "time":1767225600.123,"utc":"2026-01-01T00:00:00.123Z","verified":true}
+    {"alg":"ed25519+ml-dsa-65","args":{...},"cmd":"up","hash":"...","key":"sha256:...",
+     "peer":"127.0.0.1","prev":"...","result":{"ok":true,"app":"web","generation":1},
+     "seq":7,"time":1767225600.123,"utc":"2026-01-01T00:00:00.123Z","verified":true}
 
-``key`` is the fingerprint of the key the request carries; ``verified`` says
-whether its signature was checked and good. Arguments are recorded without
+``key`` is the fingerprint of the key the request carries and ``alg`` its
+algorithm (``ed25519``, ``ml-dsa-65`` or ``ed25519+ml-dsa-65``; both null when
+the request carried no well-formed key); ``verified`` says whether its
+signature was checked and good. Arguments are recorded without
 secrets: a manifest becomes its SHA-256 (the one ``rollout history`` shows),
 its size, its app name and the *names* of its environment variables, never
 their values. The chain (:mod:`skr8tr.core.audit_chain`) is checked with
@@ -44,6 +46,7 @@ import trio
 
 from skr8tr.audit_head import head_path, read_head_file, write_head_file
 from skr8tr.core import audit_chain, manifest
+from skr8tr.core.signatures import fingerprint, key_algorithm
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -185,6 +188,15 @@ def _read_all(fd: int) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         offset += len(chunk)
+
+
+def signer_fields(key: object) -> dict[str, str | None]:
+    """``key`` (fingerprint) and ``alg`` of an entry, for the key a request carried."""
+    algorithm = key_algorithm(key)
+    if algorithm is None:
+        return {"key": None, "alg": None}
+    assert isinstance(key, str)
+    return {"key": fingerprint(key), "alg": algorithm.name}
 
 
 # --------------------------------------------------------------------------- redaction

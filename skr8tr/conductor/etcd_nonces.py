@@ -4,7 +4,7 @@ Each spent nonce is one key ``PREFIX/nonces/FINGERPRINT/NONCE``, created only if
 absent (compare: create revision 0) and attached to a lease, so that etcd deletes
 it once no conductor could accept the request again.
 
-*Key names.* ``FINGERPRINT`` is :func:`skr8tr.core.keys.fingerprint` of the
+*Key names.* ``FINGERPRINT`` is :func:`skr8tr.core.signatures.fingerprint` of the
 signing key (``sha256:`` + 16 hex digits) rather than its 64 hex digits: the key
 stays short and matches the logs. Mapping (key, nonce) to an etcd key only has
 to be a function for replays to be caught: the same request always lands on the
@@ -289,12 +289,13 @@ async def admit_request(auth: protocol.Authenticated | protocol.DecodeError, *,
     if isinstance(auth, protocol.DecodeError) or auth.signer is None or nonces is None:
         return protocol.admit_request(auth, guard=guard, now=now)
     raw = auth.envelope.raw
+    key = auth.key if auth.key is not None else raw["key"]
     try:
-        guard.check(raw["key"], raw["nonce"], raw["ts"], now)
+        guard.check(key, raw["nonce"], raw["ts"], now)
     except AuthError as exc:
         return _refused(auth.envelope, exc)
-    guard.spend(raw["key"], raw["nonce"], raw["ts"], now)
-    if not await nonces.spend(raw["key"], raw["nonce"], raw["ts"]):
+    guard.spend(key, raw["nonce"], raw["ts"], now)
+    if not await nonces.spend(key, raw["nonce"], raw["ts"]):
         return _refused(auth.envelope, AuthError(
             "REPLAY", "nonce already used by this key (on another conductor); send a "
             "fresh request"))

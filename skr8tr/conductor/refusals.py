@@ -88,7 +88,8 @@ class RefusalReporter:
             # EXPIRED and REPLAY are judged after the signature verified.
             verified = err.code in ("EXPIRED", "REPLAY")
             self.audit_log.append(
-                {"peer": peer, "key": key, "verified": verified, "cmd": signed_cmd,
+                {"peer": peer, **audit.signer_fields(err.key), "verified": verified,
+                 "cmd": signed_cmd,
                  "args": audit.redact_args(signed_cmd, err.args),
                  "result": {"ok": False, "code": err.code, "message": err.message}},
                 self.wall())
@@ -106,7 +107,8 @@ class RefusalReporter:
                     " and others" if len(left.peers) > len(peers) else "")
         if self.audit_log is not None:
             self.audit_log.append(
-                {"peer": None, "key": None, "verified": False, "cmd": "(refusals)",
+                {"peer": None, "key": None, "alg": None, "verified": False,
+                 "cmd": "(refusals)",
                  "args": {"since": round(left.first_wall or 0.0, 3)},
                  "result": {"ok": False, "summarised": left.count, "codes": dict(left.codes),
                             "commands": dict(left.commands), "peers": peers}},

@@ -269,6 +269,9 @@ class Authenticated:
 
     envelope: Envelope
     signer: str | None
+    #: The signer's key text as the authorized keys hold it: one shared string, so that
+    #: the replay guard keeps one copy of a 4 KB post-quantum key, not one per nonce.
+    key: str | None = None
 
 
 def authenticate_request(data: str | bytes, *, authorized: AuthorizedKeys,
@@ -280,13 +283,16 @@ def authenticate_request(data: str | bytes, *, authorized: AuthorizedKeys,
     envelope = decode_envelope(data)
     if isinstance(envelope, DecodeError):
         return envelope
-    signer = None
+    signer = key = None
     if envelope.cmd in SIGNED_COMMANDS and not insecure:
         try:
             signer = check_signature(envelope.raw, authorized=authorized)
         except AuthError as exc:
             return _refused(envelope, exc)
-    return Authenticated(envelope, signer)
+        entry = authorized.entry(envelope.raw["key"])
+        assert entry is not None  # check_signature found it
+        key = entry.pub_hex
+    return Authenticated(envelope, signer, key)
 
 
 def admit_request(auth: Authenticated | DecodeError, *, guard: ReplayGuard,
@@ -298,11 +304,12 @@ def admit_request(auth: Authenticated | DecodeError, *, guard: ReplayGuard,
     envelope = auth.envelope
     if auth.signer is not None:
         raw = envelope.raw
+        key = auth.key if auth.key is not None else raw["key"]
         try:
-            guard.check(raw["key"], raw["nonce"], raw["ts"], now)
+            guard.check(key, raw["nonce"], raw["ts"], now)
         except AuthError as exc:
             return _refused(envelope, exc)
-        guard.spend(raw["key"], raw["nonce"], raw["ts"], now)
+        guard.spend(key, raw["nonce"], raw["ts"], now)
     request = validate_request(envelope)
     if isinstance(request, DecodeError):
         return request
