@@ -86,13 +86,15 @@ def wait_leading(url: str, timeout_s: float = 30.0) -> float:
 @contextmanager
 def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *,
                   node_timeout_s: float = 5.0, log_level: str | None = None,
-                  durable: bool = False, store: str | None = None):
+                  durable: bool = False, store: str | None = None,
+                  key_alg: str = "ed25519"):
     """A conductor and ``nodes`` node agents. ``log_level`` overrides the e2e harness's
     ``debug`` (benchmarks of speed use ``info``, the daemons' default). ``durable``: the
     conductor runs with ``--state`` and ``--audit-log`` (files in the run's folder).
     ``store``: None (as ``durable`` says), "state" (``--state`` only, no audit log), or
     "etcd-disk" / "etcd-tmpfs" (``--store`` on an etcd of its own, data on disk or tmpfs;
-    the nodes start once the conductor leads)."""
+    the nodes start once the conductor leads). ``key_alg``: the admin and node keys'
+    algorithm (``skr8tr keygen --alg``)."""
     extra = () if log_level is None else ("--log-level", log_level)
     with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp, \
             contextlib.ExitStack() as stack:
@@ -106,7 +108,7 @@ def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *
             etcd = stack.enter_context(local_etcd(store.removeprefix("etcd-")))
             files = ("--store", etcd.store_url)
         with running_cluster(Path(tmp), *extra, *files,
-                             node_timeout_s=node_timeout_s) as cluster:
+                             node_timeout_s=node_timeout_s, key_alg=key_alg) as cluster:
             try:
                 if store is not None and store.startswith("etcd"):
                     cluster.etcd = etcd

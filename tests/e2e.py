@@ -83,10 +83,14 @@ class Cluster:
 
     # -------------------------------------------------------------- keys
 
-    def make_keys(self) -> None:
+    def make_keys(self, alg: str = "ed25519") -> None:
+        """An admin and a node key of algorithm *alg* (``skr8tr keygen --alg``), both
+        authorized."""
         keys = self.root / "keys"
-        admin = self.cli_ok("keygen", "--out", str(keys / "admin"), conductor=False).strip()
-        node = self.cli_ok("keygen", "--out", str(keys / "node"), conductor=False).strip()
+        admin = self.cli_ok("keygen", "--alg", alg, "--out", str(keys / "admin"),
+                            conductor=False).strip()
+        node = self.cli_ok("keygen", "--alg", alg, "--out", str(keys / "node"),
+                           conductor=False).strip()
         self.admin_pub, self.node_pub = admin, node
         self.authorized_keys = keys / "authorized_keys"
         self.authorized_keys.write_text(f"admin {admin} test admin\nnode {node} test nodes\n")
@@ -266,11 +270,12 @@ def private_env(root: Path) -> dict[str, str]:
 
 
 @contextmanager
-def running_cluster(root: Path, *conductor_flags: str,
-                    node_timeout_s: float = 5.0) -> Iterator[Cluster]:
-    """Keys and a started conductor in ``root``, with a private HOME; shut down after."""
+def running_cluster(root: Path, *conductor_flags: str, node_timeout_s: float = 5.0,
+                    key_alg: str = "ed25519") -> Iterator[Cluster]:
+    """Keys (of *key_alg*) and a started conductor in ``root``, with a private HOME; shut
+    down after."""
     cluster = Cluster(root=root, env=private_env(root))
-    cluster.make_keys()
+    cluster.make_keys(key_alg)
     cluster.start_conductor(*conductor_flags, node_timeout_s=node_timeout_s)
     try:
         yield cluster
