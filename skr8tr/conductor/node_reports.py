@@ -20,6 +20,7 @@ from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.tables import NodeState, ReplicaState
 from skr8tr.core import placement_token, reconcile, replica_state
 from skr8tr.core.node_protocol import Heartbeat, Hello, NodeMessage, ReplicaReport, Stop
+from skr8tr.core.signatures import fingerprint, key_algorithm
 
 if TYPE_CHECKING:
     from skr8tr.conductor.cluster import Cluster
@@ -68,8 +69,10 @@ class NodeReports:
                 self.ports.claim(r)
         self.events.publish("node.joined", node=node_id, address=node.address,
                             cores=node.cores, ram_total_mb=node.ram_total_mb)
-        log.info("node %s joined from %s (%d cores, %d MB RAM)", node_id, node.address,
-                 node.cores, node.ram_total_mb)
+        algorithm = key_algorithm(hello.key)
+        log.info("node %s joined from %s (%d cores, %d MB RAM; key %s, %s)", node_id,
+                 node.address, node.cores, node.ram_total_mb, fingerprint(hello.key),
+                 algorithm.name if algorithm is not None else "?")
         self._sync_reported_replicas(node, hello.replicas)
         self._node_joined.set()
         self._node_joined = trio.Event()
