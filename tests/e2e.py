@@ -97,6 +97,16 @@ class Cluster:
         self.admin_key = keys / "admin" / "signing.sec"
         self.node_key = keys / "node" / "signing.sec"
 
+    def add_key(self, name: str, role: str, alg: str = "ed25519") -> Path:
+        """One more key of *alg* in ``root/keys/NAME``, authorized as *role* (a line
+        appended to authorized_keys: a running conductor reads it on SIGHUP); returns its
+        ``signing.sec``, for ``start_node(key=)`` or ``cli(key=)``."""
+        out = self.root / "keys" / name
+        pub = self.cli_ok("keygen", "--alg", alg, "--out", str(out), conductor=False).strip()
+        with open(self.authorized_keys, "a") as f:
+            f.write(f"{role} {pub} {name}\n")
+        return out / "signing.sec"
+
     # -------------------------------------------------------------- processes
 
     def _spawn(self, name: str, *args: str) -> Daemon:
@@ -129,9 +139,10 @@ class Cluster:
         return self.conductor
 
     def start_node(self, node_id: str, advertise: str = "127.0.0.1", *extra: str,
-                   wait: bool = True) -> Daemon:
+                   wait: bool = True, key: Path | None = None) -> Daemon:
+        """A node agent signing with *key* (default: the node key of make_keys)."""
         daemon = self._spawn(
-            node_id, "node", "--conductor", self.url, "--key", str(self.node_key),
+            node_id, "node", "--conductor", self.url, "--key", str(key or self.node_key),
             "--node-id", node_id, "--data-dir", str(self.root / "nodes" / node_id),
             "--advertise", advertise, "--stop-workloads", "--log-level", "debug", *extra,
         )
@@ -190,13 +201,14 @@ class Cluster:
     # -------------------------------------------------------------- the CLI
 
     def cli(self, *args: str, conductor: bool = True, signed: bool = True,
-            timeout_s: float = 30.0, url: str | None = None
+            timeout_s: float = 30.0, url: str | None = None, key: Path | None = None
             ) -> subprocess.CompletedProcess[str]:
+        """The real CLI, signing with *key* (default: the admin key of make_keys)."""
         flags: list[str] = []
         if conductor:
             flags += ["--conductor", url or self.url]
-        if signed and hasattr(self, "admin_key"):
-            flags += ["--key", str(self.admin_key)]
+        if signed and (key is not None or hasattr(self, "admin_key")):
+            flags += ["--key", str(key or self.admin_key)]
         return subprocess.run(
             [*skr8tr_command(), *args, *flags], env=self.env, capture_output=True, text=True,
             timeout=timeout_s, stdin=subprocess.DEVNULL,

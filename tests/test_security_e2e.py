@@ -23,7 +23,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr import keyfiles
-from skr8tr.core import audit_chain, envelope, keys, signatures
+from skr8tr.core import audit_chain, envelope, signatures
 from skr8tr.ws import trio_client
 from tests.conftest import HELLO_HTTP, MANIFESTS, http_get
 from tests.e2e import Cluster, poll
@@ -112,7 +112,7 @@ async def test_every_refusal_is_counted_logged_and_audited(cluster: Cluster, tmp
         lambda: cluster.cli_ok("status", "--json")))
     assert status["apps"] == [] and status["replicas"] == []
     log = cluster.conductor.log()
-    for fpr in (signatures.fingerprint(keys.public_hex(keyfiles.load_signing_key(str(k))))
+    for fpr in (signatures.fingerprint(keyfiles.load_signing_key(str(k)).public)
                 for k in (stranger, cluster.node_key, cluster.admin_key)):
         assert f"(key {fpr}): " in log
     assert log.count("refused a request from 127.0.0.1") >= 6

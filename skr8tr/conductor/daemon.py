@@ -226,9 +226,10 @@ def _load_state(config: ConductorConfig) -> state_file.StoredState | None:
         raise StartError(f"{exc} (the file was left as it is; fix or move it)") from None
 
 
-def _load_keys(config: ConductorConfig) -> AuthorizedKeys:
+def _load_keys(config: ConductorConfig, *, quiet: bool = False) -> AuthorizedKeys:
     """The authorized keys (StartError if unreadable); with --require-pq the Ed25519 ones
-    hold no role, and the log names each of them (at start and on every SIGHUP)."""
+    hold no role, and the log names each of them (at start and on every SIGHUP) unless
+    *quiet* (the check before listening, so that the start names each key once)."""
     if config.authorized_keys is None:
         return parse_authorized_keys("", filename="(none)")
     try:
@@ -240,6 +241,8 @@ def _load_keys(config: ConductorConfig) -> AuthorizedKeys:
                          f"{exc.strerror}") from None
     if config.require_pq:
         keys = keys.post_quantum_only()
+        if quiet:
+            return keys
         for entry in keys.ignored():
             log.warning("--require-pq: ignoring %s key %s (%s%s) in %s: it is not "
                         "post-quantum", entry.algorithm.name, fingerprint(entry.pub_hex),
@@ -494,7 +497,7 @@ def main(opts: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = config_from_args(opts)
-        _load_keys(config)  # fail before anything listens
+        _load_keys(config, quiet=True)  # fail before anything listens
         _tls_context(config)
         _load_state(config)
         checked = _open_audit(config, quiet=True)  # refuse a broken log before listening
