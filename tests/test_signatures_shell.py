@@ -27,13 +27,14 @@ from skr8tr.conductor.daemon import (
     config_from_args,
     run_conductor,
 )
+from skr8tr.conductor.replay_store import DurableReplayGuard
 from skr8tr.core import envelope, keys, signatures
 from skr8tr.core.node_protocol import encode_node_message
 from skr8tr.core.signatures import ALGORITHMS, ED25519, HYBRID, ML_DSA_65, Signer, fingerprint
 from skr8tr.ws import trio_client
 from tests.conftest import run_cli
 from tests.test_cli_wire import ScriptedConductor, cli
-from tests.wire_helpers import encode_request
+from tests.wire_helpers import accept_request, encode_request
 from tests.ws_helpers import serve_websocket
 
 DEADLINE_S = 30
@@ -324,3 +325,24 @@ def test_signer_fields_of_each_algorithm():
         assert signer_fields(public) == {"key": fingerprint(public), "alg": alg.name}
     for junk in (None, 7, "", "ed25519:" + "00" * 32, "ml-dsa-65:00", "a" * 1_000_000):
         assert signer_fields(junk) == {"key": None, "alg": None}
+
+
+@each_alg
+def test_a_restart_remembers_a_post_quantum_nonce_signed_ahead(tmp_path, alg):
+    # A request from a clock 20 s ahead: its nonce outlives a restart in STATE.nonces,
+    # whose lines then hold a 4 KB key text.
+    admin = keys.generate_keypair(alg)[0]
+    authorized = keys.parse_authorized_keys(f"admin {admin.public}\n")
+    start = 1_700_000_000.0
+    ahead = encode_request(id="r", cmd="scale", args={"app": "web", "replicas": 2},
+                           signing_key=admin, ts=start + 21)
+    path = str(tmp_path / "state.toml.nonces")
+
+    def code(guard, now: float) -> str:
+        result = accept_request(ahead, authorized=authorized, guard=guard, now=now)
+        return getattr(result, "code", "ok")
+
+    assert code(DurableReplayGuard(path, started_at=start), start + 1) == "ok"
+    assert admin.public in Path(path).read_text()
+    assert code(DurableReplayGuard(path, started_at=start + 3), start + 4) == "REPLAY"
+    assert code(DurableReplayGuard(path, started_at=start + 5), start + 52) == "EXPIRED"
