@@ -185,6 +185,11 @@ def test_load_accepts_seed_with_surrounding_whitespace(tmp_path, content):
         SEED[:-1] + "g\n",
         SEED + "\n" + SEED + "\n",
         "-----BEGIN OPENSSH PRIVATE KEY-----\n",
+        # The right length, but whitespace inside (bytes.fromhex would skip it).
+        SEED[:2] + "  " + SEED[4:] + "\n",
+        SEED[:30] + "\t\n" + SEED[32:] + "\n",
+        "ml-dsa-65:" + SEED[:2] + "  " + SEED[4:] + "\n",
+        "ed25519+ml-dsa-65:" + SEED + SEED[:2] + "  " + SEED[4:] + "\n",
     ],
 )
 def test_load_rejects_bad_content(tmp_path, content):

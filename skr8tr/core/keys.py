@@ -26,6 +26,7 @@ Pure: no file I/O. Reading and writing the files, with their modes, is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -99,6 +100,7 @@ def public_key_line(public: str) -> str:
     return public + "\n"
 
 
+_HEX_RE = re.compile(r"[0-9a-fA-F]*")
 _SEED_FORMS = ("one line of 64 hex characters (a 32-byte Ed25519 seed), or "
                "ml-dsa-65:HEX (64 hex) or ed25519+ml-dsa-65:HEX (128 hex)")
 
@@ -120,13 +122,11 @@ def parse_signing_key(data: bytes, *, filename: str) -> Signer:
     if algorithm is None or (colon and algorithm is ED25519):
         raise KeyFileError(f"{filename} is not a skr8tr key file: unknown algorithm "
                            f"{name[:40]!r}; {expected}")
-    if len(hex_part) != 2 * algorithm.seed_bytes:
+    # A full match, not bytes.fromhex alone: fromhex skips whitespace, so "ab  cd..."
+    # of the right length would decode to a short seed (a ValueError, not KeyFileError).
+    if len(hex_part) != 2 * algorithm.seed_bytes or _HEX_RE.fullmatch(hex_part) is None:
         raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}")
-    try:
-        seed = bytes.fromhex(hex_part)
-    except ValueError:
-        raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}") from None
-    return Signer(algorithm, seed)
+    return Signer(algorithm, bytes.fromhex(hex_part))
 
 
 # --------------------------------------------------------------------------- authorized keys
