@@ -87,14 +87,15 @@ def wait_leading(url: str, timeout_s: float = 30.0) -> float:
 def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *,
                   node_timeout_s: float = 5.0, log_level: str | None = None,
                   durable: bool = False, store: str | None = None,
-                  key_alg: str = "ed25519"):
+                  key_alg: str = "ed25519", conductor_flags: tuple[str, ...] = ()):
     """A conductor and ``nodes`` node agents. ``log_level`` overrides the e2e harness's
     ``debug`` (benchmarks of speed use ``info``, the daemons' default). ``durable``: the
     conductor runs with ``--state`` and ``--audit-log`` (files in the run's folder).
     ``store``: None (as ``durable`` says), "state" (``--state`` only, no audit log), or
     "etcd-disk" / "etcd-tmpfs" (``--store`` on an etcd of its own, data on disk or tmpfs;
     the nodes start once the conductor leads). ``key_alg``: the admin and node keys'
-    algorithm (``skr8tr keygen --alg``)."""
+    algorithm (``skr8tr keygen --alg``). ``conductor_flags``: more flags for the
+    conductor."""
     extra = () if log_level is None else ("--log-level", log_level)
     with tempfile.TemporaryDirectory(prefix="skr8tr-bench-") as tmp, \
             contextlib.ExitStack() as stack:
@@ -107,7 +108,7 @@ def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *
         elif store is not None:
             etcd = stack.enter_context(local_etcd(store.removeprefix("etcd-")))
             files = ("--store", etcd.store_url)
-        with running_cluster(Path(tmp), *extra, *files,
+        with running_cluster(Path(tmp), *extra, *files, *conductor_flags,
                              node_timeout_s=node_timeout_s, key_alg=key_alg) as cluster:
             try:
                 if store is not None and store.startswith("etcd"):
@@ -122,6 +123,25 @@ def local_cluster(nodes: int = 2, addresses: tuple[str, ...] = ("127.0.0.1",), *
                 print(f"conductor ({alive}), end of its log:\n"
                       f"{cluster.conductor.log()[-3000:]}", file=sys.stderr)
                 raise
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus`` (``taskset -a -p``): the
+    affinity is a thread's, and threads made later inherit their creator's."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def cpu_seconds(proc) -> float:
+    """User + system CPU seconds a psutil.Process has used so far."""
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, as /proc/loadavg says."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def call_options(cluster: Cluster) -> client.CallOptions:
