@@ -40,6 +40,7 @@ from skr8tr.core.signatures import (
     is_signature,
     key_algorithm,
     verify,
+    verify_well_formed,
 )
 
 if TYPE_CHECKING:
@@ -326,7 +327,7 @@ def check_signature(req: dict[str, Any], *, authorized: AuthorizedKeys,
         message = canonical_json(fields)
     except (TypeError, ValueError, RecursionError):
         raise AuthError("UNAUTHORIZED", "request cannot be put in canonical JSON form") from None
-    if not verify(key, message, sig):
+    if not verify_well_formed(algorithm, key, message, sig):
         raise AuthError("UNAUTHORIZED", f"bad signature for key {fpr} ({algorithm.name})")
     return fpr
 

@@ -209,7 +209,7 @@ def decode_envelope(data: str | bytes) -> Envelope | DecodeError:
     return Envelope(id=good_id, cmd=cmd, raw=obj)
 
 
-def validate_request(envelope: Envelope) -> Request | DecodeError:
+def validate_request(envelope: Envelope, authenticated: bool = False) -> Request | DecodeError:
     """Step 3: check fields and args of an envelope (module docstring). Never raises.
 
     For a SIGNED_COMMANDS request, call this only after ``verify_request``
@@ -236,8 +236,9 @@ def validate_request(envelope: Envelope) -> Request | DecodeError:
         # Authentication has judged these already; keep what is well-formed.
         ts = float(ts) if is_finite_number(ts) else None
         nonce = nonce if is_nonce(nonce) else None
-        key = key if is_public_key(key) else None
-        sig = sig if is_signature(sig) else None
+        if not authenticated:
+            key = key if is_public_key(key) else None
+            sig = sig if is_signature(sig) else None
     else:
         if ts is not None and not is_finite_number(ts):
             return bad(f"ts must be a finite number (seconds since the epoch), got {show(ts)}")
@@ -310,7 +311,7 @@ def admit_request(auth: Authenticated | DecodeError, *, guard: ReplayGuard,
         except AuthError as exc:
             return _refused(envelope, exc)
         guard.spend(key, raw["nonce"], raw["ts"], now)
-    request = validate_request(envelope)
+    request = validate_request(envelope, authenticated=auth.signer is not None)
     if isinstance(request, DecodeError):
         return request
     return replace(request, signer=auth.signer)

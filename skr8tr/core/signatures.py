@@ -28,7 +28,6 @@ signs nothing (``skr8tr ping``) starts without either.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +71,6 @@ ML_DSA_65 = Algorithm("ml-dsa-65", 32, 1952, 3309, post_quantum=True)
 HYBRID = Algorithm("ed25519+ml-dsa-65", 64, 32 + 1952, 64 + 3309, post_quantum=True)
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (ED25519, ML_DSA_65, HYBRID)}
 
-_LOWER_HEX_RE = re.compile(r"[0-9a-f]*")
-_ANY_HEX_RE = re.compile(r"[0-9a-fA-F]*")
 # What the key text of each prefix must be: its length in hex characters.
 _KEY_HEX_LEN = {a.prefix: 2 * a.public_bytes for a in ALGORITHMS.values()}
 _SIG_HEX_LENS = frozenset(2 * a.signature_bytes for a in ALGORITHMS.values())
@@ -118,8 +115,17 @@ def key_algorithm(key: object, *, any_case: bool = False) -> Algorithm | None:
     algorithm, hex_part = parts
     if len(hex_part) != 2 * algorithm.public_bytes:
         return None
-    pattern = _ANY_HEX_RE if any_case else _LOWER_HEX_RE
-    return algorithm if pattern.fullmatch(hex_part) is not None else None
+    return algorithm if _is_hex(hex_part, any_case) else None
+
+
+def _is_hex(value: str, any_case: bool = False) -> bool:
+    """True if *value* is hex (lowercase unless *any_case*), nothing else: bytes.fromhex
+    and back, about twice as fast as a regular expression on kilobytes."""
+    try:
+        text = bytes.fromhex(value).hex()
+    except ValueError:
+        return False
+    return text == (value.lower() if any_case else value)
 
 
 def is_public_key(value: object) -> bool:
@@ -138,7 +144,7 @@ def is_signature(value: object, algorithm: Algorithm | None = None) -> bool:
             return False
     elif len(value) != 2 * algorithm.signature_bytes:
         return False
-    return _LOWER_HEX_RE.fullmatch(value) is not None
+    return _is_hex(value)
 
 
 def public_key_bytes(key: str) -> bytes:
@@ -258,6 +264,11 @@ def verify(key: str, message: bytes, sig_hex: str) -> bool:
     algorithm = key_algorithm(key)
     if algorithm is None or not is_signature(sig_hex, algorithm):
         return False
+    return verify_well_formed(algorithm, key, message, sig_hex)
+
+
+def verify_well_formed(algorithm: Algorithm, key: str, message: bytes, sig_hex: str) -> bool:
+    """:func:`verify` of a key and signature already checked as well-formed."""
     sig = bytes.fromhex(sig_hex)
     try:
         ed, ml = _verifiers(key, algorithm)
