@@ -14,6 +14,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from skr8tr import client, tls
+from skr8tr.core.keys import secret_key_line
 from skr8tr.node.agent import AgentConfig, AgentConfigError, run_agent, security
 from tests.conftest import skr8tr_command
 from tests.security_helpers import closed_count, open_conductor, ping
@@ -131,7 +132,7 @@ def _agent_config(tmp_path: Path, url: str, key_file: Path, ca: Path | None,
 
 def _write_key(tmp_path: Path, signing_key) -> Path:
     path = tmp_path / "node.sec"
-    path.write_text(bytes(signing_key).hex() + "\n")
+    path.write_text(secret_key_line(signing_key))
     path.chmod(0o600)
     return path
 
