@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from tests.conftest import free_port, skr8tr_command
+from tests.conftest import free_port, http_get, skr8tr_command
 
 DEADLINE_S = 30.0
 
@@ -225,6 +225,21 @@ class Cluster:
         if args and args[0] == "list":
             self.seen_pids.update(r["pid"] for r in doc if r["pid"])
         return doc
+
+    def addresses(self) -> dict[str, str]:
+        """Each node's advertised address, by node id."""
+        return {n["node"]: n["address"] for n in self.json("nodes")}
+
+    def versions(self, rows: list[dict]) -> set[str]:
+        """The versions the replicas in *rows* (of the example HTTP service) answer with;
+        each must answer 200 from the pid it claims."""
+        where = self.addresses()
+        seen = set()
+        for r in rows:
+            status, headers, _ = http_get(where[r["node"]], r["port"])
+            assert status == 200 and headers["X-Pid"] == str(r["pid"])
+            seen.add(headers["X-Version"])
+        return seen
 
     def replicas(self, app: str | None = None) -> list[dict]:
         return self.json("list", *([app] if app else []))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 from skr8tr import __version__, keyfiles
 from skr8tr.core import envelope
 from skr8tr.core.node_protocol import encode_node_message
+from skr8tr.core.signatures import Signer
 from skr8tr.ws import trio_client
 
 
@@ -26,6 +27,19 @@ def report(replica: str, app: str, generation: int, *, state: str = "running",
             "pid": pid, "port": port, "ts": time.time(), **extra}
 
 
+async def send_hello(ws: Any, signer: Signer, node_id: str, *,
+                     replicas: Sequence[dict[str, Any]] = (), address: str = "127.0.0.1") -> None:
+    """Read the conductor's challenge on a fresh /v1/node *ws* and answer it with a hello
+    signed by *signer*."""
+    challenge = json.loads(await ws.get_message())
+    assert challenge["type"] == "challenge", challenge
+    sig = envelope.sign_challenge(signer, bytes.fromhex(challenge["nonce"]), node_id)
+    await ws.send_message(encode_node_message(
+        "hello", node_id=node_id, key=signer.public, sig=sig, version=__version__,
+        address=address, cores=1, ram_total_mb=1024, ram_free_mb=1024, cpu_pct=0.0,
+        replicas=list(replicas)))
+
+
 @asynccontextmanager
 async def impostor_node(url: str, key_file: Path, node_id: str, *,
                         replicas: list[dict[str, Any]] = (),  # type: ignore[assignment]
@@ -34,13 +48,7 @@ async def impostor_node(url: str, key_file: Path, node_id: str, *,
     that reports *replicas*; yields the open WebSocket once welcomed."""
     key = keyfiles.load_signing_key(key_file)
     async with trio_client.open_websocket(url + "/v1/node") as ws:
-        challenge = json.loads(await ws.get_message())
-        assert challenge["type"] == "challenge", challenge
-        sig = envelope.sign_challenge(key, bytes.fromhex(challenge["nonce"]), node_id)
-        await ws.send_message(encode_node_message(
-            "hello", node_id=node_id, key=key.public, sig=sig, version=__version__,
-            address=address, cores=1, ram_total_mb=1024, ram_free_mb=1024, cpu_pct=0.0,
-            replicas=list(replicas)))
+        await send_hello(ws, key, node_id, replicas=replicas, address=address)
         welcome = json.loads(await ws.get_message())
         assert welcome["type"] == "welcome", welcome
         yield ws

@@ -125,6 +125,16 @@ async def ping(url: str, ssl_context=None) -> dict:
         return json.loads(await ws.get_message())
 
 
+async def send_all(url: str, messages: list[str]) -> list[dict]:
+    """Send *messages* one after another on one /v1/cli connection; their replies."""
+    replies = []
+    async with trio_client.open_websocket(url + "/v1/cli") as ws:
+        for msg in messages:
+            await ws.send_message(msg)
+            replies.append(json.loads(await ws.get_message()))
+    return replies
+
+
 async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     """One GET over a fresh connection, parsed with h11."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)

@@ -18,9 +18,8 @@ from skr8tr.conductor import audit
 from skr8tr.conductor.daemon import ConductorConfig, StartError, run_conductor
 from skr8tr.core import audit_chain, keys, manifest, signatures
 from skr8tr.core.audit_chain import GENESIS, ChainError, Head
-from skr8tr.ws import trio_client
 from tests.conftest import skr8tr_command
-from tests.security_helpers import open_conductor, scrape
+from tests.security_helpers import open_conductor, scrape, send_all
 from tests.wire_helpers import encode_request
 
 DEADLINE_S = 30
@@ -150,15 +149,6 @@ def manifest_args(tmp_path: Path) -> dict:
     return {"manifest": f"app vault\n  exec /bin/sleep\n  args 60\n  replicas 0\n  env\n"
                         f"    API_TOKEN {SECRET}\n",
             "format": "skr8tr", "base_dir": str(tmp_path)}
-
-
-async def send_all(url: str, messages: list[str]) -> list[dict]:
-    replies = []
-    async with trio_client.open_websocket(url + "/v1/cli") as ws:
-        for msg in messages:
-            await ws.send_message(msg)
-            replies.append(json.loads(await ws.get_message()))
-    return replies
 
 
 def run_verify(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ import pytest
 
 from skr8tr import keyfiles
 from skr8tr.core import audit_chain, signatures
-from tests.conftest import HELLO_HTTP, http_get
+from tests.conftest import HELLO_HTTP
 from tests.e2e import Cluster, poll, private_env
 
 pytestmark = pytest.mark.e2e
@@ -81,15 +81,6 @@ def sleeper(root: Path, app: str, replicas: int) -> Path:
     return path
 
 
-def serving(cluster: Cluster, rows: list[dict]) -> set[str]:
-    """The versions the replicas in *rows* answer with (each must be the pid it claims)."""
-    where = {n["node"]: n["address"] for n in cluster.json("nodes")}
-    seen = set()
-    for r in rows:
-        status, headers, _ = http_get(where[r["node"]], r["port"])
-        assert status == 200 and headers["X-Pid"] == str(r["pid"])
-        seen.add(headers["X-Version"])
-    return seen
 
 
 # ------------------------------------------------------------------ --require-pq
@@ -101,7 +92,7 @@ def test_hybrid_keys_deploy_roll_out_and_scale_under_require_pq(pq: Cluster):
     assert up["generation"] == 1 and len(up["replicas"]) == 3
     v1 = pq.wait_ready("web", 3, generation=1)
     assert {r["node"] for r in v1} == {"n1", "n2"}
-    assert serving(pq, v1) == {"v1"}
+    assert pq.versions(v1) == {"v1"}
 
     started = pq.json("rollout", str(web(pq.root, "v2")))
     assert started["to_generation"] == 2
@@ -109,7 +100,7 @@ def test_hybrid_keys_deploy_roll_out_and_scale_under_require_pq(pq: Cluster):
                 what="the rollout to finish")
     assert done["state"] == "complete" and done["replaced"] == done["total"] == 3, done
     v2 = pq.wait_ready("web", 3, generation=2)
-    assert serving(pq, v2) == {"v2"}
+    assert pq.versions(v2) == {"v2"}
     poll(lambda: not any(psutil.pid_exists(r["pid"]) for r in v1), what="v1 pids to exit")
     assert not {r["pid"] for r in v1} & {r["pid"] for r in v2}
 

@@ -39,20 +39,6 @@ def web(tmp_path: Path, version: str, *, extra_args: str = "", replicas: int = 3
     return path
 
 
-def addresses(cluster: Cluster) -> dict[str, str]:
-    return {n["node"]: n["address"] for n in cluster.json("nodes")}
-
-
-def versions(cluster: Cluster, rows: list[dict]) -> set[str]:
-    where = addresses(cluster)
-    seen = set()
-    for r in rows:
-        status, headers, _ = http_get(where[r["node"]], r["port"])
-        assert status == 200 and headers["X-Pid"] == str(r["pid"])
-        seen.add(headers["X-Version"])
-    return seen
-
-
 def used_ports(cluster: Cluster) -> list[tuple[str, int]]:
     return sorted((n["address"], p) for n in cluster.json("nodes") for p in n["ports"])
 
@@ -62,7 +48,7 @@ def test_rollout_abort_and_auto_rollback(cluster: Cluster, tmp_path: Path):
     cluster.start_node("n2")
     cluster.json("up", str(web(tmp_path, "v1")))
     v1 = cluster.wait_ready("web", 3, generation=1)
-    assert versions(cluster, v1) == {"v1"}
+    assert cluster.versions(v1) == {"v1"}
 
     # v1 -> v2 with --watch: exit 0 only when complete; a live line, then a summary.
     # v2 answers its health check 1 s after it starts, so the watch (which polls every
@@ -75,7 +61,7 @@ def test_rollout_abort_and_auto_rollback(cluster: Cluster, tmp_path: Path):
     assert any("to become ready" in line for line in lines)
     assert lines[-1].startswith("web: complete generation 1 -> 2, 3/3 replaced")
     v2 = cluster.wait_ready("web", 3, generation=2)
-    assert versions(cluster, v2) == {"v2"}
+    assert cluster.versions(v2) == {"v2"}
     poll(lambda: not any(psutil.pid_exists(r["pid"]) for r in v1), what="v1 pids to exit")
     history = cluster.json("rollout", "history", "web")
     assert [(h["generation"], h["state"]) for h in history] == [(1, "complete"),
@@ -94,7 +80,7 @@ def test_rollout_abort_and_auto_rollback(cluster: Cluster, tmp_path: Path):
     assert aborted["state"] == "aborted"
     rows = cluster.wait_ready("web", 3, generation=2)
     assert {r["pid"] for r in rows} == {r["pid"] for r in v2}, "v2 untouched"
-    assert versions(cluster, rows) == {"v2"}
+    assert cluster.versions(rows) == {"v2"}
     assert used_ports(cluster) == ports_v2, "the aborted rollout released its ports"
 
     # v4 crashes on start: the rollout rolls back by itself; exit code 1
@@ -125,7 +111,7 @@ def test_rollout_abort_and_auto_rollback(cluster: Cluster, tmp_path: Path):
          timeout_s=90, what="the undo to finish")
     assert cluster.json("rollout", "status", "web")["to_generation"] == 5
     rows = cluster.wait_ready("web", 3, generation=5)
-    assert versions(cluster, rows) == {"v1"}
+    assert cluster.versions(rows) == {"v1"}
     states = [h["state"] for h in cluster.json("rollout", "history", "web")]
     assert states == ["complete", "complete", "aborted", "rolled_back", "complete"]
 
@@ -142,7 +128,7 @@ def test_fixed_port_rollouts(cluster: Cluster, tmp_path: Path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (new,) = cluster.wait_ready("web", 1, generation=2)
     assert new["node"] != old["node"] and new["port"] == port
-    assert versions(cluster, [new]) == {"v2"}
+    assert cluster.versions([new]) == {"v2"}
 
     # two replicas on two addresses: start-first cannot place a third; it says how to fix it
     cluster.json("scale", "web", "2")
@@ -157,6 +143,6 @@ def test_fixed_port_rollouts(cluster: Cluster, tmp_path: Path):
                        "--watch", timeout_s=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = cluster.wait_ready("web", 2, generation=3)
-    assert versions(cluster, rows) == {"v3"}
-    assert sorted(addresses(cluster)[r["node"]] for r in rows) == ["127.0.0.1", "127.0.0.2"]
+    assert cluster.versions(rows) == {"v3"}
+    assert sorted(cluster.addresses()[r["node"]] for r in rows) == ["127.0.0.1", "127.0.0.2"]
     assert [h["generation"] for h in cluster.json("rollout", "history", "web")] == [1, 2, 3]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from skr8tr import __version__, keyfiles
+from skr8tr import keyfiles
 from skr8tr.cli_args import build_parser
 from skr8tr.conductor.audit import signer_fields
 from skr8tr.conductor.daemon import (
@@ -29,10 +29,11 @@ from skr8tr.conductor.daemon import (
 )
 from skr8tr.conductor.replay_store import DurableReplayGuard
 from skr8tr.core import envelope, keys, signatures
-from skr8tr.core.node_protocol import encode_node_message
 from skr8tr.core.signatures import ALGORITHMS, ED25519, HYBRID, ML_DSA_65, Signer, fingerprint
 from skr8tr.ws import trio_client
 from tests.conftest import run_cli
+from tests.node_impostor import send_hello
+from tests.security_helpers import send_all
 from tests.test_cli_wire import ScriptedConductor, cli
 from tests.wire_helpers import accept_request, encode_request
 from tests.ws_helpers import serve_websocket
@@ -225,25 +226,10 @@ def manifest_args(tmp_path: Path) -> dict:
             "format": "skr8tr", "base_dir": str(tmp_path)}
 
 
-async def send_all(url: str, messages: list[str]) -> list[dict]:
-    replies = []
-    async with trio_client.open_websocket(url + "/v1/cli") as ws:
-        for msg in messages:
-            await ws.send_message(msg)
-            replies.append(json.loads(await ws.get_message()))
-    return replies
-
-
 async def join(url: str, signer: Signer, node_id: str) -> dict:
     """The conductor's answer to a node's hello signed by *signer*."""
     async with trio_client.open_websocket(url + "/v1/node") as ws:
-        challenge = json.loads(await ws.get_message())
-        assert challenge["type"] == "challenge", challenge
-        sig = envelope.sign_challenge(signer, bytes.fromhex(challenge["nonce"]), node_id)
-        await ws.send_message(encode_node_message(
-            "hello", node_id=node_id, key=signer.public, sig=sig, version=__version__,
-            address="127.0.0.1", cores=1, ram_total_mb=1024, ram_free_mb=1024, cpu_pct=0.0,
-            replicas=[]))
+        await send_hello(ws, signer, node_id)
         return json.loads(await ws.get_message())
 
 
