@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import skr8tr_command
 from tests.e2e import Cluster, poll, running_cluster
-from tests.test_e2e_rollout import versions, web
+from tests.test_e2e_rollout import web
 
 pytestmark = pytest.mark.e2e
 
@@ -61,11 +61,11 @@ def test_conductor_kill_9_and_restart_keeps_every_workload(cluster: Cluster, tmp
     while time.monotonic() < grace_over:
         assert pids(cluster.replicas("web")) == pids(before)
         time.sleep(0.5)
-    assert versions(cluster, after) == {"v1"}
+    assert cluster.versions(after) == {"v1"}
     # then a rollout works
     proc = cluster.cli("rollout", str(web(tmp_path, "v2")), "--watch", timeout_s=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert versions(cluster, cluster.wait_ready("web", 3, generation=2)) == {"v2"}
+    assert cluster.versions(cluster.wait_ready("web", 3, generation=2)) == {"v2"}
 
 
 def test_conductor_kill_9_mid_rollout_ends_defined(cluster: Cluster, tmp_path):
@@ -83,7 +83,7 @@ def test_conductor_kill_9_mid_rollout_ends_defined(cluster: Cluster, tmp_path):
     assert status["state"] == "rolled_back"
     assert "interrupted by a conductor restart" in status["message"]
     rows = cluster.wait_ready("web", 3, generation=1, timeout_s=60)
-    assert versions(cluster, rows) == {"v1"}
+    assert cluster.versions(rows) == {"v1"}
     survivors = set(pids(v1)) & set(pids(rows))
     assert len(survivors) >= 2, "old replicas that were not replaced keep their pids"
     history = [(h["generation"], h["state"]) for h in cluster.json("rollout", "history", "web")]
