@@ -145,6 +145,7 @@ class Reply:
     status: int
     headers: dict[str, str]  # lower-case names
     body: bytes
+    reason: bytes = b""
 
     def json(self) -> dict:
         return json.loads(self.body)
@@ -195,7 +196,8 @@ class Client:
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
         return Reply(response.status_code,
-                     {n.decode().lower(): v.decode() for n, v in response.headers}, body)
+                     {n.decode().lower(): v.decode() for n, v in response.headers}, body,
+                     response.reason)
 
 
 @asynccontextmanager
@@ -271,8 +273,10 @@ async def test_unknown_route_is_404_and_no_replica_is_503_with_retry_after():
     async with open_ingress(routes=(Route("/web", "web"), Route("/api", "api"))) as h:
         r = await get(h.port, "/other")
         assert r.status == 404 and b"no route matches /other" in r.body
+        assert r.reason == b"Not Found"
         r = await get(h.port, "/api/x")
         assert r.status == 503 and r.headers["retry-after"] == "1"
+        assert r.reason == b"Service Unavailable"  # what clients and logs show
         assert b"no ready replica of app api" in r.body
         assert (await get(h.port, "/web/x")).status == 200
 

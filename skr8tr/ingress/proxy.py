@@ -38,6 +38,7 @@ every ``LOG_EVERY_S`` (see :mod:`skr8tr.ingress.limits`).
 from __future__ import annotations
 
 import contextlib
+import http
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -511,7 +512,8 @@ class Proxy:
         if self.closing or conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
             headers.append((b"connection", b"close"))
         try:
-            data = conn.send(h11.Response(status_code=status, headers=headers))
+            data = conn.send(h11.Response(status_code=status, headers=headers,
+                                          reason=_reason(status)))
             data += conn.send(h11.Data(data=body)) or b""
             data += conn.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError as exc:
@@ -560,3 +562,12 @@ async def _refuse(stream: trio.SocketStream, why: str) -> None:
             await stream.send_all(head + body)
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_S):
         await stream.aclose()
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase of *status* (``503 Service Unavailable``), for the
+    answers the ingress makes itself; h11 would send none."""
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
