@@ -191,12 +191,11 @@ def _signing_key(opts: argparse.Namespace, *, required: bool) -> Any | None:
     except keys.KeyFileError as exc:
         if not required:
             return None
-        raise CliError(
-            "NO_KEY",
-            f"`skr8tr {opts.verb}` must be signed: {exc}. "
-            "Create a key with `skr8tr keygen`, or pass --key FILE / set SKR8TR_KEY",
-            EXIT_USAGE,
-        ) from None
+        # Said once: a missing file's message already says how to make one.
+        hint = " (or set SKR8TR_KEY)" if "skr8tr keygen" in str(exc) else (
+            ". Create a key with `skr8tr keygen`, or pass --key FILE / set SKR8TR_KEY")
+        raise CliError("NO_KEY", f"`skr8tr {opts.verb}` must be signed: {exc}{hint}",
+                       EXIT_USAGE) from None
 
 
 def _run_client(opts: argparse.Namespace, body: Callable[[Any], int], *, signed: bool) -> int:

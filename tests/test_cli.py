@@ -187,6 +187,7 @@ def test_signed_verbs_without_a_key_exit_2_and_say_how(argv, cli_env):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: NO_KEY: ")
     assert "skr8tr keygen" in proc.stderr and "--key" in proc.stderr
+    assert proc.stderr.count("skr8tr keygen") == 1  # the hint is said once
 
 
 @pytest.mark.parametrize(

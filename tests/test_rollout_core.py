@@ -481,3 +481,18 @@ def test_a_rollout_takes_exactly_its_batches_readiness_time(total, surge, ready_
     assert sim.now == elapsed
     assert end.message == f"{total}/{total} replaced in {elapsed:.1f} s"
     assert sum(isinstance(s, BatchDone) for _, s in sim.steps) == len(batches(total, surge))
+
+
+def test_a_failure_says_its_exit_code_or_signal_once():
+    # The node's message already says it: not "exit code 1, exited with code 1".
+    text = describe_failure("web-1", app="web", why="exited", exit_code=1,
+                            message="exited with code 1")
+    assert text == ("replica web-1 exited, exited with code 1 "
+                    "(its output: skr8tr logs web --replica web-1)")
+    text = describe_failure("web-1", app="web", why="exited", signal=9,
+                            message="killed by signal 9 (SIGKILL)")
+    assert text.count("signal 9") == 1
+    # A message that does not say it keeps the figure.
+    text = describe_failure("web-1", app="web", why="exited", exit_code=3,
+                            message="gone after a stop")
+    assert "exit code 3, gone after a stop" in text

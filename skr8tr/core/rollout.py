@@ -502,9 +502,10 @@ def describe_failure(replica: str, *, app: str, why: str, exit_code: int | None 
     a process may print a secret. Its lines are one signed ``logs`` away.
     """
     parts = [f"replica {replica} {why}"]
-    if exit_code is not None:
+    said = message or ""  # the node's message often says it already ("exited with code 1")
+    if exit_code is not None and f"code {exit_code}" not in said:
         parts.append(f"exit code {exit_code}")
-    if signal is not None:
+    if signal is not None and f"signal {signal}" not in said:
         parts.append(f"killed by signal {signal}")
     if message:
         parts.append(message)
