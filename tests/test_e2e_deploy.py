@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -287,6 +288,24 @@ def test_conductor_refuses_to_start_with_one_line(argv, message, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: START: ") and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--http"])
+def test_a_busy_port_exits_2_naming_the_flag(flag):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ports = {"--listen": f"127.0.0.1:{free_port()}", "--http": f"127.0.0.1:{free_port()}"}
+        ports[flag] = f"127.0.0.1:{port}"
+        proc = subprocess.run(
+            [*skr8tr_command(), "conductor", "--insecure", "--listen", ports["--listen"],
+             "--http", ports["--http"]], capture_output=True, text=True, timeout=30,
+            stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the INSECURE MODE warning
+    assert last.startswith(f"error: START: cannot listen on 127.0.0.1:{port} ({flag}): ")
+    assert "Traceback" not in proc.stderr
 
 
 def test_insecure_mode_says_so_loudly(tmp_path):

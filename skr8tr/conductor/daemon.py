@@ -51,6 +51,7 @@ from skr8tr.core.keys import (
 )
 from skr8tr.core.node_protocol import Refused
 from skr8tr.core.signatures import fingerprint
+from skr8tr.daemon_errors import sole_exception
 from skr8tr.heap import TrimAfterPeaks, release_free_heap
 from skr8tr.keyfiles import load_authorized_keys
 from skr8tr.ws import server as wsserver
@@ -507,9 +508,17 @@ def main(opts: argparse.Namespace) -> int:
     except StartError as exc:
         sys.stderr.write(f"error: START: {exc}\n")
         return 2
-    except OSError as exc:
-        sys.stderr.write(f"error: START: cannot listen: {exc.strerror or exc}\n")
-        return 2
     except KeyboardInterrupt:
         return 0  # Ctrl-C before the signal handler was installed
+    except BaseException as exc:  # the public edge: unwrap what the nurseries wrapped
+        inner = sole_exception(exc)
+        if isinstance(inner, StartError):
+            sys.stderr.write(f"error: START: {inner}\n")
+            return 2
+        if isinstance(inner, OSError) and inner.strerror and "cannot listen" in inner.strerror:
+            sys.stderr.write(f"error: START: {inner.strerror}\n")
+            return 2
+        if isinstance(inner, KeyboardInterrupt):
+            return 0
+        raise
     return 0

@@ -36,6 +36,7 @@ import trio
 
 from skr8tr.conductor.accept import Admission, serve_accepting
 from skr8tr.conductor.limits import AddressSlots, ClosedCounter, ConnectionGate, Limits
+from skr8tr.daemon_errors import bind
 
 log = logging.getLogger("skr8tr.conductor")
 
@@ -247,7 +248,7 @@ async def serve_http(handler: Handler, host: str, port: int, *,
         run = getattr(handler, "run", None)
         if run is not None:
             await nursery.start(run)
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await bind(host, port, "--http")
         for listener in listeners:
             nursery.start_soon(serve_accepting, listener, on_connection, admission, slots,
                                "HTTP")

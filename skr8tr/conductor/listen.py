@@ -34,6 +34,7 @@ import trio
 from skr8tr.conductor.accept import Admission, serve_accepting
 from skr8tr.conductor.limits import AddressSlots, ClosedCounter, ConnectionGate, Limits
 from skr8tr.conductor.origins import HostPolicy
+from skr8tr.daemon_errors import bind
 from skr8tr.ws import server as wsserver
 
 log = logging.getLogger("skr8tr.conductor")
@@ -70,7 +71,7 @@ class WebSocketListener:
                     task_status: trio.TaskStatus[WebSocketListener] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         """Bind ``host:port`` and serve until cancelled; ``started(self)`` once bound."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await bind(host, port, "--listen")
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             for listener in listeners:

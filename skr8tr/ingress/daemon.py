@@ -31,6 +31,7 @@ import trio
 
 from skr8tr import __version__, client
 from skr8tr.core import hostport
+from skr8tr.daemon_errors import sole_exception
 from skr8tr.failover import conductor_urls
 from skr8tr.ingress.limits import ProxyLimits, connection_cap
 from skr8tr.ingress.pool import Pool
@@ -236,7 +237,7 @@ def main(opts: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:  # the public edge: unwrap what the nurseries wrapped
-        inner = _sole_exception(exc)
+        inner = sole_exception(exc)
         if isinstance(inner, OSError):
             sys.stderr.write(f"error: START: cannot listen on {opts.listen}: "
                              f"{inner.strerror or inner}\n")
@@ -246,8 +247,3 @@ def main(opts: argparse.Namespace) -> int:
         raise
     return 0
 
-
-def _sole_exception(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
