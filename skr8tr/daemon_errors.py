@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["bind", "sole_exception"]
+__all__ = ["ListenError", "bind", "sole_exception"]
+
+
+class ListenError(OSError):
+    """A daemon cannot bind its address; ``strerror`` names the address and the flag."""
 
 
 async def bind(host: str, port: int, what: str) -> list[trio.SocketListener]:
@@ -14,7 +18,7 @@ async def bind(host: str, port: int, what: str) -> list[trio.SocketListener]:
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {host}:{port} ({what}): "
+        raise ListenError(exc.errno, f"cannot listen on {host}:{port} ({what}): "
                                  f"{exc.strerror or exc}") from None
 
 

@@ -51,7 +51,7 @@ from skr8tr.core.keys import (
 )
 from skr8tr.core.node_protocol import Refused
 from skr8tr.core.signatures import fingerprint
-from skr8tr.daemon_errors import sole_exception
+from skr8tr.daemon_errors import ListenError, sole_exception
 from skr8tr.heap import TrimAfterPeaks, release_free_heap
 from skr8tr.keyfiles import load_authorized_keys
 from skr8tr.ws import server as wsserver
@@ -515,7 +515,7 @@ def main(opts: argparse.Namespace) -> int:
         if isinstance(inner, StartError):
             sys.stderr.write(f"error: START: {inner}\n")
             return 2
-        if isinstance(inner, OSError) and inner.strerror and "cannot listen" in inner.strerror:
+        if isinstance(inner, ListenError):
             sys.stderr.write(f"error: START: {inner.strerror}\n")
             return 2
         if isinstance(inner, KeyboardInterrupt):

@@ -45,7 +45,6 @@ __all__ = [
     "public_key_bytes",
     "fingerprint",
     "generate",
-    "signer_from_seed",
     "verify",
 ]
 
@@ -168,7 +167,7 @@ def fingerprint(key: str) -> str:
 class Signer:
     """A secret key: signs messages, knows its public key text and its seed.
 
-    Made by :func:`generate` or :func:`signer_from_seed`; read from a
+    Made by :func:`generate` or ``Signer(algorithm, seed)``; read from a
     ``signing.sec`` by :func:`skr8tr.keyfiles.load_signing_key`.
     """
 
@@ -220,10 +219,6 @@ def generate(algorithm: Algorithm = ED25519) -> Signer:
     import os
 
     return Signer(algorithm, os.urandom(algorithm.seed_bytes))
-
-
-def signer_from_seed(algorithm: Algorithm, seed: bytes) -> Signer:
-    return Signer(algorithm, seed)
 
 
 # --------------------------------------------------------------------------- verifying
