@@ -27,6 +27,7 @@ signs nothing (``skr8tr ping``) starts without either.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -154,10 +155,13 @@ def public_key_bytes(key: str) -> bytes:
     return bytes.fromhex(key[len(algorithm.prefix):])
 
 
+@functools.lru_cache(maxsize=1024)
 def fingerprint(key: str) -> str:
     """A short, log-friendly name for a key: ``sha256:`` + 16 hex characters of the
     SHA-256 of its raw public key (for an Ed25519 key the same as before).
-    ValueError for a malformed key."""
+    ValueError for a malformed key. Remembered for the last 1,024 keys: a signed
+    request asks for it up to three times (check, audit, log), and a post-quantum
+    key costs a 4 KB scan and a SHA-256 each time."""
     return "sha256:" + hashlib.sha256(public_key_bytes(key)).hexdigest()[:16]
 
 
