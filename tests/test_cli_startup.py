@@ -73,6 +73,7 @@ async def test_client_verbs_import_no_trio(tmp_path, argv, code):
     assert not modules & DAEMON_ONLY, sorted(modules & DAEMON_ONLY)
     assert "ssl" not in modules  # ws:// needs no TLS
     assert "nacl" not in modules  # no key file: nothing to sign with
+    assert "cryptography" not in modules  # ML-DSA-65 only where a post-quantum key is used
 
 
 async def test_a_signed_verb_with_a_key_still_imports_no_trio(tmp_path):
