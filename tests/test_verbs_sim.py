@@ -51,7 +51,8 @@ async def test_restart_is_a_gated_rollout_of_the_same_manifest(h, autojump_clock
                                                                (2, "complete")]
     assert history[0]["manifest_sha256"] == history[1]["manifest_sha256"]
     started = [e for e in h.cluster.events.recent if e.event == "rollout.started"]
-    assert [(e.data["from_generation"], e.data["to_generation"]) for e in started] == [(1, 2)]
+    assert [(e.data["from_generation"], e.data["to_generation"], e.data["kind"])
+            for e in started] == [(1, 2, "restart")]
 
 
 async def test_restart_keeps_the_scaled_count(h, autojump_clock):
@@ -109,6 +110,8 @@ async def test_undo_to_an_aborted_generation_needs_force(h, autojump_clock):
     assert (status["from_generation"], status["to_generation"]) == (1, 3)
     assert (await h.until_done())["state"] == "complete"
     assert "--version v2" in h.cluster.apps["web"].revision.text
+    kinds = [e.data["kind"] for e in h.cluster.events.recent if e.event == "rollout.started"]
+    assert kinds == ["rollout", "undo"]
 
 
 async def _refusal(h: Harness, to: int) -> str:

@@ -58,6 +58,7 @@ class RolloutRecord:
     phase_since: float = 0.0
     reason: str = ""  # why it failed, kept after the final message is set
     desired: int | None = None  # the count once complete; None: the manifest's `replicas`
+    kind: str = "rollout"  # what started it: "rollout", "undo" or "restart" (events only)
     finished_wall: float | None = None
     launched: set[str] = field(default_factory=set)
     draining: set[str] = field(default_factory=set)  # drained, not yet told to stop
@@ -136,7 +137,7 @@ class RolloutManager:
     # ------------------------------------------------------------------ commands
 
     async def start(self, revision_manifest, text: str, fmt: str, *, force: bool,
-                    desired: int | None = None) -> dict[str, Any]:
+                    desired: int | None = None, kind: str = "rollout") -> dict[str, Any]:
         """Start a rollout of ``revision_manifest``; returns its first status at once.
         ``desired``: the replica count to end with, when not the manifest's own (a
         restart keeps what `scale` set)."""
@@ -164,7 +165,7 @@ class RolloutManager:
             self._check_first_batch(app, revision_manifest)
             generation = plan.next_generation(app.revisions)
             revision = cluster.new_revision(generation, revision_manifest, text, fmt)
-            return await self._launch_task(app, revision, desired)
+            return await self._launch_task(app, revision, desired, kind)
 
     def _check_first_batch(self, app: AppState, m) -> None:
         """Fail at once, before taking a generation, when the first batch cannot be placed."""
@@ -181,12 +182,13 @@ class RolloutManager:
                                f"{short.message}")
 
     async def _launch_task(self, app: AppState, revision: Revision,
-                           desired: int | None = None) -> dict[str, Any]:
+                           desired: int | None = None, kind: str = "rollout"
+                           ) -> dict[str, Any]:
         cluster = self.cluster
         record = RolloutRecord(app=app.name, from_generation=app.generation,
                                to_generation=revision.generation, total=app.desired,
                                started_wall=cluster.wall(), started_clock=cluster.clock(),
-                               phase_since=cluster.clock(), desired=desired)
+                               phase_since=cluster.clock(), desired=desired, kind=kind)
         entry = HistoryEntry(revision.generation, "rolling", record.started_wall, None,
                              revision.sha256)
         # Durable first: a restarted conductor must know this rollout was under way.
@@ -200,7 +202,8 @@ class RolloutManager:
         self.last[app.name] = record
         cluster.events.publish("rollout.started", app=app.name,
                                from_generation=record.from_generation,
-                               to_generation=record.to_generation, total=record.total)
+                               to_generation=record.to_generation, total=record.total,
+                               kind=record.kind)
         log.info("rollout of %s started: generation %d -> %d, %d replica(s)", app.name,
                  record.from_generation, record.to_generation, record.total)
         assert self._nursery is not None, "RolloutManager.run is not running"
@@ -247,7 +250,7 @@ class RolloutManager:
         if old is None:  # a history entry without its revision (an old state file)
             raise CommandError("NOT_FOUND", f"cannot undo {app_name}: the manifest of "
                                f"generation {generation} is not kept")
-        return await self.start(old.manifest, old.text, old.format, force=force)
+        return await self.start(old.manifest, old.text, old.format, force=force, kind="undo")
 
     async def restart(self, app_name: str, *, force: bool = False) -> dict[str, Any]:
         """A rolling restart: the current generation's manifest rolled out again, under
@@ -272,7 +275,7 @@ class RolloutManager:
                 raise CommandError("NOT_FOUND", f"app {app_name} was removed")
         current = app.revision
         return await self.start(current.manifest, current.text, current.format, force=force,
-                                desired=app.desired)
+                                desired=app.desired, kind="restart")
 
     # ------------------------------------------------------------------ after a restart
 
