@@ -225,7 +225,7 @@ def describe(result: dict) -> str:
                   for e in events]
     else:
         lines.append("  none recent")
-    lines += ["", "Manifest:", _indent(str(result.get("manifest", "")).rstrip("\n"))]
+    lines += ["", "Manifest text:", _indent(str(result.get("manifest", "")).rstrip("\n"))]
     return "\n".join(lines)
 
 

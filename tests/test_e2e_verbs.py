@@ -145,7 +145,7 @@ def test_describe_and_history_generation(cluster: Cluster, tmp_path: Path):
     for r in rows:
         assert r["replica"] in text
     assert "rollout.finished" in text
-    assert "\nManifest:\n  app web\n" in text and "--version v2" in text
+    assert "\nManifest text:\n  app web\n" in text and "--version v2" in text
 
     proc = cluster.cli("describe", "nope")
     assert proc.returncode == 1 and "error: NOT_FOUND: no app named 'nope'" in proc.stderr
@@ -241,6 +241,23 @@ def test_undo_guard_and_watching_any_rollout(cluster: Cluster, tmp_path: Path):
     # --json with --watch: one document, the final status.
     proc = cluster.cli("rollout", "status", "web", "--watch", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["to_generation"] == 5
+
+    # A rollout that crashes rolls back by itself; `undo --to` it is refused, and forced
+    # and followed it rolls back again: --watch exits 1 with the final line.
+    crash = web(tmp_path, "v6", extra_args="--ready-after 30 --crash-after 0.5")
+    proc = cluster.cli("rollout", str(crash), "--watch", timeout_s=120)
+    assert proc.returncode == 1 and "rolled_back generation 5 -> 6" in proc.stdout
+    cluster.wait_ready("web", 3, generation=5)
+    proc = cluster.cli("rollout", "undo", "web", "--to", "6")
+    assert proc.returncode == 1
+    assert "CONFLICT: cannot undo web: generation 6's rollout ended rolled_back" in proc.stderr
+    proc = cluster.cli("rollout", "undo", "web", "--to", "6", "--force", "--watch",
+                       timeout_s=120)
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(
+        "web: rolled_back generation 5 -> 7")
+    rows = cluster.wait_ready("web", 3, generation=5)
+    assert cluster.versions(rows) == {"v1"}
 
 
 def test_version(cluster: Cluster):
