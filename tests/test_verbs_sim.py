@@ -156,6 +156,11 @@ async def test_describe_shows_the_app_and_only_its_own_recent_events(h, autojump
     assert seqs == sorted(seqs) and seqs[-1] == max(
         e.seq for e in h.cluster.events.recent if e.data.get("app") == "web")
     assert [e["generation"] for e in doc["history"]] == [1, 2, 3, 4]
+    # An event a producer filled with something that is not JSON is left out, not fatal.
+    bad = h.cluster.events.publish("replica.odd", app="web", what=object())
+    doc = await h.run("describe", {"app": "web"})
+    assert bad.seq not in [e["seq"] for e in doc["events"]]
+    assert len(doc["events"]) == commands.DESCRIBE_EVENTS - 1
     with pytest.raises(CommandError) as err:
         await h.run("describe", {"app": "nope"})
     assert err.value.code == "NOT_FOUND"

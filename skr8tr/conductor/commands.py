@@ -197,9 +197,12 @@ def make_describe_handler(rollouts: RolloutManager) -> Handler:
         app = _app(cluster, name)
         revision = app.revision
         counts = next((row for row in views.app_rows(cluster) if row["app"] == name), None)
-        # The recent-events ring is bounded (events.RECENT_EVENTS): so is this scan.
+        # The recent-events ring is bounded (events.RECENT_EVENTS): so is this scan. An
+        # event that cannot be sent as JSON (its frame is empty, and logged) is left out,
+        # as watchers leave it out, rather than failing the reply.
+        mine = [e for e in cluster.events.recent if e.data.get("app") == name]
         events = [{"seq": e.seq, "ts": e.ts, "event": e.event, "data": e.data}
-                  for e in cluster.events.recent if e.data.get("app") == name]
+                  for e in mine[-DESCRIBE_EVENTS:] if e.frame]
         record = rollouts.last.get(name)
         return {
             "app": name, "type": revision.manifest.type, "generation": app.generation,
@@ -209,7 +212,7 @@ def make_describe_handler(rollouts: RolloutManager) -> Handler:
             "replicas": views.replica_rows(cluster, name),
             "rollout": None if record is None else record.status(cluster.clock()),
             "history": [h.row() for h in app.history[-DESCRIBE_HISTORY:]],
-            "events": events[-DESCRIBE_EVENTS:],
+            "events": events,
         }
 
     return cmd_describe
