@@ -34,6 +34,8 @@ from skr8tr.core.node_protocol import LogsReply, LogsRequest
 log = logging.getLogger("skr8tr.conductor")
 
 LOGS_TIMEOUT_S = 5.0
+DESCRIBE_EVENTS = 20  # the app's most recent events `describe` shows
+DESCRIBE_HISTORY = 10  # and its most recent rollouts
 
 Handler = Callable[[Cluster, dict], Awaitable[Any]]
 
@@ -166,6 +168,56 @@ async def cmd_history(cluster: Cluster, args: dict) -> Any:
     return [h.row() for h in _app(cluster, args["app"]).history]
 
 
+async def cmd_revision(cluster: Cluster, args: dict) -> Any:
+    """``rollout history APP --generation N``: one revision, its manifest text included
+    (signed: the text holds the env values)."""
+    name, generation = args["app"], args["generation"]
+    app = _app(cluster, name)
+    revision = app.revisions.get(generation)
+    if revision is None:
+        known = sorted(app.revisions)
+        shown = ", ".join(map(str, known[-20:]))
+        raise CommandError("NOT_FOUND", f"{name} has no generation {generation} (known: "
+                           f"{'..., ' if len(known) > 20 else ''}{shown})")
+    entry = next((h for h in app.history if h.generation == generation), None)
+    return {"app": name, "generation": generation,
+            "state": None if entry is None else entry.state,
+            "started": None if entry is None else entry.started,
+            "finished": None if entry is None else entry.finished,
+            "manifest_sha256": revision.sha256, "format": revision.format,
+            "base_dir": revision.manifest.base_dir, "current": generation == app.generation,
+            "manifest": revision.text}
+
+
+def make_describe_handler(rollouts: RolloutManager) -> Handler:
+    async def cmd_describe(cluster: Cluster, args: dict) -> Any:
+        """``describe APP``: the app's manifest, counts, replicas (the rows of ``list``,
+        with whatever fields they carry), last rollout, recent rollouts and events."""
+        name = args["app"]
+        app = _app(cluster, name)
+        revision = app.revision
+        counts = next((row for row in views.app_rows(cluster) if row["app"] == name), None)
+        # The recent-events ring is bounded (events.RECENT_EVENTS): so is this scan. An
+        # event that cannot be sent as JSON (its frame is empty, and logged) is left out,
+        # as watchers leave it out, rather than failing the reply.
+        mine = [e for e in cluster.events.recent if e.data.get("app") == name]
+        events = [{"seq": e.seq, "ts": e.ts, "event": e.event, "data": e.data}
+                  for e in mine[-DESCRIBE_EVENTS:] if e.frame]
+        record = rollouts.last.get(name)
+        return {
+            "app": name, "type": revision.manifest.type, "generation": app.generation,
+            "desired": app.desired, "counts": counts,
+            "manifest_sha256": revision.sha256, "format": revision.format,
+            "base_dir": revision.manifest.base_dir, "manifest": revision.text,
+            "replicas": views.replica_rows(cluster, name),
+            "rollout": None if record is None else record.status(cluster.clock()),
+            "history": [h.row() for h in app.history[-DESCRIBE_HISTORY:]],
+            "events": events,
+        }
+
+    return cmd_describe
+
+
 class LogRequests:
     """Pending ``logs`` requests to nodes, matched with their ``logs_reply``."""
 
@@ -238,10 +290,14 @@ def make_rollout_handlers(rollouts: RolloutManager) -> dict[str, Handler]:
         return await rollouts.abort(args["app"])
 
     async def cmd_rollout_undo(cluster: Cluster, args: dict) -> Any:
-        return await rollouts.undo(args["app"], args.get("to"))
+        return await rollouts.undo(args["app"], args.get("to"), force=args.get("force", False))
+
+    async def cmd_restart(cluster: Cluster, args: dict) -> Any:
+        return await rollouts.restart(args["app"], force=args.get("force", False))
 
     return {"rollout": cmd_rollout, "rollout-status": cmd_rollout_status,
-            "rollout-abort": cmd_rollout_abort, "rollout-undo": cmd_rollout_undo}
+            "rollout-abort": cmd_rollout_abort, "rollout-undo": cmd_rollout_undo,
+            "restart": cmd_restart}
 
 
 def handlers(log_requests: LogRequests, rollouts: RolloutManager) -> dict[str, Handler]:
@@ -255,5 +311,7 @@ def handlers(log_requests: LogRequests, rollouts: RolloutManager) -> dict[str, H
         "nodes": cmd_nodes,
         "status": cmd_status,
         "history": cmd_history,
+        "revision": cmd_revision,
+        "describe": make_describe_handler(rollouts),
         "logs": make_logs_handler(log_requests),
     }

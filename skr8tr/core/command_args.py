@@ -13,13 +13,16 @@ from skr8tr.core.envelope import COMMANDS
 from skr8tr.core.names import APP_NAME_RE, MAX_ID_CHARS
 from skr8tr.core.wire_json import is_int, is_text, json_type, show
 
-__all__ = ["ARG_SPECS", "DEFAULT_LOG_TAIL", "MAX_BASE_DIR_CHARS", "MAX_LOG_TAIL", "MAX_REPLICAS",
-           "check_args"]
+__all__ = ["ARG_SPECS", "DEFAULT_LOG_TAIL", "MAX_BASE_DIR_CHARS", "MAX_GENERATION", "MAX_LOG_TAIL",
+           "MAX_REPLICAS", "check_args"]
 
 MAX_BASE_DIR_CHARS = 4096
 MAX_REPLICAS = 1000
 MAX_LOG_TAIL = 10000
 DEFAULT_LOG_TAIL = 100
+# Generations count rollout attempts: far below this, which keeps a hostile number
+# (JSON allows any length) to one comparison and out of every message that quotes it.
+MAX_GENERATION = 2**53
 
 _REQUIRED = object()
 
@@ -51,6 +54,9 @@ _APP = _Arg("an app name matching [a-z0-9][a-z0-9-]{0,62}", _is_app)
 _MANIFEST = _Arg("the manifest text (a string)", is_text)
 _FORMAT = _Arg('"skr8tr" or "toml"', lambda v: isinstance(v, str) and v in ("skr8tr", "toml"))
 _BASE_DIR = _Arg("an absolute folder path (a string starting with /)", _is_base_dir)
+_FORCE = _Arg("true or false", lambda v: isinstance(v, bool), False)
+_GENERATION = _Arg(f"a generation number 1..{MAX_GENERATION}",
+                   lambda v: is_int(v, 1, MAX_GENERATION))
 
 ARG_SPECS: dict[str, dict[str, _Arg]] = {
     "ping": {},
@@ -66,14 +72,19 @@ ARG_SPECS: dict[str, dict[str, _Arg]] = {
         "manifest": _MANIFEST,
         "format": _FORMAT,
         "base_dir": _BASE_DIR,
-        "force": _Arg("true or false", lambda v: isinstance(v, bool), False),
+        "force": _FORCE,
     },
     "rollout-status": {"app": _APP},
     "rollout-abort": {"app": _APP},
     "rollout-undo": {
         "app": _APP,
-        "to": _Arg("a generation number >= 1, or null", lambda v: v is None or is_int(v, 1), None),
+        "to": _Arg("a generation number >= 1, or null",
+                   lambda v: v is None or is_int(v, 1, MAX_GENERATION), None),
+        "force": _FORCE,
     },
+    "restart": {"app": _APP, "force": _FORCE},
+    "describe": {"app": _APP},
+    "revision": {"app": _APP, "generation": _GENERATION},
     "history": {"app": _APP},
     "list": {"app": _Arg(f"null or {_APP.expected}", lambda v: v is None or _is_app(v), None)},
     "logs": {
