@@ -326,6 +326,10 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
     return _run_client(opts, body, signed=True)
 
 
+# Replicas whose last line number a follow sends when it resumes (the most recent ones).
+FOLLOW_RESUME_REPLICAS = 1000
+
+
 def cmd_logs(opts: argparse.Namespace) -> int:
     import time
 
@@ -357,7 +361,10 @@ def cmd_logs(opts: argparse.Namespace) -> int:
             while True:
                 for line in result["lines"]:
                     if isinstance(line.get("seq"), int):
+                        shown.pop(line["replica"], None)  # the most recent last
                         shown[line["replica"]] = line["seq"]
+                        if len(shown) > FOLLOW_RESUME_REPLICAS:
+                            del shown[next(iter(shown))]
                     if opts.json:
                         _print_json(line)  # --follow --json: one JSON line per log line
                     else:

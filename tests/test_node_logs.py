@@ -383,3 +383,19 @@ def test_chunks_of_lines_fit_a_message(size: int) -> None:
     import json
 
     assert all(len(json.dumps(c, ensure_ascii=False).encode()) <= 100_000 for c in chunks)
+
+
+def test_a_follow_goes_on_across_rotations(tmp_path: Path) -> None:
+    book = LogBook(str(tmp_path), rotate_bytes=100, clock=ticking_clock())
+    rlog = started(book, "web-a", "web")
+    _, sub = book.subscribe("web", None, tail=0)
+    for batch in range(5):  # each batch is over the rotate size: rotated after each read
+        write(rlog, *[f"{batch}-{i:03d}" for i in range(20)])
+        assert Path(rlog.paths["stdout"]).read_bytes() == b""
+    lines, skipped = drain(sub)
+    assert lines == [f"{b}-{i:03d}" for b in range(5) for i in range(20)] and skipped == 0
+    assert [x["seq"] for x in rlog.lines][-1] == 100
+    # The files of a forgotten app go with their rotated copies.
+    book.finish(rlog)
+    book.forget_app("web")
+    assert files(tmp_path) == set()
