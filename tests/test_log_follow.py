@@ -193,3 +193,65 @@ async def test_tail_zero_without_follow_asks_no_node(cluster):
                                                          "tail": 0})
     assert result == {"lines": []}
     assert n1.messages() == []
+
+
+# --------------------------------------------------------------------------- the CLI's side
+
+
+async def test_the_cli_prints_a_follow_and_resumes_after_the_last_line_shown(nursery, tmp_path):
+    """The real CLI against a scripted conductor: the first reply and two more on the
+    same connection (one saying lines were skipped), then the connection drops; the CLI
+    asks again with what it showed, and exits 1 on the error it then gets."""
+    import os
+
+    from skr8tr import keyfiles
+    from skr8tr.core import protocol
+    from skr8tr.ws import server as wsserver
+    from skr8tr.ws import trio_client
+    from tests.conftest import skr8tr_command
+    from tests.ws_helpers import serve_websocket
+
+    keyfiles.write_keypair(str(tmp_path / "keys"))
+    received: list[dict] = []
+
+    async def handle(request: wsserver.Request) -> None:
+        ws = await request.accept()
+        try:
+            msg = json.loads(await ws.get_message())
+        except trio_client.ConnectionClosed:
+            return
+        received.append(msg)
+        if len(received) == 1:
+            await ws.send_message(protocol.ok_reply(msg["id"], {
+                "lines": [line("web-a", 1), line("web-b", 1)], "follow": True}))
+            await ws.send_message(protocol.ok_reply(msg["id"], {
+                "lines": [line("web-a", 2)], "skipped": 5}))
+            await ws.send_message(protocol.ok_reply(msg["id"], {
+                "lines": [line("web-a", 8)], "skipped": 0}))
+            await ws.aclose(1011, "going away")
+        else:
+            await ws.send_message(protocol.error_reply(msg["id"], "NOT_FOUND", "no app web"))
+
+    server = await nursery.start(serve_websocket, handle, "127.0.0.1", 0, None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
+    env["HOME"] = str(tmp_path)
+    with trio.fail_after(30):
+        proc = await trio.run_process(
+            [*skr8tr_command(), "logs", "web", "--follow", "--tail", "3",
+             "--conductor", f"ws://127.0.0.1:{server.port}",
+             "--key", str(tmp_path / "keys" / "signing.sec")],
+            env=env, capture_stdout=True, capture_stderr=True, check=False, stdin=b"")
+    out = proc.stdout.decode().splitlines()
+    assert [x.split(" ", 1)[1] for x in out] == [
+        "web-a stdout: line 1", "web-b stdout: line 1", "web-a stdout: line 2",
+        "web-a stdout: line 8"]
+    err = proc.stderr.decode()
+    assert "# 5 line(s) skipped" in err
+    assert "lost the log stream" in err and "error: NOT_FOUND: no app web" in err
+    assert proc.returncode == 1
+    first, again = received
+    assert (first["cmd"], first["args"]) == ("logs", {"app": "web", "replica": None,
+                                                      "tail": 3, "follow": True})
+    assert again["args"]["after"] == {"web-b": 1, "web-a": 8}
+    assert (again["args"]["tail"], again["args"]["follow"]) == (0, True)
+    assert isinstance(again["args"]["since"], float)
