@@ -239,30 +239,33 @@ class CliApi:
                                      f"requests from {peer}")
                 return
             queued = self.cluster.node_messages_queued
+            cluster = self.cluster
             follows: list[tuple[str, commands.LogFollow]] = []
-            reply = await self.handle_message(raw, peer, follows)
-            if self.cluster.node_messages_queued != queued:
-                # The command queued work for nodes (a launch, a stop): one scheduling
-                # round lets their sessions write it before this reply goes out, so
-                # the node starts while the reply travels (see
-                # ServerConnection.send_messages).
-                await trio.sleep(0)
-            if follows:
-                # `logs --follow`: the connection relays the follow until the client
-                # closes it or sends another request (answered as usual).
-                cluster, (rid, follow) = self.cluster, follows[0]
-                try:
-                    await ws.send_message(reply)
-                    raw_next = await self._relay_follow(ws, cluster, rid, follow)
-                except ConnectionClosed:
-                    return
-                finally:
+            try:
+                reply = await self.handle_message(raw, peer, follows)
+                if self.cluster.node_messages_queued != queued:
+                    # The command queued work for nodes (a launch, a stop): one scheduling
+                    # round lets their sessions write it before this reply goes out, so
+                    # the node starts while the reply travels (see
+                    # ServerConnection.send_messages).
+                    await trio.sleep(0)
+                if follows:
+                    # `logs --follow`: the connection relays the follow until the client
+                    # closes it or sends another request (answered as usual).
+                    rid, follow = follows[0]
+                    try:
+                        await ws.send_message(reply)
+                        raw_next = await self._relay_follow(ws, cluster, rid, follow)
+                    except ConnectionClosed:
+                        return
+                    if raw_next is None:
+                        return
+                    # (the message that ended the follow is not counted against the limits)
+                    reply = await self.handle_message(raw_next, peer)
+            finally:
+                # However this ends (the client left, cancellation): the nodes stop pushing.
+                for _, follow in follows:
                     self.log_requests.close_follow(cluster, follow)
-                if raw_next is None:
-                    return
-                # (the message that ended the follow is not counted against the limits)
-                follows.clear()
-                reply = await self.handle_message(raw_next, peer)
             try:
                 await ws.send_message(reply)
             except ConnectionClosed:

@@ -361,11 +361,8 @@ async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                             else f"{MAX_FOLLOWS} follows already")
                 await outbox.send(LogsReply(req=msg.req, lines=[]))
                 continue
-            lines, sub = supervisor.follow_logs(msg.app, msg.replica, tail=msg.tail,
-                                                after=msg.after, since=msg.since)
-            await outbox.send(LogsReply(req=msg.req, lines=fit_lines(lines)))
-            follows[msg.req] = await nursery.start(_push_logs, msg.req, sub, supervisor,
-                                                   outbox, follows)
+            follows[msg.req] = await nursery.start(_push_logs, msg, supervisor, outbox,
+                                                   follows)
             log.info("node %s: log follow %s of %s started (%d served)", node_id, msg.req,
                      msg.replica or msg.app, len(follows))
         elif isinstance(msg, LogsUnfollow):
@@ -379,18 +376,23 @@ async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                         node_id, msg.TYPE)
 
 
-async def _push_logs(req: str, sub: Any, supervisor: Supervisor,
+async def _push_logs(msg: LogsRequest, supervisor: Supervisor,
                      outbox: trio.MemorySendChannel[NodeMessage],
                      follows: dict[str, trio.CancelScope],
                      task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
                      ) -> None:
-    """Send the lines of one follow as they come, until cancelled (``logs_unfollow``, or
-    the session ends); then the subscription is gone. Leaves half the outbox to
-    reports and heartbeats: while it is fuller, lines wait in the subscription's
+    """Serve one follow: subscribe, answer with the first lines (``logs_reply``), then
+    send the new lines as they come, until cancelled (``logs_unfollow``, or the session
+    ends); the subscription lives exactly as long as this task. Leaves half the outbox
+    to reports and heartbeats: while it is fuller, lines wait in the subscription's
     bounded buffer (and beyond it are counted as skipped)."""
+    req = msg.req
     with trio.CancelScope() as scope:
+        first, sub = supervisor.follow_logs(msg.app, msg.replica, tail=msg.tail,
+                                            after=msg.after, since=msg.since)
         task_status.started(scope)
         try:
+            await outbox.send(LogsReply(req=req, lines=fit_lines(first)))
             while True:
                 lines, skipped = await sub.next_batch(PUSH_BATCH_LINES)
                 limit = MAX_NODE_MESSAGE_BYTES - _REPLY_OVERHEAD_BYTES
