@@ -237,3 +237,30 @@ def test_down_removes_the_log_files_on_every_node(cluster: Cluster, tmp_path: Pa
          what="the app's log files to go")
     for node in ("n1", "n2"):
         assert len(logs_of(cluster, node, "keep")) == 2, "another app's files stay"
+
+
+def test_a_follow_goes_on_across_a_failover_of_the_leader(tmp_path: Path):
+    from tests.ha import running_ha_cluster
+
+    with running_ha_cluster(tmp_path) as ha:
+        ha.json("up", str(counter_manifest(tmp_path, "v1")))
+        rows = ha.wait_ready("count", 2)
+        old = poll(ha.leader, what="a leader")
+        follow = Follow(ha, tmp_path, "count", "--tail", "0")  # given all three conductors
+        try:
+            poll(lambda: len(follow.docs()) >= 40, what="lines followed")
+            ha.kill(old)
+            poll(lambda: "following the logs on" in follow.stderr()
+                 or follow.proc.poll() is not None, what="the follow to resume")
+            assert follow.proc.poll() is None, follow.stderr()
+            before = len(follow.docs())
+            poll(lambda: len(follow.docs()) >= before + 100, what="lines after the failover")
+        finally:
+            follow.stop()
+        leader = poll(lambda: (name := ha.leader()) and name != old and name,
+                      what="another leader")
+        resumed_on = follow.stderr().rsplit("following the logs on ", 1)[1].split()[0]
+        assert resumed_on == ha.conductors[leader].url
+        seen = follow.numbers()
+        assert set(seen) == {r["replica"] for r in rows}
+        assert_consecutive(seen)
