@@ -255,3 +255,57 @@ async def test_the_cli_prints_a_follow_and_resumes_after_the_last_line_shown(nur
     assert again["args"]["after"] == {"web-b": 1, "web-a": 8}
     assert (again["args"]["tail"], again["args"]["follow"]) == (0, True)
     assert isinstance(again["args"]["since"], float)
+
+
+# --------------------------------------------------------------------------- the relay
+
+
+class StuckClient:
+    """A client connection that took the first message and then stopped reading."""
+
+    peer = "198.51.100.7"
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    async def send_message(self, text: str) -> None:
+        if self.sent:
+            await trio.sleep_forever()  # its TCP window is full
+        self.sent.append(json.loads(text))
+
+    async def get_message(self) -> str:
+        await trio.sleep_forever()
+
+
+async def test_a_client_that_stops_reading_ends_its_follow(autojump_clock):
+    from skr8tr.conductor import api as api_mod
+    from skr8tr.conductor.authority import Authority
+    from skr8tr.core.keys import parse_authorized_keys
+
+    cluster = Cluster(node_timeout_s=9.0, wall=lambda: 1000.0)
+    cluster.apps["web"] = object()
+    api = api_mod.CliApi(cluster, Authority(parse_authorized_keys("", filename="(none)"),
+                                            insecure=True), lambda: 1000.0)
+    n1 = Node(cluster, "n1")
+    _, follow = await open_follow(cluster, api.log_requests, [n1], {})
+    ws = StuckClient()
+    started = trio.current_time()
+
+    async def flood() -> None:  # the node keeps pushing 1,000 lines a second
+        seq = 0
+        while True:
+            api.log_requests.push("n1", LogsPush(req=n1.req, lines=[
+                line("web-a", seq + i + 1) for i in range(100)], skipped=0))
+            seq += 100
+            assert len(follow.pending) <= FOLLOW_PENDING_LINES
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        assert await api._relay_follow(ws, cluster, "r1", follow) is None
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - started == pytest.approx(api_mod.FOLLOW_SEND_TIMEOUT_S, abs=1)
+    assert ws.sent[0]["id"] == "r1" and ws.sent[0]["result"]["lines"][0]["seq"] == 1
+    assert follow.skipped > 0
+    api.log_requests.close_follow(cluster, follow)  # as serve_connection does
+    assert n1.messages()[-1] == {"v": 1, "type": "logs_unfollow", "req": n1.req}
