@@ -399,3 +399,81 @@ def test_a_follow_goes_on_across_rotations(tmp_path: Path) -> None:
     book.finish(rlog)
     book.forget_app("web")
     assert files(tmp_path) == set()
+
+
+# --------------------------------------------------------------------------- a session's pusher
+
+
+class BookSupervisor:
+    """What the session's pusher needs of a Supervisor, over a LogBook."""
+
+    def __init__(self, book: LogBook) -> None:
+        self.book = book
+
+    def follow_logs(self, app, replica, *, tail, after=None, since=None):
+        return self.book.subscribe(app, replica, tail=tail, after=after, since=since)
+
+    def unfollow_logs(self, sub) -> None:
+        self.book.unsubscribe(sub)
+
+
+def drain_outbox(recv) -> list:
+    out = []
+    while True:
+        try:
+            out.append(recv.receive_nowait())
+        except trio.WouldBlock:
+            return out
+
+
+async def test_the_pusher_sends_a_resume_in_full_then_new_lines_then_stops(tmp_path: Path):
+    from skr8tr.core.node_protocol import LogsPush, LogsReply, LogsRequest
+    from skr8tr.node import session
+
+    book = LogBook(str(tmp_path), clock=ticking_clock())
+    rlog = started(book, "web-a", "web")
+    big = "y" * 60_000
+    write(rlog, *[f"{i} {big}" for i in range(40)])  # ~2.4 MB: more than one message
+    send, recv = trio.open_memory_channel(session.OUTBOX_LIMIT)
+    follows: dict = {}
+    msg = LogsRequest(req="f1", app="web", replica=None, tail=0, follow=True,
+                      after={"web-a": 10}, since=0.0)
+    async with trio.open_nursery() as nursery:
+        follows["f1"] = await nursery.start(session._push_logs, msg, BookSupervisor(book),
+                                            send, follows)
+        await trio.testing.wait_all_tasks_blocked()
+        write(rlog, "new")
+        await trio.testing.wait_all_tasks_blocked()
+        sent = drain_outbox(recv)
+        assert isinstance(sent[0], LogsReply) and all(isinstance(m, LogsPush) for m in sent[1:])
+        assert len(sent) >= 3  # the resume takes two messages, the new line one
+        shown = [line["seq"] for m in sent for line in m.lines]
+        assert shown == list(range(11, 42))  # after line 10: all of them, then the new one
+        assert all(len(m.encode()) < session.MAX_NODE_MESSAGE_BYTES for m in sent)
+        follows.pop("f1").cancel()  # logs_unfollow
+    assert book.subscriptions == set() and follows == {}
+
+
+async def test_the_pusher_leaves_room_in_a_full_outbox_and_skips_beyond_its_buffer(
+        tmp_path: Path, autojump_clock):
+    from skr8tr.core.node_protocol import LogsRequest
+    from skr8tr.node import session
+
+    book = LogBook(str(tmp_path), clock=ticking_clock())
+    rlog = started(book, "web-a", "web")
+    send, recv = trio.open_memory_channel(session.OUTBOX_LIMIT)
+    follows: dict = {}
+    async with trio.open_nursery() as nursery:
+        follows["f1"] = await nursery.start(
+            session._push_logs, LogsRequest(req="f1", app="web", replica=None, tail=0,
+                                            follow=True), BookSupervisor(book), send, follows)
+        [sub] = book.subscriptions
+        sub.max_pending = 50
+        for i in range(session.OUTBOX_LIMIT):  # the connection is stuck: nothing is sent
+            write(rlog, f"line {i}")
+            await trio.sleep(0.01)
+        used = send.statistics().current_buffer_used
+        assert used <= session.OUTBOX_LIMIT // 2 + 1  # half is kept for reports
+        assert len(sub.pending) <= 50 and sub.skipped > 0
+        nursery.cancel_scope.cancel()
+    assert book.subscriptions == set()

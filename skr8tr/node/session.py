@@ -391,11 +391,20 @@ async def _push_logs(msg: LogsRequest, supervisor: Supervisor,
         first, sub = supervisor.follow_logs(msg.app, msg.replica, tail=msg.tail,
                                             after=msg.after, since=msg.since)
         task_status.started(scope)
+        limit = MAX_NODE_MESSAGE_BYTES - _REPLY_OVERHEAD_BYTES
         try:
-            await outbox.send(LogsReply(req=req, lines=fit_lines(first)))
+            if msg.after is None:
+                # A tail: its newest lines that fit (the oldest go; no gap at the seam).
+                await outbox.send(LogsReply(req=req, lines=fit_lines(first)))
+            else:
+                # A resumed follow: every line after those shown, in as many messages
+                # as it takes (a gap here would be a gap in what the user reads).
+                chunks = chunk_lines(first, limit) or [[]]
+                await outbox.send(LogsReply(req=req, lines=chunks[0]))
+                for chunk in chunks[1:]:
+                    await outbox.send(LogsPush(req=req, lines=chunk, skipped=0))
             while True:
                 lines, skipped = await sub.next_batch(PUSH_BATCH_LINES)
-                limit = MAX_NODE_MESSAGE_BYTES - _REPLY_OVERHEAD_BYTES
                 chunks = chunk_lines(lines, limit) or [[]]
                 for i, chunk in enumerate(chunks):
                     while outbox.statistics().current_buffer_used > OUTBOX_LIMIT // 2:
