@@ -477,3 +477,14 @@ async def test_the_pusher_leaves_room_in_a_full_outbox_and_skips_beyond_its_buff
         assert len(sub.pending) <= 50 and sub.skipped > 0
         nursery.cancel_scope.cancel()
     assert book.subscriptions == set()
+
+
+def test_a_resumed_follow_never_resends_what_a_restarted_agent_read_back(tmp_path: Path):
+    (tmp_path / "web-a.stdout").write_text("".join(f"old {i}\n" for i in range(50)))
+    book = LogBook(str(tmp_path), clock=ticking_clock())  # the agent's new life
+    rlog = book.open("web-a", "web")
+    assert rlog.resume() == 50  # numbered 1..50 again
+    write(rlog, "new 1")
+    # The follow had shown 20 lines of the earlier life: none of the old ones again.
+    first, _ = book.subscribe("web", None, tail=0, after={"web-a": 20}, since=0.0)
+    assert [x["text"] for x in first] == ["new 1"]

@@ -84,6 +84,7 @@ class ReplicaLog:
         self._partial = dict.fromkeys(STREAMS, b"")
         self._warned = False
         self.seq = 0  # the number of the last line read
+        self.resumed_seq = 0  # the last of the lines read back from the files (resume)
         # LogBook.open sets it: told of every batch of new lines, in order
         self.listener: Callable[[ReplicaLog, list[LogLine]], None] | None = None
 
@@ -131,6 +132,7 @@ class ReplicaLog:
         for line in kept:
             self.seq += 1
             line["seq"] = self.seq
+        self.resumed_seq = self.seq
         self.lines.extend(kept)
         return len(kept)
 
@@ -480,21 +482,25 @@ class LogBook:
         The first lines are the last *tail* ones; or, with *after* (a resumed
         follow: replica -> the last ``seq`` already shown), the lines kept in
         memory after those, and for a replica not in *after* those with ``ts``
-        at or after *since*. Call :meth:`unsubscribe` when done.
+        at or after *since*. Line numbers restart with the agent: of a replica
+        re-adopted after an agent restart, the lines read back from its files
+        are never resent (they may have been shown), so a follow resumed then
+        misses what it wrote while no agent ran (``logs`` still has it).
+        Call :meth:`unsubscribe` when done.
         """
         if after is None:
             first = self.tail(app, replica, tail)
         else:
-            def wanted(line: LogLine) -> bool:
-                last = after.get(line["replica"])
-                if last is not None:
-                    return line["seq"] > last
-                return since is None or line["ts"] >= since
+            def wanted(rl: ReplicaLog) -> list[LogLine]:
+                last = after.get(rl.replica)
+                if last is None:
+                    return [x for x in rl.lines if since is None or x["ts"] >= since]
+                # Numbers start again when the agent restarts: what it read back from
+                # the files then may have been shown already, so it is never resent.
+                return [x for x in rl.lines if x["seq"] > max(last, rl.resumed_seq)]
 
-            first = list(heapq.merge(
-                *([line for line in rl.lines if wanted(line)]
-                  for rl in self._chosen(app, replica)),
-                key=lambda line: line["ts"]))
+            first = list(heapq.merge(*(wanted(rl) for rl in self._chosen(app, replica)),
+                                     key=lambda line: line["ts"]))
         sub = LogSubscription(app, replica, max_pending=max_pending)
         self.subscriptions.add(sub)
         return first, sub
