@@ -386,6 +386,10 @@ def cmd_version(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Replicas whose last line number a follow sends when it resumes (the most recent ones).
+FOLLOW_RESUME_REPLICAS = 1000
+
+
 def cmd_logs(opts: argparse.Namespace) -> int:
     import time
 
@@ -393,29 +397,66 @@ def cmd_logs(opts: argparse.Namespace) -> int:
 
     args = {"app": opts.app, "replica": opts.replica, "tail": opts.tail}
 
+    def note(text: str) -> None:  # on stderr: stdout keeps the lines only
+        sys.stderr.write(f"# {text}\n")
+        sys.stderr.flush()
+
     def body(call_opts: Any) -> int:
         with client.Session(call_opts) as session:
-            result = session.call("logs", args)
-            if opts.json and not opts.follow:
-                _print_json(result)
+            if not opts.follow:
+                result = session.call("logs", args)
+                if opts.json:
+                    _print_json(result)
+                else:
+                    for line in result["lines"]:
+                        print(output.log_line(line))
                 return EXIT_OK
-            seen: set[tuple] = set()
+            # A stream: the conductor relays every line the nodes read, once, in order
+            # per replica. When the connection drops (a failover, a restart) the follow
+            # is asked again with the last line number shown per replica, and other
+            # replicas' lines from when this follow began: nothing printed twice.
+            shown: dict[str, int] = {}
+            since = time.time()
+            result = session.call("logs", {**args, "follow": True})
             while True:
                 for line in result["lines"]:
-                    key = (line.get("replica"), line.get("ts"), line.get("stream"),
-                           line.get("text"))
-                    if key in seen:
-                        continue
-                    seen.add(key)
+                    if isinstance(line.get("seq"), int):
+                        shown.pop(line["replica"], None)  # the most recent last
+                        shown[line["replica"]] = line["seq"]
+                        if len(shown) > FOLLOW_RESUME_REPLICAS:
+                            del shown[next(iter(shown))]
                     if opts.json:
                         _print_json(line)  # --follow --json: one JSON line per log line
-                        sys.stdout.flush()
                     else:
-                        print(output.log_line(line), flush=True)
-                if not opts.follow:
-                    return EXIT_OK
-                time.sleep(1.0)
-                result = session.call("logs", args, patient_s=RECONNECT_BUDGET_S)
+                        print(output.log_line(line))
+                skipped = result.get("skipped") or 0
+                if skipped:
+                    if opts.json:
+                        _print_json({"skipped": skipped})
+                    else:
+                        note(f"{skipped} line(s) skipped: they came faster than they were read")
+                sys.stdout.flush()
+                try:
+                    result = session.next_result()
+                except CliError as err:
+                    if err.code != "UNREACHABLE":
+                        raise
+                    note(f"lost the log stream ({err.message}); looking for the leader for "
+                         f"up to {RECONNECT_BUDGET_S:g} s")
+                    resume = {**args, "tail": 0, "follow": True, "after": shown,
+                              "since": since}
+                    give_up = time.monotonic() + RECONNECT_BUDGET_S
+                    while True:
+                        try:
+                            result = session.call("logs", resume,
+                                                  patient_s=max(1.0, give_up - time.monotonic()))
+                            break
+                        except CliError as again:
+                            # Signed while no conductor ran: a restarted one refuses it
+                            # (it may be a replay); a request signed now is not.
+                            if again.code != "EXPIRED" or time.monotonic() > give_up:
+                                raise
+                    note(f"following the logs on {session.conductor}")
 
     return _run_client(opts, body, signed=True)
 

@@ -296,8 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("logs", "show a replica's or an app's logs")
     p.add_argument("app", metavar="APP")
     p.add_argument("--replica", metavar="ID")
-    p.add_argument("--tail", metavar="N", type=_positive_int, default=100)
-    p.add_argument("--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", metavar="N", type=_non_negative_int, default=100,
+                   help="the last N lines (default 100); 0: none, with --follow only new ones")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new lines as the replicas write them, replicas that "
+                   "start meanwhile included, until Ctrl-C")
 
     verb("watch", "print live events until Ctrl-C")
 

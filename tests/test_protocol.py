@@ -121,6 +121,13 @@ GOOD_ARGS = [
         {"app": "web", "replica": None, "tail": 1},
         {"app": "web", "replica": None, "tail": 1},
     ),
+    ("logs", {"app": "web", "tail": 0}, {"app": "web", "replica": None, "tail": 0}),
+    (
+        "logs",
+        {"app": "web", "tail": 0, "follow": True, "after": {"web-a1": 7}, "since": 1.5},
+        {"app": "web", "replica": None, "tail": 0, "follow": True, "after": {"web-a1": 7},
+         "since": 1.5},
+    ),
 ]
 
 
@@ -194,12 +201,19 @@ BAD_ARGS = [
     ("history", {"app": None}, "args.app must be"),
     ("list", {"app": ""}, "args.app must be null or an app name"),
     ("list", {"apps": "web"}, 'unknown argument "apps" for list (expected: app)'),
-    ("logs", {"app": "web", "tail": 0}, "args.tail must be an integer 1..10000, got 0"),
+    ("logs", {"app": "web", "tail": -1}, "args.tail must be an integer 0..10000, got -1"),
     ("logs", {"app": "web", "tail": 10001}, "got 10001"),
     ("logs", {"app": "web", "tail": None}, "got null"),
     ("logs", {"app": "web", "replica": ""}, "args.replica must be null or a replica id"),
     ("logs", {"app": "web", "replica": "r" * 129}, "args.replica must be"),
-    ("logs", {"app": "web", "follow": True}, 'unknown argument "follow" for logs'),
+    ("logs", {"app": "web", "follow": 1}, "args.follow must be true or false, got 1"),
+    ("logs", {"app": "web", "after": {"r1": -1}}, "args.after must be null or an object"),
+    ("logs", {"app": "web", "after": {"": 1}}, "args.after must be"),
+    ("logs", {"app": "web", "after": [1]}, "args.after must be"),
+    ("logs", {"app": "web", "after": {f"r{i}": 1 for i in range(10_001)}}, "args.after must be"),
+    ("logs", {"app": "web", "since": "now"}, "args.since must be null or a time"),
+    ("logs", {"app": "web", "since": -1}, "args.since must be"),
+    ("logs", {"app": "web", "tailz": 1}, 'unknown argument "tailz" for logs'),
 ]
 
 
