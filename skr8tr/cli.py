@@ -411,6 +411,14 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.verb in ("conductor", "node", "ingress"):
+        from skr8tr import daemon_config
+
+        try:
+            opts = daemon_config.apply(parser, sys.argv[1:] if argv is None else argv, opts)
+        except daemon_config.ConfigError as exc:
+            sys.stderr.write(f"error: CONFIG: {exc}\n")
+            return EXIT_USAGE
     try:
         return VERBS[opts.verb](opts)
     except CliError as err:
