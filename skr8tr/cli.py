@@ -161,6 +161,16 @@ def cmd_audit(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_completion(opts: argparse.Namespace) -> int:
+    """The shell's completion script, generated from the argument tree by shtab: every
+    verb, sub-verb and flag, files where a FILE goes. Costs nothing at start-up: the
+    script is static, and shtab is imported only here."""
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=opts.shell))
+    return EXIT_OK
+
+
 def cmd_conductor(opts: argparse.Namespace) -> int:
     from skr8tr.conductor import daemon
 
@@ -405,6 +415,7 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ping": lambda o: _simple_call("ping", lambda o: {}, _render_ping, signed=False)(o),
     "logs": cmd_logs,
     "watch": cmd_watch,
+    "completion": cmd_completion,
 }
 
 

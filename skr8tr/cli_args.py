@@ -324,6 +324,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("fmt", "check a manifest and print it normalised")
     p.add_argument("--toml", action="store_true", help="print it as TOML")
     p.add_argument("file", metavar="FILE")
+
+    p = verb("completion", "print a shell completion script: "
+             "source <(skr8tr completion bash), or see README for zsh")
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    _mark_completions(parser)
     return parser
+
+
+# Shell completion (`skr8tr completion`, generated from this tree by shtab): what
+# each argument completes to, as shtab's ``.complete`` dicts, so that this module
+# does not import shtab. Files for FILE/F, folders for DIR/D; rollout's first
+# word is a sub-verb or a manifest file.
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_DIR = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"}
+_ROLLOUT_TARGET = {
+    "bash": "_skr8tr_rollout_target",
+    "zsh": "_skr8tr_rollout_target",
+    "preamble": {
+        "bash": "_skr8tr_rollout_target() {\n"
+                "  compgen -W 'status abort undo history' -- \"$1\"\n"
+                "  compgen -f -- \"$1\"\n}\n",
+        "zsh": "_skr8tr_rollout_target() {\n"
+               "  _alternative 'subverbs:sub-verb:(status abort undo history)' "
+               "'files:manifest:_files'\n}\n",
+    },
+}
+
+
+def _mark_completions(parser: argparse.ArgumentParser) -> None:
+    for sub in parser.verb_parsers.values():  # type: ignore[attr-defined]
+        for action in sub._actions:
+            if action.choices is not None:
+                continue
+            if action.metavar in ("FILE", "F"):
+                action.complete = _FILE  # type: ignore[attr-defined]
+            elif action.metavar in ("DIR", "D"):
+                action.complete = _DIR  # type: ignore[attr-defined]
+    rollout = parser.verb_parsers["rollout"]  # type: ignore[attr-defined]
+    for action in rollout._actions:
+        if action.dest == "target":
+            action.complete = _ROLLOUT_TARGET  # type: ignore[attr-defined]
 
 
