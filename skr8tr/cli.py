@@ -51,10 +51,24 @@ def _print_json(doc: Any) -> None:
 
 
 def _fail(opts: argparse.Namespace, err: CliError) -> int:
-    sys.stderr.write(f"error: {err.code}: {err.message}\n")
+    # An invalid manifest has every error it holds, one line each, in line order.
+    errors = getattr(err, "errors", None) or [err.message]
+    for message in errors:
+        sys.stderr.write(f"error: {err.code}: {message}\n")
     if getattr(opts, "json", False):
-        _print_json({"error": {"code": err.code, "message": err.message}})
+        doc = {"code": err.code, "message": err.message}
+        if len(errors) > 1:
+            doc["errors"] = errors
+        _print_json({"error": doc})
     return err.exit
+
+
+def _invalid_manifest(exc: Any) -> CliError:
+    """A ManifestError as the CLI reports it: exit 2; ``message`` the first error, ``errors``
+    every one (``FILE:LINE:COL: message`` each)."""
+    err = CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE)
+    err.errors = exc.lines()  # type: ignore[attr-defined]
+    return err
 
 
 # --------------------------------------------------------------------------- verbs
@@ -100,7 +114,7 @@ def _read_manifest(path: str) -> tuple[str, str, str]:
     try:
         text, parsed = manifest_files.read_manifest(path)
     except manifest.ManifestError as exc:
-        raise CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE) from None
+        raise _invalid_manifest(exc) from None
     fmt = "toml" if path.endswith(".toml") else "skr8tr"
     return text, fmt, parsed.base_dir
 
@@ -110,10 +124,13 @@ def cmd_fmt(opts: argparse.Namespace) -> int:
     from skr8tr.core import manifest
 
     try:
-        m = manifest_files.load_manifest(opts.file)
+        source, m = manifest_files.read_manifest(opts.file)
     except manifest.ManifestError as exc:
-        raise CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE) from None
-    text = manifest.format_toml(m) if opts.toml else manifest.format_skr8tr(m)
+        raise _invalid_manifest(exc) from None
+    comments = manifest.read_comments(
+        source, format="toml" if opts.file.endswith(".toml") else "skr8tr")
+    text = (manifest.format_toml(m, comments) if opts.toml
+            else manifest.format_skr8tr(m, comments))
     if opts.json:
         _print_json({"format": "toml" if opts.toml else "skr8tr", "text": text})
     else:
@@ -158,6 +175,16 @@ def cmd_audit(opts: argparse.Namespace) -> int:
         print(f"# no {audit_head.head_path(opts.file)} and no --expect-head: lines cut off the "
               "end, or a rewritten log, cannot be told apart from an intact one. Keep this "
               "head elsewhere and pass it as --expect-head next time.", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_completion(opts: argparse.Namespace) -> int:
+    """The shell's completion script, generated from the argument tree by shtab: every
+    verb, sub-verb and flag, files where a FILE goes. Costs nothing at start-up: the
+    script is static, and shtab is imported only here."""
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=opts.shell))
     return EXIT_OK
 
 
@@ -509,12 +536,21 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ping": lambda o: _simple_call("ping", lambda o: {}, _render_ping, signed=False)(o),
     "logs": cmd_logs,
     "watch": cmd_watch,
+    "completion": cmd_completion,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.verb in ("conductor", "node", "ingress"):
+        from skr8tr import daemon_config
+
+        try:
+            opts = daemon_config.apply(parser, sys.argv[1:] if argv is None else argv, opts)
+        except daemon_config.ConfigError as exc:
+            sys.stderr.write(f"error: CONFIG: {exc}\n")
+            return EXIT_USAGE
     try:
         return VERBS[opts.verb](opts)
     except CliError as err:

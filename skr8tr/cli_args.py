@@ -18,41 +18,70 @@ from typing import Any
 from skr8tr import DEFAULT_KEY_FILE, __version__
 from skr8tr.wire import DEFAULT_CONDUCTOR_URL, DEFAULT_TIMEOUT_S, EXIT_USAGE
 
-__all__ = ["DEFAULT_KEY_FILE", "build_parser"]
+__all__ = ["DAEMON_CLIENT_FLAGS", "DEFAULT_KEY_FILE", "build_parser"]
 
 
+# The client flags a daemon uses (``skr8tr conductor`` none); the others are still
+# accepted after a daemon's verb, as before, but left out of its --help.
+DAEMON_CLIENT_FLAGS = {"conductor": (), "node": ("conductor", "key", "ca"),
+                       "ingress": ("conductor", "ca")}
 
-def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+
+def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool,
+                      shown: tuple[str, ...] | None = None) -> None:
     """The client flags, accepted before or after the verb.
 
     On the top-level parser they carry the defaults; on each verb's parser they
     default to SUPPRESS so that a flag given before the verb is not overwritten.
+    *shown*: the flags listed in the verb's --help (default all of them).
     """
     dflt: Callable[[Any], Any] = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
-    group = parser.add_argument_group("client options (before or after the verb)")
+
+    def help_(name: str, text: str) -> str:
+        return text if shown is None or name in shown else argparse.SUPPRESS
+
+    title = ("client options (before or after the verb)" if shown is None
+             else "conductor options")
+    group = parser.add_argument_group(title)
     group.add_argument(
         "--conductor", metavar="URL[,URL...]",
         default=dflt(os.environ.get("SKR8TR_CONDUCTOR") or DEFAULT_CONDUCTOR_URL),
-        help="conductor WebSocket URL, or several conductors on etcd comma-separated: "
-        "tried in order, following a follower to the leader (env SKR8TR_CONDUCTOR; "
-        f"default {DEFAULT_CONDUCTOR_URL})",
+        help=help_("conductor", "conductor WebSocket URL, or several conductors on etcd "
+                   "comma-separated: tried in order, following a follower to the leader "
+                   f"(env SKR8TR_CONDUCTOR; default {DEFAULT_CONDUCTOR_URL})"),
     )
     group.add_argument(
         "--key", metavar="FILE",
         default=dflt(os.environ.get("SKR8TR_KEY") or DEFAULT_KEY_FILE),
-        help=f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})",
+        help=help_("key", f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})"),
     )
     group.add_argument(
         "--ca", metavar="FILE", default=dflt(os.environ.get("SKR8TR_CA") or None),
-        help="for a wss:// conductor: the CA certificate (PEM) to verify it with, instead "
-        "of the system's trust store (env SKR8TR_CA)",
+        help=help_("ca", "for a wss:// conductor: the CA certificate (PEM) to verify it "
+                   "with, instead of the system's trust store (env SKR8TR_CA)"),
     )
     group.add_argument("--json", action="store_true", default=dflt(False),
-                       help="print exactly one JSON document on stdout")
+                       help=help_("json", "print exactly one JSON document on stdout"))
     group.add_argument("--timeout", metavar="S", type=_positive_float,
                        default=dflt(DEFAULT_TIMEOUT_S),
-                       help="seconds to wait for the conductor: to find the leader, and "
-                       f"for each reply (default {DEFAULT_TIMEOUT_S:g})")
+                       help=help_("timeout", "seconds to wait for the conductor: to find the "
+                                  f"leader, and for each reply (default {DEFAULT_TIMEOUT_S:g})"))
+
+
+def _daemon_epilog(verb: str) -> str:
+    env = f"SKR8TR_{verb.upper()}_"
+    return (f"Every flag can also be set in a --config FILE (TOML; the key is the flag's "
+            f"name without --, e.g. log-level = \"debug\"; a repeatable flag takes an "
+            f"array) or in the environment as {env}FLAG (upper case, - as _, e.g. "
+            f"{env}LOG_LEVEL=debug; a repeatable flag takes a comma-separated list; "
+            f"true/false, 1/0, yes/no for a switch). The command line wins over the "
+            f"environment, which wins over the file.")
+
+
+def _add_config_flag(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"read flags from this TOML file (env SKR8TR_{verb.upper()}"
+                        "_CONFIG); see below")
 
 
 def _positive_float(text: str) -> float:
@@ -105,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help, **kw)
-        _add_client_flags(p, top=False)
+        _add_client_flags(p, top=False, shown=DAEMON_CLIENT_FLAGS.get(name))
+        if name in DAEMON_CLIENT_FLAGS:
+            p.epilog = _daemon_epilog(name)
+            _add_config_flag(p, name)
         return p
+
+    parser.verb_parsers = verbs.choices  # type: ignore[attr-defined] (skr8tr.daemon_config)
 
     p = verb("keygen", "create a signing key pair (Ed25519, ML-DSA-65 or both)")
     # The names are spelled out here: importing skr8tr.core.signatures for them
@@ -211,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"])
 
     p = verb("ingress", "run the HTTP ingress in front of apps")
-    p.add_argument("--listen", metavar="H:P", required=True)
-    p.add_argument("--route", metavar="/PREFIX:APP", action="append", required=True,
-                   help="route a path prefix to an app (repeatable)")
+    # Required, here or in --config / the environment: skr8tr.daemon_config checks.
+    p.add_argument("--listen", metavar="H:P", help="address to serve HTTP on (required)")
+    p.add_argument("--route", metavar="/PREFIX:APP", action="append",
+                   help="route a path prefix to an app (repeatable; at least one)")
     p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
                    help="client connections served at once, lowered to fit the open-file "
                    "limit; more get a 503 (default 1024)")
@@ -315,6 +350,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("fmt", "check a manifest and print it normalised")
     p.add_argument("--toml", action="store_true", help="print it as TOML")
     p.add_argument("file", metavar="FILE")
+
+    p = verb("completion", "print a shell completion script: "
+             "source <(skr8tr completion bash), or see README for zsh")
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    _mark_completions(parser)
     return parser
+
+
+# Shell completion (`skr8tr completion`, generated from this tree by shtab): what
+# each argument completes to, as shtab's ``.complete`` dicts, so that this module
+# does not import shtab. Files for FILE/F, folders for DIR/D; rollout's first
+# word is a sub-verb or a manifest file.
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_DIR = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"}
+_ROLLOUT_TARGET = {
+    "bash": "_skr8tr_rollout_target",
+    "zsh": "_skr8tr_rollout_target",
+    "preamble": {
+        "bash": "_skr8tr_rollout_target() {\n"
+                "  compgen -W 'status abort undo history' -- \"$1\"\n"
+                "  compgen -f -- \"$1\"\n}\n",
+        "zsh": "_skr8tr_rollout_target() {\n"
+               "  _alternative 'subverbs:sub-verb:(status abort undo history)' "
+               "'files:manifest:_files'\n}\n",
+    },
+}
+
+
+def _mark_completions(parser: argparse.ArgumentParser) -> None:
+    for sub in parser.verb_parsers.values():  # type: ignore[attr-defined]
+        for action in sub._actions:
+            if action.choices is not None:
+                continue
+            if action.metavar in ("FILE", "F"):
+                action.complete = _FILE  # type: ignore[attr-defined]
+            elif action.metavar in ("DIR", "D"):
+                action.complete = _DIR  # type: ignore[attr-defined]
+    rollout = parser.verb_parsers["rollout"]  # type: ignore[attr-defined]
+    for action in rollout._actions:
+        if action.dest == "target":
+            action.complete = _ROLLOUT_TARGET  # type: ignore[attr-defined]
 
 

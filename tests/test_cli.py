@@ -44,8 +44,28 @@ def test_every_verb_has_help(verb, cli_env):
     proc = run_cli(verb, "--help", env=cli_env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: skr8tr ")
-    # the client flags are accepted after the verb too
-    assert "--conductor URL" in proc.stdout
+    # the client flags are accepted after the verb too (a daemon lists only its own)
+    if verb != "conductor":
+        assert "--conductor URL" in proc.stdout
+
+
+@pytest.mark.parametrize(("verb", "shown", "hidden"), [
+    ("conductor", ["--listen", "--config FILE", "SKR8TR_CONDUCTOR_LOG_LEVEL"],
+     ["--conductor", "--key", "--ca", "--json", "--timeout"]),
+    ("node", ["--conductor", "--key FILE", "--ca FILE", "--config FILE", "--data-dir"],
+     ["--json", "--timeout"]),
+    ("ingress", ["--conductor", "--ca FILE", "--route", "--config FILE"],
+     ["--key", "--json", "--timeout"]),
+])
+def test_daemon_help_lists_only_its_own_flags(cli_env, verb, shown, hidden):
+    out = run_cli(verb, "--help", env=cli_env).stdout
+    for flag in shown:
+        assert flag in out, flag
+    for flag in hidden:
+        assert flag + " " not in out and flag + "\n" not in out, flag
+    # still accepted, as before, for scripts that pass them
+    proc = run_cli(verb, "--json", "--timeout", "3", "--help", env=cli_env)
+    assert proc.returncode == 0
 
 
 def test_unknown_verb_is_usage_error(cli_env):
