@@ -160,3 +160,27 @@ async def test_an_interrupted_restart_keeps_its_kind_and_count(tmp_path, autojum
         await wait_for(lambda: state_file.load(state).rollouts[0]["state"] == "rolled_back")
         assert state_file.load(state).rollouts[0]["kind"] == "restart"
         second.cancel_scope.cancel()
+
+
+async def test_a_conductor_starts_from_a_state_file_written_before_retention(
+        tmp_path, autojump_clock):
+    from tests.test_state_file import OLD_FORMAT
+
+    state = tmp_path / "state.toml"
+    state.write_text(OLD_FORMAT)
+    async with trio.open_nursery() as nursery:
+        h = await Harness(nursery, state_path=str(state)).start()
+        assert h.cluster.apps["web"].last_generation == 2
+        await h.node("n1")
+        # Its interrupted rollout (no kind stored: a plain rollout) ends by its policy.
+        await wait_for(lambda: h.rollouts.last["web"].done.is_set())
+        record = h.rollouts.last["web"]
+        assert (record.state, record.kind, record.desired) == ("rolled_back", "rollout", None)
+        await h.settled(1, 4)
+        final = await restart(h)
+        assert (final["from_generation"], final["to_generation"]) == (1, 3)
+        await wait_for(lambda: state_file.load(str(state)).apps[0].generation == 3)
+        stored = state_file.load(str(state))
+        assert stored.apps[0].last_generation == 3
+        assert stored.rollouts[0]["kind"] == "restart"
+        nursery.cancel_scope.cancel()

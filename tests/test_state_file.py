@@ -346,23 +346,26 @@ def test_a_pruned_state_reads_back_the_same(tmp_path):
     assert state_file.load(str(tmp_path / "state.toml")) == PRUNED
 
 
+# Written by the conductor before #17 (an interrupted rollout of generation 2).
+OLD_FORMAT = (
+    "version = 1\n\n"
+    "[apps.web]\ngeneration = 1\ndesired = 4\ncompleted = 0\ngiven_up = 0\n"
+    "history = [\n"
+    '    { generation = 1, state = "complete", started = 1700000000.0, '
+    "finished = 1700000000.0 },\n"
+    '    { generation = 2, state = "rolling", started = 1700000100.0 },\n]\n\n'
+    "[[apps.web.revisions]]\ngeneration = 1\nformat = \"skr8tr\"\n"
+    f'base_dir = "/srv/web"\nsha256 = "{sha(WEB[0])}"\nmanifest = {json.dumps(WEB[0])}\n\n'
+    "[[apps.web.revisions]]\ngeneration = 2\nformat = \"skr8tr\"\n"
+    f'base_dir = "/srv/web"\nsha256 = "{sha(WEB[0])}"\nmanifest = {json.dumps(WEB[0])}\n\n'
+    '[[rollouts]]\napp = "web"\nstate = "rolling"\nfrom_generation = 1\n'
+    'to_generation = 2\nreplaced = 1\ntotal = 4\nmessage = "waiting"\n')
+
+
 def test_a_state_file_from_before_retention_loads(tmp_path):
-    # Written by the conductor before #17: no last_generation, no history hashes, a
-    # rollout without kind and desired. It loads as it is; the counter is then the
-    # newest stored generation, and an interrupted rollout is of kind "rollout".
-    text = (
-        "version = 1\n\n"
-        "[apps.web]\ngeneration = 1\ndesired = 4\ncompleted = 0\ngiven_up = 0\n"
-        "history = [\n"
-        '    { generation = 1, state = "complete", started = 1700000000.0, '
-        "finished = 1700000000.0 },\n"
-        '    { generation = 2, state = "rolling", started = 1700000100.0 },\n]\n\n'
-        "[[apps.web.revisions]]\ngeneration = 1\nformat = \"skr8tr\"\n"
-        f'base_dir = "/srv/web"\nsha256 = "{sha(WEB[0])}"\nmanifest = {json.dumps(WEB[0])}\n\n'
-        "[[apps.web.revisions]]\ngeneration = 2\nformat = \"skr8tr\"\n"
-        f'base_dir = "/srv/web"\nsha256 = "{sha(WEB[0])}"\nmanifest = {json.dumps(WEB[0])}\n\n'
-        '[[rollouts]]\napp = "web"\nstate = "rolling"\nfrom_generation = 1\n'
-        'to_generation = 2\nreplaced = 1\ntotal = 4\nmessage = "waiting"\n')
+    # No last_generation, no history hashes, a rollout without kind and desired. It
+    # loads as it is; the counter is then the newest stored generation.
+    text = OLD_FORMAT
     loaded = load_text(tmp_path, text)
     web = loaded.apps[0]
     assert web.last_generation is None and [h.sha256 for h in web.history] == [None, None]
