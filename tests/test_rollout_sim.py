@@ -499,3 +499,63 @@ async def test_ready_timeout_names_the_last_probe(h, autojump_clock):
     assert final["state"] == "rolled_back"
     assert ("was not ready within 5 s (ready-timeout); last probe: GET /healthz -> "
             "connection refused (2 in a row)") in final["message"]
+
+
+async def test_a_node_cannot_fail_another_nodes_replica_by_its_probes(h, autojump_clock):
+    from skr8tr.core.node_protocol import ReplicaReport
+
+    await h.node("n1", ready_after_s=None,
+                 launch_hook=lambda m: {"ready_after_s": 2.0} if m["generation"] == 2 else {})
+    await h.node("n2", "127.0.0.2", ready_after_s=None,
+                 launch_hook=lambda m: {"ready_after_s": 2.0} if m["generation"] == 2 else {})
+    await deploy(h, health=True, rollout="surge 3")
+    await h.run("rollout", manifest("v2", health=True, rollout="surge 3"))
+    await wait_for(lambda: len(h.replicas(2)) == 3)
+    for r in h.replicas(2):
+        other = "n2" if r.node_id == "n1" else "n1"
+        h.cluster.replica_report(other, ReplicaReport(
+            replica=r.replica_id, app="web", generation=2, state="running", ts=0.0,
+            probe={"text": "GET /healthz -> 404, want 200", "status": 404, "count": 99}))
+    assert all(r.probe_text is None for r in h.replicas(2))
+    final = await h.until_done()
+    assert final["state"] == "complete"
+
+
+async def test_app_counts_stay_true_through_a_rollout(h, autojump_clock):
+    from skr8tr.conductor import views
+
+    await h.node("n1", ready_after_s=None)
+    await deploy(h, rollout="settle 1s; drain 500ms")
+    seen = []
+
+    async def watch():
+        while True:
+            (row,) = views.app_rows(h.cluster)
+            live = [r for r in h.cluster.replicas.values()]
+            seen.append((row, sum(r.state == "ready" for r in live)))
+            await h.cluster.wait_changed()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(watch)
+        await h.run("rollout", manifest("v2", rollout="settle 1s; drain 500ms"))
+        final = await h.until_done()
+        n.cancel_scope.cancel()
+    assert final["state"] == "complete"
+    # ready is what serves, of any generation: never a false outage mid-rollout
+    assert all(row["ready"] == serving for row, serving in seen)
+    assert min(row["ready"] for row, _ in seen) == 3
+    assert any(row["starting"] == 1 for row, _ in seen)  # the surge
+    assert any(row["draining"] == 1 for row, _ in seen)
+    assert all(row["running"] == row["ready"] + row["starting"] for row, _ in seen)
+
+
+async def test_scale_answers_the_count_before_and_after(h, autojump_clock):
+    await h.node("n1", ready_after_s=None)
+    await deploy(h, replicas=5, rollout="settle 1s")
+    down = await h.run("scale", {"app": "web", "replicas": 2})
+    assert (down["previous"], down["desired"]) == (5, 2)
+    assert len(down["replicas"]) == 5  # three of them on their way out
+    assert sum(r["state"] == "ready" for r in down["replicas"]) == 2
+    await h.settled(1, 2)
+    (row,) = (await h.run("status", {}))["apps"]
+    assert (row["desired"], row["ready"], row["draining"], row["stopping"]) == (2, 2, 0, 0)

@@ -132,6 +132,7 @@ async def cmd_scale(cluster: Cluster, args: dict) -> Any:
         if current.rolling:
             raise CommandError("CONFLICT", f"a rollout of {name} is running; scale after "
                                "it ends, or put the new count in the manifest you roll out")
+        previous = current.desired
         await cluster.commit(Change(apps={name: stored_app(dataclasses.replace(
             current, desired=args["replicas"], completed=0, given_up=0))}))
         app = cluster.scale_app(name, args["replicas"])
@@ -144,7 +145,7 @@ async def cmd_scale(cluster: Cluster, args: dict) -> Any:
             f"{app.name} is scaled to {app.desired} but only {placed} replica(s) could be "
             f"placed: {app.placement_error}",
         )
-    return views.up_result(cluster, app)
+    return views.up_result(cluster, app, previous=previous)
 
 
 async def cmd_list(cluster: Cluster, args: dict) -> Any:
