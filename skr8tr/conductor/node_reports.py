@@ -268,7 +268,8 @@ class NodeReports:
             told = r.probe_text != probe["text"]
             r.probe_text, r.probe_status, r.probe_count = (
                 probe["text"], probe["status"], probe["count"])
-            if told:  # a new outcome, not only a longer run: worth an event (the page;
+            if told and state != "ready":  # a new outcome, not a longer run nor the pass
+                # that `replica.ready` tells: worth an event (the page re-reads the state;
                 # not "replica.*", which the ingress reads as a state change)
                 self.events.publish("health.probe", app=r.app, replica=r.replica_id,
                                     node=node_id, probe=r.probe_text)

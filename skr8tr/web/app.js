@@ -604,7 +604,7 @@
               el("td", { class: "num mono", "data-label": "PID", text: r.pid ?? "—" }),
               el("td", { "data-label": "State" },
                 badge(r.state, REPLICA_TONES[r.state] || "idle"),
-                r.probe && r.state !== "ready"
+                r.probe && (r.state === "running" || r.state === "pending")
                   ? el("span", { class: "probe mono", "data-probe": "", text: r.probe }) : null));
           })));
       }
