@@ -97,3 +97,17 @@ def test_a_release_that_refuses_connections_a_while_says_so_and_completes(
     (row,) = cluster.wait_ready("web", 1, generation=2)
     assert row["probe"] == "GET /healthz -> 200"
     assert psutil.pid_exists(row["pid"])
+
+
+def test_rollout_watch_lines_say_the_last_probe(cluster: Cluster, tmp_path: Path):
+    cluster.json("up", str(web(tmp_path, "v1", replicas=1)))
+    cluster.wait_ready("web", 1, generation=1)
+    proc = cluster.cli("rollout", str(web(tmp_path, "v2", "--listen-after 3", replicas=1)),
+                       "--watch", timeout_s=READY_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert any("to become ready (last probe: GET /healthz -> connection refused" in line
+               for line in lines), lines
+    assert lines[-1].startswith("web: complete generation 1 -> 2, 1/1 replaced"), lines
+    # a new line only when more than the time changed: the count grows every 2 s at most
+    assert len(lines) < 15, lines
