@@ -97,7 +97,7 @@ async def cmd_up(cluster: Cluster, args: dict) -> Any:
         cluster.add_app(app)
         cluster.reconcile_app(app)
     if app.placement_error is not None:
-        placed = len(views.replica_rows(cluster, app.name))
+        placed = views.live_count(cluster, app)
         raise CommandError(
             "NO_CAPACITY",
             f"placed {placed} of {app.desired} replica(s) of {app.name}; "
@@ -138,8 +138,7 @@ async def cmd_scale(cluster: Cluster, args: dict) -> Any:
         app = cluster.scale_app(name, args["replicas"])
         cluster.reconcile_app(app)
     if app.placement_error is not None:
-        placed = sum(r["generation"] == app.generation
-                     for r in views.replica_rows(cluster, app.name))
+        placed = views.live_count(cluster, app)
         raise CommandError(
             "NO_CAPACITY",
             f"{app.name} is scaled to {app.desired} but only {placed} replica(s) could be "

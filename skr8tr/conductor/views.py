@@ -66,6 +66,13 @@ def app_rows(cluster: Cluster) -> list[dict[str, Any]]:
     return rows
 
 
+def live_count(cluster: Cluster, app: AppState) -> int:
+    """The app's replicas of its generation that are placed and not on their way out
+    (what ``placed N of M`` counts: not the draining, stopping or ended ones)."""
+    return sum(r.generation == app.generation and r.state in replica_state.LIVE
+               for r in cluster.replicas.of_app(app.name))
+
+
 def replica_counts(states: Iterable[str]) -> dict[str, int]:
     """How many replicas are ``ready`` (serving), ``starting`` (pending or running),
     ``running`` (live: both of those), ``draining`` and ``stopping``."""
