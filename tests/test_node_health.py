@@ -106,6 +106,8 @@ async def test_probe_of_a_server_speaking_nonsense() -> None:
             nursery.cancel_scope.cancel()
     assert result.status is None
     assert result.error.startswith("bad HTTP response")
+    assert "OpenSSH" in result.error  # the agent's own log may say what came
+    assert probe_text("/", result, 200) == "GET / -> bad HTTP response"  # the conductor not
 
 
 # ---------------------------------------------------------------- probe schedule
@@ -149,6 +151,9 @@ def test_a_starting_replica_is_found_ready_soon_after_it_is(interval_s: float,
     (ProbeResult(None, "connection refused"), "GET /healthz -> connection refused"),
     (ProbeResult(None, "no answer within 1 s"), "GET /healthz -> no answer within 1 s"),
     (ProbeResult(None), "GET /healthz -> no answer"),
+    # h11 quotes the bytes that came; they stay out of a text anyone can read
+    (ProbeResult(None, "bad HTTP response: illegal status line: bytearray(b'SECRET')"),
+     "GET /healthz -> bad HTTP response"),
 ])
 def test_probe_text_says_what_came_and_what_was_wanted(result, text):
     assert probe_text("/healthz", result, 200) == text

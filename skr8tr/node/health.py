@@ -28,6 +28,7 @@ STARTUP_PROBE_SLACK = 8
 # new outcome, and the `retries`-th wrong answer in a row, are told at once).
 PROBE_REPORT_EVERY_S = 2.0
 PROBE_TEXT_MAX_CHARS = 200  # node_protocol.MAX_PROBE_TEXT_CHARS
+BAD_RESPONSE = "bad HTTP response"
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ async def probe_http(host: str, port: int, path: str, timeout_s: float) -> Probe
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return ProbeResult(None, "connection reset")
         except h11.ProtocolError as exc:
-            return ProbeResult(None, f"bad HTTP response: {exc}")
+            return ProbeResult(None, f"{BAD_RESPONSE}: {exc}")
     return ProbeResult(None, f"no answer within {timeout_s:g} s")
 
 
@@ -90,9 +91,14 @@ async def _probe(host: str, port: int, path: str) -> ProbeResult:
 def probe_text(path: str, result: ProbeResult, expect_status: int) -> str:
     """One line saying what a probe got: ``GET /healthz -> 404, want 200``,
     ``GET /healthz -> 200``, ``GET /healthz -> connection refused``; at most
-    :data:`PROBE_TEXT_MAX_CHARS` characters."""
+    :data:`PROBE_TEXT_MAX_CHARS` characters. It reaches readers without a key
+    (``rollout status``, ``/api/state``): never what the workload sent."""
     if result.status is None:
         got = result.error or "no answer"
+        if got.startswith(BAD_RESPONSE):
+            # h11 quotes what came: the workload's bytes, never for a text anyone can read
+            got = BAD_RESPONSE
+
     elif result.status == expect_status:
         got = str(result.status)
     else:
