@@ -30,7 +30,10 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
      ``settle_ms`` without one), ``unhealthy`` (``retries`` probes failed after
      it was ready), ``exited`` (with exit_code or signal), ``failed`` (could not
      be launched: missing executable, bad workdir, port in use; ``message``
-     carries the OS error and ``reason`` is ``port_in_use`` or ``launch_error``);
+     carries the OS error and ``reason`` is ``port_in_use`` or ``launch_error``).
+     While health probes run, a report may carry ``probe`` {text, status, count}, the
+     last probe's outcome, in the replica's current state (a report with a probe and
+     no change of state is news about probes only);
    - conductor -> node ``logs`` {req, app, replica, tail} and node -> conductor
      ``logs_reply`` {req, lines:[{replica, ts, stream, text}]}.
 
