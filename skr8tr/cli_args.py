@@ -250,15 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(
         "rollout", "rolling update, or its status / abort / undo / history",
         usage="skr8tr rollout FILE [--watch] [--force]\n"
-        "       skr8tr rollout status APP | abort APP | undo APP [--to GEN] | history APP",
+        "       skr8tr rollout status APP [--watch] | abort APP\n"
+        "       skr8tr rollout undo APP [--to GEN] [--watch] [--force]\n"
+        "       skr8tr rollout history APP [--generation N]",
+        epilog="With --watch the exit code is 0 only when the rollout ends complete, "
+        "1 otherwise.",
     )
     p.add_argument("target", nargs="+", metavar="FILE | SUBVERB APP",
                    help="a manifest file, or one of: status, abort, undo, history "
                    "followed by the app")
-    p.add_argument("--watch", action="store_true", help="follow the rollout until it ends")
-    p.add_argument("--force", action="store_true", help="abort a running rollout first")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the rollout until it ends (with FILE, status or undo)")
+    p.add_argument("--force", action="store_true",
+                   help="abort a running rollout first; with undo --to, also return to a "
+                   "generation whose rollout was aborted, failed or rolled back")
     p.add_argument("--to", metavar="GEN", type=_positive_int,
                    help="with undo: the generation to return to")
+    p.add_argument("--generation", metavar="N", type=_positive_int,
+                   help="with history: that revision's state, times and manifest text "
+                   "(signed: the manifest may hold secrets)")
+
+    p = verb("restart", "rolling restart: replace every replica of an app with a new one "
+             "of the same manifest, gated like a rollout (takes a new generation)")
+    p.add_argument("app", metavar="APP")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the restart until it ends (exit 0 only when complete)")
+    p.add_argument("--force", action="store_true", help="abort a running rollout first")
+
+    p = verb("describe", "an app in full: manifest, generation, replicas, last rollout, "
+             "recent events (signed: the manifest may hold secrets)")
+    p.add_argument("app", metavar="APP")
 
     p = verb("scale", "change an app's replica count")
     p.add_argument("app", metavar="APP")
@@ -269,12 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     verb("nodes", "list node agents")
     verb("status", "nodes, apps, replicas and rollouts at once")
     verb("ping", "check that the conductor answers")
+    verb("version", "the CLI's version and the conductor's (exit 3, after printing the "
+         "CLI's, when the conductor cannot be reached)")
 
     p = verb("logs", "show a replica's or an app's logs")
     p.add_argument("app", metavar="APP")
     p.add_argument("--replica", metavar="ID")
-    p.add_argument("--tail", metavar="N", type=_positive_int, default=100)
-    p.add_argument("--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", metavar="N", type=_non_negative_int, default=100,
+                   help="the last N lines (default 100); 0: none, with --follow only new ones")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new lines as the replicas write them, replicas that "
+                   "start meanwhile included, until Ctrl-C")
 
     verb("watch", "print live events until Ctrl-C")
 

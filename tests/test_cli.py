@@ -258,8 +258,16 @@ def test_invalid_manifest_is_caught_before_sending(cli_env, tmp_path):
     "argv, message",
     [
         (["rollout", "status"], "usage: skr8tr rollout status APP"),
-        (["rollout", "status", "web", "--watch"], "--watch and --force go with"),
+        (["rollout", "abort", "web", "--watch"], "--watch goes with `rollout FILE`, "
+         "`rollout status APP` or `rollout undo APP`, not `rollout abort`"),
+        (["rollout", "history", "web", "--watch"], "not `rollout history`"),
+        (["rollout", "status", "web", "--force"], "--force goes with `rollout FILE` or "
+         "`rollout undo APP`, not `rollout status`"),
         (["rollout", "abort", "web", "--to", "2"], "--to goes with"),
+        (["rollout", "status", "web", "--generation", "2"], "--generation goes with "
+         "`rollout history APP`"),
+        (["rollout", "history", "web", "--generation", "0"], "expected a number >= 1"),
+        (["rollout", "history", "web", "--generation", "x"], "expected a whole number"),
         (["rollout", "a.skr8tr", "b.skr8tr"], "usage: skr8tr rollout FILE"),
     ],
 )

@@ -702,9 +702,9 @@ class _Spy:
     "a" * 1_000_000,
 ])
 def test_key_algorithm_refuses_an_oversized_text_by_its_length(monkeypatch, text):
-    split, scan = _Spy(signatures._split), _Spy(signatures._is_hex)
-    monkeypatch.setattr(signatures, "_split", split)
-    monkeypatch.setattr(signatures, "_is_hex", scan)
+    split, scan = _Spy(signatures.split_key), _Spy(signatures.is_hex)
+    monkeypatch.setattr(signatures, "split_key", split)
+    monkeypatch.setattr(signatures, "is_hex", scan)
     assert key_algorithm(text) is None
     assert key_algorithm(text, any_case=True) is None
     assert not is_public_key(text)
@@ -715,8 +715,8 @@ def test_key_algorithm_refuses_an_oversized_text_by_its_length(monkeypatch, text
 
 
 def test_is_signature_refuses_an_oversized_text_by_its_length(monkeypatch):
-    scan = _Spy(signatures._is_hex)
-    monkeypatch.setattr(signatures, "_is_hex", scan)
+    scan = _Spy(signatures.is_hex)
+    monkeypatch.setattr(signatures, "is_hex", scan)
     for alg in (None, *ALGS):
         assert not is_signature("a" * 1_000_000, alg)
     assert scan.calls == 0

@@ -26,7 +26,6 @@ Pure: no file I/O. Reading and writing the files, with their modes, is
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -39,7 +38,9 @@ from skr8tr.core.signatures import (
     Signer,
     fingerprint,
     generate,
+    is_hex,
     key_algorithm,
+    split_key,
 )
 
 __all__ = [
@@ -100,7 +101,6 @@ def public_key_line(public: str) -> str:
     return public + "\n"
 
 
-_HEX_RE = re.compile(r"[0-9a-fA-F]*")
 _SEED_FORMS = ("one line of 64 hex characters (a 32-byte Ed25519 seed), or "
                "ml-dsa-65:HEX (64 hex) or ed25519+ml-dsa-65:HEX (128 hex)")
 
@@ -117,14 +117,15 @@ def parse_signing_key(data: bytes, *, filename: str) -> Signer:
         text = data.decode("ascii").strip()
     except UnicodeDecodeError:
         raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}") from None
-    name, colon, hex_part = text.rpartition(":")
-    algorithm = ALGORITHMS.get(name) if colon else ED25519
-    if algorithm is None or (colon and algorithm is ED25519):
+    parts = split_key(text)
+    if parts is None:
+        name = text.partition(":")[0]
         raise KeyFileError(f"{filename} is not a skr8tr key file: unknown algorithm "
                            f"{name[:40]!r}; {expected}")
-    # A full match, not bytes.fromhex alone: fromhex skips whitespace, so "ab  cd..."
-    # of the right length would decode to a short seed (a ValueError, not KeyFileError).
-    if len(hex_part) != 2 * algorithm.seed_bytes or _HEX_RE.fullmatch(hex_part) is None:
+    algorithm, hex_part = parts
+    # is_hex, not bytes.fromhex alone: fromhex skips whitespace, so "ab  cd..." of the
+    # right length would decode to a short seed (a ValueError, not KeyFileError).
+    if len(hex_part) != 2 * algorithm.seed_bytes or not is_hex(hex_part, any_case=True):
         raise KeyFileError(f"{filename} is not a skr8tr key file: {expected}")
     return Signer(algorithm, bytes.fromhex(hex_part))
 
@@ -279,14 +280,12 @@ def _key_problem(key: str) -> str | None:
     """What is wrong with a public key's text (lowercased), or None if nothing is."""
     if key_algorithm(key) is not None:
         return None
-    prefix, colon, hex_part = key.partition(":")
-    if not colon:
-        hex_part = key
-    algorithm = ALGORITHMS.get(prefix) if colon else ED25519
-    if algorithm is None or (colon and algorithm is ED25519):
-        return (f"unknown key algorithm {_short(prefix)} (expected "
+    parts = split_key(key)
+    if parts is None:
+        return (f"unknown key algorithm {_short(key.partition(':')[0])} (expected "
                 f"{' or '.join(a.name for a in ALGORITHMS.values() if a is not ED25519)}, "
                 "or a bare Ed25519 key)")
+    algorithm, hex_part = parts
     want = 2 * algorithm.public_bytes
     if len(hex_part) != want:
         return (f"{algorithm.name} public key must be {want} hex characters "

@@ -86,7 +86,7 @@ def algorithm_named(name: str) -> Algorithm:
                          f"(choose {', '.join(ALGORITHMS)})") from None
 
 
-def _split(key: str) -> tuple[Algorithm, str] | None:
+def split_key(key: str) -> tuple[Algorithm, str] | None:
     """(algorithm, hex) of a key's text, None unless the prefix is known; the hex is
     not checked here."""
     prefix, colon, rest = key.partition(":")
@@ -109,16 +109,16 @@ def key_algorithm(key: object, *, any_case: bool = False) -> Algorithm | None:
     """
     if not isinstance(key, str) or len(key) > _MAX_KEY_TEXT:
         return None
-    parts = _split(key)
+    parts = split_key(key)
     if parts is None:
         return None
     algorithm, hex_part = parts
     if len(hex_part) != 2 * algorithm.public_bytes:
         return None
-    return algorithm if _is_hex(hex_part, any_case) else None
+    return algorithm if is_hex(hex_part, any_case) else None
 
 
-def _is_hex(value: str, any_case: bool = False) -> bool:
+def is_hex(value: str, any_case: bool = False) -> bool:
     """True if *value* is hex (lowercase unless *any_case*), nothing else: bytes.fromhex
     and back, about twice as fast as a regular expression on kilobytes."""
     try:
@@ -144,7 +144,7 @@ def is_signature(value: object, algorithm: Algorithm | None = None) -> bool:
             return False
     elif len(value) != 2 * algorithm.signature_bytes:
         return False
-    return _is_hex(value)
+    return is_hex(value)
 
 
 def public_key_bytes(key: str) -> bytes:
