@@ -230,7 +230,9 @@ def describe(result: dict) -> str:
         f"Type:        {result.get('type')}",
         f"Generation:  {result.get('generation')}",
         f"Replicas:    {result.get('desired')} desired"
-        + "".join(f", {counts[k]} {k}" for k in ("running", "ready") if k in counts),
+        + "".join(f", {counts[k]} {k}" for k in ("running", "ready") if k in counts)
+        + "".join(f", {counts[k]} {k}" for k in ("starting", "draining", "stopping")
+                  if counts.get(k)),
     ]
     if counts.get("message"):
         lines.append(f"Placement:   {counts['message']}")
