@@ -42,15 +42,26 @@ class Reports:
     def of(self, replica: str) -> list[dict[str, Any]]:
         return [r for r in self.items if r["replica"] == replica]
 
+    def changes(self, replica: str) -> list[dict[str, Any]]:
+        """Its reports but those that only tell a probe result in the same state."""
+        out: list[dict[str, Any]] = []
+        for r in self.of(replica):
+            if not (out and r.get("probe") and r["state"] == out[-1]["state"]):
+                out.append(r)
+        return out
+
+    def probes(self, replica: str) -> list[dict[str, Any]]:
+        return [r["probe"] for r in self.of(replica) if r.get("probe")]
+
     def states(self, replica: str) -> list[str]:
-        return [r["state"] for r in self.of(replica)]
+        return [r["state"] for r in self.changes(replica)]
 
     async def wait_for(self, replica: str, state: str, count: int = 1,
                        timeout: float = DEADLINE_S) -> dict[str, Any]:
         """The *count*-th report of *replica* in *state*, waiting for it under a deadline."""
         with trio.fail_after(timeout):
             while True:
-                found = [r for r in self.of(replica) if r["state"] == state]
+                found = [r for r in self.changes(replica) if r["state"] == state]
                 if len(found) >= count:
                     return found[count - 1]
                 await trio.sleep(0.02)
@@ -377,6 +388,36 @@ async def test_failing_health_check_never_makes_ready(tmp_path: Path) -> None:
 
         await wait_until(lambda: probes_answered_503() >= 3)
         assert reports.states("web-1") == ["running"]
+
+
+async def test_probe_results_reach_the_reports_with_a_count(tmp_path: Path) -> None:
+    port = free_port()
+    health = HealthCheck("/nope", expect_status=200, interval_ms=300, timeout_ms=300,
+                         retries=3)
+    async with supervisor_for_test(tmp_path) as (sup, reports):
+        sup.launch(hello_spec("web-1", port, health=health, settle_ms=0))
+        wanted = {"text": "GET /nope -> 404, want 200", "status": 404, "count": 3}
+        await wait_until(lambda: wanted in reports.probes("web-1"))
+        told = [(r["ts"], r["probe"]) for r in reports.of("web-1") if r.get("probe")]
+        first = next(ts for ts, p in told if p["status"] == 404)
+        third = next(ts for ts, p in told if p == wanted)
+        # a definite no is asked again at `interval`, not at start-up pace
+        assert third - first >= 2 * 0.3 - 0.05
+        # before it listened, it refused; never a state change, only probe news
+        assert reports.states("web-1") == ["running"]
+        assert all(r["state"] == "running" for r in reports.of("web-1"))
+
+
+async def test_a_replica_that_never_listens_reports_refused_probes(tmp_path: Path) -> None:
+    port = free_port()
+    health = HealthCheck("/healthz", expect_status=200, interval_ms=100, timeout_ms=300)
+    async with supervisor_for_test(tmp_path) as (sup, reports):
+        sup.launch(spec("r1", "/bin/sleep", "30", port=port, health=health))
+        await wait_until(lambda: any(p["count"] > 1 for p in reports.probes("r1")))
+        probes = reports.probes("r1")
+        assert probes[0] == {"text": "GET /healthz -> connection refused", "status": None,
+                             "count": 1}
+        assert reports.states("r1") == ["running"]
 
 
 async def test_closing_without_stop_leaves_workloads_running(tmp_path: Path) -> None:

@@ -46,3 +46,10 @@ def test_revision_prints_facts_then_the_manifest_as_submitted():
     assert "Generation:  1\n" in text and "State:       aborted" in text
     assert "Finished:    -" in text
     assert text.endswith("\n\n# note\n[app]\nname = \"web\"")
+
+
+def test_describe_counts_the_replicas_on_the_move_too():
+    counts = {"app": "web", "running": 4, "ready": 3, "starting": 1, "draining": 1,
+              "stopping": 0, "message": None}
+    line = output.describe(dict(DOC, counts=counts)).splitlines()[3]
+    assert line == "Replicas:    3 desired, 4 running, 3 ready, 1 starting, 1 draining"
