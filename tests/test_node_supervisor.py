@@ -376,6 +376,41 @@ async def test_unhealthy_after_retries_then_ready_again(tmp_path: Path) -> None:
         assert reports.states("web-1") == ["running", "ready", "unhealthy", "ready"]
 
 
+TURNCOAT = """
+import os, socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+served = 0
+while True:
+    conn, _ = srv.accept()
+    conn.recv(4096)
+    served += 1
+    # healthy for three probes, then bytes that are no HTTP, carrying a secret
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\n" if served <= 3
+                 else b"SECRET-TOKEN-4242 not http\\r\\n\\r\\n")
+    conn.close()
+"""
+
+
+async def test_unhealthy_message_never_quotes_what_the_workload_sent(tmp_path: Path) -> None:
+    # The unhealthy report's message reaches /v1/watch readers without a key: h11's
+    # error for a bad response quotes the bytes, which must stay on the node.
+    port = free_port()
+    script = tmp_path / "turncoat.py"
+    script.write_text(TURNCOAT)
+    health = HealthCheck("/healthz", expect_status=200, interval_ms=100, timeout_ms=300,
+                         retries=2)
+    async with supervisor_for_test(tmp_path / "data") as (sup, reports):
+        sup.launch(spec("web-1", sys.executable, str(script), str(port), port=port,
+                        host="127.0.0.1", health=health))
+        await reports.wait_for("web-1", "ready")
+        unhealthy = await reports.wait_for("web-1", "unhealthy")
+        assert "failed 2 time(s) in a row" in unhealthy["message"]
+        assert "bad HTTP response" in unhealthy["message"]
+        assert "SECRET" not in json.dumps(reports.of("web-1"))  # messages and probes
+        sup.stop("web-1")
+        await reports.wait_for("web-1", "exited")
+
+
 async def test_failing_health_check_never_makes_ready(tmp_path: Path) -> None:
     port = free_port()
     async with supervisor_for_test(tmp_path, tail_interval_s=0.05) as (sup, reports):

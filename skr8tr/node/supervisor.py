@@ -403,9 +403,12 @@ class Supervisor:
                 if change is not None and self._alive(rep):
                     message = None
                     if change == "unhealthy":
-                        message = (f"health check GET {health.path} failed {health.retries} "
-                                   f"time(s) in a row (last: {result.describe()}, "
-                                   f"expected HTTP {health.expect_status})")
+                        # probe_text, not result.describe(): this message reaches
+                        # /v1/watch readers without a key, and h11's error quotes the
+                        # workload's bytes.
+                        last = probe_text(health.path, result, health.expect_status)
+                        message = (f"health check failed {health.retries} time(s) in a row "
+                                   f"(last: {last}; expected HTTP {health.expect_status})")
                     self._report(rep, change, message=message, probe=note)
                 elif note is not None and self._alive(rep) and rep.last_report is not None:
                     self._report(rep, rep.last_report.state, probe=note)
