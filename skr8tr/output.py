@@ -91,10 +91,35 @@ def history(rows: Sequence[dict]) -> str:
     return table(rows, HISTORY_COLUMNS, empty="no history")
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# How `up` and `scale` tell what the replicas are doing, in this order.
+_DOING = (("ready", ("ready",)), ("starting", ("pending", "running")),
+          ("draining", ("draining",)), ("stopping", ("stopping",)), ("exited", ("exited",)),
+          ("failed", ("failed",)))
+
+
+def doing(rows: Sequence[dict]) -> str:
+    """``2 ready, 1 starting, 3 draining``: the replicas' states, counted."""
+    states = [row.get("state") for row in rows]
+    parts = [f"{n} {label}" for label, group in _DOING
+             if (n := sum(state in group for state in states))]
+    return ", ".join(parts)
+
+
 def up(result: dict) -> str:
-    head = (f"{result['app']}: generation {result['generation']}, "
-            f"{len(result.get('replicas', []))} replica(s)")
-    return head + "\n" + replicas(result.get("replicas", []))
+    """``up``: ``web: generation 1, 3 replicas, 3 starting``; ``scale`` (its result has
+    ``previous``): ``web: 5 -> 2 replicas, 2 ready, 3 draining``."""
+    rows = result.get("replicas", [])
+    desired = result.get("desired", len(rows))  # a conductor before #17 sends no `desired`
+    if "previous" in result:
+        head = f"{result['app']}: {result['previous']} -> {_plural(desired, 'replica')}"
+    else:
+        head = f"{result['app']}: generation {result['generation']}, {_plural(desired, 'replica')}"
+    now = doing(rows)
+    return (f"{head}, {now}" if now else head) + "\n" + replicas(rows)
 
 
 def rollout_status(result: dict) -> str:
@@ -206,7 +231,9 @@ def describe(result: dict) -> str:
         f"Type:        {result.get('type')}",
         f"Generation:  {result.get('generation')}",
         f"Replicas:    {result.get('desired')} desired"
-        + "".join(f", {counts[k]} {k}" for k in ("running", "ready") if k in counts),
+        + "".join(f", {counts[k]} {k}" for k in ("running", "ready") if k in counts)
+        + "".join(f", {counts[k]} {k}" for k in ("starting", "draining", "stopping")
+                  if counts.get(k)),
     ]
     if counts.get("message"):
         lines.append(f"Placement:   {counts['message']}")

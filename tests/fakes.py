@@ -52,7 +52,9 @@ class FakeNode:
     probe_ready_after_s: float = 0.3
     crash_after_s: float | None = None  # exit with `exit_code` this long after launch
     exit_code: int = 1
-    # Per-launch overrides: launch message -> {"ready_after_s"|"crash_after_s"|"exit_code": ...}
+    # Per-launch overrides: launch message -> {"ready_after_s"|"crash_after_s"|"exit_code"|
+    # "probes": ...}; "probes" is [(seconds after launch, a report's probe field), ...],
+    # each sent as a report in the replica's current state, as an agent's probes are.
     launch_hook: Callable[[dict], dict] | None = None
     launches: list[tuple[float, dict]] = field(default_factory=list)
     stops: list[tuple[float, str]] = field(default_factory=list)
@@ -112,7 +114,7 @@ class FakeNode:
         r = FakeReplica(msg["replica"], msg["app"], msg["generation"], msg["port"],
                         next(_pids), now, token=msg.get("token"))
         behaviour = {"ready_after_s": self.ready_after_s, "crash_after_s": self.crash_after_s,
-                     "exit_code": self.exit_code, "port_in_use": False}
+                     "exit_code": self.exit_code, "port_in_use": False, "probes": ()}
         if self.launch_hook is not None:
             behaviour.update(self.launch_hook(msg))
         if behaviour["port_in_use"]:
@@ -132,12 +134,16 @@ class FakeNode:
             events.append((behaviour["crash_after_s"], "crash"))
         if ready_after != math.inf:
             events.append((ready_after, "ready"))
-        events.sort()
+        events.extend((delay, ("probe", probe)) for delay, probe in behaviour["probes"])
+        events.sort(key=lambda e: e[0])
         start = now
         for delay, what in events:
             await trio.sleep_until(start + delay)
             if not r.alive:
                 return
+            if isinstance(what, tuple):
+                self._report(r, r.state, probe=what[1])
+                continue
             if what == "crash":
                 r.alive = False
                 del self.running[r.replica]

@@ -141,7 +141,7 @@ async def test_up_sends_signed_manifest_and_prints_placements(conductor, admin_k
     }
     assert conductor.fingerprints[-1] == signatures.fingerprint(pub)
     out = proc.stdout.decode()
-    assert "web: generation 1, 2 replica(s)" in out
+    assert "web: generation 1, 2 replicas" in out
     assert "web-1a2b" in out and "4343" in out
 
 

@@ -102,6 +102,19 @@ async def test_fixed_port_with_one_shared_address_runs_one(cluster, nursery, aut
     assert len(cluster.replicas) == 1
 
 
+async def test_no_capacity_counts_what_is_placed_not_what_is_leaving(
+        cluster, nursery, autojump_clock):
+    await start_nodes(nursery, cluster, ("n1", "127.0.0.1"), ("n2", "127.0.0.2"))
+    drain = "  rollout\n    drain 5s\n"
+    await run(cluster, "up", manifest(port="8080", replicas=2, extra=drain))
+    await wait_for(lambda: len([r for r in live(cluster) if r.state == "ready"]) == 2)
+    await run(cluster, "scale", {"app": "web", "replicas": 1})
+    assert [r.state for r in cluster.replicas.values()].count("draining") == 1
+    with pytest.raises(CommandError) as err:  # the draining one still holds its port
+        await run(cluster, "scale", {"app": "web", "replicas": 3})
+    assert "scaled to 3 but only 1 replica(s) could be placed" in err.value.message
+
+
 async def test_the_missing_replica_is_placed_when_capacity_appears(
         cluster, nursery, autojump_clock):
     await start_nodes(nursery, cluster, ("n1", "127.0.0.1"))

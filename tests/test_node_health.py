@@ -13,12 +13,18 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from skr8tr.core import node_protocol
 from skr8tr.node.health import (
+    PROBE_REPORT_EVERY_S,
+    PROBE_TEXT_MAX_CHARS,
     STARTUP_PROBE_MIN_S,
     STARTUP_PROBE_SLACK,
     HealthTracker,
+    ProbeNotes,
+    ProbeResult,
     next_probe_delay,
     probe_http,
+    probe_text,
 )
 from tests.conftest import HELLO_HTTP, free_port
 
@@ -100,6 +106,8 @@ async def test_probe_of_a_server_speaking_nonsense() -> None:
             nursery.cancel_scope.cancel()
     assert result.status is None
     assert result.error.startswith("bad HTTP response")
+    assert "OpenSSH" in result.error  # the agent's own log may say what came
+    assert probe_text("/", result, 200) == "GET / -> bad HTTP response"  # the conductor not
 
 
 # ---------------------------------------------------------------- probe schedule
@@ -135,3 +143,42 @@ def test_a_starting_replica_is_found_ready_soon_after_it_is(interval_s: float,
     if interval_s >= 1 and ready_after_s >= 1:
         assert probes <= 2 + STARTUP_PROBE_SLACK * (1 + math.log(
             ready_after_s / STARTUP_PROBE_MIN_S)) + ready_after_s / interval_s
+
+
+@pytest.mark.parametrize(("result", "text"), [
+    (ProbeResult(404), "GET /healthz -> 404, want 200"),
+    (ProbeResult(200), "GET /healthz -> 200"),
+    (ProbeResult(None, "connection refused"), "GET /healthz -> connection refused"),
+    (ProbeResult(None, "no answer within 1 s"), "GET /healthz -> no answer within 1 s"),
+    (ProbeResult(None), "GET /healthz -> no answer"),
+    # h11 quotes the bytes that came; they stay out of a text anyone can read
+    (ProbeResult(None, "bad HTTP response: illegal status line: bytearray(b'SECRET')"),
+     "GET /healthz -> bad HTTP response"),
+])
+def test_probe_text_says_what_came_and_what_was_wanted(result, text):
+    assert probe_text("/healthz", result, 200) == text
+
+
+def test_probe_text_is_cut_to_what_the_conductor_accepts():
+    text = probe_text("/" + "p" * 10_000, ProbeResult(404), 200)
+    assert len(text) == PROBE_TEXT_MAX_CHARS == node_protocol.MAX_PROBE_TEXT_CHARS
+    assert text.endswith("\u2026")
+
+
+def test_probe_notes_tell_new_outcomes_at_once_and_repeats_sparingly():
+    notes = ProbeNotes(3)
+    refused = "GET / -> connection refused"
+    told = [notes.observe(refused, None, False, t / 100) for t in range(10)]  # 0..90 ms
+    assert told[0] == {"text": refused, "status": None, "count": 1}
+    assert told[1:] == [None] * 9  # the same outcome within PROBE_REPORT_EVERY_S
+    later = notes.observe(refused, None, False, PROBE_REPORT_EVERY_S)
+    assert later == {"text": refused, "status": None, "count": 11}
+    wrong = "GET / -> 404, want 200"
+    assert notes.observe(wrong, 404, False, 2.1) == {"text": wrong, "status": 404, "count": 1}
+    assert notes.observe(wrong, 404, False, 2.2) is None
+    # the retries-th wrong answer in a row is told at once: the conductor fails on it
+    assert notes.observe(wrong, 404, False, 2.3) == {"text": wrong, "status": 404, "count": 3}
+    assert notes.observe("GET / -> 500, want 200", 500, False, 2.4)["count"] == 4
+    ok = "GET / -> 200"
+    assert notes.observe(ok, 200, True, 2.5) == {"text": ok, "status": 200, "count": 1}
+    assert [notes.observe(ok, 200, True, 2.5 + i) for i in range(1, 20)] == [None] * 19

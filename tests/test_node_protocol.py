@@ -8,13 +8,19 @@ messages, --advertise) stay inside the same bounds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
 
 from skr8tr.core import node_protocol as np
-from skr8tr.core.node_protocol import NodeDecodeError, decode_node_message, encode_node_message
+from skr8tr.core.node_protocol import (
+    NodeDecodeError,
+    ReplicaReport,
+    decode_node_message,
+    encode_node_message,
+)
 from skr8tr.node import logs
 
 HUGE_CHARS = 200_000  # far past every limit, well under the 1 MiB message limit
@@ -110,6 +116,20 @@ REFUSED = [
     ("replica", ("message",), "m" * (np.MAX_REPORT_MESSAGE_CHARS + 1), "4096"),
     ("replica", ("message",), "m" * HUGE_CHARS, "4096"),
     ("replica", ("ts",), 1e13, "1e+12"),
+    ("replica", ("probe",), {"text": "t" * (np.MAX_PROBE_TEXT_CHARS + 1), "status": None,
+                             "count": 1}, "200"),
+    ("replica", ("probe",), {"text": "t" * HUGE_CHARS, "status": 404, "count": 1}, "200"),
+    ("replica", ("probe",), {"text": "t", "status": 99, "count": 1}, "100..599"),
+    ("replica", ("probe",), {"text": "t", "status": 404, "count": 0}, str(np.MAX_PROBE_COUNT)),
+    ("replica", ("probe",), {"text": "t", "status": 404, "count": 2**63},
+     str(np.MAX_PROBE_COUNT)),
+    ("replica", ("probe",), {"text": "t", "status": 404, "count": True},
+     str(np.MAX_PROBE_COUNT)),
+    ("replica", ("probe",), {"text": "t", "status": 404}, "count"),
+    ("replica", ("probe",), {"text": "t", "status": 404, "count": 1, "x": 1}, "count"),
+    ("replica", ("probe",), "GET / -> 404", "text"),
+    ("hello", ("replicas", 0, "probe"), {"text": "t", "status": 404, "count": -1},
+     str(np.MAX_PROBE_COUNT)),
     ("logs_reply", ("req",), "q" * HUGE_CHARS, "128"),
     ("logs_reply", ("lines", 0, "text"), "t" * (np.MAX_LOG_TEXT_CHARS + 1), "65536"),
     ("logs_reply", ("lines", 0, "replica"), "r" * HUGE_CHARS, "128"),
@@ -154,6 +174,11 @@ def test_a_field_past_its_limit_is_refused_naming_field_and_limit(kind, path, va
     ("replica", ("app",), "a" * np.MAX_APP_NAME_CHARS),
     ("replica", ("app",), ""),  # a stop of a replica the node never knew
     ("replica", ("message",), "m" * np.MAX_REPORT_MESSAGE_CHARS),
+    ("replica", ("probe",), {"text": "t" * np.MAX_PROBE_TEXT_CHARS, "status": 599,
+                             "count": np.MAX_PROBE_COUNT}),
+    ("replica", ("probe",), {"text": "GET /healthz -> connection refused", "status": None,
+                             "count": 1}),
+    ("replica", ("probe",), None),
     ("logs_reply", ("lines", 0, "text"), "t" * np.MAX_LOG_TEXT_CHARS),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
 def test_a_field_at_its_limit_is_accepted(kind, path, value):
@@ -268,3 +293,12 @@ def test_the_agent_sends_its_fields_in_the_order_it_always_did():
     unknown = np.ReplicaReport(replica="r1", app="", generation=1, state="exited", ts=0.0,
                                omit=frozenset({"token"}))
     assert "token" not in json.loads(unknown.encode())
+
+
+def test_a_report_without_a_probe_leaves_the_field_out():
+    # what an older conductor accepts: a report says nothing of probes unless it has one
+    plain = ReplicaReport(replica="r1", app="web", generation=1, state="running", ts=0.0)
+    assert "probe" not in json.loads(plain.encode())
+    probe = {"text": "GET /healthz -> 404, want 200", "status": 404, "count": 3}
+    sent = dataclasses.replace(plain, probe=probe)
+    assert decode_node_message(sent.encode()) == sent

@@ -42,15 +42,26 @@ class Reports:
     def of(self, replica: str) -> list[dict[str, Any]]:
         return [r for r in self.items if r["replica"] == replica]
 
+    def changes(self, replica: str) -> list[dict[str, Any]]:
+        """Its reports but those that only tell a probe result in the same state."""
+        out: list[dict[str, Any]] = []
+        for r in self.of(replica):
+            if not (out and r.get("probe") and r["state"] == out[-1]["state"]):
+                out.append(r)
+        return out
+
+    def probes(self, replica: str) -> list[dict[str, Any]]:
+        return [r["probe"] for r in self.of(replica) if r.get("probe")]
+
     def states(self, replica: str) -> list[str]:
-        return [r["state"] for r in self.of(replica)]
+        return [r["state"] for r in self.changes(replica)]
 
     async def wait_for(self, replica: str, state: str, count: int = 1,
                        timeout: float = DEADLINE_S) -> dict[str, Any]:
         """The *count*-th report of *replica* in *state*, waiting for it under a deadline."""
         with trio.fail_after(timeout):
             while True:
-                found = [r for r in self.of(replica) if r["state"] == state]
+                found = [r for r in self.changes(replica) if r["state"] == state]
                 if len(found) >= count:
                     return found[count - 1]
                 await trio.sleep(0.02)
@@ -365,6 +376,41 @@ async def test_unhealthy_after_retries_then_ready_again(tmp_path: Path) -> None:
         assert reports.states("web-1") == ["running", "ready", "unhealthy", "ready"]
 
 
+TURNCOAT = """
+import os, socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+served = 0
+while True:
+    conn, _ = srv.accept()
+    conn.recv(4096)
+    served += 1
+    # healthy for three probes, then bytes that are no HTTP, carrying a secret
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\n" if served <= 3
+                 else b"SECRET-TOKEN-4242 not http\\r\\n\\r\\n")
+    conn.close()
+"""
+
+
+async def test_unhealthy_message_never_quotes_what_the_workload_sent(tmp_path: Path) -> None:
+    # The unhealthy report's message reaches /v1/watch readers without a key: h11's
+    # error for a bad response quotes the bytes, which must stay on the node.
+    port = free_port()
+    script = tmp_path / "turncoat.py"
+    script.write_text(TURNCOAT)
+    health = HealthCheck("/healthz", expect_status=200, interval_ms=100, timeout_ms=300,
+                         retries=2)
+    async with supervisor_for_test(tmp_path / "data") as (sup, reports):
+        sup.launch(spec("web-1", sys.executable, str(script), str(port), port=port,
+                        host="127.0.0.1", health=health))
+        await reports.wait_for("web-1", "ready")
+        unhealthy = await reports.wait_for("web-1", "unhealthy")
+        assert "failed 2 time(s) in a row" in unhealthy["message"]
+        assert "bad HTTP response" in unhealthy["message"]
+        assert "SECRET" not in json.dumps(reports.of("web-1"))  # messages and probes
+        sup.stop("web-1")
+        await reports.wait_for("web-1", "exited")
+
+
 async def test_failing_health_check_never_makes_ready(tmp_path: Path) -> None:
     port = free_port()
     async with supervisor_for_test(tmp_path, tail_interval_s=0.05) as (sup, reports):
@@ -377,6 +423,36 @@ async def test_failing_health_check_never_makes_ready(tmp_path: Path) -> None:
 
         await wait_until(lambda: probes_answered_503() >= 3)
         assert reports.states("web-1") == ["running"]
+
+
+async def test_probe_results_reach_the_reports_with_a_count(tmp_path: Path) -> None:
+    port = free_port()
+    health = HealthCheck("/nope", expect_status=200, interval_ms=300, timeout_ms=300,
+                         retries=3)
+    async with supervisor_for_test(tmp_path) as (sup, reports):
+        sup.launch(hello_spec("web-1", port, health=health, settle_ms=0))
+        wanted = {"text": "GET /nope -> 404, want 200", "status": 404, "count": 3}
+        await wait_until(lambda: wanted in reports.probes("web-1"))
+        told = [(r["ts"], r["probe"]) for r in reports.of("web-1") if r.get("probe")]
+        first = next(ts for ts, p in told if p["status"] == 404)
+        third = next(ts for ts, p in told if p == wanted)
+        # a definite no is asked again at `interval`, not at start-up pace
+        assert third - first >= 2 * 0.3 - 0.05
+        # before it listened, it refused; never a state change, only probe news
+        assert reports.states("web-1") == ["running"]
+        assert all(r["state"] == "running" for r in reports.of("web-1"))
+
+
+async def test_a_replica_that_never_listens_reports_refused_probes(tmp_path: Path) -> None:
+    port = free_port()
+    health = HealthCheck("/healthz", expect_status=200, interval_ms=100, timeout_ms=300)
+    async with supervisor_for_test(tmp_path) as (sup, reports):
+        sup.launch(spec("r1", "/bin/sleep", "30", port=port, health=health))
+        await wait_until(lambda: any(p["count"] > 1 for p in reports.probes("r1")))
+        probes = reports.probes("r1")
+        assert probes[0] == {"text": "GET /healthz -> connection refused", "status": None,
+                             "count": 1}
+        assert reports.states("r1") == ["running"]
 
 
 async def test_closing_without_stop_leaves_workloads_running(tmp_path: Path) -> None:

@@ -57,3 +57,10 @@ def test_history_marks_rows_whose_manifest_was_pruned():
     lines = output.history(rows).splitlines()
     assert ["(pruned)" in line for line in lines[1:]] == [False, True, False, False]
     assert "abababababab (pruned)" in lines[2]
+
+
+def test_describe_counts_the_replicas_on_the_move_too():
+    counts = {"app": "web", "running": 4, "ready": 3, "starting": 1, "draining": 1,
+              "stopping": 0, "message": None}
+    line = output.describe(dict(DOC, counts=counts)).splitlines()[3]
+    assert line == "Replicas:    3 desired, 4 running, 3 ready, 1 starting, 1 draining"

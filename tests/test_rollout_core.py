@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skr8tr.core import replica_state
-from skr8tr.core.manifest import RolloutPolicy
+from skr8tr.core.manifest import HealthCheck, RolloutPolicy
 from skr8tr.core.rollout import (
     PORT_CLASH_RETRIES,
     Announce,
@@ -38,6 +38,8 @@ from skr8tr.core.rollout import (
     launched,
     next_generation,
     next_to_replace,
+    probe_line,
+    probe_verdict,
     recover,
     refused,
     relaunched,
@@ -573,3 +575,33 @@ def test_a_failure_says_its_exit_code_or_signal_once():
     text = describe_failure("web-1", app="web", why="exited", exit_code=3,
                             message="gone after a stop")
     assert "exit code 3, gone after a stop" in text
+
+
+HEALTH = HealthCheck(path="/healthz", expect_status=200, retries=3)
+
+
+@pytest.mark.parametrize(("status", "count", "health", "fails"), [
+    (404, 3, HEALTH, True),     # a definite wrong answer, retries times in a row
+    (500, 7, HEALTH, True),
+    (404, 2, HEALTH, False),    # not yet
+    (None, 50, HEALTH, False),  # refused or timed out: what a starting process does
+    (503, 50, HEALTH, False),   # Service Unavailable: "not yet", as a warming-up process says
+    (200, 9, HEALTH, False),    # the wanted answer
+    (404, 9, None, False),      # no health check to judge by
+    (204, 1, HealthCheck(path="/", expect_status=200, retries=1), True),
+    (503, 3, HealthCheck(path="/", expect_status=503, retries=3), False),
+])
+def test_probe_verdict_only_for_definite_wrong_answers(status, count, health, fails):
+    r = ReplicaView("r1", 2, "running", 1, probe=f"GET /healthz -> {status}",
+                    probe_status=status, probe_count=count)
+    verdict = probe_verdict(r, health)
+    assert (verdict is not None) == fails
+    if fails:
+        assert verdict == (f"failed its health check {count} times in a row: "
+                           f"GET /healthz -> {status}")
+
+
+def test_probe_line_counts_repeats():
+    assert probe_line(None, 0) is None
+    assert probe_line("GET / -> 404, want 200", 1) == "GET / -> 404, want 200"
+    assert probe_line("GET / -> 404, want 200", 4) == "GET / -> 404, want 200 (4 in a row)"

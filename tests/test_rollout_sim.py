@@ -416,3 +416,146 @@ def test_abort_at_any_moment_leaves_a_clean_cluster(replicas, surge, ready_times
             nursery.cancel_scope.cancel()
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def probes(gen: int, *script: tuple[float, int | None, int], text: str | None = None):
+    """A launch hook: replicas of ``gen`` report these probes ((after_s, status, count))
+    and are never ready by themselves."""
+    def hook(msg):
+        if msg["generation"] != gen:
+            return {}
+        return {"ready_after_s": math.inf, "probes": [
+            (t, {"text": text or (f"GET /healthz -> {status}, want 200" if status
+                                  else "GET /healthz -> connection refused"),
+                 "status": status, "count": count}) for t, status, count in script]}
+    return hook
+
+
+async def test_definite_wrong_answers_fail_the_rollout_at_the_retries_th(h, autojump_clock):
+    # retries 3 (the default): the third 404 in a row fails it, 59.7 s before ready-timeout
+    await h.node("n1", ready_after_s=None,
+                 launch_hook=probes(2, (0.1, 404, 1), (0.2, 404, 2), (0.3, 404, 3)))
+    await deploy(h, health=True, rollout="ready-timeout 60s")
+    old_ids = sorted(r.replica_id for r in h.replicas(1))
+    t0 = trio.current_time()
+    await h.run("rollout", manifest("v2", health=True, rollout="ready-timeout 60s"))
+    final = await h.until_done()
+    assert trio.current_time() - t0 == pytest.approx(0.3)
+    assert final["state"] == "rolled_back"
+    assert ("failed its health check 3 times in a row: GET /healthz -> 404, want 200"
+            in final["message"])
+    assert sorted(r.replica_id for r in h.replicas(1)) == old_ids  # never touched
+    failed = [e for e in h.cluster.events.recent if e.event == "rollout.failed"]
+    assert "GET /healthz -> 404, want 200" in failed[0].data["reason"]
+
+
+async def test_fewer_wrong_answers_than_retries_wait_and_pass(h, autojump_clock):
+    def hook(msg):
+        if msg["generation"] != 2:
+            return {}
+        return {"ready_after_s": 1.0, "probes": [
+            (0.1, {"text": "GET /healthz -> 404, want 200", "status": 404, "count": 1}),
+            (0.2, {"text": "GET /healthz -> 404, want 200", "status": 404, "count": 2})]}
+    await h.node("n1", ready_after_s=None, launch_hook=hook)
+    await deploy(h, health=True, rollout="surge 3")
+    t0 = trio.current_time()
+    await h.run("rollout", manifest("v2", health=True, rollout="surge 3"))
+    final = await h.until_done()
+    assert final["state"] == "complete"
+    assert trio.current_time() - t0 == pytest.approx(1.0)
+
+
+async def test_refused_connections_wait_for_readiness_however_many(h, autojump_clock):
+    # 50 refused probes in a row are no verdict: a starting process refuses connections
+    script = [(0.1 * i, None, i) for i in range(1, 51)]
+    def hook(msg):
+        return {} if msg["generation"] != 2 else {**probes(2, *script)(msg),
+                                                    "ready_after_s": 6.0}
+    await h.node("n1", ready_after_s=None, launch_hook=hook)
+    await deploy(h, health=True, rollout="surge 3")
+    t0 = trio.current_time()
+    await h.run("rollout", manifest("v2", health=True, rollout="surge 3"))
+    await wait_for(lambda: trio.current_time() - t0 >= 2.05)
+    status = await h.run("rollout-status", {"app": "web"})
+    assert status["state"] == "rolling"
+    assert ("(last probe: GET /healthz -> connection refused (20 in a row))"
+            in status["message"]), status["message"]
+    rows = await h.run("list", {"app": "web"})
+    assert {r["probe"] for r in rows if r["generation"] == 2} == {
+        "GET /healthz -> connection refused (20 in a row)"}
+    final = await h.until_done()
+    assert final["state"] == "complete"
+    assert trio.current_time() - t0 == pytest.approx(6.0)
+
+
+async def test_ready_timeout_names_the_last_probe(h, autojump_clock):
+    await h.node("n1", ready_after_s=None,
+                 launch_hook=probes(2, (0.5, None, 1), (1.0, None, 2)))
+    await deploy(h, health=True, rollout="ready-timeout 5s")
+    t0 = trio.current_time()
+    await h.run("rollout", manifest("v2", health=True, rollout="ready-timeout 5s"))
+    final = await h.until_done()
+    assert trio.current_time() - t0 == pytest.approx(5.0)
+    assert final["state"] == "rolled_back"
+    assert ("was not ready within 5 s (ready-timeout); last probe: GET /healthz -> "
+            "connection refused (2 in a row)") in final["message"]
+
+
+async def test_a_node_cannot_fail_another_nodes_replica_by_its_probes(h, autojump_clock):
+    from skr8tr.core.node_protocol import ReplicaReport
+
+    await h.node("n1", ready_after_s=None,
+                 launch_hook=lambda m: {"ready_after_s": 2.0} if m["generation"] == 2 else {})
+    await h.node("n2", "127.0.0.2", ready_after_s=None,
+                 launch_hook=lambda m: {"ready_after_s": 2.0} if m["generation"] == 2 else {})
+    await deploy(h, health=True, rollout="surge 3")
+    await h.run("rollout", manifest("v2", health=True, rollout="surge 3"))
+    await wait_for(lambda: len(h.replicas(2)) == 3)
+    for r in h.replicas(2):
+        other = "n2" if r.node_id == "n1" else "n1"
+        h.cluster.replica_report(other, ReplicaReport(
+            replica=r.replica_id, app="web", generation=2, state="running", ts=0.0,
+            probe={"text": "GET /healthz -> 404, want 200", "status": 404, "count": 99}))
+    assert all(r.probe_text is None for r in h.replicas(2))
+    final = await h.until_done()
+    assert final["state"] == "complete"
+
+
+async def test_app_counts_stay_true_through_a_rollout(h, autojump_clock):
+    from skr8tr.conductor import views
+
+    await h.node("n1", ready_after_s=None)
+    await deploy(h, rollout="settle 1s; drain 500ms")
+    seen = []
+
+    async def watch():
+        while True:
+            (row,) = views.app_rows(h.cluster)
+            live = [r for r in h.cluster.replicas.values()]
+            seen.append((row, sum(r.state == "ready" for r in live)))
+            await h.cluster.wait_changed()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(watch)
+        await h.run("rollout", manifest("v2", rollout="settle 1s; drain 500ms"))
+        final = await h.until_done()
+        n.cancel_scope.cancel()
+    assert final["state"] == "complete"
+    # ready is what serves, of any generation: never a false outage mid-rollout
+    assert all(row["ready"] == serving for row, serving in seen)
+    assert min(row["ready"] for row, _ in seen) == 3
+    assert any(row["starting"] == 1 for row, _ in seen)  # the surge
+    assert any(row["draining"] == 1 for row, _ in seen)
+    assert all(row["running"] == row["ready"] + row["starting"] for row, _ in seen)
+
+
+async def test_scale_answers_the_count_before_and_after(h, autojump_clock):
+    await h.node("n1", ready_after_s=None)
+    await deploy(h, replicas=5, rollout="settle 1s")
+    down = await h.run("scale", {"app": "web", "replicas": 2})
+    assert (down["previous"], down["desired"]) == (5, 2)
+    assert len(down["replicas"]) == 5  # three of them on their way out
+    assert sum(r["state"] == "ready" for r in down["replicas"]) == 2
+    await h.settled(1, 2)
+    (row,) = (await h.run("status", {}))["apps"]
+    assert (row["desired"], row["ready"], row["draining"], row["stopping"]) == (2, 2, 0, 0)

@@ -10,8 +10,10 @@ lets in-flight requests finish and exits 0.
 
 Test knobs (used to prove that rollouts refuse a bad release):
 ``--fail-health`` makes ``/healthz`` answer 503 forever;
+``--health-status CODE`` makes ``/healthz`` answer CODE forever (a broken release);
 ``--crash-after S`` exits with status 3 after S seconds;
-``--ready-after S`` makes ``/healthz`` answer 503 for the first S seconds.
+``--ready-after S`` makes ``/healthz`` answer 503 for the first S seconds;
+``--listen-after S`` refuses connections for the first S seconds (it binds late).
 
 Knobs for the ingress tests (off by default):
 ``--log-times`` starts every request log line with the wall-clock time
@@ -35,7 +37,8 @@ import time
 
 
 def build_handler(version: str, port: int, ready_at: float, fail_health: bool,
-                  log_times: bool = False, stopping: threading.Event | None = None):
+                  log_times: bool = False, stopping: threading.Event | None = None,
+                  health_status: int | None = None):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = f"hello_http/{version}"
@@ -62,7 +65,9 @@ def build_handler(version: str, port: int, ready_at: float, fail_health: bool,
             return False
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path == "/healthz":
+            if self.path == "/healthz" and health_status is not None:
+                self._reply(health_status, f"health answers {health_status}\n")
+            elif self.path == "/healthz":
                 healthy = not fail_health and time.monotonic() >= ready_at
                 self._reply(200 if healthy else 503, "ok\n" if healthy else "not ready\n")
             elif self.path == "/" or self.path.startswith("/?"):
@@ -102,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--version", default="v1")
     parser.add_argument("--fail-health", action="store_true")
+    parser.add_argument("--health-status", type=int, default=None, metavar="CODE")
     parser.add_argument("--crash-after", type=float, default=None, metavar="S")
     parser.add_argument("--ready-after", type=float, default=0.0, metavar="S")
+    parser.add_argument("--listen-after", type=float, default=0.0, metavar="S")
     parser.add_argument("--log-times", action="store_true")
     parser.add_argument("--close-idle-on-term", action="store_true")
     opts = parser.parse_args(argv)
@@ -111,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event() if opts.close_idle_on_term else None
     handler = build_handler(
         opts.version, opts.port, time.monotonic() + opts.ready_after, opts.fail_health,
-        opts.log_times, stopping,
+        opts.log_times, stopping, opts.health_status,
     )
+    if opts.listen_after > 0:
+        time.sleep(opts.listen_after)  # until then, connections to the port are refused
     server = _Server((opts.host, opts.port), handler)
     server.daemon_threads = False  # shutdown waits for in-flight requests
     server.block_on_close = True

@@ -115,7 +115,7 @@ async def cmd_up(cluster: Cluster, args: dict) -> Any:
         cluster.add_app(app)
         cluster.reconcile_app(app)
     if app.placement_error is not None:
-        placed = len(views.replica_rows(cluster, app.name))
+        placed = views.live_count(cluster, app)
         raise CommandError(
             "NO_CAPACITY",
             f"placed {placed} of {app.desired} replica(s) of {app.name}; "
@@ -155,19 +155,19 @@ async def cmd_scale(cluster: Cluster, args: dict) -> Any:
         if current.rolling:
             raise CommandError("CONFLICT", f"a rollout of {name} is running; scale after "
                                "it ends, or put the new count in the manifest you roll out")
+        previous = current.desired
         await cluster.commit(Change(apps={name: stored_app(dataclasses.replace(
             current, desired=args["replicas"], completed=0, given_up=0))}))
         app = cluster.scale_app(name, args["replicas"])
         cluster.reconcile_app(app)
     if app.placement_error is not None:
-        placed = sum(r["generation"] == app.generation
-                     for r in views.replica_rows(cluster, app.name))
+        placed = views.live_count(cluster, app)
         raise CommandError(
             "NO_CAPACITY",
             f"{app.name} is scaled to {app.desired} but only {placed} replica(s) could be "
             f"placed: {app.placement_error}",
         )
-    return views.up_result(cluster, app)
+    return views.up_result(cluster, app, previous=previous)
 
 
 async def cmd_list(cluster: Cluster, args: dict) -> Any:

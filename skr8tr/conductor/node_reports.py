@@ -269,6 +269,20 @@ class NodeReports:
             return
         if msg.pid is not None:
             r.pid = msg.pid
+        probe = msg.probe
+        if probe is not None and (probe["text"], probe["status"], probe["count"]) != (
+                r.probe_text, r.probe_status, r.probe_count):
+            # Checked and bounded by the protocol; it can only be about a replica of this
+            # node (above). The rollout waiting for it decides again (core/rollout.py).
+            told = r.probe_text != probe["text"]
+            r.probe_text, r.probe_status, r.probe_count = (
+                probe["text"], probe["status"], probe["count"])
+            if told and state != "ready":  # a new outcome, not a longer run nor the pass
+                # that `replica.ready` tells: worth an event (the page re-reads the state;
+                # not "replica.*", which the ingress reads as a state change)
+                self.events.publish("health.probe", app=r.app, replica=r.replica_id,
+                                    node=node_id, probe=r.probe_text)
+            self.mark_dirty(r.app)
         if state in ("exited", "failed"):
             port_clash = (state == "failed" and msg.reason == "port_in_use")
             r.port_clash = port_clash

@@ -61,6 +61,7 @@ class RolloutRecord:
     # restarted conductor ends an interrupted restart as the restart it was.
     desired: int | None = None
     kind: str = "rollout"  # what started it: "rollout", "undo" or "restart"
+    probe: str | None = None  # while waiting for readiness: the first waited-for's last probe
     finished_wall: float | None = None
     launched: set[str] = field(default_factory=set)
     draining: set[str] = field(default_factory=set)  # drained, not yet told to stop
@@ -70,7 +71,8 @@ class RolloutRecord:
     def status(self, now: float) -> dict[str, Any]:
         """What ``skr8tr rollout status APP --json`` prints (each key is part of the contract)."""
         if self.state == "rolling":
-            message = f"{self.phase} · {now - self.phase_since:.1f} s"
+            probe = f" (last probe: {self.probe})" if self.probe else ""
+            message = f"{self.phase}{probe} · {now - self.phase_since:.1f} s"
         else:
             message = self.phase
         return {"app": self.app, "state": self.state, "from_generation": self.from_generation,
@@ -235,7 +237,8 @@ class RolloutManager:
             to_generation=record.to_generation, total=record.total,
             want=revision.manifest.replicas if desired is None else desired,
             forward=revision.manifest.rollout,
-            back=app.manifest.rollout, now=record.started_clock)
+            back=app.manifest.rollout, now=record.started_clock,
+            forward_health=revision.manifest.health, back_health=app.manifest.health)
         self._nursery.start_soon(self._drive, record, app, progress)
         return record.status(cluster.clock())
 
@@ -342,7 +345,8 @@ class RolloutManager:
             app=app_name, from_generation=record.from_generation,
             to_generation=record.to_generation, total=record.total, replaced=record.replaced,
             forward=new.manifest.rollout, back=app.manifest.rollout,
-            replicas=_AppReplicas(cluster, app_name, ()), now=cluster.clock())
+            replicas=_AppReplicas(cluster, app_name, ()), now=cluster.clock(),
+            forward_health=new.manifest.health, back_health=app.manifest.health)
         record.replaced = progress.replaced
         record.reason = progress.reason
         cluster.events.publish("rollout.interrupted", app=app_name,
@@ -358,6 +362,7 @@ class RolloutManager:
     # ------------------------------------------------------------------ the rollout task
 
     def _phase(self, record: RolloutRecord, phase: str, **data: Any) -> None:
+        record.probe = None  # said again by the next wait for readiness, if any
         if record.state == "rolling":  # a final state keeps its final message
             record.phase = phase
             record.phase_since = self.cluster.clock()
@@ -429,9 +434,10 @@ class RolloutManager:
                 if isinstance(ids, placement.NoCapacity):
                     return plan.refused(then, ids.message)
                 return plan.relaunched(then, replica_id, ids[0])
-            case plan.AwaitReady(waiting, deadline, phase, then):
+            case plan.AwaitReady(waiting, deadline, phase, then, probe):
                 if record.phase != phase:
                     self._phase(record, phase, replicas=list(waiting))
+                record.probe = probe
                 with trio.move_on_at(deadline):
                     await cluster.wait_changed()
                 return then
@@ -573,7 +579,8 @@ class _AppReplicas(Mapping[str, plan.ReplicaView]):
         if r is None or r.app != self._app:
             raise KeyError(replica_id)
         return plan.ReplicaView(r.replica_id, r.generation, r.state, r.seq, r.port_clash,
-                                r.exit_code, r.signal, r.message)
+                                r.exit_code, r.signal, r.message, r.probe_text, r.probe_status,
+                                r.probe_count)
 
     def __iter__(self) -> Iterator[str]:
         held = self._cluster.replicas

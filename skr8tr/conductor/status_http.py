@@ -200,6 +200,13 @@ class StatusSite:
         for state, n in by_state.items():
             replicas.set(n, state=state)
 
+        app_replicas = metrics.Gauge(
+            "skr8tr_app_replicas", "Replicas of each app: desired (the count it keeps), ready "
+            "(serving, any generation), starting, draining, stopping.", ("app", "state"))
+        for row in views.app_rows(cluster):
+            for state in ("desired", "ready", "starting", "draining", "stopping"):
+                app_replicas.set(row[state], app=row["app"], state=state)
+
         running = metrics.Gauge("skr8tr_rollouts_running", "Rollouts in progress.")
         running.set(len(self.api.rollouts.active))
 
@@ -221,7 +228,7 @@ class StatusSite:
         counter = getattr(self.api, "closed", None)
         for reason, n in (counter.by_reason if counter is not None else {}).items():
             closed.set_total(n, reason=reason)
-        families = [build, uptime, nodes, live, apps, replicas, running,
+        families = [build, uptime, nodes, live, apps, replicas, app_replicas, running,
                     self.rollouts_finished, refused, self.api.command_seconds, events, closed]
         if self.admission is not None:
             open_now = metrics.Gauge(

@@ -18,6 +18,7 @@ from skr8tr.conductor import state_file
 from skr8tr.core import manifest as manifest_mod
 from skr8tr.core import reconcile
 from skr8tr.core.manifest import Manifest
+from skr8tr.core.rollout import probe_line
 
 
 @dataclass
@@ -66,11 +67,20 @@ class ReplicaState:
     retire_reason: str = ""
     drained_from: str | None = None  # draining: the state an undrain puts back
     lost_with_node: bool = False  # ended only because its node fell silent
+    # Its node's last health probe (ReplicaReport.probe): what it got, the HTTP status
+    # of a complete answer (None: refused, timeout), and how many probes in a row.
+    probe_text: str | None = None
+    probe_status: int | None = None
+    probe_count: int = 0
 
     def row(self) -> dict[str, Any]:
         return {"app": self.app, "replica": self.replica_id, "node": self.node_id,
                 "pid": self.pid, "port": self.port, "generation": self.generation,
-                "state": self.state}
+                "state": self.state, "probe": self.probe()}
+
+    def probe(self) -> str | None:
+        """The last probe in one line: ``GET /healthz -> 404, want 200 (3 in a row)``."""
+        return probe_line(self.probe_text, self.probe_count)
 
 
 class ReplicaTable(dict[str, ReplicaState]):

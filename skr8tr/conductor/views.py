@@ -7,6 +7,8 @@ the ``/v1/watch`` snapshot (each key is part of the outside contract).
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from skr8tr import __version__
@@ -41,19 +43,44 @@ def node_rows(cluster: Cluster) -> list[dict[str, Any]]:
 
 
 def app_rows(cluster: Cluster) -> list[dict[str, Any]]:
+    """One row per app. The counts are of every generation, as the replicas are now:
+    during a rollout the new replicas that are ready serve as much as the old ones.
+
+    ``ready``: serving (state ``ready``); ``running``: live (pending, running or ready);
+    ``starting``: live, not ready yet; ``draining``, ``stopping``: on their way out.
+    """
     rows = []
     for app in sorted(cluster.apps.values(), key=lambda a: a.name):
-        current = [r for r in cluster.replicas.of_app(app.name)
-                   if r.generation == app.generation]
+        counts = replica_counts(r.state for r in cluster.replicas.of_app(app.name))
         rows.append({
             "app": app.name, "type": app.manifest.type, "generation": app.generation,
             "desired": app.desired,
-            "running": sum(r.state in replica_state.LIVE for r in current),
-            "ready": sum(r.state == "ready" for r in current),
+            "running": counts["running"],
+            "ready": counts["ready"],
+            "starting": counts["starting"],
+            "draining": counts["draining"],
+            "stopping": counts["stopping"],
             "completed": app.completed,
             "message": app.placement_error,
         })
     return rows
+
+
+def live_count(cluster: Cluster, app: AppState) -> int:
+    """The app's replicas of its generation that are placed and not on their way out
+    (what ``placed N of M`` counts: not the draining, stopping or ended ones)."""
+    return sum(r.generation == app.generation and r.state in replica_state.LIVE
+               for r in cluster.replicas.of_app(app.name))
+
+
+def replica_counts(states: Iterable[str]) -> dict[str, int]:
+    """How many replicas are ``ready`` (serving), ``starting`` (pending or running),
+    ``running`` (live: both of those), ``draining`` and ``stopping``."""
+    by_state = Counter(states)
+    starting = by_state["pending"] + by_state["running"]
+    return {"ready": by_state["ready"], "starting": starting,
+            "running": starting + by_state["ready"], "draining": by_state["draining"],
+            "stopping": by_state["stopping"]}
 
 
 def status(cluster: Cluster) -> dict[str, Any]:
@@ -63,9 +90,15 @@ def status(cluster: Cluster) -> dict[str, Any]:
             "leader": cluster.seat.leader, "conductors": cluster.seat.conductors()}
 
 
-def up_result(cluster: Cluster, app: AppState) -> dict[str, Any]:
-    return {"app": app.name, "generation": app.generation,
-            "replicas": replica_rows(cluster, app.name)}
+def up_result(cluster: Cluster, app: AppState, *, previous: int | None = None
+              ) -> dict[str, Any]:
+    """``up`` and ``scale``: the app, its generation and replicas, and the count it
+    keeps (``desired``); ``scale`` adds the count before (``previous``)."""
+    result = {"app": app.name, "generation": app.generation,
+              "replicas": replica_rows(cluster, app.name), "desired": app.desired}
+    if previous is not None:
+        result["previous"] = previous
+    return result
 
 
 def ping(cluster: Cluster) -> dict[str, Any]:

@@ -20,6 +20,7 @@ PLACEHOLDERS = ("host", "port")
 MAX_REPLICAS = 1000
 MAX_SURGE = 1000
 MAX_RETRIES = 100
+SERVICE_UNAVAILABLE = 503  # a health check's "not yet" (HealthCheck.refuses)
 MAX_DURATION_MS = 30 * 24 * 3600 * 1000  # the longest duration a manifest may give
 MAX_CPU = 1024
 RAM_UNITS = {"T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10, "B": 1}  # largest first
@@ -82,6 +83,13 @@ class HealthCheck:
     @property
     def timeout_s(self) -> float:
         return self.timeout_ms / 1000
+
+    def refuses(self, status: int | None) -> bool:
+        """True when a probe's answer is a definite no: a complete HTTP response with
+        another status than the one wanted. Not an absent answer (refused, timeout)
+        nor 503 Service Unavailable ("not yet"): a starting process gives those."""
+        return (status is not None and status != self.expect_status
+                and status != SERVICE_UNAVAILABLE)
 
 
 @dataclass(frozen=True)

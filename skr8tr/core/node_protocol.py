@@ -30,7 +30,10 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
      ``settle_ms`` without one), ``unhealthy`` (``retries`` probes failed after
      it was ready), ``exited`` (with exit_code or signal), ``failed`` (could not
      be launched: missing executable, bad workdir, port in use; ``message``
-     carries the OS error and ``reason`` is ``port_in_use`` or ``launch_error``);
+     carries the OS error and ``reason`` is ``port_in_use`` or ``launch_error``).
+     While health probes run, a report may carry ``probe`` {text, status, count}, the
+     last probe's outcome, in the replica's current state (a report with a probe and
+     no change of state is news about probes only);
    - conductor -> node ``logs`` {req, app, replica, tail} and node -> conductor
      ``logs_reply`` {req, lines:[{replica, ts, stream, text, seq}]}; ``seq`` numbers a
      replica's lines on that node (1, 2, ...). With ``follow`` true the request
@@ -87,6 +90,8 @@ MAX_APP_NAME_CHARS = APP_NAME_MAX_CHARS  # as in a manifest
 MAX_ADDRESS_CHARS = 253  # a host name (RFC 1123) or an IP address
 MAX_VERSION_CHARS = 64
 MAX_REPORT_MESSAGE_CHARS = 4096  # a replica report's message (the agent cuts it: ReplicaReport.fit)
+MAX_PROBE_TEXT_CHARS = 200  # a replica report's last probe result, "GET /healthz -> 404, want 200"
+MAX_PROBE_COUNT = 2**31 - 1  # how many probes in a row had that outcome
 MAX_LOG_TEXT_CHARS = 64 * 1024  # one log line (the agent cuts lines at 64 KiB)
 MAX_LOG_LINES = 100_000  # lines in one logs_reply: the largest tail a logs request asks for
 MAX_LOG_SEQ = 2**53  # a line's number in its replica's output
@@ -321,6 +326,23 @@ _REPLICA_FIELDS: dict[str, tuple[Check, bool]] = {
     # the placement token its launch carried (skr8tr/core/placement_token.py)
     "token": (_opt(_hex(PLACEMENT_TOKEN_HEX)), False),
 }
+
+_PROBE_FIELDS: dict[str, tuple[Check, bool]] = {
+    "text": (_text(MAX_PROBE_TEXT_CHARS), True),
+    # the HTTP status of a complete response, or null when none came (refused, timeout)
+    "status": (_opt(_int(100, 599)), True),
+    "count": (_int(1, MAX_PROBE_COUNT), True),
+}
+
+
+def _probe(v: Any) -> bool:
+    return v is None or _check_fields(v, _PROBE_FIELDS, envelope=False) is None
+
+
+_probe_rule = _Rule(_probe, f"null or {{text: at most {MAX_PROBE_TEXT_CHARS} characters, "
+                            f"status: null or 100..599, count: 1..{MAX_PROBE_COUNT}}}")
+
+_REPLICA_FIELDS["probe"] = (_probe_rule, False)  # the last health probe (ReplicaReport.probe)
 
 _replica_reports = _list_of(lambda x: _check_fields(x, _REPLICA_FIELDS, envelope=False),
                             MAX_HELLO_REPLICAS, "replica reports")
@@ -587,6 +609,17 @@ class ReplicaReport(NodeMessage):
     reason: str | None = None  # "port_in_use" or "launch_error", for "failed"
     ts: float = field(kw_only=True)  # seconds since the epoch, on the node
     token: str | None = None
+    # The last health-check probe, while probes run: {text, status, count}, e.g.
+    # {"text": "GET /healthz -> 404, want 200", "status": 404, "count": 3} (``count``
+    # probes in a row had that outcome; ``status`` None: no complete answer). Left out
+    # of the message when None: a report without it says nothing new about probes.
+    probe: Mapping[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        if out.get("probe", 0) is None:
+            del out["probe"]
+        return out
 
     def fit(self) -> ReplicaReport:
         """This report with its ``message`` cut to :data:`MAX_REPORT_MESSAGE_CHARS`:

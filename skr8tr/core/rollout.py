@@ -18,8 +18,14 @@ The rules, as the runner has always followed them:
   ``complete``.
 - A new replica that ends (or starts leaving) before it is ready, a batch not
   ready within ``ready-timeout``, or no room to place a replica fails the
-  rollout. A replica whose launch found its port taken on the host is not a
-  failure: it is replaced, up to :data:`PORT_CLASH_RETRIES` times per batch.
+  rollout. So does a new replica whose health check got a definite wrong answer
+  (a complete HTTP response with another status than the one wanted) ``retries``
+  times in a row (:func:`probe_verdict`): it will not become ready by waiting, and
+  the rollout fails at once instead of at ``ready-timeout``. A refused connection,
+  a timeout or a 503 ("not yet") is what a starting process gives: those wait for
+  ``ready-timeout``.
+  A replica whose launch found its port taken on the host is not a failure: it
+  is replaced, up to :data:`PORT_CLASH_RETRIES` times per batch.
 - A failure with ``auto-rollback yes`` (the new revision's) rolls back: the new
   replicas that are not ready are stopped at once, the ready ones are replaced
   by the previous revision batch by batch, with that revision's ``rollout``
@@ -43,7 +49,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from skr8tr.core import protocol, replica_state
-from skr8tr.core.manifest import RolloutPolicy
+from skr8tr.core.manifest import HealthCheck, RolloutPolicy
 
 __all__ = [
     "FINAL_STATES",
@@ -72,6 +78,8 @@ __all__ = [
     "launched",
     "next_generation",
     "next_to_replace",
+    "probe_line",
+    "probe_verdict",
     "recover",
     "refused",
     "relaunched",
@@ -134,6 +142,28 @@ class ReplicaView:
     exit_code: int | None = None
     signal: int | None = None
     message: str | None = None
+    # Its node's last health probe: what it got, the HTTP status of a complete answer
+    # (None: no answer), how many probes in a row had that kind of outcome.
+    probe: str | None = None
+    probe_status: int | None = None
+    probe_count: int = 0
+
+
+def probe_line(text: str | None, count: int) -> str | None:
+    """A last probe as people read it: ``GET /healthz -> 404, want 200 (3 in a row)``."""
+    if text is None:
+        return None
+    return f"{text} ({count} in a row)" if count > 1 else text
+
+
+def probe_verdict(r: ReplicaView, health: HealthCheck | None) -> str | None:
+    """Why ``r`` will not become ready by waiting, or None: its health check got a
+    definite wrong answer (:meth:`HealthCheck.refuses`: a complete response with
+    another status than ``health`` wants, 503 excepted) ``retries`` times in a row."""
+    if health is None or not health.refuses(r.probe_status) or r.probe_count < health.retries:
+        return None
+    return (f"failed its health check {r.probe_count} times in a row: "
+            f"{r.probe or f'HTTP {r.probe_status}'}")
 
 
 Replicas = Mapping[str, ReplicaView]  # the app's replicas by id
@@ -174,6 +204,7 @@ class Pass:
     clashes: int = 0  # of them, replaced because their port was taken
     ready: bool = False  # all of them were ready together: the batch is not judged again
     old_gone: bool = False  # the current batch's old replicas are drained and stopped
+    health: HealthCheck | None = None  # the health check of the revision launched
 
 
 @dataclass(frozen=True)
@@ -194,15 +225,20 @@ class Progress:
     reason: str = ""  # why it failed
     failure: str | None = None  # a failure the runner saw, for the next decision
     recovering: bool = False  # ending a rollout a conductor restart cut short
+    forward_health: HealthCheck | None = None  # the new revision's health check
+    back_health: HealthCheck | None = None  # the previous revision's
 
 
 def begin(*, app: str, from_generation: int, to_generation: int, total: int, want: int,
-          forward: RolloutPolicy, back: RolloutPolicy, now: float) -> Progress:
-    """A rollout that has not done anything yet."""
+          forward: RolloutPolicy, back: RolloutPolicy, now: float,
+          forward_health: HealthCheck | None = None,
+          back_health: HealthCheck | None = None) -> Progress:
+    """A rollout that has not done anything yet. The health checks (of the new and the
+    previous revision) let it fail early on definite wrong answers (:func:`probe_verdict`)."""
     work = Pass(to_generation, from_generation, tuple(batches(total, forward.surge)), forward,
-                counted=True)
+                counted=True, health=forward_health)
     return Progress(app, from_generation, to_generation, total, want, forward, back, now,
-                    work=work)
+                    work=work, forward_health=forward_health, back_health=back_health)
 
 
 def interrupted_generation(history: Sequence[HistoryView], revisions: Collection[int]
@@ -217,7 +253,8 @@ def interrupted_generation(history: Sequence[HistoryView], revisions: Collection
 
 def recover(*, app: str, from_generation: int, to_generation: int, total: int,
             replaced: int, forward: RolloutPolicy, back: RolloutPolicy, replicas: Replicas,
-            now: float) -> Progress:
+            now: float, forward_health: HealthCheck | None = None,
+            back_health: HealthCheck | None = None) -> Progress:
     """How to end a rollout a restart interrupted, by the new revision's policy: roll back
     with auto-rollback, else fail. ``replaced`` is the count last stored; a new replica
     the nodes report ready counts as replaced even if its batch ended after that write."""
@@ -228,7 +265,7 @@ def recover(*, app: str, from_generation: int, to_generation: int, total: int,
                     stage="stopping unready" if forward.auto_rollback else "failed",
                     replaced=replaced, recovering=True,
                     reason=f"interrupted by a conductor restart after {replaced}/{total} "
-                           "replaced")
+                           "replaced", forward_health=forward_health, back_health=back_health)
 
 
 def watching(p: Progress) -> tuple[str, ...]:
@@ -263,12 +300,14 @@ class Relaunch:
 
 @dataclass(frozen=True)
 class AwaitReady:
-    """Wait for the next change, or until ``deadline``; then decide again from ``then``."""
+    """Wait for the next change, or until ``deadline``; then decide again from ``then``.
+    ``probe``: the last health probe of the first replica waited for, if any."""
 
     waiting: tuple[str, ...]
     deadline: float
     phase: str
     then: Progress
+    probe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -359,7 +398,7 @@ def decide(p: Progress, replicas: Replicas, now: float) -> Step:
         if not serving:
             return decide(replace(p, stage="rolled back"), replicas, now)
         work = Pass(p.from_generation, p.to_generation, tuple(batches(serving, p.back.surge)),
-                    p.back)
+                    p.back, health=p.back_health)
         return Announce(f"rolling back {serving} replica(s) to generation {p.from_generation}",
                         replace(p, work=work))
     if p.stage == "rolled back":
@@ -413,7 +452,7 @@ def _pass_step(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step | N
     if not w.old_gone:
         return _retire_old(p, w, replicas, now)
     nxt = replace(p, work=Pass(w.new_generation, w.old_generation, w.sizes[1:], w.policy,
-                               w.counted))
+                               w.counted, health=w.health))
     if w.counted:
         nxt = replace(nxt, replaced=p.replaced + w.sizes[0])
         return BatchDone(nxt.replaced, nxt)
@@ -432,16 +471,23 @@ def _readiness(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step | N
         if r is None or r.state not in replica_state.LIVE:
             return _fail(p, _describe(p.app, rid, r, "exited before it was ready"))
         if r.state != "ready":
+            verdict = probe_verdict(r, w.health)
+            if verdict is not None:
+                return _fail(p, _describe(p.app, rid, r, verdict))
             waiting.append(rid)
     if not waiting:
         return None
+    first = replicas.get(waiting[0])
     if now >= w.deadline:
-        return _fail(p, _describe(p.app, waiting[0], replicas.get(waiting[0]),
-                                  f"was not ready within {w.policy.ready_timeout_s:g} s "
-                                  "(ready-timeout)"))
+        why = f"was not ready within {w.policy.ready_timeout_s:g} s (ready-timeout)"
+        if first is not None and first.probe:
+            why += f"; last probe: {probe_line(first.probe, first.probe_count)}"
+        return _fail(p, _describe(p.app, waiting[0], first, why))
     phase = (f"waiting for {waiting[0]} to become ready" if len(waiting) == 1
              else f"waiting for {len(waiting)} replicas to become ready")
-    return AwaitReady(tuple(waiting), w.deadline, phase, p)
+    return AwaitReady(tuple(waiting), w.deadline, phase, p,
+                      probe=None if first is None else probe_line(first.probe,
+                                                                  first.probe_count))
 
 
 def _retire_old(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step:
@@ -455,7 +501,7 @@ def _resize(p: Progress, replicas: Replicas, now: float) -> Step:
     """After the replacement: grow or shrink to the new revision's ``replicas``."""
     if p.want > p.total:
         work = Pass(p.to_generation, 0, tuple(batches(p.want - p.total, p.forward.surge)),
-                    p.forward)
+                    p.forward, health=p.forward_health)
         return Announce(f"scaling {p.total} -> {p.want}",
                         replace(p, stage="growing", work=work))
     done = replace(p, stage="complete")

@@ -9,8 +9,10 @@ the state changes to report.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -22,6 +24,11 @@ PROBE_MAX_RESPONSE_BYTES = 64 * 1024
 # is probed ~8 times; one that takes 10 s, ~45 times.
 STARTUP_PROBE_MIN_S = 0.010
 STARTUP_PROBE_SLACK = 8
+# While an outcome repeats, its count is told to the conductor at most this often (a
+# new outcome, and the `retries`-th wrong answer in a row, are told at once).
+PROBE_REPORT_EVERY_S = 2.0
+PROBE_TEXT_MAX_CHARS = 200  # node_protocol.MAX_PROBE_TEXT_CHARS
+BAD_RESPONSE = "bad HTTP response"
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ async def probe_http(host: str, port: int, path: str, timeout_s: float) -> Probe
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return ProbeResult(None, "connection reset")
         except h11.ProtocolError as exc:
-            return ProbeResult(None, f"bad HTTP response: {exc}")
+            return ProbeResult(None, f"{BAD_RESPONSE}: {exc}")
     return ProbeResult(None, f"no answer within {timeout_s:g} s")
 
 
@@ -79,6 +86,61 @@ async def _probe(host: str, port: int, path: str) -> ProbeResult:
             if isinstance(event, h11.ConnectionClosed):
                 return ProbeResult(None, "connection closed before a response")
             # h11.InformationalResponse (1xx): keep reading for the final response.
+
+
+def probe_text(path: str, result: ProbeResult, expect_status: int) -> str:
+    """One line saying what a probe got: ``GET /healthz -> 404, want 200``,
+    ``GET /healthz -> 200``, ``GET /healthz -> connection refused``; at most
+    :data:`PROBE_TEXT_MAX_CHARS` characters. It reaches readers without a key
+    (``rollout status``, ``/api/state``): never what the workload sent."""
+    if result.status is None:
+        got = result.error or "no answer"
+        if got.startswith(BAD_RESPONSE):
+            # h11 quotes what came: the workload's bytes, never for a text anyone can read
+            got = BAD_RESPONSE
+
+    elif result.status == expect_status:
+        got = str(result.status)
+    else:
+        got = f"{result.status}, want {expect_status}"
+    text = f"GET {path} -> {got}"
+    if len(text) > PROBE_TEXT_MAX_CHARS:
+        text = text[:PROBE_TEXT_MAX_CHARS - 1] + "\u2026"
+    return text
+
+
+class ProbeNotes:
+    """Which probe results a replica's reports carry to the conductor (pure).
+
+    Counts the probes in a row with the same kind of outcome (passed, a wrong HTTP
+    status, no complete answer) and says when to tell: a new text at once, the
+    ``retries``-th wrong answer in a row at once (the conductor fails a rollout on
+    it), a growing count at most every :data:`PROBE_REPORT_EVERY_S`; a run of passes
+    once. What it returns is a report's ``probe`` field.
+    """
+
+    def __init__(self, retries: int, *, every_s: float = PROBE_REPORT_EVERY_S) -> None:
+        self.retries = retries
+        self.every_s = every_s
+        self.kind: str | None = None
+        self.count = 0
+        self._told: tuple[str, int] | None = None  # (text, count) last told
+        self._told_at = -math.inf
+
+    def observe(self, text: str, status: int | None, passed: bool, now: float
+                ) -> dict[str, Any] | None:
+        """Feed one probe's outcome at *now*; the ``probe`` field to report, or None."""
+        kind = "pass" if passed else "none" if status is None else "wrong"
+        self.count = self.count + 1 if kind == self.kind else 1
+        self.kind = kind
+        told = self._told
+        due = (told is None or told[0] != text
+               or (kind == "wrong" and self.count == self.retries)
+               or (kind != "pass" and now - self._told_at >= self.every_s))
+        if not due:
+            return None
+        self._told, self._told_at = (text, self.count), now
+        return {"text": text, "status": status, "count": self.count}
 
 
 def next_probe_delay(interval_s: float, starting_for_s: float | None) -> float:

@@ -61,7 +61,13 @@ import trio
 from skr8tr.core.names import APP_NAME_RE
 from skr8tr.core.node_protocol import Launch, ReplicaReport
 from skr8tr.node.adopt import AdoptedProcess, identify
-from skr8tr.node.health import HealthTracker, next_probe_delay, probe_http
+from skr8tr.node.health import (
+    HealthTracker,
+    ProbeNotes,
+    next_probe_delay,
+    probe_http,
+    probe_text,
+)
 from skr8tr.node.logs import (
     ROTATE_BYTES,
     TAIL_INTERVAL_S,
@@ -379,6 +385,7 @@ class Supervisor:
                 return
             health = spec.health
             tracker = HealthTracker(health.retries, was_ready=rep.was_ready)
+            notes = ProbeNotes(health.retries)
             interval_s = health.interval_ms / 1000
             started_at = next_at = trio.current_time()
             while True:
@@ -388,16 +395,30 @@ class Supervisor:
                 if not passed:
                     log.debug("replica %s: probe GET %s: %s", spec.replica, health.path,
                               result.describe())
+                # The last outcome goes to the conductor (rollout status, list, the page);
+                # the rollout fails on `retries` wrong answers in a row (core/rollout.py).
+                note = notes.observe(probe_text(health.path, result, health.expect_status),
+                                     result.status, passed, trio.current_time())
                 change = tracker.observe(passed)
                 if change is not None and self._alive(rep):
                     message = None
                     if change == "unhealthy":
-                        message = (f"health check GET {health.path} failed {health.retries} "
-                                   f"time(s) in a row (last: {result.describe()}, "
-                                   f"expected HTTP {health.expect_status})")
-                    self._report(rep, change, message=message)
+                        # probe_text, not result.describe(): this message reaches
+                        # /v1/watch readers without a key, and h11's error quotes the
+                        # workload's bytes.
+                        last = probe_text(health.path, result, health.expect_status)
+                        message = (f"health check failed {health.retries} time(s) in a row "
+                                   f"(last: {last}; expected HTTP {health.expect_status})")
+                    self._report(rep, change, message=message, probe=note)
+                elif note is not None and self._alive(rep) and rep.last_report is not None:
+                    self._report(rep, rep.last_report.state, probe=note)
                 now = trio.current_time()
-                starting = not (tracker.ready or tracker.was_ready)
+                # Fast start-up probing looks for the moment it is ready; one that answers
+                # a definite no is asked again at `interval`, so the `retries` wrong
+                # answers that fail a rollout span (retries - 1) intervals, not a few
+                # milliseconds of warm-up.
+                starting = (not (tracker.ready or tracker.was_ready)
+                            and not health.refuses(result.status))
                 delay = next_probe_delay(interval_s, now - started_at if starting else None)
                 next_at = max(next_at + delay, now)
                 await trio.sleep_until(next_at)
@@ -501,9 +522,10 @@ class Supervisor:
 
     def _report(self, rep: _Replica, state: str, *, exit_code: int | None = None,
                 signal: int | None = None, message: str | None = None,
-                reason: str | None = None) -> None:
+                reason: str | None = None, probe: dict[str, Any] | None = None) -> None:
         spec = rep.spec
         pid = rep.pid
+        news = rep.last_report is None or rep.last_report.state != state or message is not None
         if (state in RECORDED_STATES and rep.record is not None
                 and rep.record.get("state") != state):
             rep.record["state"] = state
@@ -511,10 +533,14 @@ class Supervisor:
         report = ReplicaReport(
             replica=spec.replica, app=spec.app, generation=spec.generation, state=state,
             pid=pid, port=spec.port, exit_code=exit_code, signal=signal, message=message,
-            reason=reason, ts=self._clock(), token=spec.token,
+            reason=reason, ts=self._clock(), token=spec.token, probe=probe,
         )
         rep.last_report = report
         level = logging.WARNING if state in ("failed", "unhealthy") else logging.INFO
+        if not news:  # only a probe result: the agent's log has it at debug level
+            log.debug("replica %s probe: %s", spec.replica, probe)
+            self._emit(report)
+            return
         log.log(level, "replica %s (app %s gen %d) %s%s%s", spec.replica, spec.app,
                 spec.generation, state, f" pid {pid}" if pid is not None else "",
                 f": {message}" if message else "")

@@ -424,8 +424,10 @@
     const desired = st.apps.reduce((sum, a) => sum + a.desired, 0);
     const ready = st.apps.reduce((sum, a) => sum + a.ready, 0);
     $("sum-replicas").textContent = `${ready} / ${desired}`;
-    $("sum-replicas-note").textContent =
-      `${plural(st.apps.length, "app")} · ${plural(st.replicas.length, "replica")} tracked`;
+    $("sum-replicas").dataset.ready = ready;
+    $("sum-replicas").dataset.desired = desired;
+    $("sum-replicas-note").textContent = [plural(st.apps.length, "app"), ...moving(st.apps),
+      `${plural(st.replicas.length, "replica")} tracked`].join(" · ");
     const rolling = st.rollouts.filter((r) => r.state === "rolling");
     $("sum-rollouts").textContent = rolling.length ? `${rolling.length} running` : "None running";
     const ended = st.rollouts.filter((r) => r.state !== "rolling");
@@ -520,6 +522,17 @@
     }));
   }
 
+  // What the replicas that do not serve are doing, counted over apps: "+1 starting",
+  // "1 draining" (a rollout's surge and the replicas it is taking out).
+  function moving(apps) {
+    const sum = (key) => apps.reduce((n, a) => n + (a[key] || 0), 0);
+    const parts = [];
+    if (sum("starting")) parts.push(`+${sum("starting")} starting`);
+    if (sum("draining")) parts.push(`${sum("draining")} draining`);
+    if (sum("stopping")) parts.push(`${sum("stopping")} stopping`);
+    return parts;
+  }
+
   function appHealth(app, rollout) {
     if (rollout && rollout.state === "rolling") return ["rolling", "info"];
     if (app.type === "job") {
@@ -552,10 +565,11 @@
           app.type === "job" ? el("span", {}, "completed ", el("strong", { text: app.completed }))
             : null),
         el("div", { class: "app-ready" },
-          bar(app.desired ? app.ready / app.desired : 0, app.ready >= app.desired ? "ok" : "warn",
-            null),
+          bar(app.desired ? Math.min(1, app.ready / app.desired) : 0,
+            app.ready >= app.desired ? "ok" : "warn", null),
           el("span", { "data-ready": app.ready, "data-desired": app.desired },
-            el("strong", { text: `${app.ready} / ${app.desired}` }), " ready")));
+            el("strong", { text: `${app.ready} / ${app.desired}` }),
+            [" ready", ...moving([app])].join(", "))));
       const table = el("table", { class: "stack" },
         el("caption", { class: "sr-only", text: `Replicas of ${app.app} by generation` }),
         el("thead", {}, el("tr", {},
@@ -589,7 +603,9 @@
                 text: r.port ? `${address}:${r.port}` : address }),
               el("td", { class: "num mono", "data-label": "PID", text: r.pid ?? "—" }),
               el("td", { "data-label": "State" },
-                badge(r.state, REPLICA_TONES[r.state] || "idle")));
+                badge(r.state, REPLICA_TONES[r.state] || "idle"),
+                r.probe && (r.state === "running" || r.state === "pending")
+                  ? el("span", { class: "probe mono", "data-probe": "", text: r.probe }) : null));
           })));
       }
       return el("section", { class: "app", "data-app": app.app, "aria-label": `App ${app.app}` },
