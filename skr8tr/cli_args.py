@@ -111,6 +111,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _keep_revisions_int(text: str) -> int:
+    # The bounds of skr8tr/core/rollout.py (MIN_/MAX_KEEP_REVISIONS), not imported here:
+    # the parser must not pull the core in (test_cli_startup.py).
+    value = _non_negative_int(text)
+    if not 2 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"expected 2..1000 (manifests kept per app besides "
+                                         f"the current one), got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with ``error: USAGE: ...`` lines, so every failure has the same shape."""
 
@@ -173,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adopt-grace", metavar="S", type=_positive_float, default=None,
                    help="after a restart, seconds to wait for nodes to report running "
                    "replicas before placing new ones (default: 2 x the node heartbeat)")
+    p.add_argument("--keep-revisions", metavar="N", type=_keep_revisions_int, default=10,
+                   help="manifests kept per app besides the current one; older revisions "
+                   "are pruned when a rollout starts, except those a running rollout or a "
+                   "plain undo needs (2..1000, default 10)")
     ha = p.add_argument_group("several conductors on etcd (README: High availability)")
     ha.add_argument("--store", metavar="etcd://H:P[,H:P...]",
                     help="keep the desired state in etcd and elect one leader among the "

@@ -74,7 +74,8 @@ HISTORY_COLUMNS: list[Column] = [
     ("STATE", _key("state")),
     ("STARTED", lambda r: _when(r.get("started"))),
     ("FINISHED", lambda r: _when(r.get("finished"))),
-    ("MANIFEST", lambda r: (r.get("manifest_sha256") or "")[:12] or None),
+    ("MANIFEST", lambda r: ((r.get("manifest_sha256") or "")[:12]
+                            + (" (pruned)" if r.get("manifest_kept") is False else "")) or None),
 ]
 
 

@@ -245,3 +245,23 @@ def test_ingress_still_requires_listen_and_route(cli_env):
     proc = run_cli("ingress", "--listen", "127.0.0.1:1", env=cli_env)
     assert proc.returncode == 2
     assert "error: USAGE: the following arguments are required: --route" in proc.stderr
+
+
+def test_keep_revisions_from_file_env_and_command_line(tmp_path):
+    from skr8tr.conductor.daemon import config_from_args
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("keep-revisions = 3\n")
+    opts = resolve(["conductor", "--insecure", "--config", str(cfg)])
+    assert config_from_args(opts).keep_revisions == 3
+    opts = resolve(["conductor", "--insecure", "--config", str(cfg)],
+                   {"SKR8TR_CONDUCTOR_KEEP_REVISIONS": "25"})
+    assert config_from_args(opts).keep_revisions == 25
+    opts = resolve(["conductor", "--insecure", "--keep-revisions", "4"],
+                   {"SKR8TR_CONDUCTOR_KEEP_REVISIONS": "25"})
+    assert config_from_args(opts).keep_revisions == 4
+    assert config_from_args(resolve(["conductor", "--insecure"])).keep_revisions == 10
+    for bad in ("1", "1001", "ten"):
+        with pytest.raises(daemon_config.ConfigError) as err:
+            resolve(["conductor"], {"SKR8TR_CONDUCTOR_KEEP_REVISIONS": bad})
+        assert "SKR8TR_CONDUCTOR_KEEP_REVISIONS" in str(err.value)

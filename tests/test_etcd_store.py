@@ -270,3 +270,34 @@ async def test_a_waiter_cancelled_in_the_queue_is_not_written_and_stops_no_one(e
             stored = await store.load()
             assert stored is not None
             assert sorted(a.name for a in stored.apps) == sorted(f"a{i}" for i in range(10))
+
+
+async def test_a_pruned_app_and_a_restarts_record_round_trip_and_the_counter_holds(
+        etcd: Etcd):
+    """#17 retention on etcd (HA): what pruning leaves — last_generation above the kept
+    revisions, rows that keep their manifest's hash, a restart's kind and count — is what
+    a new leader loads, and it goes on after last_generation."""
+    from skr8tr.conductor.cluster import Cluster
+    from tests.test_state_file import PRUNED
+
+    with trio.fail_after(DEADLINE_S):
+        async with EtcdClient([etcd.url]) as client:
+            store = EtcdStore(client, "/t")
+            web = PRUNED.apps[0]
+            await store.apply(Change(apps={"web": web}, rollouts={"web": PRUNED.rollouts[0]}))
+            loaded = await EtcdStore(client, "/t").load()
+            assert loaded.apps == PRUNED.apps and loaded.rollouts == PRUNED.rollouts
+            value = json.loads((await client.get("/t/apps/web"))[0][0].value)
+            assert value["last_generation"] == 12
+            assert [h.get("sha256") is not None for h in value["history"]] == [
+                False, True, False, False]
+            leader = Cluster(store=EtcdStore(client, "/t"))
+            _, interrupted = await leader.open_store("etcd")
+            assert interrupted == ["web"]
+            assert leader.apps["web"].last_generation == 12
+            # A value whose counter went back below a stored revision is refused.
+            value["last_generation"] = 11
+            await client.put("/t/apps/web", json.dumps(value).encode())
+            with pytest.raises(StoredValueError, match=r"etcd key /t/apps/web field "
+                               r"last_generation: .* expected a whole number >= 12"):
+                await store.load()

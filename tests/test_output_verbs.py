@@ -48,6 +48,17 @@ def test_revision_prints_facts_then_the_manifest_as_submitted():
     assert text.endswith("\n\n# note\n[app]\nname = \"web\"")
 
 
+def test_history_marks_rows_whose_manifest_was_pruned():
+    rows = [{"generation": g, "state": "complete", "started": 0.0, "finished": 1.0,
+             "manifest_sha256": "ab" * 32, "manifest_kept": kept}
+            for g, kept in ((1, True), (2, False), (3, True))]
+    rows.append({"generation": 4, "state": "rolling", "started": 2.0, "finished": None,
+                 "manifest_sha256": "cd" * 32})  # from a conductor before retention
+    lines = output.history(rows).splitlines()
+    assert ["(pruned)" in line for line in lines[1:]] == [False, True, False, False]
+    assert "abababababab (pruned)" in lines[2]
+
+
 def test_describe_counts_the_replicas_on_the_move_too():
     counts = {"app": "web", "running": 4, "ready": 3, "starting": 1, "draining": 1,
               "stopping": 0, "message": None}

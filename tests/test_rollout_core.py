@@ -43,6 +43,7 @@ from skr8tr.core.rollout import (
     recover,
     refused,
     relaunched,
+    retain,
     undo_target,
     watching,
 )
@@ -113,6 +114,50 @@ def test_plain_undo_skips_generations_with_the_current_manifest():
     with pytest.raises(UndoError, match="no complete generation before 2 with another"):
         undo_target([HistoryView(1, "complete", "b"), HistoryView(2, "complete", "b")], 2,
                     None)
+
+
+def restarts(count: int) -> list[HistoryView]:
+    """Generation 1 (manifest a), 2 (b), then ``count`` restarts of b, all complete."""
+    return [HistoryView(1, "complete", "a"), HistoryView(2, "complete", "b"),
+            *(HistoryView(g, "complete", "b") for g in range(3, count + 3))]
+
+
+@pytest.mark.parametrize("keep", [2, 3, 10])
+def test_retain_keeps_the_current_the_undo_target_and_the_newest_up_to_keep(keep):
+    history = restarts(15)  # generations 1..17, current 17, undo target 1
+    kept = retain(range(1, 18), history, current=17, rollout=(16, 17), keep=keep)
+    assert len(kept.revisions) == keep + 1  # never more than keep + 1 manifests
+    assert {17, 16, 1} <= kept.revisions  # current, last rollout's from, plain undo target
+    newest = sorted(set(range(2, 16)), reverse=True)[:keep + 1 - 3]
+    assert kept.revisions == {17, 16, 1, *newest}
+    assert undo_target(history, 17, None) == 1
+    pruned = [h for h in history if h.generation in kept.history]
+    assert undo_target(pruned, 17, None) == 1  # the same decision from what is kept
+
+
+def test_retain_never_prunes_a_running_rollouts_generations():
+    # current 5 (a), an aborted 6..19 (b), rolling 20 (c); keep 2: 5, 20 and one more.
+    history = [*(HistoryView(g, "complete", "a") for g in range(1, 6)),
+               *(HistoryView(g, "aborted", "b") for g in range(6, 20)),
+               HistoryView(20, "rolling", "c")]
+    kept = retain(range(1, 21), history, current=5, rollout=(5, 20), keep=2)
+    assert kept.revisions == {5, 20, 19}  # no plain undo target: 1..4 have 5's manifest
+
+
+def test_retain_bounds_history_rows_but_keeps_those_of_kept_manifests():
+    history = restarts(300)  # generations 1..302
+    kept = retain(range(1, 303), history, current=302, rollout=(301, 302), keep=10,
+                  keep_history=100)
+    assert kept.history == set(range(203, 303)) | {1}
+    assert kept.revisions <= kept.history
+    only = retain([1], [HistoryView(1, "complete")], current=1, keep=2, keep_history=1)
+    assert only.revisions == {1} and only.history == {1}
+
+
+def test_retain_is_stable_once_within_bounds():
+    history = restarts(8)
+    kept = retain(range(1, 11), history, current=10, rollout=(9, 10), keep=10)
+    assert kept.revisions == set(range(1, 11)) and kept.history == set(range(1, 11))
 
 
 def test_undo_known_list_is_bounded():

@@ -127,7 +127,7 @@ BAD = [
      "app web: given_up is missing"),
     ("app key unknown", ("desired = 3\n", "desired = 3\npaused = true\n"), "^paused = true",
      "app web: unknown key 'paused' (expected generation, desired, completed, given_up, "
-     "revisions, history)"),
+     "revisions, history, last_generation)"),
     ("app declared twice", ("[[rollouts]]", "[apps.api]\ndesired = 1\n\n[[rollouts]]"),
      "[apps.api^]\ndesired = 1", "Cannot declare ('apps', 'api') twice"),
     ("apps not a table", lambda t: "version = 1\napps = 3\n", "apps = ^3",
@@ -318,3 +318,106 @@ async def test_a_conductor_reads_back_what_it_wrote_after_down_and_up(tmp_path, 
     stored = state_file.load(state)
     assert [(a.name, a.generation) for a in stored.apps] == [("web", 1)]
     assert stored.rollouts == ()
+
+
+# ------------------------------------------------------------------ retention (#17)
+
+# web after many restarts: generations 2..10 pruned (their rows keep the manifest's hash),
+# 11 current, 12 a restart under way with the scaled count 5.
+PRUNED = StoredState(
+    apps=(StoredApp("web", 11, 5, 0, 0,
+                    (StoredRevision(1, "skr8tr", "/srv/web", sha(WEB[0]), WEB[0]),
+                     StoredRevision(11, "skr8tr", "/srv/web", sha(WEB[1]), WEB[1]),
+                     StoredRevision(12, "skr8tr", "/srv/web", sha(WEB[1]), WEB[1])),
+                    (StoredHistory(1, "complete", T0, T0),
+                     StoredHistory(10, "complete", T0 + 10, T0 + 11, sha(WEB[1])),
+                     StoredHistory(11, "complete", T0 + 20, T0 + 21),
+                     StoredHistory(12, "rolling", T0 + 30, None)),
+                    last_generation=12),),
+    rollouts=({"app": "web", "state": "rolling", "from_generation": 11, "to_generation": 12,
+               "replaced": 2, "total": 5, "message": "waiting", "kind": "restart",
+               "desired": 5},))
+
+
+def test_a_pruned_state_reads_back_the_same(tmp_path):
+    state_file.save(str(tmp_path / "state.toml"), PRUNED)
+    text = (tmp_path / "state.toml").read_text()
+    assert "last_generation = 12" in text and text.count(sha(WEB[1])) == 3
+    assert state_file.load(str(tmp_path / "state.toml")) == PRUNED
+
+
+# Written by the conductor before #17 (an interrupted rollout of generation 2).
+OLD_FORMAT = (
+    "version = 1\n\n"
+    "[apps.web]\ngeneration = 1\ndesired = 4\ncompleted = 0\ngiven_up = 0\n"
+    "history = [\n"
+    '    { generation = 1, state = "complete", started = 1700000000.0, '
+    "finished = 1700000000.0 },\n"
+    '    { generation = 2, state = "rolling", started = 1700000100.0 },\n]\n\n'
+    "[[apps.web.revisions]]\ngeneration = 1\nformat = \"skr8tr\"\n"
+    f'base_dir = "/srv/web"\nsha256 = "{sha(WEB[0])}"\nmanifest = {json.dumps(WEB[0])}\n\n'
+    "[[apps.web.revisions]]\ngeneration = 2\nformat = \"skr8tr\"\n"
+    f'base_dir = "/srv/web"\nsha256 = "{sha(WEB[0])}"\nmanifest = {json.dumps(WEB[0])}\n\n'
+    '[[rollouts]]\napp = "web"\nstate = "rolling"\nfrom_generation = 1\n'
+    'to_generation = 2\nreplaced = 1\ntotal = 4\nmessage = "waiting"\n')
+
+
+def test_a_state_file_from_before_retention_loads(tmp_path):
+    # No last_generation, no history hashes, a rollout without kind and desired. It
+    # loads as it is; the counter is then the newest stored generation.
+    text = OLD_FORMAT
+    loaded = load_text(tmp_path, text)
+    web = loaded.apps[0]
+    assert web.last_generation is None and [h.sha256 for h in web.history] == [None, None]
+    assert [r.generation for r in web.revisions] == [1, 2]
+    assert "kind" not in loaded.rollouts[0] and "desired" not in loaded.rollouts[0]
+    from skr8tr.conductor.tables import app_from_stored
+    app = app_from_stored(web, "state.toml")
+    assert app.last_generation == 2 and app.desired == 4
+
+
+RETENTION_BAD = [
+    ("last_generation below a stored revision", ("last_generation = 12", "last_generation = 11"),
+     "last_generation = ^11", "app web: last_generation is 11; expected a whole number >= 12 "
+     "(its newest stored revision): generations are never reused"),
+    ("pruned row past last_generation", ("generation = 10\n", "generation = 13\n"),
+     "generation = ^13", "app web, history of generation 13: generation 13 has no stored "
+     "revision (stored: 1, 11, 12) and is past last_generation 12"),
+    ("pruned row without its hash", (f'finished = 1700000011.0\nsha256 = "{sha(WEB[1])}"\n',
+                                     "finished = 1700000011.0\n"),
+     "[[apps.web.^history]]\ngeneration = 10", "app web, history of generation 10: its "
+     "revision was pruned, so its sha256 is expected"),
+    ("row hash differs from its revision", ("finished = 1700000000.0\n",
+                                            "finished = 1700000000.0\n"
+                                            f'sha256 = "{sha(WEB[2])}"\n'),
+     f"sha256 = ^\"{sha(WEB[2])}\"", "app web, history of generation 1: sha256 differs from "
+     "its stored revision's"),
+    ("row hash not hex", (f'sha256 = "{sha(WEB[1])}"\n\n[[apps.web.history]]',
+                          'sha256 = "xyz"\n\n[[apps.web.history]]'),
+     'sha256 = ^"xyz"', "history of generation 10: sha256 is 'xyz'; expected 64 lowercase"),
+    ("rollout kind unknown", ('kind = "restart"', 'kind = "reboot"'), 'kind = ^"reboot"',
+     "rollout of app web: kind is 'reboot'; expected one of rollout, undo, restart"),
+    ("rollout desired over the cap", ('kind = "restart"\ndesired = 5',
+                                      'kind = "restart"\ndesired = 5000'),
+     "desired = ^5000", "rollout of app web: desired is 5000; expected a whole number "
+     "0..1000"),
+]
+
+
+@pytest.mark.parametrize(("change", "where", "message"),
+                         [case[1:] for case in RETENTION_BAD],
+                         ids=[case[0] for case in RETENTION_BAD])
+def test_retention_fields_that_break_a_rule_are_refused(tmp_path, change, where, message):
+    state_file.save(str(tmp_path / "written.toml"), PRUNED)
+    good = (tmp_path / "written.toml").read_text()
+    text = good.replace(*change, 1)
+    assert text != good, good
+    at = where.index("^")
+    at = text.index(where.replace("^", "")) + at
+    line = text.count("\n", 0, at) + 1
+    column = at - (text.rfind("\n", 0, at) + 1) + 1
+    with pytest.raises(StateFileError) as info:
+        load_text(tmp_path, text)
+    shown = str(info.value)
+    assert shown.startswith(f"{tmp_path / 'state.toml'}: line {line}, column {column}: "), shown
+    assert message in shown

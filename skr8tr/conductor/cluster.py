@@ -64,6 +64,7 @@ from skr8tr.conductor.tables import (
     stored_app,
 )
 from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state
+from skr8tr.core import rollout as rollout_plan
 from skr8tr.core.manifest import Manifest
 
 log = logging.getLogger("skr8tr.conductor")
@@ -82,6 +83,8 @@ class RolloutView(Protocol):
 
     def status(self, now: float) -> dict[str, Any]: ...
 
+    def stored(self, now: float) -> dict[str, Any]: ...
+
 
 class Cluster(NodeReports):
     """Desired and observed state of the whole cluster, and every change to it."""
@@ -97,12 +100,16 @@ class Cluster(NodeReports):
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] = time.time,
         seat: Seat | None = None,
+        keep_revisions: int = rollout_plan.DEFAULT_KEEP_REVISIONS,
     ) -> None:
         # Leader or follower, the term, the leader's URL (a lone conductor: leader, term 0).
         self.seat = Seat(url="") if seat is None else seat
         # Called with the reason when a write finds that another conductor leads now.
         self.deposed: Callable[[str], None] = lambda reason: None
         self.node_timeout_s = node_timeout_s
+        # --keep-revisions: manifests kept per app besides the current one (core/rollout.py
+        # retain); older ones are pruned when a rollout starts.
+        self.keep_revisions = keep_revisions
         self.port_range = port_range
         self.heartbeat_s = heartbeat_s or min(DEFAULT_HEARTBEAT_S, node_timeout_s / 3)
         self.store: Store = MemoryStore() if store is None else store
@@ -508,7 +515,7 @@ class Cluster(NodeReports):
             return Change(apps={app: None}, rollouts={app: None})
         rollout = self.rollouts.get(app)
         return Change(apps={app: stored_app(current)},
-                      rollouts={} if rollout is None else {app: rollout.status(self.clock())})
+                      rollouts={} if rollout is None else {app: rollout.stored(self.clock())})
 
     def rollout_statuses(self) -> list[dict[str, Any]]:
         """The last rollout of each app, as ``rollout status --json`` shows it."""
@@ -553,7 +560,8 @@ class Cluster(NodeReports):
     def new_app(self, manifest: Manifest, text: str, fmt: str) -> AppState:
         """An app at generation 1, not yet registered (persist first, then add_app)."""
         revision = self.new_revision(1, manifest, text, fmt)
-        app = AppState(name=manifest.app, revision=revision, desired=manifest.replicas)
+        app = AppState(name=manifest.app, revision=revision, desired=manifest.replicas,
+                       last_generation=1)
         app.revisions[1] = revision
         now = self.wall()
         app.history.append(HistoryEntry(1, "complete", now, now, revision.sha256))

@@ -26,9 +26,9 @@ import trio
 from skr8tr.conductor import views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
-from skr8tr.conductor.rollout import RolloutManager
+from skr8tr.conductor.rollout import RolloutManager, pruned_text
 from skr8tr.conductor.store import Change
-from skr8tr.conductor.tables import stored_app
+from skr8tr.conductor.tables import AppState, HistoryEntry, stored_app
 from skr8tr.core import manifest as manifest_mod
 from skr8tr.core.node_protocol import (
     AppGone,
@@ -186,7 +186,22 @@ async def cmd_status(cluster: Cluster, args: dict) -> Any:
 
 
 async def cmd_history(cluster: Cluster, args: dict) -> Any:
-    return [h.row() for h in _app(cluster, args["app"]).history]
+    app = _app(cluster, args["app"])
+    return [history_row(app, h) for h in app.history]
+
+
+def history_row(app: AppState, entry: HistoryEntry) -> dict[str, Any]:
+    """A ``rollout history`` row, and whether its manifest is still kept (retention)."""
+    return {**entry.row(), "manifest_kept": entry.generation in app.revisions}
+
+
+def pruned_message(cluster: Cluster, app: AppState, generation: int) -> str | None:
+    """Why ``generation`` of ``app`` has no manifest any more, when it was pruned; None
+    when it never existed or is kept."""
+    if not 1 <= generation <= app.last_generation or generation in app.revisions:
+        return None
+    return (f"{app.name} generation {generation}: "
+            f"{pruned_text(app, generation, cluster.keep_revisions)}")
 
 
 async def cmd_revision(cluster: Cluster, args: dict) -> Any:
@@ -195,6 +210,9 @@ async def cmd_revision(cluster: Cluster, args: dict) -> Any:
     name, generation = args["app"], args["generation"]
     app = _app(cluster, name)
     revision = app.revisions.get(generation)
+    pruned = pruned_message(cluster, app, generation)
+    if pruned is not None:
+        raise CommandError("NOT_FOUND", pruned)
     if revision is None:
         known = sorted(app.revisions)
         shown = ", ".join(map(str, known[-20:]))
@@ -232,7 +250,7 @@ def make_describe_handler(rollouts: RolloutManager) -> Handler:
             "base_dir": revision.manifest.base_dir, "manifest": revision.text,
             "replicas": views.replica_rows(cluster, name),
             "rollout": None if record is None else record.status(cluster.clock()),
-            "history": [h.row() for h in app.history[-DESCRIBE_HISTORY:]],
+            "history": [history_row(app, h) for h in app.history[-DESCRIBE_HISTORY:]],
             "events": events,
         }
 

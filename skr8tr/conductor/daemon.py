@@ -85,6 +85,7 @@ class ConductorConfig:
     store_prefix: str = "/skr8tr"
     advertise_url: str | None = None  # None: ws(s):// + --listen (its bound port)
     lease_ttl_s: float = 5.0
+    keep_revisions: int = 10  # --keep-revisions (core/rollout.py retain)
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:
@@ -176,6 +177,7 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
         store_prefix=prefix.rstrip("/"),
         advertise_url=advertise,
         lease_ttl_s=float(lease_ttl),
+        keep_revisions=getattr(opts, "keep_revisions", 10),
         listen=listen,
         http=parse_hostport(opts.http, "--http"),
         authorized_keys=opts.authorized_keys,
@@ -289,7 +291,8 @@ async def run_conductor(config: ConductorConfig, *,
 
     def new_cluster(store: Store | None) -> Cluster:
         return Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
-                       store=store, adopt_grace_s=adopt_grace_s, seat=seat)
+                       store=store, adopt_grace_s=adopt_grace_s, seat=seat,
+                       keep_revisions=config.keep_revisions)
 
     closed = ClosedCounter()
     # Below the open-file limit (raised as far as it goes): over a cap a connection is

@@ -57,8 +57,10 @@ class RolloutRecord:
     phase: str = "starting"
     phase_since: float = 0.0
     reason: str = ""  # why it failed, kept after the final message is set
-    desired: int | None = None  # the count once complete; None: the manifest's `replicas`
-    kind: str = "rollout"  # what started it: "rollout", "undo" or "restart" (events only)
+    # The count once complete; None: the manifest's `replicas`. Stored with `kind`, so a
+    # restarted conductor ends an interrupted restart as the restart it was.
+    desired: int | None = None
+    kind: str = "rollout"  # what started it: "rollout", "undo" or "restart"
     probe: str | None = None  # while waiting for readiness: the first waited-for's last probe
     finished_wall: float | None = None
     launched: set[str] = field(default_factory=set)
@@ -76,6 +78,12 @@ class RolloutRecord:
         return {"app": self.app, "state": self.state, "from_generation": self.from_generation,
                 "to_generation": self.to_generation, "replaced": self.replaced,
                 "total": self.total, "message": message}
+
+    def stored(self, now: float) -> dict[str, Any]:
+        """What the store keeps of it: its status, its kind and the count it was started
+        for (state_file.py checks both)."""
+        return {**self.status(now), "kind": self.kind,
+                **({} if self.desired is None else {"desired": self.desired})}
 
 
 class RolloutManager:
@@ -115,7 +123,8 @@ class RolloutManager:
                     app=s["app"], from_generation=s["from_generation"],
                     to_generation=s["to_generation"], total=s["total"], started_wall=0.0,
                     started_clock=0.0, state=s["state"], replaced=s["replaced"],
-                    phase=s["message"])
+                    phase=s["message"], desired=s.get("desired"),
+                    kind=s.get("kind", "rollout"))
             except (KeyError, TypeError):
                 log.warning("ignoring a malformed stored rollout status: %r", s)
                 continue
@@ -165,7 +174,7 @@ class RolloutManager:
                 raise CommandError("CONFLICT", f"{app.name} changed while this rollout "
                                    "was starting; try again")
             self._check_first_batch(app, revision_manifest)
-            generation = plan.next_generation(app.revisions)
+            generation = plan.next_generation([*app.revisions, app.last_generation])
             revision = cluster.new_revision(generation, revision_manifest, text, fmt)
             return await self._launch_task(app, revision, desired, kind)
 
@@ -193,12 +202,26 @@ class RolloutManager:
                                phase_since=cluster.clock(), desired=desired, kind=kind)
         entry = HistoryEntry(revision.generation, "rolling", record.started_wall, None,
                              revision.sha256)
-        # Durable first: a restarted conductor must know this rollout was under way.
-        await cluster.commit(Change(apps={app.name: stored_app(dataclasses.replace(
-            app, revisions={**app.revisions, revision.generation: revision},
-            history=[*app.history, entry]))}))
-        app.revisions[revision.generation] = revision
-        app.history.append(entry)
+        revisions = {**app.revisions, revision.generation: revision}
+        history = [*app.history, entry]
+        # Retention: the new revision in, the oldest the app no longer needs out.
+        kept = plan.retain(revisions, [plan.HistoryView(h.generation, h.state,
+                                                        h.manifest_sha256) for h in history],
+                           current=app.generation,
+                           rollout=(record.from_generation, record.to_generation),
+                           keep=cluster.keep_revisions)
+        revisions = {g: r for g, r in revisions.items() if g in kept.revisions}
+        history = [h for h in history if h.generation in kept.history]
+        # Durable first: a restarted conductor must know this rollout was under way, and
+        # what it was (its kind, the count it was started for).
+        await cluster.commit(Change(
+            apps={app.name: stored_app(dataclasses.replace(
+                app, revisions=revisions, history=history,
+                last_generation=revision.generation))},
+            rollouts={app.name: record.stored(cluster.clock())}))
+        app.revisions = revisions
+        app.history = history
+        app.last_generation = revision.generation
         app.rolling = True
         self.active[app.name] = record
         self.last[app.name] = record
@@ -240,6 +263,9 @@ class RolloutManager:
         app = self.cluster.apps.get(app_name)
         if app is None:
             raise CommandError("NOT_FOUND", f"no app named {app_name!r}")
+        if to is not None and 1 <= to <= app.last_generation and to not in app.revisions:
+            raise CommandError("NOT_FOUND", f"cannot undo {app_name} to generation {to}: "
+                               f"{pruned_text(app, to, self.cluster.keep_revisions)}")
         try:
             generation = plan.undo_target(
                 [plan.HistoryView(h.generation, h.state, h.manifest_sha256)
@@ -299,8 +325,10 @@ class RolloutManager:
             app=app_name, from_generation=app.generation, to_generation=generation,
             total=app.desired, started_wall=entry.started, started_clock=cluster.clock(),
             phase="interrupted by a conductor restart; waiting for the nodes to report",
-            phase_since=cluster.clock(),
-            replaced=stored.replaced if stored and stored.to_generation == generation else 0)
+            phase_since=cluster.clock())
+        if stored is not None and stored.to_generation == generation:
+            record.replaced = stored.replaced
+            record.kind, record.desired = stored.kind, stored.desired
         self.active[app_name] = record
         self.last[app_name] = record
         return record
@@ -324,7 +352,7 @@ class RolloutManager:
         cluster.events.publish("rollout.interrupted", app=app_name,
                                from_generation=record.from_generation,
                                to_generation=record.to_generation,
-                               observed_new=sorted(record.launched))
+                               observed_new=sorted(record.launched), kind=record.kind)
         log.warning("rollout of %s (%d -> %d) was interrupted by a conductor restart; "
                     "ending it by the app's policy", app_name, record.from_generation,
                     record.to_generation)
@@ -525,6 +553,13 @@ class RolloutManager:
             log.warning("no exit confirmed for %s within %.0f s; going on (their ports stay "
                         "claimed until the node reports or expires)", ", ".join(left),
                         grace_s + STOP_CONFIRM_EXTRA_S)
+
+
+def pruned_text(app: AppState, generation: int, keep: int) -> str:
+    """Why a generation of ``app`` that was taken has no manifest any more."""
+    return (f"its manifest was pruned (kept: the current generation's and {keep} others, "
+            f"--keep-revisions; kept now: {', '.join(map(str, sorted(app.revisions)))}; "
+            f"history keeps the last {plan.HISTORY_KEPT} rows)")
 
 
 class _AppReplicas(Mapping[str, plan.ReplicaView]):

@@ -1,9 +1,14 @@
 """The conductor's desired state on disk (``--state FILE``, TOML): its format and its checks.
 
-What is stored: every app with its current generation, desired count, every
-revision (manifest text, format, base folder, hash), the rollout history and
-the last rollout status. What is not: running replicas — after a restart they
-come from what the nodes report when they reconnect.
+What is stored: every app with its current generation, the last generation it
+ever took (``last_generation``: the counter, which pruning never takes back),
+its desired count, its kept revisions (manifest text, format, base folder,
+hash; older ones are pruned, see :func:`skr8tr.core.rollout.retain`), its
+rollout history (a pruned revision's row carries its manifest's ``sha256``)
+and the last rollout status (with what a restart needs to end it: its
+``kind`` and the ``desired`` count it was started for). What is not: running
+replicas — after a restart they come from what the nodes report when they
+reconnect.
 
 Writes are atomic: a temporary file in the same folder, fsync, rename over the
 old file, fsync of the folder. A write that fails raises :class:`StateWriteError`
@@ -14,9 +19,10 @@ Reading trusts nothing: a file that cannot be read, or that parses but breaks
 a rule, raises :class:`StateFileError` naming the file, the line and column of
 the offending key or value, and what was expected. The rules are those the
 conductor keeps while it runs: names and counts as in a manifest (``desired``
-0..1000 like ``replicas``), generations >= 1 and never repeated, the current
-generation and every history and rollout generation among the stored
-revisions, the rollout states (rolling, complete, failed, rolled_back,
+0..1000 like ``replicas``), generations >= 1, never repeated and not past
+``last_generation``, the current generation and every rollout generation among
+the stored revisions, every history row either with its stored revision or
+carrying its manifest's SHA-256, the rollout states (rolling, complete, failed, rolled_back,
 aborted), times that are Unix seconds with ``finished`` not before
 ``started``, each revision's SHA-256 equal to the
 SHA-256 of its manifest text, which parses and names its app, and no key the
@@ -69,6 +75,8 @@ class StoredHistory:
     state: str
     started: float
     finished: float | None
+    # The manifest's SHA-256 when its revision was pruned (None: the revision is stored).
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,9 @@ class StoredApp:
     given_up: int
     revisions: tuple[StoredRevision, ...]
     history: tuple[StoredHistory, ...]
+    # The highest generation the app ever took; None in a file written before revisions
+    # were pruned (then the highest stored one, which was every one ever taken).
+    last_generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,9 +117,12 @@ def to_document(state: StoredState) -> dict[str, Any]:
             # started: written as ending when it started, never as a file load refuses.
             "history": [
                 {"generation": h.generation, "state": h.state, "started": h.started,
-                 **({} if h.finished is None else {"finished": max(h.finished, h.started)})}
+                 **({} if h.finished is None else {"finished": max(h.finished, h.started)}),
+                 **({} if h.sha256 is None else {"sha256": h.sha256})}
                 for h in app.history],
         }
+        if app.last_generation is not None:
+            apps[app.name]["last_generation"] = app.last_generation
     doc = {"version": STATE_VERSION, "apps": apps, "rollouts": list(state.rollouts)}
     if state.placement_key is not None:
         doc["placement_key"] = state.placement_key
@@ -168,6 +182,8 @@ _REVISION_KEYS = ("generation", "format", "base_dir", "sha256", "manifest")
 _HISTORY_KEYS = ("generation", "state", "started")
 _ROLLOUT_KEYS = ("app", "state", "from_generation", "to_generation", "replaced", "total",
                  "message")
+# What a rollout's kind may be (conductor/rollout.py RolloutRecord.kind).
+ROLLOUT_KINDS = ("rollout", "undo", "restart")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -278,7 +294,7 @@ class _Checker:
             raise self.fail(where, f"app name {_show(name)} is not valid; expected "
                             "[a-z0-9][a-z0-9-]{0,62}, as in a manifest", at_key=True)
         what = f"app {name}"
-        self.table(where, a, what, _APP_KEYS)
+        self.table(where, a, what, _APP_KEYS, ("last_generation",))
         revisions: list[StoredRevision] = []
         for i, r in enumerate(self.array((*where, "revisions"), a["revisions"],
                                          f"{what}: revisions")):
@@ -292,6 +308,12 @@ class _Checker:
             raise self.fail((*where, "revisions"), f"{what} has no revision; expected at "
                             "least the one of its current generation")
         stored = {r.generation for r in revisions}
+        last_generation = None
+        if "last_generation" in a:
+            last_generation = self.integer(
+                (*where, "last_generation"), a["last_generation"], f"{what}: last_generation",
+                max(stored), None, f"a whole number >= {max(stored)} (its newest stored "
+                "revision): generations are never reused")
         generation = self.integer((*where, "generation"), a["generation"],
                                   f"{what}: generation", 1)
         if generation not in stored:
@@ -307,14 +329,15 @@ class _Checker:
         history: list[StoredHistory] = []
         for i, h in enumerate(self.array((*where, "history"), a["history"],
                                          f"{what}: history")):
-            entry = self.history((*where, "history", i), h, name, i, stored)
+            entry = self.history((*where, "history", i), h, name, i, revisions,
+                                 last_generation)
             if any(seen.generation == entry.generation for seen in history):
                 raise self.fail((*where, "history", i, "generation"),
                                 f"{what}: a second history entry for generation "
                                 f"{entry.generation}; generations are never reused")
             history.append(entry)
         return StoredApp(name, generation, desired, completed, given_up, tuple(revisions),
-                         tuple(history))
+                         tuple(history), last_generation)
 
     def revision(self, where: Path, r: Any, app: str, i: int) -> StoredRevision:
         what = f"app {app}, revision #{i + 1}"
@@ -350,34 +373,50 @@ class _Checker:
                             f"app {parsed.app}; expected app {app}")
         return StoredRevision(generation, fmt, base_dir, sha256, text)
 
-    def history(self, where: Path, h: Any, app: str, i: int, stored: set[int]
+    def history(self, where: Path, h: Any, app: str, i: int,
+                revisions: list[StoredRevision], last_generation: int | None
                 ) -> StoredHistory:
         what = f"app {app}, history entry #{i + 1}"
-        self.table(where, h, what, _HISTORY_KEYS, ("finished",))
+        self.table(where, h, what, _HISTORY_KEYS, ("finished", "sha256"))
         generation = self.integer((*where, "generation"), h["generation"],
                                   f"{what}: generation", 1)
         what = f"app {app}, history of generation {generation}"
-        if generation not in stored:
+        stored = {r.generation: r for r in revisions}
+        sha256 = h.get("sha256")
+        if sha256 is not None and not (isinstance(sha256, str) and _SHA256.fullmatch(sha256)):
+            raise self.fail((*where, "sha256"), f"{what}: sha256 is {_show(sha256)}; "
+                            "expected 64 lowercase hex characters")
+        if generation in stored:
+            if sha256 is not None and sha256 != stored[generation].sha256:
+                raise self.fail((*where, "sha256"), f"{what}: sha256 differs from its stored "
+                                "revision's; expected the same SHA-256 or none")
+        elif last_generation is None or generation > last_generation:
+            # (without last_generation, a file from before pruning: every row had one)
+            past = ("" if last_generation is None
+                    else f" and is past last_generation {last_generation}")
             raise self.fail((*where, "generation"), f"{what}: generation {generation} has no "
-                            f"stored revision (stored: {_list(stored)})")
+                            f"stored revision (stored: {_list(set(stored))}){past}")
+        elif sha256 is None:
+            raise self.fail(where, f"{what}: its revision was pruned, so its sha256 is "
+                            "expected (the SHA-256 of its manifest)")
         state = self.choice((*where, "state"), h["state"], f"{what}: state", ROLLOUT_STATES)
         started = self.seconds((*where, "started"), h["started"], f"{what}: started")
         if "finished" not in h:
             if state != "rolling":
                 raise self.fail(where, f"{what}: finished is missing; a rollout that is "
                                 f"{state} has ended")
-            return StoredHistory(generation, state, started, None)
+            return StoredHistory(generation, state, started, None, sha256)
         if state == "rolling":
             raise self.fail((*where, "finished"), f"{what}: finished is set, but a rolling "
                             "rollout has not ended; expected no finished time", at_key=True)
         finished = self.seconds((*where, "finished"), h["finished"], f"{what}: finished",
                                 started, f"Unix seconds not before started ({started!r})")
-        return StoredHistory(generation, state, started, finished)
+        return StoredHistory(generation, state, started, finished, sha256)
 
     def rollout(self, where: Path, r: Any, i: int, apps: dict[str, StoredApp]
                 ) -> dict[str, Any]:
         what = f"rollout entry #{i + 1}"
-        self.table(where, r, what, _ROLLOUT_KEYS)
+        self.table(where, r, what, _ROLLOUT_KEYS, ("kind", "desired"))
         name = self.string((*where, "app"), r["app"], f"{what}: app")
         app = apps.get(name)
         if app is None:
@@ -402,8 +441,15 @@ class _Checker:
         replaced = self.integer((*where, "replaced"), r["replaced"], f"{what}: replaced", 0,
                                 total, f"a whole number 0..total ({total})")
         message = self.string((*where, "message"), r["message"], f"{what}: message")
+        extra: dict[str, Any] = {}  # absent in a file written before restarts kept them
+        if "kind" in r:
+            extra["kind"] = self.choice((*where, "kind"), r["kind"], f"{what}: kind",
+                                        ROLLOUT_KINDS)
+        if "desired" in r:
+            extra["desired"] = self.integer((*where, "desired"), r["desired"],
+                                            f"{what}: desired", 0, manifest_mod.MAX_REPLICAS)
         return {"app": name, "state": state, **generations, "replaced": replaced,
-                "total": total, "message": message}
+                "total": total, "message": message, **extra}
 
 
 def _kind(value: Any) -> str:

@@ -190,8 +190,11 @@ class AppState:
     given_up: int = 0
     rolling: bool = False  # a rollout owns the replicas; the reconciler waits
     placement_error: str | None = None
+    # The kept revisions and history rows (core/rollout.py retain prunes the others).
     revisions: dict[int, Revision] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
+    # The highest generation ever taken: the next one is above it, whatever was pruned.
+    last_generation: int = 0
 
     @property
     def manifest(self) -> Manifest:
@@ -218,8 +221,12 @@ def stored_app(app: AppState) -> state_file.StoredApp:
             state_file.StoredRevision(r.generation, r.format, r.manifest.base_dir,
                                       r.sha256, r.text)
             for _, r in sorted(app.revisions.items())),
-        history=tuple(state_file.StoredHistory(h.generation, h.state, h.started,
-                                               h.finished) for h in app.history),
+        # A row whose revision was pruned keeps its manifest's hash itself.
+        history=tuple(state_file.StoredHistory(
+            h.generation, h.state, h.started, h.finished,
+            None if h.generation in app.revisions or not h.manifest_sha256
+            else h.manifest_sha256) for h in app.history),
+        last_generation=max(app.last_generation, max(app.revisions, default=0)),
     )
 
 
@@ -237,10 +244,16 @@ def app_from_stored(s: state_file.StoredApp, where: str) -> AppState:
                 f"{where}: app {s.name} generation {r.generation}: the stored manifest no "
                 f"longer parses: {exc}") from None
         revisions[r.generation] = Revision(r.generation, m, r.manifest, r.format, r.sha256)
+    # A file from before pruning has no last_generation: every generation ever taken
+    # then has its revision (the state file's rules), so the newest of them is the last.
+    last = s.last_generation
+    if last is None:
+        last = max([*revisions, *(h.generation for h in s.history)])
     return AppState(
         name=s.name, revision=revisions[s.generation], desired=s.desired,
         completed=s.completed, given_up=s.given_up, revisions=revisions,
         history=[HistoryEntry(h.generation, h.state, h.started, h.finished,
-                              revisions[h.generation].sha256
-                              if h.generation in revisions else "")
-                 for h in s.history])
+                              revisions[h.generation].sha256 if h.generation in revisions
+                              else h.sha256 or "")
+                 for h in s.history],
+        last_generation=last)

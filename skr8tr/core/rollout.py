@@ -36,11 +36,13 @@ The rules, as the runner has always followed them:
   resumed.
 
 Besides: which generation number comes next, which revision ``undo`` returns
-to, and how a failure is told to a person.
+to, which revisions and history rows are kept (:func:`retain`), and how a
+failure is told to a person.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -81,6 +83,8 @@ __all__ = [
     "recover",
     "refused",
     "relaunched",
+    "retain",
+    "Retention",
     "undo_target",
     "UndoRefused",
     "UNPROVEN_STATES",
@@ -89,6 +93,12 @@ __all__ = [
 
 FINAL_STATES = frozenset(protocol.ROLLOUT_FINAL_STATES)
 PORT_CLASH_RETRIES = 5  # per batch: a port found taken on the host is replaced by another
+# Revision retention (Kubernetes' revisionHistoryLimit): the manifests of the current
+# generation and of this many others are kept; history rows (small) this many.
+DEFAULT_KEEP_REVISIONS = 10
+MIN_KEEP_REVISIONS = 2  # what a running rollout and a plain undo need always fits
+MAX_KEEP_REVISIONS = 1000
+HISTORY_KEPT = 100
 
 
 def batches(total: int, surge: int) -> list[int]:
@@ -564,6 +574,42 @@ def undo_target(history: Sequence[HistoryView], current: int, to: int | None, *,
         raise UndoError(f"no complete generation before {current} with another manifest "
                         "to return to")
     return max(older)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """The generations whose manifest (``revisions``) and history row (``history``) an
+    app keeps; the others are pruned."""
+
+    revisions: frozenset[int]
+    history: frozenset[int]
+
+
+def retain(revisions: Collection[int], history: Sequence[HistoryView], *, current: int,
+           rollout: Collection[int] = (), keep: int = DEFAULT_KEEP_REVISIONS,
+           keep_history: int = HISTORY_KEPT) -> Retention:
+    """What an app keeps of its ``revisions`` (generations with a stored manifest) and its
+    ``history`` (oldest first).
+
+    Manifests: those a rollout or a plain ``undo`` needs — ``current``, the generations of
+    the last rollout (``rollout``: its from and to, running or ended) and the plain-undo
+    target (:func:`undo_target` without ``to``) — then the newest others, up to ``keep``
+    besides the current one: at most ``max(keep + 1, needed)`` in all (``needed`` <= 3).
+    History rows: the newest ``keep_history``, and the row of every kept manifest (so that
+    ``undo`` still finds its target). Pruning the older ones changes no later decision:
+    the plain-undo target is the newest row of its kind, and rows older than it are not
+    looked at.
+    """
+    stored = set(revisions)
+    needed = {current, *rollout}
+    with contextlib.suppress(UndoError):
+        needed.add(undo_target(history, current, None))
+    needed &= stored
+    others = sorted(stored - needed, reverse=True)
+    kept = needed | set(others[:max(0, keep + 1 - len(needed))])
+    rows = sorted(h.generation for h in history)
+    newest = set(rows[-keep_history:]) if keep_history > 0 else set()
+    return Retention(frozenset(kept), frozenset(newest | (kept & set(rows))))
 
 
 def describe_failure(replica: str, *, app: str, why: str, exit_code: int | None = None,
