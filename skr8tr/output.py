@@ -50,7 +50,24 @@ REPLICA_COLUMNS: list[Column] = [
     ("PORT", _key("port")),
     ("GEN", _key("generation")),
     ("STATE", _key("state")),
+    ("RESTARTS", _key("restarts")),
 ]
+
+
+def why(row: dict) -> str | None:
+    """A replica's REASON cell: why it ended and when it restarts, or for a replica that
+    restarted, why the one before it in its slot ended; None when nothing ended."""
+    reason = row.get("reason")
+    after = row.get("next_restart")
+    if row.get("state") in ("exited", "failed"):
+        parts = [str(reason)] if reason else []
+        if isinstance(after, int | float):
+            parts.append(f"restarting in {after:.0f} s" if after >= 1 else "restarting now")
+        return "; ".join(parts) or None
+    return f"last: {reason}" if reason else None
+
+
+REASON_COLUMN: Column = ("REASON", why)
 
 NODE_COLUMNS: list[Column] = [
     ("NODE", _key("node")),
@@ -79,7 +96,11 @@ HISTORY_COLUMNS: list[Column] = [
 
 
 def replicas(rows: Sequence[dict]) -> str:
-    return table(rows, REPLICA_COLUMNS, empty="no replicas")
+    """The replicas table; its REASON column only when some replica has one."""
+    columns = REPLICA_COLUMNS
+    if any(why(row) for row in rows):
+        columns = [*columns, REASON_COLUMN]
+    return table(rows, columns, empty="no replicas")
 
 
 def nodes(rows: Sequence[dict]) -> str:

@@ -16,3 +16,37 @@ def test_status_lists_the_conductors_leader_first_only_when_there_are_several():
     lone = {"nodes": [], "apps": [], "replicas": [], "rollouts": [], "conductors": rows[:1]}
     assert "CONDUCTORS" not in output.status(lone)
     assert output.status({**lone, "conductors": rows}).startswith("CONDUCTORS\n")
+
+
+def _replica(**fields) -> dict:
+    row = {"app": "web", "replica": "web-aaaaaa", "node": "n1", "pid": 10, "port": 20000,
+           "generation": 1, "state": "ready", "slot": "web-aaaaaa", "restarts": 0,
+           "reason": None, "exit_code": None, "signal": None, "next_restart": None}
+    return {**row, **fields}
+
+
+def test_replicas_table_has_no_reason_column_while_nothing_failed():
+    lines = output.replicas([_replica(), _replica(replica="web-bbbbbb")]).splitlines()
+    assert lines[0].split() == ["APP", "REPLICA", "NODE", "PID", "PORT", "GEN", "STATE",
+                                "RESTARTS"]
+    assert lines[1].split()[-2:] == ["ready", "0"]
+
+
+def test_replicas_table_says_why_a_replica_failed_and_when_it_restarts():
+    rows = [
+        _replica(replica="web-cccccc", pid=None, state="failed", restarts=3, exit_code=1,
+                 reason="exited with code 1", next_restart=7.6),
+        _replica(replica="web-dddddd", restarts=2, reason="killed by signal 9 (SIGKILL)"),
+        _replica(replica="web-eeeeee"),
+        _replica(replica="web-ffffff", pid=None, state="failed", restarts=0,
+                 reason="cannot start: [Errno 2] No such file or directory: '/nope'",
+                 next_restart=0.2),
+    ]
+    lines = output.replicas(rows).splitlines()
+    assert lines[0].split()[-2:] == ["RESTARTS", "REASON"]
+    assert lines[1].split(None, 8)[6:] == ["failed", "3",
+                                           "exited with code 1; restarting in 8 s"]
+    assert lines[2].split(None, 8)[6:] == ["ready", "2", "last: killed by signal 9 (SIGKILL)"]
+    assert lines[3].split()[6:] == ["ready", "0", "-"]
+    assert lines[4].endswith("cannot start: [Errno 2] No such file or directory: '/nope'; "
+                             "restarting now")

@@ -63,7 +63,7 @@ from skr8tr.conductor.tables import (
     manifest_sha256,
     stored_app,
 )
-from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state
+from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state, why
 from skr8tr.core.manifest import Manifest
 
 log = logging.getLogger("skr8tr.conductor")
@@ -201,8 +201,11 @@ class Cluster(NodeReports):
             self._load.rebuild(self.node_views())
 
     def launch(self, app: AppState, revision: Revision, *, restart_count: int = 0,
-               avoid: frozenset[str] = frozenset()) -> ReplicaState | placement.NoCapacity:
-        """Place one replica of ``revision``, claim its port and tell the node to start it."""
+               avoid: frozenset[str] = frozenset(), replaces: ReplicaState | None = None,
+               ) -> ReplicaState | placement.NoCapacity:
+        """Place one replica of ``revision``, claim its port and tell the node to start it.
+        With ``replaces`` (an ended replica), the new one takes over its slot: the same
+        slot name, one more restart, and why that one ended."""
         m = revision.manifest
         request = placement.PlacementRequest(
             app=app.name, port=m.port, avoid_nodes=avoid,
@@ -221,6 +224,10 @@ class Cluster(NodeReports):
             port=where.port, seq=self._next_seq(), launched_at=self.clock(),
             restart_count=restart_count, drain_s=m.rollout.drain_s,
         )
+        if replaces is not None:
+            r.slot, r.restarts = replaces.slot, replaces.restarts + 1
+            if replaces.ended_reason is not None:
+                r.last_end = (replaces.ended_reason, replaces.exit_code, replaces.signal)
         self.replicas[r.replica_id] = r
         self.ports.claim(r)
         node = self.nodes[where.node_id]
@@ -235,7 +242,8 @@ class Cluster(NodeReports):
         )
         sent = self.send(where.node_id, launch)
         self.events.publish("replica.placed", app=app.name, replica=r.replica_id,
-                            node=r.node_id, port=r.port, generation=r.generation)
+                            node=r.node_id, port=r.port, generation=r.generation,
+                            **({"slot": r.slot, "restarts": r.restarts} if r.restarts else {}))
         log.info("placed %s (generation %d) on %s port %s", r.replica_id, r.generation,
                  r.node_id, r.port)
         if not sent:
@@ -250,6 +258,8 @@ class Cluster(NodeReports):
         self.ports.release(r)
         self.replicas.ending(r)
         r.exit_code, r.signal, r.message = exit_code, signal, message
+        r.ended_reason = why.reason(exit_code=exit_code, signal=signal, message=message,
+                                    launch_failed=launch_failed)
         r.lost_with_node = node_lost and not r.port_clash
         self.ended[r.replica_id] = r
         while len(self.ended) > ENDED_KEPT:
@@ -423,7 +433,10 @@ class Cluster(NodeReports):
             elif isinstance(action, reconcile.Stop):
                 self.retire_replica(action.replica_id, action.reason)
             elif short is None:
-                result = self.launch(app, app.revision, restart_count=action.restart_count)
+                replaces = (None if action.replaces is None
+                            else self.replicas.get(action.replaces))
+                result = self.launch(app, app.revision, restart_count=action.restart_count,
+                                     replaces=replaces)
                 if isinstance(result, placement.NoCapacity):
                     short = result
                 elif action.replaces is not None:

@@ -323,7 +323,7 @@ class NodeReports:
                                      lost_with_node=r.lost_with_node)
         self.replicas.reviving(r)
         r.state, r.lost_with_node = back, False
-        r.restart_at = r.exit_code = r.signal = r.message = None
+        r.restart_at = r.exit_code = r.signal = r.message = r.ended_reason = None
         if msg.pid is not None:
             r.pid = msg.pid
         self.ended.pop(r.replica_id, None)

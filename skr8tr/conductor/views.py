@@ -22,7 +22,8 @@ def replica_rows(cluster: Cluster, app: str | None = None) -> list[dict[str, Any
     rows = (list(cluster.replicas.values()) if app is None
             else cluster.replicas.of_app(app))
     rows.sort(key=lambda r: (r.app, r.generation, r.seq))
-    return [r.row() for r in rows]
+    now = cluster.clock()
+    return [r.row(now) for r in rows]
 
 
 def node_rows(cluster: Cluster) -> list[dict[str, Any]]:
