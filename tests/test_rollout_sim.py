@@ -416,3 +416,25 @@ def test_abort_at_any_moment_leaves_a_clean_cluster(replicas, surge, ready_times
             nursery.cancel_scope.cancel()
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_status_keeps_every_recent_rollout_with_how_it_ended(h, autojump_clock):
+    node = await h.node("n1", launch_hook=crash_generation(2))
+    await deploy(h)
+    await h.run("rollout", manifest("v4"))
+    assert (await h.until_done())["state"] == "rolled_back"
+    node.launch_hook = None
+    await h.run("rollout", manifest("v5"))
+    assert (await h.until_done())["state"] == "complete"
+    status = await h.run("status", {})
+    rows = status["history"]["web"]
+    assert [(r["generation"], r["state"]) for r in rows] == [
+        (1, "complete"), (2, "rolled_back"), (3, "complete")]
+    assert rows[0]["message"] is None  # `up`'s
+    assert "exit code 3" in rows[1]["message"] and len(rows[1]["message"]) <= 300
+    assert rows[2]["message"]
+    # the last rollout alone is what `rollouts` shows: the rolled back one only here
+    assert [r["to_generation"] for r in status["rollouts"]] == [3]
+    # `rollout history` keeps its shape
+    history = await h.run("history", {"app": "web"})
+    assert set(history[1]) == {"generation", "state", "started", "finished", "manifest_sha256"}

@@ -192,6 +192,7 @@ class HistoryEntry:
     started: float
     finished: float | None
     manifest_sha256: str
+    message: str | None = None  # how its rollout ended (kept in memory only)
 
     def row(self) -> dict[str, Any]:
         return {"generation": self.generation, "state": self.state, "started": self.started,
