@@ -438,3 +438,14 @@ async def test_status_keeps_every_recent_rollout_with_how_it_ended(h, autojump_c
     # `rollout history` keeps its shape
     history = await h.run("history", {"app": "web"})
     assert set(history[1]) == {"generation", "state", "started", "finished", "manifest_sha256"}
+
+
+async def test_status_history_is_bounded_per_app(h, autojump_clock):
+    await h.node("n1")
+    await deploy(h, replicas=1)
+    for n in range(2, 14):
+        await h.run("rollout", manifest(f"v{n}", replicas=1))
+        assert (await h.until_done())["state"] == "complete"
+    status = await h.run("status", {})
+    assert [r["generation"] for r in status["history"]["web"]] == list(range(4, 14))
+    assert len(await h.run("history", {"app": "web"})) == 13  # all of them there

@@ -9,6 +9,7 @@ events table whose subject column stays on one line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def test_the_page_says_why_keeps_history_and_keeps_subjects_on_one_line(
     proc = cluster.cli("rollout", str(web(tmp_path, "v3")), "--watch", timeout_s=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert cluster.json("rollout", "status", "web")["state"] == "complete"
-    cluster.json("up", str(crash(tmp_path, LONG_APP)))
+    (first,) = cluster.json("up", str(crash(tmp_path, LONG_APP)))["replicas"]
     base = f"http://127.0.0.1:{cluster.http_port}"
 
     with sync_playwright() as pw:
@@ -109,11 +110,15 @@ def test_the_page_says_why_keeps_history_and_keeps_subjects_on_one_line(
             failed = card.locator('tr[data-replica][data-state="failed"]')
             expect(failed).to_have_count(1, timeout=WAIT_MS)
             expect(card.locator("tr[data-replica]")).to_have_count(1)  # one slot
+            expect(failed).to_have_attribute("data-slot", first["replica"])
             page.wait_for_function(
                 """(name) => { const c = document.querySelector(
                      `#apps section[data-app="${name}"] tr[data-state="failed"] [data-restarts]`);
                    return c && Number(c.dataset.restarts) >= 2; }""",
                 arg=LONG_APP, timeout=WAIT_MS)
+            expect(failed).not_to_have_attribute("data-replica", first["replica"])
+            expect(failed.locator("th")).to_have_attribute(
+                "title", re.compile(rf"^slot {first['replica']} · restart \d+$"))
             why = failed.locator(".why")
             expect(why).to_contain_text("exited with code 1")
             expect(why).to_contain_text("restarting")

@@ -583,8 +583,12 @@
             text: `Generation ${gen}${role ? ` (${role})` : ""} · ${summary}` })),
           rows.map((r) => {
             const address = nodes[r.node] ? nodes[r.node].address : "?";
-            return el("tr", { "data-replica": r.replica, "data-state": r.state },
-              el("th", { scope: "row", class: "mono nowrap", text: r.replica }),
+            // A restarted replica has a new id in the same slot: the title says which.
+            const slot = r.slot && r.slot !== r.replica
+              ? `slot ${r.slot} · restart ${r.restarts}` : null;
+            return el("tr", { "data-replica": r.replica, "data-state": r.state,
+              "data-slot": r.slot },
+              el("th", { scope: "row", class: "mono nowrap", title: slot, text: r.replica }),
               el("td", { class: "mono", "data-label": "Node", text: r.node }),
               el("td", { class: "mono", "data-label": "Endpoint",
                 text: r.port ? `${address}:${r.port}` : address }),
