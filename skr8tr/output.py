@@ -68,6 +68,11 @@ def why(row: dict) -> str | None:
 
 
 REASON_COLUMN: Column = ("REASON", why)
+SLOT_COLUMN: Column = ("SLOT", _key("slot"))
+
+
+def _restarted(row: dict) -> bool:
+    return bool(row.get("slot")) and row.get("slot") != row.get("replica")
 
 NODE_COLUMNS: list[Column] = [
     ("NODE", _key("node")),
@@ -96,10 +101,13 @@ HISTORY_COLUMNS: list[Column] = [
 
 
 def replicas(rows: Sequence[dict]) -> str:
-    """The replicas table; its REASON column only when some replica has one."""
-    columns = REPLICA_COLUMNS
+    """The replicas table; a SLOT column (after REPLICA) only when some replica was
+    restarted, a REASON column only when some replica has one."""
+    columns = list(REPLICA_COLUMNS)
+    if any(_restarted(row) for row in rows):
+        columns.insert(2, SLOT_COLUMN)
     if any(why(row) for row in rows):
-        columns = [*columns, REASON_COLUMN]
+        columns.append(REASON_COLUMN)
     return table(rows, columns, empty="no replicas")
 
 

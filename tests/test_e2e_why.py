@@ -75,9 +75,11 @@ def test_a_crash_loop_reads_as_one_slot_with_its_exit_code_and_restarts(
 
     text = poll(table_says_why, timeout_s=60, what="a failed row in the table")
     header, row = text.splitlines()[:2]
-    assert header.split()[-2:] == ["RESTARTS", "REASON"]
+    assert header.split() == ["APP", "REPLICA", "SLOT", "NODE", "PID", "PORT", "GEN", "STATE",
+                              "RESTARTS", "REASON"]
+    assert row.split()[2] == first["replica"]  # the slot of the first launch
     assert "exited with code 1; restarting in" in row
-    assert int(row.split()[7]) >= 3
+    assert int(row.split()[8]) >= 3
 
     status = cluster.json("status")
     (row,) = [r for r in status["replicas"] if r["app"] == "crash"]

@@ -22,7 +22,8 @@ def _replica(**fields) -> dict:
     row = {"app": "web", "replica": "web-aaaaaa", "node": "n1", "pid": 10, "port": 20000,
            "generation": 1, "state": "ready", "slot": "web-aaaaaa", "restarts": 0,
            "reason": None, "exit_code": None, "signal": None, "next_restart": None}
-    return {**row, **fields}
+    row = {**row, **fields}
+    return {**row, "slot": fields.get("slot", row["replica"])}
 
 
 def test_replicas_table_has_no_reason_column_while_nothing_failed():
@@ -42,11 +43,15 @@ def test_replicas_table_says_why_a_replica_failed_and_when_it_restarts():
                  reason="cannot start: [Errno 2] No such file or directory: '/nope'",
                  next_restart=0.2),
     ]
+    rows[0]["slot"] = rows[1]["slot"] = "web-000000"  # restarted: a slot of their own
     lines = output.replicas(rows).splitlines()
-    assert lines[0].split()[-2:] == ["RESTARTS", "REASON"]
-    assert lines[1].split(None, 8)[6:] == ["failed", "3",
+    assert lines[0].split() == ["APP", "REPLICA", "SLOT", "NODE", "PID", "PORT", "GEN",
+                                "STATE", "RESTARTS", "REASON"]
+    assert lines[1].split(None, 9)[1:3] == ["web-cccccc", "web-000000"]
+    assert lines[1].split(None, 9)[7:] == ["failed", "3",
                                            "exited with code 1; restarting in 8 s"]
-    assert lines[2].split(None, 8)[6:] == ["ready", "2", "last: killed by signal 9 (SIGKILL)"]
-    assert lines[3].split()[6:] == ["ready", "0", "-"]
+    assert lines[2].split(None, 9)[7:] == ["ready", "2", "last: killed by signal 9 (SIGKILL)"]
+    assert lines[3].split()[1:3] == ["web-eeeeee", "web-eeeeee"]  # a first launch: its own
+    assert lines[3].split()[7:] == ["ready", "0", "-"]
     assert lines[4].endswith("cannot start: [Errno 2] No such file or directory: '/nope'; "
                              "restarting now")
