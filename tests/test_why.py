@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from skr8tr.core import why
 
@@ -41,3 +45,13 @@ def test_clean_keeps_a_short_text_whole_and_collapses_white_space():
     assert why.clean(" " * 10_000 + "tail") == "tail"
     # a text longer than what is looked at is cut even when its spaces collapse
     assert why.clean("a" + " " * 10_000 + "tail") == "a…"
+
+
+@given(st.text(max_size=4096), st.integers(min_value=20, max_value=400))
+def test_any_text_becomes_one_bounded_line_of_visible_characters(text, limit):
+    shown = why.clean(text, limit)
+    assert len(shown) <= limit
+    assert shown == shown.strip()
+    for ch in shown:
+        assert ch == " " or unicodedata.category(ch)[0] not in "CZ", repr(ch)
+    assert "  " not in shown
