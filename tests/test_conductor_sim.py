@@ -350,3 +350,34 @@ async def test_a_node_cannot_set_the_reason_of_another_nodes_replica(
     (row,) = await run(cluster, "list", {"app": "web"})
     assert (row["state"], row["reason"], row["exit_code"], row["restarts"]) == (
         "ready", None, None, 0)
+
+
+async def test_an_unhealthy_replicas_successor_takes_its_slot_and_says_why(
+        cluster, nursery, autojump_clock):
+    await start_nodes(nursery, cluster, ("n1", "127.0.0.1"))
+    (first,) = (await run(cluster, "up", manifest(replicas=1)))["replicas"]
+    await wait_for(lambda: any(r.state == "ready" for r in cluster.replicas.values()))
+    r = cluster.replicas[first["replica"]]
+    cluster.replica_report("n1", ReplicaReport(
+        replica=r.replica_id, app="web", generation=1, state="unhealthy", pid=r.pid,
+        port=r.port, ts=0.0, message="3 probes failed: GET /healthz -> 500\nwant 200"))
+    await wait_for(lambda: first["replica"] not in cluster.replicas
+                   and any(r.state == "ready" for r in cluster.replicas.values()))
+    (row,) = await run(cluster, "list", {"app": "web"})
+    assert row["replica"] != first["replica"] and row["slot"] == first["replica"]
+    assert row["restarts"] == 1
+    assert row["reason"] == "unhealthy: 3 probes failed: GET /healthz -> 500 want 200"
+    assert (row["exit_code"], row["signal"], row["next_restart"]) == (None, None, None)
+
+
+async def test_scaling_down_passes_no_slot_on(cluster, nursery, autojump_clock):
+    await start_nodes(nursery, cluster, ("n1", "127.0.0.1"))
+    await run(cluster, "up", manifest(replicas=2))
+    await wait_for(lambda: len([r for r in live(cluster) if r.state == "ready"]) == 2)
+    await run(cluster, "scale", {"app": "web", "replicas": 1})
+    await wait_for(lambda: len(cluster.replicas) == 1)
+    await run(cluster, "scale", {"app": "web", "replicas": 2})
+    await wait_for(lambda: len([r for r in live(cluster) if r.state == "ready"]) == 2)
+    rows = await run(cluster, "list", {"app": "web"})
+    assert all(r["slot"] == r["replica"] and r["restarts"] == 0 and r["reason"] is None
+               for r in rows)

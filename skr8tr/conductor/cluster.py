@@ -228,6 +228,9 @@ class Cluster(NodeReports):
             r.slot, r.restarts = replaces.slot, replaces.restarts + 1
             if replaces.ended_reason is not None:
                 r.last_end = (replaces.ended_reason, replaces.exit_code, replaces.signal)
+            elif replaces.vacating is not None:
+                r.last_end = (replaces.vacating, None, None)
+            replaces.vacating = None
         self.replicas[r.replica_id] = r
         self.ports.claim(r)
         node = self.nodes[where.node_id]
@@ -425,6 +428,9 @@ class Cluster(NodeReports):
             views, now,
         )
         short: placement.NoCapacity | None = None
+        # Replicas retired as unhealthy: a new launch takes over their slots.
+        vacated = [r for r in self.replicas.of_app(app.name)
+                   if r.vacating is not None and r.generation == app.generation]
         for action in plan.actions:
             if isinstance(action, reconcile.Forget):
                 r = self.replicas.pop(action.replica_id, None)
@@ -433,8 +439,10 @@ class Cluster(NodeReports):
             elif isinstance(action, reconcile.Stop):
                 self.retire_replica(action.replica_id, action.reason)
             elif short is None:
-                replaces = (None if action.replaces is None
-                            else self.replicas.get(action.replaces))
+                if action.replaces is not None:
+                    replaces = self.replicas.get(action.replaces)
+                else:
+                    replaces = vacated.pop() if vacated else None
                 result = self.launch(app, app.revision, restart_count=action.restart_count,
                                      replaces=replaces)
                 if isinstance(result, placement.NoCapacity):

@@ -74,6 +74,7 @@ class ReplicaState:
     restarts: int = 0
     last_end: tuple[str, int | None, int | None] | None = None  # (reason, exit code, signal)
     ended_reason: str | None = None  # why it ended itself (set by Cluster._replica_ended)
+    vacating: str | None = None  # retired as unhealthy: why, until a successor takes its slot
 
     def __post_init__(self) -> None:
         if not self.slot:
