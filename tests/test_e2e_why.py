@@ -120,3 +120,44 @@ def test_a_healthy_list_has_no_reason_column(cluster: Cluster, tmp_path: Path):
     rows = cluster.json("list", "calm")
     assert all((r["restarts"], r["reason"], r["next_restart"]) == (0, None, None) for r in rows)
     cluster.cli_ok("down", "calm")
+
+
+SICKENS = """#!/usr/bin/env python3
+import http.server, sys, time
+port, healthy_s = int(sys.argv[1]), float(sys.argv[2])
+born = time.monotonic()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 200 if time.monotonic() - born < healthy_s else 500
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_an_unhealthy_replica_hands_its_slot_on_with_the_probe_result(
+        cluster: Cluster, tmp_path: Path):
+    cluster.start_node("n1")
+    script = tmp_path / "sickens.py"
+    script.write_text(SICKENS)
+    script.chmod(0o755)
+    manifest = tmp_path / "sick.skr8tr"
+    manifest.write_text(
+        f"app sick\n  exec {script}\n  args {{port}} 2\n  port auto\n  replicas 1\n"
+        "  health\n    check GET /healthz 200\n    interval 200ms\n    retries 2\n")
+    (first,) = cluster.json("up", str(manifest))["replicas"]
+
+    def handed_on() -> dict | None:
+        rows = [r for r in cluster.json("list", "sick") if r["restarts"] >= 1]
+        return rows[0] if rows else None
+
+    row = poll(handed_on, timeout_s=60, what="the successor of the unhealthy replica")
+    assert row["slot"] == first["replica"] and row["replica"] != first["replica"]
+    assert row["reason"].startswith("unhealthy: health check GET /healthz failed 2 time(s)")
+    assert "500" in row["reason"] and row["exit_code"] is None
+    text = cluster.cli_ok("list", "sick")
+    assert "last: unhealthy: health check GET /healthz failed" in text
+    cluster.cli_ok("down", "sick")
