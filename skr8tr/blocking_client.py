@@ -158,6 +158,7 @@ class Session:
         self.path = path
         self._conn: Connection | None = None
         self._base: str | None = None  # the conductor self._conn goes to, as listed or named
+        self._request_id: str | None = None  # of the last call (next_result reads its replies)
 
     def __enter__(self) -> Session:
         return self
@@ -181,6 +182,7 @@ class Session:
         """
         opts = self.opts
         request = wire.build_request(cmd, args, opts.signing_key)
+        self._request_id = request["id"]
         text = json.dumps(request)
         run = wire.FailoverCall(opts.conductor, self.path, opts.timeout_s, time.monotonic(),
                                 patient_s=patient_s, first=self._base)
@@ -214,6 +216,26 @@ class Session:
             if run.settles(reply):
                 return run.result(reply)
             self._drop()
+
+    def next_result(self) -> Any:
+        """The next reply to the last request on its connection, waiting as long as it
+        takes (a ``logs`` follow sends one per batch of lines); its result.
+
+        Raises ClientError: UNREACHABLE (exit 3) when the connection closes (it is
+        dropped: the next :meth:`call` looks for the leader again), BAD_REPLY for a
+        message that cannot be read, the conductor's code for an error reply.
+        """
+        if self._conn is None or self._request_id is None:
+            raise wire.unreachable(self._base or self.opts.conductor, "no open connection")
+        url = self._conn.url
+        try:
+            reply = None
+            while reply is None:
+                reply = wire.match_reply(self._conn.receive_message(), self._request_id)
+        except ConnectionClosed as closed:
+            self._drop()
+            raise wire.unreachable(url, f"the connection closed: {closed.close_reason}") from None
+        return wire.result_of(reply)
 
     def _drop(self) -> None:
         if self._conn is not None:

@@ -51,10 +51,24 @@ def _print_json(doc: Any) -> None:
 
 
 def _fail(opts: argparse.Namespace, err: CliError) -> int:
-    sys.stderr.write(f"error: {err.code}: {err.message}\n")
+    # An invalid manifest has every error it holds, one line each, in line order.
+    errors = getattr(err, "errors", None) or [err.message]
+    for message in errors:
+        sys.stderr.write(f"error: {err.code}: {message}\n")
     if getattr(opts, "json", False):
-        _print_json({"error": {"code": err.code, "message": err.message}})
+        doc = {"code": err.code, "message": err.message}
+        if len(errors) > 1:
+            doc["errors"] = errors
+        _print_json({"error": doc})
     return err.exit
+
+
+def _invalid_manifest(exc: Any) -> CliError:
+    """A ManifestError as the CLI reports it: exit 2; ``message`` the first error, ``errors``
+    every one (``FILE:LINE:COL: message`` each)."""
+    err = CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE)
+    err.errors = exc.lines()  # type: ignore[attr-defined]
+    return err
 
 
 # --------------------------------------------------------------------------- verbs
@@ -100,7 +114,7 @@ def _read_manifest(path: str) -> tuple[str, str, str]:
     try:
         text, parsed = manifest_files.read_manifest(path)
     except manifest.ManifestError as exc:
-        raise CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE) from None
+        raise _invalid_manifest(exc) from None
     fmt = "toml" if path.endswith(".toml") else "skr8tr"
     return text, fmt, parsed.base_dir
 
@@ -110,10 +124,13 @@ def cmd_fmt(opts: argparse.Namespace) -> int:
     from skr8tr.core import manifest
 
     try:
-        m = manifest_files.load_manifest(opts.file)
+        source, m = manifest_files.read_manifest(opts.file)
     except manifest.ManifestError as exc:
-        raise CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE) from None
-    text = manifest.format_toml(m) if opts.toml else manifest.format_skr8tr(m)
+        raise _invalid_manifest(exc) from None
+    comments = manifest.read_comments(
+        source, format="toml" if opts.file.endswith(".toml") else "skr8tr")
+    text = (manifest.format_toml(m, comments) if opts.toml
+            else manifest.format_skr8tr(m, comments))
     if opts.json:
         _print_json({"format": "toml" if opts.toml else "skr8tr", "text": text})
     else:
@@ -158,6 +175,16 @@ def cmd_audit(opts: argparse.Namespace) -> int:
         print(f"# no {audit_head.head_path(opts.file)} and no --expect-head: lines cut off the "
               "end, or a rewritten log, cannot be told apart from an intact one. Keep this "
               "head elsewhere and pass it as --expect-head next time.", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_completion(opts: argparse.Namespace) -> int:
+    """The shell's completion script, generated from the argument tree by shtab: every
+    verb, sub-verb and flag, files where a FILE goes. Costs nothing at start-up: the
+    script is static, and shtab is imported only here."""
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=opts.shell))
     return EXIT_OK
 
 
@@ -260,70 +287,134 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
         sub = target[0]
         if len(target) != 2:
             raise CliError("USAGE", f"usage: skr8tr rollout {sub} APP", EXIT_USAGE)
-        if opts.watch or opts.force:
-            raise CliError("USAGE", f"--watch and --force go with `rollout FILE`, not "
-                           f"`rollout {sub}`", EXIT_USAGE)
+        if opts.watch and sub not in ("status", "undo"):
+            raise CliError("USAGE", f"--watch goes with `rollout FILE`, `rollout status APP` "
+                           f"or `rollout undo APP`, not `rollout {sub}`", EXIT_USAGE)
+        if opts.force and sub != "undo":
+            raise CliError("USAGE", f"--force goes with `rollout FILE` or `rollout undo APP`, "
+                           f"not `rollout {sub}`", EXIT_USAGE)
         if opts.to is not None and sub != "undo":
             raise CliError("USAGE", "--to goes with `rollout undo APP`", EXIT_USAGE)
+        if opts.generation is not None and sub != "history":
+            raise CliError("USAGE", "--generation goes with `rollout history APP`", EXIT_USAGE)
         app = target[1]
         if sub == "status":
-            return _simple_call("rollout-status", lambda o: {"app": app},
-                                output.rollout_status, signed=False)(opts)
+            return _rollout_call("rollout-status", {"app": app}, opts, signed=False)
         if sub == "abort":
             return _simple_call("rollout-abort", lambda o: {"app": app},
                                 output.rollout_status, signed=True)(opts)
         if sub == "undo":
-            return _simple_call("rollout-undo", lambda o: {"app": app, "to": o.to},
-                                output.rollout_status, signed=True)(opts)
+            args = {"app": app, "to": opts.to}
+            if opts.force:  # only when asked: a conductor older than --force still answers
+                args["force"] = True
+            return _rollout_call("rollout-undo", args, opts, signed=True)
+        if opts.generation is not None:
+            return _simple_call("revision", lambda o: {"app": app, "generation": o.generation},
+                                output.revision, signed=True)(opts)
         return _simple_call("history", lambda o: {"app": app}, output.history,
                             signed=False)(opts)
     if len(target) != 1:
         raise CliError("USAGE", "usage: skr8tr rollout FILE [--watch] [--force]", EXIT_USAGE)
     if opts.to is not None:
         raise CliError("USAGE", "--to goes with `rollout undo APP`", EXIT_USAGE)
+    if opts.generation is not None:
+        raise CliError("USAGE", "--generation goes with `rollout history APP`", EXIT_USAGE)
     text, fmt, base_dir = _read_manifest(target[0])
     args = {"manifest": text, "format": fmt, "base_dir": base_dir, "force": opts.force}
+    return _rollout_call("rollout", args, opts, signed=True)
 
-    import time
 
+def cmd_restart(opts: argparse.Namespace) -> int:
+    args: dict[str, Any] = {"app": opts.app}
+    if opts.force:
+        args["force"] = True
+    return _rollout_call("restart", args, opts, signed=True)
+
+
+def _rollout_call(cmd: str, args: dict, opts: argparse.Namespace, *, signed: bool) -> int:
+    """A command whose result is a rollout status; with ``--watch``, the rollout followed
+    until it ends: exit 0 only when it ends ``complete`` (1 otherwise)."""
     from skr8tr import blocking_client as client
 
     def body(call_opts: Any) -> int:
         with client.Session(call_opts) as session:
-            status = session.call("rollout", args)
+            status = session.call(cmd, args)
             if not opts.watch:
                 if opts.json:
                     _print_json(status)
                 else:
                     print(output.rollout_status(status))
                 return EXIT_OK
-            # Follow by polling rollout-status on the open connection: it needs no
-            # command beyond the fixed set every conductor answers, and survives lost
-            # events. A poll outlives a failover: it looks for the new leader for up to
-            # RECONNECT_BUDGET_S, which then reports how the rollout ended (§7).
-            tty = sys.stdout.isatty() and not opts.json
-            last = None
-            while status["state"] == "rolling":
-                line = output.rollout_status(status)
-                # On a terminal the line is redrawn in place; in a log, a new line is
-                # written only when something other than the elapsed time changed.
-                key = line if tty else re.sub(r" · [0-9.]+ s$", "", line)
-                if not opts.json and key != last:
-                    sys.stdout.write(("\r\x1b[K" + line) if tty else line + "\n")
-                    sys.stdout.flush()
-                    last = key
-                time.sleep(0.2)
-                status = session.call("rollout-status", {"app": status["app"]},
-                                      patient_s=RECONNECT_BUDGET_S)
-        if opts.json:
-            _print_json(status)
-        else:
-            if tty:
-                sys.stdout.write("\r\x1b[K")
-            print(output.rollout_status(status))
-        return EXIT_OK if status["state"] == "complete" else EXIT_REMOTE_ERROR
+            return _follow_rollout(session, status, opts)
 
-    return _run_client(opts, body, signed=True)
+    return _run_client(opts, body, signed=signed)
+
+
+def _follow_rollout(session: Any, status: dict, opts: argparse.Namespace) -> int:
+    """Print a rollout's progress until it ends; 0 only for ``complete``."""
+    import time
+
+    # Follow by polling rollout-status on the open connection: it needs no
+    # command beyond the fixed set every conductor answers, and survives lost
+    # events. A poll outlives a failover: it looks for the new leader for up to
+    # RECONNECT_BUDGET_S, which then reports how the rollout ended (§7).
+    tty = sys.stdout.isatty() and not opts.json
+    last = None
+    while status["state"] == "rolling":
+        line = output.rollout_status(status)
+        # On a terminal the line is redrawn in place; in a log, a new line is
+        # written only when something other than the elapsed time changed.
+        key = line if tty else re.sub(r" · [0-9.]+ s$", "", line)
+        if not opts.json and key != last:
+            sys.stdout.write(("\r\x1b[K" + line) if tty else line + "\n")
+            sys.stdout.flush()
+            last = key
+        time.sleep(0.2)
+        status = session.call("rollout-status", {"app": status["app"]},
+                              patient_s=RECONNECT_BUDGET_S)
+    if opts.json:
+        _print_json(status)
+    else:
+        if tty:
+            sys.stdout.write("\r\x1b[K")
+        print(output.rollout_status(status))
+    return EXIT_OK if status["state"] == "complete" else EXIT_REMOTE_ERROR
+
+
+def cmd_describe(opts: argparse.Namespace) -> int:
+    return _simple_call("describe", lambda o: {"app": o.app}, output.describe,
+                        signed=True)(opts)
+
+
+def cmd_version(opts: argparse.Namespace) -> int:
+    """The CLI's version, and the conductor's when it answers ``ping``. Exit 0 when it
+    does; when it cannot be reached the client's version is still printed, with the
+    error, and the exit code is the error's (3 unreachable)."""
+    from skr8tr import __version__, blocking_client, wire
+
+    call_opts = wire.CallOptions(conductor=opts.conductor, timeout_s=opts.timeout,
+                                 signing_key=None, ca_file=opts.ca)
+    try:
+        pong = blocking_client.call(call_opts, "ping", {})
+    except CliError as err:
+        if opts.json:
+            _print_json({"client": __version__, "conductor": None,
+                         "error": {"code": err.code, "message": err.message}})
+        else:
+            print(f"client: {__version__}")
+        sys.stderr.write(f"error: {err.code}: {err.message}\n")
+        return err.exit
+    conductor = pong.get("version") if isinstance(pong, dict) else None
+    if opts.json:
+        _print_json({"client": __version__, "conductor": conductor})
+    else:
+        print(f"client: {__version__}")
+        print(f"conductor: {conductor if conductor is not None else '?'}")
+    return EXIT_OK
+
+
+# Replicas whose last line number a follow sends when it resumes (the most recent ones).
+FOLLOW_RESUME_REPLICAS = 1000
 
 
 def cmd_logs(opts: argparse.Namespace) -> int:
@@ -333,29 +424,66 @@ def cmd_logs(opts: argparse.Namespace) -> int:
 
     args = {"app": opts.app, "replica": opts.replica, "tail": opts.tail}
 
+    def note(text: str) -> None:  # on stderr: stdout keeps the lines only
+        sys.stderr.write(f"# {text}\n")
+        sys.stderr.flush()
+
     def body(call_opts: Any) -> int:
         with client.Session(call_opts) as session:
-            result = session.call("logs", args)
-            if opts.json and not opts.follow:
-                _print_json(result)
+            if not opts.follow:
+                result = session.call("logs", args)
+                if opts.json:
+                    _print_json(result)
+                else:
+                    for line in result["lines"]:
+                        print(output.log_line(line))
                 return EXIT_OK
-            seen: set[tuple] = set()
+            # A stream: the conductor relays every line the nodes read, once, in order
+            # per replica. When the connection drops (a failover, a restart) the follow
+            # is asked again with the last line number shown per replica, and other
+            # replicas' lines from when this follow began: nothing printed twice.
+            shown: dict[str, int] = {}
+            since = time.time()
+            result = session.call("logs", {**args, "follow": True})
             while True:
                 for line in result["lines"]:
-                    key = (line.get("replica"), line.get("ts"), line.get("stream"),
-                           line.get("text"))
-                    if key in seen:
-                        continue
-                    seen.add(key)
+                    if isinstance(line.get("seq"), int):
+                        shown.pop(line["replica"], None)  # the most recent last
+                        shown[line["replica"]] = line["seq"]
+                        if len(shown) > FOLLOW_RESUME_REPLICAS:
+                            del shown[next(iter(shown))]
                     if opts.json:
                         _print_json(line)  # --follow --json: one JSON line per log line
-                        sys.stdout.flush()
                     else:
-                        print(output.log_line(line), flush=True)
-                if not opts.follow:
-                    return EXIT_OK
-                time.sleep(1.0)
-                result = session.call("logs", args, patient_s=RECONNECT_BUDGET_S)
+                        print(output.log_line(line))
+                skipped = result.get("skipped") or 0
+                if skipped:
+                    if opts.json:
+                        _print_json({"skipped": skipped})
+                    else:
+                        note(f"{skipped} line(s) skipped: they came faster than they were read")
+                sys.stdout.flush()
+                try:
+                    result = session.next_result()
+                except CliError as err:
+                    if err.code != "UNREACHABLE":
+                        raise
+                    note(f"lost the log stream ({err.message}); looking for the leader for "
+                         f"up to {RECONNECT_BUDGET_S:g} s")
+                    resume = {**args, "tail": 0, "follow": True, "after": shown,
+                              "since": since}
+                    give_up = time.monotonic() + RECONNECT_BUDGET_S
+                    while True:
+                        try:
+                            result = session.call("logs", resume,
+                                                  patient_s=max(1.0, give_up - time.monotonic()))
+                            break
+                        except CliError as again:
+                            # Signed while no conductor ran: a restarted one refuses it
+                            # (it may be a replay); a request signed now is not.
+                            if again.code != "EXPIRED" or time.monotonic() > give_up:
+                                raise
+                    note(f"following the logs on {session.conductor}")
 
     return _run_client(opts, body, signed=True)
 
@@ -398,6 +526,9 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scale": lambda o: _simple_call(
         "scale", lambda o: {"app": o.app, "replicas": o.replicas}, output.up, signed=True)(o),
     "rollout": cmd_rollout,
+    "restart": cmd_restart,
+    "describe": cmd_describe,
+    "version": cmd_version,
     "list": lambda o: _simple_call(
         "list", lambda o: {"app": o.app}, output.replicas, signed=False)(o),
     "nodes": lambda o: _simple_call("nodes", lambda o: {}, output.nodes, signed=False)(o),
@@ -405,12 +536,21 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ping": lambda o: _simple_call("ping", lambda o: {}, _render_ping, signed=False)(o),
     "logs": cmd_logs,
     "watch": cmd_watch,
+    "completion": cmd_completion,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.verb in ("conductor", "node", "ingress"):
+        from skr8tr import daemon_config
+
+        try:
+            opts = daemon_config.apply(parser, sys.argv[1:] if argv is None else argv, opts)
+        except daemon_config.ConfigError as exc:
+            sys.stderr.write(f"error: CONFIG: {exc}\n")
+            return EXIT_USAGE
     try:
         return VERBS[opts.verb](opts)
     except CliError as err:

@@ -18,41 +18,70 @@ from typing import Any
 from skr8tr import DEFAULT_KEY_FILE, __version__
 from skr8tr.wire import DEFAULT_CONDUCTOR_URL, DEFAULT_TIMEOUT_S, EXIT_USAGE
 
-__all__ = ["DEFAULT_KEY_FILE", "build_parser"]
+__all__ = ["DAEMON_CLIENT_FLAGS", "DEFAULT_KEY_FILE", "build_parser"]
 
 
+# The client flags a daemon uses (``skr8tr conductor`` none); the others are still
+# accepted after a daemon's verb, as before, but left out of its --help.
+DAEMON_CLIENT_FLAGS = {"conductor": (), "node": ("conductor", "key", "ca"),
+                       "ingress": ("conductor", "ca")}
 
-def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+
+def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool,
+                      shown: tuple[str, ...] | None = None) -> None:
     """The client flags, accepted before or after the verb.
 
     On the top-level parser they carry the defaults; on each verb's parser they
     default to SUPPRESS so that a flag given before the verb is not overwritten.
+    *shown*: the flags listed in the verb's --help (default all of them).
     """
     dflt: Callable[[Any], Any] = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
-    group = parser.add_argument_group("client options (before or after the verb)")
+
+    def help_(name: str, text: str) -> str:
+        return text if shown is None or name in shown else argparse.SUPPRESS
+
+    title = ("client options (before or after the verb)" if shown is None
+             else "conductor options")
+    group = parser.add_argument_group(title)
     group.add_argument(
         "--conductor", metavar="URL[,URL...]",
         default=dflt(os.environ.get("SKR8TR_CONDUCTOR") or DEFAULT_CONDUCTOR_URL),
-        help="conductor WebSocket URL, or several conductors on etcd comma-separated: "
-        "tried in order, following a follower to the leader (env SKR8TR_CONDUCTOR; "
-        f"default {DEFAULT_CONDUCTOR_URL})",
+        help=help_("conductor", "conductor WebSocket URL, or several conductors on etcd "
+                   "comma-separated: tried in order, following a follower to the leader "
+                   f"(env SKR8TR_CONDUCTOR; default {DEFAULT_CONDUCTOR_URL})"),
     )
     group.add_argument(
         "--key", metavar="FILE",
         default=dflt(os.environ.get("SKR8TR_KEY") or DEFAULT_KEY_FILE),
-        help=f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})",
+        help=help_("key", f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})"),
     )
     group.add_argument(
         "--ca", metavar="FILE", default=dflt(os.environ.get("SKR8TR_CA") or None),
-        help="for a wss:// conductor: the CA certificate (PEM) to verify it with, instead "
-        "of the system's trust store (env SKR8TR_CA)",
+        help=help_("ca", "for a wss:// conductor: the CA certificate (PEM) to verify it "
+                   "with, instead of the system's trust store (env SKR8TR_CA)"),
     )
     group.add_argument("--json", action="store_true", default=dflt(False),
-                       help="print exactly one JSON document on stdout")
+                       help=help_("json", "print exactly one JSON document on stdout"))
     group.add_argument("--timeout", metavar="S", type=_positive_float,
                        default=dflt(DEFAULT_TIMEOUT_S),
-                       help="seconds to wait for the conductor: to find the leader, and "
-                       f"for each reply (default {DEFAULT_TIMEOUT_S:g})")
+                       help=help_("timeout", "seconds to wait for the conductor: to find the "
+                                  f"leader, and for each reply (default {DEFAULT_TIMEOUT_S:g})"))
+
+
+def _daemon_epilog(verb: str) -> str:
+    env = f"SKR8TR_{verb.upper()}_"
+    return (f"Every flag can also be set in a --config FILE (TOML; the key is the flag's "
+            f"name without --, e.g. log-level = \"debug\"; a repeatable flag takes an "
+            f"array) or in the environment as {env}FLAG (upper case, - as _, e.g. "
+            f"{env}LOG_LEVEL=debug; a repeatable flag takes a comma-separated list; "
+            f"true/false, 1/0, yes/no for a switch). The command line wins over the "
+            f"environment, which wins over the file.")
+
+
+def _add_config_flag(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"read flags from this TOML file (env SKR8TR_{verb.upper()}"
+                        "_CONFIG); see below")
 
 
 def _positive_float(text: str) -> float:
@@ -105,8 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help, **kw)
-        _add_client_flags(p, top=False)
+        _add_client_flags(p, top=False, shown=DAEMON_CLIENT_FLAGS.get(name))
+        if name in DAEMON_CLIENT_FLAGS:
+            p.epilog = _daemon_epilog(name)
+            _add_config_flag(p, name)
         return p
+
+    parser.verb_parsers = verbs.choices  # type: ignore[attr-defined] (skr8tr.daemon_config)
 
     p = verb("keygen", "create a signing key pair (Ed25519, ML-DSA-65 or both)")
     # The names are spelled out here: importing skr8tr.core.signatures for them
@@ -211,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["debug", "info", "warning", "error"])
 
     p = verb("ingress", "run the HTTP ingress in front of apps")
-    p.add_argument("--listen", metavar="H:P", required=True)
-    p.add_argument("--route", metavar="/PREFIX:APP", action="append", required=True,
-                   help="route a path prefix to an app (repeatable)")
+    # Required, here or in --config / the environment: skr8tr.daemon_config checks.
+    p.add_argument("--listen", metavar="H:P", help="address to serve HTTP on (required)")
+    p.add_argument("--route", metavar="/PREFIX:APP", action="append",
+                   help="route a path prefix to an app (repeatable; at least one)")
     p.add_argument("--max-connections", metavar="N", type=_positive_int, default=1024,
                    help="client connections served at once, lowered to fit the open-file "
                    "limit; more get a 503 (default 1024)")
@@ -250,15 +285,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(
         "rollout", "rolling update, or its status / abort / undo / history",
         usage="skr8tr rollout FILE [--watch] [--force]\n"
-        "       skr8tr rollout status APP | abort APP | undo APP [--to GEN] | history APP",
+        "       skr8tr rollout status APP [--watch] | abort APP\n"
+        "       skr8tr rollout undo APP [--to GEN] [--watch] [--force]\n"
+        "       skr8tr rollout history APP [--generation N]",
+        epilog="With --watch the exit code is 0 only when the rollout ends complete, "
+        "1 otherwise.",
     )
     p.add_argument("target", nargs="+", metavar="FILE | SUBVERB APP",
                    help="a manifest file, or one of: status, abort, undo, history "
                    "followed by the app")
-    p.add_argument("--watch", action="store_true", help="follow the rollout until it ends")
-    p.add_argument("--force", action="store_true", help="abort a running rollout first")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the rollout until it ends (with FILE, status or undo)")
+    p.add_argument("--force", action="store_true",
+                   help="abort a running rollout first; with undo --to, also return to a "
+                   "generation whose rollout was aborted, failed or rolled back")
     p.add_argument("--to", metavar="GEN", type=_positive_int,
                    help="with undo: the generation to return to")
+    p.add_argument("--generation", metavar="N", type=_positive_int,
+                   help="with history: that revision's state, times and manifest text "
+                   "(signed: the manifest may hold secrets)")
+
+    p = verb("restart", "rolling restart: replace every replica of an app with a new one "
+             "of the same manifest, gated like a rollout (takes a new generation)")
+    p.add_argument("app", metavar="APP")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the restart until it ends (exit 0 only when complete)")
+    p.add_argument("--force", action="store_true", help="abort a running rollout first")
+
+    p = verb("describe", "an app in full: manifest, generation, replicas, last rollout, "
+             "recent events (signed: the manifest may hold secrets)")
+    p.add_argument("app", metavar="APP")
 
     p = verb("scale", "change an app's replica count")
     p.add_argument("app", metavar="APP")
@@ -269,12 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     verb("nodes", "list node agents")
     verb("status", "nodes, apps, replicas and rollouts at once")
     verb("ping", "check that the conductor answers")
+    verb("version", "the CLI's version and the conductor's (exit 3, after printing the "
+         "CLI's, when the conductor cannot be reached)")
 
     p = verb("logs", "show a replica's or an app's logs")
     p.add_argument("app", metavar="APP")
     p.add_argument("--replica", metavar="ID")
-    p.add_argument("--tail", metavar="N", type=_positive_int, default=100)
-    p.add_argument("--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", metavar="N", type=_non_negative_int, default=100,
+                   help="the last N lines (default 100); 0: none, with --follow only new ones")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new lines as the replicas write them, replicas that "
+                   "start meanwhile included, until Ctrl-C")
 
     verb("watch", "print live events until Ctrl-C")
 
@@ -289,6 +350,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("fmt", "check a manifest and print it normalised")
     p.add_argument("--toml", action="store_true", help="print it as TOML")
     p.add_argument("file", metavar="FILE")
+
+    p = verb("completion", "print a shell completion script: "
+             "source <(skr8tr completion bash), or see README for zsh")
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    _mark_completions(parser)
     return parser
+
+
+# Shell completion (`skr8tr completion`, generated from this tree by shtab): what
+# each argument completes to, as shtab's ``.complete`` dicts, so that this module
+# does not import shtab. Files for FILE/F, folders for DIR/D; rollout's first
+# word is a sub-verb or a manifest file.
+_FILE = {"bash": "_shtab_compgen_files", "zsh": "_files"}
+_DIR = {"bash": "_shtab_compgen_dirs", "zsh": "_files -/"}
+_ROLLOUT_TARGET = {
+    "bash": "_skr8tr_rollout_target",
+    "zsh": "_skr8tr_rollout_target",
+    "preamble": {
+        "bash": "_skr8tr_rollout_target() {\n"
+                "  compgen -W 'status abort undo history' -- \"$1\"\n"
+                "  compgen -f -- \"$1\"\n}\n",
+        "zsh": "_skr8tr_rollout_target() {\n"
+               "  _alternative 'subverbs:sub-verb:(status abort undo history)' "
+               "'files:manifest:_files'\n}\n",
+    },
+}
+
+
+def _mark_completions(parser: argparse.ArgumentParser) -> None:
+    for sub in parser.verb_parsers.values():  # type: ignore[attr-defined]
+        for action in sub._actions:
+            if action.choices is not None:
+                continue
+            if action.metavar in ("FILE", "F"):
+                action.complete = _FILE  # type: ignore[attr-defined]
+            elif action.metavar in ("DIR", "D"):
+                action.complete = _DIR  # type: ignore[attr-defined]
+    rollout = parser.verb_parsers["rollout"]  # type: ignore[attr-defined]
+    for action in rollout._actions:
+        if action.dest == "target":
+            action.complete = _ROLLOUT_TARGET  # type: ignore[attr-defined]
 
 

@@ -189,3 +189,74 @@ def event_line(seq: int, ts: float, event: str, data: dict) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
     fields = " ".join(f"{k}={_cell(v)}" for k, v in data.items())
     return f"{stamp} #{seq} {event} {fields}".rstrip()
+
+
+def revision(result: dict) -> str:
+    """``rollout history APP --generation N``: the revision's facts, then its manifest."""
+    head = [
+        f"App:         {result.get('app')}",
+        f"Generation:  {result.get('generation')}"
+        + (" (current)" if result.get("current") else ""),
+        f"State:       {_cell(result.get('state'))}",
+        f"Started:     {_cell(_when(result.get('started')))}",
+        f"Finished:    {_cell(_when(result.get('finished')))}",
+        f"Manifest:    sha256 {result.get('manifest_sha256')} ({result.get('format')}, "
+        f"base dir {result.get('base_dir')})",
+        "",
+    ]
+    text = str(result.get("manifest", ""))
+    return "\n".join(head) + "\n" + text.rstrip("\n")
+
+
+# Fields a replica row may carry beyond those of `list` (reason, exit code, restarts,
+# ...): `describe` shows a column for each one that some row has, in this order first.
+_EXTRA_REPLICA_ORDER = ("restarts", "exit_code", "next_restart", "reason")
+
+
+def _replica_columns(rows: Sequence[dict]) -> list[Column]:
+    known = {header.lower() for header, _ in REPLICA_COLUMNS} | {"generation", "app"}
+    extra: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in known and key not in extra and key != "gen":
+                extra.append(key)
+    extra.sort(key=lambda k: (_EXTRA_REPLICA_ORDER.index(k) if k in _EXTRA_REPLICA_ORDER
+                              else len(_EXTRA_REPLICA_ORDER), k))
+    columns = [c for c in REPLICA_COLUMNS if c[0] != "APP"]
+    return columns + [(k.upper().replace("_", " "), _key(k)) for k in extra]
+
+
+def describe(result: dict) -> str:
+    """``describe APP``, read top to bottom like ``kubectl describe``."""
+    counts = result.get("counts") or {}
+    lines = [
+        f"Name:        {result.get('app')}",
+        f"Type:        {result.get('type')}",
+        f"Generation:  {result.get('generation')}",
+        f"Replicas:    {result.get('desired')} desired"
+        + "".join(f", {counts[k]} {k}" for k in ("running", "ready") if k in counts),
+    ]
+    if counts.get("message"):
+        lines.append(f"Placement:   {counts['message']}")
+    lines.append(f"Manifest:    sha256 {result.get('manifest_sha256')} "
+                 f"({result.get('format')}, base dir {result.get('base_dir')})")
+    rollout = result.get("rollout")
+    lines.append(f"Rollout:     {rollout_status(rollout) if rollout else 'none yet'}")
+    rows = result.get("replicas") or []
+    lines += ["", "Replicas:", _indent(table(rows, _replica_columns(rows), empty="none"))]
+    lines += ["", "Rollouts:", _indent(history(result.get("history") or []))]
+    events = result.get("events") or []
+    lines += ["", "Events:"]
+    if events:
+        lines += [_indent(event_line(e.get("seq", 0), e.get("ts", 0.0), e.get("event", "?"),
+                                     {k: v for k, v in (e.get("data") or {}).items()
+                                      if k != "app"}))
+                  for e in events]
+    else:
+        lines.append("  none recent")
+    lines += ["", "Manifest text:", _indent(str(result.get("manifest", "")).rstrip("\n"))]
+    return "\n".join(lines)
+
+
+def _indent(text: str) -> str:
+    return "\n".join(("  " + line).rstrip() for line in text.split("\n"))

@@ -44,8 +44,28 @@ def test_every_verb_has_help(verb, cli_env):
     proc = run_cli(verb, "--help", env=cli_env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: skr8tr ")
-    # the client flags are accepted after the verb too
-    assert "--conductor URL" in proc.stdout
+    # the client flags are accepted after the verb too (a daemon lists only its own)
+    if verb != "conductor":
+        assert "--conductor URL" in proc.stdout
+
+
+@pytest.mark.parametrize(("verb", "shown", "hidden"), [
+    ("conductor", ["--listen", "--config FILE", "SKR8TR_CONDUCTOR_LOG_LEVEL"],
+     ["--conductor", "--key", "--ca", "--json", "--timeout"]),
+    ("node", ["--conductor", "--key FILE", "--ca FILE", "--config FILE", "--data-dir"],
+     ["--json", "--timeout"]),
+    ("ingress", ["--conductor", "--ca FILE", "--route", "--config FILE"],
+     ["--key", "--json", "--timeout"]),
+])
+def test_daemon_help_lists_only_its_own_flags(cli_env, verb, shown, hidden):
+    out = run_cli(verb, "--help", env=cli_env).stdout
+    for flag in shown:
+        assert flag in out, flag
+    for flag in hidden:
+        assert flag + " " not in out and flag + "\n" not in out, flag
+    # still accepted, as before, for scripts that pass them
+    proc = run_cli(verb, "--json", "--timeout", "3", "--help", env=cli_env)
+    assert proc.returncode == 0
 
 
 def test_unknown_verb_is_usage_error(cli_env):
@@ -258,8 +278,16 @@ def test_invalid_manifest_is_caught_before_sending(cli_env, tmp_path):
     "argv, message",
     [
         (["rollout", "status"], "usage: skr8tr rollout status APP"),
-        (["rollout", "status", "web", "--watch"], "--watch and --force go with"),
+        (["rollout", "abort", "web", "--watch"], "--watch goes with `rollout FILE`, "
+         "`rollout status APP` or `rollout undo APP`, not `rollout abort`"),
+        (["rollout", "history", "web", "--watch"], "not `rollout history`"),
+        (["rollout", "status", "web", "--force"], "--force goes with `rollout FILE` or "
+         "`rollout undo APP`, not `rollout status`"),
         (["rollout", "abort", "web", "--to", "2"], "--to goes with"),
+        (["rollout", "status", "web", "--generation", "2"], "--generation goes with "
+         "`rollout history APP`"),
+        (["rollout", "history", "web", "--generation", "0"], "expected a number >= 1"),
+        (["rollout", "history", "web", "--generation", "x"], "expected a whole number"),
         (["rollout", "a.skr8tr", "b.skr8tr"], "usage: skr8tr rollout FILE"),
     ],
 )

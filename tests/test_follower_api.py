@@ -29,7 +29,10 @@ async def test_a_follower_answers_ping_and_refuses_the_rest_naming_the_leader():
         {"v": 1, "id": "p", "cmd": "ping", "args": {}}), "127.0.0.1"))
     assert ping["result"] == {"pong": "conductor", "version": ping["result"]["version"],
                               "role": "follower", "leader": LEADER}
-    for cmd, args in (("list", {"app": None}), ("scale", {"app": "web", "replicas": 2})):
+    for cmd, args in (("list", {"app": None}), ("scale", {"app": "web", "replicas": 2}),
+                      ("restart", {"app": "web"}), ("describe", {"app": "web"}),
+                      ("revision", {"app": "web", "generation": 1}),
+                      ("rollout-undo", {"app": "web", "to": 1, "force": True})):
         reply = json.loads(await api.handle_message(json.dumps(
             {"v": 1, "id": "r", "cmd": cmd, "args": args}), "127.0.0.1"))
         assert reply["id"] == "r" and reply["error"]["code"] == "NOT_LEADER"

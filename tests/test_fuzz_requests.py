@@ -58,8 +58,13 @@ ARG_VALUES = {
     "replicas": st.integers(-1, 1001),
     "force": st.booleans(),
     "to": st.one_of(st.none(), st.integers(0, 4)),
+    "generation": st.one_of(st.integers(-1, 4), st.sampled_from([2**53, 2**53 + 1, 10**40])),
     "replica": st.one_of(st.none(), st.text(max_size=10)),
     "tail": st.integers(0, 10001),
+    "follow": st.booleans(),
+    "after": st.one_of(st.none(), st.dictionaries(st.text(max_size=10),
+                                                  st.integers(-1, 2**53 + 1), max_size=3)),
+    "since": st.one_of(st.none(), st.floats(), st.integers(-1, 10**13)),
 }
 plausible_args = st.dictionaries(
     st.sampled_from(["app", "manifest", "format", "base_dir", "replicas", "force", "to",

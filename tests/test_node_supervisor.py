@@ -219,6 +219,12 @@ async def test_launch_failures_report_the_os_error(tmp_path: Path, case: str) ->
         assert expected in failed["message"]
         assert (failed["pid"], failed["reason"]) == (None, "launch_error")
         assert reports.states("r1") == ["failed"]
+        # Why it never ran is in its stderr log, on disk and in the tail (`skr8tr logs`).
+        why = f"skr8tr: cannot start {launch.exec}: {failed['message']}"
+        stderr = tmp_path / "data" / "logs" / "r1.stderr"
+        assert stderr.read_text() == why + "\n"
+        assert [(x["stream"], x["text"]) for x in sup.tail_logs("demo", None, 10)] == [
+            ("stderr", why)]
         await sup.records.flush()
         assert not (tmp_path / "data" / "replicas" / "r1.json").exists()
         sup.stop("r1")  # answered with the failed report again

@@ -78,7 +78,7 @@ def test_constants():
         "UNAVAILABLE",
     )
     assert COMMANDS == SIGNED_COMMANDS | READ_ONLY_COMMANDS
-    assert len(COMMANDS) == 13
+    assert len(COMMANDS) == 16
 
 
 # --------------------------------------------------------------------------- args per command
@@ -96,9 +96,16 @@ GOOD_ARGS = [
     ("rollout", dict(MANIFEST, force=True), dict(MANIFEST, force=True)),
     ("rollout-status", {"app": "web"}, {"app": "web"}),
     ("rollout-abort", {"app": "web"}, {"app": "web"}),
-    ("rollout-undo", {"app": "web", "to": None}, {"app": "web", "to": None}),
-    ("rollout-undo", {"app": "web", "to": 3}, {"app": "web", "to": 3}),
-    ("rollout-undo", {"app": "web"}, {"app": "web", "to": None}),
+    ("rollout-undo", {"app": "web", "to": 3}, {"app": "web", "to": 3, "force": False}),
+    ("rollout-undo", {"app": "web"}, {"app": "web", "to": None, "force": False}),
+    ("rollout-undo", {"app": "web", "to": None}, {"app": "web", "to": None, "force": False}),
+    ("rollout-undo", {"app": "web", "to": 2**53, "force": True},
+     {"app": "web", "to": 2**53, "force": True}),
+    ("restart", {"app": "web"}, {"app": "web", "force": False}),
+    ("restart", {"app": "web", "force": True}, {"app": "web", "force": True}),
+    ("describe", {"app": "web"}, {"app": "web"}),
+    ("revision", {"app": "web", "generation": 1}, {"app": "web", "generation": 1}),
+    ("revision", {"app": "web", "generation": 2**53}, {"app": "web", "generation": 2**53}),
     ("history", {"app": "web"}, {"app": "web"}),
     ("list", {}, {"app": None}),
     ("list", {"app": None}, {"app": None}),
@@ -113,6 +120,13 @@ GOOD_ARGS = [
         "logs",
         {"app": "web", "replica": None, "tail": 1},
         {"app": "web", "replica": None, "tail": 1},
+    ),
+    ("logs", {"app": "web", "tail": 0}, {"app": "web", "replica": None, "tail": 0}),
+    (
+        "logs",
+        {"app": "web", "tail": 0, "follow": True, "after": {"web-a1": 7}, "since": 1.5},
+        {"app": "web", "replica": None, "tail": 0, "follow": True, "after": {"web-a1": 7},
+         "since": 1.5},
     ),
 ]
 
@@ -164,15 +178,42 @@ BAD_ARGS = [
     ("rollout-undo", {"app": "web", "to": 0}, "args.to must be a generation number >= 1, or null"),
     ("rollout-undo", {"app": "web", "to": "2"}, "args.to must be"),
     ("rollout-undo", {"app": "web", "to": False}, "args.to must be"),
+    ("rollout-undo", {"app": "web", "to": 2**53 + 1}, "args.to must be"),
+    ("rollout-undo", {"app": "web", "to": 10**4000}, "args.to must be"),
+    ("rollout-undo", {"app": "web", "to": 1.5}, "args.to must be"),
+    ("rollout-undo", {"app": "web", "force": "yes"}, 'args.force must be true or false, got "yes"'),
+    ("rollout-undo", {"app": "web", "force": 0}, "args.force must be true or false, got 0"),
+    ("restart", {}, "args.app is required for restart"),
+    ("restart", {"app": "web", "force": None}, "args.force must be true or false, got null"),
+    ("restart", {"app": "web", "watch": True}, 'unknown argument "watch" for restart'),
+    ("describe", {"app": "../etc"}, "args.app must be an app name"),
+    ("describe", {"app": "web", "tail": 5}, 'unknown argument "tail" for describe'),
+    ("revision", {"app": "web"}, "args.generation is required for revision"),
+    ("revision", {"app": "web", "generation": 0}, "args.generation must be a generation number "
+     "1..9007199254740992, got 0"),
+    ("revision", {"app": "web", "generation": 2**53 + 1}, "got 9007199254740993"),
+    ("revision", {"app": "web", "generation": -1}, "got -1"),
+    ("revision", {"app": "web", "generation": "2"}, 'got "2"'),
+    ("revision", {"app": "web", "generation": True}, "got true"),
+    ("revision", {"app": "web", "generation": 2.0}, "got 2.0"),
+    ("revision", {"app": "web", "generation": None}, "got null"),
+    ("revision", {"app": "web", "generation": [1]}, "got an array"),
     ("history", {"app": None}, "args.app must be"),
     ("list", {"app": ""}, "args.app must be null or an app name"),
     ("list", {"apps": "web"}, 'unknown argument "apps" for list (expected: app)'),
-    ("logs", {"app": "web", "tail": 0}, "args.tail must be an integer 1..10000, got 0"),
+    ("logs", {"app": "web", "tail": -1}, "args.tail must be an integer 0..10000, got -1"),
     ("logs", {"app": "web", "tail": 10001}, "got 10001"),
     ("logs", {"app": "web", "tail": None}, "got null"),
     ("logs", {"app": "web", "replica": ""}, "args.replica must be null or a replica id"),
     ("logs", {"app": "web", "replica": "r" * 129}, "args.replica must be"),
-    ("logs", {"app": "web", "follow": True}, 'unknown argument "follow" for logs'),
+    ("logs", {"app": "web", "follow": 1}, "args.follow must be true or false, got 1"),
+    ("logs", {"app": "web", "after": {"r1": -1}}, "args.after must be null or an object"),
+    ("logs", {"app": "web", "after": {"": 1}}, "args.after must be"),
+    ("logs", {"app": "web", "after": [1]}, "args.after must be"),
+    ("logs", {"app": "web", "after": {f"r{i}": 1 for i in range(10_001)}}, "args.after must be"),
+    ("logs", {"app": "web", "since": "now"}, "args.since must be null or a time"),
+    ("logs", {"app": "web", "since": -1}, "args.since must be"),
+    ("logs", {"app": "web", "tailz": 1}, 'unknown argument "tailz" for logs'),
 ]
 
 

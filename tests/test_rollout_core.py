@@ -28,6 +28,7 @@ from skr8tr.core.rollout import (
     Retire,
     StopNow,
     UndoError,
+    UndoRefused,
     aborted,
     batches,
     begin,
@@ -70,7 +71,7 @@ H = [HistoryView(1, "complete"), HistoryView(2, "complete"), HistoryView(3, "rol
 @pytest.mark.parametrize("history, current, to, expected", [
     (H, 2, None, 1),  # the newest complete generation older than the current one
     (H, 2, 1, 1),
-    (H, 2, 3, 3),  # --to may name any stored revision
+    (H, 1, 2, 2),  # --to may name any complete generation, a newer one too
     ([HistoryView(1, "complete"), HistoryView(2, "failed"), HistoryView(3, "complete")], 3,
      None, 1),
 ])
@@ -86,6 +87,37 @@ def test_undo_target(history, current, to, expected):
 def test_undo_refusals(history, current, to, message):
     with pytest.raises(UndoError, match=message.replace("(", r"\(").replace(")", r"\)")):
         undo_target(history, current, to)
+
+
+@pytest.mark.parametrize("to, state", [(3, "rolled_back"), (4, "aborted"), (5, "failed")])
+def test_undo_to_a_generation_that_never_completed_needs_force(to, state):
+    history = [*H, HistoryView(5, "failed")]
+    with pytest.raises(UndoRefused, match=f"generation {to}'s rollout ended {state}.*--force"):
+        undo_target(history, 2, to)
+    assert undo_target(history, 2, to, force=True) == to
+
+
+def test_undo_refused_is_an_undo_error_and_force_does_not_invent_generations():
+    assert issubclass(UndoRefused, UndoError)
+    with pytest.raises(UndoError, match="generation 9 does not exist"):
+        undo_target(H, 2, 9, force=True)
+
+
+def test_plain_undo_skips_generations_with_the_current_manifest():
+    # 1 (a), 2 (b), 3 = restart of 2 (b): undo from 3 goes back to a, not to b again.
+    history = [HistoryView(1, "complete", "a"), HistoryView(2, "complete", "b"),
+               HistoryView(3, "complete", "b")]
+    assert undo_target(history, 3, None) == 1
+    with pytest.raises(UndoError, match="no complete generation before 2 with another"):
+        undo_target([HistoryView(1, "complete", "b"), HistoryView(2, "complete", "b")], 2,
+                    None)
+
+
+def test_undo_known_list_is_bounded():
+    history = [HistoryView(g, "complete") for g in range(1, 1001)]
+    with pytest.raises(UndoError) as info:
+        undo_target(history, 1000, 5000)
+    assert len(str(info.value)) < 200 and "..., 981," in str(info.value)
 
 
 def test_describe_failure_names_replica_cause_and_where_its_output_is():

@@ -19,6 +19,7 @@ never reach the conductor's log.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -38,6 +39,7 @@ from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.store import FenceLost, StoreUnavailable
 from skr8tr.core import envelope, manifest, protocol
 from skr8tr.core.names import MAX_ID_CHARS
+from skr8tr.core.node_protocol import chunk_lines
 from skr8tr.core.wire_json import parse_object
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
@@ -48,6 +50,9 @@ log = logging.getLogger("skr8tr.conductor")
 
 LARGE_MESSAGE_BYTES = 64 * 1024  # above this, decoded and verified in a worker thread
 BYTE_BUDGETS_KEPT = 10_000  # client addresses whose byte budget is remembered
+FOLLOW_BATCH_LINES = 2000  # log lines taken for one follow message at a time
+FOLLOW_SEND_TIMEOUT_S = 60.0  # a follow whose client reads nothing this long ends
+FOLLOW_RESCAN_S = 0.5  # how soon a node that (re)connects joins the open follows
 
 
 class CliApi:
@@ -85,8 +90,14 @@ class CliApi:
     def audit_log(self, value: audit.AuditLog | None) -> None:
         self._audit_log = self.refusals.audit_log = value
 
-    async def handle_message(self, raw: str | bytes, peer: str) -> str:
+    async def handle_message(self, raw: str | bytes, peer: str,
+                             follows: list[tuple[str, commands.LogFollow]] | None = None
+                             ) -> str:
         """The reply to one message. Never raises (but for cancellation).
+
+        A ``logs`` request with ``follow`` that succeeds appends ``(request id, its
+        LogFollow)`` to *follows*, for the connection to relay after the reply
+        (:meth:`serve_connection`); without *follows* the follow is closed at once.
 
         Checks go in the envelope's order (authentication, freshness, replay, then the
         command): nothing past the frame is looked at before the signature verified,
@@ -137,6 +148,12 @@ class CliApi:
                 parsed = await commands.parse_manifest_arg(args, self._cpu_limiter)
                 args = {**args, "parsed": parsed}
             result = await handler(cluster, args)
+            follow = result.pop(commands.FOLLOW_KEY, None) if isinstance(result, dict) else None
+            if follow is not None:
+                if follows is None:
+                    self.log_requests.close_follow(cluster, follow)
+                else:
+                    follows.append((req.id, follow))
         except CommandError as exc:
             # The message may quote the manifest (file:line:col: text): never its env.
             shown = exc.message if exc.code != "INVALID_MANIFEST" else _location(exc.message)
@@ -222,17 +239,85 @@ class CliApi:
                                      f"requests from {peer}")
                 return
             queued = self.cluster.node_messages_queued
-            reply = await self.handle_message(raw, peer)
-            if self.cluster.node_messages_queued != queued:
-                # The command queued work for nodes (a launch, a stop): one scheduling
-                # round lets their sessions write it before this reply goes out, so
-                # the node starts while the reply travels (see
-                # ServerConnection.send_messages).
-                await trio.sleep(0)
+            cluster = self.cluster
+            follows: list[tuple[str, commands.LogFollow]] = []
+            try:
+                reply = await self.handle_message(raw, peer, follows)
+                if self.cluster.node_messages_queued != queued:
+                    # The command queued work for nodes (a launch, a stop): one scheduling
+                    # round lets their sessions write it before this reply goes out, so
+                    # the node starts while the reply travels (see
+                    # ServerConnection.send_messages).
+                    await trio.sleep(0)
+                if follows:
+                    # `logs --follow`: the connection relays the follow until the client
+                    # closes it or sends another request (answered as usual).
+                    rid, follow = follows[0]
+                    try:
+                        await ws.send_message(reply)
+                        raw_next = await self._relay_follow(ws, cluster, rid, follow)
+                    except ConnectionClosed:
+                        return
+                    if raw_next is None:
+                        return
+                    # (the message that ended the follow is not counted against the limits)
+                    reply = await self.handle_message(raw_next, peer)
+            finally:
+                # However this ends (the client left, cancellation): the nodes stop pushing.
+                for _, follow in follows:
+                    self.log_requests.close_follow(cluster, follow)
             try:
                 await ws.send_message(reply)
             except ConnectionClosed:
                 return
+
+    async def _relay_follow(self, ws: ServerConnection, cluster: Cluster, rid: str | None,
+                            follow: commands.LogFollow) -> str | bytes | None:
+        """Send the lines *follow* gets, each batch a reply ``{"lines", "skipped"}`` to
+        request *rid*, until the client sends a message (returned) or closes the
+        connection (None; also when a send stays blocked FOLLOW_SEND_TIMEOUT_S: a
+        client that stopped reading). Nodes that connect meanwhile are subscribed
+        too. Raises ConnectionClosed."""
+        received: list[str | bytes] = []
+
+        async def pump() -> None:
+            while True:
+                lines, skipped = await follow.next_batch(FOLLOW_BATCH_LINES)
+                chunks = chunk_lines(lines, protocol.MAX_MESSAGE_BYTES // 2) or [[]]
+                for i, chunk in enumerate(chunks):
+                    last = i == len(chunks) - 1
+                    text = protocol.ok_reply(rid, {"lines": chunk,
+                                                   "skipped": skipped if last else 0})
+                    with trio.move_on_after(FOLLOW_SEND_TIMEOUT_S) as stuck:
+                        try:
+                            await ws.send_message(text)
+                        except ConnectionClosed:
+                            nursery.cancel_scope.cancel()
+                            return
+                    if stuck.cancelled_caught:
+                        log.warning("log follow of %s by %s ended: the client read nothing "
+                                    "for %g s", follow.app, ws.peer, FOLLOW_SEND_TIMEOUT_S)
+                        nursery.cancel_scope.cancel()
+                        return
+
+        async def rescan() -> None:
+            while True:
+                await trio.sleep(FOLLOW_RESCAN_S)
+                if not cluster.seat.leading:
+                    nursery.cancel_scope.cancel()  # a deposed leader: the client moves on
+                    return
+                self.log_requests.rescan(cluster, follow)
+
+        async def listen() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                received.append(await ws.get_message())
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            nursery.start_soon(rescan)
+            nursery.start_soon(listen)
+        return received[0] if received else None
 
     def _byte_budget(self, peer: str, now: float) -> TokenBucket:
         budget = self._byte_budgets.get(peer)

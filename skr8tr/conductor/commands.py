@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,11 +30,28 @@ from skr8tr.conductor.rollout import RolloutManager
 from skr8tr.conductor.store import Change
 from skr8tr.conductor.tables import stored_app
 from skr8tr.core import manifest as manifest_mod
-from skr8tr.core.node_protocol import LogsReply, LogsRequest
+from skr8tr.core.node_protocol import (
+    AppGone,
+    LogsPush,
+    LogsReply,
+    LogsRequest,
+    LogsUnfollow,
+    is_ident,
+)
 
 log = logging.getLogger("skr8tr.conductor")
 
 LOGS_TIMEOUT_S = 5.0
+DESCRIBE_EVENTS = 20  # the app's most recent events `describe` shows
+DESCRIBE_HISTORY = 10  # and its most recent rollouts
+MAX_FOLLOWS = 64  # log follows this conductor serves at once (each holds a connection)
+FOLLOW_PENDING_LINES = 10_000  # lines waiting for one follow's client ...
+FOLLOW_PENDING_CHARS = 4 * 2**20  # ... or characters of text, before lines are skipped
+LINE_OVERHEAD_CHARS = 64
+MAX_FOLLOW_AFTER = 10_000  # replicas whose last line number a follow remembers
+# The result of a follow carries its LogFollow under this key to the connection
+# (api.py), which takes it out before the reply is sent.
+FOLLOW_KEY = "\x00follow"
 
 Handler = Callable[[Cluster, dict], Awaitable[Any]]
 
@@ -120,6 +138,11 @@ def make_down_handler(rollouts: RolloutManager) -> Handler:
             await cluster.commit(Change(apps={name: None}, rollouts={name: None}))
             stopped = cluster.remove_app(name)
             rollouts.last.pop(name, None)
+        # Every node deletes the app's log files (those still stopping: at their exit).
+        # A node away now keeps them, bounded per app (skr8tr/node/logs.py).
+        for node in list(cluster.nodes.values()):
+            if node.connected:
+                cluster.send(node.node_id, AppGone(app=name))
         return {"app": name, "stopped": stopped}
 
     return cmd_down
@@ -166,11 +189,137 @@ async def cmd_history(cluster: Cluster, args: dict) -> Any:
     return [h.row() for h in _app(cluster, args["app"]).history]
 
 
-class LogRequests:
-    """Pending ``logs`` requests to nodes, matched with their ``logs_reply``."""
+async def cmd_revision(cluster: Cluster, args: dict) -> Any:
+    """``rollout history APP --generation N``: one revision, its manifest text included
+    (signed: the text holds the env values)."""
+    name, generation = args["app"], args["generation"]
+    app = _app(cluster, name)
+    revision = app.revisions.get(generation)
+    if revision is None:
+        known = sorted(app.revisions)
+        shown = ", ".join(map(str, known[-20:]))
+        raise CommandError("NOT_FOUND", f"{name} has no generation {generation} (known: "
+                           f"{'..., ' if len(known) > 20 else ''}{shown})")
+    entry = next((h for h in app.history if h.generation == generation), None)
+    return {"app": name, "generation": generation,
+            "state": None if entry is None else entry.state,
+            "started": None if entry is None else entry.started,
+            "finished": None if entry is None else entry.finished,
+            "manifest_sha256": revision.sha256, "format": revision.format,
+            "base_dir": revision.manifest.base_dir, "current": generation == app.generation,
+            "manifest": revision.text}
 
-    def __init__(self) -> None:
+
+def make_describe_handler(rollouts: RolloutManager) -> Handler:
+    async def cmd_describe(cluster: Cluster, args: dict) -> Any:
+        """``describe APP``: the app's manifest, counts, replicas (the rows of ``list``,
+        with whatever fields they carry), last rollout, recent rollouts and events."""
+        name = args["app"]
+        app = _app(cluster, name)
+        revision = app.revision
+        counts = next((row for row in views.app_rows(cluster) if row["app"] == name), None)
+        # The recent-events ring is bounded (events.RECENT_EVENTS): so is this scan. An
+        # event that cannot be sent as JSON (its frame is empty, and logged) is left out,
+        # as watchers leave it out, rather than failing the reply.
+        mine = [e for e in cluster.events.recent if e.data.get("app") == name]
+        events = [{"seq": e.seq, "ts": e.ts, "event": e.event, "data": e.data}
+                  for e in mine[-DESCRIBE_EVENTS:] if e.frame]
+        record = rollouts.last.get(name)
+        return {
+            "app": name, "type": revision.manifest.type, "generation": app.generation,
+            "desired": app.desired, "counts": counts,
+            "manifest_sha256": revision.sha256, "format": revision.format,
+            "base_dir": revision.manifest.base_dir, "manifest": revision.text,
+            "replicas": views.replica_rows(cluster, name),
+            "rollout": None if record is None else record.status(cluster.clock()),
+            "history": [h.row() for h in app.history[-DESCRIBE_HISTORY:]],
+            "events": events,
+        }
+
+    return cmd_describe
+
+
+class LogFollow:
+    """One client's ``logs --follow``: the nodes it is subscribed on and the lines on
+    their way to the client, in a bounded buffer.
+
+    Nodes push lines (``logs_push``) into :meth:`offer`; the client's connection
+    takes them with :meth:`next_batch`. Beyond ``FOLLOW_PENDING_LINES`` lines or
+    ``FOLLOW_PENDING_CHARS`` characters waiting, lines are only counted as skipped
+    until the client has caught up, and it is told how many. ``last_seq`` keeps,
+    per replica, the number of the last line handed to the client: a node that
+    joins or comes back is asked for the lines after those (``after``), and lines
+    of replicas not seen yet from ``since`` on.
+    """
+
+    def __init__(self, app: str, replica: str | None, *, since: float,
+                 after: dict[str, int] | None = None) -> None:
+        self.app = app
+        self.replica = replica
+        self.since = since
+        self.last_seq: dict[str, int] = dict(after or {})
+        self.nodes: dict[str, tuple[int, str]] = {}  # node id -> (session, req)
+        self.pending: deque[dict] = deque()
+        self.pending_chars = 0
+        self.skipped = 0
+        self.closed = False
+        self._ready = trio.Event()
+
+    def offer(self, lines: list[dict], skipped: int = 0) -> None:
+        """Lines from a node (in its order), then *skipped* it had to drop after them."""
+        for line in lines:
+            size = len(line["text"]) + LINE_OVERHEAD_CHARS
+            if (self.skipped or len(self.pending) >= FOLLOW_PENDING_LINES
+                    or self.pending_chars + size > FOLLOW_PENDING_CHARS):
+                self.skipped += 1
+                continue
+            self.pending.append(line)
+            self.pending_chars += size
+        if skipped:
+            # Told after the lines before it: a marker of its own in the stream.
+            self.pending.append({"skipped": skipped})
+        self._ready.set()
+
+    async def next_batch(self, max_lines: int) -> tuple[list[dict], int]:
+        """The next lines for the client (up to *max_lines*, oldest first) and how many
+        were skipped right after them. Waits for some; cancellable."""
+        while not self.pending and not self.skipped:
+            self._ready = trio.Event()
+            await self._ready.wait()
+        batch: list[dict] = []
+        skipped = 0
+        while self.pending and len(batch) < max_lines:
+            line = self.pending.popleft()
+            if "skipped" in line:  # a node's own count: the batch ends there
+                skipped = line["skipped"]
+                break
+            self.pending_chars -= len(line["text"]) + LINE_OVERHEAD_CHARS
+            batch.append(line)
+        if not self.pending:
+            skipped, self.skipped = skipped + self.skipped, 0
+        for line in batch:
+            seq = line.get("seq")
+            if isinstance(seq, int):
+                self.last_seq.pop(line["replica"], None)  # most recent last
+                self.last_seq[line["replica"]] = seq
+        while len(self.last_seq) > MAX_FOLLOW_AFTER:
+            del self.last_seq[next(iter(self.last_seq))]
+        return batch, skipped
+
+    def resume_point(self) -> dict[str, int]:
+        """``after`` for a node asked anew: the replicas whose lines were shown."""
+        return {r: seq for r, seq in self.last_seq.items() if is_ident(r)}
+
+
+class LogRequests:
+    """Pending ``logs`` requests to nodes, matched with their ``logs_reply``; and the
+    log follows, matched with their nodes' ``logs_push``."""
+
+    def __init__(self, max_follows: int = MAX_FOLLOWS) -> None:
         self._pending: dict[str, tuple[trio.MemorySendChannel, str]] = {}
+        self._follow_reqs: dict[str, tuple[LogFollow, str]] = {}  # req -> (follow, node id)
+        self.follows: set[LogFollow] = set()
+        self.max_follows = max_follows
 
     def reply(self, node_id: str, msg: LogsReply) -> None:
         slot = self._pending.get(msg.req)
@@ -179,9 +328,22 @@ class LogRequests:
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                      trio.ClosedResourceError):
                 slot[0].send_nowait(msg.lines)
+            return
+        follow = self._follow_reqs.get(msg.req)
+        if follow is not None and follow[1] == node_id:
+            # A node asked again (it joined or came back): its lines since then.
+            follow[0].offer(sorted(msg.lines, key=lambda line: line["ts"]))
+
+    def push(self, node_id: str, msg: LogsPush) -> None:
+        follow = self._follow_reqs.get(msg.req)
+        if follow is not None and follow[1] == node_id and not follow[0].closed:
+            follow[0].offer(msg.lines, msg.skipped)
 
     async def gather(self, cluster: Cluster, node_ids: list[str], app: str,
-                     replica: str | None, tail: int) -> list[dict]:
+                     replica: str | None, tail: int, *, follow: LogFollow | None = None,
+                     after: dict[str, int] | None = None) -> list[dict]:
+        """The last *tail* lines of *app* on *node_ids* (with *after*: the lines after
+        those numbers), oldest first; with *follow*, each node also subscribes it."""
         send, recv = trio.open_memory_channel[list](len(node_ids) or 1)
         asked = 0
         reqs = []
@@ -189,8 +351,14 @@ class LogRequests:
             req = secrets.token_hex(8)
             self._pending[req] = (send, node_id)
             reqs.append(req)
-            if cluster.send(node_id, LogsRequest(req=req, app=app, replica=replica, tail=tail)):
+            msg = LogsRequest(req=req, app=app, replica=replica, tail=tail)
+            if follow is not None:
+                msg = LogsRequest(req=req, app=app, replica=replica, tail=tail, follow=True,
+                                  after=after, since=follow.since if after is not None else None)
+            if cluster.send(node_id, msg):
                 asked += 1
+                if follow is not None:
+                    self._subscribed(cluster, follow, node_id, req)
         lines: list[dict] = []
         try:
             with trio.move_on_after(LOGS_TIMEOUT_S):
@@ -202,7 +370,55 @@ class LogRequests:
             send.close()
             recv.close()
         lines.sort(key=lambda line: line["ts"])
-        return lines[-tail:]
+        if after is not None:
+            return lines
+        return lines[-tail:] if tail else []
+
+    def open_follow(self, follow: LogFollow) -> None:
+        """Count *follow* among those served; CommandError CONFLICT over the cap."""
+        if len(self.follows) >= self.max_follows:
+            raise CommandError("CONFLICT", f"{len(self.follows)} log follows are open on "
+                               "this conductor, the most it serves; end one (or run logs "
+                               "without --follow)")
+        self.follows.add(follow)
+
+    def _subscribed(self, cluster: Cluster, follow: LogFollow, node_id: str, req: str) -> None:
+        old = follow.nodes.get(node_id)
+        if old is not None:
+            self._follow_reqs.pop(old[1], None)
+        node = cluster.nodes.get(node_id)
+        follow.nodes[node_id] = (node.session if node is not None else -1, req)
+        self._follow_reqs[req] = (follow, node_id)
+
+    def rescan(self, cluster: Cluster, follow: LogFollow) -> int:
+        """Subscribe *follow* on the connected nodes it is not subscribed on in their
+        current session (joined, or came back); returns how many were asked. Their
+        first lines are those after ``follow.last_seq`` (and from ``since``)."""
+        asked = 0
+        for node in list(cluster.nodes.values()):
+            if not node.connected:
+                continue
+            known = follow.nodes.get(node.node_id)
+            if known is not None and known[0] == node.session:
+                continue
+            req = secrets.token_hex(8)
+            msg = LogsRequest(req=req, app=follow.app, replica=follow.replica, tail=0,
+                              follow=True, after=follow.resume_point(), since=follow.since)
+            if cluster.send(node.node_id, msg):
+                self._subscribed(cluster, follow, node.node_id, req)
+                asked += 1
+        return asked
+
+    def close_follow(self, cluster: Cluster, follow: LogFollow) -> None:
+        """The client is gone: the nodes stop pushing for it (``logs_unfollow``)."""
+        follow.closed = True
+        self.follows.discard(follow)
+        for node_id, (session, req) in follow.nodes.items():
+            self._follow_reqs.pop(req, None)
+            node = cluster.nodes.get(node_id)
+            if node is not None and node.connected and node.session == session:
+                cluster.send(node_id, LogsUnfollow(req=req))
+        follow.nodes.clear()
 
 
 def make_logs_handler(requests: LogRequests) -> Handler:
@@ -220,8 +436,28 @@ def make_logs_handler(requests: LogRequests) -> Handler:
             # Ask every connected node: finished replicas (a completed job) have no
             # row any more, but their node still has their lines.
             node_ids = sorted(n.node_id for n in cluster.nodes.values() if n.connected)
-        lines = await requests.gather(cluster, node_ids, name, replica, args.get("tail", 100))
-        return {"lines": lines}
+        tail = args.get("tail", 100)
+        if not args.get("follow"):
+            if tail == 0:
+                return {"lines": []}
+            return {"lines": await requests.gather(cluster, node_ids, name, replica, tail)}
+        # A follow: every connected node subscribes (a replica of the app may start on
+        # any of them), and the connection then relays what they push (api.py).
+        after = args.get("after")
+        if after is not None:
+            after = {r: seq for r, seq in after.items() if is_ident(r)}
+        since = args.get("since")
+        follow = LogFollow(name, replica, after=after,
+                           since=since if since is not None else cluster.wall())
+        requests.open_follow(follow)
+        try:
+            node_ids = sorted(n.node_id for n in cluster.nodes.values() if n.connected)
+            lines = await requests.gather(cluster, node_ids, name, replica, tail,
+                                          follow=follow, after=after)
+        except BaseException:
+            requests.close_follow(cluster, follow)
+            raise
+        return {"lines": lines, "follow": True, FOLLOW_KEY: follow}
 
     return cmd_logs
 
@@ -238,10 +474,14 @@ def make_rollout_handlers(rollouts: RolloutManager) -> dict[str, Handler]:
         return await rollouts.abort(args["app"])
 
     async def cmd_rollout_undo(cluster: Cluster, args: dict) -> Any:
-        return await rollouts.undo(args["app"], args.get("to"))
+        return await rollouts.undo(args["app"], args.get("to"), force=args.get("force", False))
+
+    async def cmd_restart(cluster: Cluster, args: dict) -> Any:
+        return await rollouts.restart(args["app"], force=args.get("force", False))
 
     return {"rollout": cmd_rollout, "rollout-status": cmd_rollout_status,
-            "rollout-abort": cmd_rollout_abort, "rollout-undo": cmd_rollout_undo}
+            "rollout-abort": cmd_rollout_abort, "rollout-undo": cmd_rollout_undo,
+            "restart": cmd_restart}
 
 
 def handlers(log_requests: LogRequests, rollouts: RolloutManager) -> dict[str, Handler]:
@@ -255,5 +495,7 @@ def handlers(log_requests: LogRequests, rollouts: RolloutManager) -> dict[str, H
         "nodes": cmd_nodes,
         "status": cmd_status,
         "history": cmd_history,
+        "revision": cmd_revision,
+        "describe": make_describe_handler(rollouts),
         "logs": make_logs_handler(log_requests),
     }

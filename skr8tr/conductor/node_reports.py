@@ -19,7 +19,14 @@ import trio
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.tables import NodeState, ReplicaState
 from skr8tr.core import placement_token, reconcile, replica_state, why
-from skr8tr.core.node_protocol import Heartbeat, Hello, NodeMessage, ReplicaReport, Stop
+from skr8tr.core.node_protocol import (
+    AppGone,
+    Heartbeat,
+    Hello,
+    NodeMessage,
+    ReplicaReport,
+    Stop,
+)
 from skr8tr.core.signatures import fingerprint, key_algorithm
 
 if TYPE_CHECKING:
@@ -141,6 +148,8 @@ class NodeReports:
             log.warning("node %s runs %s (pid %s): %s; stopping it", node.node_id,
                         r.replica_id, r.pid, why)
             self.stop_replica(r.replica_id, why)
+            if app is None and report.app:  # its files go too, once it has stopped
+                self.send(node.node_id, AppGone(app=report.app))
             return
         log.info("adopted %s (pid %s, port %s, generation %d) on %s", r.replica_id, r.pid,
                  r.port, r.generation, node.node_id)

@@ -35,6 +35,7 @@ from skr8tr.core.node_protocol import (
     Challenge,
     Heartbeat,
     Hello,
+    LogsPush,
     LogsReply,
     NodeDecodeError,
     Refused,
@@ -173,5 +174,7 @@ async def _receive(cluster: Cluster, policing: Policing, log_requests: LogReques
             cluster.replica_report(node_id, msg)
         elif isinstance(msg, LogsReply):
             log_requests.reply(node_id, msg)
+        elif isinstance(msg, LogsPush):
+            log_requests.push(node_id, msg)
         else:
             log.warning("node %s sent an unexpected %s message", node_id, msg.TYPE)

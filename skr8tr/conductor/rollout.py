@@ -57,6 +57,8 @@ class RolloutRecord:
     phase: str = "starting"
     phase_since: float = 0.0
     reason: str = ""  # why it failed, kept after the final message is set
+    desired: int | None = None  # the count once complete; None: the manifest's `replicas`
+    kind: str = "rollout"  # what started it: "rollout", "undo" or "restart" (events only)
     finished_wall: float | None = None
     launched: set[str] = field(default_factory=set)
     draining: set[str] = field(default_factory=set)  # drained, not yet told to stop
@@ -134,9 +136,11 @@ class RolloutManager:
 
     # ------------------------------------------------------------------ commands
 
-    async def start(self, revision_manifest, text: str, fmt: str, *, force: bool
-                    ) -> dict[str, Any]:
-        """Start a rollout of ``revision_manifest``; returns its first status at once."""
+    async def start(self, revision_manifest, text: str, fmt: str, *, force: bool,
+                    desired: int | None = None, kind: str = "rollout") -> dict[str, Any]:
+        """Start a rollout of ``revision_manifest``; returns its first status at once.
+        ``desired``: the replica count to end with, when not the manifest's own (a
+        restart keeps what `scale` set)."""
         cluster = self.cluster
         app = cluster.apps.get(revision_manifest.app)
         if app is None:
@@ -161,7 +165,7 @@ class RolloutManager:
             self._check_first_batch(app, revision_manifest)
             generation = plan.next_generation(app.revisions)
             revision = cluster.new_revision(generation, revision_manifest, text, fmt)
-            return await self._launch_task(app, revision)
+            return await self._launch_task(app, revision, desired, kind)
 
     def _check_first_batch(self, app: AppState, m) -> None:
         """Fail at once, before taking a generation, when the first batch cannot be placed."""
@@ -177,12 +181,14 @@ class RolloutManager:
             raise CommandError("NO_CAPACITY", f"cannot start the rollout of {app.name}: "
                                f"{short.message}")
 
-    async def _launch_task(self, app: AppState, revision: Revision) -> dict[str, Any]:
+    async def _launch_task(self, app: AppState, revision: Revision,
+                           desired: int | None = None, kind: str = "rollout"
+                           ) -> dict[str, Any]:
         cluster = self.cluster
         record = RolloutRecord(app=app.name, from_generation=app.generation,
                                to_generation=revision.generation, total=app.desired,
                                started_wall=cluster.wall(), started_clock=cluster.clock(),
-                               phase_since=cluster.clock())
+                               phase_since=cluster.clock(), desired=desired, kind=kind)
         entry = HistoryEntry(revision.generation, "rolling", record.started_wall, None,
                              revision.sha256)
         # Durable first: a restarted conductor must know this rollout was under way.
@@ -196,14 +202,16 @@ class RolloutManager:
         self.last[app.name] = record
         cluster.events.publish("rollout.started", app=app.name,
                                from_generation=record.from_generation,
-                               to_generation=record.to_generation, total=record.total)
+                               to_generation=record.to_generation, total=record.total,
+                               kind=record.kind)
         log.info("rollout of %s started: generation %d -> %d, %d replica(s)", app.name,
                  record.from_generation, record.to_generation, record.total)
         assert self._nursery is not None, "RolloutManager.run is not running"
         progress = plan.begin(
             app=app.name, from_generation=record.from_generation,
             to_generation=record.to_generation, total=record.total,
-            want=revision.manifest.replicas, forward=revision.manifest.rollout,
+            want=revision.manifest.replicas if desired is None else desired,
+            forward=revision.manifest.rollout,
             back=app.manifest.rollout, now=record.started_clock)
         self._nursery.start_soon(self._drive, record, app, progress)
         return record.status(cluster.clock())
@@ -221,18 +229,53 @@ class RolloutManager:
             await record.done.wait()
         return record.status(self.cluster.clock())
 
-    async def undo(self, app_name: str, to: int | None) -> dict[str, Any]:
+    async def undo(self, app_name: str, to: int | None, *, force: bool = False
+                   ) -> dict[str, Any]:
+        """Roll out an earlier generation's manifest under a new generation. ``force``
+        allows a ``--to`` generation that never completed, and aborts a running rollout
+        first (as ``rollout FILE --force``)."""
         app = self.cluster.apps.get(app_name)
         if app is None:
             raise CommandError("NOT_FOUND", f"no app named {app_name!r}")
         try:
             generation = plan.undo_target(
-                [plan.HistoryView(h.generation, h.state) for h in app.history],
-                app.generation, to)
+                [plan.HistoryView(h.generation, h.state, h.manifest_sha256)
+                 for h in app.history],
+                app.generation, to, force=force)
+        except plan.UndoRefused as exc:
+            raise CommandError("CONFLICT", f"cannot undo {app_name}: {exc}") from None
         except plan.UndoError as exc:
             raise CommandError("NOT_FOUND", f"cannot undo {app_name}: {exc}") from None
-        old = app.revisions[generation]
-        return await self.start(old.manifest, old.text, old.format, force=False)
+        old = app.revisions.get(generation)
+        if old is None:  # a history entry without its revision (an old state file)
+            raise CommandError("NOT_FOUND", f"cannot undo {app_name}: the manifest of "
+                               f"generation {generation} is not kept")
+        return await self.start(old.manifest, old.text, old.format, force=force, kind="undo")
+
+    async def restart(self, app_name: str, *, force: bool = False) -> dict[str, Any]:
+        """A rolling restart: the current generation's manifest rolled out again, under
+        the next generation (a rollout attempt like any other: gated on readiness, with
+        the manifest's surge, drain and auto-rollback). CONFLICT while a rollout runs,
+        unless ``force``, which aborts it first; the restart then replaces what the
+        abort left running."""
+        app = self.cluster.apps.get(app_name)
+        if app is None:
+            raise CommandError("NOT_FOUND", f"no app named {app_name!r}")
+        if app_name in self.active and not force:
+            running = self.active[app_name]
+            raise CommandError(
+                "CONFLICT",
+                f"a rollout of {app_name} ({running.from_generation} -> "
+                f"{running.to_generation}) is running; wait for it, abort it with "
+                f"`skr8tr rollout abort {app_name}`, or pass --force")
+        if app_name in self.active:
+            await self.abort(app_name)
+            app = self.cluster.apps.get(app_name)
+            if app is None:
+                raise CommandError("NOT_FOUND", f"app {app_name} was removed")
+        current = app.revision
+        return await self.start(current.manifest, current.text, current.format, force=force,
+                                desired=app.desired, kind="restart")
 
     # ------------------------------------------------------------------ after a restart
 
@@ -319,7 +362,8 @@ class RolloutManager:
                     new = app.revisions[record.to_generation]
                     keep_generation = new.generation
                     app.revision = new
-                    app.desired = new.manifest.replicas
+                    app.desired = (new.manifest.replicas if record.desired is None
+                                   else record.desired)
                     app.completed = app.given_up = 0
                 record.state, record.phase = step.state, step.message
             if record.cancel_scope.cancelled_caught:

@@ -67,9 +67,12 @@ __all__ = [
 REQUEST_WINDOW_S = 30.0
 
 # Commands that need a signature from an admin key. `logs` changes nothing
-# but shows what workloads print, which may be secret, so it is signed too.
+# but shows what workloads print, which may be secret, so it is signed too;
+# so are `describe` and `revision`, which show a manifest's text (its env
+# values may be secret). `restart` is a rollout.
 SIGNED_COMMANDS = frozenset(
-    {"up", "down", "rollout", "rollout-abort", "rollout-undo", "scale", "logs"}
+    {"up", "down", "rollout", "rollout-abort", "rollout-undo", "scale", "logs", "restart",
+     "describe", "revision"}
 )
 READ_ONLY_COMMANDS = frozenset({"ping", "list", "nodes", "status", "history", "rollout-status"})
 COMMANDS = SIGNED_COMMANDS | READ_ONLY_COMMANDS

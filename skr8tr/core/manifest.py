@@ -22,11 +22,15 @@ reads them).
 from __future__ import annotations
 
 import os
+from typing import Any
 
+from skr8tr.core.manifest_comments import Comments
+from skr8tr.core.manifest_comments import read_comments as _read_comments
 from skr8tr.core.manifest_format import format_skr8tr, format_toml, manifest_to_dict
 from skr8tr.core.manifest_model import (
     FORMATS,
     MAX_CPU,
+    MAX_ERRORS,
     MAX_LINE_CHARS,
     MAX_RAM_BYTES,
     MAX_REPLICAS,
@@ -46,14 +50,21 @@ from skr8tr.core.manifest_model import (
 from skr8tr.core.manifest_schema import build, shell_words
 from skr8tr.core.manifest_syntax import read_skr8tr
 from skr8tr.core.manifest_toml import read_toml
-from skr8tr.core.manifest_tree import Problem, decode_source
+from skr8tr.core.manifest_tree import Problem, Problems, decode_source
 
 __all__ = [
     "FORMATS", "TYPES", "RESTARTS", "ORDERS", "PLACEHOLDERS", "MAX_REPLICAS", "MAX_SURGE",
     "MAX_RETRIES", "MAX_CPU", "RAM_UNITS", "MAX_RAM_BYTES", "MAX_LINE_CHARS", "MAX_VALUE_CHARS",
     "ManifestError", "HealthCheck", "RolloutPolicy", "Manifest", "parse_manifest",
-    "format_skr8tr", "format_toml", "manifest_to_dict", "shell_words",
+    "format_skr8tr", "format_toml", "manifest_to_dict", "shell_words", "Comments",
+    "read_comments",
 ]
+
+
+def read_comments(source: str | bytes, *, format: str) -> Comments:
+    """The comments of a manifest that parses (``parse_manifest`` first), by the key each
+    belongs to, for ``format_skr8tr(m, comments)`` / ``format_toml(m, comments)``."""
+    return _read_comments(decode_source(source), format)
 
 
 def parse_manifest(
@@ -75,12 +86,20 @@ def parse_manifest(
         text = decode_source(source)
         app = read_toml(text) if format == "toml" else read_skr8tr(text)
         return build(app, base_dir)
+    except Problems as found:
+        raise _error(found.problems, filename, stopped=found.stopped) from None
     except Problem as problem:
-        raise ManifestError(
-            problem.message,
-            filename=filename,
-            line=problem.line,
-            column=problem.column,
-            text=problem.text,
-            expected=problem.expected,
-        ) from None
+        raise _error([problem], filename) from None
+
+
+def _error(problems: list[Problem], filename: str, *, stopped: bool = False) -> ManifestError:
+    """One ManifestError for *problems* (in line order): the first, holding them all."""
+
+    def one(problem: Problem, **more: Any) -> ManifestError:
+        return ManifestError(problem.message, filename=filename, line=problem.line,
+                             column=problem.column, text=problem.text,
+                             expected=problem.expected, **more)
+
+    shown = problems[:MAX_ERRORS]
+    return one(shown[0], others=tuple(one(p) for p in shown[1:]),
+               stopped=stopped or len(problems) > MAX_ERRORS)

@@ -18,6 +18,7 @@ from typing import Any
 import tomli_w
 
 from skr8tr.core.durations import format_duration_ms
+from skr8tr.core.manifest_comments import Comments
 from skr8tr.core.manifest_model import RAM_UNITS, Manifest
 from skr8tr.core.manifest_schema import default_restart
 from skr8tr.core.manifest_syntax import opens_brace, scan_line
@@ -26,23 +27,75 @@ from skr8tr.core.manifest_syntax import opens_brace, scan_line
 _SAFE_WORD = re.compile(r"[\w@%+=:,./{}-]+", re.ASCII)
 
 
-def format_skr8tr(m: Manifest) -> str:
-    """The normalised ``.skr8tr`` text of `m`: canonical key order, defaults left out."""
+def format_skr8tr(m: Manifest, comments: Comments | None = None) -> str:
+    """The normalised ``.skr8tr`` text of `m`: canonical key order, defaults left out; with
+    *comments* (from the source, :func:`read_comments`) each beside its key again."""
     fields = to_dict(m, full=False)
-    lines = [f"app {fields.pop('app')}"]
+    placed = (comments or Comments()).placed(_paths(fields))
+    lines: list[str] = []
+
+    def write(path: tuple[str, ...], indent: str, text: str) -> None:
+        lines.extend(indent + comment for comment in placed.before.get(path, []))
+        trailing = placed.after.get(path)
+        line = indent + text
+        if trailing and scan_line(f"{line}  {trailing}")[0] != len(line) + 2:
+            # a value with a quote left open (read as written) would take the comment in:
+            # the comment goes on a line of its own above it
+            lines.append(indent + trailing)
+            trailing = None
+        lines.append(f"{line}  {trailing}" if trailing else line)
+
+    write(("app",), "", f"app {fields.pop('app')}")
     for key, value in fields.items():
         if isinstance(value, dict):  # env, health, rollout
-            lines.append(f"  {key}")
+            write((key,), "  ", key)
             for sub_key, sub_value in value.items():
-                lines.append(f"    {sub_key} {_render(sub_value, literal=key == 'env')}")
+                write((key, sub_key), "    ",
+                      f"{sub_key} {_render(sub_value, literal=key == 'env')}")
         else:
-            lines.append(f"  {key} {_render(value, literal=key in ('exec', 'workdir'))}")
+            write((key,), "  ", f"{key} {_render(value, literal=key in ('exec', 'workdir'))}")
+    lines.extend(placed.end)
     return "\n".join(lines) + "\n"
 
 
-def format_toml(m: Manifest) -> str:
-    """The TOML text of `m`, with the same keys and defaults left out as `format_skr8tr`."""
-    return tomli_w.dumps(to_dict(m, full=False))
+def format_toml(m: Manifest, comments: Comments | None = None) -> str:
+    """The TOML text of `m`, with the same keys and defaults left out as `format_skr8tr`,
+    and its *comments* beside their keys. Without comments, exactly ``tomli_w``'s text of
+    the same dict; with them, each key is written by tomli_w on its own and the comments
+    put around it (tomli_w writes none)."""
+    fields = to_dict(m, full=False)
+    placed = (comments or Comments()).placed(_paths(fields))
+    chunks: list[str] = []
+
+    def write(path: tuple[str, ...], text: str) -> None:
+        chunks.extend(comment + "\n" for comment in placed.before.get(path, []))
+        trailing = placed.after.get(path)
+        if trailing:
+            first, sep, rest = text.partition("\n")
+            text = f"{first}  {trailing}{sep}{rest}"
+        chunks.append(text)
+
+    tables = {key: value for key, value in fields.items() if isinstance(value, dict)}
+    for key, value in fields.items():
+        if key not in tables:
+            write((key,), tomli_w.dumps({key: value}))
+    for key, table in tables.items():
+        chunks.append("\n")
+        write((key,), f"[{key}]\n")
+        for sub_key, sub_value in table.items():
+            write((key, sub_key), tomli_w.dumps({sub_key: sub_value}))
+    chunks.extend(comment + "\n" for comment in placed.end)
+    return "".join(chunks)
+
+
+def _paths(fields: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The keys the formatters write for *fields*, as comment paths."""
+    paths: list[tuple[str, ...]] = []
+    for key, value in fields.items():
+        paths.append((key,))
+        if isinstance(value, dict):
+            paths.extend((key, sub_key) for sub_key in value)
+    return paths
 
 
 def manifest_to_dict(m: Manifest) -> dict[str, Any]:

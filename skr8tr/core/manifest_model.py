@@ -28,6 +28,8 @@ MAX_RAM_BYTES = 1024 * RAM_UNITS["T"]
 # the .skr8tr language, and any one string value (a TOML string, one word of `args`).
 MAX_LINE_CHARS = 16 * 1024
 MAX_VALUE_CHARS = 16 * 1024
+# Errors reported for one manifest: all of an ordinary one's, a bounded list for any text.
+MAX_ERRORS = 100
 
 _KNOWN_PLACEHOLDER = re.compile(r"\{(host|port)\}")
 
@@ -36,11 +38,14 @@ class ManifestError(ValueError):
     """A manifest that cannot be used, with where and why: ``FILE:LINE:COLUMN: message``.
 
     ``line`` and ``column`` are 1-based (columns count characters); ``text`` is the offending
-    text and ``expected`` what would have been accepted there.
+    text and ``expected`` what would have been accepted there. This is the manifest's first
+    error in line order; ``errors`` holds every error found (this one first), in line order:
+    all of them, or with ``stopped`` the first MAX_ERRORS found before the checks stopped.
     """
 
     def __init__(
-        self, message: str, *, filename: str, line: int, column: int, text: str, expected: str
+        self, message: str, *, filename: str, line: int, column: int, text: str, expected: str,
+        others: tuple[ManifestError, ...] = (), stopped: bool = False,
     ) -> None:
         super().__init__(f"{filename}:{line}:{column}: {message}")
         self.message = message
@@ -49,6 +54,16 @@ class ManifestError(ValueError):
         self.column = column
         self.text = text
         self.expected = expected
+        self.errors: tuple[ManifestError, ...] = (self, *others)
+        self.stopped = stopped
+
+    def lines(self) -> list[str]:
+        """Every error as ``FILE:LINE:COLUMN: message``, in line order (and a last line
+        saying so when the checks stopped at MAX_ERRORS)."""
+        out = [str(error) for error in self.errors]
+        if self.stopped:
+            out.append(f"{self.filename}: stopped after {len(self.errors)} errors")
+        return out
 
 
 @dataclass(frozen=True)

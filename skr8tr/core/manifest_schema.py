@@ -38,7 +38,9 @@ from skr8tr.core.manifest_model import (
 from skr8tr.core.manifest_syntax import scan_line
 from skr8tr.core.manifest_tree import (
     APP_NAME_EXPECTED,
+    FAILED,
     WORD,
+    Collector,
     Entry,
     did_you_mean,
     fail,
@@ -112,41 +114,46 @@ _ROLLOUT_KEYS = {
 
 
 def build(app: Entry, base_dir: str) -> Manifest:
-    name = _app_name(app)
-    keys = _keys(app, _APP_KEYS)
-    if "exec" not in keys:
-        fail(
+    """The Manifest of the tree *app*. Raises Problems with every error found, in line
+    order: each key is checked even when one before it was wrong."""
+    checks = Collector()
+    name = checks.run(_app_name, app)
+    keys = _keys(app, _APP_KEYS, checks)
+    if _missing(app, "exec", _APP_KEYS):
+        checks.run(
+            fail,
             app.line,
             app.key_col,
-            f"app {name!r} has no 'exec'",
+            f"app {name if name is not FAILED else app.value!r} has no 'exec'",
             "app",
             f"an 'exec' key: {_EXPECT['exec']}",
         )
-    kind = _choice(keys["type"], TYPES) if "type" in keys else "process"
-    port = _port(keys["port"]) if "port" in keys else None
-    fields: dict[str, Any] = {"type": kind, "port": port}
-    fields["exec"] = _path(keys["exec"])
-    if "args" in keys:
-        fields["args"] = _args(keys["args"], has_port=port is not None)
-    if "workdir" in keys:
-        fields["workdir"] = _path(keys["workdir"])
-    if "replicas" in keys:
-        fields["replicas"] = _int(keys["replicas"], 0, MAX_REPLICAS)
-    if "ram" in keys:
-        fields["ram_bytes"] = _ram(keys["ram"])
-    if "cpu" in keys:
-        fields["cpu"] = _cpu(keys["cpu"])
-    if "stop-grace" in keys:
-        fields["stop_grace_ms"] = _duration(keys["stop-grace"])
-    fields["restart"] = default_restart(kind)
-    if "restart" in keys:
-        fields["restart"] = _choice(keys["restart"], RESTARTS)
-    if "env" in keys:
-        fields["env"] = _env(keys["env"], has_port=port is not None)
-    if "health" in keys:
-        health = keys["health"]
-        if kind == "job":
-            fail(
+    kind = checks.run(_choice, keys["type"], TYPES) if "type" in keys else "process"
+    kind = "process" if kind is FAILED else kind
+    port = checks.run(_port, keys["port"]) if "port" in keys else None
+    has_port = _given(app, "port")  # a bad port is reported once, not again by args or env
+    fields: dict[str, Any] = {"type": kind, "port": port, "restart": default_restart(kind)}
+    parts: list[tuple[str, str, Any, tuple[Any, ...]]] = [
+        ("exec", "exec", _path, ()),
+        ("args", "args", _args, ()),
+        ("workdir", "workdir", _path, ()),
+        ("replicas", "replicas", _int, (0, MAX_REPLICAS)),
+        ("ram", "ram_bytes", _ram, ()),
+        ("cpu", "cpu", _cpu, ()),
+        ("stop-grace", "stop_grace_ms", _duration, ()),
+        ("restart", "restart", _choice, (RESTARTS,)),
+        ("env", "env", _env, ()),
+        ("health", "health", _health, ()),
+        ("rollout", "rollout", _rollout, ()),
+    ]
+    for key, field, check, extra in parts:
+        if key not in keys:
+            continue
+        kw = {"has_port": has_port} if key in ("args", "env") else {}
+        if key == "health" and kind == "job":
+            health = keys["health"]
+            checks.run(
+                fail,
                 health.line,
                 health.key_col,
                 "'health' on a job",
@@ -154,24 +161,43 @@ def build(app: Entry, base_dir: str) -> Manifest:
                 "no health block with type job",
                 advice="a job runs to completion and is not probed: remove the health block",
             )
-        fields["health"] = _health(health)
-    if "rollout" in keys:
-        fields["rollout"] = _rollout(keys["rollout"])
+            continue
+        fields[field] = checks.run(check, keys[key], *extra, **kw)
+    checks.raise_any()
     return Manifest(app=name, base_dir=base_dir, **fields)
+
+
+def _given(block: Entry, key: str) -> bool:
+    return any(entry.key == key for entry in block.children)
+
+
+def _missing(block: Entry, key: str, schema: dict[str, bool]) -> bool:
+    """Is *key* missing from *block*, and not just misspelt (an unknown key whose "did you
+    mean" names it is reported already)?"""
+    if _given(block, key):
+        return False
+    known = sorted(schema)
+    misspelt = f"did you mean {key!r}?"
+    return not any(
+        entry.key not in schema and did_you_mean(entry.key, known) == misspelt
+        for entry in block.children
+    )
 
 
 def default_restart(kind: str) -> str:
     return "on-failure" if kind == "job" else "always"
 
 
-def _keys(block: Entry, schema: dict[str, bool]) -> dict[str, Entry]:
-    """The block's entries by key, each checked: known, given once, value or block as it needs."""
+def _keys(block: Entry, schema: dict[str, bool], checks: Collector) -> dict[str, Entry]:
+    """The block's entries by key, each checked: known, given once, value or block as it
+    needs. An entry that is not is reported to *checks* and left out."""
     where = block.where or f"in {block.key} block"
     found: dict[str, Entry] = {}
     for entry in block.children:
         if entry.key not in schema:
             known = sorted(schema)
-            fail(
+            checks.run(
+                fail,
                 entry.line,
                 entry.key_col,
                 f"unknown key {quote(entry.key)} {where}",
@@ -179,8 +205,10 @@ def _keys(block: Entry, schema: dict[str, bool]) -> dict[str, Entry]:
                 "one of " + ", ".join(known),
                 hint=did_you_mean(entry.key, known),
             )
+            continue
         if entry.key in found:
-            fail(
+            checks.run(
+                fail,
                 entry.line,
                 entry.key_col,
                 f"duplicate key {entry.key!r} {where}",
@@ -188,7 +216,9 @@ def _keys(block: Entry, schema: dict[str, bool]) -> dict[str, Entry]:
                 "each key at most once",
                 advice=f"it was already given at line {found[entry.key].line}",
             )
-        _check_shape(entry, schema[entry.key])
+            continue
+        if checks.run(_check_shape, entry, schema[entry.key]) is FAILED:
+            continue  # reported; _given() still sees it, so it is not "missing" too
         found[entry.key] = entry
     return found
 
@@ -427,18 +457,22 @@ def _args(entry: Entry, *, has_port: bool) -> tuple[str, ...]:
 def _env(block: Entry, *, has_port: bool) -> tuple[tuple[str, str], ...]:
     env: dict[str, str] = {}
     lines: dict[str, int] = {}
+    checks = Collector()
     for entry in block.children:
         key = entry.key
         if not _ENV_KEY.fullmatch(key):
-            fail(
+            checks.run(
+                fail,
                 entry.line,
                 entry.key_col,
                 f"bad env key {quote(key)}",
                 key,
                 "a name of letters, digits and '_', not starting with a digit",
             )
+            continue
         if key in lines:
-            fail(
+            checks.run(
+                fail,
                 entry.line,
                 entry.key_col,
                 f"duplicate env key {key!r}",
@@ -446,8 +480,11 @@ def _env(block: Entry, *, has_port: bool) -> tuple[tuple[str, str], ...]:
                 "each key at most once",
                 advice=f"it was already given at line {lines[key]}",
             )
+            continue
+        lines[key] = entry.line
         if has_port and key in ("PORT", "HOST"):
-            fail(
+            checks.run(
+                fail,
                 entry.line,
                 entry.key_col,
                 f"env {key!r} clashes with 'port'",
@@ -455,30 +492,38 @@ def _env(block: Entry, *, has_port: bool) -> tuple[tuple[str, str], ...]:
                 "no PORT or HOST in env when 'port' is given",
                 advice="skr8tr sets PORT and HOST for the process itself: remove it",
             )
-        _check_shape(entry, False)
-        env[key] = _path(entry)
-        lines[key] = entry.line
+            continue
+        if checks.run(_check_shape, entry, False) is FAILED:
+            continue
+        env[key] = checks.run(_path, entry)
+    checks.raise_any()
     return tuple(sorted(env.items()))
 
 
 def _health(block: Entry) -> HealthCheck:
-    keys = _keys(block, _HEALTH_KEYS)
-    if "check" not in keys:
-        fail(
+    checks = Collector()
+    keys = _keys(block, _HEALTH_KEYS, checks)
+    if _missing(block, "check", _HEALTH_KEYS):
+        checks.run(
+            fail,
             block.line,
             block.key_col,
             "health block has no 'check'",
             "health",
             f"a 'check' line: {_EXPECT['check']}",
         )
-    path, status = _check(keys["check"])
-    fields = {"path": path, "expect_status": status}
+    fields: dict[str, Any] = {}
+    if "check" in keys:
+        checked = checks.run(_check, keys["check"])
+        if checked is not FAILED:
+            fields["path"], fields["expect_status"] = checked
     if "interval" in keys:
-        fields["interval_ms"] = _duration(keys["interval"])
+        fields["interval_ms"] = checks.run(_duration, keys["interval"])
     if "timeout" in keys:
-        fields["timeout_ms"] = _duration(keys["timeout"])
+        fields["timeout_ms"] = checks.run(_duration, keys["timeout"])
     if "retries" in keys:
-        fields["retries"] = _int(keys["retries"], 1, MAX_RETRIES)
+        fields["retries"] = checks.run(_int, keys["retries"], 1, MAX_RETRIES)
+    checks.raise_any()
     return HealthCheck(**fields)
 
 
@@ -512,7 +557,8 @@ def _check(entry: Entry) -> tuple[str, int]:
 
 
 def _rollout(block: Entry) -> RolloutPolicy:
-    keys = _keys(block, _ROLLOUT_KEYS)
+    checks = Collector()
+    keys = _keys(block, _ROLLOUT_KEYS, checks)
     fields: dict[str, Any] = {}
     for key, name in (
         ("settle", "settle_ms"),
@@ -520,13 +566,12 @@ def _rollout(block: Entry) -> RolloutPolicy:
         ("drain", "drain_ms"),
     ):
         if key in keys:
-            fields[name] = _duration(keys[key])
+            fields[name] = checks.run(_duration, keys[key])
     if "surge" in keys:
-        fields["surge"] = _int(keys["surge"], 1, MAX_SURGE)
+        fields["surge"] = checks.run(_int, keys["surge"], 1, MAX_SURGE)
     if "auto-rollback" in keys:
-        fields["auto_rollback"] = _yes_no(keys["auto-rollback"])
+        fields["auto_rollback"] = checks.run(_yes_no, keys["auto-rollback"])
     if "order" in keys:
-        fields["order"] = _choice(keys["order"], ORDERS)
+        fields["order"] = checks.run(_choice, keys["order"], ORDERS)
+    checks.raise_any()
     return RolloutPolicy(**fields)
-
-

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from skr8tr.core.manifest_model import MAX_LINE_CHARS
-from skr8tr.core.manifest_tree import WORD, Entry, fail, quote
+from skr8tr.core.manifest_tree import WORD, Collector, Entry, fail, quote
 
 # --- The .skr8tr language -------------------------------------------------------------------
 
@@ -30,43 +30,14 @@ def read_skr8tr(text: str) -> Entry:
     """Read the lines into entries nested by indentation or braces; return the one app entry."""
     root = _Block([], 0)
     stack = [root]
+    checks = Collector()  # a line in error is reported and skipped; the next ones still read
     for lineno, raw in enumerate(text.split("\n"), start=1):
-        line = raw.removesuffix("\r")
-        if len(line) > MAX_LINE_CHARS:
-            fail(
-                lineno,
-                MAX_LINE_CHARS + 1,
-                f"line is {len(line)} characters long",
-                line[:60],
-                f"lines of at most {MAX_LINE_CHARS} characters",
-            )
-        end, bare, _ = scan_line(line)
-        content = line[:end].rstrip(" \t")
-        body = content.lstrip(" \t")
-        if not body:
-            continue
-        indent = len(content) - len(body)
-        if "\t" in content[:indent]:
-            fail(
-                lineno,
-                content.index("\t") + 1,
-                "tab in indentation",
-                "\t",
-                "spaces",
-                advice="use two spaces per level",
-            )
-        if body == "}":
-            _close_brace(stack, lineno, indent + 1)
-            continue
-        block = _block_for(stack, indent, lineno)
-        entry = _line_entry(body, bare[indent:], lineno, indent + 1)
-        block.children.append(entry)
-        if entry.block:
-            stack.append(_Block(entry.children, None, (entry.block_line, entry.block_col)))
+        checks.run(_read_line, stack, lineno, raw.removesuffix("\r"))
     for block in reversed(stack):
         if block.brace:
             line, col = block.brace
-            fail(
+            checks.run(
+                fail,
                 line,
                 col,
                 f"missing '}}' for block opened at line {line}",
@@ -74,7 +45,46 @@ def read_skr8tr(text: str) -> Entry:
                 "'}' on a line of its own",
                 advice="expected '}' before the end of the file",
             )
-    return _the_app(root.children)
+    if checks.problems and not root.children:
+        checks.raise_any()  # "no app" would only repeat that its line was wrong
+    app = checks.run(_the_app, root.children)
+    checks.raise_any()
+    return app
+
+
+def _read_line(stack: list[_Block], lineno: int, line: str) -> None:
+    """Add one line's entry to the block it belongs to (opening or closing blocks)."""
+    if len(line) > MAX_LINE_CHARS:
+        fail(
+            lineno,
+            MAX_LINE_CHARS + 1,
+            f"line is {len(line)} characters long",
+            line[:60],
+            f"lines of at most {MAX_LINE_CHARS} characters",
+        )
+    end, bare, _ = scan_line(line)
+    content = line[:end].rstrip(" \t")
+    body = content.lstrip(" \t")
+    if not body:
+        return
+    indent = len(content) - len(body)
+    if "\t" in content[:indent]:
+        fail(
+            lineno,
+            content.index("\t") + 1,
+            "tab in indentation",
+            "\t",
+            "spaces",
+            advice="use two spaces per level",
+        )
+    if body == "}":
+        _close_brace(stack, lineno, indent + 1)
+        return
+    block = _block_for(stack, indent, lineno)
+    entry = _line_entry(body, bare[indent:], lineno, indent + 1)
+    block.children.append(entry)
+    if entry.block:
+        stack.append(_Block(entry.children, None, (entry.block_line, entry.block_col)))
 
 
 def scan_line(line: str) -> tuple[int, list[bool], int | None]:
@@ -200,22 +210,27 @@ def _the_app(top: list[Entry]) -> Entry:
             first.key,
             "'app NAME' first",
         )
+    checks = Collector()
     for entry in top[1:]:
         if entry.key == "app":
-            fail(
+            checks.run(
+                fail,
                 entry.line,
                 entry.key_col,
                 "second 'app' in one manifest",
                 entry.key,
                 f"one app per file (the first is at line {first.line})",
             )
-        fail(
+            continue
+        checks.run(
+            fail,
             entry.line,
             entry.key_col,
             f"unexpected {quote(entry.key)} at top level",
             entry.key,
             f"it inside the app, indented two spaces under line {first.line}",
         )
+    checks.raise_any()
     return first
 
 

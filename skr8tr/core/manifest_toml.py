@@ -122,10 +122,12 @@ class _TomlLocator:
     def __init__(self, text: str) -> None:
         self.lines = text.split("\n")
         self._spots: dict[tuple[str, ...], tuple[int, int, int]] = {}
+        self.in_strings: set[int] = set()  # lines inside a multi-line string, after its first
         table: tuple[str, ...] = ()
         open_string = None
         for lineno, line in enumerate(self.lines, start=1):
             if open_string:
+                self.in_strings.add(lineno)
                 if open_string in line:
                     open_string = None
                 continue
@@ -158,6 +160,17 @@ class _TomlLocator:
                 return self._spots[path]
             path = path[:-1]
         return 1, 1, 1
+
+
+def toml_key_lines(text: str) -> tuple[dict[int, tuple[str, ...]], set[int]]:
+    """The key written on each line of TOML *text* (the longest path, for a dotted key; a
+    ``[table]`` header's is the table), and the lines inside multi-line strings."""
+    locator = _TomlLocator(text)
+    keys: dict[int, tuple[str, ...]] = {}
+    for path, (line, _, _) in locator._spots.items():
+        if len(path) > len(keys.get(line, ())):
+            keys[line] = path
+    return keys, locator.in_strings
 
 
 def _toml_key_path(text: str, at: int) -> tuple[list[tuple[str, int]], int]:

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from skr8tr.core.manifest_model import MAX_ERRORS
+
 APP_NAME_EXPECTED = "a name of 1 to 63 characters a-z, 0-9 and '-', not starting with '-'"
 WORD = re.compile(r"[^ \t]+")
 # C0 controls but tab, DEL, and lone surrogates (not text; cannot be written back). In a source
@@ -36,6 +38,47 @@ class Problem(Exception):
         super().__init__(message)
         self.line, self.column, self.message = line, column, message
         self.text, self.expected = text, expected
+
+
+class Problems(Exception):
+    """Every Problem found in a manifest, in line order (at least one); ``stopped`` when the
+    checks stopped at MAX_ERRORS (any text costs a bounded number of messages)."""
+
+    def __init__(self, problems: list[Problem], *, stopped: bool = False) -> None:
+        unique = {(p.line, p.column, p.message): p for p in problems}
+        self.problems = sorted(unique.values(), key=lambda p: (p.line, p.column))
+        self.stopped = stopped
+        super().__init__(self.problems[0].message)
+
+
+class Collector:
+    """Runs checks one after another, keeping the Problem each raises instead of stopping at
+    the first, so that a manifest's errors are all reported at once; at MAX_ERRORS it
+    stops (raises Problems) rather than spend more on a text that is all errors."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def run(self, check: Any, *args: Any, **kw: Any) -> Any:
+        """``check(*args, **kw)``, or FAILED if it raised a Problem (kept)."""
+        stopped = False
+        try:
+            return check(*args, **kw)
+        except Problems as found:
+            self.problems.extend(found.problems)
+            stopped = found.stopped
+        except Problem as problem:
+            self.problems.append(problem)
+        if stopped or len(self.problems) >= MAX_ERRORS:
+            raise Problems(self.problems, stopped=True)
+        return FAILED
+
+    def raise_any(self) -> None:
+        if self.problems:
+            raise Problems(self.problems)
+
+
+FAILED: Any = type("Failed", (), {"__repr__": lambda self: "<failed check>"})()
 
 
 def fail(

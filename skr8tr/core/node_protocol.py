@@ -32,7 +32,17 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
      be launched: missing executable, bad workdir, port in use; ``message``
      carries the OS error and ``reason`` is ``port_in_use`` or ``launch_error``);
    - conductor -> node ``logs`` {req, app, replica, tail} and node -> conductor
-     ``logs_reply`` {req, lines:[{replica, ts, stream, text}]}.
+     ``logs_reply`` {req, lines:[{replica, ts, stream, text, seq}]}; ``seq`` numbers a
+     replica's lines on that node (1, 2, ...). With ``follow`` true the request
+     also subscribes: after the reply the node pushes ``logs_push`` {req, lines,
+     skipped} as it reads new lines of the app (replicas launched later join),
+     ``skipped`` counting lines it dropped after these for a reader that did not keep up,
+     until the conductor sends ``logs_unfollow`` {req} or the session ends. A
+     resumed follow sends ``after`` {replica: last seq shown} (and ``since``, a
+     time): the reply then holds the lines after those instead of a tail;
+   - conductor -> node ``app_gone`` {app}: the app was removed (``down``); the node
+     deletes its log files (at once for finished replicas, at their exit for the
+     others).
 
 Each type of message is a frozen dataclass (a :class:`NodeMessage`: :class:`Challenge`,
 :class:`Hello`, :class:`Welcome`, :class:`Refused`, :class:`Heartbeat`, :class:`Launch`,
@@ -79,6 +89,9 @@ MAX_VERSION_CHARS = 64
 MAX_REPORT_MESSAGE_CHARS = 4096  # a replica report's message (the agent cuts it: ReplicaReport.fit)
 MAX_LOG_TEXT_CHARS = 64 * 1024  # one log line (the agent cuts lines at 64 KiB)
 MAX_LOG_LINES = 100_000  # lines in one logs_reply: the largest tail a logs request asks for
+MAX_LOG_SEQ = 2**53  # a line's number in its replica's output
+MAX_FOLLOW_AFTER = 10_000  # replicas named in a resumed follow's ``after``
+MAX_SKIPPED = 2**53
 MAX_HELLO_REPLICAS = 10_000  # replica reports in one hello
 MAX_TERM = 2**63 - 1  # a leadership term: an etcd revision (int64)
 MAX_CORES = 65_536
@@ -279,9 +292,16 @@ _LOG_LINE_FIELDS: dict[str, tuple[Check, bool]] = {
     "ts": (_num(0, MAX_TS_S), True),
     "stream": (_one_of("stdout", "stderr"), True),
     "text": (_text(MAX_LOG_TEXT_CHARS), True),
+    "seq": (_int(1, MAX_LOG_SEQ), False),
 }
 _log_lines = _list_of(lambda x: _check_fields(x, _LOG_LINE_FIELDS, envelope=False),
                       MAX_LOG_LINES, "lines")
+
+
+_after_rule = _Rule(
+    lambda v: (isinstance(v, dict) and len(v) <= MAX_FOLLOW_AFTER
+               and all(_ident(k) and _int(0, MAX_LOG_SEQ)(x) for k, x in v.items())),
+    f"an object of at most {MAX_FOLLOW_AFTER} replica ids -> line numbers 0..{MAX_LOG_SEQ}")
 
 
 _REPLICA_FIELDS: dict[str, tuple[Check, bool]] = {
@@ -353,9 +373,16 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "req": (_ident, True),
         "app": (_str, True),
         "replica": (_opt(_str), True),
-        "tail": (_int(1, MAX_LOG_LINES), True),
+        "tail": (_int(0, MAX_LOG_LINES), True),
+        "follow": (_opt(_Rule(lambda v: isinstance(v, bool), "true or false")), False),
+        "after": (_opt(_after_rule), False),
+        "since": (_opt(_num(0, MAX_TS_S)), False),
     },
     "logs_reply": {"req": (_ident, True), "lines": (_log_lines, True)},
+    "logs_push": {"req": (_ident, True), "lines": (_log_lines, True),
+                  "skipped": (_int(0, MAX_SKIPPED), True)},
+    "logs_unfollow": {"req": (_ident, True)},
+    "app_gone": {"app": (_app_name, True)},
 }
 
 
@@ -414,6 +441,24 @@ def decode_node_message(data: str | bytes) -> NodeMessage | NodeDecodeError:
     if problem is not None:
         return NodeDecodeError(f"{kind}: {problem}")
     return _TYPED[kind]._from_checked(msg)
+
+
+def chunk_lines(lines: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
+    """*lines* cut into runs whose JSON fits in about *limit* bytes each, in order (a
+    log line is at most 64 KiB of text, so every one fits a message)."""
+    chunks: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    total = 0
+    for line in lines:
+        size = len(json.dumps(line, ensure_ascii=False).encode()) + 1
+        if current and total + size > limit:
+            chunks.append(current)
+            current, total = [], 0
+        current.append(line)
+        total += size
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def encode_node_message(kind: str, **fields: Any) -> str:
@@ -649,6 +694,46 @@ class LogsRequest(NodeMessage):
     app: str
     replica: str | None
     tail: int
+    follow: bool | None = None  # also push new lines (logs_push) until logs_unfollow
+    after: dict[str, int] | None = None  # a resumed follow: replica -> last seq shown
+    since: float | None = None  # with after: lines of other replicas from this time on
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        for name in ("follow", "after", "since"):  # a plain request stays as it was
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+@_message
+@dataclass(frozen=True)
+class LogsPush(NodeMessage):
+    """node -> conductor: new lines for the follow ``req`` (see :class:`LogsRequest`),
+    oldest first; ``skipped`` lines were dropped right after them (a slow reader)."""
+
+    TYPE: ClassVar[str] = "logs_push"
+    req: str
+    lines: list[dict[str, Any]]
+    skipped: int = 0
+
+
+@_message
+@dataclass(frozen=True)
+class LogsUnfollow(NodeMessage):
+    """conductor -> node: stop pushing lines for the follow ``req``."""
+
+    TYPE: ClassVar[str] = "logs_unfollow"
+    req: str
+
+
+@_message
+@dataclass(frozen=True)
+class AppGone(NodeMessage):
+    """conductor -> node: ``app`` was removed; delete its log files."""
+
+    TYPE: ClassVar[str] = "app_gone"
+    app: str
 
 
 @_message
@@ -744,3 +829,8 @@ class Launch(NodeMessage):
             settle_ms=fields["settle_ms"], stop_grace_ms=fields["stop_grace_ms"],
             token=fields.get("token"),
         )
+
+
+def is_ident(value: Any) -> bool:
+    """Whether *value* is an id as this protocol accepts one (node, replica, request)."""
+    return _ident(value)

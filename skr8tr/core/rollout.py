@@ -74,6 +74,8 @@ __all__ = [
     "refused",
     "relaunched",
     "undo_target",
+    "UndoRefused",
+    "UNPROVEN_STATES",
     "watching",
 ]
 
@@ -104,6 +106,7 @@ class HistoryView:
 
     generation: int
     state: str
+    manifest_sha256: str = ""  # "" when unknown: then never taken for the current manifest
 
 
 # ------------------------------------------------------------------ what the runner sees
@@ -473,23 +476,47 @@ class UndoError(Exception):
     """``rollout undo`` has nothing to return to; the message says why."""
 
 
-def undo_target(history: Sequence[HistoryView], current: int, to: int | None) -> int:
+class UndoRefused(UndoError):
+    """``rollout undo --to GEN`` names a generation that never ran to completion; allowed
+    with ``force``."""
+
+
+# A generation whose rollout ended so never served as the app's generation: returning to
+# it is more likely a slip than a wish (it was aborted, or it failed its checks).
+UNPROVEN_STATES = frozenset({"aborted", "failed", "rolled_back"})
+
+
+def undo_target(history: Sequence[HistoryView], current: int, to: int | None, *,
+                force: bool = False) -> int:
     """The generation ``rollout undo`` rolls out again.
 
-    Without ``to``: the newest ``complete`` generation older than ``current``.
-    With ``to``: that generation, which must exist and not be ``current``.
+    Without ``to``: the newest ``complete`` generation older than ``current`` whose
+    manifest differs from the current one's (a ``restart`` records the same manifest
+    under a new generation; going back to it would change nothing).
+    With ``to``: that generation, which must exist and not be ``current``; one whose
+    rollout ended ``aborted``, ``failed`` or ``rolled_back`` raises
+    :class:`UndoRefused` unless ``force``.
     """
-    known = {h.generation: h.state for h in history}
+    known = {h.generation: h for h in history}
     if to is not None:
         if to not in known:
+            listed = sorted(known)
+            shown = ", ".join(map(str, listed[-20:])) or "none"
             raise UndoError(f"generation {to} does not exist (known: "
-                            f"{', '.join(map(str, sorted(known))) or 'none'})")
+                            f"{'..., ' if len(listed) > 20 else ''}{shown})")
         if to == current:
             raise UndoError(f"generation {to} is the current one; nothing to undo")
+        state = known[to].state
+        if state in UNPROVEN_STATES and not force:
+            raise UndoRefused(f"generation {to}'s rollout ended {state}: it never served as "
+                              f"the app's generation; pass --force to roll it out anyway")
         return to
-    older = [h.generation for h in history if h.state == "complete" and h.generation < current]
+    now_sha = known[current].manifest_sha256 if current in known else ""
+    older = [h.generation for h in history if h.state == "complete" and h.generation < current
+             and not (now_sha and h.manifest_sha256 == now_sha)]
     if not older:
-        raise UndoError(f"no complete generation before {current} to return to")
+        raise UndoError(f"no complete generation before {current} with another manifest "
+                        "to return to")
     return max(older)
 
 

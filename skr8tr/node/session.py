@@ -33,17 +33,21 @@ from skr8tr.core import node_protocol
 from skr8tr.core.envelope import sign_challenge
 from skr8tr.core.node_protocol import (
     MAX_NODE_MESSAGE_BYTES,
+    AppGone,
     Challenge,
     Heartbeat,
     Hello,
     Launch,
+    LogsPush,
     LogsReply,
     LogsRequest,
+    LogsUnfollow,
     NodeDecodeError,
     NodeMessage,
     ReplicaReport,
     Stop,
     Welcome,
+    chunk_lines,
     decode_node_message,
 )
 from skr8tr.core.signatures import Signer
@@ -61,6 +65,10 @@ DISCONNECT_TIMEOUT_S = 2.0
 OUTBOX_LIMIT = 4096
 # Room left in a logs_reply for everything but the lines.
 _REPLY_OVERHEAD_BYTES = 4096
+# Log follows (``logs`` with follow) one session serves at once; the conductor asks
+# for far fewer (one per follow of its clients, which it caps).
+MAX_FOLLOWS = 64
+PUSH_BATCH_LINES = 2000  # lines taken from a follow's buffer at a time
 
 
 class SessionError(Exception):
@@ -237,7 +245,7 @@ async def _serve(ws: trio_client.ClientConnection, *, url: str, node_id: str,
                 nursery.start_soon(_send_heartbeats, outbox_send, heartbeat_s)
                 if leave_when_silent:
                     nursery.start_soon(_watch_conductor, ws, url, heartbeat_s)
-                await _serve_commands(ws, node_id, supervisor, outbox_send)
+                await _serve_commands(ws, node_id, supervisor, outbox_send, nursery)
                 nursery.cancel_scope.cancel()
         finally:
             supervisor.detach(sink)
@@ -320,7 +328,9 @@ async def _send_heartbeats(outbox: trio.MemorySendChannel[NodeMessage],
 
 async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
                           supervisor: Supervisor,
-                          outbox: trio.MemorySendChannel[NodeMessage]) -> None:
+                          outbox: trio.MemorySendChannel[NodeMessage],
+                          nursery: trio.Nursery) -> None:
+    follows: dict[str, trio.CancelScope] = {}  # req -> its pusher's scope
     while True:
         try:
             data = await ws.get_message()
@@ -341,11 +351,72 @@ async def _serve_commands(ws: trio_client.ClientConnection, node_id: str,
         elif isinstance(msg, Stop):
             supervisor.stop(msg.replica)
         elif isinstance(msg, LogsRequest):
-            lines = supervisor.tail_logs(msg.app, msg.replica, msg.tail)
-            await outbox.send(LogsReply(req=msg.req, lines=fit_lines(lines)))
+            if not msg.follow:
+                lines = supervisor.tail_logs(msg.app, msg.replica, msg.tail)
+                await outbox.send(LogsReply(req=msg.req, lines=fit_lines(lines)))
+                continue
+            if msg.req in follows or len(follows) >= MAX_FOLLOWS:
+                log.warning("node %s: log follow %s refused (%s)", node_id, msg.req,
+                            "a duplicate" if msg.req in follows
+                            else f"{MAX_FOLLOWS} follows already")
+                await outbox.send(LogsReply(req=msg.req, lines=[]))
+                continue
+            follows[msg.req] = await nursery.start(_push_logs, msg, supervisor, outbox,
+                                                   follows)
+            log.info("node %s: log follow %s of %s started (%d served)", node_id, msg.req,
+                     msg.replica or msg.app, len(follows))
+        elif isinstance(msg, LogsUnfollow):
+            scope = follows.pop(msg.req, None)
+            if scope is not None:
+                scope.cancel()
+        elif isinstance(msg, AppGone):
+            supervisor.forget_app(msg.app)
         else:
             log.warning("node %s: unexpected %s message from the conductor ignored",
                         node_id, msg.TYPE)
+
+
+async def _push_logs(msg: LogsRequest, supervisor: Supervisor,
+                     outbox: trio.MemorySendChannel[NodeMessage],
+                     follows: dict[str, trio.CancelScope],
+                     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+    """Serve one follow: subscribe, answer with the first lines (``logs_reply``), then
+    send the new lines as they come, until cancelled (``logs_unfollow``, or the session
+    ends); the subscription lives exactly as long as this task. Leaves half the outbox
+    to reports and heartbeats: while it is fuller, lines wait in the subscription's
+    bounded buffer (and beyond it are counted as skipped)."""
+    req = msg.req
+    with trio.CancelScope() as scope:
+        first, sub = supervisor.follow_logs(msg.app, msg.replica, tail=msg.tail,
+                                            after=msg.after, since=msg.since)
+        task_status.started(scope)
+        limit = MAX_NODE_MESSAGE_BYTES - _REPLY_OVERHEAD_BYTES
+        try:
+            if msg.after is None:
+                # A tail: its newest lines that fit (the oldest go; no gap at the seam).
+                await outbox.send(LogsReply(req=req, lines=fit_lines(first)))
+            else:
+                # A resumed follow: every line after those shown, in as many messages
+                # as it takes (a gap here would be a gap in what the user reads).
+                chunks = chunk_lines(first, limit) or [[]]
+                await outbox.send(LogsReply(req=req, lines=chunks[0]))
+                for chunk in chunks[1:]:
+                    await outbox.send(LogsPush(req=req, lines=chunk, skipped=0))
+            while True:
+                lines, skipped = await sub.next_batch(PUSH_BATCH_LINES)
+                chunks = chunk_lines(lines, limit) or [[]]
+                for i, chunk in enumerate(chunks):
+                    while outbox.statistics().current_buffer_used > OUTBOX_LIMIT // 2:
+                        await trio.sleep(0.05)
+                    last = i == len(chunks) - 1
+                    await outbox.send(LogsPush(req=req, lines=chunk,
+                                               skipped=skipped if last else 0))
+        finally:
+            supervisor.unfollow_logs(sub)
+            if follows.get(req) is scope:
+                del follows[req]
+            log.info("log follow %s ended (%d still served)", req, len(follows))
 
 
 async def _answer_bad_launch(data: str | bytes, problem: NodeDecodeError,

@@ -58,6 +58,7 @@ from typing import Any
 import psutil
 import trio
 
+from skr8tr.core.names import APP_NAME_RE
 from skr8tr.core.node_protocol import Launch, ReplicaReport
 from skr8tr.node.adopt import AdoptedProcess, identify
 from skr8tr.node.health import HealthTracker, next_probe_delay, probe_http
@@ -66,6 +67,7 @@ from skr8tr.node.logs import (
     TAIL_INTERVAL_S,
     TAIL_LINES,
     LogBook,
+    LogSubscription,
     ReplicaLog,
     run_tailer,
 )
@@ -178,6 +180,24 @@ class Supervisor:
         """The last *count* log lines of *app* (or one of its replicas), oldest first."""
         return self.logbook.tail(app, replica, count)
 
+    def follow_logs(self, app: str, replica: str | None, *, tail: int,
+                    after: dict[str, int] | None = None, since: float | None = None
+                    ) -> tuple[list[dict[str, Any]], LogSubscription]:
+        """Follow *app*'s (or one replica's) lines: :meth:`.logs.LogBook.subscribe`.
+        Replicas of the app launched later join; call :meth:`unfollow_logs` when done."""
+        return self.logbook.subscribe(app, replica, tail=tail, after=after, since=since)
+
+    def unfollow_logs(self, sub: LogSubscription) -> None:
+        self.logbook.unsubscribe(sub)
+
+    def forget_app(self, app: str) -> None:
+        """The conductor forgot *app* (``down``): its log files go
+        (:meth:`.logs.LogBook.forget_app`)."""
+        removed = self.logbook.forget_app(app)
+        log.info("app %s is gone: removed the log files of %d finished replica(s)%s", app,
+                 removed, "; those still stopping go when they exit"
+                 if self.logbook.forgetting(app) else "")
+
     def launch(self, spec: Launch) -> None:
         """Start a replica in the background; its reports say how it goes.
 
@@ -229,6 +249,8 @@ class Supervisor:
         try:
             proc = await self._spawn(rep)
         except LaunchFailed as exc:
+            # In its stderr log too: `skr8tr logs APP` shows why it never ran.
+            rep.log.note_start_error(rep.spec.exec, str(exc))
             self._report(rep, "failed", message=str(exc), reason=exc.reason)
             self.logbook.finish(rep.log)
             self._retire(rep)
@@ -526,6 +548,8 @@ async def open_supervisor(data_dir: str, *, stop_on_exit: bool = False,
                 supervisor = Supervisor(nursery, data_dir, stop_on_exit=stop_on_exit,
                                         records=records, **options)
                 supervisor.adopt_recorded()
+                # Files an earlier life of the agent left count towards their app's bound.
+                supervisor.logbook.sweep_leftovers(app_of_replica)
                 try:
                     yield supervisor
                 finally:
@@ -536,3 +560,9 @@ async def open_supervisor(data_dir: str, *, stop_on_exit: bool = False,
             with trio.CancelScope(shield=True):
                 await records.flush()
             writer_nursery.cancel_scope.cancel()
+
+
+def app_of_replica(replica: str) -> str | None:
+    """The app a replica id names (the conductor gives ids as ``APP-SUFFIX``), or None."""
+    app, dash, _ = replica.rpartition("-")
+    return app if dash and APP_NAME_RE.fullmatch(app) else None

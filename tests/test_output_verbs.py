@@ -1,0 +1,48 @@
+"""The human output of `describe` and `rollout history --generation` (skr8tr.output)."""
+
+from __future__ import annotations
+
+from skr8tr import output
+
+ROW = {"app": "web", "replica": "web-1a2b", "node": "n1", "pid": 4242, "port": 20001,
+       "generation": 2, "state": "ready"}
+DOC = {
+    "app": "web", "type": "process", "generation": 2, "desired": 3,
+    "counts": {"app": "web", "running": 1, "ready": 1, "message": None},
+    "manifest_sha256": "ab" * 32, "format": "skr8tr", "base_dir": "/srv/web",
+    "manifest": "app web\n  exec ./hello\n",
+    "replicas": [ROW], "rollout": None, "history": [],
+    "events": [{"seq": 7, "ts": 0.0, "event": "replica.ready",
+                "data": {"app": "web", "replica": "web-1a2b"}}],
+}
+
+
+def test_describe_reads_top_to_bottom():
+    text = output.describe(DOC)
+    lines = text.splitlines()
+    assert lines[:4] == ["Name:        web", "Type:        process", "Generation:  2",
+                         "Replicas:    3 desired, 1 running, 1 ready"]
+    assert "Rollout:     none yet" in text
+    assert "  REPLICA   NODE  PID   PORT   GEN  STATE" in text
+    assert "#7 replica.ready replica=web-1a2b" in text and "app=web" not in text
+    assert text.endswith("Manifest text:\n  app web\n    exec ./hello")
+
+
+def test_describe_shows_extra_replica_fields_only_when_present():
+    assert "REASON" not in output.describe(DOC)
+    failed = dict(ROW, state="failed", reason="exec not found", exit_code=None, restarts=4)
+    text = output.describe(dict(DOC, replicas=[ROW, failed]))
+    header = next(line for line in text.splitlines() if "REPLICA" in line)
+    assert header.split() == ["REPLICA", "NODE", "PID", "PORT", "GEN", "STATE", "RESTARTS",
+                              "EXIT", "CODE", "REASON"]
+    assert "exec not found" in text
+
+
+def test_revision_prints_facts_then_the_manifest_as_submitted():
+    text = output.revision({"app": "web", "generation": 1, "state": "aborted",
+                            "started": 0.0, "finished": None, "manifest_sha256": "cd" * 32,
+                            "format": "toml", "base_dir": "/srv", "current": False,
+                            "manifest": "# note\n[app]\nname = \"web\"\n"})
+    assert "Generation:  1\n" in text and "State:       aborted" in text
+    assert "Finished:    -" in text
+    assert text.endswith("\n\n# note\n[app]\nname = \"web\"")
