@@ -71,8 +71,13 @@ REASON_COLUMN: Column = ("REASON", why)
 SLOT_COLUMN: Column = ("SLOT", _key("slot"))
 
 
+# Fields a replica row shows in its SLOT, RESTARTS and REASON columns.
+WHY_KEYS = frozenset({"slot", "restarts", "reason", "exit_code", "signal", "next_restart"})
+
+
 def _restarted(row: dict) -> bool:
     return bool(row.get("slot")) and row.get("slot") != row.get("replica")
+
 
 NODE_COLUMNS: list[Column] = [
     ("NODE", _key("node")),
@@ -100,15 +105,19 @@ HISTORY_COLUMNS: list[Column] = [
 ]
 
 
-def replicas(rows: Sequence[dict]) -> str:
-    """The replicas table; a SLOT column (after REPLICA) only when some replica was
-    restarted, a REASON column only when some replica has one."""
+def replica_columns(rows: Sequence[dict]) -> list[Column]:
+    """The replicas table's columns: a SLOT column (after REPLICA) only when some replica
+    was restarted, a REASON column only when some replica has one."""
     columns = list(REPLICA_COLUMNS)
     if any(_restarted(row) for row in rows):
         columns.insert(2, SLOT_COLUMN)
     if any(why(row) for row in rows):
         columns.append(REASON_COLUMN)
-    return table(rows, columns, empty="no replicas")
+    return columns
+
+
+def replicas(rows: Sequence[dict]) -> str:
+    return table(rows, replica_columns(rows), empty="no replicas")
 
 
 def nodes(rows: Sequence[dict]) -> str:
@@ -214,7 +223,8 @@ _EXTRA_REPLICA_ORDER = ("restarts", "exit_code", "next_restart", "reason")
 
 
 def _replica_columns(rows: Sequence[dict]) -> list[Column]:
-    known = {header.lower() for header, _ in REPLICA_COLUMNS} | {"generation", "app"}
+    known = ({header.lower() for header, _ in REPLICA_COLUMNS} | {"generation", "app"}
+             | WHY_KEYS)
     extra: list[str] = []
     for row in rows:
         for key in row:
@@ -222,7 +232,7 @@ def _replica_columns(rows: Sequence[dict]) -> list[Column]:
                 extra.append(key)
     extra.sort(key=lambda k: (_EXTRA_REPLICA_ORDER.index(k) if k in _EXTRA_REPLICA_ORDER
                               else len(_EXTRA_REPLICA_ORDER), k))
-    columns = [c for c in REPLICA_COLUMNS if c[0] != "APP"]
+    columns = [c for c in replica_columns(rows) if c[0] != "APP"]
     return columns + [(k.upper().replace("_", " "), _key(k)) for k in extra]
 
 
