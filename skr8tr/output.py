@@ -50,7 +50,34 @@ REPLICA_COLUMNS: list[Column] = [
     ("PORT", _key("port")),
     ("GEN", _key("generation")),
     ("STATE", _key("state")),
+    ("RESTARTS", _key("restarts")),
 ]
+
+
+def why(row: dict) -> str | None:
+    """A replica's REASON cell: why it ended and when it restarts, or for a replica that
+    restarted, why the one before it in its slot ended; None when nothing ended."""
+    reason = row.get("reason")
+    after = row.get("next_restart")
+    if row.get("state") in ("exited", "failed"):
+        parts = [str(reason)] if reason else []
+        if isinstance(after, int | float):
+            parts.append(f"restarting in {after:.0f} s" if after >= 1 else "restarting now")
+        return "; ".join(parts) or None
+    return f"last: {reason}" if reason else None
+
+
+REASON_COLUMN: Column = ("REASON", why)
+SLOT_COLUMN: Column = ("SLOT", _key("slot"))
+
+
+# Fields a replica row shows in its SLOT, RESTARTS and REASON columns.
+WHY_KEYS = frozenset({"slot", "restarts", "reason", "exit_code", "signal", "next_restart"})
+
+
+def _restarted(row: dict) -> bool:
+    return bool(row.get("slot")) and row.get("slot") != row.get("replica")
+
 
 NODE_COLUMNS: list[Column] = [
     ("NODE", _key("node")),
@@ -79,8 +106,19 @@ HISTORY_COLUMNS: list[Column] = [
 ]
 
 
+def replica_columns(rows: Sequence[dict]) -> list[Column]:
+    """The replicas table's columns: a SLOT column (after REPLICA) only when some replica
+    was restarted, a REASON column only when some replica has one."""
+    columns = list(REPLICA_COLUMNS)
+    if any(_restarted(row) for row in rows):
+        columns.insert(2, SLOT_COLUMN)
+    if any(why(row) for row in rows):
+        columns.append(REASON_COLUMN)
+    return columns
+
+
 def replicas(rows: Sequence[dict]) -> str:
-    return table(rows, REPLICA_COLUMNS, empty="no replicas")
+    return table(rows, replica_columns(rows), empty="no replicas")
 
 
 def nodes(rows: Sequence[dict]) -> str:
@@ -211,7 +249,8 @@ _EXTRA_REPLICA_ORDER = ("restarts", "exit_code", "next_restart", "reason")
 
 
 def _replica_columns(rows: Sequence[dict]) -> list[Column]:
-    known = {header.lower() for header, _ in REPLICA_COLUMNS} | {"generation", "app"}
+    known = ({header.lower() for header, _ in REPLICA_COLUMNS} | {"generation", "app"}
+             | WHY_KEYS)
     extra: list[str] = []
     for row in rows:
         for key in row:
@@ -219,7 +258,7 @@ def _replica_columns(rows: Sequence[dict]) -> list[Column]:
                 extra.append(key)
     extra.sort(key=lambda k: (_EXTRA_REPLICA_ORDER.index(k) if k in _EXTRA_REPLICA_ORDER
                               else len(_EXTRA_REPLICA_ORDER), k))
-    columns = [c for c in REPLICA_COLUMNS if c[0] != "APP"]
+    columns = [c for c in replica_columns(rows) if c[0] != "APP"]
     return columns + [(k.upper().replace("_", " "), _key(k)) for k in extra]
 
 

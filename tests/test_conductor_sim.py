@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -297,3 +298,99 @@ async def test_scale_down_and_down_drain_before_stopping(cluster, nursery, autoj
     await wait_for(lambda: len(node.stops) == 3)
     assert node.stops[-1][0] - t1 == pytest.approx(2.0)
     await wait_for(lambda: not cluster.replicas)
+
+
+async def test_a_crash_loop_is_one_slot_with_a_growing_restart_count(
+        cluster, nursery, autojump_clock):
+    (node,) = await start_nodes(nursery, cluster, ("n1", "127.0.0.1"), crash_after_s=0.0,
+                                exit_code=3)
+    # the sixth launch stays up
+    node.launch_hook = lambda msg: {"crash_after_s": None} if len(node.launches) == 6 else {}
+    t0 = trio.current_time()
+    first = (await run(cluster, "up", manifest(replicas=1)))["replicas"][0]
+    assert (first["slot"], first["restarts"], first["reason"]) == (first["replica"], 0, None)
+    seen = []  # (restarts, next_restart) of each failed row, when it failed
+    for i in range(5):
+        await wait_for(lambda: any(r.state == "failed" and r.restarts == i  # noqa: B023
+                                   for r in cluster.replicas.values()), timeout_s=100)
+        (row,) = await run(cluster, "list", {"app": "web"})
+        assert row["state"] == "failed" and row["slot"] == first["replica"]
+        assert (row["exit_code"], row["signal"]) == (3, None)
+        assert row["reason"] == "exited with code 3"
+        seen.append((row["restarts"], row["next_restart"]))
+    # the backoff, 1, 2, 4, 8, 16 s, is what next_restart said each time
+    assert seen == [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 16.0)]
+    assert [round(t - t0, 6) for t, _ in node.launches[:5]] == [0, 1, 3, 7, 15]
+    # the one launched in the slot tells why the one before it ended
+    await wait_for(lambda: any(r.state == "ready" for r in cluster.replicas.values()),
+                   timeout_s=100)
+    (row,) = await run(cluster, "list", {"app": "web"})
+    assert row["replica"] != first["replica"] and row["slot"] == first["replica"]
+    assert (row["restarts"], row["reason"], row["exit_code"]) == (5, "exited with code 3", 3)
+    assert row["state"] == "ready" and row["next_restart"] is None
+    placed = [e for e in cluster.events.recent if e.event == "replica.placed"]
+    assert [e.data.get("restarts", 0) for e in placed] == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_missing_exec_reads_as_cannot_start(cluster, nursery, autojump_clock):
+    (node,) = await start_nodes(nursery, cluster, ("n1", "127.0.0.1"), ready_after_s=math.inf)
+    await run(cluster, "up", manifest(replicas=1))
+    await wait_for(lambda: any(r.state == "running" for r in cluster.replicas.values()))
+    (r,) = cluster.replicas.values()
+    node.running.pop(r.replica_id)
+    cluster.replica_report("n1", ReplicaReport(
+        replica=r.replica_id, app="web", generation=1, state="failed", pid=None, port=r.port,
+        ts=0.0, reason="launch_error",
+        message="[Errno 2] No such file or directory: '/bin/server'\x1b[2J" + "y" * 4000))
+    (row,) = await run(cluster, "list", {"app": "web"})
+    assert row["state"] == "failed" and row["exit_code"] is None
+    assert row["reason"].startswith(
+        "cannot start: [Errno 2] No such file or directory: '/bin/server' [2Jyyy")
+    assert len(row["reason"]) == 200 and "\x1b" not in row["reason"]
+    assert row["next_restart"] == 1.0
+
+
+async def test_a_node_cannot_set_the_reason_of_another_nodes_replica(
+        cluster, nursery, autojump_clock):
+    await start_nodes(nursery, cluster, ("n1", "127.0.0.1"), ("n2", "127.0.0.2"))
+    await run(cluster, "up", manifest(replicas=1))
+    await wait_for(lambda: any(r.state == "ready" for r in cluster.replicas.values()))
+    (r,) = cluster.replicas.values()
+    other = "n2" if r.node_id == "n1" else "n1"
+    cluster.replica_report(other, ReplicaReport(
+        replica=r.replica_id, app="web", generation=1, state="exited", pid=None,
+        port=r.port, ts=0.0, exit_code=1, message="forged"))
+    (row,) = await run(cluster, "list", {"app": "web"})
+    assert (row["state"], row["reason"], row["exit_code"], row["restarts"]) == (
+        "ready", None, None, 0)
+
+
+async def test_an_unhealthy_replicas_successor_takes_its_slot_and_says_why(
+        cluster, nursery, autojump_clock):
+    await start_nodes(nursery, cluster, ("n1", "127.0.0.1"))
+    (first,) = (await run(cluster, "up", manifest(replicas=1)))["replicas"]
+    await wait_for(lambda: any(r.state == "ready" for r in cluster.replicas.values()))
+    r = cluster.replicas[first["replica"]]
+    cluster.replica_report("n1", ReplicaReport(
+        replica=r.replica_id, app="web", generation=1, state="unhealthy", pid=r.pid,
+        port=r.port, ts=0.0, message="3 probes failed: GET /healthz -> 500\nwant 200"))
+    await wait_for(lambda: first["replica"] not in cluster.replicas
+                   and any(r.state == "ready" for r in cluster.replicas.values()))
+    (row,) = await run(cluster, "list", {"app": "web"})
+    assert row["replica"] != first["replica"] and row["slot"] == first["replica"]
+    assert row["restarts"] == 1
+    assert row["reason"] == "unhealthy: 3 probes failed: GET /healthz -> 500 want 200"
+    assert (row["exit_code"], row["signal"], row["next_restart"]) == (None, None, None)
+
+
+async def test_scaling_down_passes_no_slot_on(cluster, nursery, autojump_clock):
+    await start_nodes(nursery, cluster, ("n1", "127.0.0.1"))
+    await run(cluster, "up", manifest(replicas=2))
+    await wait_for(lambda: len([r for r in live(cluster) if r.state == "ready"]) == 2)
+    await run(cluster, "scale", {"app": "web", "replicas": 1})
+    await wait_for(lambda: len(cluster.replicas) == 1)
+    await run(cluster, "scale", {"app": "web", "replicas": 2})
+    await wait_for(lambda: len([r for r in live(cluster) if r.state == "ready"]) == 2)
+    rows = await run(cluster, "list", {"app": "web"})
+    assert all(r["slot"] == r["replica"] and r["restarts"] == 0 and r["reason"] is None
+               for r in rows)

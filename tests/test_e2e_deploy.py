@@ -322,7 +322,7 @@ def test_insecure_mode_says_so_loudly(tmp_path):
         status, _, body = _try_get(http, "/api/state")
         state = json.loads(body)
         assert status == 200 and state == {
-            "nodes": [], "apps": [], "replicas": [], "rollouts": [],
+            "nodes": [], "apps": [], "replicas": [], "rollouts": [], "history": {},
             "leader": f"ws://127.0.0.1:{ws}",
             "conductors": [{"url": f"ws://127.0.0.1:{ws}", "role": "leader",
                             "since": state["conductors"][0]["since"],

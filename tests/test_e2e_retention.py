@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import Cluster, running_cluster
+from tests.e2e import running_cluster
 from tests.test_e2e_rollout import web
 
 pytestmark = pytest.mark.e2e

@@ -41,3 +41,42 @@ def test_up_counts_the_desired_replicas_not_the_rows():
     assert output.up(result).splitlines()[0] == "web: generation 1, 3 replicas, 1 ready, 2 starting"
     older = {"app": "web", "generation": 1, "replicas": rows("ready", "ready")}  # no `desired`
     assert output.up(older).splitlines()[0] == "web: generation 1, 2 replicas, 2 ready"
+
+
+def _replica(**fields) -> dict:
+    row = {"app": "web", "replica": "web-aaaaaa", "node": "n1", "pid": 10, "port": 20000,
+           "generation": 1, "state": "ready", "slot": "web-aaaaaa", "restarts": 0,
+           "reason": None, "exit_code": None, "signal": None, "next_restart": None}
+    row = {**row, **fields}
+    return {**row, "slot": fields.get("slot", row["replica"])}
+
+
+def test_replicas_table_has_no_reason_column_while_nothing_failed():
+    lines = output.replicas([_replica(), _replica(replica="web-bbbbbb")]).splitlines()
+    assert lines[0].split() == ["APP", "REPLICA", "NODE", "PID", "PORT", "GEN", "STATE",
+                                "RESTARTS"]
+    assert lines[1].split()[-2:] == ["ready", "0"]
+
+
+def test_replicas_table_says_why_a_replica_failed_and_when_it_restarts():
+    rows = [
+        _replica(replica="web-cccccc", pid=None, state="failed", restarts=3, exit_code=1,
+                 reason="exited with code 1", next_restart=7.6),
+        _replica(replica="web-dddddd", restarts=2, reason="killed by signal 9 (SIGKILL)"),
+        _replica(replica="web-eeeeee"),
+        _replica(replica="web-ffffff", pid=None, state="failed", restarts=0,
+                 reason="cannot start: [Errno 2] No such file or directory: '/nope'",
+                 next_restart=0.2),
+    ]
+    rows[0]["slot"] = rows[1]["slot"] = "web-000000"  # restarted: a slot of their own
+    lines = output.replicas(rows).splitlines()
+    assert lines[0].split() == ["APP", "REPLICA", "SLOT", "NODE", "PID", "PORT", "GEN",
+                                "STATE", "RESTARTS", "REASON"]
+    assert lines[1].split(None, 9)[1:3] == ["web-cccccc", "web-000000"]
+    assert lines[1].split(None, 9)[7:] == ["failed", "3",
+                                           "exited with code 1; restarting in 8 s"]
+    assert lines[2].split(None, 9)[7:] == ["ready", "2", "last: killed by signal 9 (SIGKILL)"]
+    assert lines[3].split()[1:3] == ["web-eeeeee", "web-eeeeee"]  # a first launch: its own
+    assert lines[3].split()[7:] == ["ready", "0", "-"]
+    assert lines[4].endswith("cannot start: [Errno 2] No such file or directory: '/nope'; "
+                             "restarting now")

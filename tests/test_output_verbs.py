@@ -30,12 +30,14 @@ def test_describe_reads_top_to_bottom():
 
 def test_describe_shows_extra_replica_fields_only_when_present():
     assert "REASON" not in output.describe(DOC)
-    failed = dict(ROW, state="failed", reason="exec not found", exit_code=None, restarts=4)
+    failed = dict(ROW, state="failed", reason="exec not found", exit_code=None, restarts=4,
+                  slot="web-0000", next_restart=3.2, rss_mb=12)
     text = output.describe(dict(DOC, replicas=[ROW, failed]))
     header = next(line for line in text.splitlines() if "REPLICA" in line)
-    assert header.split() == ["REPLICA", "NODE", "PID", "PORT", "GEN", "STATE", "RESTARTS",
-                              "EXIT", "CODE", "REASON"]
-    assert "exec not found" in text
+    # the columns of `list` (SLOT and REASON as there), then any other field
+    assert header.split() == ["REPLICA", "SLOT", "NODE", "PID", "PORT", "GEN", "STATE",
+                              "RESTARTS", "REASON", "RSS", "MB"]
+    assert "exec not found; restarting in 3 s" in text
 
 
 def test_revision_prints_facts_then_the_manifest_as_submitted():

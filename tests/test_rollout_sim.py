@@ -559,3 +559,37 @@ async def test_scale_answers_the_count_before_and_after(h, autojump_clock):
     await h.settled(1, 2)
     (row,) = (await h.run("status", {}))["apps"]
     assert (row["desired"], row["ready"], row["draining"], row["stopping"]) == (2, 2, 0, 0)
+
+
+async def test_status_keeps_every_recent_rollout_with_how_it_ended(h, autojump_clock):
+    node = await h.node("n1", launch_hook=crash_generation(2))
+    await deploy(h)
+    await h.run("rollout", manifest("v4"))
+    assert (await h.until_done())["state"] == "rolled_back"
+    node.launch_hook = None
+    await h.run("rollout", manifest("v5"))
+    assert (await h.until_done())["state"] == "complete"
+    status = await h.run("status", {})
+    rows = status["history"]["web"]
+    assert [(r["generation"], r["state"]) for r in rows] == [
+        (1, "complete"), (2, "rolled_back"), (3, "complete")]
+    assert rows[0]["message"] is None  # `up`'s
+    assert "exit code 3" in rows[1]["message"] and len(rows[1]["message"]) <= 300
+    assert rows[2]["message"]
+    # the last rollout alone is what `rollouts` shows: the rolled back one only here
+    assert [r["to_generation"] for r in status["rollouts"]] == [3]
+    # `rollout history` keeps its shape
+    history = await h.run("history", {"app": "web"})
+    assert set(history[1]) == {"generation", "state", "started", "finished", "manifest_sha256",
+                               "manifest_kept"}
+
+
+async def test_status_history_is_bounded_per_app(h, autojump_clock):
+    await h.node("n1")
+    await deploy(h, replicas=1)
+    for n in range(2, 14):
+        await h.run("rollout", manifest(f"v{n}", replicas=1))
+        assert (await h.until_done())["state"] == "complete"
+    status = await h.run("status", {})
+    assert [r["generation"] for r in status["history"]["web"]] == list(range(4, 14))
+    assert len(await h.run("history", {"app": "web"})) == 13  # all of them there

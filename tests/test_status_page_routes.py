@@ -52,7 +52,7 @@ async def test_api_state_is_the_status_document():
     site = make_site()
     doc = json.loads(site("GET", "/api/state").body)
     since = site.cluster.seat.since
-    assert doc == {"nodes": [], "apps": [], "replicas": [], "rollouts": [],
+    assert doc == {"nodes": [], "apps": [], "replicas": [], "rollouts": [], "history": {},
                    "leader": "ws://127.0.0.1:7771",
                    "conductors": [{"url": "ws://127.0.0.1:7771", "role": "leader",
                                    "since": since, "http": "http://127.0.0.1:7780"}]}

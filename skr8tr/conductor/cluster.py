@@ -63,7 +63,7 @@ from skr8tr.conductor.tables import (
     manifest_sha256,
     stored_app,
 )
-from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state
+from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state, why
 from skr8tr.core import rollout as rollout_plan
 from skr8tr.core.manifest import Manifest
 
@@ -208,8 +208,11 @@ class Cluster(NodeReports):
             self._load.rebuild(self.node_views())
 
     def launch(self, app: AppState, revision: Revision, *, restart_count: int = 0,
-               avoid: frozenset[str] = frozenset()) -> ReplicaState | placement.NoCapacity:
-        """Place one replica of ``revision``, claim its port and tell the node to start it."""
+               avoid: frozenset[str] = frozenset(), replaces: ReplicaState | None = None,
+               ) -> ReplicaState | placement.NoCapacity:
+        """Place one replica of ``revision``, claim its port and tell the node to start it.
+        With ``replaces`` (an ended replica), the new one takes over its slot: the same
+        slot name, one more restart, and why that one ended."""
         m = revision.manifest
         request = placement.PlacementRequest(
             app=app.name, port=m.port, avoid_nodes=avoid,
@@ -228,6 +231,13 @@ class Cluster(NodeReports):
             port=where.port, seq=self._next_seq(), launched_at=self.clock(),
             restart_count=restart_count, drain_s=m.rollout.drain_s,
         )
+        if replaces is not None:
+            r.slot, r.restarts = replaces.slot, replaces.restarts + 1
+            if replaces.ended_reason is not None:
+                r.last_end = (replaces.ended_reason, replaces.exit_code, replaces.signal)
+            elif replaces.vacating is not None:
+                r.last_end = (replaces.vacating, None, None)
+            replaces.vacating = None
         self.replicas[r.replica_id] = r
         self.ports.claim(r)
         node = self.nodes[where.node_id]
@@ -242,7 +252,8 @@ class Cluster(NodeReports):
         )
         sent = self.send(where.node_id, launch)
         self.events.publish("replica.placed", app=app.name, replica=r.replica_id,
-                            node=r.node_id, port=r.port, generation=r.generation)
+                            node=r.node_id, port=r.port, generation=r.generation,
+                            **({"slot": r.slot, "restarts": r.restarts} if r.restarts else {}))
         log.info("placed %s (generation %d) on %s port %s", r.replica_id, r.generation,
                  r.node_id, r.port)
         if not sent:
@@ -257,6 +268,8 @@ class Cluster(NodeReports):
         self.ports.release(r)
         self.replicas.ending(r)
         r.exit_code, r.signal, r.message = exit_code, signal, message
+        r.ended_reason = why.reason(exit_code=exit_code, signal=signal, message=message,
+                                    launch_failed=launch_failed)
         r.lost_with_node = node_lost and not r.port_clash
         self.ended[r.replica_id] = r
         while len(self.ended) > ENDED_KEPT:
@@ -422,6 +435,9 @@ class Cluster(NodeReports):
             views, now,
         )
         short: placement.NoCapacity | None = None
+        # Replicas retired as unhealthy: a new launch takes over their slots.
+        vacated = [r for r in self.replicas.of_app(app.name)
+                   if r.vacating is not None and r.generation == app.generation]
         for action in plan.actions:
             if isinstance(action, reconcile.Forget):
                 r = self.replicas.pop(action.replica_id, None)
@@ -430,7 +446,12 @@ class Cluster(NodeReports):
             elif isinstance(action, reconcile.Stop):
                 self.retire_replica(action.replica_id, action.reason)
             elif short is None:
-                result = self.launch(app, app.revision, restart_count=action.restart_count)
+                if action.replaces is not None:
+                    replaces = self.replicas.get(action.replaces)
+                else:
+                    replaces = vacated.pop() if vacated else None
+                result = self.launch(app, app.revision, restart_count=action.restart_count,
+                                     replaces=replaces)
                 if isinstance(result, placement.NoCapacity):
                     short = result
                 elif action.replaces is not None:

@@ -18,7 +18,7 @@ import trio
 
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.tables import NodeState, ReplicaState
-from skr8tr.core import placement_token, reconcile, replica_state
+from skr8tr.core import placement_token, reconcile, replica_state, why
 from skr8tr.core.node_protocol import (
     AppGone,
     Heartbeat,
@@ -304,7 +304,14 @@ class NodeReports:
             self.events.publish("replica.unhealthy", app=r.app, replica=r.replica_id,
                                 node=node_id, message=msg.message)
             log.warning("replica %s is unhealthy; replacing it", r.replica_id)
+            # Its successor takes over its slot, and says why (core/why.py bounds it).
+            r.vacating = why.clean(f"unhealthy: {msg.message}" if msg.message else "unhealthy")
             self.retire_replica(r.replica_id, "unhealthy")
+            app = self.apps.get(r.app)
+            if app is not None:
+                # The successor now (the reconciler would a moment later), while the row
+                # that hands over the slot is sure to be there: a quick stop removes it.
+                self.reconcile_app(app)
             return
         if state != r.state:
             r.state = replica_state.transition(r.replica_id, r.state, state)
@@ -346,7 +353,7 @@ class NodeReports:
                                      lost_with_node=r.lost_with_node)
         self.replicas.reviving(r)
         r.state, r.lost_with_node = back, False
-        r.restart_at = r.exit_code = r.signal = r.message = None
+        r.restart_at = r.exit_code = r.signal = r.message = r.ended_reason = None
         if msg.pid is not None:
             r.pid = msg.pid
         self.ended.pop(r.replica_id, None)

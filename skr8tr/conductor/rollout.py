@@ -477,6 +477,7 @@ class RolloutManager:
             if entry.generation == record.to_generation:
                 entry.state = record.state
                 entry.finished = record.finished_wall
+                entry.message = record.phase
         app.rolling = False
         self.active.pop(app.name, None)
         self.cluster.events.publish(

@@ -72,11 +72,39 @@ class ReplicaState:
     probe_text: str | None = None
     probe_status: int | None = None
     probe_count: int = 0
+    # Its slot: a restarted replica takes a new id (the node's records, logs and port
+    # claims are per launch) but keeps the slot of the one it replaces, the count of
+    # restarts in that slot (never reset, unlike restart_count, the backoff's) and why
+    # the one before it ended (core/why.py).
+    slot: str = ""
+    restarts: int = 0
+    last_end: tuple[str, int | None, int | None] | None = None  # (reason, exit code, signal)
+    ended_reason: str | None = None  # why it ended itself (set by Cluster._replica_ended)
+    vacating: str | None = None  # retired as unhealthy: why, until a successor takes its slot
 
-    def row(self) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        if not self.slot:
+            self.slot = self.replica_id
+
+    def row(self, now: float | None = None) -> dict[str, Any]:
+        """The replica as ``list --json`` shows it. ``reason``, ``exit_code`` and ``signal``
+        tell the last end in its slot: its own once it has ended, else the one before it
+        (null when the slot never ended); ``next_restart`` is the seconds from *now*
+        until its successor is launched (null when none is due)."""
+        if self.ended_reason is not None:
+            why, code, sig = self.ended_reason, self.exit_code, self.signal
+        elif self.last_end is not None:
+            why, code, sig = self.last_end
+        else:
+            why = code = sig = None
+        next_restart = None
+        if self.restart_at is not None and now is not None:
+            next_restart = round(max(0.0, self.restart_at - now), 1)
         return {"app": self.app, "replica": self.replica_id, "node": self.node_id,
                 "pid": self.pid, "port": self.port, "generation": self.generation,
-                "state": self.state, "probe": self.probe()}
+                "state": self.state, "probe": self.probe(), "slot": self.slot,
+                "restarts": self.restarts, "reason": why, "exit_code": code, "signal": sig,
+                "next_restart": next_restart}
 
     def probe(self) -> str | None:
         """The last probe in one line: ``GET /healthz -> 404, want 200 (3 in a row)``."""
@@ -175,6 +203,7 @@ class HistoryEntry:
     started: float
     finished: float | None
     manifest_sha256: str
+    message: str | None = None  # how its rollout ended (kept in memory only)
 
     def row(self) -> dict[str, Any]:
         return {"generation": self.generation, "state": self.state, "started": self.started,

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from skr8tr import __version__
-from skr8tr.core import replica_state
+from skr8tr.core import replica_state, why
 
 if TYPE_CHECKING:
     from skr8tr.conductor.cluster import Cluster
@@ -24,7 +24,8 @@ def replica_rows(cluster: Cluster, app: str | None = None) -> list[dict[str, Any
     rows = (list(cluster.replicas.values()) if app is None
             else cluster.replicas.of_app(app))
     rows.sort(key=lambda r: (r.app, r.generation, r.seq))
-    return [r.row() for r in rows]
+    now = cluster.clock()
+    return [r.row(now) for r in rows]
 
 
 def node_rows(cluster: Cluster) -> list[dict[str, Any]]:
@@ -83,10 +84,28 @@ def replica_counts(states: Iterable[str]) -> dict[str, int]:
             "stopping": by_state["stopping"]}
 
 
+HISTORY_SHOWN = 10  # generations per app in `status` (all of them: `rollout history APP`)
+HISTORY_MESSAGE_CHARS = 300
+
+
+def history_rows(cluster: Cluster) -> dict[str, list[dict[str, Any]]]:
+    """App -> its last :data:`HISTORY_SHOWN` generations, oldest first, as ``rollout history``
+    shows them, each with ``message``: how its rollout ended (null for ``up``'s, and for
+    the ones that ended before this conductor started)."""
+    return {
+        name: [{**h.row(), "message": None if h.message is None
+                else why.clean(h.message, HISTORY_MESSAGE_CHARS)}
+               for h in app.history[-HISTORY_SHOWN:]]
+        for name, app in sorted(cluster.apps.items())
+    }
+
+
 def status(cluster: Cluster) -> dict[str, Any]:
-    """``skr8tr status --json``: nodes, apps, replicas and the last rollout of each app."""
+    """``skr8tr status --json``: nodes, apps, replicas, the last rollout of each app and
+    each app's recent history."""
     return {"nodes": node_rows(cluster), "apps": app_rows(cluster),
             "replicas": replica_rows(cluster), "rollouts": cluster.rollout_statuses(),
+            "history": history_rows(cluster),
             "leader": cluster.seat.leader, "conductors": cluster.seat.conductors()}
 
 

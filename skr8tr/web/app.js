@@ -576,9 +576,10 @@
           el("th", { scope: "col", text: "Replica" }), el("th", { scope: "col", text: "Node" }),
           el("th", { scope: "col", text: "Endpoint" }),
           el("th", { scope: "col", class: "num", text: "PID" }),
+          el("th", { scope: "col", class: "num", text: "Restarts" }),
           el("th", { scope: "col", text: "State" }))));
       if (!gens.length) {
-        table.append(el("tbody", {}, el("tr", {}, el("td", { colspan: 5, class: "empty",
+        table.append(el("tbody", {}, el("tr", {}, el("td", { colspan: 6, class: "empty",
           text: "No replica right now." }))));
       }
       for (const gen of gens) {
@@ -592,27 +593,69 @@
         for (const r of rows) counts[r.state] = (counts[r.state] || 0) + 1;
         const summary = Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(", ");
         table.append(el("tbody", { class: "gen", "data-generation": gen },
-          el("tr", {}, el("th", { scope: "rowgroup", colspan: 5, class: "gen-head",
+          el("tr", {}, el("th", { scope: "rowgroup", colspan: 6, class: "gen-head",
             text: `Generation ${gen}${role ? ` (${role})` : ""} · ${summary}` })),
           rows.map((r) => {
             const address = nodes[r.node] ? nodes[r.node].address : "?";
-            return el("tr", { "data-replica": r.replica, "data-state": r.state },
-              el("th", { scope: "row", class: "mono nowrap", text: r.replica }),
+            // A restarted replica has a new id in the same slot: the title says which.
+            const slot = r.slot && r.slot !== r.replica
+              ? `slot ${r.slot} · restart ${r.restarts}` : null;
+            return el("tr", { "data-replica": r.replica, "data-state": r.state,
+              "data-slot": r.slot },
+              el("th", { scope: "row", class: "mono nowrap", title: slot, text: r.replica }),
               el("td", { class: "mono", "data-label": "Node", text: r.node }),
               el("td", { class: "mono", "data-label": "Endpoint",
                 text: r.port ? `${address}:${r.port}` : address }),
               el("td", { class: "num mono", "data-label": "PID", text: r.pid ?? "—" }),
+              el("td", { class: "num", "data-label": "Restarts", "data-restarts": r.restarts,
+                text: r.restarts ?? "—" }),
               el("td", { "data-label": "State" },
                 badge(r.state, REPLICA_TONES[r.state] || "idle"),
                 r.probe && (r.state === "running" || r.state === "pending")
-                  ? el("span", { class: "probe mono", "data-probe": "", text: r.probe }) : null));
+                  ? el("span", { class: "probe mono", "data-probe": "", text: r.probe }) : null,
+                whyLine(r)));
           })));
       }
       return el("section", { class: "app", "data-app": app.app, "aria-label": `App ${app.app}` },
         head,
         app.message ? el("p", { class: "app-msg", text: app.message }) : null,
-        el("div", { class: "table-wrap" }, table));
+        el("div", { class: "table-wrap" }, table),
+        historyList(app.app));
     }));
+  }
+
+  // Why a replica ended and when it restarts, or why the one before it in its slot ended.
+  function whyText(r) {
+    if (!r.reason) return null;
+    if (r.state !== "exited" && r.state !== "failed") return `last: ${r.reason}`;
+    if (typeof r.next_restart !== "number") return r.reason;
+    const left = Math.max(0, r.next_restart - sinceState());
+    return `${r.reason} · ${left >= 1 ? `restarting in ${Math.round(left)} s` : "restarting now"}`;
+  }
+
+  function whyLine(r) {
+    const text = whyText(r);
+    if (!text) return null;
+    const ended = r.state === "exited" || r.state === "failed";
+    return el("div", { class: `why${ended ? " why-ended" : ""}`, title: text, text });
+  }
+
+  // Each app's recent generations, newest first: rolled back, aborted and failed
+  // rollouts stay listed after later ones (the rollouts panel shows only the last).
+  function historyList(name) {
+    const rows = ((page.state.history || {})[name] || []).slice().reverse();
+    if (rows.length < 2) return null; // only `up`'s generation: nothing to tell yet
+    return el("details", { class: "history", "data-history": name, open: true },
+      el("summary", { text: `Rollout history · ${plural(rows.length, "generation")}` }),
+      el("ol", { class: "history-list", reversed: true },
+        rows.map((h) => el("li", { "data-generation": h.generation, "data-state": h.state },
+          el("span", { class: "mono gen-no", text: `gen ${h.generation}` }),
+          badge(h.state.replace("_", " "), ROLLOUT_TONES[h.state] || "idle"),
+          el("span", { class: "muted nowrap",
+            text: h.finished ? `ended ${fmtClock(h.finished)}`
+              : h.started ? `started ${fmtClock(h.started)}` : "" }),
+          h.message && h.state !== "complete"
+            ? el("span", { class: "history-msg", title: h.message, text: h.message }) : null))));
   }
 
   function renderFooter() {
@@ -697,7 +740,8 @@
       el("td", { class: "col-time mono", title: new Date(ev.ts * 1000).toISOString(),
         text: fmtClock(ev.ts) }),
       el("td", { class: "ev-name" }, badge(ev.event, eventTone(ev))),
-      el("td", { class: "mono", text: subject || "—" }),
+      el("td", { class: "mono subject" },
+        el("span", { class: "subject-text", title: subject || null, text: subject || "—" })),
       el("td", { class: "details", text: eventDetails(ev) }));
     }));
     page.renderedMaxSeq = Math.max(fresh, list[0].seq);
