@@ -9,30 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HELLO_HTTP
 from tests.e2e import DEADLINE_S, poll, running_cluster
+from tests.test_e2e_rollout import web as example_manifest
 
 pytestmark = pytest.mark.e2e
 
 
 def web(tmp_path: Path, version: str, extra_args: str = "", replicas: int = 3) -> Path:
     """``drain 1s``: each old replica is seen draining; surge 1: one new one at a time."""
-    path = tmp_path / f"web-{version}.skr8tr"
-    path.write_text("\n".join([
-        "app web",
-        f"  exec {HELLO_HTTP}",
-        f"  args --host {{host}} --port {{port}} --version {version} {extra_args}".rstrip(),
-        "  port auto",
-        f"  replicas {replicas}",
-        "  health",
-        "    check GET /healthz 200",
-        "    interval 200ms",
-        "  rollout",
-        "    surge 1",
-        "    drain 1s",
-        "    ready-timeout 30s",
-    ]) + "\n")
-    return path
+    return example_manifest(tmp_path, version, extra_args=extra_args, replicas=replicas,
+                            rollout="surge 1; drain 1s; ready-timeout 30s")
 
 
 def apps_table(text: str) -> list[dict[str, str]]:

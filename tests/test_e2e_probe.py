@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import HELLO_HTTP
 from tests.e2e import Cluster, poll, running_cluster
+from tests.test_e2e_rollout import web as example_manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -20,21 +20,9 @@ READY_TIMEOUT_S = 90  # far longer than either test needs: a failure that waits 
 
 
 def web(tmp_path: Path, version: str, extra_args: str = "", replicas: int = 2) -> Path:
-    path = tmp_path / f"web-{version}.skr8tr"
-    path.write_text("\n".join([
-        "app web",
-        f"  exec {HELLO_HTTP}",
-        f"  args --host {{host}} --port {{port}} --version {version} {extra_args}".rstrip(),
-        "  port auto",
-        f"  replicas {replicas}",
-        "  health",
-        "    check GET /healthz 200",
-        "    interval 200ms",
-        "    retries 3",
-        "  rollout",
-        f"    ready-timeout {READY_TIMEOUT_S}s",
-    ]) + "\n")
-    return path
+    return example_manifest(tmp_path, version, extra_args=extra_args, replicas=replicas,
+                            health="interval 200ms; retries 3",
+                            rollout=f"ready-timeout {READY_TIMEOUT_S}s")
 
 
 @pytest.fixture

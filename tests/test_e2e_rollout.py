@@ -20,8 +20,10 @@ def cluster(tmp_path: Path):
 
 
 def web(tmp_path: Path, version: str, *, extra_args: str = "", replicas: int = 3,
-        port: str = "auto", rollout: str = "ready-timeout 20s") -> Path:
-    """A manifest of the example service at ``version`` (same app, new file each time)."""
+        port: str = "auto", rollout: str = "ready-timeout 20s",
+        health: str = "interval 200ms") -> Path:
+    """A manifest of the example service at ``version`` (same app, new file each time);
+    *rollout* and *health* are that block's lines after the check, ``;``-separated."""
     path = tmp_path / f"web-{version}.skr8tr"
     lines = [
         "app web",
@@ -31,7 +33,7 @@ def web(tmp_path: Path, version: str, *, extra_args: str = "", replicas: int = 3
         f"  replicas {replicas}",
         "  health",
         "    check GET /healthz 200",
-        "    interval 200ms",
+        *[f"    {item.strip()}" for item in health.split(";")],
         "  rollout",
         *[f"    {item.strip()}" for item in rollout.split(";")],
     ]

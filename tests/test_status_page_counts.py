@@ -11,30 +11,16 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import HELLO_HTTP
 from tests.e2e import running_cluster
+from tests.test_e2e_rollout import web as example_manifest
 from tests.test_status_page import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, metrics, shot
 
 pytestmark = pytest.mark.e2e
 
 
 def web_manifest(tmp_path: Path, version: str, extra_args: str = "") -> Path:
-    path = tmp_path / f"web-{version}.skr8tr"
-    path.write_text("\n".join([
-        "app web",
-        f"  exec {HELLO_HTTP}",
-        f"  args --host {{host}} --port {{port}} --version {version} {extra_args}".rstrip(),
-        "  port auto",
-        "  replicas 3",
-        "  health",
-        "    check GET /healthz 200",
-        "    interval 200ms",
-        "  rollout",
-        "    surge 1",
-        "    drain 1s",
-        "    ready-timeout 30s",
-    ]) + "\n")
-    return path
+    return example_manifest(tmp_path, version, extra_args=extra_args,
+                            rollout="surge 1; drain 1s; ready-timeout 30s")
 
 
 # Records every ready count the app card and the summary card show, and the texts.

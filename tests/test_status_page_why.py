@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.conftest import HELLO_HTTP
 from tests.e2e import Cluster, running_cluster
+from tests.test_e2e_rollout import web as example_manifest
 from tests.test_status_page import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, WAIT_MS, shot
 
 pytestmark = pytest.mark.e2e
@@ -31,21 +31,8 @@ def cluster(tmp_path: Path):
 
 
 def web(tmp_path: Path, version: str, extra_args: str = "") -> Path:
-    path = tmp_path / f"web-{version}.skr8tr"
-    path.write_text("\n".join([
-        "app web",
-        f"  exec {HELLO_HTTP}",
-        f"  args --host {{host}} --port {{port}} --version {version} {extra_args}".rstrip(),
-        "  port auto",
-        "  replicas 2",
-        "  health",
-        "    check GET /healthz 200",
-        "    interval 200ms",
-        "  rollout",
-        "    surge 1",
-        "    ready-timeout 20s",
-    ]) + "\n")
-    return path
+    return example_manifest(tmp_path, version, extra_args=extra_args, replicas=2,
+                            rollout="surge 1; ready-timeout 20s")
 
 
 def crash(tmp_path: Path, name: str) -> Path:
