@@ -49,7 +49,8 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
 
 Each type of message is a frozen dataclass (a :class:`NodeMessage`: :class:`Challenge`,
 :class:`Hello`, :class:`Welcome`, :class:`Refused`, :class:`Heartbeat`, :class:`Launch`,
-:class:`Stop`, :class:`ReplicaReport`, :class:`LogsRequest`, :class:`LogsReply`): its
+:class:`Stop`, :class:`ReplicaReport`, :class:`LogsRequest`, :class:`LogsReply`,
+:class:`LogsPush`, :class:`LogsUnfollow`, :class:`AppGone`): its
 producer builds one and sends :meth:`NodeMessage.encode`. Decoding never raises:
 :func:`decode_node_message` returns the typed message or a :class:`NodeDecodeError`
 that the receiver logs and answers.
