@@ -540,7 +540,28 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# What a Unix tool's exit status is when its reader went away (128 + SIGPIPE).
+EXIT_CLOSED_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; its exit status. Output into a pipe whose reader left
+    (``skr8tr list | head -1``) ends the CLI quietly with EXIT_CLOSED_PIPE."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # (--help's SystemExit too) here, not at exit, where it prints a traceback
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice (the signal module's note on SIGPIPE): stdout to devnull, so
+        # that the interpreter's own flush at exit fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_CLOSED_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     if opts.verb in ("conductor", "node", "ingress"):
