@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
@@ -276,8 +276,15 @@ class LogFollow:
             self.pending.append(line)
             self.pending_chars += size
         if skipped:
-            # Told after the lines before it: a marker of its own in the stream.
-            self.pending.append({"skipped": skipped})
+            if self.skipped or len(self.pending) >= FOLLOW_PENDING_LINES:
+                # Full: told with the client's own count once it catches up. (A node that
+                # pushes only counts must not grow the buffer a marker each.)
+                self.skipped += skipped
+            elif self.pending and "skipped" in self.pending[-1]:
+                self.pending[-1]["skipped"] += skipped  # one marker between two lines
+            else:
+                # Told after the lines before it: a marker of its own in the stream.
+                self.pending.append({"skipped": skipped})
         self._ready.set()
 
     async def next_batch(self, max_lines: int) -> tuple[list[dict], int]:
@@ -311,33 +318,71 @@ class LogFollow:
         return {r: seq for r, seq in self.last_seq.items() if is_ident(r)}
 
 
+def is_replica_of(replica: str, app: str) -> bool:
+    """Whether *replica* can be an id of *app*'s: the conductor names them ``APP-HEX``
+    (Cluster._new_replica_id), and app names hold no other dash after that prefix."""
+    return replica.startswith(app) and replica[len(app):len(app) + 1] == "-" \
+        and "-" not in replica[len(app) + 1:]
+
+
+def own_lines(lines: list[dict], node_id: str, app: str, replica: str | None,
+              replicas: Mapping[str, Any] | None) -> list[dict]:
+    """The *lines* a node *node_id* may tell about *app* (or its one *replica*): those of
+    that app's replicas that are not known to run on another node (*replicas*: the
+    cluster's, by id). A node key speaks only for its own replicas: any other line is
+    dropped, so that no node puts words in another node's replica."""
+    def mine(line: dict) -> bool:
+        rid = line["replica"]
+        if replica is not None and rid != replica:
+            return False
+        if not is_replica_of(rid, app):
+            return False
+        known = None if replicas is None else replicas.get(rid)
+        return known is None or known.node_id == node_id
+    if all(mine(line) for line in lines):
+        return lines
+    return [line for line in lines if mine(line)]
+
+
 class LogRequests:
     """Pending ``logs`` requests to nodes, matched with their ``logs_reply``; and the
-    log follows, matched with their nodes' ``logs_push``."""
+    log follows, matched with their nodes' ``logs_push``. A node's answer keeps only
+    the lines of its own replicas of the app asked for (:func:`own_lines`)."""
 
     def __init__(self, max_follows: int = MAX_FOLLOWS) -> None:
-        self._pending: dict[str, tuple[trio.MemorySendChannel, str]] = {}
+        # req -> (the asker's channel, node id, app, replica)
+        self._pending: dict[str, tuple[trio.MemorySendChannel, str, str, str | None]] = {}
         self._follow_reqs: dict[str, tuple[LogFollow, str]] = {}  # req -> (follow, node id)
         self.follows: set[LogFollow] = set()
         self.max_follows = max_follows
 
-    def reply(self, node_id: str, msg: LogsReply) -> None:
+    def reply(self, node_id: str, msg: LogsReply,
+              replicas: Mapping[str, Any] | None = None) -> None:
+        """A node's ``logs_reply``; *replicas* (the cluster's) to check whose lines it
+        sends."""
         slot = self._pending.get(msg.req)
         if slot is not None and slot[1] == node_id:
+            lines = own_lines(msg.lines, node_id, slot[2], slot[3], replicas)
             # The asker may have given up (closed) or have its answer already.
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                      trio.ClosedResourceError):
-                slot[0].send_nowait(msg.lines)
+                slot[0].send_nowait(lines)
             return
         follow = self._follow_reqs.get(msg.req)
         if follow is not None and follow[1] == node_id:
             # A node asked again (it joined or came back): its lines since then.
-            follow[0].offer(sorted(msg.lines, key=lambda line: line["ts"]))
+            f = follow[0]
+            lines = own_lines(msg.lines, node_id, f.app, f.replica, replicas)
+            f.offer(sorted(lines, key=lambda line: line["ts"]))
 
-    def push(self, node_id: str, msg: LogsPush) -> None:
+    def push(self, node_id: str, msg: LogsPush,
+             replicas: Mapping[str, Any] | None = None) -> None:
+        """A node's ``logs_push``: only into the follow that asked that node, only
+        lines of its own replicas of the app (*replicas*: the cluster's)."""
         follow = self._follow_reqs.get(msg.req)
         if follow is not None and follow[1] == node_id and not follow[0].closed:
-            follow[0].offer(msg.lines, msg.skipped)
+            f = follow[0]
+            f.offer(own_lines(msg.lines, node_id, f.app, f.replica, replicas), msg.skipped)
 
     async def gather(self, cluster: Cluster, node_ids: list[str], app: str,
                      replica: str | None, tail: int, *, follow: LogFollow | None = None,
@@ -349,7 +394,7 @@ class LogRequests:
         reqs = []
         for node_id in node_ids:
             req = secrets.token_hex(8)
-            self._pending[req] = (send, node_id)
+            self._pending[req] = (send, node_id, app, replica)
             reqs.append(req)
             msg = LogsRequest(req=req, app=app, replica=replica, tail=tail)
             if follow is not None:
