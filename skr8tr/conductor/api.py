@@ -227,16 +227,7 @@ class CliApi:
                 await self.policing.close_for(ws, peer, "idle_timeout", 1000,
                                      f"idle for {self.limits.idle_timeout_s:g} s")
                 return
-            now = trio.current_time()
-            if not bucket.take(now):
-                await self.policing.close_for(ws, peer, "rate_limit", 1008,
-                                     f"more than {self.limits.messages_per_s:g} messages/s")
-                return
-            if not self._byte_budget(peer, now).take(now, len(raw)):
-                # Before any decoding: a flood of large requests costs their reception.
-                await self.policing.close_for(ws, peer, "byte_rate_limit", 1008,
-                                     f"more than {self.limits.cli_bytes_per_s} bytes/s of "
-                                     f"requests from {peer}")
+            if not await self._within_limits(ws, peer, bucket, raw):
                 return
             queued = self.cluster.node_messages_queued
             cluster = self.cluster
@@ -258,9 +249,12 @@ class CliApi:
                         raw_next = await self._relay_follow(ws, cluster, rid, follow)
                     except ConnectionClosed:
                         return
-                    if raw_next is None:
+                    # The message that ended the follow is a request like any other: its
+                    # bytes and its place in the rate count (or a client alternating a
+                    # follow and a large request would pass half of them uncounted).
+                    if raw_next is None or not await self._within_limits(ws, peer, bucket,
+                                                                         raw_next):
                         return
-                    # (the message that ended the follow is not counted against the limits)
                     reply = await self.handle_message(raw_next, peer)
             finally:
                 # However this ends (the client left, cancellation): the nodes stop pushing.
@@ -270,6 +264,23 @@ class CliApi:
                 await ws.send_message(reply)
             except ConnectionClosed:
                 return
+
+    async def _within_limits(self, ws: ServerConnection, peer: str, bucket: TokenBucket,
+                             raw: str | bytes) -> bool:
+        """Whether *raw*, just received, keeps within the connection's message rate and
+        its address's byte rate; if not, the connection is closed (1008)."""
+        now = trio.current_time()
+        if not bucket.take(now):
+            await self.policing.close_for(ws, peer, "rate_limit", 1008,
+                                 f"more than {self.limits.messages_per_s:g} messages/s")
+            return False
+        if not self._byte_budget(peer, now).take(now, len(raw)):
+            # Before any decoding: a flood of large requests costs their reception.
+            await self.policing.close_for(ws, peer, "byte_rate_limit", 1008,
+                                 f"more than {self.limits.cli_bytes_per_s} bytes/s of "
+                                 f"requests from {peer}")
+            return False
+        return True
 
     async def _relay_follow(self, ws: ServerConnection, cluster: Cluster, rid: str | None,
                             follow: commands.LogFollow) -> str | bytes | None:
