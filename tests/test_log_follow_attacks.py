@@ -8,12 +8,13 @@ import pytest
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.commands import (
     FOLLOW_PENDING_LINES,
+    MAX_FOLLOW_AFTER,
     LogRequests,
     is_replica_of,
     own_lines,
 )
 from skr8tr.conductor.tables import ReplicaState
-from skr8tr.core.node_protocol import LogsPush
+from skr8tr.core.node_protocol import MAX_NODE_MESSAGE_BYTES, LogsPush, LogsRequest
 from tests.test_log_follow import Node, line, open_follow
 
 
@@ -101,3 +102,28 @@ async def test_a_follow_of_one_replica_takes_no_other(cluster):
 def test_own_lines_keeps_the_list_when_all_are_fine():
     lines = [line("web-aaaaaa", 1), line("web-bbbbbb", 2)]
     assert own_lines(lines, "n1", "web", None, {}) is lines
+
+
+async def test_a_resume_point_always_fits_in_a_node_message(cluster):
+    # A node may name its replicas with ids of up to 128 characters: 10,000 of them
+    # shown would make a request the node cannot read (it would leave and come back).
+    requests = LogRequests()
+    n1 = Node(cluster, "n1")
+    _, follow = await open_follow(cluster, requests, [n1], {})
+    ids = [f"web-{i:0124d}" for i in range(MAX_FOLLOW_AFTER)]
+    for start in range(0, len(ids), 1000):
+        requests.push(
+            "n1",
+            LogsPush(
+                req=n1.req, skipped=0, lines=[line(r, 2**53) for r in ids[start : start + 1000]]
+            ),
+        )
+        await follow.next_batch(1000)
+    assert len(follow.last_seq) == MAX_FOLLOW_AFTER
+    after = follow.resume_point()
+    text = LogsRequest(
+        req="r" * 16, app="web", replica=None, tail=0, follow=True, after=after, since=1.0
+    ).encode()
+    assert len(text.encode()) < MAX_NODE_MESSAGE_BYTES
+    assert ids[-1] in after and 5000 < len(after) < MAX_FOLLOW_AFTER  # the most recent
+    assert list(after) == ids[-len(after) :]

@@ -49,6 +49,10 @@ FOLLOW_PENDING_LINES = 10_000  # lines waiting for one follow's client ...
 FOLLOW_PENDING_CHARS = 4 * 2**20  # ... or characters of text, before lines are skipped
 LINE_OVERHEAD_CHARS = 64
 MAX_FOLLOW_AFTER = 10_000  # replicas whose last line number a follow remembers
+# ... and the characters of them one node request's `after` holds: a node reads messages
+# of up to 1 MiB and closes its session on a larger one (10,000 ids of 128 characters
+# would be 1.5 MB: the node would leave, come back, be asked again, forever).
+MAX_AFTER_CHARS = 768 * 1024
 # The result of a follow carries its LogFollow under this key to the connection
 # (api.py), which takes it out before the reply is sent.
 FOLLOW_KEY = "\x00follow"
@@ -314,8 +318,23 @@ class LogFollow:
         return batch, skipped
 
     def resume_point(self) -> dict[str, int]:
-        """``after`` for a node asked anew: the replicas whose lines were shown."""
-        return {r: seq for r, seq in self.last_seq.items() if is_ident(r)}
+        """``after`` for a node asked anew: the replicas whose lines were shown (the most
+        recent, within MAX_AFTER_CHARS)."""
+        return fit_after({r: seq for r, seq in self.last_seq.items() if is_ident(r)})
+
+
+def fit_after(after: dict[str, int]) -> dict[str, int]:
+    """The last (most recent) entries of *after* whose JSON fits MAX_AFTER_CHARS."""
+    size = 0
+    kept: list[tuple[str, int]] = []
+    for replica, seq in reversed(after.items()):
+        size += len(replica) + len(str(seq)) + 4  # "id":seq, (ids are ASCII)
+        if size > MAX_AFTER_CHARS:
+            break
+        kept.append((replica, seq))
+    if len(kept) == len(after):
+        return after
+    return dict(reversed(kept))
 
 
 def is_replica_of(replica: str, app: str) -> bool:
@@ -490,7 +509,7 @@ def make_logs_handler(requests: LogRequests) -> Handler:
         # any of them), and the connection then relays what they push (api.py).
         after = args.get("after")
         if after is not None:
-            after = {r: seq for r, seq in after.items() if is_ident(r)}
+            after = fit_after({r: seq for r, seq in after.items() if is_ident(r)})
         since = args.get("since")
         follow = LogFollow(name, replica, after=after,
                            since=since if since is not None else cluster.wall())
