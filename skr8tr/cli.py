@@ -46,8 +46,16 @@ ROLLOUT_SUBVERBS = ("status", "abort", "undo", "history")
 # --------------------------------------------------------------------------- output
 
 
+# Characters JSON may carry as they are but a terminal acts on (C1 controls: U+009B is a
+# CSI) or shows out of order (bidirectional overrides): written as \u escapes instead,
+# the same document. (json.dumps escapes C0 controls itself.)
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    text = json.dumps(doc, ensure_ascii=False)
+    text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+    sys.stdout.write(text + "\n")
 
 
 def _fail(opts: argparse.Namespace, err: CliError) -> int:

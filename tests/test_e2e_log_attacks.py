@@ -19,7 +19,7 @@ from skr8tr import keyfiles
 from skr8tr.core import protocol
 from skr8tr.core.node_protocol import encode_node_message
 from skr8tr.ws import trio_client
-from tests.e2e import running_cluster
+from tests.e2e import poll, running_cluster
 from tests.node_impostor import impostor_node
 from tests.test_e2e_rollout import web
 
@@ -105,3 +105,53 @@ async def test_a_node_key_cannot_speak_for_another_nodes_replicas(tmp_path: Path
                 assert not [x for x in seen if x["text"].startswith("forged")], seen
                 assert asked[-1]["follow"] is True
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_node_message_never_reaches_into_the_admins_terminal(tmp_path: Path):
+    # A node key reports its own replica's end with a message written for a terminal:
+    # set its title (OSC), clear the screen, reverse the text that follows.
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202eboom"
+    with running_cluster(tmp_path, node_timeout_s=30.0) as cluster:
+        with trio.fail_after(90):
+            async with impostor_node(cluster.url, cluster.node_key, "evil") as ws:
+                # The only node: the replica is placed there.
+                manifest = tmp_path / "job.skr8tr"
+                manifest.write_text("app job\n  exec /bin/true\n  restart never\n")
+                await trio.to_thread.run_sync(lambda: cluster.cli_ok("up", str(manifest)))
+                while True:
+                    launch = json.loads(await ws.get_message())
+                    if launch["type"] == "launch":
+                        break
+                await ws.send_message(
+                    encode_node_message(
+                        "replica",
+                        replica=launch["replica"],
+                        app="job",
+                        generation=launch["generation"],
+                        state="failed",
+                        pid=None,
+                        port=None,
+                        exit_code=1,
+                        message=hostile,
+                        ts=time.time(),
+                        token=launch["token"],
+                    )
+                )
+
+                def described() -> str | None:
+                    out = cluster.cli_ok("describe", "job")
+                    return out if "boom" in out else None
+
+                out = await trio.to_thread.run_sync(
+                    lambda: poll(described, what="describe to show the replica's message")
+                )
+                assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\u202eboom" in out
+                assert not {"\x1b", "\x07", "\x9b", "\u202e"} & set(out)
+                # --json keeps the message as it came (a program reads it), every character a
+                # terminal would act on written as a JSON escape.
+                raw = await trio.to_thread.run_sync(
+                    lambda: cluster.cli_ok("describe", "job", "--json")
+                )
+                assert not {"\x1b", "\x07", "\x9b", "\u202e"} & set(raw)
+                doc = json.loads(raw)
+                assert hostile in [e["data"].get("message") for e in doc["events"]]
