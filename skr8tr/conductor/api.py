@@ -287,8 +287,9 @@ class CliApi:
         """Send the lines *follow* gets, each batch a reply ``{"lines", "skipped"}`` to
         request *rid*, until the client sends a message (returned) or closes the
         connection (None; also when a send stays blocked FOLLOW_SEND_TIMEOUT_S: a
-        client that stopped reading). Nodes that connect meanwhile are subscribed
-        too. Raises ConnectionClosed."""
+        client that stopped reading; and when nothing, a pong included, came from it for
+        ``watch_idle_timeout_s``). Nodes that connect meanwhile are subscribed too.
+        Raises ConnectionClosed."""
         received: list[str | bytes] = []
 
         async def pump() -> None:
@@ -324,10 +325,33 @@ class CliApi:
                 received.append(await ws.get_message())
             nursery.cancel_scope.cancel()
 
+        async def keepalive() -> None:
+            # A quiet app's follow sends nothing: without pings a client gone without a
+            # word (a dropped network) would hold its follow, one of MAX_FOLLOWS, forever.
+            # Pinged as watchers are; listen() reads the pongs.
+            idle_s = self.limits.watch_idle_timeout_s
+            n = 0
+            while True:
+                await trio.sleep(idle_s / 2)
+                if trio.current_time() >= ws.last_received + idle_s:
+                    self.policing.closed.count("ping_timeout")
+                    log.warning("log follow of %s by %s ended: no pong within %g s",
+                                follow.app, ws.peer, idle_s)
+                    nursery.cancel_scope.cancel()
+                    return
+                n += 1
+                with trio.move_on_after(idle_s / 2):  # (behind a write the client does not read)
+                    try:
+                        await ws.send_ping(n.to_bytes(8, "big"))
+                    except ConnectionClosed:
+                        nursery.cancel_scope.cancel()
+                        return
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             nursery.start_soon(rescan)
             nursery.start_soon(listen)
+            nursery.start_soon(keepalive)
         return received[0] if received else None
 
     def _byte_budget(self, peer: str, now: float) -> TokenBucket:
