@@ -146,3 +146,15 @@ async def test_the_real_cli_keeps_a_quiet_follow(tmp_path: Path, cli_env):
                 assert proc.returncode is None  # still following
                 proc.send_signal(signal.SIGINT)
             assert closed_count(await scrape(c.http_port), "ping_timeout") == 0
+
+
+async def test_a_message_over_the_limit_that_ends_a_follow_is_counted(tmp_path: Path):
+    with trio.fail_after(30):
+        async with open_conductor(tmp_path) as c:
+            async with trio_client.open_websocket(c.url + "/v1/cli") as ws:
+                await open_quiet_follow(c, ws, tmp_path)
+                await ws.send_message("x" * (protocol.MAX_MESSAGE_BYTES + 1))
+                with pytest.raises(trio_client.ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.code == 1009
+            assert closed_count(await scrape(c.http_port), "message_too_big") == 1

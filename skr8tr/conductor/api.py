@@ -19,7 +19,6 @@ never reach the conductor's log.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -321,8 +320,10 @@ class CliApi:
                 self.log_requests.rescan(cluster, follow)
 
         async def listen() -> None:
-            with contextlib.suppress(ConnectionClosed):
+            try:
                 received.append(await ws.get_message())
+            except ConnectionClosed as exc:
+                self.policing.count_close(exc, ws.peer)  # (a message over 1 MiB: counted)
             nursery.cancel_scope.cancel()
 
         async def keepalive() -> None:
