@@ -55,7 +55,32 @@ def test_plain_text_of_any_script_stays(tmp_path, cli_env, value, ok):
 
 def test_a_megabyte_of_hashes_costs_a_bounded_parse(tmp_path, cli_env):
     path = tmp_path / "m.skr8tr"
-    path.write_text("app web\n  exec /bin/sleep\n#" + "#" * 2**20 + "\n")
+    path.write_text("app web\n  exec /bin/sleep\n" + "#" * (2**20 - 100) + "\n")
     proc = run_cli("fmt", str(path), env=cli_env)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "line is 1048577 characters long" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "line is 1048476 characters long" in proc.stderr
+
+
+@pytest.mark.parametrize("verb", ["fmt", "up"])
+def test_a_manifest_that_never_ends_costs_a_bounded_read(cli_env, verb):
+    # /dev/zero: read whole, it took all the memory there is (MemoryError or the OOM
+    # killer). The conductor takes 1 MiB per request: reading stops there.
+    proc = run_cli(verb, "/dev/zero", "--conductor", "ws://127.0.0.1:1", env=cli_env, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: INVALID_MANIFEST: /dev/zero:1:1: manifest over 1048576 bytes\n"
+
+
+def test_a_manifest_from_a_pipe_is_read(tmp_path, cli_env):
+    # `skr8tr fmt <(generate)`: a FIFO is still a manifest file.
+    import os
+    import threading
+
+    fifo = tmp_path / "m.skr8tr"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("app web\n  exec /bin/sleep\n",))
+    writer.start()
+    try:
+        proc = run_cli("fmt", str(fifo), env=cli_env)
+    finally:
+        writer.join(timeout=10)
+    assert proc.returncode == 0 and proc.stdout.startswith("app web\n")
