@@ -3,6 +3,8 @@ conductor's follows, in memory (tests/test_log_follow.py's node outboxes)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from skr8tr.conductor.cluster import Cluster
@@ -26,10 +28,13 @@ def cluster() -> Cluster:
 
 
 def test_replica_ids_of_an_app():
-    assert is_replica_of("web-0a1b2c", "web")
-    assert not is_replica_of("web-abc-0a1b2c", "web")  # app web-abc's
-    assert not is_replica_of("webx-0a1b2c", "web")
-    assert not is_replica_of("web", "web")
+    apps = {"web", "web-abc"}
+    assert is_replica_of("web-0a1b2c", "web", apps)
+    assert not is_replica_of("web-abc-0a1b2c", "web", apps)  # app web-abc's
+    assert is_replica_of("web-abc-0a1b2c", "web-abc", apps)
+    assert is_replica_of("web-1-0a1b2c", "web", apps)  # (whatever comes after the app)
+    assert not is_replica_of("webx-0a1b2c", "web", apps)
+    assert not is_replica_of("web", "web", apps) and not is_replica_of("web-", "web", apps)
 
 
 async def test_a_node_that_pushes_only_skipped_counts_costs_no_buffer(cluster):
@@ -74,16 +79,22 @@ async def test_a_node_pushes_only_its_own_replicas_of_the_followed_app(cluster):
         seq=1,
         launched_at=0.0,
     )
+    # n1's own replica, of another app whose name starts with web-
+    cluster.apps["web-x"] = object()
+    cluster.replicas["web-x-eeeeee"] = dataclasses.replace(
+        cluster.replicas["web-aaaaaa"], replica_id="web-x-eeeeee", app="web-x", node_id="n1"
+    )
     _, follow = await open_follow(cluster, requests, [n1, n2], {})
-    forged = [line("web-aaaaaa", 1, "n2's"), line("api-bbbbbb", 1), line("web-x-cccccc", 1)]
+    forged = [
+        line("web-aaaaaa", 1, "n2's"),
+        line("api-bbbbbb", 1),
+        line("web-x-cccccc", 1),
+        line("web-x-eeeeee", 1),
+    ]
     requests.push(
-        "n1",
-        LogsPush(req=n1.req, lines=[*forged, line("web-dddddd", 5)], skipped=0),
-        cluster.replicas,
+        "n1", LogsPush(req=n1.req, lines=[*forged, line("web-dddddd", 5)], skipped=0), cluster
     )
-    requests.push(
-        "n2", LogsPush(req=n2.req, lines=[line("web-aaaaaa", 2)], skipped=0), cluster.replicas
-    )
+    requests.push("n2", LogsPush(req=n2.req, lines=[line("web-aaaaaa", 2)], skipped=0), cluster)
     lines, _ = await follow.next_batch(100)
     assert [(x["replica"], x["seq"]) for x in lines] == [("web-dddddd", 5), ("web-aaaaaa", 2)]
     assert follow.last_seq == {"web-dddddd": 5, "web-aaaaaa": 2}
@@ -101,7 +112,7 @@ async def test_a_follow_of_one_replica_takes_no_other(cluster):
 
 def test_own_lines_keeps_the_list_when_all_are_fine():
     lines = [line("web-aaaaaa", 1), line("web-bbbbbb", 2)]
-    assert own_lines(lines, "n1", "web", None, {}) is lines
+    assert own_lines(lines, "n1", "web", None, None) is lines
 
 
 async def test_a_resume_point_always_fits_in_a_node_message(cluster):

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import trio
@@ -337,27 +337,39 @@ def fit_after(after: dict[str, int]) -> dict[str, int]:
     return dict(reversed(kept))
 
 
-def is_replica_of(replica: str, app: str) -> bool:
-    """Whether *replica* can be an id of *app*'s: the conductor names them ``APP-HEX``
-    (Cluster._new_replica_id), and app names hold no other dash after that prefix."""
-    return replica.startswith(app) and replica[len(app):len(app) + 1] == "-" \
-        and "-" not in replica[len(app) + 1:]
+def is_replica_of(replica: str, app: str, apps: Container[str] = ()) -> bool:
+    """Whether *replica*, an id the conductor does not know (any more), can be one of
+    *app*'s: the conductor names them ``APP-...`` (Cluster._new_replica_id). An id that
+    starts with the name of a longer app of *apps* (``web-api-1a2b3c`` for ``web`` when
+    ``web-api`` exists) is that app's."""
+    if not replica.startswith(app) or replica[len(app):len(app) + 1] != "-":
+        return False
+    dash = replica.find("-", len(app) + 1)
+    while dash != -1:  # at most MAX_ID_CHARS look-ups
+        if replica[:dash] in apps:
+            return False
+        dash = replica.find("-", dash + 1)
+    return len(replica) > len(app) + 1
 
 
 def own_lines(lines: list[dict], node_id: str, app: str, replica: str | None,
-              replicas: Mapping[str, Any] | None) -> list[dict]:
+              cluster: Cluster | None) -> list[dict]:
     """The *lines* a node *node_id* may tell about *app* (or its one *replica*): those of
-    that app's replicas that are not known to run on another node (*replicas*: the
-    cluster's, by id). A node key speaks only for its own replicas: any other line is
-    dropped, so that no node puts words in another node's replica."""
+    the app's replicas that *cluster* knows on that node, and of ids it does not know
+    (finished replicas) that can be the app's (:func:`is_replica_of`). A node key speaks
+    only for its own replicas: any other line is dropped, so that no node puts words
+    in another node's replica or another app's."""
+    replicas = {} if cluster is None else cluster.replicas
+    apps = () if cluster is None else cluster.apps
+
     def mine(line: dict) -> bool:
         rid = line["replica"]
         if replica is not None and rid != replica:
             return False
-        if not is_replica_of(rid, app):
-            return False
-        known = None if replicas is None else replicas.get(rid)
-        return known is None or known.node_id == node_id
+        known = replicas.get(rid)
+        if known is not None:
+            return known.app == app and known.node_id == node_id
+        return is_replica_of(rid, app, apps)
     if all(mine(line) for line in lines):
         return lines
     return [line for line in lines if mine(line)]
@@ -375,13 +387,11 @@ class LogRequests:
         self.follows: set[LogFollow] = set()
         self.max_follows = max_follows
 
-    def reply(self, node_id: str, msg: LogsReply,
-              replicas: Mapping[str, Any] | None = None) -> None:
-        """A node's ``logs_reply``; *replicas* (the cluster's) to check whose lines it
-        sends."""
+    def reply(self, node_id: str, msg: LogsReply, cluster: Cluster | None = None) -> None:
+        """A node's ``logs_reply``; *cluster* to check whose lines it sends."""
         slot = self._pending.get(msg.req)
         if slot is not None and slot[1] == node_id:
-            lines = own_lines(msg.lines, node_id, slot[2], slot[3], replicas)
+            lines = own_lines(msg.lines, node_id, slot[2], slot[3], cluster)
             # The asker may have given up (closed) or have its answer already.
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                      trio.ClosedResourceError):
@@ -391,17 +401,16 @@ class LogRequests:
         if follow is not None and follow[1] == node_id:
             # A node asked again (it joined or came back): its lines since then.
             f = follow[0]
-            lines = own_lines(msg.lines, node_id, f.app, f.replica, replicas)
+            lines = own_lines(msg.lines, node_id, f.app, f.replica, cluster)
             f.offer(sorted(lines, key=lambda line: line["ts"]))
 
-    def push(self, node_id: str, msg: LogsPush,
-             replicas: Mapping[str, Any] | None = None) -> None:
+    def push(self, node_id: str, msg: LogsPush, cluster: Cluster | None = None) -> None:
         """A node's ``logs_push``: only into the follow that asked that node, only
-        lines of its own replicas of the app (*replicas*: the cluster's)."""
+        lines of its own replicas of the app (:func:`own_lines`, checked with *cluster*)."""
         follow = self._follow_reqs.get(msg.req)
         if follow is not None and follow[1] == node_id and not follow[0].closed:
             f = follow[0]
-            f.offer(own_lines(msg.lines, node_id, f.app, f.replica, replicas), msg.skipped)
+            f.offer(own_lines(msg.lines, node_id, f.app, f.replica, cluster), msg.skipped)
 
     async def gather(self, cluster: Cluster, node_ids: list[str], app: str,
                      replica: str | None, tail: int, *, follow: LogFollow | None = None,
