@@ -46,8 +46,16 @@ ROLLOUT_SUBVERBS = ("status", "abort", "undo", "history")
 # --------------------------------------------------------------------------- output
 
 
+# Characters JSON may carry as they are but a terminal acts on (C1 controls: U+009B is a
+# CSI) or shows out of order (bidirectional overrides): written as \u escapes instead,
+# the same document. (json.dumps escapes C0 controls itself.)
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    text = json.dumps(doc, ensure_ascii=False)
+    text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+    sys.stdout.write(text + "\n")
 
 
 def _fail(opts: argparse.Namespace, err: CliError) -> int:
@@ -540,7 +548,28 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# What a Unix tool's exit status is when its reader went away (128 + SIGPIPE).
+EXIT_CLOSED_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; its exit status. Output into a pipe whose reader left
+    (``skr8tr list | head -1``) ends the CLI quietly with EXIT_CLOSED_PIPE."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # (--help's SystemExit too) here, not at exit, where it prints a traceback
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice (the signal module's note on SIGPIPE): stdout to devnull, so
+        # that the interpreter's own flush at exit fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_CLOSED_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     if opts.verb in ("conductor", "node", "ingress"):

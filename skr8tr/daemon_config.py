@@ -21,6 +21,7 @@ import argparse
 import difflib
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,10 +183,24 @@ def read_config(path: str, verb: str, options: Mapping[str, Option]) -> dict[str
     import tomllib
 
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (the daemon would hang
+        # before its first line); what is not a regular file is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            what = ("a folder" if stat.S_ISDIR(kind) else "a FIFO" if stat.S_ISFIFO(kind)
+                    else "a device" if stat.S_ISCHR(kind) or stat.S_ISBLK(kind)
+                    else "not a regular file")
+            raise ConfigError(f"{path}: {what}; a config file is a regular TOML file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES} bytes: not a config file")
     try:
@@ -196,6 +211,10 @@ def read_config(path: str, verb: str, options: Mapping[str, Option]) -> dict[str
         raise ConfigError(f"{path}:{line}:{col}: not UTF-8 text") from None
     try:
         doc = tomllib.loads(text)
+    except RecursionError:
+        # tomllib recurses per nested array or inline table: a few thousand levels.
+        raise ConfigError(f"{path}: arrays or tables nested too deeply: not a config "
+                          "file") from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         match = _TOML_POSITION.match(message)

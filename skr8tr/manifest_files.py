@@ -11,7 +11,12 @@ import os
 
 from skr8tr.core.manifest import Manifest, ManifestError, parse_manifest
 
-__all__ = ["load_manifest", "read_manifest"]
+__all__ = ["MAX_MANIFEST_BYTES", "load_manifest", "read_manifest"]
+
+# The conductor takes requests of at most 1 MiB (core.protocol.MAX_MESSAGE_BYTES): a larger
+# manifest could never be sent. Reading stops there, so `fmt /dev/zero` (or a pipe that
+# never ends) costs a bounded read, not all the memory there is.
+MAX_MANIFEST_BYTES = 1024 * 1024
 
 
 def read_manifest(path: str | os.PathLike[str]) -> tuple[str, Manifest]:
@@ -25,7 +30,7 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[str, Manifest]:
     filename = os.fspath(path)
     try:
         with open(filename, "rb") as file:
-            source = file.read()
+            source = file.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise ManifestError(
             f"cannot read manifest: {exc.strerror or exc}",
@@ -35,6 +40,16 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[str, Manifest]:
             text="",
             expected="a readable manifest file",
         ) from None
+    if len(source) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"manifest over {MAX_MANIFEST_BYTES} bytes",
+            filename=filename,
+            line=1,
+            column=1,
+            text="",
+            expected=f"a manifest of at most {MAX_MANIFEST_BYTES} bytes (what the conductor "
+            "takes in one request)",
+        )
     base_dir = os.path.dirname(os.path.abspath(filename))
     parsed = parse_manifest(source, filename=filename, base_dir=base_dir)
     return source.decode("utf-8"), parsed  # parse_manifest refuses anything but UTF-8

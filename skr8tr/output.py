@@ -6,11 +6,23 @@ Pure functions from result dicts to text; the CLI prints what they return.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 Column = tuple[str, Callable[[dict], Any]]
+
+# What a terminal acts on (C0 controls but tab, DEL, C1 controls) or shows in another order
+# than it is read (bidirectional overrides and isolates). Text a node or a workload wrote
+# (a replica's message, an event's fields) is shown with these escaped, never acted on: a
+# node key must not reach into the terminal of whoever runs `describe` or `watch`.
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """*text* with what a terminal would act on written as escapes (``\\x1b``)."""
+    return _UNSAFE.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 def table(rows: Sequence[dict], columns: Sequence[Column], empty: str = "(none)") -> str:
@@ -34,8 +46,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.1f}"
     if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value) or "-"
-    return str(value)
+        return ",".join(shown(str(v)) for v in value) or "-"
+    return shown(str(value))
 
 
 def _key(name: str) -> Callable[[dict], Any]:
@@ -165,7 +177,7 @@ def rollout_status(result: dict) -> str:
             f"generation {result['from_generation']} -> {result['to_generation']}, "
             f"{result['replaced']}/{result['total']} replaced")
     if result.get("message"):
-        line += f" · {result['message']}"
+        line += f" · {shown(str(result['message']))}"
     return line
 
 
@@ -275,7 +287,7 @@ def describe(result: dict) -> str:
                   if counts.get(k)),
     ]
     if counts.get("message"):
-        lines.append(f"Placement:   {counts['message']}")
+        lines.append(f"Placement:   {shown(str(counts['message']))}")
     lines.append(f"Manifest:    sha256 {result.get('manifest_sha256')} "
                  f"({result.get('format')}, base dir {result.get('base_dir')})")
     rollout = result.get("rollout")

@@ -22,6 +22,9 @@ from skr8tr.core.manifest import (
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[Health.too_slow])
 
 CONTROLS = "".join(chr(c) for c in range(0x20) if c != 0x09) + "\x7f"
+# What a manifest refuses besides (terminal controls, bidirectional overrides): core/manifest_tree.
+CONTROLS += "".join(map(chr, [*range(0x80, 0x85), *range(0x86, 0xA0), *range(0x202A, 0x202F),
+                             *range(0x2066, 0x206A)]))
 PLAIN = st.characters(exclude_categories=("Cs",), exclude_characters=CONTROLS)
 # What the quoting, comment and brace rules have to get right.
 TRICKY = st.sampled_from(

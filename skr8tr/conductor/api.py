@@ -19,7 +19,6 @@ never reach the conductor's log.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -227,16 +226,7 @@ class CliApi:
                 await self.policing.close_for(ws, peer, "idle_timeout", 1000,
                                      f"idle for {self.limits.idle_timeout_s:g} s")
                 return
-            now = trio.current_time()
-            if not bucket.take(now):
-                await self.policing.close_for(ws, peer, "rate_limit", 1008,
-                                     f"more than {self.limits.messages_per_s:g} messages/s")
-                return
-            if not self._byte_budget(peer, now).take(now, len(raw)):
-                # Before any decoding: a flood of large requests costs their reception.
-                await self.policing.close_for(ws, peer, "byte_rate_limit", 1008,
-                                     f"more than {self.limits.cli_bytes_per_s} bytes/s of "
-                                     f"requests from {peer}")
+            if not await self._within_limits(ws, peer, bucket, raw):
                 return
             queued = self.cluster.node_messages_queued
             cluster = self.cluster
@@ -258,9 +248,12 @@ class CliApi:
                         raw_next = await self._relay_follow(ws, cluster, rid, follow)
                     except ConnectionClosed:
                         return
-                    if raw_next is None:
+                    # The message that ended the follow is a request like any other: its
+                    # bytes and its place in the rate count (or a client alternating a
+                    # follow and a large request would pass half of them uncounted).
+                    if raw_next is None or not await self._within_limits(ws, peer, bucket,
+                                                                         raw_next):
                         return
-                    # (the message that ended the follow is not counted against the limits)
                     reply = await self.handle_message(raw_next, peer)
             finally:
                 # However this ends (the client left, cancellation): the nodes stop pushing.
@@ -271,13 +264,31 @@ class CliApi:
             except ConnectionClosed:
                 return
 
+    async def _within_limits(self, ws: ServerConnection, peer: str, bucket: TokenBucket,
+                             raw: str | bytes) -> bool:
+        """Whether *raw*, just received, keeps within the connection's message rate and
+        its address's byte rate; if not, the connection is closed (1008)."""
+        now = trio.current_time()
+        if not bucket.take(now):
+            await self.policing.close_for(ws, peer, "rate_limit", 1008,
+                                 f"more than {self.limits.messages_per_s:g} messages/s")
+            return False
+        if not self._byte_budget(peer, now).take(now, len(raw)):
+            # Before any decoding: a flood of large requests costs their reception.
+            await self.policing.close_for(ws, peer, "byte_rate_limit", 1008,
+                                 f"more than {self.limits.cli_bytes_per_s} bytes/s of "
+                                 f"requests from {peer}")
+            return False
+        return True
+
     async def _relay_follow(self, ws: ServerConnection, cluster: Cluster, rid: str | None,
                             follow: commands.LogFollow) -> str | bytes | None:
         """Send the lines *follow* gets, each batch a reply ``{"lines", "skipped"}`` to
         request *rid*, until the client sends a message (returned) or closes the
         connection (None; also when a send stays blocked FOLLOW_SEND_TIMEOUT_S: a
-        client that stopped reading). Nodes that connect meanwhile are subscribed
-        too. Raises ConnectionClosed."""
+        client that stopped reading; and when nothing, a pong included, came from it for
+        ``watch_idle_timeout_s``). Nodes that connect meanwhile are subscribed too.
+        Raises ConnectionClosed."""
         received: list[str | bytes] = []
 
         async def pump() -> None:
@@ -309,14 +320,39 @@ class CliApi:
                 self.log_requests.rescan(cluster, follow)
 
         async def listen() -> None:
-            with contextlib.suppress(ConnectionClosed):
+            try:
                 received.append(await ws.get_message())
+            except ConnectionClosed as exc:
+                self.policing.count_close(exc, ws.peer)  # (a message over 1 MiB: counted)
             nursery.cancel_scope.cancel()
+
+        async def keepalive() -> None:
+            # A quiet app's follow sends nothing: without pings a client gone without a
+            # word (a dropped network) would hold its follow, one of MAX_FOLLOWS, forever.
+            # Pinged as watchers are; listen() reads the pongs.
+            idle_s = self.limits.watch_idle_timeout_s
+            n = 0
+            while True:
+                await trio.sleep(idle_s / 2)
+                if trio.current_time() >= ws.last_received + idle_s:
+                    self.policing.closed.count("ping_timeout")
+                    log.warning("log follow of %s by %s ended: no pong within %g s",
+                                follow.app, ws.peer, idle_s)
+                    nursery.cancel_scope.cancel()
+                    return
+                n += 1
+                with trio.move_on_after(idle_s / 2):  # (behind a write the client does not read)
+                    try:
+                        await ws.send_ping(n.to_bytes(8, "big"))
+                    except ConnectionClosed:
+                        nursery.cancel_scope.cancel()
+                        return
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             nursery.start_soon(rescan)
             nursery.start_soon(listen)
+            nursery.start_soon(keepalive)
         return received[0] if received else None
 
     def _byte_budget(self, peer: str, now: float) -> TokenBucket:

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import trio
@@ -49,6 +49,10 @@ FOLLOW_PENDING_LINES = 10_000  # lines waiting for one follow's client ...
 FOLLOW_PENDING_CHARS = 4 * 2**20  # ... or characters of text, before lines are skipped
 LINE_OVERHEAD_CHARS = 64
 MAX_FOLLOW_AFTER = 10_000  # replicas whose last line number a follow remembers
+# ... and the characters of them one node request's `after` holds: a node reads messages
+# of up to 1 MiB and closes its session on a larger one (10,000 ids of 128 characters
+# would be 1.5 MB: the node would leave, come back, be asked again, forever).
+MAX_AFTER_CHARS = 768 * 1024
 # The result of a follow carries its LogFollow under this key to the connection
 # (api.py), which takes it out before the reply is sent.
 FOLLOW_KEY = "\x00follow"
@@ -294,8 +298,15 @@ class LogFollow:
             self.pending.append(line)
             self.pending_chars += size
         if skipped:
-            # Told after the lines before it: a marker of its own in the stream.
-            self.pending.append({"skipped": skipped})
+            if self.skipped or len(self.pending) >= FOLLOW_PENDING_LINES:
+                # Full: told with the client's own count once it catches up. (A node that
+                # pushes only counts must not grow the buffer a marker each.)
+                self.skipped += skipped
+            elif self.pending and "skipped" in self.pending[-1]:
+                self.pending[-1]["skipped"] += skipped  # one marker between two lines
+            else:
+                # Told after the lines before it: a marker of its own in the stream.
+                self.pending.append({"skipped": skipped})
         self._ready.set()
 
     async def next_batch(self, max_lines: int) -> tuple[list[dict], int]:
@@ -325,37 +336,99 @@ class LogFollow:
         return batch, skipped
 
     def resume_point(self) -> dict[str, int]:
-        """``after`` for a node asked anew: the replicas whose lines were shown."""
-        return {r: seq for r, seq in self.last_seq.items() if is_ident(r)}
+        """``after`` for a node asked anew: the replicas whose lines were shown (the most
+        recent, within MAX_AFTER_CHARS)."""
+        return fit_after({r: seq for r, seq in self.last_seq.items() if is_ident(r)})
+
+
+def fit_after(after: dict[str, int]) -> dict[str, int]:
+    """The last (most recent) entries of *after* whose JSON fits MAX_AFTER_CHARS."""
+    size = 0
+    kept: list[tuple[str, int]] = []
+    for replica, seq in reversed(after.items()):
+        size += len(replica) + len(str(seq)) + 4  # "id":seq, (ids are ASCII)
+        if size > MAX_AFTER_CHARS:
+            break
+        kept.append((replica, seq))
+    if len(kept) == len(after):
+        return after
+    return dict(reversed(kept))
+
+
+def is_replica_of(replica: str, app: str, apps: Container[str] = ()) -> bool:
+    """Whether *replica*, an id the conductor does not know (any more), can be one of
+    *app*'s: the conductor names them ``APP-...`` (Cluster._new_replica_id). An id that
+    starts with the name of a longer app of *apps* (``web-api-1a2b3c`` for ``web`` when
+    ``web-api`` exists) is that app's."""
+    if not replica.startswith(app) or replica[len(app):len(app) + 1] != "-":
+        return False
+    dash = replica.find("-", len(app) + 1)
+    while dash != -1:  # at most MAX_ID_CHARS look-ups
+        if replica[:dash] in apps:
+            return False
+        dash = replica.find("-", dash + 1)
+    return len(replica) > len(app) + 1
+
+
+def own_lines(lines: list[dict], node_id: str, app: str, replica: str | None,
+              cluster: Cluster | None) -> list[dict]:
+    """The *lines* a node *node_id* may tell about *app* (or its one *replica*): those of
+    the app's replicas that *cluster* knows on that node, and of ids it does not know
+    (finished replicas) that can be the app's (:func:`is_replica_of`). A node key speaks
+    only for its own replicas: any other line is dropped, so that no node puts words
+    in another node's replica or another app's."""
+    replicas = {} if cluster is None else cluster.replicas
+    apps = () if cluster is None else cluster.apps
+
+    def mine(line: dict) -> bool:
+        rid = line["replica"]
+        if replica is not None and rid != replica:
+            return False
+        known = replicas.get(rid)
+        if known is not None:
+            return known.app == app and known.node_id == node_id
+        return is_replica_of(rid, app, apps)
+    if all(mine(line) for line in lines):
+        return lines
+    return [line for line in lines if mine(line)]
 
 
 class LogRequests:
     """Pending ``logs`` requests to nodes, matched with their ``logs_reply``; and the
-    log follows, matched with their nodes' ``logs_push``."""
+    log follows, matched with their nodes' ``logs_push``. A node's answer keeps only
+    the lines of its own replicas of the app asked for (:func:`own_lines`)."""
 
     def __init__(self, max_follows: int = MAX_FOLLOWS) -> None:
-        self._pending: dict[str, tuple[trio.MemorySendChannel, str]] = {}
+        # req -> (the asker's channel, node id, app, replica)
+        self._pending: dict[str, tuple[trio.MemorySendChannel, str, str, str | None]] = {}
         self._follow_reqs: dict[str, tuple[LogFollow, str]] = {}  # req -> (follow, node id)
         self.follows: set[LogFollow] = set()
         self.max_follows = max_follows
 
-    def reply(self, node_id: str, msg: LogsReply) -> None:
+    def reply(self, node_id: str, msg: LogsReply, cluster: Cluster | None = None) -> None:
+        """A node's ``logs_reply``; *cluster* to check whose lines it sends."""
         slot = self._pending.get(msg.req)
         if slot is not None and slot[1] == node_id:
+            lines = own_lines(msg.lines, node_id, slot[2], slot[3], cluster)
             # The asker may have given up (closed) or have its answer already.
             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
                                      trio.ClosedResourceError):
-                slot[0].send_nowait(msg.lines)
+                slot[0].send_nowait(lines)
             return
         follow = self._follow_reqs.get(msg.req)
         if follow is not None and follow[1] == node_id:
             # A node asked again (it joined or came back): its lines since then.
-            follow[0].offer(sorted(msg.lines, key=lambda line: line["ts"]))
+            f = follow[0]
+            lines = own_lines(msg.lines, node_id, f.app, f.replica, cluster)
+            f.offer(sorted(lines, key=lambda line: line["ts"]))
 
-    def push(self, node_id: str, msg: LogsPush) -> None:
+    def push(self, node_id: str, msg: LogsPush, cluster: Cluster | None = None) -> None:
+        """A node's ``logs_push``: only into the follow that asked that node, only
+        lines of its own replicas of the app (:func:`own_lines`, checked with *cluster*)."""
         follow = self._follow_reqs.get(msg.req)
         if follow is not None and follow[1] == node_id and not follow[0].closed:
-            follow[0].offer(msg.lines, msg.skipped)
+            f = follow[0]
+            f.offer(own_lines(msg.lines, node_id, f.app, f.replica, cluster), msg.skipped)
 
     async def gather(self, cluster: Cluster, node_ids: list[str], app: str,
                      replica: str | None, tail: int, *, follow: LogFollow | None = None,
@@ -367,7 +440,7 @@ class LogRequests:
         reqs = []
         for node_id in node_ids:
             req = secrets.token_hex(8)
-            self._pending[req] = (send, node_id)
+            self._pending[req] = (send, node_id, app, replica)
             reqs.append(req)
             msg = LogsRequest(req=req, app=app, replica=replica, tail=tail)
             if follow is not None:
@@ -463,7 +536,7 @@ def make_logs_handler(requests: LogRequests) -> Handler:
         # any of them), and the connection then relays what they push (api.py).
         after = args.get("after")
         if after is not None:
-            after = {r: seq for r, seq in after.items() if is_ident(r)}
+            after = fit_after({r: seq for r, seq in after.items() if is_ident(r)})
         since = args.get("since")
         follow = LogFollow(name, replica, after=after,
                            since=since if since is not None else cluster.wall())

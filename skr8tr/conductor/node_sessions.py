@@ -173,8 +173,8 @@ async def _receive(cluster: Cluster, policing: Policing, log_requests: LogReques
         elif isinstance(msg, ReplicaReport):
             cluster.replica_report(node_id, msg)
         elif isinstance(msg, LogsReply):
-            log_requests.reply(node_id, msg)
+            log_requests.reply(node_id, msg, cluster)
         elif isinstance(msg, LogsPush):
-            log_requests.push(node_id, msg)
+            log_requests.push(node_id, msg, cluster)
         else:
             log.warning("node %s sent an unexpected %s message", node_id, msg.TYPE)

@@ -23,9 +23,14 @@ from skr8tr.core.manifest_model import MAX_ERRORS
 APP_NAME_EXPECTED = "a name of 1 to 63 characters a-z, 0-9 and '-', not starting with '-'"
 WORD = re.compile(r"[^ \t]+")
 # C0 controls but tab, DEL, and lone surrogates (not text; cannot be written back). In a source
-# newlines are fine and CR is too as part of CRLF; in a value (from TOML) neither is.
-_BAD_SOURCE_CHAR = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+# newlines are fine and CR is too as part of CRLF; in a value (from TOML) neither is. C1
+# controls but NEL (U+009B is a terminal's CSI, U+009D its OSC) and the bidirectional
+# overrides and isolates (text shown in another order than it is read: "Trojan Source",
+# CVE-2021-42574) are refused too: `fmt`, `describe` and `rollout history` print a
+# manifest back to a terminal.
+_UNSHOWABLE = r"\x7f-\x84\x86-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_BAD_SOURCE_CHAR = re.compile(rf"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f{_UNSHOWABLE}]")
+BAD_VALUE_CHAR = re.compile(rf"[\x00-\x08\x0a-\x1f{_UNSHOWABLE}]")
 
 
 # --- Errors ---------------------------------------------------------------------------------
