@@ -121,6 +121,14 @@ def _keep_revisions_int(text: str) -> int:
     return value
 
 
+def _keep_logs_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"expected 1..1000 (finished replicas whose log "
+                                         f"files are kept per app), got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with ``error: USAGE: ...`` lines, so every failure has the same shape."""
 
@@ -255,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-as", metavar="USER",
                    help="start workloads as this user (and its groups); the agent itself "
                    "must run as root for that")
+    p.add_argument("--keep-logs", metavar="N", type=_keep_logs_int, default=10,
+                   help="finished replicas per app whose log files are kept (1..1000, "
+                   "default 10); `down` removes all of an app's files")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 

@@ -239,6 +239,23 @@ def test_down_removes_the_log_files_on_every_node(cluster: Cluster, tmp_path: Pa
         assert len(logs_of(cluster, node, "keep")) == 2, "another app's files stay"
 
 
+def test_keep_logs_bounds_the_files_of_a_crash_loop(tmp_path: Path):
+    # The 80 files of one crash-looping app: with --keep-logs 1 a node keeps the
+    # files of one finished replica of the app (besides the one running or waiting).
+    script = tmp_path / "crash.sh"
+    script.write_text("#!/bin/sh\necho crashing\nexit 1\n")
+    script.chmod(0o755)
+    manifest = tmp_path / "crash.skr8tr"
+    manifest.write_text(f"app crash\n  exec {script}\n  replicas 1\n")
+    with running_cluster(tmp_path) as c:
+        c.start_node("n1", "127.0.0.1", "--keep-logs", "1")
+        c.json("up", str(manifest))
+        poll(lambda: any(r["restarts"] >= 3 for r in c.json("list", "crash")),
+             what="three restarts", timeout_s=60)
+        ids = {name.split(".")[0] for name in logs_of(c, "n1", "crash")}
+        assert 1 <= len(ids) <= 2, ids  # 4+ launches so far, one id each
+
+
 def test_a_follow_goes_on_across_a_failover_of_the_leader(tmp_path: Path):
     from tests.ha import running_ha_cluster
 

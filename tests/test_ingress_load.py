@@ -54,8 +54,9 @@ def cluster(tmp_path: Path):
     low = random.randrange(10_000, 19_800, 200)
     c.start_conductor("--port-range", f"{low}-{low + 199}")
     try:
-        c.start_node("n1")
-        c.start_node("n2")
+        # arrivals() reads drained replicas' logs after the rollouts: keep them all
+        c.start_node("n1", "127.0.0.1", "--keep-logs", "100")
+        c.start_node("n2", "127.0.0.1", "--keep-logs", "100")
         yield c
     finally:
         c.shutdown()

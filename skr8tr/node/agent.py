@@ -51,6 +51,7 @@ from skr8tr.failover import LeaderSearch, conductor_urls
 from skr8tr.heap import release_free_heap
 from skr8tr.keyfiles import load_signing_key
 from skr8tr.node.backoff import Backoff
+from skr8tr.node.logs import KEEP_FILES_PER_APP
 from skr8tr.node.process import RunAs, RunAsError, resolve_run_as
 from skr8tr.node.session import (
     ConductorSilent,
@@ -85,6 +86,7 @@ class AgentConfig:
     stop_workloads: bool = False
     ca_file: str | None = None  # wss://: verify the conductor against this CA (PEM)
     run_as: str | None = None  # start workloads as this user
+    keep_logs: int = KEEP_FILES_PER_APP  # finished replicas per app whose log files stay
 
 
 class AgentConfigError(Exception):
@@ -232,7 +234,7 @@ async def run_agent(config: AgentConfig, *,
              f", workloads run as {run_as.name} (uid {run_as.uid})" if run_as else "")
     try:
         async with open_supervisor(data_dir, stop_on_exit=config.stop_workloads,
-                                   run_as=run_as) as supervisor:
+                                   run_as=run_as, keep_logs=config.keep_logs) as supervisor:
             task_status.started()
             search = LeaderSearch(urls, backoff=Backoff())
             terms = Terms()
@@ -364,6 +366,7 @@ def config_from_options(opts: argparse.Namespace) -> AgentConfig:
         stop_workloads=bool(getattr(opts, "stop_workloads", False)),
         ca_file=getattr(opts, "ca", None) or None,
         run_as=getattr(opts, "run_as", None) or None,
+        keep_logs=int(getattr(opts, "keep_logs", None) or KEEP_FILES_PER_APP),
     )
 
 

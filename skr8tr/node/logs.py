@@ -18,8 +18,9 @@ its last number; a restarted agent starts again at 1). A follower of the logs
 in order, pushed into a bounded buffer: when it does not keep up, lines are
 counted as skipped instead of kept.
 
-Files are bounded by count: the files of at most :data:`KEEP_FILES_PER_APP`
-finished replicas per app stay on disk (older ones are removed as later ones
+Files are bounded by count: the files of at most ``keep_files_per_app``
+(``skr8tr node --keep-logs``, default :data:`KEEP_FILES_PER_APP`) finished replicas
+per app stay on disk (older ones are removed as later ones
 finish), and :meth:`LogBook.forget_app` removes every file of an app that is
 gone (``down``).
 
@@ -52,7 +53,7 @@ ROTATE_BYTES = 8 * 2**20
 TAIL_INTERVAL_S = 0.25
 KEEP_FINISHED = 100  # finished replicas whose tails stay in memory (all apps)
 # Finished replicas per app whose files stay on disk (a crash loop must not pile up).
-KEEP_FILES_PER_APP = 5
+KEEP_FILES_PER_APP = 10  # the default of `skr8tr node --keep-logs`
 # Lines a follower may have waiting before newer ones are counted as skipped.
 FOLLOW_PENDING_LINES = 10_000
 FOLLOW_PENDING_CHARS = 4 * 2**20  # ... or characters of text

@@ -69,6 +69,7 @@ from skr8tr.node.health import (
     probe_text,
 )
 from skr8tr.node.logs import (
+    KEEP_FILES_PER_APP,
     ROTATE_BYTES,
     TAIL_INTERVAL_S,
     TAIL_LINES,
@@ -146,7 +147,8 @@ class Supervisor:
                  log_lines: int = TAIL_LINES, log_rotate_bytes: int = ROTATE_BYTES,
                  tail_interval_s: float = TAIL_INTERVAL_S,
                  clock: Callable[[], float] = time.time, run_as: RunAs | None = None,
-                 records: RecordWriter | None = None) -> None:
+                 records: RecordWriter | None = None,
+                 keep_logs: int = KEEP_FILES_PER_APP) -> None:
         self.data_dir = data_dir
         self.run_as = run_as
         self.logs_dir = os.path.join(data_dir, "logs")
@@ -154,6 +156,7 @@ class Supervisor:
         self.records = records or RecordWriter(self.records_dir)  # its task: open_supervisor
         self.stop_on_exit = stop_on_exit
         self.logbook = LogBook(self.logs_dir, max_lines=log_lines,
+                               keep_files_per_app=keep_logs,
                                rotate_bytes=log_rotate_bytes, clock=clock)
         self._nursery = nursery
         self._tail_interval_s = tail_interval_s
