@@ -36,6 +36,7 @@ class FakeReplica:
     alive: bool = True
     state: str = "running"
     token: str | None = None  # the launch's placement token, sent back as an agent does
+    slot: dict | None = None  # the launch's slot, sent back as an agent does
 
 
 @dataclass
@@ -69,7 +70,8 @@ class FakeNode:
             address=self.address, cpu_pct=0.0, ram_free_mb=self.ram_free_mb,
             ram_total_mb=16000, cores=self.cores, replicas=tuple(
                 ReplicaReport(replica=r.replica, app=r.app, generation=r.generation,
-                              state=r.state, pid=r.pid, port=r.port, ts=0.0, token=r.token)
+                              state=r.state, pid=r.pid, port=r.port, ts=0.0, token=r.token,
+                              slot=r.slot)
                 for r in self.running.values()))
 
     def _report(self, r: FakeReplica, state: str, **extra) -> None:
@@ -78,7 +80,7 @@ class FakeNode:
             return
         msg = ReplicaReport(replica=r.replica, app=r.app, generation=r.generation,
                             state=state, pid=r.pid, port=r.port, ts=0.0, token=r.token,
-                            **extra)
+                            slot=r.slot, **extra)
         self.cluster.replica_report(self.node_id, msg)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -112,7 +114,7 @@ class FakeNode:
         now = trio.current_time()
         self.launches.append((now, msg))
         r = FakeReplica(msg["replica"], msg["app"], msg["generation"], msg["port"],
-                        next(_pids), now, token=msg.get("token"))
+                        next(_pids), now, token=msg.get("token"), slot=msg.get("slot"))
         behaviour = {"ready_after_s": self.ready_after_s, "crash_after_s": self.crash_after_s,
                      "exit_code": self.exit_code, "port_in_use": False, "probes": ()}
         if self.launch_hook is not None:

@@ -7,6 +7,7 @@ import math
 import pytest
 import trio
 
+from skr8tr.core import placement_token
 from tests.fakes import FakeNode, wait_for
 from tests.test_rollout_sim import Harness, manifest
 
@@ -163,3 +164,104 @@ async def test_unwritable_state_refuses_the_command_and_keeps_everything(
     app = h.cluster.apps["web"]
     assert app.desired == 1 and app.generation == 1 and len(app.history) == 1
     assert list(h.cluster.apps) == ["web"] and "web" not in h.rollouts.active
+
+
+async def _crash_loop_then_die(state: str, node: FakeNode, *, crashes: int) -> dict:
+    """A conductor with ``state`` runs one replica of web on ``node`` that crashes
+    ``crashes`` times (exit code 1), the next launch staying up; once that one is ready
+    the conductor dies (kill -9). Returns its ``list`` row."""
+    node.crash_after_s = 0.0
+    node.launch_hook = (lambda msg: {"crash_after_s": None}
+                        if len(node.launches) > crashes else {})
+    async with trio.open_nursery() as first:
+        h = await Harness(first, state_path=state).start()
+        await h.reattach(node)
+        await h.run("up", manifest("v1", replicas=1))
+        await wait_for(lambda: any(r.state == "ready" for r in h.cluster.replicas.values()),
+                       timeout_s=300)
+        (row,) = await h.run("list", {"app": "web"})
+        await conductor_dies(first)
+    return row
+
+
+async def test_a_restarted_conductor_keeps_the_slot_its_restarts_and_the_last_end(
+        tmp_path, autojump_clock):
+    state = str(tmp_path / "state.toml")
+    n1 = FakeNode(None, "n1", "127.0.0.1")
+    before = await _crash_loop_then_die(state, n1, crashes=3)
+    assert before["restarts"] == 3 and before["slot"] != before["replica"]
+    assert (before["reason"], before["exit_code"]) == ("exited with code 1", 1)
+    async with trio.open_nursery() as second:
+        h = await Harness(second, state_path=state).start()
+        await h.reattach(n1)
+        await trio.sleep(30)  # past the adoption grace
+        (row,) = await h.run("list", {"app": "web"})
+        assert row["replica"] == before["replica"] and row["pid"] == before["pid"]
+        assert (row["slot"], row["restarts"], row["reason"], row["exit_code"],
+                row["signal"]) == (before["slot"], 3, "exited with code 1", 1, None)
+        assert len(n1.launches) == 4  # adopted, nothing launched
+        # it crashes under the new conductor: its successor counts on in the same slot
+        (r,) = n1.running.values()
+        r.alive = False
+        del n1.running[r.replica]
+        n1._report(r, "exited", exit_code=2)
+        await wait_for(lambda: any(x.state == "ready" for x in h.cluster.replicas.values()),
+                       timeout_s=300)
+        (row,) = await h.run("list", {"app": "web"})
+        assert row["replica"] != before["replica"]
+        assert (row["slot"], row["restarts"], row["reason"]) == (
+            before["slot"], 4, "exited with code 2")
+        assert n1.launches[-1][1]["slot"]["restarts"] == 4
+        second.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("forge", ["restarts", "name", "last_end", "other_app", "mac"])
+async def test_a_slot_not_sealed_for_the_replica_is_not_restored(
+        tmp_path, autojump_clock, forge):
+    """A node key holder cannot raise or reset a count, rename the slot, write its own
+    reason, nor name another app's replica as the slot: the replica is still adopted
+    (its placement token is right), as a slot of its own with 0 restarts."""
+    state = str(tmp_path / "state.toml")
+    n1 = FakeNode(None, "n1", "127.0.0.1")
+    before = await _crash_loop_then_die(state, n1, crashes=2)
+    (r,) = n1.running.values()
+    slot = dict(r.slot)
+    if forge == "restarts":
+        slot["restarts"] = 99
+    elif forge == "name":
+        slot["name"] = "web-000000"
+    elif forge == "last_end":
+        slot["last_end"] = {"reason": "disk on fire", "exit_code": 1, "signal": None}
+    elif forge == "mac":
+        slot["mac"] = "0" * 32
+    async with trio.open_nursery() as second:
+        h = await Harness(second, state_path=state).start()
+        if forge == "other_app":
+            # sealed with the real secret (as a bug might), but naming another app's replica
+            slot["name"] = "api-123456"
+            slot["mac"] = placement_token.make_slot(
+                h.cluster.placement_secret, node_id="n1", replica=r.replica, app="web",
+                name="api-123456", restarts=slot["restarts"], last_end=(
+                    slot["last_end"]["reason"], slot["last_end"]["exit_code"],
+                    slot["last_end"]["signal"]))
+        r.slot = slot
+        await h.reattach(n1)
+        await trio.sleep(30)
+        (row,) = await h.run("list", {"app": "web"})
+        assert row["replica"] == before["replica"] and row["state"] == "ready"
+        assert (row["slot"], row["restarts"], row["reason"]) == (row["replica"], 0, None)
+        second.cancel_scope.cancel()
+
+
+async def test_a_slot_sealed_for_it_but_unchanged_is_restored(tmp_path, autojump_clock):
+    """The control of the test above: the same path with the slot as sent is restored."""
+    state = str(tmp_path / "state.toml")
+    n1 = FakeNode(None, "n1", "127.0.0.1")
+    before = await _crash_loop_then_die(state, n1, crashes=2)
+    async with trio.open_nursery() as second:
+        h = await Harness(second, state_path=state).start()
+        await h.reattach(n1)
+        await trio.sleep(30)
+        (row,) = await h.run("list", {"app": "web"})
+        assert (row["slot"], row["restarts"]) == (before["slot"], 2)
+        second.cancel_scope.cancel()
