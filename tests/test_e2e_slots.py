@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from tests.e2e import Cluster, poll, running_cluster
+from tests.ha import running_ha_cluster
 from tests.node_impostor import impostor_node, report
 from tests.test_e2e_restart import NODE_TIMEOUT_S, kill_conductor, restart_conductor
 
@@ -52,7 +53,7 @@ def crash_loop_manifest(tmp_path: Path) -> Path:
 
 
 def the_row(cluster: Cluster) -> dict:
-    rows = cluster.json("list", "crash")
+    rows = cluster.json("list", "crash")  # (an HaCluster asks every conductor's URL)
     assert len(rows) == 1, rows  # one slot, never a pile of rows
     return rows[0]
 
@@ -115,3 +116,26 @@ async def test_a_crash_loops_slot_and_restarts_survive_a_conductor_kill_9(
     assert grown["slot"] == slot and grown["replica"] != before["replica"]
     assert grown["reason"] == "exited with code 1"
     assert "999" not in json.dumps(cluster.json("list", "crash"))
+
+
+def test_a_new_leader_shows_the_slot_and_restarts_after_a_failover(tmp_path: Path):
+    """Three conductors on a real etcd: the leader is killed -9 while the crash loop's
+    third launch runs; the new leader re-adopts it with its slot and count (the seal's
+    secret is in the shared store), and counts on from there."""
+    with running_ha_cluster(tmp_path) as ha:
+        (first,) = ha.json("up", str(crash_loop_manifest(tmp_path)))["replicas"]
+        before = poll(lambda: (row := the_row(ha))["restarts"] >= QUICK_CRASHES
+                      and row["state"] in ("running", "ready") and row,
+                      timeout_s=60, what="the crash loop's third launch to run")
+        old = ha.leader()
+        ha.kill(old)
+        poll(lambda: (name := ha.leader()) and name != old, what="another conductor to lead")
+        ha.nodes_on()
+        after = poll(lambda: (row := the_row(ha))["state"] in ("running", "ready") and row,
+                     timeout_s=30, what="the replica to be re-adopted by the new leader")
+        assert (after["replica"], after["pid"]) == (before["replica"], before["pid"])
+        assert (after["slot"], after["restarts"], after["reason"]) == (
+            first["replica"], before["restarts"], "exited with code 1")
+        grown = poll(lambda: (row := the_row(ha))["restarts"] > before["restarts"] and row,
+                     timeout_s=RUN_S + 30, what="the next restart in the slot")
+        assert grown["slot"] == first["replica"]
