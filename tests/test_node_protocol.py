@@ -306,7 +306,7 @@ def test_a_report_without_a_probe_leaves_the_field_out():
 
 # A replica's slot (Launch.slot, sent back in its reports): bounded, and left out when
 # its launch had none.
-SLOT = {"name": "web-1-abc", "restarts": 5,
+SLOT = {"name": "web-1-abc", "restarts": 5, "backoff": 5,
         "last_end": {"reason": "exited with code 1", "exit_code": 1, "signal": None},
         "mac": "ab" * 16}
 
@@ -320,6 +320,9 @@ def with_slot(**over: Any) -> dict[str, Any]:
     (with_slot(restarts=-1), str(np.MAX_RESTARTS)),
     (with_slot(restarts=True), str(np.MAX_RESTARTS)),
     (with_slot(restarts=2**63), str(np.MAX_RESTARTS)),
+    (with_slot(backoff=np.MAX_RESTARTS + 1), str(np.MAX_RESTARTS)),
+    (with_slot(backoff=None), str(np.MAX_RESTARTS)),
+    ({k: v for k, v in SLOT.items() if k != "backoff"}, "backoff"),
     (with_slot(name="n" * (np.MAX_ID_CHARS + 1)), "128"),
     (with_slot(name="n" * HUGE_CHARS), "128"),
     (with_slot(name="web 1"), "A-Z"),

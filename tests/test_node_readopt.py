@@ -378,7 +378,7 @@ async def test_a_readopted_replica_reports_the_slot_its_launch_carried(tmp_path:
     comes back in the hello's report: what a restarted conductor restores (issue #17). A
     record written before the field existed (no ``slot``) still re-adopts, without one."""
     data = tmp_path / "data"
-    slot = {"name": "demo-aaaaaa", "restarts": 7,
+    slot = {"name": "demo-aaaaaa", "restarts": 7, "backoff": 7,
             "last_end": {"reason": "exited with code 1", "exit_code": 1, "signal": None},
             "mac": "0123456789abcdef" * 2}
     pids: list[int] = []

@@ -36,7 +36,7 @@ def test_another_secret_gives_another_token():
 
 
 SLOT = {"node_id": "n1", "replica": "web-1a2b3c", "app": "web", "name": "web-000aaa",
-        "restarts": 5, "last_end": ("exited with code 1", 1, None)}
+        "restarts": 5, "backoff": 3, "last_end": ("exited with code 1", 1, None)}
 
 
 def test_a_slot_seal_checks_for_exactly_its_slot():
@@ -48,7 +48,7 @@ def test_a_slot_seal_checks_for_exactly_its_slot():
 
 @pytest.mark.parametrize(("name", "other"), [
     ("node_id", "n2"), ("replica", "web-1a2b3d"), ("app", "api"), ("name", "web-000aab"),
-    ("restarts", 6), ("restarts", 0), ("last_end", None),
+    ("restarts", 6), ("restarts", 0), ("backoff", 4), ("backoff", 0), ("last_end", None),
     ("last_end", ("exited with code 2", 1, None)), ("last_end", ("exited with code 1", 2, None)),
     ("last_end", ("exited with code 1", 1, 9))])
 def test_a_slot_seal_does_not_check_for_any_other_slot(name, other):

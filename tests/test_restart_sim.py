@@ -194,7 +194,8 @@ async def test_a_restarted_conductor_keeps_the_slot_its_restarts_and_the_last_en
     async with trio.open_nursery() as second:
         h = await Harness(second, state_path=state).start()
         await h.reattach(n1)
-        await trio.sleep(30)  # past the adoption grace
+        # past the adoption grace, not past the backoff's reset (30 s of running)
+        await trio.sleep(h.cluster.adopt_grace_s + 1)
         (row,) = await h.run("list", {"app": "web"})
         assert row["replica"] == before["replica"] and row["pid"] == before["pid"]
         assert (row["slot"], row["restarts"], row["reason"], row["exit_code"],
@@ -205,6 +206,9 @@ async def test_a_restarted_conductor_keeps_the_slot_its_restarts_and_the_last_en
         r.alive = False
         del n1.running[r.replica]
         n1._report(r, "exited", exit_code=2)
+        (row,) = await h.run("list", {"app": "web"})
+        # the backoff goes on from the count before the restart (4th: 8 s), not from 1 s
+        assert (row["state"], row["restarts"], row["next_restart"]) == ("failed", 3, 8.0)
         await wait_for(lambda: any(x.state == "ready" for x in h.cluster.replicas.values()),
                        timeout_s=300)
         (row,) = await h.run("list", {"app": "web"})
@@ -215,7 +219,8 @@ async def test_a_restarted_conductor_keeps_the_slot_its_restarts_and_the_last_en
         second.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("forge", ["restarts", "name", "last_end", "other_app", "mac"])
+@pytest.mark.parametrize("forge", ["restarts", "backoff", "name", "last_end", "other_app",
+                                   "mac"])
 async def test_a_slot_not_sealed_for_the_replica_is_not_restored(
         tmp_path, autojump_clock, forge):
     """A node key holder cannot raise or reset a count, rename the slot, write its own
@@ -228,6 +233,8 @@ async def test_a_slot_not_sealed_for_the_replica_is_not_restored(
     slot = dict(r.slot)
     if forge == "restarts":
         slot["restarts"] = 99
+    elif forge == "backoff":
+        slot["backoff"] = 0
     elif forge == "name":
         slot["name"] = "web-000000"
     elif forge == "last_end":
@@ -241,7 +248,8 @@ async def test_a_slot_not_sealed_for_the_replica_is_not_restored(
             slot["name"] = "api-123456"
             slot["mac"] = placement_token.make_slot(
                 h.cluster.placement_secret, node_id="n1", replica=r.replica, app="web",
-                name="api-123456", restarts=slot["restarts"], last_end=(
+                name="api-123456", restarts=slot["restarts"], backoff=slot["backoff"],
+                last_end=(
                     slot["last_end"]["reason"], slot["last_end"]["exit_code"],
                     slot["last_end"]["signal"]))
         r.slot = slot
@@ -264,4 +272,38 @@ async def test_a_slot_sealed_for_it_but_unchanged_is_restored(tmp_path, autojump
         await trio.sleep(30)
         (row,) = await h.run("list", {"app": "web"})
         assert (row["slot"], row["restarts"]) == (before["slot"], 2)
+        second.cancel_scope.cancel()
+
+
+async def test_a_slot_waiting_in_backoff_at_a_restart_starts_over(tmp_path, autojump_clock):
+    """What a restart does to a slot whose replica has ended and waits out its backoff
+    (``next_restart``): no process runs, so no node reports it, and the state file keeps
+    no replicas (DESIGN §7). The new conductor launches one replica once its adoption
+    grace is over, without the rest of the wait, as a new slot with 0 restarts: the count
+    survives only while a replica of the slot runs (documented, issue #17)."""
+    state = str(tmp_path / "state.toml")
+    n1 = FakeNode(None, "n1", "127.0.0.1", crash_after_s=0.0)
+    async with trio.open_nursery() as first:
+        h = await Harness(first, state_path=state).start()
+        await h.reattach(n1)
+        await h.run("up", manifest("v1", replicas=1))
+        await wait_for(lambda: any(r.state == "failed" and r.restarts == 3
+                                   for r in h.cluster.replicas.values()), timeout_s=300)
+        (row,) = await h.run("list", {"app": "web"})
+        assert row["next_restart"] == 8.0  # the backoff after the fourth crash
+        await conductor_dies(first)
+    n1.crash_after_s = None
+    launched = len(n1.launches)
+    async with trio.open_nursery() as second:
+        t0 = trio.current_time()
+        h = await Harness(second, state_path=state).start()
+        await h.reattach(n1)
+        await wait_for(lambda: len(n1.launches) > launched, timeout_s=300)
+        assert trio.current_time() - t0 == pytest.approx(h.cluster.adopt_grace_s, abs=0.1)
+        await trio.sleep(30)
+        assert len(n1.launches) == launched + 1  # one, not a pile
+        (row,) = await h.run("list", {"app": "web"})
+        assert (row["slot"], row["restarts"], row["reason"], row["next_restart"]) == (
+            row["replica"], 0, None, None)
+        assert "slot" not in n1.launches[-1][1]
         second.cancel_scope.cancel()

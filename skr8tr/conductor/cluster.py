@@ -267,17 +267,19 @@ class Cluster(NodeReports):
         what it always was), else its slot, restarts and last end, sealed for its node:
         the node keeps it and reports it back, so that this conductor's successor (a
         restart, a new leader) shows the same slot and count (issue #17)."""
-        if r.slot == r.replica_id and not r.restarts and r.last_end is None:
+        if (r.slot == r.replica_id and not r.restarts and not r.restart_count
+                and r.last_end is None):
             return None
         last_end = None if r.last_end is None else (
             why.clean(r.last_end[0]), r.last_end[1], r.last_end[2])
         return {
-            "name": r.slot, "restarts": r.restarts,
+            "name": r.slot, "restarts": r.restarts, "backoff": r.restart_count,
             "last_end": None if last_end is None else {
                 "reason": last_end[0], "exit_code": last_end[1], "signal": last_end[2]},
             "mac": placement_token.make_slot(
                 self.placement_secret, node_id=r.node_id, replica=r.replica_id, app=r.app,
-                name=r.slot, restarts=r.restarts, last_end=last_end),
+                name=r.slot, restarts=r.restarts, backoff=r.restart_count,
+                last_end=last_end),
         }
 
     def _replica_ended(self, r: ReplicaState, *, exit_code: int | None, signal: int | None,

@@ -163,7 +163,8 @@ class NodeReports:
     def _restore_slot(self: Cluster, node: NodeState, r: ReplicaState,
                       report: ReplicaReport) -> None:
         """Give an adopted replica back the slot, restart count and last end its launch
-        carried (``Launch.slot``), as the node reports them. Only with the seal this
+        carried (``Launch.slot``), as the node reports them, and the count its backoff goes
+        on from. Only with the seal this
         conductor (or a predecessor sharing its secret) made for that very replica on that
         node, and a slot name of the replica's own app: a node key holder cannot set
         another's count, make one up, nor name another app's replica. Anything else is
@@ -177,12 +178,12 @@ class NodeReports:
                 and placement_token.check_slot(
                     self.placement_secret, slot["mac"], node_id=node.node_id,
                     replica=r.replica_id, app=r.app, name=slot["name"],
-                    restarts=slot["restarts"], last_end=last_end)):
+                    restarts=slot["restarts"], backoff=slot["backoff"], last_end=last_end)):
             log.warning("node %s reports replica %s with slot %r (%d restarts) not sealed "
                         "for it; its slot is not restored", node.node_id, r.replica_id,
                         slot["name"], slot["restarts"])
             return
-        r.slot, r.restarts = slot["name"], slot["restarts"]
+        r.slot, r.restarts, r.restart_count = slot["name"], slot["restarts"], slot["backoff"]
         if last_end is not None:
             r.last_end = (why.clean(last_end[0]), last_end[1], last_end[2])
 

@@ -366,6 +366,9 @@ _LAST_END_FIELDS: dict[str, tuple[Check, bool]] = {
 _SLOT_FIELDS: dict[str, tuple[Check, bool]] = {
     "name": (_ident, True),
     "restarts": (_int(0, MAX_RESTARTS), True),
+    # the restart backoff's count (ReplicaState.restart_count): the next wait goes on
+    # from it rather than from 1 s
+    "backoff": (_int(0, MAX_RESTARTS), True),
     "last_end": (_Rule(lambda v: v is None or _check_fields(
         v, _LAST_END_FIELDS, envelope=False) is None,
         f"null or {{reason: at most {MAX_REASON_CHARS} characters, exit_code: null or "
@@ -374,12 +377,12 @@ _SLOT_FIELDS: dict[str, tuple[Check, bool]] = {
 }
 _slot_rule = _Rule(
     lambda v: v is None or _check_fields(v, _SLOT_FIELDS, envelope=False) is None,
-    f"null or {{name: a replica id, restarts: 0..{MAX_RESTARTS}, last_end, mac: "
+    f"null or {{name: a replica id, restarts and backoff: 0..{MAX_RESTARTS}, last_end, mac: "
     f"{PLACEMENT_TOKEN_HEX} hex digits}}",
     lambda name, v: (f"bad value for {name!r}: "
                      f"{_check_fields(v, _SLOT_FIELDS, envelope=False)}"
                      if isinstance(v, dict) else f"bad value for {name!r} (a "
-                     f"{type(v).__name__}); expected null or {{name, restarts, last_end, "
+                     f"{type(v).__name__}); expected null or {{name, restarts, backoff, last_end, "
                      "mac}"))
 _REPLICA_FIELDS["slot"] = (_slot_rule, False)
 
@@ -849,8 +852,9 @@ class Launch(NodeMessage):
     - ``token``: the placement token (:mod:`skr8tr.core.placement_token`), sent back
       in every report about the replica.
     - ``slot``: None (left out of the message) for a replica that is its slot's first,
-      never restarted; else ``{name, restarts, last_end, mac}``: the slot it takes over,
-      the restarts counted in it, why the one before ended (``{reason, exit_code,
+      never restarted; else ``{name, restarts, backoff, last_end, mac}``: the slot it
+      takes over, the restarts counted in it, the count its restart backoff goes on
+      from, why the one before ended (``{reason, exit_code,
       signal}`` or None) and the conductor's seal (``placement_token.make_slot``). The
       node keeps it in the replica's record and sends it back in every report, so that
       a conductor that restarted (or a new leader) shows the same slot and count.

@@ -53,13 +53,15 @@ def check(secret: bytes, token: object, *, node_id: str, replica: str, app: str,
 
 
 def make_slot(secret: bytes, *, node_id: str, replica: str, app: str, name: str,
-              restarts: int, last_end: tuple[str, int | None, int | None] | None) -> str:
+              restarts: int, backoff: int,
+              last_end: tuple[str, int | None, int | None] | None) -> str:
     """The seal of a replica's slot as its launch carries it (``Launch.slot``): the
-    slot's name, its restart count and why the one before ended, for this replica on
-    this node. A conductor that restarted takes these back from a node's report only
-    with the right seal: a node key cannot raise, reset or rename another's count, nor
-    write its own reason into a row (issue #17)."""
-    fields = json.dumps([node_id, replica, app, name, restarts,
+    slot's name, its restart count, the count its restart backoff goes on from and why
+    the one before ended, for this replica on this node. A conductor that restarted
+    takes these back from a node's report only with the right seal: a node key cannot
+    raise, reset or rename another's count, nor write its own reason into a row
+    (issue #17)."""
+    fields = json.dumps([node_id, replica, app, name, restarts, backoff,
                          None if last_end is None else list(last_end)],
                         ensure_ascii=False, separators=(",", ":"))
     return hmac.new(secret, _SLOT_DOMAIN + fields.encode("utf-8", "surrogatepass"),
@@ -67,11 +69,11 @@ def make_slot(secret: bytes, *, node_id: str, replica: str, app: str, name: str,
 
 
 def check_slot(secret: bytes, mac: object, *, node_id: str, replica: str, app: str,
-               name: str, restarts: int,
+               name: str, restarts: int, backoff: int,
                last_end: tuple[str, int | None, int | None] | None) -> bool:
     """Is *mac* the one :func:`make_slot` gives for these fields? (Constant time.)"""
     if not isinstance(mac, str) or _TOKEN_RE.fullmatch(mac) is None:
         return False
     expected = make_slot(secret, node_id=node_id, replica=replica, app=app, name=name,
-                         restarts=restarts, last_end=last_end)
+                         restarts=restarts, backoff=backoff, last_end=last_end)
     return hmac.compare_digest(expected, mac)
