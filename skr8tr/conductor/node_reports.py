@@ -168,7 +168,14 @@ class NodeReports:
         conductor (or a predecessor sharing its secret) made for that very replica on that
         node, and a slot name of the replica's own app: a node key holder cannot set
         another's count, make one up, nor name another app's replica. Anything else is
-        logged and the replica keeps its own id as slot, 0 restarts (as before #17)."""
+        logged and the replica keeps its own id as slot, 0 restarts (as before #17).
+
+        What is restored is what a *running* replica's launch carried. A slot whose
+        replica has ended and waits out its restart backoff (``next_restart``) when the
+        conductor restarts or fails over has no process and no record on any node, and
+        the store keeps no replicas (DESIGN §7): the new conductor launches a replica for
+        it once its adoption grace is over, at once (the rest of the wait is not kept),
+        as a new slot with 0 restarts (tests/test_restart_sim.py pins this)."""
         slot = report.slot
         if slot is None:
             return

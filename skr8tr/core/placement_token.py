@@ -8,6 +8,12 @@ no replica rows; it adopts a replica a node reports only when the token is
 right for *that* node id: a node key cannot claim another node's replicas,
 nor invent replicas of an app for the ingress to route users to (#13.2).
 
+A restarted replica's launch also carries its slot (``Launch.slot``: the slot's
+name, its restart count, its backoff's count and why the one before ended), sealed
+the same way by :func:`make_slot` for that replica on that node: the node echoes it
+in its reports, and a conductor that restarted restores the slot only when the seal
+is right, so a node key cannot set or reset any replica's count or reason (#17).
+
 Pure: no clock, no I/O.
 """
 
