@@ -220,12 +220,13 @@ async def test_a_restarted_conductor_keeps_the_slot_its_restarts_and_the_last_en
 
 
 @pytest.mark.parametrize("forge", ["restarts", "backoff", "name", "last_end", "other_app",
-                                   "mac"])
+                                   "mac", "old_agent"])
 async def test_a_slot_not_sealed_for_the_replica_is_not_restored(
         tmp_path, autojump_clock, forge):
     """A node key holder cannot raise or reset a count, rename the slot, write its own
     reason, nor name another app's replica as the slot: the replica is still adopted
-    (its placement token is right), as a slot of its own with 0 restarts."""
+    (its placement token is right), as a slot of its own with 0 restarts. So is the
+    replica of an agent from before #17, whose reports carry no slot."""
     state = str(tmp_path / "state.toml")
     n1 = FakeNode(None, "n1", "127.0.0.1")
     before = await _crash_loop_then_die(state, n1, crashes=2)
@@ -252,7 +253,7 @@ async def test_a_slot_not_sealed_for_the_replica_is_not_restored(
                 last_end=(
                     slot["last_end"]["reason"], slot["last_end"]["exit_code"],
                     slot["last_end"]["signal"]))
-        r.slot = slot
+        r.slot = None if forge == "old_agent" else slot
         await h.reattach(n1)
         await trio.sleep(30)
         (row,) = await h.run("list", {"app": "web"})
