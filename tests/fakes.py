@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from skr8tr import __version__
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.core.node_protocol import Heartbeat, Hello, ReplicaReport
 
@@ -62,11 +63,12 @@ class FakeNode:
     running: dict[str, FakeReplica] = field(default_factory=dict)
     silent: bool = False  # stop heartbeating (the node "dies")
     key: str = FAKE_KEY
+    version: str = __version__  # the agent's hello `version`
 
     def hello(self) -> Hello:
         """What a (re)connecting agent says: who it is and what it still runs."""
         return Hello(
-            node_id=self.node_id, key=self.key, sig="00" * 64, version="fake",
+            node_id=self.node_id, key=self.key, sig="00" * 64, version=self.version,
             address=self.address, cpu_pct=0.0, ram_free_mb=self.ram_free_mb,
             ram_total_mb=16000, cores=self.cores, replicas=tuple(
                 ReplicaReport(replica=r.replica, app=r.app, generation=r.generation,

@@ -219,6 +219,28 @@ async def test_a_restarted_conductor_keeps_the_slot_its_restarts_and_the_last_en
         second.cancel_scope.cancel()
 
 
+async def test_an_agent_older_than_slots_gets_launches_without_one(nursery, autojump_clock):
+    # Both sides refuse unknown fields: an agent of 0.1.0 would fail every relaunch that
+    # carried a `slot` (launch_error), so its launches carry none; it still restarts.
+    h = await Harness(nursery).start()
+    n1 = await h.node("n1", version="0.1.0", crash_after_s=0.5)
+    await h.run("up", manifest("v1", replicas=1))
+    await wait_for(lambda: len(n1.launches) >= 3, timeout_s=60)
+    assert all("slot" not in msg for _, msg in n1.launches)
+    rows = await h.run("list", {"app": "web"})
+    assert rows[0]["restarts"] >= 2  # the conductor counts the slot all the same
+
+
+def test_reads_slots_by_version():
+    from skr8tr.core.node_protocol import reads_slots
+
+    assert reads_slots("0.2.0") and reads_slots("0.2.0.dev1") and reads_slots("1.0")
+    assert reads_slots("0.10.0")
+    assert not reads_slots("0.1.0") and not reads_slots("0.1.9")
+    assert not reads_slots("fake") and not reads_slots("") and not reads_slots("0")
+    assert not reads_slots("9" * 64 + ".0")  # a hostile number costs nothing
+
+
 @pytest.mark.parametrize("forge", ["restarts", "backoff", "name", "last_end", "other_app",
                                    "mac", "old_agent"])
 async def test_a_slot_not_sealed_for_the_replica_is_not_restored(

@@ -249,7 +249,7 @@ class Cluster(NodeReports):
             token=placement_token.make(self.placement_secret, node_id=where.node_id,
                                        replica=r.replica_id, app=app.name,
                                        generation=revision.generation, port=where.port),
-            slot=self._sealed_slot(r),
+            slot=self._sealed_slot(r) if node.reads_slots else None,
         )
         sent = self.send(where.node_id, launch)
         self.events.publish("replica.placed", app=app.name, replica=r.replica_id,

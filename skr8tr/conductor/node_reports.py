@@ -65,6 +65,7 @@ class NodeReports:
             cores=hello.cores, ram_total_mb=hello.ram_total_mb,
             ram_free_mb=hello.ram_free_mb, cpu_pct=float(hello.cpu_pct),
             last_seen=now, session=self._session, outbox=outbox,
+            reads_slots=node_protocol.reads_slots(hello.version),
         )
         self.nodes[node_id] = node
         self._offer_node(node_id)

@@ -392,6 +392,25 @@ def slot_fits(name: str, *, replica: str, app: str) -> bool:
     the conductor gives a replica of that app (``APP-...``), never another app's."""
     return name == replica or (name.startswith(f"{app}-") and len(name) > len(app) + 1)
 
+
+# The first agent version that reads a launch's ``slot``. Both sides refuse unknown
+# fields, so the conductor sends it only to agents whose hello says they read it: an
+# older agent would fail every relaunch of a crash loop with ``launch_error``.
+SLOT_SINCE = (0, 2)
+
+
+def reads_slots(version: str) -> bool:
+    """Whether an agent of *version* (its hello's ``version``, e.g. ``0.2.0``) reads a
+    launch's ``slot``. Anything that does not start with numbers (``0.1.0``, ``dev``)
+    is taken as an older agent."""
+    numbers = []
+    for part in version.split(".")[:len(SLOT_SINCE)]:
+        digits = part[:next((i for i, c in enumerate(part) if not c.isdigit()), len(part))]
+        if not digits or len(digits) > 9:
+            return False
+        numbers.append(int(digits))
+    return len(numbers) == len(SLOT_SINCE) and tuple(numbers) >= SLOT_SINCE
+
 _replica_reports = _list_of(lambda x: _check_fields(x, _REPLICA_FIELDS, envelope=False),
                             MAX_HELLO_REPLICAS, "replica reports")
 
