@@ -1,6 +1,6 @@
 """skr8tr: run bare processes on a fleet of machines, update them without dropping a request."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Where the CLI, node agents and the ingress look for the conductor unless told.
 DEFAULT_CONDUCTOR_URL = "ws://127.0.0.1:7771"

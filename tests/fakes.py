@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from skr8tr import __version__
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.core.node_protocol import Heartbeat, Hello, ReplicaReport
 
@@ -36,6 +37,7 @@ class FakeReplica:
     alive: bool = True
     state: str = "running"
     token: str | None = None  # the launch's placement token, sent back as an agent does
+    slot: dict | None = None  # the launch's slot, sent back as an agent does
 
 
 @dataclass
@@ -61,15 +63,17 @@ class FakeNode:
     running: dict[str, FakeReplica] = field(default_factory=dict)
     silent: bool = False  # stop heartbeating (the node "dies")
     key: str = FAKE_KEY
+    version: str = __version__  # the agent's hello `version`
 
     def hello(self) -> Hello:
         """What a (re)connecting agent says: who it is and what it still runs."""
         return Hello(
-            node_id=self.node_id, key=self.key, sig="00" * 64, version="fake",
+            node_id=self.node_id, key=self.key, sig="00" * 64, version=self.version,
             address=self.address, cpu_pct=0.0, ram_free_mb=self.ram_free_mb,
             ram_total_mb=16000, cores=self.cores, replicas=tuple(
                 ReplicaReport(replica=r.replica, app=r.app, generation=r.generation,
-                              state=r.state, pid=r.pid, port=r.port, ts=0.0, token=r.token)
+                              state=r.state, pid=r.pid, port=r.port, ts=0.0, token=r.token,
+                              slot=r.slot)
                 for r in self.running.values()))
 
     def _report(self, r: FakeReplica, state: str, **extra) -> None:
@@ -78,7 +82,7 @@ class FakeNode:
             return
         msg = ReplicaReport(replica=r.replica, app=r.app, generation=r.generation,
                             state=state, pid=r.pid, port=r.port, ts=0.0, token=r.token,
-                            **extra)
+                            slot=r.slot, **extra)
         self.cluster.replica_report(self.node_id, msg)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -112,7 +116,7 @@ class FakeNode:
         now = trio.current_time()
         self.launches.append((now, msg))
         r = FakeReplica(msg["replica"], msg["app"], msg["generation"], msg["port"],
-                        next(_pids), now, token=msg.get("token"))
+                        next(_pids), now, token=msg.get("token"), slot=msg.get("slot"))
         behaviour = {"ready_after_s": self.ready_after_s, "crash_after_s": self.crash_after_s,
                      "exit_code": self.exit_code, "port_in_use": False, "probes": ()}
         if self.launch_hook is not None:

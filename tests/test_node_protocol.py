@@ -302,3 +302,89 @@ def test_a_report_without_a_probe_leaves_the_field_out():
     probe = {"text": "GET /healthz -> 404, want 200", "status": 404, "count": 3}
     sent = dataclasses.replace(plain, probe=probe)
     assert decode_node_message(sent.encode()) == sent
+
+
+# A replica's slot (Launch.slot, sent back in its reports): bounded, and left out when
+# its launch had none.
+SLOT = {"name": "web-1-abc", "restarts": 5, "backoff": 5,
+        "last_end": {"reason": "exited with code 1", "exit_code": 1, "signal": None},
+        "mac": "ab" * 16}
+
+
+def with_slot(**over: Any) -> dict[str, Any]:
+    return {**SLOT, **over}
+
+
+@pytest.mark.parametrize(("slot", "names"), [
+    (with_slot(restarts=np.MAX_RESTARTS + 1), str(np.MAX_RESTARTS)),
+    (with_slot(restarts=-1), str(np.MAX_RESTARTS)),
+    (with_slot(restarts=True), str(np.MAX_RESTARTS)),
+    (with_slot(restarts=2**63), str(np.MAX_RESTARTS)),
+    (with_slot(backoff=np.MAX_RESTARTS + 1), str(np.MAX_RESTARTS)),
+    (with_slot(backoff=None), str(np.MAX_RESTARTS)),
+    ({k: v for k, v in SLOT.items() if k != "backoff"}, "backoff"),
+    (with_slot(name="n" * (np.MAX_ID_CHARS + 1)), "128"),
+    (with_slot(name="n" * HUGE_CHARS), "128"),
+    (with_slot(name="web 1"), "A-Z"),
+    (with_slot(last_end={"reason": "r" * 201, "exit_code": 1, "signal": None}), "200"),
+    (with_slot(last_end={"reason": "r" * HUGE_CHARS, "exit_code": 1, "signal": None}),
+     "200"),
+    (with_slot(last_end={"reason": "r", "exit_code": 256, "signal": None}), "255"),
+    (with_slot(last_end={"reason": "r", "exit_code": None, "signal": 129}), "128"),
+    (with_slot(last_end={"reason": "r", "exit_code": None}), "signal"),
+    (with_slot(last_end="exited"), "reason"),
+    (with_slot(mac="ab" * 17), "mac"),
+    (with_slot(mac="AB" * 16), "mac"),
+    ({k: v for k, v in SLOT.items() if k != "mac"}, "mac"),
+    (with_slot(extra=1), "extra"),
+    ("web-1-abc", "slot"),
+    ([SLOT] * 1000, "slot"),
+])
+def test_a_slot_past_its_bounds_is_refused(slot, names):
+    for kind, path in (("replica", ("slot",)), ("hello", ("replicas", 0, "slot"))):
+        got = decode_node_message(message(kind, path, slot))
+        assert isinstance(got, NodeDecodeError), got
+        assert "slot" in got.message and names in got.message, got.message
+        assert len(got.message) <= ERROR_CHARS, got.message
+    fields = {**np.Launch(replica="web-1-abc", app="web", generation=1, app_type="process",
+                          exec="/bin/true", args=(), env={}, workdir=None, port=None,
+                          host="h", health=None, settle_ms=0, stop_grace_ms=0).fields(),
+              "slot": slot}
+    with pytest.raises(ValueError, match="slot"):
+        np.Launch.from_fields(fields)
+
+
+@pytest.mark.parametrize("slot", [
+    SLOT, with_slot(last_end=None), with_slot(restarts=np.MAX_RESTARTS),
+    with_slot(last_end={"reason": "r" * 200, "exit_code": None, "signal": 128}),
+])
+def test_a_slot_at_its_bounds_round_trips(slot):
+    got = decode_node_message(message("replica", ("slot",), slot))
+    assert isinstance(got, ReplicaReport) and got.slot == slot
+    assert json.loads(got.encode())["slot"] == slot
+    launch = np.Launch(replica="web-1-abc", app="web", generation=1, app_type="process",
+                       exec="/bin/true", args=(), env={}, workdir=None, port=None, host="h",
+                       health=None, settle_ms=0, stop_grace_ms=0, slot=slot)
+    again = np.Launch.from_fields(json.loads(launch.encode()))
+    assert again == launch and again.slot == slot
+
+
+def test_without_a_slot_launch_and_report_are_what_they_always_were():
+    launch = np.Launch(replica="web-1-abc", app="web", generation=1, app_type="process",
+                       exec="/bin/true", args=(), env={}, workdir=None, port=None, host="h",
+                       health=None, settle_ms=0, stop_grace_ms=0, token="ab" * 16)
+    assert list(json.loads(launch.encode()))[2:] == [
+        "replica", "app", "generation", "app_type", "exec", "args", "env", "workdir", "port",
+        "host", "health", "settle_ms", "stop_grace_ms", "token"]
+    plain = ReplicaReport(replica="r1", app="web", generation=1, state="running", ts=0.0)
+    assert "slot" not in json.loads(plain.encode())
+    assert decode_node_message(plain.encode()).slot is None
+
+
+def test_a_slot_fits_only_its_own_app():
+    assert np.slot_fits("web-abc123", replica="web-def456", app="web")
+    assert np.slot_fits("web-def456", replica="web-def456", app="web")
+    assert not np.slot_fits("api-abc123", replica="web-def456", app="web")
+    assert not np.slot_fits("web", replica="web-def456", app="web")
+    assert not np.slot_fits("web-", replica="web-def456", app="web")
+    assert not np.slot_fits("webx-abc123", replica="web-def456", app="web")

@@ -371,3 +371,40 @@ async def test_agent_killed_and_restarted_readopts_its_replicas(tmp_path: Path,
             await assert_gone([workload_pid])
     log_text = (tmp_path / "agent.log").read_text()
     assert "re-adopted 1 of 1 recorded replica(s): r1" in log_text
+
+
+async def test_a_readopted_replica_reports_the_slot_its_launch_carried(tmp_path: Path) -> None:
+    """The slot a launch carried survives an agent restart in the replica's record, and
+    comes back in the hello's report: what a restarted conductor restores (issue #17). A
+    record written before the field existed (no ``slot``) still re-adopts, without one."""
+    data = tmp_path / "data"
+    slot = {"name": "demo-aaaaaa", "restarts": 7, "backoff": 7,
+            "last_end": {"reason": "exited with code 1", "exit_code": 1, "signal": None},
+            "mac": "0123456789abcdef" * 2}
+    pids: list[int] = []
+    try:
+        with trio.fail_after(TEST_DEADLINE_S):
+            first = Reports()
+            async with open_supervisor(str(data), stop_on_exit=False) as sup:
+                sup.attach(first)
+                sup.launch(spec("demo-bbbbbb", "/bin/sleep", "60", slot=slot))
+                sup.launch(spec("demo-cccccc", "/bin/sleep", "60"))
+                running = [await first.wait_for(r, "running")
+                           for r in ("demo-bbbbbb", "demo-cccccc")]
+                pids = [r["pid"] for r in running]
+                assert running[0]["slot"] == slot and "slot" not in running[1]
+                await sup.records.flush()
+            assert record_of(data, "demo-bbbbbb")["launch"]["slot"] == slot
+            assert "slot" not in record_of(data, "demo-cccccc")["launch"]  # as before #17
+
+            second = Reports()
+            async with open_supervisor(str(data), stop_on_exit=True) as sup:
+                hello = {r.replica: r for r in sup.attach(second)}
+                assert set(hello) == {"demo-bbbbbb", "demo-cccccc"}
+                assert hello["demo-bbbbbb"].slot == slot
+                assert hello["demo-cccccc"].slot is None
+                assert "slot" not in json.loads(hello["demo-cccccc"].encode())
+                assert json.loads(hello["demo-bbbbbb"].encode())["slot"] == slot
+            await assert_gone(pids)
+    finally:
+        reap(pids)

@@ -249,6 +249,7 @@ class Cluster(NodeReports):
             token=placement_token.make(self.placement_secret, node_id=where.node_id,
                                        replica=r.replica_id, app=app.name,
                                        generation=revision.generation, port=where.port),
+            slot=self._sealed_slot(r) if node.reads_slots else None,
         )
         sent = self.send(where.node_id, launch)
         self.events.publish("replica.placed", app=app.name, replica=r.replica_id,
@@ -260,6 +261,26 @@ class Cluster(NodeReports):
             self._replica_ended(r, exit_code=None, signal=None, launch_failed=False,
                                 node_lost=True, message=f"node {r.node_id} went away")
         return r
+
+    def _sealed_slot(self, r: ReplicaState) -> dict[str, Any] | None:
+        """The ``slot`` of *r*'s launch: None for a slot's first replica (its launch is
+        what it always was), else its slot, restarts and last end, sealed for its node:
+        the node keeps it and reports it back, so that this conductor's successor (a
+        restart, a new leader) shows the same slot and count (issue #17)."""
+        if (r.slot == r.replica_id and not r.restarts and not r.restart_count
+                and r.last_end is None):
+            return None
+        last_end = None if r.last_end is None else (
+            why.clean(r.last_end[0]), r.last_end[1], r.last_end[2])
+        return {
+            "name": r.slot, "restarts": r.restarts, "backoff": r.restart_count,
+            "last_end": None if last_end is None else {
+                "reason": last_end[0], "exit_code": last_end[1], "signal": last_end[2]},
+            "mac": placement_token.make_slot(
+                self.placement_secret, node_id=r.node_id, replica=r.replica_id, app=r.app,
+                name=r.slot, restarts=r.restarts, backoff=r.restart_count,
+                last_end=last_end),
+        }
 
     def _replica_ended(self, r: ReplicaState, *, exit_code: int | None, signal: int | None,
                        launch_failed: bool, node_lost: bool, message: str | None) -> None:

@@ -18,7 +18,7 @@ import trio
 
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.tables import NodeState, ReplicaState
-from skr8tr.core import placement_token, reconcile, replica_state, why
+from skr8tr.core import node_protocol, placement_token, reconcile, replica_state, why
 from skr8tr.core.node_protocol import (
     AppGone,
     Heartbeat,
@@ -65,6 +65,7 @@ class NodeReports:
             cores=hello.cores, ram_total_mb=hello.ram_total_mb,
             ram_free_mb=hello.ram_free_mb, cpu_pct=float(hello.cpu_pct),
             last_seen=now, session=self._session, outbox=outbox,
+            reads_slots=node_protocol.reads_slots(hello.version),
         )
         self.nodes[node_id] = node
         self._offer_node(node_id)
@@ -138,6 +139,7 @@ class NodeReports:
             pid=report.pid,
             drain_s=0.0 if revision is None else revision.manifest.rollout.drain_s,
         )
+        self._restore_slot(node, r, report)
         holder = self.ports.holder(r.address, r.port)
         self.replicas[r.replica_id] = r
         if holder is None:
@@ -151,12 +153,47 @@ class NodeReports:
             if app is None and report.app:  # its files go too, once it has stopped
                 self.send(node.node_id, AppGone(app=report.app))
             return
-        log.info("adopted %s (pid %s, port %s, generation %d) on %s", r.replica_id, r.pid,
-                 r.port, r.generation, node.node_id)
+        log.info("adopted %s (pid %s, port %s, generation %d, slot %s, %d restart(s)) on %s",
+                 r.replica_id, r.pid, r.port, r.generation, r.slot, r.restarts, node.node_id)
         self.events.publish("replica.adopted", app=r.app, replica=r.replica_id,
                             node=node.node_id, pid=r.pid, port=r.port, generation=r.generation,
-                            state=r.state)
+                            state=r.state,
+                            **({"slot": r.slot, "restarts": r.restarts} if r.restarts else {}))
         self.mark_dirty(r.app)
+
+    def _restore_slot(self: Cluster, node: NodeState, r: ReplicaState,
+                      report: ReplicaReport) -> None:
+        """Give an adopted replica back the slot, restart count and last end its launch
+        carried (``Launch.slot``), as the node reports them, and the count its backoff goes
+        on from. Only with the seal this
+        conductor (or a predecessor sharing its secret) made for that very replica on that
+        node, and a slot name of the replica's own app: a node key holder cannot set
+        another's count, make one up, nor name another app's replica. Anything else is
+        logged and the replica keeps its own id as slot, 0 restarts (as before #17).
+
+        What is restored is what a *running* replica's launch carried. A slot whose
+        replica has ended and waits out its restart backoff (``next_restart``) when the
+        conductor restarts or fails over has no process and no record on any node, and
+        the store keeps no replicas (DESIGN §7): the new conductor launches a replica for
+        it once its adoption grace is over, at once (the rest of the wait is not kept),
+        as a new slot with 0 restarts (tests/test_restart_sim.py pins this)."""
+        slot = report.slot
+        if slot is None:
+            return
+        raw = slot["last_end"]
+        last_end = None if raw is None else (raw["reason"], raw["exit_code"], raw["signal"])
+        if not (node_protocol.slot_fits(slot["name"], replica=r.replica_id, app=r.app)
+                and placement_token.check_slot(
+                    self.placement_secret, slot["mac"], node_id=node.node_id,
+                    replica=r.replica_id, app=r.app, name=slot["name"],
+                    restarts=slot["restarts"], backoff=slot["backoff"], last_end=last_end)):
+            log.warning("node %s reports replica %s with slot %r (%d restarts) not sealed "
+                        "for it; its slot is not restored", node.node_id, r.replica_id,
+                        slot["name"], slot["restarts"])
+            return
+        r.slot, r.restarts, r.restart_count = slot["name"], slot["restarts"], slot["backoff"]
+        if last_end is not None:
+            r.last_end = (why.clean(last_end[0]), last_end[1], last_end[2])
 
     def detach_node(self: Cluster, node_id: str, session: int) -> None:
         """A node's session ended. It is lost only when its heartbeats stay away too long."""

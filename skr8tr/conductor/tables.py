@@ -37,6 +37,7 @@ class NodeState:
     # replicas placed since the last heartbeat reserve their ram/cpu hints
     reserved_ram_mb: int = 0
     reserved_cpu: float = 0.0
+    reads_slots: bool = True  # its agent reads a launch's `slot` (node_protocol.reads_slots)
 
     @property
     def connected(self) -> bool:

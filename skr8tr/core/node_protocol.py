@@ -19,13 +19,15 @@ Every message is one JSON text ``{"v":1,"type":TYPE,...fields}``. A session:
    - node -> conductor ``heartbeat`` {cpu_pct, ram_free_mb, ram_total_mb, cores}
      every ``heartbeat_s`` seconds;
    - conductor -> node ``launch`` {replica, app, generation, app_type, exec, args, env,
-     workdir, port, host, health, settle_ms, stop_grace_ms, token}: one replica to
+     workdir, port, host, health, settle_ms, stop_grace_ms, token, slot}: one replica to
      start, defined once as :class:`Launch` (which says where each field comes
-     from in the manifest and what the node does with it);
+     from in the manifest and what the node does with it); ``slot`` (optional) is
+     the slot a restarted replica takes over, sent back in its reports;
    - conductor -> node ``stop`` {replica}: SIGTERM to the process group,
      ``stop_grace_ms``, SIGKILL, wait;
    - node -> conductor ``replica`` {replica, app, generation, state, pid, port,
-     exit_code, signal, message, ts}: every state change of a replica. States:
+     exit_code, signal, message, ts, token, slot}: every state change of a replica
+     (``slot`` only when its launch carried one). States:
      ``running`` (spawned), ``ready`` (health check passing, or alive for
      ``settle_ms`` without one), ``unhealthy`` (``retries`` probes failed after
      it was ready), ``exited`` (with exit_code or signal), ``failed`` (could not
@@ -63,7 +65,7 @@ shapes the conductor gives them, texts and lists have a length, numbers a
 range. An error names the field and the limit, and quotes at most
 :data:`SHOWN_VALUE_CHARS` characters of the value.
 
-Why one module of ~870 lines: it is the whole node wire, every message and every
+Why one module of ~930 lines: it is the whole node wire, every message and every
 field's bound side by side, so that a reviewer checking what a node key holder can
 send reads one file; split by message, the shared validators and limits would be
 imported back and forth.
@@ -86,6 +88,7 @@ from skr8tr.core import names
 from skr8tr.core.manifest_model import MAX_DURATION_MS, MAX_RETRIES, HealthCheck, Manifest
 from skr8tr.core.names import APP_NAME_MAX_CHARS, APP_NAME_RE
 from skr8tr.core.signatures import is_public_key, is_signature
+from skr8tr.core.why import MAX_REASON_CHARS
 
 PROTOCOL_VERSION = 1
 MAX_NODE_MESSAGE_BYTES = 1024 * 1024
@@ -113,6 +116,7 @@ MAX_EXIT_CODE = 255  # a POSIX exit status (a death by signal is reported as the
 MAX_SIGNAL_NUMBER = 128
 MAX_PORT = 65_535
 MAX_GENERATION = 2**53  # the largest integer a JSON double holds exactly
+MAX_RESTARTS = 2**31 - 1  # restarts counted in one slot (Launch.slot)
 MAX_TS_S = 1e12  # seconds since the epoch
 SHOWN_VALUE_CHARS = 40  # of a bad value, quoted in an error message
 
@@ -350,6 +354,63 @@ _probe_rule = _Rule(_probe, f"null or {{text: at most {MAX_PROBE_TEXT_CHARS} cha
 
 _REPLICA_FIELDS["probe"] = (_probe_rule, False)  # the last health probe (ReplicaReport.probe)
 
+# A replica's slot as the conductor gave it in its launch (Launch.slot), sent back
+# unchanged in its reports: the slot's name (the id of the slot's first replica), the
+# restarts counted in it, why the replica before this one ended, and the conductor's
+# seal over all of it (skr8tr.core.placement_token.make_slot).
+_LAST_END_FIELDS: dict[str, tuple[Check, bool]] = {
+    "reason": (_text(MAX_REASON_CHARS), True),
+    "exit_code": (_opt(_int(0, MAX_EXIT_CODE)), True),
+    "signal": (_opt(_int(1, MAX_SIGNAL_NUMBER)), True),
+}
+_SLOT_FIELDS: dict[str, tuple[Check, bool]] = {
+    "name": (_ident, True),
+    "restarts": (_int(0, MAX_RESTARTS), True),
+    # the restart backoff's count (ReplicaState.restart_count): the next wait goes on
+    # from it rather than from 1 s
+    "backoff": (_int(0, MAX_RESTARTS), True),
+    "last_end": (_Rule(lambda v: v is None or _check_fields(
+        v, _LAST_END_FIELDS, envelope=False) is None,
+        f"null or {{reason: at most {MAX_REASON_CHARS} characters, exit_code: null or "
+        f"0..{MAX_EXIT_CODE}, signal: null or 1..{MAX_SIGNAL_NUMBER}}}"), True),
+    "mac": (_hex(PLACEMENT_TOKEN_HEX), True),
+}
+_slot_rule = _Rule(
+    lambda v: v is None or _check_fields(v, _SLOT_FIELDS, envelope=False) is None,
+    f"null or {{name: a replica id, restarts and backoff: 0..{MAX_RESTARTS}, last_end, mac: "
+    f"{PLACEMENT_TOKEN_HEX} hex digits}}",
+    lambda name, v: (f"bad value for {name!r}: "
+                     f"{_check_fields(v, _SLOT_FIELDS, envelope=False)}"
+                     if isinstance(v, dict) else f"bad value for {name!r} (a "
+                     f"{type(v).__name__}); expected null or {{name, restarts, backoff, last_end, "
+                     "mac}"))
+_REPLICA_FIELDS["slot"] = (_slot_rule, False)
+
+
+def slot_fits(name: str, *, replica: str, app: str) -> bool:
+    """Whether a slot *name* can be the slot of *replica* of *app*: its own id, or an id
+    the conductor gives a replica of that app (``APP-...``), never another app's."""
+    return name == replica or (name.startswith(f"{app}-") and len(name) > len(app) + 1)
+
+
+# The first agent version that reads a launch's ``slot``. Both sides refuse unknown
+# fields, so the conductor sends it only to agents whose hello says they read it: an
+# older agent would fail every relaunch of a crash loop with ``launch_error``.
+SLOT_SINCE = (0, 2)
+
+
+def reads_slots(version: str) -> bool:
+    """Whether an agent of *version* (its hello's ``version``, e.g. ``0.2.0``) reads a
+    launch's ``slot``. Anything that does not start with numbers (``0.1.0``, ``dev``)
+    is taken as an older agent."""
+    numbers = []
+    for part in version.split(".")[:len(SLOT_SINCE)]:
+        digits = part[:next((i for i, c in enumerate(part) if not c.isdigit()), len(part))]
+        if not digits or len(digits) > 9:
+            return False
+        numbers.append(int(digits))
+    return len(numbers) == len(SLOT_SINCE) and tuple(numbers) >= SLOT_SINCE
+
 _replica_reports = _list_of(lambda x: _check_fields(x, _REPLICA_FIELDS, envelope=False),
                             MAX_HELLO_REPLICAS, "replica reports")
 
@@ -394,6 +455,7 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
         "settle_ms": (_duration_ms, True),
         "stop_grace_ms": (_duration_ms, True),
         "token": (_opt(_hex(PLACEMENT_TOKEN_HEX)), False),
+        "slot": (_slot_rule, False),
     },
     "stop": {"replica": (_ident, True)},
     "replica": _REPLICA_FIELDS,
@@ -620,11 +682,16 @@ class ReplicaReport(NodeMessage):
     # probes in a row had that outcome; ``status`` None: no complete answer). Left out
     # of the message when None: a report without it says nothing new about probes.
     probe: Mapping[str, Any] | None = None
+    # The slot its launch carried (Launch.slot), unchanged; left out when None: a
+    # report of a replica launched without one is what it always was.
+    slot: Mapping[str, Any] | None = None
 
     def fields(self) -> dict[str, Any]:
         out = super().fields()
         if out.get("probe", 0) is None:
             del out["probe"]
+        if out.get("slot", 0) is None:
+            del out["slot"]
         return out
 
     def fit(self) -> ReplicaReport:
@@ -803,6 +870,13 @@ class Launch(NodeMessage):
     - ``stop_grace_ms``: the manifest's ``stop-grace``: SIGTERM to SIGKILL.
     - ``token``: the placement token (:mod:`skr8tr.core.placement_token`), sent back
       in every report about the replica.
+    - ``slot``: None (left out of the message) for a replica that is its slot's first,
+      never restarted; else ``{name, restarts, backoff, last_end, mac}``: the slot it
+      takes over, the restarts counted in it, the count its restart backoff goes on
+      from, why the one before ended (``{reason, exit_code,
+      signal}`` or None) and the conductor's seal (``placement_token.make_slot``). The
+      node keeps it in the replica's record and sends it back in every report, so that
+      a conductor that restarted (or a new leader) shows the same slot and count.
     """
 
     TYPE: ClassVar[str] = "launch"
@@ -820,10 +894,12 @@ class Launch(NodeMessage):
     settle_ms: int
     stop_grace_ms: int
     token: str | None = None
+    slot: Mapping[str, Any] | None = None
 
     @classmethod
     def for_replica(cls, manifest: Manifest, *, replica: str, generation: int, host: str,
-                    port: int | None, token: str | None) -> Launch:
+                    port: int | None, token: str | None,
+                    slot: Mapping[str, Any] | None = None) -> Launch:
         """The launch of one replica of *manifest*, placed on the node at *host* with
         *port*. Raises ValueError when the args use ``{port}`` and *port* is None."""
         return cls(
@@ -831,7 +907,7 @@ class Launch(NodeMessage):
             exec=manifest.exec_path, args=manifest.expand_args(host, port),
             env=manifest.env_dict(), workdir=manifest.workdir_path, port=port, host=host,
             health=manifest.health, settle_ms=manifest.rollout.settle_ms,
-            stop_grace_ms=manifest.stop_grace_ms, token=token,
+            stop_grace_ms=manifest.stop_grace_ms, token=token, slot=slot,
         )
 
     def fields(self) -> dict[str, Any]:
@@ -845,6 +921,8 @@ class Launch(NodeMessage):
             "health": None if h is None else {name: getattr(h, name) for name in _HEALTH_FIELDS},
             "settle_ms": self.settle_ms, "stop_grace_ms": self.stop_grace_ms,
             "token": self.token,
+            # only when there is one: a first launch is what it always was
+            **({} if self.slot is None else {"slot": self.slot}),
         }
 
     @classmethod
@@ -866,7 +944,7 @@ class Launch(NodeMessage):
             env=dict(fields["env"]), workdir=fields["workdir"], port=fields["port"],
             host=fields["host"], health=None if health is None else HealthCheck(**health),
             settle_ms=fields["settle_ms"], stop_grace_ms=fields["stop_grace_ms"],
-            token=fields.get("token"),
+            token=fields.get("token"), slot=fields.get("slot"),
         )
 
 

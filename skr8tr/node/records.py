@@ -10,7 +10,9 @@ A record holds: ``version`` (1), ``replica``, ``app``, ``generation``,
 ``pid``, ``create_time`` (the process start time from psutil, None if it was
 gone before it could be read), ``port``, ``host``, ``stdout``/``stderr`` (the
 log files), ``started`` (when the agent spawned it), ``state`` and
-``launch`` (the fields of the ``launch`` message, to resume its health check).
+``launch`` (the fields of the ``launch`` message, to resume its health check,
+and with its optional ``slot`` the slot and restart count a restarted conductor
+takes back; a record from before that field has none and loads as it did).
 
 The supervisor never writes on its event loop: a write is two fsyncs (the
 file, then the folder), ~4 ms on a plain disk, and a replica's report to the

@@ -536,7 +536,7 @@ class Supervisor:
         report = ReplicaReport(
             replica=spec.replica, app=spec.app, generation=spec.generation, state=state,
             pid=pid, port=spec.port, exit_code=exit_code, signal=signal, message=message,
-            reason=reason, ts=self._clock(), token=spec.token, probe=probe,
+            reason=reason, ts=self._clock(), token=spec.token, probe=probe, slot=spec.slot,
         )
         rep.last_report = report
         level = logging.WARNING if state in ("failed", "unhealthy") else logging.INFO
