@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bytes of /v1/cli requests per second from one client address "
                      "(twice that at once) before its connection is closed (default "
                      "16777216)")
+    sec.add_argument("--max-node-bytes-per-s", metavar="N", type=_positive_int,
+                     help="bytes of /v1/node messages per second from one node session "
+                     "(twice that at once); beyond it the conductor pauses reading that "
+                     "node instead of closing it (default 8388608)")
     sec.add_argument("--max-watchers-per-address", metavar="N", type=_positive_int,
                      help="/v1/watch streams open from one client address; more are "
                      "answered 429 (default 64)")

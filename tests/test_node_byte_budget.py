@@ -1,0 +1,71 @@
+"""A node session's byte budget (``--max-node-bytes-per-s``): a node key that floods the
+conductor with large messages is slowed down to the budget, never closed.
+
+The pure part (:meth:`TokenBucket.charge`) is checked over a simulated period; the
+real conductor against a real node key flooding it in ``test_e2e_node_flood``.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from skr8tr.conductor.limits import Limits, TokenBucket
+
+MIB = 1024 * 1024
+
+
+def flood(rate: int, sizes: list[int], period_s: float) -> int:
+    """Bytes a reader that pauses for what charge() says takes from a sender that always
+    has the next message ready, within *period_s* of simulated time."""
+    bucket = TokenBucket(rate, 2 * rate, now=0.0)
+    now, accepted = 0.0, 0
+    for size in sizes:
+        if now > period_s:
+            break
+        accepted += size  # read and applied, then the pause before the next read
+        now += bucket.charge(now, size)
+    return accepted
+
+
+def test_a_flood_gets_the_budget_and_no_more():
+    rate = 8 * MIB
+    accepted = flood(rate, [MIB] * 10_000, period_s=60.0)
+    # The burst (2 * rate) plus 60 s of rate, plus the one message read at the end.
+    assert accepted <= 2 * rate + 60 * rate + MIB
+    assert accepted >= 60 * rate  # and it is served at the budget, not starved
+
+
+def test_a_node_within_the_budget_never_waits():
+    bucket = TokenBucket(8 * MIB, 16 * MIB, now=0.0)
+    # A busy node: a heartbeat and a few reports of ~1 KiB a second, and a 1 MiB
+    # logs_reply every second, for ten minutes.
+    waits = [bucket.charge(t * 0.01, 1024 if t % 100 else MIB) for t in range(60_000)]
+    assert max(waits) == 0.0
+
+
+def test_the_debt_is_paid_back_in_time():
+    bucket = TokenBucket(1000, 2000, now=0.0)
+    assert bucket.charge(0.0, 2000) == 0.0  # the whole burst
+    assert bucket.charge(0.0, 500) == 0.5  # 500 owed at 1000/s
+    assert bucket.charge(0.5, 0) == 0.0  # paid back by then
+    assert bucket.charge(0.5, 1000) == 1.0
+
+
+@given(
+    st.lists(st.integers(1, MIB), min_size=1, max_size=500),
+    st.integers(1024, 64 * MIB),
+    st.floats(0.5, 30.0),
+)
+def test_never_more_than_burst_plus_rate_times_time(sizes, rate, period_s):
+    assert flood(rate, sizes, period_s) <= 2 * rate + rate * period_s + MIB
+
+
+def test_the_default_and_its_check():
+    assert Limits().node_bytes_per_s == 8 * MIB
+    try:
+        Limits(node_bytes_per_s=0)
+    except ValueError as exc:
+        assert "node_bytes_per_s" in str(exc)
+    else:
+        raise AssertionError("node_bytes_per_s=0 accepted")
