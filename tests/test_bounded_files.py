@@ -1,0 +1,132 @@
+"""Issue #17, attacked: files an operator names (by flag, config file or environment)
+are read bounded and only when regular. ``--authorized-keys /dev/zero``, a FIFO, a
+folder or a huge file is one line and exit 2 from the real daemon, never a hang or
+all the memory; the same for ``--state``, ``--tls-cert`` and ``signing.sec``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from skr8tr import bounded_files, keyfiles
+from skr8tr.conductor import state_file
+from skr8tr.core.keys import AuthorizedKeysError
+from tests.conftest import run_cli
+
+
+def test_read_regular_reads_at_most_the_bound(tmp_path):
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    assert bounded_files.read_regular(f, 100) == b"x" * 100
+    with pytest.raises(bounded_files.FileRefused) as info:
+        bounded_files.read_regular(f, 99)
+    assert info.value.too_big and str(info.value) == f"{f}: over 99 bytes"
+
+
+@pytest.mark.parametrize(("path", "what"), [("/dev/zero", "a device"), ("/", "a folder")])
+def test_read_regular_refuses_what_is_not_a_file(path, what):
+    with pytest.raises(bounded_files.FileRefused) as info:
+        bounded_files.read_regular(path, 1 << 30)  # /dev/zero would never end
+    assert info.value.reason == what and not info.value.too_big
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(bounded_files.FileRefused, match="a FIFO"):
+        bounded_files.read_regular(fifo, 10)
+    with pytest.raises(keyfiles.KeyFileError, match="not a regular file .a FIFO."):
+        keyfiles.load_signing_key(fifo)
+    with pytest.raises(state_file.StateFileError, match="a FIFO: not a state file"):
+        state_file.load(str(fifo))
+
+
+def test_a_huge_authorized_keys_file_is_refused_unread(tmp_path):
+    big = tmp_path / "authorized_keys"
+    with open(big, "wb") as f:  # sparse: 10 GB that take no disk
+        f.truncate(10 * 1024**3)
+    with pytest.raises(AuthorizedKeysError, match="over 67108864 bytes"):
+        keyfiles.load_authorized_keys(big)
+
+
+def _keys(tmp_path: Path, cli_env) -> Path:
+    pub = run_cli("keygen", "--out", str(tmp_path / "k"), env=cli_env).stdout.strip()
+    ak = tmp_path / "authorized_keys"
+    ak.write_text(f"admin {pub}\n")
+    return ak
+
+
+def _conductor(*args: str, env, tmp_path: Path):
+    return run_cli(
+        "conductor", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", *args, env=env, timeout=20
+    )
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "config"])
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "folder"])
+def test_the_conductor_refuses_such_authorized_keys_in_one_line(tmp_path, cli_env, source, target):
+    path = {"/dev/zero": "/dev/zero", "fifo": str(tmp_path / "fifo"), "folder": str(tmp_path)}[
+        target
+    ]
+    if target == "fifo":
+        os.mkfifo(path)
+    env, args = dict(cli_env), []
+    if source == "flag":
+        args = ["--authorized-keys", path]
+    elif source == "env":
+        env["SKR8TR_CONDUCTOR_AUTHORIZED_KEYS"] = path
+    else:
+        cfg = tmp_path / "conductor.toml"
+        cfg.write_text(f'authorized-keys = "{path}"\n')
+        args = ["--config", str(cfg)]
+    proc = _conductor(*args, env=env, tmp_path=tmp_path)
+    what = {"/dev/zero": "a device", "fifo": "a FIFO", "folder": "a folder"}[target]
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"error: START: {path}: {what}: not an authorized-keys file "
+        "(a regular text file, one key a line)\n"
+    )
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_the_conductor_refuses_such_a_state_file_in_one_line(tmp_path, cli_env, target):
+    path = "/dev/zero" if target == "/dev/zero" else str(tmp_path / "fifo")
+    if target == "fifo":
+        os.mkfifo(path)
+    ak = _keys(tmp_path, cli_env)
+    proc = _conductor("--authorized-keys", str(ak), "--state", path, env=cli_env, tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: START: {path}: a ")
+    assert "not a state file" in proc.stderr
+
+
+def test_the_conductor_refuses_a_fifo_as_tls_cert(tmp_path, cli_env):
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    ak = _keys(tmp_path, cli_env)
+    proc = _conductor(
+        "--authorized-keys",
+        str(ak),
+        "--tls-cert",
+        str(fifo),
+        "--tls-key",
+        str(fifo),
+        env=cli_env,
+        tmp_path=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: START: --tls-cert {fifo}: not a regular file\n"
+
+
+@pytest.mark.parametrize("verb", [["scale", "web", "2"], ["node", "--node-id", "n1"]])
+def test_a_fifo_as_signing_key_is_one_line(tmp_path, cli_env, verb):
+    fifo = tmp_path / "signing.sec"
+    os.mkfifo(fifo)
+    proc = run_cli(
+        *verb, "--conductor", "ws://127.0.0.1:9", "--key", str(fifo), env=cli_env, timeout=20
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "a FIFO" in proc.stderr, proc.stderr
