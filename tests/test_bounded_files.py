@@ -5,15 +5,21 @@ all the memory; the same for ``--state``, ``--tls-cert`` and ``signing.sec``."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from skr8tr import bounded_files, keyfiles
+from skr8tr import audit_head, bounded_files, keyfiles
 from skr8tr.conductor import state_file
+from skr8tr.core import audit_chain
+from skr8tr.core.audit_chain import ChainError
 from skr8tr.core.keys import AuthorizedKeysError
 from tests.conftest import run_cli
+from tests.test_audit import chain
 
 
 def test_read_regular_reads_at_most_the_bound(tmp_path):
@@ -130,3 +136,97 @@ def test_a_fifo_as_signing_key_is_one_line(tmp_path, cli_env, verb):
     )
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "a FIFO" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------- audit logs, streamed
+
+
+def _pieces(data: bytes, sizes: list[int]):
+    """A read(n) that hands out *data* in pieces of the given sizes (at most n)."""
+    pos = 0
+    it = iter(sizes)
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        take = min(n, next(it, n))
+        chunk = data[pos : pos + take]
+        pos += len(chunk)
+        return chunk
+
+    return read
+
+
+@given(
+    st.integers(0, 6),
+    st.lists(st.integers(1, 400), max_size=50),
+    st.sampled_from(["intact", "torn", "edited"]),
+)
+def test_a_streamed_check_finds_what_the_whole_file_check_finds(n, sizes, how):
+    data, head = chain(n)
+    if how == "torn" and data:
+        data = data[:-7]
+    elif how == "edited" and data:
+        data = data.replace(b'"app":"a0"', b'"app":"b0"')
+    try:
+        whole = audit_chain.verify(data, recorded=head)
+    except ChainError as exc:
+        with pytest.raises(ChainError) as streamed:
+            audit_head.verify_stream(_pieces(data, sizes), recorded=head)
+        assert (streamed.value.line, streamed.value.message) == (exc.line, exc.message)
+    else:
+        assert audit_head.verify_stream(_pieces(data, sizes), recorded=head) == whole
+
+
+def test_a_line_past_the_bound_is_refused_before_it_is_held(tmp_path):
+    read_sizes: list[int] = []
+    zeros = _pieces(b"\0" * (8 * audit_head.MAX_LINE_BYTES), [])
+
+    def read(n: int) -> bytes:
+        chunk = zeros(n)
+        read_sizes.append(len(chunk))
+        return chunk
+
+    with pytest.raises(ChainError, match="over 1048576 bytes") as info:
+        audit_head.verify_stream(read)
+    assert info.value.line == 1
+    assert sum(read_sizes) <= audit_head.MAX_LINE_BYTES + audit_head.READ_CHUNK_BYTES
+
+
+def test_audit_verify_of_a_device_a_fifo_or_a_huge_file(tmp_path, cli_env):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, what in (("/dev/zero", "a device"), (str(fifo), "a FIFO")):
+        proc = run_cli("audit", "verify", path, env=cli_env, timeout=20)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr == f"error: AUDIT: {path}: {what}; an audit log is a regular file\n"
+    huge = tmp_path / "audit.jsonl"
+    data, _ = chain(3)
+    with open(huge, "wb") as f:  # three good entries, then 10 GB (sparse) of no newline
+        f.write(data)
+        f.truncate(10 * 1024**3)
+    proc = run_cli("audit", "verify", str(huge), env=cli_env, timeout=20)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (
+        f"error: AUDIT: {huge}:4: a line over 1048576 bytes: not an audit log entry\n"
+    )
+
+
+def test_a_big_intact_audit_log_verifies_streamed(tmp_path, cli_env):
+    log = tmp_path / "audit.jsonl"
+    data, head = chain(20_000)  # ~3 MB: several read chunks, lines across their edges
+    log.write_bytes(data)
+    proc = run_cli("audit", "verify", str(log), "--json", env=cli_env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert (doc["entries"], doc["head"]) == (20_000, head.hash)
+
+
+def test_the_conductor_refuses_such_an_audit_log_in_one_line(tmp_path, cli_env):
+    ak = _keys(tmp_path, cli_env)
+    proc = _conductor(
+        "--authorized-keys", str(ak), "--audit-log", "/dev/zero", env=cli_env, tmp_path=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "error: START: --audit-log /dev/zero: a device; an audit log is a regular file\n"
+    )
