@@ -63,9 +63,28 @@ def test_never_more_than_burst_plus_rate_times_time(sizes, rate, period_s):
 
 def test_the_default_and_its_check():
     assert Limits().node_bytes_per_s == 8 * MIB
-    try:
-        Limits(node_bytes_per_s=0)
-    except ValueError as exc:
-        assert "node_bytes_per_s" in str(exc)
-    else:
-        raise AssertionError("node_bytes_per_s=0 accepted")
+    for bad in (0, MIB - 1):
+        try:
+            Limits(node_bytes_per_s=bad)
+        except ValueError as exc:
+            assert "node_bytes_per_s must be >= " in str(exc)
+        else:
+            raise AssertionError(f"node_bytes_per_s={bad} accepted")
+    assert Limits(node_bytes_per_s=MIB).node_bytes_per_s == MIB
+
+
+def test_the_flag_comes_from_a_config_file_or_the_environment(tmp_path):
+    from skr8tr.conductor.daemon import config_from_args
+    from tests.test_daemon_config import resolve
+
+    cfg = tmp_path / "conductor.toml"
+    cfg.write_text("max-node-bytes-per-s = 2000000\n")
+    base = ["conductor", "--authorized-keys", "/dev/null"]
+    for opts in (
+        resolve([*base, "--max-node-bytes-per-s", "2000000"]),
+        resolve([*base, "--config", str(cfg)]),
+        resolve(base, {"SKR8TR_CONDUCTOR_MAX_NODE_BYTES_PER_S": "2000000"}),
+    ):
+        assert opts.max_node_bytes_per_s == 2000000
+        assert config_from_args(opts).limits.node_bytes_per_s == 2000000
+    assert config_from_args(resolve(base)).limits.node_bytes_per_s == 8 * MIB

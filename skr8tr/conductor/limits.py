@@ -58,6 +58,7 @@ CLOSE_REASONS = (
     "revoked", "http_header_too_large", "http_header_timeout", "http_idle_timeout",
     "http_slow_client", "http_bad_request", "too_many_watchers", "byte_rate_limit",
 )
+MIN_NODE_BYTES_PER_S = 1024 * 1024  # core.node_protocol.MAX_NODE_MESSAGE_BYTES a second
 FD_RESERVE = 64  # descriptors that are not connections (module docstring)
 
 
@@ -100,6 +101,11 @@ class Limits:
                      "node_bytes_per_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.node_bytes_per_s < MIN_NODE_BYTES_PER_S:
+            # One message may pause its session for 1 s at most: longer, and the node's
+            # pings would go unanswered for its 3-heartbeat silence limit.
+            raise ValueError(f"node_bytes_per_s must be >= {MIN_NODE_BYTES_PER_S} (the "
+                             f"largest node message), got {self.node_bytes_per_s!r}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections!r}")
         for name in ("messages_per_s", "handshake_timeout_s", "idle_timeout_s",
