@@ -230,3 +230,17 @@ def test_the_conductor_refuses_such_an_audit_log_in_one_line(tmp_path, cli_env):
     assert proc.stderr == (
         "error: START: --audit-log /dev/zero: a device; an audit log is a regular file\n"
     )
+
+
+def test_a_fifo_as_the_nonces_file_refuses_the_first_window_instead_of_hanging(tmp_path, caplog):
+    import logging
+
+    from skr8tr.conductor import replay_store
+    from tests.test_replay_restart import NOW, admit, request
+
+    fifo = tmp_path / "nonces"
+    os.mkfifo(fifo)  # no writer: a plain open() would wait forever
+    with caplog.at_level(logging.WARNING, logger="skr8tr.conductor"):
+        guard = replay_store.DurableReplayGuard(str(fifo), started_at=NOW)
+    assert f"{fifo}: a FIFO: not a nonces file" in caplog.text
+    assert admit(guard, request(NOW + 20), NOW + 1) == "EXPIRED"
