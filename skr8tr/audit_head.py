@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from skr8tr.atomic import write_atomically
+from skr8tr.bounded_files import FileRefused, read_regular
 from skr8tr.core import audit_chain
 
 __all__ = ["head_path", "read_head_file", "write_head_file", "verify_stream"]
@@ -63,10 +64,11 @@ def read_head_file(path: str) -> audit_chain.Head | None:
     read or is not ``ENTRIES HASH``.
     """
     try:
-        with open(head_path(path), encoding="ascii") as f:
-            text = f.read(MAX_HEAD_FILE_CHARS)
+        text = read_regular(head_path(path), MAX_HEAD_FILE_CHARS).decode("ascii")
     except FileNotFoundError:
         return None
+    except FileRefused as exc:  # a FIFO would hang, a device be read to the bound
+        raise ValueError(f"{exc}: not a head file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {head_path(path)}: {exc}") from None
     try:

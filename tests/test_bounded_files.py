@@ -244,3 +244,12 @@ def test_a_fifo_as_the_nonces_file_refuses_the_first_window_instead_of_hanging(t
         guard = replay_store.DurableReplayGuard(str(fifo), started_at=NOW)
     assert f"{fifo}: a FIFO: not a nonces file" in caplog.text
     assert admit(guard, request(NOW + 20), NOW + 1) == "EXPIRED"
+
+
+def test_audit_verify_with_a_fifo_as_its_head_file(tmp_path, cli_env):
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(chain(2)[0])
+    os.mkfifo(tmp_path / "audit.jsonl.head")
+    proc = run_cli("audit", "verify", str(log), env=cli_env, timeout=20)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == f"error: AUDIT: {log}.head: a FIFO: not a head file\n"
