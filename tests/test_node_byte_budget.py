@@ -7,6 +7,8 @@ real conductor against a real node key flooding it in ``test_e2e_node_flood``.
 
 from __future__ import annotations
 
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -88,3 +90,59 @@ def test_the_flag_comes_from_a_config_file_or_the_environment(tmp_path):
         assert opts.max_node_bytes_per_s == 2000000
         assert config_from_args(opts).limits.node_bytes_per_s == 2000000
     assert config_from_args(resolve(base)).limits.node_bytes_per_s == 8 * MIB
+
+
+class FloodingSocket:
+    """What a node session's reader sees of a node that always has the next ~1 MiB
+    message ready: counts what was read, and when (the mock clock)."""
+
+    def __init__(self, message: str, period_s: float) -> None:
+        self.message = message
+        self.period_s = period_s
+        self.read_bytes = 0
+        self.closed_with: int | None = None
+
+    async def get_message(self) -> str:
+        from skr8tr.ws.frames import ConnectionClosed
+
+        await trio.sleep(0)
+        if trio.current_time() >= self.period_s:
+            raise ConnectionClosed(1000)  # the test's end, not a limit
+        self.read_bytes += len(self.message)
+        return self.message
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        self.closed_with = code
+
+
+def test_a_node_session_reads_no_more_than_its_budget():
+    trio.run(_flood_one_session, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _flood_one_session() -> None:
+    from skr8tr.conductor import node_sessions
+    from skr8tr.conductor.cluster import Cluster
+    from skr8tr.conductor.commands import LogRequests
+    from skr8tr.conductor.limits import ClosedCounter
+    from skr8tr.conductor.policing import Policing
+    from skr8tr.conductor.refusals import RefusalReporter
+    from tests.test_e2e_node_flood import big_push
+    from tests.test_log_follow import Node
+
+    cluster = Cluster(clock=trio.current_time, wall=lambda: 1000.0)
+    Node(cluster, "n1")
+    rate, period_s = 2 * MIB, 60.0
+    policing = Policing(
+        Limits(node_bytes_per_s=rate),
+        ClosedCounter(),
+        RefusalReporter(audit_log=None, wall=lambda: 1000.0),
+    )
+    ws = FloodingSocket(big_push(1), period_s)
+    await node_sessions._receive(cluster, policing, LogRequests(), ws, "n1")
+    # Slowed to the budget (its burst, 60 s of its rate, the message read last) ...
+    assert ws.read_bytes <= 2 * rate + period_s * rate + MIB
+    assert ws.read_bytes >= period_s * rate - MIB
+    # ... and never closed for it.
+    assert ws.closed_with is None
+    assert not any(policing.closed.by_reason.values())
+    assert policing.slowed > 0
