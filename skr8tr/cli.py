@@ -156,21 +156,30 @@ def cmd_audit(opts: argparse.Namespace) -> int:
     if expect is not None and re.fullmatch(r"[0-9a-f]{64}", expect) is None:
         raise CliError("USAGE", "--expect-head takes the 64 lowercase hex characters "
                        "printed by `skr8tr audit verify`", EXIT_USAGE)
+    from skr8tr.bounded_files import FileRefused, open_regular
+
     try:
-        with open(opts.file, "rb") as f:
-            data = f.read()
+        fd = open_regular(opts.file)
+    except FileRefused as exc:
+        raise CliError("AUDIT", f"{exc}; an audit log is a regular file", EXIT_USAGE) from None
     except OSError as exc:
         raise CliError("AUDIT", f"cannot read {opts.file}: {exc.strerror or exc}",
                        EXIT_USAGE) from None
-    try:
-        recorded = audit_head.read_head_file(opts.file)
-    except ValueError as exc:
-        raise CliError("AUDIT", f"{exc}", EXIT_REMOTE_ERROR) from None
-    try:
-        verified = audit_chain.verify(data, expect_head=expect, recorded=recorded)
-    except audit_chain.ChainError as exc:
-        raise CliError("AUDIT", f"{opts.file}:{exc.line}: {exc.message}",
-                       EXIT_REMOTE_ERROR) from None
+    # Read a chunk at a time (audit_head.verify_stream): a log of any size is checked
+    # in the memory of one chunk.
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
+            recorded = audit_head.read_head_file(opts.file)
+        except ValueError as exc:
+            raise CliError("AUDIT", f"{exc}", EXIT_REMOTE_ERROR) from None
+        try:
+            verified = audit_head.verify_stream(f.read, expect_head=expect, recorded=recorded)
+        except audit_chain.ChainError as exc:
+            raise CliError("AUDIT", f"{opts.file}:{exc.line}: {exc.message}",
+                           EXIT_REMOTE_ERROR) from None
+        except OSError as exc:
+            raise CliError("AUDIT", f"cannot read {opts.file}: {exc.strerror or exc}",
+                           EXIT_USAGE) from None
     head = verified.head
     checked = [name for name, used in (("the HEAD file", recorded is not None),
                                        ("--expect-head", expect is not None)) if used]

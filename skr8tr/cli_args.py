@@ -129,6 +129,15 @@ def _keep_logs_int(text: str) -> int:
     return value
 
 
+def _node_bytes_int(text: str) -> int:
+    # Limits.MIN_NODE_BYTES_PER_S (conductor/limits.py), not imported here (as above).
+    value = _non_negative_int(text)
+    if value < 1024 * 1024:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1048576 (the largest node "
+                                         f"message, a second), got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with ``error: USAGE: ...`` lines, so every failure has the same shape."""
 
@@ -240,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bytes of /v1/cli requests per second from one client address "
                      "(twice that at once) before its connection is closed (default "
                      "16777216)")
+    sec.add_argument("--max-node-bytes-per-s", metavar="N", type=_node_bytes_int,
+                     help="bytes of /v1/node messages per second from one node session "
+                     "(twice that at once); beyond it the conductor pauses reading that "
+                     "node instead of closing it (default 8388608, at least 1048576)")
     sec.add_argument("--max-watchers-per-address", metavar="N", type=_positive_int,
                      help="/v1/watch streams open from one client address; more are "
                      "answered 429 (default 64)")

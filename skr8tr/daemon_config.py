@@ -21,11 +21,11 @@ import argparse
 import difflib
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from skr8tr.bounded_files import FileRefused, read_regular
 from skr8tr.cli_args import DAEMON_CLIENT_FLAGS
 
 __all__ = ["DAEMON_VERBS", "ConfigError", "apply", "env_name", "options_of"]
@@ -183,26 +183,13 @@ def read_config(path: str, verb: str, options: Mapping[str, Option]) -> dict[str
     import tomllib
 
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (the daemon would hang
-        # before its first line); what is not a regular file is refused below.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular(path, MAX_CONFIG_BYTES)
+    except FileRefused as exc:
+        if exc.too_big:
+            raise ConfigError(f"{exc}: not a config file") from None
+        raise ConfigError(f"{exc}; a config file is a regular TOML file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    try:
-        kind = os.fstat(fd).st_mode
-        if not stat.S_ISREG(kind):
-            what = ("a folder" if stat.S_ISDIR(kind) else "a FIFO" if stat.S_ISFIFO(kind)
-                    else "a device" if stat.S_ISCHR(kind) or stat.S_ISBLK(kind)
-                    else "not a regular file")
-            raise ConfigError(f"{path}: {what}; a config file is a regular TOML file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES} bytes: not a config file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

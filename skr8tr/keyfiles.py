@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from skr8tr.atomic import write_atomically
+from skr8tr.bounded_files import FileRefused, open_regular, read_regular
 from skr8tr.core.keys import (
     PUBLIC_KEY_FILE,
     SECRET_KEY_FILE,
@@ -40,6 +41,9 @@ __all__ = ["write_keypair", "load_signing_key", "load_authorized_keys"]
 # Key files are one line (a hybrid signing.pub, the longest, is 3,987 bytes);
 # anything much longer is not a key file.
 _MAX_KEY_FILE_BYTES = 8192
+# Thousands of hybrid (post-quantum) keys at ~4 KB a line fit many times over: a file
+# larger than this is not an authorized-keys file (/dev/zero, a log named by mistake).
+MAX_AUTHORIZED_KEYS_BYTES = 64 * 1024 * 1024
 
 
 def write_keypair(out_dir: str | os.PathLike[str], *, force: bool = False,
@@ -118,7 +122,10 @@ def load_signing_key(path: str | os.PathLike[str]) -> Signer:
         # An Ed25519 one has the same shape as a seed; loading it would sign with a wrong key.
         raise KeyFileError(f"{p} is a public key; pass the signing.sec next to it")
     try:
-        fd = os.open(p, os.O_RDONLY)
+        fd = open_regular(p)
+    except FileRefused as exc:
+        raise KeyFileError(f"{p} is not a regular file ({exc.reason}); pass the signing.sec "
+                           "file with --key") from None
     except FileNotFoundError:
         raise KeyFileError(
             f"no key file at {p}; create one with `skr8tr keygen` or pass --key FILE"
@@ -127,9 +134,7 @@ def load_signing_key(path: str | os.PathLike[str]) -> Signer:
         raise KeyFileError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
     try:
         # fstat on the open descriptor: the file we check is the file we read.
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{p} is not a regular file; pass the signing.sec file with --key")
+        st = os.fstat(fd)  # a regular file (open_regular)
         perms = stat.S_IMODE(st.st_mode)
         if perms & 0o077:
             what = "readable" if perms & 0o044 else "accessible"
@@ -148,7 +153,10 @@ def load_authorized_keys(path: str | os.PathLike[str]) -> AuthorizedKeys:
     """Read and parse an authorized-keys file. Raises AuthorizedKeysError."""
     p = Path(path).expanduser()
     try:
-        raw = p.read_bytes()
+        raw = read_regular(p, MAX_AUTHORIZED_KEYS_BYTES)
+    except FileRefused as exc:
+        raise AuthorizedKeysError(str(p), None, f"{exc.reason}: not an authorized-keys file "
+                                  "(a regular text file, one key a line)") from None
     except FileNotFoundError:
         raise AuthorizedKeysError(
             str(p),

@@ -37,11 +37,25 @@ class TlsError(Exception):
     """A TLS file is missing, unreadable or unusable; the message names it."""
 
 
+# A certificate chain or a CA bundle is a few KiB (the whole Mozilla bundle ~200 KiB):
+# OpenSSL reads what it is given, so a file past this is refused before it is.
+MAX_PEM_BYTES = 4 * 1024 * 1024
+
+
+def _check_file(flag: str, path: str) -> None:
+    """TlsError unless *path* is a regular file (not a FIFO or device that OpenSSL would
+    wait on or read forever) of at most :data:`MAX_PEM_BYTES`."""
+    if not os.path.isfile(path):
+        what = "no such file" if not os.path.exists(path) else "not a regular file"
+        raise TlsError(f"{flag} {path}: {what}")
+    if os.path.getsize(path) > MAX_PEM_BYTES:
+        raise TlsError(f"{flag} {path}: over {MAX_PEM_BYTES} bytes: not a PEM file")
+
+
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server-side context for ``cert_file`` (PEM chain) and ``key_file`` (PEM key)."""
     for flag, path in (("--tls-cert", cert_file), ("--tls-key", key_file)):
-        if not os.path.isfile(path):
-            raise TlsError(f"{flag} {path}: no such file")
+        _check_file(flag, path)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -59,8 +73,8 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 def client_context(ca_file: str | None = None) -> ssl.SSLContext:
     """A verifying client context: ``ca_file`` (PEM) as the only trust anchor, or the
     system's trust store when None. Hostname checking is on."""
-    if ca_file is not None and not os.path.isfile(ca_file):
-        raise TlsError(f"--ca {ca_file}: no such file")
+    if ca_file is not None:
+        _check_file("--ca", ca_file)
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     except (ssl.SSLError, ValueError) as exc:

@@ -84,12 +84,18 @@ async def test_a_node_pushes_only_its_own_replicas_of_the_followed_app(cluster):
     cluster.replicas["web-x-eeeeee"] = dataclasses.replace(
         cluster.replicas["web-aaaaaa"], replica_id="web-x-eeeeee", app="web-x", node_id="n1"
     )
+    # n1 ran web-dddddd, which has ended (its row is gone; the conductor remembers).
+    cluster.replicas["web-dddddd"] = dataclasses.replace(
+        cluster.replicas["web-aaaaaa"], replica_id="web-dddddd", node_id="n1"
+    )
+    del cluster.replicas["web-dddddd"]
     _, follow = await open_follow(cluster, requests, [n1, n2], {})
     forged = [
         line("web-aaaaaa", 1, "n2's"),
         line("api-bbbbbb", 1),
         line("web-x-cccccc", 1),
         line("web-x-eeeeee", 1),
+        line("web-ffffff", 1, "invented"),  # an id of web the conductor never placed
     ]
     requests.push(
         "n1", LogsPush(req=n1.req, lines=[*forged, line("web-dddddd", 5)], skipped=0), cluster

@@ -40,11 +40,13 @@ import datetime
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from skr8tr.audit_head import head_path, read_head_file, write_head_file
+from skr8tr.audit_head import head_path, read_head_file, verify_stream, write_head_file
+from skr8tr.bounded_files import FileRefused, open_regular
 from skr8tr.core import audit_chain, manifest
 from skr8tr.core.signatures import fingerprint, key_algorithm
 
@@ -83,13 +85,14 @@ class AuditLog:
         path = os.path.abspath(path)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        except FileRefused as exc:
+            raise AuditError(f"--audit-log {exc}; an audit log is a regular file") from None
         except OSError as exc:
             raise AuditError(f"cannot open --audit-log {path}: {exc.strerror or exc}") from None
         try:
-            data = _read_all(fd)
             recorded = read_head_file(path)
-            head = audit_chain.verify(data, recorded=recorded).head
+            head = verify_stream(_reader(fd), recorded=recorded).head
         except audit_chain.ChainError as exc:
             os.close(fd)
             raise AuditError(f"--audit-log {path}:{exc.line}: {exc.message}; check it with "
@@ -179,15 +182,18 @@ class AuditLog:
             self._done += len(batch)
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
+def _reader(fd: int) -> Callable[[int], bytes]:
+    """``read(n)`` of *fd* from its start, with pread: the descriptor's offset is left
+    alone (its writes append anyway)."""
     offset = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+
+    def read(n: int) -> bytes:
+        nonlocal offset
+        chunk = os.pread(fd, n, offset)
         offset += len(chunk)
+        return chunk
+
+    return read
 
 
 def signer_fields(key: object) -> dict[str, str | None]:

@@ -621,6 +621,7 @@ class Cluster(NodeReports):
         """Forget an app and stop all its replicas; returns how many are being stopped."""
         self.apps.pop(name)
         self.loaded_apps.discard(name)
+        self.replicas.ran.forget_app(name)  # its logs are no longer asked for
         stopping = 0
         for r in self.replicas.of_app(name):
             if r.state in reconcile.ENDED_STATES:

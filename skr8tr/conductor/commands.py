@@ -373,21 +373,30 @@ def is_replica_of(replica: str, app: str, apps: Container[str] = ()) -> bool:
 def own_lines(lines: list[dict], node_id: str, app: str, replica: str | None,
               cluster: Cluster | None) -> list[dict]:
     """The *lines* a node *node_id* may tell about *app* (or its one *replica*): those of
-    the app's replicas that *cluster* knows on that node, and of ids it does not know
-    (finished replicas) that can be the app's (:func:`is_replica_of`). A node key speaks
+    the app's replicas that *cluster* has on that node, and of ended ones that *cluster*
+    remembers that node ran (``cluster.replicas.ran``, the last
+    :data:`~skr8tr.conductor.tables.RAN_KEPT_PER_APP` of each app). A node key speaks
     only for its own replicas: any other line is dropped, so that no node puts words
-    in another node's replica or another app's."""
-    replicas = {} if cluster is None else cluster.replicas
-    apps = () if cluster is None else cluster.apps
+    in another node's replica or another app's, nor invents a replica. An id this
+    conductor never placed is dropped too: after a conductor restart that is a replica
+    that ended before it (its files stay on the node); a live replica is re-adopted
+    from the node's hello, with its placement token, and shows. Without *cluster*
+    (tests), ids that can be the app's (:func:`is_replica_of`)."""
+    if cluster is None:
+        def mine(line: dict) -> bool:
+            rid = line["replica"]
+            return (replica is None or rid == replica) and is_replica_of(rid, app, ())
+    else:
+        replicas = cluster.replicas
 
-    def mine(line: dict) -> bool:
-        rid = line["replica"]
-        if replica is not None and rid != replica:
-            return False
-        known = replicas.get(rid)
-        if known is not None:
-            return known.app == app and known.node_id == node_id
-        return is_replica_of(rid, app, apps)
+        def mine(line: dict) -> bool:
+            rid = line["replica"]
+            if replica is not None and rid != replica:
+                return False
+            known = replicas.get(rid)
+            if known is not None:
+                return known.app == app and known.node_id == node_id
+            return replicas.ran.node_of(app, rid) == node_id
     if all(mine(line) for line in lines):
         return lines
     return [line for line in lines if mine(line)]

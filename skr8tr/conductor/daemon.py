@@ -134,6 +134,8 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
             max_watchers_per_address=getattr(opts, "max_watchers_per_address", None)
             or defaults.max_watchers_per_address,
             cli_bytes_per_s=getattr(opts, "max_bytes_per_s", None) or defaults.cli_bytes_per_s,
+            node_bytes_per_s=getattr(opts, "max_node_bytes_per_s", None)
+            or defaults.node_bytes_per_s,
         )
     except ValueError as exc:
         raise StartError(str(exc)) from None

@@ -8,6 +8,7 @@ close reason, an HTTP status), and is counted in ``/metrics`` as
 |---|---|---|
 | message size (``/v1/*``) | 1 MiB | ``message_too_big`` (close 1009) |
 | messages per second per WebSocket | 2000/s, burst 10000 | ``rate_limit`` (close 1008) |
+| bytes per second per node session | 8 MiB/s, burst 16 MiB | not closed: reading pauses |
 | connections per address (API, HTTP each) | 2048, <= half the total | ``too_many_connections`` |
 | connections at once (API and HTTP together) | what descriptors allow | ``max_connections`` |
 | TLS + WebSocket handshake | 10 s | ``handshake_timeout`` / ``bad_handshake`` |
@@ -57,6 +58,7 @@ CLOSE_REASONS = (
     "revoked", "http_header_too_large", "http_header_timeout", "http_idle_timeout",
     "http_slow_client", "http_bad_request", "too_many_watchers", "byte_rate_limit",
 )
+MIN_NODE_BYTES_PER_S = 1024 * 1024  # core.node_protocol.MAX_NODE_MESSAGE_BYTES a second
 FD_RESERVE = 64  # descriptors that are not connections (module docstring)
 
 
@@ -82,6 +84,12 @@ class Limits:
     #: Bytes of /v1/cli messages per second from one client address (twice that saved
     #: up): every byte of a request is decoded before it can be refused.
     cli_bytes_per_s: int = 16 * 1024 * 1024
+    #: Bytes of /v1/node messages per second from one node session (twice that saved
+    #: up). Over it the conductor stops reading the session for as long as the excess
+    #: takes to earn back (TCP backpressure), rather than closing it: a closed session
+    #: would look like a lost node. A busy real node sends a few KiB/s (heartbeats and
+    #: reports) and log replies of at most a few MiB now and then.
+    node_bytes_per_s: int = 8 * 1024 * 1024
     http_max_header_bytes: int = 16 * 1024
     http_header_timeout_s: float = 10.0
     http_idle_timeout_s: float = 30.0
@@ -89,9 +97,15 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_connections_per_address", "message_burst", "http_max_header_bytes",
-                     "watch_queue_bytes", "max_watchers_per_address", "cli_bytes_per_s"):
+                     "watch_queue_bytes", "max_watchers_per_address", "cli_bytes_per_s",
+                     "node_bytes_per_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.node_bytes_per_s < MIN_NODE_BYTES_PER_S:
+            # One message may pause its session for 1 s at most: longer, and the node's
+            # pings would go unanswered for its 3-heartbeat silence limit.
+            raise ValueError(f"node_bytes_per_s must be >= {MIN_NODE_BYTES_PER_S} (the "
+                             f"largest node message), got {self.node_bytes_per_s!r}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections!r}")
         for name in ("messages_per_s", "handshake_timeout_s", "idle_timeout_s",
@@ -155,6 +169,14 @@ class TokenBucket:
             self._tokens -= cost
             return True
         return False
+
+    def charge(self, now: float, cost: float) -> float:
+        """Spend *cost* tokens even if there are not that many (a debt), and return the
+        seconds to wait until the debt is paid back (0.0 when there was no debt): for a
+        sender that is slowed down, not refused. The debt is at most one *cost*."""
+        self._refill(now)
+        self._tokens -= cost
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
     def full(self, now: float) -> bool:
         """Has it saved up all it can (so forgetting it loses nothing)?"""

@@ -10,7 +10,11 @@ happens only when its heartbeats stay away for ``--node-timeout``.
 
 Limits: the ``hello`` must come within ``Limits.handshake_timeout_s`` of the
 challenge; a node sending more than ``Limits.messages_per_s`` (burst
-``message_burst``) is closed with 1008. A session whose key loses the
+``message_burst``) is closed with 1008. A node sending more than
+``Limits.node_bytes_per_s`` (twice that saved up) is not closed but slowed: the
+conductor stops reading its socket until the excess is earned back, so TCP makes
+the node wait (closing would look like a lost node and re-place its replicas; a
+real node never comes near the budget). A session whose key loses the
 ``node`` role on a SIGHUP re-read is told ``refused`` and closed at once
 (:meth:`Authority.replace_keys`). Each of these is counted and logged.
 """
@@ -151,6 +155,8 @@ async def _receive(cluster: Cluster, policing: Policing, log_requests: LogReques
                    ws: ServerConnection, node_id: str) -> None:
     limits = policing.limits
     bucket = TokenBucket(limits.messages_per_s, limits.message_burst, trio.current_time())
+    byte_rate = limits.node_bytes_per_s
+    byte_budget = TokenBucket(byte_rate, 2 * byte_rate, trio.current_time())
     while True:
         try:
             raw = await ws.get_message()
@@ -161,6 +167,12 @@ async def _receive(cluster: Cluster, policing: Policing, log_requests: LogReques
             await policing.close_for(ws, f"node {node_id}", "rate_limit", 1008,
                                 f"more than {limits.messages_per_s:g} messages/s")
             return
+        wait_s = byte_budget.charge(trio.current_time(), len(raw))
+        if wait_s > 0:
+            # Before decoding, and without reading on: the node's socket fills and TCP
+            # holds it back (module docstring). Its messages are all still applied.
+            policing.note_slowed(f"node {node_id}", byte_rate)
+            await trio.sleep(wait_s)
         msg = decode_node_message(raw)
         if isinstance(msg, NodeDecodeError):
             log.warning("node %s sent a message we cannot read: %s", node_id, msg.message)

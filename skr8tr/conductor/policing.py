@@ -28,6 +28,8 @@ class Policing:
         self.closed = closed
         self.refusals = refusals
         self._close_log = LogThrottle()
+        #: Pauses in reading a node session over its byte rate (``/metrics``).
+        self.slowed = 0
 
     def count_close(self, exc: ConnectionClosed, peer: str) -> None:
         """Count a close that the connection did for a limit (1009: message too big)."""
@@ -35,6 +37,15 @@ class Policing:
             self.closed.count("message_too_big")
             log.warning("closed a connection from %s: a message over %d bytes", peer,
                         protocol.MAX_MESSAGE_BYTES)
+
+    def note_slowed(self, peer: str, bytes_per_s: int) -> None:
+        """Count a pause in reading *peer* for being over its byte rate, and log it (at most
+        one line every few seconds, with the count since the last)."""
+        self.slowed += 1
+        n = self._close_log.note("slowed", trio.current_time())
+        if n:
+            log.warning("paused reading %d time(s) for sending more than %d bytes/s, the "
+                        "last %s", n, bytes_per_s, peer)
 
     async def close_for(self, ws: ServerConnection, peer: str, reason: str,
                         code: int, why: str) -> None:

@@ -28,11 +28,15 @@ from __future__ import annotations
 import logging
 
 from skr8tr.atomic import write_atomically
+from skr8tr.bounded_files import FileRefused, read_regular
 from skr8tr.core import envelope
 from skr8tr.core.signatures import is_public_key
 
 log = logging.getLogger("skr8tr.conductor")
 
+# A line is under 400 bytes and only requests dated ahead of the clock are kept, for
+# their window: a file past this is not one the conductor wrote.
+MAX_NONCES_FILE_BYTES = 64 * 1024 * 1024
 _HEADER = ("# skr8tr conductor: nonces of signed requests dated ahead of its clock, kept "
            "across restarts (KEY NONCE TS)\n")
 
@@ -95,10 +99,11 @@ def open_replay_guard(state_path: str | None, *, started_at: float) -> envelope.
 def _read(path: str) -> tuple[list[tuple[str, str, float]], str | None]:
     """The entries of the nonces file and, if it is unusable, why (naming file and line)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_regular(path, MAX_NONCES_FILE_BYTES).decode("utf-8").splitlines()
     except FileNotFoundError:
         return [], None
+    except FileRefused as exc:  # a FIFO would hang the start, /dev/zero take all memory
+        return [], f"{exc}: not a nonces file"
     except (OSError, UnicodeDecodeError) as exc:
         return [], f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
     entries = []

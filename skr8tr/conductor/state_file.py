@@ -45,10 +45,14 @@ from typing import Any
 import tomli_w
 
 from skr8tr.atomic import write_atomically
+from skr8tr.bounded_files import FileRefused, read_regular
 from skr8tr.core import manifest as manifest_mod
 from skr8tr.core.protocol import APP_NAME_RE, ROLLOUT_STATES
 
 STATE_VERSION = 1
+# 1,000 apps with 10 revisions and 50 history rows each come to ~10 MB (small manifests):
+# a file past this bound is not one the conductor wrote (/dev/zero, a log named by mistake).
+MAX_STATE_BYTES = 256 * 1024 * 1024
 
 
 class StateFileError(Exception):
@@ -149,10 +153,11 @@ def load(path: str) -> StoredState | None:
     cannot be read, is not TOML, or breaks any rule of the module docstring.
     """
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return None
+    except FileRefused as exc:
+        raise StateFileError(f"{exc}: not a state file") from None
     except OSError as exc:
         raise StateFileError(f"cannot read the state file {path}: {exc.strerror}") from None
     try:

@@ -228,8 +228,14 @@ class StatusSite:
         counter = getattr(self.api, "closed", None)
         for reason, n in (counter.by_reason if counter is not None else {}).items():
             closed.set_total(n, reason=reason)
+        paused = metrics.Counter(
+            "skr8tr_node_reads_paused_total",
+            "Times the conductor paused reading a node session for sending more than "
+            "--max-node-bytes-per-s (the node is slowed down, not closed).")
+        paused.set_total(getattr(getattr(self.api, "policing", None), "slowed", 0))
         families = [build, uptime, nodes, live, apps, replicas, app_replicas, running,
-                    self.rollouts_finished, refused, self.api.command_seconds, events, closed]
+                    self.rollouts_finished, refused, self.api.command_seconds, events, closed,
+                    paused]
         if self.admission is not None:
             open_now = metrics.Gauge(
                 "skr8tr_connections_open",

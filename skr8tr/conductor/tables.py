@@ -8,6 +8,7 @@ insert, delete and end, so that nothing per message scans every replica.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,40 @@ class ReplicaState:
         return probe_line(self.probe_text, self.probe_count)
 
 
+#: Replica ids remembered per app with the node that ran them (:class:`RanLog`): a crash
+#: loop of a few minutes, or every replica of a large app through a rollout or two.
+RAN_KEPT_PER_APP = 1000
+
+
+class RanLog:
+    """Which node ran each replica this conductor placed or adopted: the last
+    :data:`RAN_KEPT_PER_APP` ids of each app, kept after the replica's row is gone.
+
+    A node's log lines of a replica that has ended are taken only from the node that
+    ran it (:func:`skr8tr.conductor.commands.own_lines`); an id not here was never
+    placed by this conductor (invented, or of a replica that ended before a restart).
+    """
+
+    def __init__(self, per_app: int = RAN_KEPT_PER_APP) -> None:
+        self.per_app = per_app
+        self.by_app: dict[str, OrderedDict[str, str]] = {}
+
+    def note(self, app: str, replica_id: str, node_id: str) -> None:
+        ran = self.by_app.setdefault(app, OrderedDict())
+        ran[replica_id] = node_id
+        ran.move_to_end(replica_id)
+        while len(ran) > self.per_app:
+            ran.popitem(last=False)
+
+    def node_of(self, app: str, replica_id: str) -> str | None:
+        """The node that ran *replica_id* of *app*, if remembered."""
+        ran = self.by_app.get(app)
+        return None if ran is None else ran.get(replica_id)
+
+    def forget_app(self, app: str) -> None:
+        self.by_app.pop(app, None)
+
+
 class ReplicaTable(dict[str, ReplicaState]):
     """``Cluster.replicas``: replicas by id, also indexed by node and by app.
 
@@ -127,11 +162,15 @@ class ReplicaTable(dict[str, ReplicaState]):
         self.by_app: dict[str, dict[str, ReplicaState]] = {}
         self.live_on_node: dict[str, int] = {}
         self._on_fewer = on_fewer
+        #: Every replica ever inserted (placed, or adopted from a node with its
+        #: placement token), with its node: kept after its row is deleted.
+        self.ran = RanLog()
 
     def __setitem__(self, replica_id: str, r: ReplicaState) -> None:
         if replica_id in self:
             del self[replica_id]
         super().__setitem__(replica_id, r)
+        self.ran.note(r.app, replica_id, r.node_id)
         self.by_node.setdefault(r.node_id, {})[replica_id] = r
         self.by_app.setdefault(r.app, {})[replica_id] = r
         if r.state not in reconcile.ENDED_STATES:

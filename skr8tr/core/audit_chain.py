@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GENESIS", "ChainError", "Head", "Verified", "seal", "verify", "head_line",
-           "parse_head"]
+__all__ = ["GENESIS", "ChainError", "Head", "Verified", "Verifier", "seal", "verify",
+           "head_line", "parse_head"]
 
 GENESIS = "0" * 64
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
@@ -88,40 +88,67 @@ def verify(data: bytes, *, expect_head: str | None = None,
     the log was rewritten. With *recorded* (the ``HEAD``
     file), its entry must be in the chain, and at most one entry may follow
     it (the conductor writes the log line, then the ``HEAD`` file: a crash
-    between the two leaves one).
+    between the two leaves one). A log too big to hold in memory is checked
+    line by line with :class:`Verifier` instead, with the same result.
     """
-    head = Head(0, GENESIS)
-    expect_seen: int | None = None
-    recorded_ok = recorded is None or recorded.entries == 0 and recorded.hash == GENESIS
+    verifier = Verifier(expect_head=expect_head, recorded=recorded)
     if data:
         lines = data.split(b"\n")
+        for raw in lines[:-1]:
+            verifier.line(raw + b"\n")
         if lines[-1] != b"":
-            raise ChainError(len(lines), "the last line is incomplete (no newline): a torn "
+            verifier.line(lines[-1])
+    return verifier.finish()
+
+
+class Verifier:
+    """:func:`verify`, a line at a time: feed each line as read (with its newline; the
+    last one of a torn write without), then :meth:`finish`. Holds one line at a time,
+    so a log of any size costs only the time to read it."""
+
+    def __init__(self, *, expect_head: str | None = None,
+                 recorded: Head | None = None) -> None:
+        self.head = Head(0, GENESIS)
+        self.expect_head = expect_head
+        self.recorded = recorded
+        self._expect_seen: int | None = None
+        self._recorded_ok = recorded is None or recorded.entries == 0 and recorded.hash == GENESIS
+
+    def line(self, raw: bytes) -> None:
+        """Check the next line; ChainError if it breaks the chain."""
+        number = self.head.entries + 1
+        if not raw.endswith(b"\n"):
+            raise ChainError(number, "the last line is incomplete (no newline): a torn "
                              "write or an edit")
-        for number, raw in enumerate(lines[:-1], start=1):
-            head = _check_line(number, raw, head)
-            if head.hash == expect_head:
-                expect_seen = number
-            if recorded is not None and number == recorded.entries:
-                if head.hash != recorded.hash:
-                    raise ChainError(number, "this line's hash is not the one the HEAD file "
-                                     "recorded for it: the log was rewritten")
-                recorded_ok = True
-    if recorded is not None:
-        if not recorded_ok:
-            raise ChainError(head.entries + 1, f"the HEAD file records {recorded.entries} "
-                             f"entries but the log has {head.entries}: lines were cut off "
-                             "the end")
-        if head.entries > recorded.entries + 1:
-            raise ChainError(recorded.entries + 2, f"{head.entries - recorded.entries} "
-                             "entries follow the head the HEAD file records (at most one "
-                             "may, after a crash): the HEAD file is stale or was replaced")
-    if expect_head is not None and expect_seen is None:
-        raise ChainError(head.entries + 1, f"the expected head {expect_head[:16]}... is not "
-                         f"in the chain (which ends at {head.hash[:16]}..., line "
-                         f"{head.entries}): lines were cut off the end, or the log was "
-                         "rewritten")
-    return Verified(head, expect_seen)
+        self.head = _check_line(number, raw[:-1], self.head)
+        if self.head.hash == self.expect_head:
+            self._expect_seen = number
+        recorded = self.recorded
+        if recorded is not None and number == recorded.entries:
+            if self.head.hash != recorded.hash:
+                raise ChainError(number, "this line's hash is not the one the HEAD file "
+                                 "recorded for it: the log was rewritten")
+            self._recorded_ok = True
+
+    def finish(self) -> Verified:
+        """The head of the whole chain; ChainError if the end is not what the HEAD file
+        or the expected head promise."""
+        head, recorded, expect_head = self.head, self.recorded, self.expect_head
+        if recorded is not None:
+            if not self._recorded_ok:
+                raise ChainError(head.entries + 1, f"the HEAD file records {recorded.entries} "
+                                 f"entries but the log has {head.entries}: lines were cut off "
+                                 "the end")
+            if head.entries > recorded.entries + 1:
+                raise ChainError(recorded.entries + 2, f"{head.entries - recorded.entries} "
+                                 "entries follow the head the HEAD file records (at most one "
+                                 "may, after a crash): the HEAD file is stale or was replaced")
+        if expect_head is not None and self._expect_seen is None:
+            raise ChainError(head.entries + 1, f"the expected head {expect_head[:16]}... is "
+                             f"not in the chain (which ends at {head.hash[:16]}..., line "
+                             f"{head.entries}): lines were cut off the end, or the log was "
+                             "rewritten")
+        return Verified(head, self._expect_seen)
 
 
 def _check_line(number: int, raw: bytes, head: Head) -> Head:
