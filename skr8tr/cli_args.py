@@ -111,31 +111,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _keep_revisions_int(text: str) -> int:
-    # The bounds of skr8tr/core/rollout.py (MIN_/MAX_KEEP_REVISIONS), not imported here:
-    # the parser must not pull the core in (test_cli_startup.py).
-    value = _non_negative_int(text)
-    if not 2 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"expected 2..1000 (manifests kept per app besides "
-                                         f"the current one), got {text!r}")
-    return value
+def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (no upper bound when None); the error
+    says the range and *what* the number is."""
+    shown = f"{low}..{high}" if high is not None else f"a number >= {low}"
+
+    def check(text: str) -> int:
+        value = _non_negative_int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {shown} ({what}), got {text!r}")
+        return value
+
+    check.__name__ = "_ranged_int"  # daemon_config takes a *_int type for a TOML integer
+    return check
 
 
-def _keep_logs_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"expected 1..1000 (finished replicas whose log "
-                                         f"files are kept per app), got {text!r}")
-    return value
-
-
-def _node_bytes_int(text: str) -> int:
-    # Limits.MIN_NODE_BYTES_PER_S (conductor/limits.py), not imported here (as above).
-    value = _non_negative_int(text)
-    if value < 1024 * 1024:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1048576 (the largest node "
-                                         f"message, a second), got {text!r}")
-    return value
+# The bounds of skr8tr/core/rollout.py (MIN_/MAX_KEEP_REVISIONS) and conductor/limits.py
+# (MIN_NODE_BYTES_PER_S), not imported here: the parser must not pull the core or the
+# conductor in (test_cli_startup.py).
+_keep_revisions_int = _int_in(2, 1000, "manifests kept per app besides the current one")
+_keep_logs_int = _int_in(1, 1000, "finished replicas whose log files are kept per app")
+_node_bytes_int = _int_in(1024 * 1024, None, "the largest node message, a second")
 
 
 class _Parser(argparse.ArgumentParser):
