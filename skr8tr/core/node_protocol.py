@@ -65,7 +65,7 @@ shapes the conductor gives them, texts and lists have a length, numbers a
 range. An error names the field and the limit, and quotes at most
 :data:`SHOWN_VALUE_CHARS` characters of the value.
 
-Why one module of ~930 lines: it is the whole node wire, every message and every
+Why one module of ~950 lines: it is the whole node wire, every message and every
 field's bound side by side, so that a reviewer checking what a node key holder can
 send reads one file; split by message, the shared validators and limits would be
 imported back and forth.
