@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import trio
 
-from skr8tr.conductor import commands, loops
+from skr8tr.conductor import commands, logs, loops
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.rollout import RolloutManager
@@ -46,7 +46,7 @@ async def start_nodes(nursery, cluster, *specs: tuple[str, str], **kw) -> list[F
 
 
 async def run(cluster: Cluster, cmd: str, args: dict):
-    handlers = commands.handlers(commands.LogRequests(), RolloutManager(cluster))
+    handlers = commands.handlers(logs.LogRequests(), RolloutManager(cluster))
     return await handlers[cmd](cluster, args)
 
 

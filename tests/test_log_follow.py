@@ -11,14 +11,9 @@ import trio
 import trio.testing
 
 from skr8tr.conductor.cluster import Cluster
-from skr8tr.conductor.commands import (
-    FOLLOW_KEY,
-    FOLLOW_PENDING_LINES,
-    LogFollow,
-    LogRequests,
-    make_logs_handler,
-)
+from skr8tr.conductor.commands import make_logs_handler
 from skr8tr.conductor.errors import CommandError
+from skr8tr.conductor.logs import FOLLOW_KEY, FOLLOW_PENDING_LINES, LogFollow, LogRequests
 from skr8tr.core.node_protocol import LogsPush, LogsReply
 from tests.fakes import FakeNode
 

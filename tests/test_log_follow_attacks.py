@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from skr8tr.conductor.cluster import Cluster
-from skr8tr.conductor.commands import (
+from skr8tr.conductor.logs import (
     FOLLOW_PENDING_LINES,
     MAX_FOLLOW_AFTER,
     LogRequests,

@@ -122,8 +122,8 @@ def test_a_node_session_reads_no_more_than_its_budget():
 async def _flood_one_session() -> None:
     from skr8tr.conductor import node_sessions
     from skr8tr.conductor.cluster import Cluster
-    from skr8tr.conductor.commands import LogRequests
     from skr8tr.conductor.limits import ClosedCounter
+    from skr8tr.conductor.logs import LogRequests
     from skr8tr.conductor.policing import Policing
     from skr8tr.conductor.refusals import RefusalReporter
     from tests.test_e2e_node_flood import big_push

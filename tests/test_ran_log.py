@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from skr8tr.conductor.cluster import Cluster
-from skr8tr.conductor.commands import own_lines
+from skr8tr.conductor.logs import own_lines
 from skr8tr.conductor.tables import RAN_KEPT_PER_APP, RanLog, ReplicaState
 from tests.test_log_follow import line
 

@@ -10,7 +10,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skr8tr.conductor import commands, loops
+from skr8tr.conductor import commands, logs, loops
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.file_store import FileStore
@@ -44,7 +44,7 @@ class Harness:
         self.cluster = Cluster(node_timeout_s=node_timeout_s, port_range=(20000, 20100),
                                store=self.store)
         self.rollouts = RolloutManager(self.cluster)
-        self.handlers = commands.handlers(commands.LogRequests(), self.rollouts)
+        self.handlers = commands.handlers(logs.LogRequests(), self.rollouts)
         self.nodes: list[FakeNode] = []
 
     async def reattach(self, node: FakeNode) -> FakeNode:

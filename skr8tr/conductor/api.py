@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from skr8tr import __version__
-from skr8tr.conductor import audit, commands, metrics
+from skr8tr.conductor import audit, commands, logs, metrics
 from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
@@ -65,7 +65,7 @@ class CliApi:
                                  RefusalReporter(audit_log=audit_log, wall=wall_clock))
         self.limits, self.closed = self.policing.limits, self.policing.closed
         self.refusals = self.policing.refusals
-        self.log_requests = commands.LogRequests()
+        self.log_requests = logs.LogRequests()
         self.rollouts = RolloutManager(cluster)
         self.handlers = commands.handlers(self.log_requests, self.rollouts)
         self.audit_log = audit_log
@@ -90,7 +90,7 @@ class CliApi:
         self._audit_log = self.refusals.audit_log = value
 
     async def handle_message(self, raw: str | bytes, peer: str,
-                             follows: list[tuple[str, commands.LogFollow]] | None = None
+                             follows: list[tuple[str, logs.LogFollow]] | None = None
                              ) -> str:
         """The reply to one message. Never raises (but for cancellation).
 
@@ -147,7 +147,7 @@ class CliApi:
                 parsed = await commands.parse_manifest_arg(args, self._cpu_limiter)
                 args = {**args, "parsed": parsed}
             result = await handler(cluster, args)
-            follow = result.pop(commands.FOLLOW_KEY, None) if isinstance(result, dict) else None
+            follow = result.pop(logs.FOLLOW_KEY, None) if isinstance(result, dict) else None
             if follow is not None:
                 if follows is None:
                     self.log_requests.close_follow(cluster, follow)
@@ -230,7 +230,7 @@ class CliApi:
                 return
             queued = self.cluster.node_messages_queued
             cluster = self.cluster
-            follows: list[tuple[str, commands.LogFollow]] = []
+            follows: list[tuple[str, logs.LogFollow]] = []
             try:
                 reply = await self.handle_message(raw, peer, follows)
                 if self.cluster.node_messages_queued != queued:
@@ -282,7 +282,7 @@ class CliApi:
         return True
 
     async def _relay_follow(self, ws: ServerConnection, cluster: Cluster, rid: str | None,
-                            follow: commands.LogFollow) -> str | bytes | None:
+                            follow: logs.LogFollow) -> str | bytes | None:
         """Send the lines *follow* gets, each batch a reply ``{"lines", "skipped"}`` to
         request *rid*, until the client sends a message (returned) or closes the
         connection (None; also when a send stays blocked FOLLOW_SEND_TIMEOUT_S: a

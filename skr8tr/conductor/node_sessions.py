@@ -28,9 +28,9 @@ import trio
 
 from skr8tr.conductor.authority import Authority, NodeSessionHandle
 from skr8tr.conductor.cluster import Cluster
-from skr8tr.conductor.commands import LogRequests
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.limits import TokenBucket
+from skr8tr.conductor.logs import LogRequests
 from skr8tr.conductor.node_reports import NODE_OUTBOX
 from skr8tr.conductor.policing import Policing
 from skr8tr.core import envelope

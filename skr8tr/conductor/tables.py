@@ -123,7 +123,7 @@ class RanLog:
     :data:`RAN_KEPT_PER_APP` ids of each app, kept after the replica's row is gone.
 
     A node's log lines of a replica that has ended are taken only from the node that
-    ran it (:func:`skr8tr.conductor.commands.own_lines`); an id not here was never
+    ran it (:func:`skr8tr.conductor.logs.own_lines`); an id not here was never
     placed by this conductor (invented, or of a replica that ended before a restart).
     """
 
