@@ -133,6 +133,38 @@ async def test_plain_undo_after_a_restart_returns_to_the_other_manifest(h, autoj
     assert "--version v1" in h.cluster.apps["web"].revision.text
 
 
+async def test_describe_keeps_a_quiet_apps_events_in_a_busy_cluster(h, autojump_clock):
+    # The shared ring holds the last 200 events of every app; describe keeps each app's
+    # own last 20, so a busy neighbour does not push a quiet app's story out.
+    from skr8tr.conductor.events import RECENT_EVENTS
+
+    await h.node("n1")
+    await deploy(h)
+    quiet = [e.seq for e in h.cluster.events.recent if e.data.get("app") == "web"]
+    for i in range(RECENT_EVENTS + 50):
+        h.cluster.events.publish("app.noise", app="busy", n=i)
+    assert not any(e.data.get("app") == "web" for e in h.cluster.events.recent)
+    doc = await h.run("describe", {"app": "web"})
+    assert [e["seq"] for e in doc["events"]] == quiet[-commands.DESCRIBE_EVENTS:]
+    assert doc["events"]
+
+
+def test_the_per_app_rings_are_bounded():
+    from skr8tr.conductor import events
+
+    bus = events.EventBus()
+    for i in range(events.APPS_WITH_RECENT + 10):
+        bus.publish("app.created", app=f"a{i}")
+    newest = f"a{events.APPS_WITH_RECENT + 9}"
+    for _ in range(30):
+        bus.publish("x", app=newest)
+    assert len(bus._by_app) == events.APPS_WITH_RECENT
+    assert bus.recent_of("a0") == []  # the least recent app went first
+    assert bus.recent_of("a10") != []
+    assert len(bus.recent_of(newest)) == events.APP_RECENT_EVENTS  # its last 20 of 31
+    assert bus.recent_of(newest)[-1].seq == bus.seq
+
+
 async def test_describe_shows_the_app_and_only_its_own_recent_events(h, autojump_clock):
     await h.node("n1")
     await deploy(h)

@@ -221,10 +221,10 @@ def make_describe_handler(rollouts: RolloutManager) -> Handler:
         app = _app(cluster, name)
         revision = app.revision
         counts = next((row for row in views.app_rows(cluster) if row["app"] == name), None)
-        # The recent-events ring is bounded (events.RECENT_EVENTS): so is this scan. An
-        # event that cannot be sent as JSON (its frame is empty, and logged) is left out,
-        # as watchers leave it out, rather than failing the reply.
-        mine = [e for e in cluster.events.recent if e.data.get("app") == name]
+        # The app's own ring (events.APP_RECENT_EVENTS). An event that cannot be sent as
+        # JSON (its frame is empty, and logged) is left out, as watchers leave it out,
+        # rather than failing the reply.
+        mine = cluster.events.recent_of(name)
         events = [{"seq": e.seq, "ts": e.ts, "event": e.event, "data": e.data}
                   for e in mine[-DESCRIBE_EVENTS:] if e.frame]
         record = rollouts.last.get(name)

@@ -34,6 +34,10 @@ from skr8tr.ws.server import frame_text
 log = logging.getLogger("skr8tr.conductor")
 
 RECENT_EVENTS = 200
+# Per app, its own last events (`describe`): a busy cluster's shared ring of 200 would
+# hold few of a quiet app's. Apps beyond the bound are forgotten, least recent first.
+APP_RECENT_EVENTS = 20
+APPS_WITH_RECENT = 4096
 # Room for the burst of a large fleet: 100 nodes lost at once with 10 replicas each
 # publish ~4,000 events in one go (lost, failed, placed, running, ready).
 SUBSCRIBER_BUFFER = 16384
@@ -144,6 +148,8 @@ class EventBus:
         self._wall = wall_clock
         self._seq = 0
         self.recent: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
+        self._by_app: collections.OrderedDict[str, collections.deque[Event]] = (
+            collections.OrderedDict())
         self._subscribers: set[Subscription] = set()
         self._sized = 0  # subscribers bounded in bytes: frames are measured while > 0
         # The shared log: events after the slowest subscriber's place, and the byte
@@ -152,6 +158,10 @@ class EventBus:
         self._ends: list[int] = []
         self._head_bytes = 0
         self._published = trio.Event()
+
+    def recent_of(self, app: str) -> list[Event]:
+        """*app*'s last :data:`APP_RECENT_EVENTS` events, oldest first."""
+        return list(self._by_app.get(app, ()))
 
     @property
     def seq(self) -> int:
@@ -166,6 +176,15 @@ class EventBus:
         self._seq += 1
         ev = Event(self._seq, self._wall(), event, data)
         self.recent.append(ev)
+        app = data.get("app")
+        if isinstance(app, str):
+            mine = self._by_app.pop(app, None)
+            if mine is None:
+                mine = collections.deque(maxlen=APP_RECENT_EVENTS)
+                if len(self._by_app) >= APPS_WITH_RECENT:
+                    self._by_app.popitem(last=False)
+            mine.append(ev)
+            self._by_app[app] = mine  # the most recent app last
         log.debug("event #%d %s %s", ev.seq, event, data)
         if not self._subscribers:
             return ev
