@@ -270,7 +270,7 @@ class ReplicaLog:
                 try:
                     os.remove(name)
                 except FileNotFoundError:
-                    pass
+                    continue  # already gone: nothing to do
                 except OSError as exc:
                     log.warning("replica %s: cannot remove %s: %s", self.replica, name, exc)
 
