@@ -133,7 +133,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
     def log_message(self, *args):
-        pass
+        return  # quiet: no line per probe in the replica's log
 http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 

@@ -262,13 +262,14 @@ class StuckClient:
 
     def __init__(self) -> None:
         self.sent: list[dict] = []
+        self.pings: list[bytes] = []
 
     @property
     def last_received(self) -> float:  # its pongs come (only its reading stopped)
         return trio.current_time()
 
     async def send_ping(self, payload: bytes) -> None:
-        pass
+        self.pings.append(payload)  # and its pong comes (last_received)
 
     async def send_message(self, text: str) -> None:
         if self.sent:
@@ -309,5 +310,6 @@ async def test_a_client_that_stops_reading_ends_its_follow(autojump_clock):
     assert trio.current_time() - started == pytest.approx(api_mod.FOLLOW_SEND_TIMEOUT_S, abs=1)
     assert ws.sent[0]["id"] == "r1" and ws.sent[0]["result"]["lines"][0]["seq"] == 1
     assert follow.skipped > 0
+    assert ws.pings  # kept alive while stuck: the send timeout, not the pings, ended it
     api.log_requests.close_follow(cluster, follow)  # as serve_connection does
     assert n1.messages()[-1] == {"v": 1, "type": "logs_unfollow", "req": n1.req}
