@@ -581,20 +581,29 @@ class NodeMessage:
     not sent at all): some producers leave a field out rather than send null, and the
     wire keeps doing exactly that. A decoded message omits what the sender omitted.
     It plays no part in equality.
+
+    ``_OMIT_NONE`` names optional fields a message leaves out whenever they are None:
+    fields added later, so a message without them is byte for byte what it always was
+    (both ends refuse fields they do not know: an older peer keeps reading it).
     """
 
     TYPE: ClassVar[str]
     _NAMES: ClassVar[tuple[str, ...]]  # the fields on the wire, in order
     _REQUIRED: ClassVar[tuple[str, ...]]
     _OPTIONAL: ClassVar[tuple[str, ...]]
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
 
     omit: frozenset[str] = field(default=frozenset(), kw_only=True, compare=False,
                                  repr=False)
 
     def fields(self) -> dict[str, Any]:
         """The message's fields (without ``v`` and ``type``), as JSON values."""
-        omit = self.omit
-        return {name: getattr(self, name) for name in self._NAMES if name not in omit}
+        out = {}
+        for name in self._NAMES:
+            value = getattr(self, name)
+            if name not in self.omit and not (value is None and name in self._OMIT_NONE):
+                out[name] = value
+        return out
 
     def encode(self) -> str:
         """The message as JSON text; ValueError if a field is out of bounds (a bug)."""
@@ -665,6 +674,7 @@ class ReplicaReport(NodeMessage):
     launch carried."""
 
     TYPE: ClassVar[str] = "replica"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"probe", "slot"})
     replica: str
     app: str
     generation: int
@@ -686,13 +696,6 @@ class ReplicaReport(NodeMessage):
     # report of a replica launched without one is what it always was.
     slot: Mapping[str, Any] | None = None
 
-    def fields(self) -> dict[str, Any]:
-        out = super().fields()
-        if out.get("probe", 0) is None:
-            del out["probe"]
-        if out.get("slot", 0) is None:
-            del out["slot"]
-        return out
 
     def fit(self) -> ReplicaReport:
         """This report with its ``message`` cut to :data:`MAX_REPORT_MESSAGE_CHARS`:
@@ -796,6 +799,7 @@ class LogsRequest(NodeMessage):
     ``replica``, or of all with None); answered by a :class:`LogsReply` with ``req``."""
 
     TYPE: ClassVar[str] = "logs"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"follow", "after", "since"})
     req: str
     app: str
     replica: str | None
@@ -803,13 +807,6 @@ class LogsRequest(NodeMessage):
     follow: bool | None = None  # also push new lines (logs_push) until logs_unfollow
     after: dict[str, int] | None = None  # a resumed follow: replica -> last seq shown
     since: float | None = None  # with after: lines of other replicas from this time on
-
-    def fields(self) -> dict[str, Any]:
-        out = super().fields()
-        for name in ("follow", "after", "since"):  # a plain request stays as it was
-            if out.get(name) is None:
-                out.pop(name, None)
-        return out
 
 
 @_message
