@@ -7,10 +7,12 @@ here. Screenshots go to ``test-artifacts/status-page/``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import HELLO_HTTP, REPO, http_get
@@ -25,6 +27,25 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = REPO / "test-artifacts" / "status-page"
 WAIT_MS = 30_000
+
+
+@contextmanager
+def chromium_page(width: int, height: int) -> Iterator[tuple[Browser, Page, list[str]]]:
+    """Debian's Chromium through Playwright, one page of *width* x *height*, and the list
+    its JavaScript errors are collected in; the browser is closed on the way out."""
+    with sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                         headless=True, timeout=WAIT_MS)
+        except Exception as exc:
+            pytest.fail(f"cannot launch {CHROMIUM} through Playwright: {exc}")
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield browser, page, errors
+        finally:
+            browser.close()
 
 
 @pytest.fixture
@@ -91,112 +112,101 @@ def test_status_page_follows_the_cluster_live(cluster: Cluster, tmp_path: Path):
     cluster.wait_ready("web", 3, generation=1)
     base = f"http://127.0.0.1:{cluster.http_port}"
 
-    with sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                         headless=True, timeout=WAIT_MS)
-        except Exception as exc:
-            pytest.fail(f"cannot launch {CHROMIUM} through Playwright: {exc}")
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page_errors: list[str] = []
-            requests: list[str] = []
-            page.on("pageerror", lambda exc: page_errors.append(str(exc)))
-            page.on("request", lambda req: requests.append(req.url))
-            page.goto(base + "/", timeout=WAIT_MS)
-            page.evaluate("() => { window.__loadedOnce = true; }")
+    with chromium_page(1280, 900) as (_, page, page_errors):
+        requests: list[str] = []
+        page.on("request", lambda req: requests.append(req.url))
+        page.goto(base + "/", timeout=WAIT_MS)
+        page.evaluate("() => { window.__loadedOnce = true; }")
 
-            conn = page.locator("#conn")
-            expect(conn).to_have_attribute("data-state", "live", timeout=WAIT_MS)
-            nodes = page.locator("#nodes tr[data-node]")
-            expect(nodes).to_have_count(2, timeout=WAIT_MS)
-            for node_id in ("n1", "n2"):
-                row = page.locator(f'#nodes tr[data-node="{node_id}"]')
-                expect(row).to_have_attribute("data-status", "live", timeout=WAIT_MS)
-            app = page.locator('#apps section[data-app="web"]')
-            expect(app.locator('tr[data-replica][data-state="ready"]')).to_have_count(
-                3, timeout=WAIT_MS)
-            expect(app).to_contain_text("3 / 3 ready")
-            expect(page.locator('#events tr[data-event="replica.ready"]')).to_have_count(3)
-            # read-only: nothing to click that could change the cluster
-            assert page.locator("form, button, input").count() == 0
-            shot(page, "1-deployed")
+        conn = page.locator("#conn")
+        expect(conn).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+        nodes = page.locator("#nodes tr[data-node]")
+        expect(nodes).to_have_count(2, timeout=WAIT_MS)
+        for node_id in ("n1", "n2"):
+            row = page.locator(f'#nodes tr[data-node="{node_id}"]')
+            expect(row).to_have_attribute("data-status", "live", timeout=WAIT_MS)
+        app = page.locator('#apps section[data-app="web"]')
+        expect(app.locator('tr[data-replica][data-state="ready"]')).to_have_count(
+            3, timeout=WAIT_MS)
+        expect(app).to_contain_text("3 / 3 ready")
+        expect(page.locator('#events tr[data-event="replica.ready"]')).to_have_count(3)
+        # read-only: nothing to click that could change the cluster
+        assert page.locator("form, button, input").count() == 0
+        shot(page, "1-deployed")
 
-            # A rollout: the progress bar advances and ends at complete, without a reload.
-            page.evaluate(WATCH_ROLLOUT_JS)
-            status = cluster.json("rollout", str(web_manifest(tmp_path, "v2")))
-            assert status["state"] == "rolling"
-            card = page.locator('#rollouts article[data-app="web"]')
-            page.wait_for_function(
-                "() => window.__rollout.some(([s, n]) => s === 'rolling' && n >= 1)",
-                timeout=WAIT_MS)
-            expect(card).to_contain_text("Phase:")
-            expect(card.locator('[data-tick="elapsed"]')).to_contain_text("elapsed")
-            shot(page, "2-rolling")
-            expect(card).to_have_attribute("data-state", "complete", timeout=60_000)
-            progress = card.get_by_role("progressbar")
-            expect(progress).to_have_attribute("aria-valuenow", "3")
-            expect(card).to_contain_text("3/3 replaced")
-            expect(app.locator('tbody[data-generation="2"] tr[data-state="ready"]')).to_have_count(
-                3, timeout=WAIT_MS)
-            seen = page.evaluate("() => window.__rollout")
-            replaced = [n for _, n in seen]
-            assert replaced == sorted(replaced), f"the bar went backwards: {seen}"
-            assert any(s == "rolling" and 0 < n < 3 for s, n in seen), seen
-            assert seen[-1] == ["complete", 3], seen
-            shot(page, "3-complete")
+        # A rollout: the progress bar advances and ends at complete, without a reload.
+        page.evaluate(WATCH_ROLLOUT_JS)
+        status = cluster.json("rollout", str(web_manifest(tmp_path, "v2")))
+        assert status["state"] == "rolling"
+        card = page.locator('#rollouts article[data-app="web"]')
+        page.wait_for_function(
+            "() => window.__rollout.some(([s, n]) => s === 'rolling' && n >= 1)",
+            timeout=WAIT_MS)
+        expect(card).to_contain_text("Phase:")
+        expect(card.locator('[data-tick="elapsed"]')).to_contain_text("elapsed")
+        shot(page, "2-rolling")
+        expect(card).to_have_attribute("data-state", "complete", timeout=60_000)
+        progress = card.get_by_role("progressbar")
+        expect(progress).to_have_attribute("aria-valuenow", "3")
+        expect(card).to_contain_text("3/3 replaced")
+        expect(app.locator('tbody[data-generation="2"] tr[data-state="ready"]')).to_have_count(
+            3, timeout=WAIT_MS)
+        seen = page.evaluate("() => window.__rollout")
+        replaced = [n for _, n in seen]
+        assert replaced == sorted(replaced), f"the bar went backwards: {seen}"
+        assert any(s == "rolling" and 0 < n < 3 for s, n in seen), seen
+        assert seen[-1] == ["complete", 3], seen
+        shot(page, "3-complete")
 
-            m = metrics(cluster)
-            assert m[("skr8tr_rollouts_total", (("state", "complete"),))] == 1
-            assert m[("skr8tr_nodes_live", ())] == 2
+        m = metrics(cluster)
+        assert m[("skr8tr_rollouts_total", (("state", "complete"),))] == 1
+        assert m[("skr8tr_nodes_live", ())] == 2
 
-            page.set_viewport_size({"width": 390, "height": 844})
-            shot(page, "4-narrow")
-            page.emulate_media(color_scheme="dark")
-            page.set_viewport_size({"width": 1280, "height": 900})
-            shot(page, "5-dark")
-            page.emulate_media(color_scheme="light")
+        page.set_viewport_size({"width": 390, "height": 844})
+        shot(page, "4-narrow")
+        page.emulate_media(color_scheme="dark")
+        page.set_viewport_size({"width": 1280, "height": 900})
+        shot(page, "5-dark")
+        page.emulate_media(color_scheme="light")
 
-            # The conductor goes away: the page says so and keeps retrying by itself.
-            cluster.conductor.stop()
-            expect(conn).to_have_attribute("data-state", "disconnected", timeout=WAIT_MS)
-            expect(page.locator("#conn-text")).to_contain_text("reconnecting", timeout=WAIT_MS)
-            expect(page.locator("#banner")).to_contain_text("Lost the conductor")
-            expect(page.locator("#sum-conductor")).to_have_text("Unreachable")
-            shot(page, "6-disconnected")
+        # The conductor goes away: the page says so and keeps retrying by itself.
+        cluster.conductor.stop()
+        expect(conn).to_have_attribute("data-state", "disconnected", timeout=WAIT_MS)
+        expect(page.locator("#conn-text")).to_contain_text("reconnecting", timeout=WAIT_MS)
+        expect(page.locator("#banner")).to_contain_text("Lost the conductor")
+        expect(page.locator("#sum-conductor")).to_have_text("Unreachable")
+        shot(page, "6-disconnected")
 
-            # Same ports again: the page recovers and shows the new conductor's state.
-            cluster.start_conductor()
-            expect(conn).to_have_attribute("data-state", "live", timeout=WAIT_MS)
-            expect(page.locator("#banner")).to_be_hidden()
-            for node_id in ("n1", "n2"):
-                row = page.locator(f'#nodes tr[data-node="{node_id}"]')
-                expect(row).to_have_attribute("data-status", "live", timeout=WAIT_MS)
-            apps = {a["app"] for a in cluster.json("status")["apps"]}
-            if not apps:  # state is not persisted (yet): the app is gone after a restart
-                expect(page.locator("#apps")).to_contain_text("No app is deployed.",
-                                                              timeout=WAIT_MS)
-            else:
-                for app in apps:
-                    expect(page.locator(f'#apps section[data-app="{app}"]')).to_be_visible(
-                        timeout=WAIT_MS)
-            expect(page.locator('#events tr[data-event="node.joined"]')).to_have_count(
-                2, timeout=WAIT_MS)
-            shot(page, "7-recovered")
+        # Same ports again: the page recovers and shows the new conductor's state.
+        cluster.start_conductor()
+        expect(conn).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+        expect(page.locator("#banner")).to_be_hidden()
+        for node_id in ("n1", "n2"):
+            row = page.locator(f'#nodes tr[data-node="{node_id}"]')
+            expect(row).to_have_attribute("data-status", "live", timeout=WAIT_MS)
+        apps = {a["app"] for a in cluster.json("status")["apps"]}
+        if not apps:  # state is not persisted (yet): the app is gone after a restart
+            expect(page.locator("#apps")).to_contain_text("No app is deployed.",
+                                                          timeout=WAIT_MS)
+        else:
+            for app in apps:
+                expect(page.locator(f'#apps section[data-app="{app}"]')).to_be_visible(
+                    timeout=WAIT_MS)
+        expect(page.locator('#events tr[data-event="node.joined"]')).to_have_count(
+            2, timeout=WAIT_MS)
+        shot(page, "7-recovered")
 
-            # A node agent stops: disconnected, then expired (greyed out) after --node-timeout.
-            cluster.nodes["n2"].stop()
-            n2 = page.locator('#nodes tr[data-node="n2"]')
-            expect(n2).to_have_attribute("data-status", "disconnected", timeout=WAIT_MS)
-            expect(n2).to_have_attribute("data-status", "expired", timeout=WAIT_MS)
-            expect(n2).to_have_class("expired")
-            expect(n2).to_contain_text("expired")
-            expect(page.locator("#sum-nodes")).to_have_text("1 / 2")
-            shot(page, "8-node-expired")
+        # A node agent stops: disconnected, then expired (greyed out) after --node-timeout.
+        cluster.nodes["n2"].stop()
+        n2 = page.locator('#nodes tr[data-node="n2"]')
+        expect(n2).to_have_attribute("data-status", "disconnected", timeout=WAIT_MS)
+        expect(n2).to_have_attribute("data-status", "expired", timeout=WAIT_MS)
+        expect(n2).to_have_class("expired")
+        expect(n2).to_contain_text("expired")
+        expect(page.locator("#sum-nodes")).to_have_text("1 / 2")
+        shot(page, "8-node-expired")
 
-            assert page.evaluate("() => window.__loadedOnce === true"), "the page reloaded"
-            assert not page_errors, page_errors
-            outside = [u for u in requests if not u.startswith(base + "/")]
-            assert not outside, f"the page fetched from elsewhere: {outside}"
-        finally:
-            browser.close()
+        assert page.evaluate("() => window.__loadedOnce === true"), "the page reloaded"
+        assert not page_errors, page_errors
+        outside = [u for u in requests if not u.startswith(base + "/")]
+        assert not outside, f"the page fetched from elsewhere: {outside}"

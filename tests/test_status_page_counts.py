@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from tests.e2e import running_cluster
 from tests.test_e2e_rollout import web as example_manifest
-from tests.test_status_page import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, metrics, shot
+from tests.test_status_page import CHROMIUM, WAIT_MS, chromium_page, metrics, shot
 
 pytestmark = pytest.mark.e2e
 
@@ -47,44 +47,36 @@ def test_the_page_counts_what_serves_and_shows_probes(tmp_path: Path):
         cluster.start_node("n2")
         cluster.json("up", str(web_manifest(tmp_path, "v1")))
         cluster.wait_ready("web", 3, generation=1)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                         headless=True, timeout=WAIT_MS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                errors: list[str] = []
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.goto(f"http://127.0.0.1:{cluster.http_port}/", timeout=WAIT_MS)
-                app = page.locator('#apps section[data-app="web"]')
-                expect(app).to_contain_text("3 / 3 ready", timeout=WAIT_MS)
-                expect(page.locator("#sum-replicas")).to_have_text("3 / 3")
-                page.evaluate(WATCH_COUNTS_JS)
+        with chromium_page(1280, 900) as (_, page, errors):
+            page.goto(f"http://127.0.0.1:{cluster.http_port}/", timeout=WAIT_MS)
+            app = page.locator('#apps section[data-app="web"]')
+            expect(app).to_contain_text("3 / 3 ready", timeout=WAIT_MS)
+            expect(page.locator("#sum-replicas")).to_have_text("3 / 3")
+            page.evaluate(WATCH_COUNTS_JS)
 
-                # v2 answers 503 for 2 s: each new replica waits, probed, before it serves
-                cluster.json("rollout", str(web_manifest(tmp_path, "v2", "--ready-after 2")))
-                probe = app.locator('tr[data-state="running"] [data-probe]')
-                expect(probe.first).to_contain_text("GET /healthz -> 503, want 200",
-                                                    timeout=WAIT_MS)
-                expect(app).to_contain_text("+1 starting", timeout=WAIT_MS)
-                shot(page, "counts-1-starting")
-                expect(app).to_contain_text("1 draining", timeout=WAIT_MS)
-                shot(page, "counts-2-draining")
-                card = page.locator('#rollouts article[data-app="web"]')
-                expect(card).to_have_attribute("data-state", "complete", timeout=60_000)
-                expect(app.locator('tbody[data-generation="2"] tr[data-state="ready"]')
-                       ).to_have_count(3, timeout=WAIT_MS)
-                expect(app).to_contain_text("3 / 3 ready")
-                shot(page, "counts-3-complete")
+            # v2 answers 503 for 2 s: each new replica waits, probed, before it serves
+            cluster.json("rollout", str(web_manifest(tmp_path, "v2", "--ready-after 2")))
+            probe = app.locator('tr[data-state="running"] [data-probe]')
+            expect(probe.first).to_contain_text("GET /healthz -> 503, want 200",
+                                                timeout=WAIT_MS)
+            expect(app).to_contain_text("+1 starting", timeout=WAIT_MS)
+            shot(page, "counts-1-starting")
+            expect(app).to_contain_text("1 draining", timeout=WAIT_MS)
+            shot(page, "counts-2-draining")
+            card = page.locator('#rollouts article[data-app="web"]')
+            expect(card).to_have_attribute("data-state", "complete", timeout=60_000)
+            expect(app.locator('tbody[data-generation="2"] tr[data-state="ready"]')
+                   ).to_have_count(3, timeout=WAIT_MS)
+            expect(app).to_contain_text("3 / 3 ready")
+            shot(page, "counts-3-complete")
 
-                seen = page.evaluate("() => window.__counts")
-                assert any("starting" in text for *_, text in seen), seen
-                # never a false outage: what serves never fell below the 3 wanted
-                assert min(ready for ready, *_ in seen) >= 3, seen
-                assert min(total for _, _, total, _ in seen) >= 3, seen
-                assert all(desired == 3 for _, desired, _, _ in seen), seen
-                assert not errors, errors
-            finally:
-                browser.close()
+            seen = page.evaluate("() => window.__counts")
+            assert any("starting" in text for *_, text in seen), seen
+            # never a false outage: what serves never fell below the 3 wanted
+            assert min(ready for ready, *_ in seen) >= 3, seen
+            assert min(total for _, _, total, _ in seen) >= 3, seen
+            assert all(desired == 3 for _, desired, _, _ in seen), seen
+            assert not errors, errors
         m = metrics(cluster)
         assert m[("skr8tr_app_replicas", (("app", "web"), ("state", "ready")))] == 3
         assert m[("skr8tr_app_replicas", (("app", "web"), ("state", "desired")))] == 3
