@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -25,6 +24,15 @@ from typing import Any
 
 from skr8tr import output
 from skr8tr.cli_args import build_parser
+from skr8tr.cli_calls import (
+    fail,
+    invalid_manifest,
+    print_json,
+    read_manifest,
+    run_client,
+    simple_call,
+)
+from skr8tr.cli_rollout import cmd_restart, cmd_rollout
 
 # The client's failures and the CLI's own are one kind of error: printed as
 # ``error: CODE: message``, the process exits with ``exit`` (skr8tr.wire is
@@ -40,43 +48,7 @@ from skr8tr.wire import (  # noqa: F401 (the exit codes are part of this module'
 )
 from skr8tr.wire import ClientError as CliError
 
-ROLLOUT_SUBVERBS = ("status", "abort", "undo", "history")
-
-
 # --------------------------------------------------------------------------- output
-
-
-# Characters JSON may carry as they are but a terminal acts on (C1 controls: U+009B is a
-# CSI) or shows out of order (bidirectional overrides): written as \u escapes instead,
-# the same document. (json.dumps escapes C0 controls itself.)
-_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def _print_json(doc: Any) -> None:
-    text = json.dumps(doc, ensure_ascii=False)
-    text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
-    sys.stdout.write(text + "\n")
-
-
-def _fail(opts: argparse.Namespace, err: CliError) -> int:
-    # An invalid manifest has every error it holds, one line each, in line order.
-    errors = getattr(err, "errors", None) or [err.message]
-    for message in errors:
-        sys.stderr.write(f"error: {err.code}: {message}\n")
-    if getattr(opts, "json", False):
-        doc = {"code": err.code, "message": err.message}
-        if len(errors) > 1:
-            doc["errors"] = errors
-        _print_json({"error": doc})
-    return err.exit
-
-
-def _invalid_manifest(exc: Any) -> CliError:
-    """A ManifestError as the CLI reports it: exit 2; ``message`` the first error, ``errors``
-    every one (``FILE:LINE:COL: message`` each)."""
-    err = CliError("INVALID_MANIFEST", str(exc), EXIT_USAGE)
-    err.errors = exc.lines()  # type: ignore[attr-defined]
-    return err
 
 
 # --------------------------------------------------------------------------- verbs
@@ -99,7 +71,7 @@ def cmd_keygen(opts: argparse.Namespace) -> int:
     sec_path = os.path.join(out, "signing.sec")
     pub_path = os.path.join(out, "signing.pub")
     if opts.json:
-        _print_json({"public_key": pub, "secret_key_file": sec_path, "public_key_file": pub_path,
+        print_json({"public_key": pub, "secret_key_file": sec_path, "public_key_file": pub_path,
                      "fingerprint": signatures.fingerprint(pub), "algorithm": opts.alg})
     else:
         print(pub)
@@ -114,19 +86,6 @@ def cmd_keygen(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_manifest(path: str) -> tuple[str, str, str]:
-    """(text, format, base_dir) of a manifest file, validated locally first (exit 2)."""
-    from skr8tr import manifest_files
-    from skr8tr.core import manifest
-
-    try:
-        text, parsed = manifest_files.read_manifest(path)
-    except manifest.ManifestError as exc:
-        raise _invalid_manifest(exc) from None
-    fmt = "toml" if path.endswith(".toml") else "skr8tr"
-    return text, fmt, parsed.base_dir
-
-
 def cmd_fmt(opts: argparse.Namespace) -> int:
     from skr8tr import manifest_files
     from skr8tr.core import manifest
@@ -134,13 +93,13 @@ def cmd_fmt(opts: argparse.Namespace) -> int:
     try:
         source, m = manifest_files.read_manifest(opts.file)
     except manifest.ManifestError as exc:
-        raise _invalid_manifest(exc) from None
+        raise invalid_manifest(exc) from None
     comments = manifest.read_comments(
         source, format="toml" if opts.file.endswith(".toml") else "skr8tr")
     text = (manifest.format_toml(m, comments) if opts.toml
             else manifest.format_skr8tr(m, comments))
     if opts.json:
-        _print_json({"format": "toml" if opts.toml else "skr8tr", "text": text})
+        print_json({"format": "toml" if opts.toml else "skr8tr", "text": text})
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -184,7 +143,7 @@ def cmd_audit(opts: argparse.Namespace) -> int:
     checked = [name for name, used in (("the HEAD file", recorded is not None),
                                        ("--expect-head", expect is not None)) if used]
     if opts.json:
-        _print_json({"file": opts.file, "ok": True, "entries": head.entries,
+        print_json({"file": opts.file, "ok": True, "entries": head.entries,
                      "head": head.hash, "checked_against": checked})
         return EXIT_OK
     print(f"{opts.file}: intact, {head.entries} entries; head {head.hash}")
@@ -223,56 +182,6 @@ def cmd_ingress(opts: argparse.Namespace) -> int:
     return daemon.main(opts)
 
 
-def _signing_key(opts: argparse.Namespace, *, required: bool) -> Any | None:
-    path = os.path.expanduser(opts.key)
-    if not required and not os.path.exists(path):
-        return None  # read-only verbs go unsigned when there is no key file
-    from skr8tr import keyfiles
-    from skr8tr.core import keys
-
-    try:
-        return keyfiles.load_signing_key(path)
-    except keys.KeyFileError as exc:
-        if not required:
-            return None
-        # Said once: a missing file's message already says how to make one.
-        hint = " (or set SKR8TR_KEY)" if "skr8tr keygen" in str(exc) else (
-            ". Create a key with `skr8tr keygen`, or pass --key FILE / set SKR8TR_KEY")
-        raise CliError("NO_KEY", f"`skr8tr {opts.verb}` must be signed: {exc}{hint}",
-                       EXIT_USAGE) from None
-
-
-def _run_client(opts: argparse.Namespace, body: Callable[[Any], int], *, signed: bool) -> int:
-    """Run ``body(call_options)``, mapping client failures to exit codes."""
-    from skr8tr import wire
-
-    call_opts = wire.CallOptions(
-        conductor=opts.conductor,
-        timeout_s=opts.timeout,
-        signing_key=_signing_key(opts, required=signed),
-        ca_file=opts.ca,
-    )
-    return body(call_opts)  # a wire.ClientError is a CliError: main() prints it
-
-
-def _simple_call(cmd: str, args_of: Callable[[argparse.Namespace], dict],
-                 render: Callable[[Any], str], *, signed: bool):
-    def run(opts: argparse.Namespace) -> int:
-        from skr8tr import blocking_client
-
-        def body(call_opts: Any) -> int:
-            result = blocking_client.call(call_opts, cmd, args_of(opts))
-            if opts.json:
-                _print_json(result)
-            else:
-                print(render(result))
-            return EXIT_OK
-
-        return _run_client(opts, body, signed=signed)
-
-    return run
-
-
 def _render_ping(result: dict) -> str:
     """``pong from conductor (version V, leader)``, ``(version V, follower; leader URL)``;
     a conductor older than roles: ``(version V)``."""
@@ -291,115 +200,15 @@ def _render_down(result: dict) -> str:
 
 
 def cmd_up(opts: argparse.Namespace) -> int:
-    text, fmt, base_dir = _read_manifest(opts.file)
-    return _simple_call(
+    text, fmt, base_dir = read_manifest(opts.file)
+    return simple_call(
         "up", lambda o: {"manifest": text, "format": fmt, "base_dir": base_dir},
         output.up, signed=True,
     )(opts)
 
 
-def cmd_rollout(opts: argparse.Namespace) -> int:
-    target = opts.target
-    if target[0] in ROLLOUT_SUBVERBS and not os.path.isfile(target[0]):
-        sub = target[0]
-        if len(target) != 2:
-            raise CliError("USAGE", f"usage: skr8tr rollout {sub} APP", EXIT_USAGE)
-        if opts.watch and sub not in ("status", "undo"):
-            raise CliError("USAGE", f"--watch goes with `rollout FILE`, `rollout status APP` "
-                           f"or `rollout undo APP`, not `rollout {sub}`", EXIT_USAGE)
-        if opts.force and sub != "undo":
-            raise CliError("USAGE", f"--force goes with `rollout FILE` or `rollout undo APP`, "
-                           f"not `rollout {sub}`", EXIT_USAGE)
-        if opts.to is not None and sub != "undo":
-            raise CliError("USAGE", "--to goes with `rollout undo APP`", EXIT_USAGE)
-        if opts.generation is not None and sub != "history":
-            raise CliError("USAGE", "--generation goes with `rollout history APP`", EXIT_USAGE)
-        app = target[1]
-        if sub == "status":
-            return _rollout_call("rollout-status", {"app": app}, opts, signed=False)
-        if sub == "abort":
-            return _simple_call("rollout-abort", lambda o: {"app": app},
-                                output.rollout_status, signed=True)(opts)
-        if sub == "undo":
-            args = {"app": app, "to": opts.to}
-            if opts.force:  # only when asked: a conductor older than --force still answers
-                args["force"] = True
-            return _rollout_call("rollout-undo", args, opts, signed=True)
-        if opts.generation is not None:
-            return _simple_call("revision", lambda o: {"app": app, "generation": o.generation},
-                                output.revision, signed=True)(opts)
-        return _simple_call("history", lambda o: {"app": app}, output.history,
-                            signed=False)(opts)
-    if len(target) != 1:
-        raise CliError("USAGE", "usage: skr8tr rollout FILE [--watch] [--force]", EXIT_USAGE)
-    if opts.to is not None:
-        raise CliError("USAGE", "--to goes with `rollout undo APP`", EXIT_USAGE)
-    if opts.generation is not None:
-        raise CliError("USAGE", "--generation goes with `rollout history APP`", EXIT_USAGE)
-    text, fmt, base_dir = _read_manifest(target[0])
-    args = {"manifest": text, "format": fmt, "base_dir": base_dir, "force": opts.force}
-    return _rollout_call("rollout", args, opts, signed=True)
-
-
-def cmd_restart(opts: argparse.Namespace) -> int:
-    args: dict[str, Any] = {"app": opts.app}
-    if opts.force:
-        args["force"] = True
-    return _rollout_call("restart", args, opts, signed=True)
-
-
-def _rollout_call(cmd: str, args: dict, opts: argparse.Namespace, *, signed: bool) -> int:
-    """A command whose result is a rollout status; with ``--watch``, the rollout followed
-    until it ends: exit 0 only when it ends ``complete`` (1 otherwise)."""
-    from skr8tr import blocking_client as client
-
-    def body(call_opts: Any) -> int:
-        with client.Session(call_opts) as session:
-            status = session.call(cmd, args)
-            if not opts.watch:
-                if opts.json:
-                    _print_json(status)
-                else:
-                    print(output.rollout_status(status))
-                return EXIT_OK
-            return _follow_rollout(session, status, opts)
-
-    return _run_client(opts, body, signed=signed)
-
-
-def _follow_rollout(session: Any, status: dict, opts: argparse.Namespace) -> int:
-    """Print a rollout's progress until it ends; 0 only for ``complete``."""
-    import time
-
-    # Follow by polling rollout-status on the open connection: it needs no
-    # command beyond the fixed set every conductor answers, and survives lost
-    # events. A poll outlives a failover: it looks for the new leader for up to
-    # RECONNECT_BUDGET_S, which then reports how the rollout ended (§7).
-    tty = sys.stdout.isatty() and not opts.json
-    last = None
-    while status["state"] == "rolling":
-        line = output.rollout_status(status)
-        # On a terminal the line is redrawn in place; in a log, a new line is
-        # written only when something other than the elapsed time changed.
-        key = line if tty else re.sub(r" · [0-9.]+ s$", "", line)
-        if not opts.json and key != last:
-            sys.stdout.write(("\r\x1b[K" + line) if tty else line + "\n")
-            sys.stdout.flush()
-            last = key
-        time.sleep(0.2)
-        status = session.call("rollout-status", {"app": status["app"]},
-                              patient_s=RECONNECT_BUDGET_S)
-    if opts.json:
-        _print_json(status)
-    else:
-        if tty:
-            sys.stdout.write("\r\x1b[K")
-        print(output.rollout_status(status))
-    return EXIT_OK if status["state"] == "complete" else EXIT_REMOTE_ERROR
-
-
 def cmd_describe(opts: argparse.Namespace) -> int:
-    return _simple_call("describe", lambda o: {"app": o.app}, output.describe,
+    return simple_call("describe", lambda o: {"app": o.app}, output.describe,
                         signed=True)(opts)
 
 
@@ -415,7 +224,7 @@ def cmd_version(opts: argparse.Namespace) -> int:
         pong = blocking_client.call(call_opts, "ping", {})
     except CliError as err:
         if opts.json:
-            _print_json({"client": __version__, "conductor": None,
+            print_json({"client": __version__, "conductor": None,
                          "error": {"code": err.code, "message": err.message}})
         else:
             print(f"client: {__version__}")
@@ -423,7 +232,7 @@ def cmd_version(opts: argparse.Namespace) -> int:
         return err.exit
     conductor = pong.get("version") if isinstance(pong, dict) else None
     if opts.json:
-        _print_json({"client": __version__, "conductor": conductor})
+        print_json({"client": __version__, "conductor": conductor})
     else:
         print(f"client: {__version__}")
         print(f"conductor: {conductor if conductor is not None else '?'}")
@@ -450,7 +259,7 @@ def cmd_logs(opts: argparse.Namespace) -> int:
             if not opts.follow:
                 result = session.call("logs", args)
                 if opts.json:
-                    _print_json(result)
+                    print_json(result)
                 else:
                     for line in result["lines"]:
                         print(output.log_line(line))
@@ -470,13 +279,13 @@ def cmd_logs(opts: argparse.Namespace) -> int:
                         if len(shown) > FOLLOW_RESUME_REPLICAS:
                             del shown[next(iter(shown))]
                     if opts.json:
-                        _print_json(line)  # --follow --json: one JSON line per log line
+                        print_json(line)  # --follow --json: one JSON line per log line
                     else:
                         print(output.log_line(line))
                 skipped = result.get("skipped") or 0
                 if skipped:
                     if opts.json:
-                        _print_json({"skipped": skipped})
+                        print_json({"skipped": skipped})
                     else:
                         note(f"{skipped} line(s) skipped: they came faster than they were read")
                 sys.stdout.flush()
@@ -502,7 +311,7 @@ def cmd_logs(opts: argparse.Namespace) -> int:
                                 raise
                     note(f"following the logs on {session.conductor}")
 
-    return _run_client(opts, body, signed=True)
+    return run_client(opts, body, signed=True)
 
 
 def cmd_watch(opts: argparse.Namespace) -> int:
@@ -518,7 +327,7 @@ def cmd_watch(opts: argparse.Namespace) -> int:
         for msg in client.follow_watch(call_opts, note=note):
             if opts.json:
                 # one JSON document per line: a stream has no single document
-                _print_json(dataclasses.asdict(msg))
+                print_json(dataclasses.asdict(msg))
                 sys.stdout.flush()
             elif msg.type == "event":
                 print(output.event_line(msg.seq, msg.ts, msg.event, msg.data), flush=True)
@@ -527,7 +336,7 @@ def cmd_watch(opts: argparse.Namespace) -> int:
                       f"{len(msg.state.get('replicas', []))} replica(s)", flush=True)
         return EXIT_OK
 
-    return _run_client(opts, body, signed=False)
+    return run_client(opts, body, signed=False)
 
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -538,19 +347,19 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "node": cmd_node,
     "ingress": cmd_ingress,
     "up": cmd_up,
-    "down": lambda o: _simple_call("down", lambda o: {"app": o.app}, _render_down,
+    "down": lambda o: simple_call("down", lambda o: {"app": o.app}, _render_down,
                                    signed=True)(o),
-    "scale": lambda o: _simple_call(
+    "scale": lambda o: simple_call(
         "scale", lambda o: {"app": o.app, "replicas": o.replicas}, output.up, signed=True)(o),
     "rollout": cmd_rollout,
     "restart": cmd_restart,
     "describe": cmd_describe,
     "version": cmd_version,
-    "list": lambda o: _simple_call(
+    "list": lambda o: simple_call(
         "list", lambda o: {"app": o.app}, output.replicas, signed=False)(o),
-    "nodes": lambda o: _simple_call("nodes", lambda o: {}, output.nodes, signed=False)(o),
-    "status": lambda o: _simple_call("status", lambda o: {}, output.status, signed=False)(o),
-    "ping": lambda o: _simple_call("ping", lambda o: {}, _render_ping, signed=False)(o),
+    "nodes": lambda o: simple_call("nodes", lambda o: {}, output.nodes, signed=False)(o),
+    "status": lambda o: simple_call("status", lambda o: {}, output.status, signed=False)(o),
+    "ping": lambda o: simple_call("ping", lambda o: {}, _render_ping, signed=False)(o),
     "logs": cmd_logs,
     "watch": cmd_watch,
     "completion": cmd_completion,
@@ -592,7 +401,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return VERBS[opts.verb](opts)
     except CliError as err:
-        return _fail(opts, err)
+        return fail(opts, err)
     except KeyboardInterrupt:
         return 130
 

@@ -126,7 +126,7 @@ def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
     return check
 
 
-# The bounds of skr8tr/core/rollout.py (MIN_/MAX_KEEP_REVISIONS) and conductor/limits.py
+# The bounds of skr8tr/core/revisions.py (MIN_/MAX_KEEP_REVISIONS) and conductor/limits.py
 # (MIN_NODE_BYTES_PER_S), not imported here: the parser must not pull the core or the
 # conductor in (test_cli_startup.py).
 _keep_revisions_int = _int_in(2, 1000, "manifests kept per app besides the current one")

@@ -10,7 +10,7 @@ import trio
 
 from skr8tr.conductor import state_file
 from skr8tr.conductor.errors import CommandError
-from skr8tr.core.rollout import HISTORY_KEPT
+from skr8tr.core.revisions import HISTORY_KEPT
 from tests.fakes import FakeNode, wait_for
 from tests.test_restart_sim import conductor_dies
 from tests.test_rollout_sim import Harness, manifest

@@ -12,6 +12,14 @@ from hypothesis import strategies as st
 
 from skr8tr.core import replica_state
 from skr8tr.core.manifest import HealthCheck, RolloutPolicy
+from skr8tr.core.revisions import (
+    HistoryView,
+    UndoError,
+    UndoRefused,
+    next_generation,
+    retain,
+    undo_target,
+)
 from skr8tr.core.rollout import (
     PORT_CLASH_RETRIES,
     Announce,
@@ -19,7 +27,6 @@ from skr8tr.core.rollout import (
     BatchDone,
     Failed,
     Finish,
-    HistoryView,
     Launch,
     Pass,
     Progress,
@@ -27,8 +34,6 @@ from skr8tr.core.rollout import (
     ReplicaView,
     Retire,
     StopNow,
-    UndoError,
-    UndoRefused,
     aborted,
     batches,
     begin,
@@ -36,15 +41,12 @@ from skr8tr.core.rollout import (
     describe_failure,
     interrupted_generation,
     launched,
-    next_generation,
     next_to_replace,
     probe_line,
     probe_verdict,
     recover,
     refused,
     relaunched,
-    retain,
-    undo_target,
     watching,
 )
 

@@ -85,7 +85,7 @@ class ConductorConfig:
     store_prefix: str = "/skr8tr"
     advertise_url: str | None = None  # None: ws(s):// + --listen (its bound port)
     lease_ttl_s: float = 5.0
-    keep_revisions: int = 10  # --keep-revisions (core/rollout.py retain)
+    keep_revisions: int = 10  # --keep-revisions (core/revisions.py retain)
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:

@@ -33,7 +33,7 @@ from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.store import Change
 from skr8tr.conductor.tables import AppState, HistoryEntry, Revision, stored_app
-from skr8tr.core import placement
+from skr8tr.core import placement, revisions
 from skr8tr.core import rollout as plan
 from skr8tr.core.reconcile import ENDED_STATES
 
@@ -174,7 +174,7 @@ class RolloutManager:
                 raise CommandError("CONFLICT", f"{app.name} changed while this rollout "
                                    "was starting; try again")
             self._check_first_batch(app, revision_manifest)
-            generation = plan.next_generation([*app.revisions, app.last_generation])
+            generation = revisions.next_generation([*app.revisions, app.last_generation])
             revision = cluster.new_revision(generation, revision_manifest, text, fmt)
             return await self._launch_task(app, revision, desired, kind)
 
@@ -202,24 +202,25 @@ class RolloutManager:
                                phase_since=cluster.clock(), desired=desired, kind=kind)
         entry = HistoryEntry(revision.generation, "rolling", record.started_wall, None,
                              revision.sha256)
-        revisions = {**app.revisions, revision.generation: revision}
+        stored = {**app.revisions, revision.generation: revision}
         history = [*app.history, entry]
         # Retention: the new revision in, the oldest the app no longer needs out.
-        kept = plan.retain(revisions, [plan.HistoryView(h.generation, h.state,
-                                                        h.manifest_sha256) for h in history],
-                           current=app.generation,
-                           rollout=(record.from_generation, record.to_generation),
-                           keep=cluster.keep_revisions)
-        revisions = {g: r for g, r in revisions.items() if g in kept.revisions}
+        kept = revisions.retain(stored, [revisions.HistoryView(h.generation, h.state,
+                                                               h.manifest_sha256)
+                                         for h in history],
+                                current=app.generation,
+                                rollout=(record.from_generation, record.to_generation),
+                                keep=cluster.keep_revisions)
+        stored = {g: r for g, r in stored.items() if g in kept.revisions}
         history = [h for h in history if h.generation in kept.history]
         # Durable first: a restarted conductor must know this rollout was under way, and
         # what it was (its kind, the count it was started for).
         await cluster.commit(Change(
             apps={app.name: stored_app(dataclasses.replace(
-                app, revisions=revisions, history=history,
+                app, revisions=stored, history=history,
                 last_generation=revision.generation))},
             rollouts={app.name: record.stored(cluster.clock())}))
-        app.revisions = revisions
+        app.revisions = stored
         app.history = history
         app.last_generation = revision.generation
         app.rolling = True
@@ -267,13 +268,13 @@ class RolloutManager:
             raise CommandError("NOT_FOUND", f"cannot undo {app_name} to generation {to}: "
                                f"{pruned_text(app, to, self.cluster.keep_revisions)}")
         try:
-            generation = plan.undo_target(
-                [plan.HistoryView(h.generation, h.state, h.manifest_sha256)
+            generation = revisions.undo_target(
+                [revisions.HistoryView(h.generation, h.state, h.manifest_sha256)
                  for h in app.history],
                 app.generation, to, force=force)
-        except plan.UndoRefused as exc:
+        except revisions.UndoRefused as exc:
             raise CommandError("CONFLICT", f"cannot undo {app_name}: {exc}") from None
-        except plan.UndoError as exc:
+        except revisions.UndoError as exc:
             raise CommandError("NOT_FOUND", f"cannot undo {app_name}: {exc}") from None
         old = app.revisions.get(generation)
         if old is None:  # a history entry without its revision (an old state file)
@@ -314,7 +315,7 @@ class RolloutManager:
         cluster = self.cluster
         app = cluster.apps.get(app_name)
         generation = None if app is None else plan.interrupted_generation(
-            [plan.HistoryView(h.generation, h.state) for h in app.history], app.revisions)
+            [revisions.HistoryView(h.generation, h.state) for h in app.history], app.revisions)
         if app is None or generation is None:
             if app is not None:
                 app.rolling = False
@@ -560,7 +561,7 @@ def pruned_text(app: AppState, generation: int, keep: int) -> str:
     """Why a generation of ``app`` that was taken has no manifest any more."""
     return (f"its manifest was pruned (kept: the current generation's and {keep} others, "
             f"--keep-revisions; kept now: {', '.join(map(str, sorted(app.revisions)))}; "
-            f"history keeps the last {plan.HISTORY_KEPT} rows)")
+            f"history keeps the last {revisions.HISTORY_KEPT} rows)")
 
 
 class _AppReplicas(Mapping[str, plan.ReplicaView]):

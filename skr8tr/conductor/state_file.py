@@ -3,7 +3,7 @@
 What is stored: every app with its current generation, the last generation it
 ever took (``last_generation``: the counter, which pruning never takes back),
 its desired count, its kept revisions (manifest text, format, base folder,
-hash; older ones are pruned, see :func:`skr8tr.core.rollout.retain`), its
+hash; older ones are pruned, see :func:`skr8tr.core.revisions.retain`), its
 rollout history (a pruned revision's row carries its manifest's ``sha256``)
 and the last rollout status (with what a restart needs to end it: its
 ``kind`` and the ``desired`` count it was started for). What is not: running
@@ -33,7 +33,6 @@ it is.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -47,7 +46,9 @@ import tomli_w
 from skr8tr.atomic import write_atomically
 from skr8tr.bounded_files import FileRefused, read_regular
 from skr8tr.core import manifest as manifest_mod
+from skr8tr.core import toml_positions
 from skr8tr.core.protocol import APP_NAME_RE, ROLLOUT_STATES
+from skr8tr.core.toml_positions import Path
 
 STATE_VERSION = 1
 # 1,000 apps with 10 revisions and 50 history rows each come to ~10 MB (small manifests):
@@ -180,7 +181,6 @@ def load(path: str) -> StoredState | None:
 
 # --------------------------------------------------------------------------- the rules
 
-Path = tuple[str | int, ...]  # keys and array indexes from the top of the document
 
 _APP_KEYS = ("generation", "desired", "completed", "given_up", "revisions", "history")
 _REVISION_KEYS = ("generation", "format", "base_dir", "sha256", "manifest")
@@ -207,7 +207,7 @@ class _Checker:
         """An error at the value of ``where`` (at its key with ``at_key``); a path that is not
         written (a missing key) is reported at the closest table or key that is."""
         if self._spots is None:
-            self._spots = _positions(self.text)
+            self._spots = toml_positions.positions(self.text)
         index = 0
         for depth in range(len(where), 0, -1):
             spot = self._spots.get(where[:depth])
@@ -483,156 +483,3 @@ def _show(value: Any) -> str:
 
 def _list(generations: set[int]) -> str:
     return ", ".join(map(str, sorted(generations)))
-
-
-# --------------------------------------------------------------------------- positions
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _positions(text: str) -> dict[Path, tuple[int, int]]:
-    """Where each table, key and array element of a TOML text was written: for every path,
-    the index of its key (or table header, or element) and the index of its value.
-
-    tomllib gives no positions. The text has parsed, so this scan can assume valid
-    TOML; should it stumble anyway, what it found so far is returned (an error is then
-    placed at the closest enclosing table or key, at worst at line 1, column 1).
-    """
-    scanner = _Scanner(text)
-    with contextlib.suppress(IndexError, ValueError, tomllib.TOMLDecodeError):
-        scanner.document()
-    return scanner.spots
-
-
-class _Scanner:
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.i = 0
-        self.spots: dict[Path, tuple[int, int]] = {}
-
-    def document(self) -> None:
-        text = self.text
-        table: Path = ()
-        arrays: dict[Path, int] = {}  # each array of tables -> how many elements so far
-        while True:
-            self.skip(lines=True)
-            if self.i >= len(text):
-                return
-            start = self.i
-            if text[start] != "[":
-                self.pair(table)
-                continue
-            double = text.startswith("[[", start)
-            self.i += 2 if double else 1
-            parts = self.key()
-            self.skip()
-            self.i += 2 if double else 1
-            path: Path = ()
-            for key, at in parts[:-1]:
-                path = (*path, key)
-                self.spots.setdefault(path, (at, at))
-                if path in arrays:  # [[a]] then [a.b] or [[a.b]]: inside the last a
-                    path = (*path, arrays[path] - 1)
-            key, at = parts[-1]  # a table is placed at its name in the header
-            path = (*path, key)
-            if double:
-                self.spots.setdefault(path, (at, at))
-                index = arrays.get(path, 0)
-                arrays[path] = index + 1
-                path = (*path, index)
-            self.spots[path] = (at, at)
-            table = path
-
-    def pair(self, table: Path) -> None:
-        parts = self.key()
-        path = table
-        for key, at in parts:
-            path = (*path, key)
-            self.spots.setdefault(path, (at, at))
-        self.skip()
-        if self.text[self.i] != "=":
-            raise ValueError(f"expected '=' at index {self.i}")
-        self.i += 1
-        self.skip()
-        self.spots[path] = (parts[-1][1], self.i)
-        self.value(path)
-
-    def key(self) -> list[tuple[str, int]]:
-        """A dotted key: each part and the index it starts at."""
-        text = self.text
-        parts = []
-        while True:
-            self.skip()
-            start = self.i
-            if text[start] == '"':
-                self.basic_string()
-                key = tomllib.loads("k = " + text[start:self.i])["k"]
-            elif text[start] == "'":
-                self.i = text.index("'", start + 1) + 1
-                key = text[start + 1:self.i - 1]
-            else:
-                match = _BARE_KEY.match(text, start)
-                if match is None:
-                    raise ValueError(f"expected a key at index {start}")
-                key, self.i = match[0], match.end()
-            parts.append((key, start))
-            self.skip()
-            if text[self.i:self.i + 1] != ".":
-                return parts
-            self.i += 1
-
-    def value(self, path: Path) -> None:
-        text, start = self.text, self.i
-        if text.startswith(('"""', "'''"), start):
-            quote = text[start]
-            self.i += 3
-            while not text.startswith(quote * 3, self.i):
-                self.i += 2 if quote == '"' and text[self.i] == "\\" else 1
-            run = 3  # up to two more quotes are part of the string
-            while run < 5 and text[self.i + run:self.i + run + 1] == quote:
-                run += 1
-            self.i += run
-        elif text[start] == '"':
-            self.basic_string()
-        elif text[start] == "'":
-            self.i = text.index("'", start + 1) + 1
-        elif text[start] in "[{":
-            close = "]" if text[start] == "[" else "}"
-            self.i += 1
-            index = 0
-            while True:
-                self.skip(lines=True)
-                if text[self.i] == close:
-                    self.i += 1
-                    return
-                if text[self.i] == ",":
-                    self.i += 1
-                elif close == "}":
-                    self.pair(path)
-                else:
-                    self.spots[(*path, index)] = (self.i, self.i)
-                    self.value((*path, index))
-                    index += 1
-        else:  # a number, boolean, date or time: up to what ends a value
-            while self.i < len(text) and text[self.i] not in ",]}#\n":
-                self.i += 1
-
-    def basic_string(self) -> None:
-        text = self.text
-        self.i += 1
-        while text[self.i] != '"':
-            self.i += 2 if text[self.i] == "\\" else 1
-        self.i += 1
-
-    def skip(self, *, lines: bool = False) -> None:
-        """Past blanks; with ``lines``, past line ends and comments too."""
-        text = self.text
-        while self.i < len(text):
-            c = text[self.i]
-            if c in " \t" or (lines and c in "\r\n"):
-                self.i += 1
-            elif lines and c == "#":
-                end = text.find("\n", self.i)
-                self.i = len(text) if end < 0 else end
-            else:
-                return

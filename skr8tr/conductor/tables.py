@@ -259,7 +259,7 @@ class AppState:
     given_up: int = 0
     rolling: bool = False  # a rollout owns the replicas; the reconciler waits
     placement_error: str | None = None
-    # The kept revisions and history rows (core/rollout.py retain prunes the others).
+    # The kept revisions and history rows (core/revisions.py retain prunes the others).
     revisions: dict[int, Revision] = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
     # The highest generation ever taken: the next one is above it, whatever was pruned.
