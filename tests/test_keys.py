@@ -277,8 +277,8 @@ def test_authorized_keys_is_frozen():
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
-        (f"root {K1}\n", 1, "unknown role 'root' (expected admin or node)"),
-        (f"Admin {K1}\n", 1, "unknown role 'Admin' (expected admin or node)"),
+        (f"root {K1}\n", 1, "unknown role 'root' (expected admin, node or ingress)"),
+        (f"Admin {K1}\n", 1, "unknown role 'Admin' (expected admin, node or ingress)"),
         (f"# ok\n\nadmin {K1}\nnodes {K2}\n", 4, "unknown role 'nodes'"),
         ("admin\n", 1, "missing public key after role 'admin'"),
         ("\n\nnode   # no key here\n", 3, "missing public key after role 'node'"),

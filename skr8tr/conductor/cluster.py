@@ -2,11 +2,13 @@
 
 Everything that changes the cluster's state is a method of :class:`Cluster`
 and runs synchronously, so no change is ever half-applied while another task
-looks (the house rule of h11's ``_state.py``). The transitions are in two
+looks (the house rule of h11's ``_state.py``). The transitions are in three
 files by who drives them: here commands, rollouts and the reconciler
-(launch, drain, stop, apps, the reconcile pass, the store); in
+(launch, drain, stop, apps, the reconcile pass); in
 :mod:`~skr8tr.conductor.node_reports` what nodes report (hello, heartbeats,
-replica states, silence). The records and indexes are in
+replica states, silence); in :mod:`~skr8tr.conductor.durable` the store (a
+command's change committed, a rollout's progress saved, the state loaded at
+start). The records and indexes are in
 :mod:`~skr8tr.conductor.tables`, port claims in :mod:`~skr8tr.conductor.ports`,
 the rows shown to people in :mod:`~skr8tr.conductor.views`, the long-running
 tasks in :mod:`~skr8tr.conductor.loops`. I/O stays outside: messages to a
@@ -28,29 +30,22 @@ heartbeat is O(1).
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Set
+from collections.abc import Callable, Mapping, Set
 from typing import Any, Protocol
 
 import trio
 
-from skr8tr.conductor import state_file
-from skr8tr.conductor.errors import CommandError
+from skr8tr.conductor.durable import DurableState
 from skr8tr.conductor.events import EventBus
 from skr8tr.conductor.node_reports import NodeReports
 from skr8tr.conductor.ports import PortClaims
 from skr8tr.conductor.seat import Seat
 from skr8tr.conductor.store import (
-    Change,
-    FenceLost,
     MemoryStore,
     Store,
-    StoreError,
-    StoreOutcomeUnknown,
-    StoreUnavailable,
 )
 from skr8tr.conductor.tables import (
     AppState,
@@ -59,12 +54,18 @@ from skr8tr.conductor.tables import (
     ReplicaState,
     ReplicaTable,
     Revision,
-    app_from_stored,
     manifest_sha256,
-    stored_app,
 )
-from skr8tr.core import node_protocol, placement, placement_token, reconcile, replica_state, why
-from skr8tr.core import rollout as rollout_plan
+from skr8tr.conductor.traffic import TrafficBook
+from skr8tr.core import (
+    node_protocol,
+    placement,
+    placement_token,
+    reconcile,
+    replica_state,
+    revisions,
+    why,
+)
 from skr8tr.core.manifest import Manifest
 
 log = logging.getLogger("skr8tr.conductor")
@@ -86,7 +87,7 @@ class RolloutView(Protocol):
     def stored(self, now: float) -> dict[str, Any]: ...
 
 
-class Cluster(NodeReports):
+class Cluster(NodeReports, DurableState):
     """Desired and observed state of the whole cluster, and every change to it."""
 
     def __init__(
@@ -100,14 +101,14 @@ class Cluster(NodeReports):
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] = time.time,
         seat: Seat | None = None,
-        keep_revisions: int = rollout_plan.DEFAULT_KEEP_REVISIONS,
+        keep_revisions: int = revisions.DEFAULT_KEEP_REVISIONS,
     ) -> None:
         # Leader or follower, the term, the leader's URL (a lone conductor: leader, term 0).
         self.seat = Seat(url="") if seat is None else seat
         # Called with the reason when a write finds that another conductor leads now.
         self.deposed: Callable[[str], None] = lambda reason: None
         self.node_timeout_s = node_timeout_s
-        # --keep-revisions: manifests kept per app besides the current one (core/rollout.py
+        # --keep-revisions: manifests kept per app besides the current one (core/revisions.py
         # retain); older ones are pruned when a rollout starts.
         self.keep_revisions = keep_revisions
         self.port_range = port_range
@@ -149,6 +150,8 @@ class Cluster(NodeReports):
         self.ended: collections.OrderedDict[str, ReplicaState] = collections.OrderedDict()
         # App -> its last rollout, running or ended (the rollout manager's records).
         self.rollouts: dict[str, RolloutView] = {}
+        # What the ingresses counted per replica and generation (/v1/ingress).
+        self.traffic = TrafficBook(self._replica_owner)
 
     # ------------------------------------------------------------------ signals to loops
 
@@ -350,6 +353,12 @@ class Cluster(NodeReports):
                                 undrained=True)
             self.mark_dirty(r.app)
 
+    def _replica_owner(self, replica_id: str) -> tuple[str, int] | None:
+        """The app and generation of a replica held or recently ended (traffic reports
+        may arrive just after an end)."""
+        r = self.replicas.get(replica_id) or self.ended.get(replica_id)
+        return None if r is None else (r.app, r.generation)
+
     def forget_replica(self, replica_id: str) -> None:
         """Drop the row of an ended replica."""
         r = self.replicas.pop(replica_id, None)
@@ -501,102 +510,6 @@ class Cluster(NodeReports):
                      fmt: str) -> Revision:
         return Revision(generation, manifest, text, fmt, manifest_sha256(text))
 
-    # ------------------------------------------------------------------ durable state
-
-    @contextlib.asynccontextmanager
-    async def changing(self, app: str) -> AsyncIterator[None]:
-        """Hold while changing ``app``'s desired state: compute, ``commit``, apply. Changes
-        of one app are made one after the other, so that each starts from the one before
-        it and the store ends as memory does; changes of different apps overlap (and
-        share the store's writes)."""
-        lock = self._app_locks.get(app)
-        if lock is None:
-            lock = self._app_locks[app] = trio.Lock()
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()  # uncontended: no scheduling round on a command's path
-        try:
-            yield
-        finally:
-            lock.release()
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._app_locks.pop(app, None)
-
-    async def commit(self, change: Change) -> None:
-        """Make a command's change durable before it takes effect here (hold ``changing``).
-
-        Raises CommandError INTERNAL when the store cannot; it kept nothing of it."""
-        try:
-            await self.store.apply(change)
-        except StoreOutcomeUnknown as exc:
-            # Memory no longer knows what the store holds: end this term, so that the
-            # next one (this conductor or another) loads the truth from the store.
-            self.deposed(f"a write's outcome is unknown: {exc}")
-            raise CommandError("UNAVAILABLE", f"{exc}; it may have been applied: check "
-                               "with `skr8tr status`") from None
-        except StoreUnavailable as exc:
-            raise CommandError("UNAVAILABLE", f"{exc}; nothing was changed") from None
-        except FenceLost as exc:
-            self.deposed(str(exc))
-            raise CommandError("NOT_LEADER", f"{exc}; nothing was changed") from None
-        except StoreError as exc:
-            raise CommandError("INTERNAL", f"{exc}; nothing was changed") from None
-
-    def save_soon(self, app: str) -> None:
-        """``app`` changed other than by a command (a rollout went a batch further, or
-        ended): store it as it is then, and its last rollout; retried until stored."""
-        self.unsaved.add(app)
-        self.unsaved_event.set()
-
-    def saved_form(self, app: str) -> Change:
-        """The change that stores ``app`` (and its last rollout) as it is now, or removes
-        it when it is gone."""
-        current = self.apps.get(app)
-        if current is None:
-            return Change(apps={app: None}, rollouts={app: None})
-        rollout = self.rollouts.get(app)
-        return Change(apps={app: stored_app(current)},
-                      rollouts={} if rollout is None else {app: rollout.stored(self.clock())})
-
-    def rollout_statuses(self) -> list[dict[str, Any]]:
-        """The last rollout of each app, as ``rollout status --json`` shows it."""
-        now = self.clock()
-        return [r.status(now) for _, r in sorted(self.rollouts.items())]
-
-    async def open_store(self, where: str) -> tuple[state_file.StoredState | None, list[str]]:
-        """At start: load the desired state from the store (``where`` names it in errors)
-        and keep this conductor's placement secret in it. Returns what was stored and the
-        apps whose rollout a restart interrupted. Raises StateFileError when a stored
-        manifest no longer parses, StoreError when the secret cannot be stored."""
-        stored = await self.store.load()
-        interrupted = [] if stored is None else self.load_state(stored, where)
-        if stored is None or stored.placement_key is None:
-            # Kept from the first start on: tokens given before a restart still prove.
-            await self.store.apply(Change(placement_key=self.placement_secret.hex()))
-        return stored, interrupted
-
-    def load_state(self, stored: state_file.StoredState, where: str) -> list[str]:
-        """Rebuild apps from the store (``where`` names it in errors); returns the apps whose
-        rollout was interrupted. Raises StateFileError when a stored manifest no longer
-        parses."""
-        interrupted = []
-        if stored.placement_key is not None:
-            self.placement_secret = bytes.fromhex(stored.placement_key)
-        for s in stored.apps:
-            app = app_from_stored(s, where)
-            if any(h.state == "rolling" for h in app.history):
-                app.rolling = True  # the rollout manager ends it once nodes have reported
-                interrupted.append(app.name)
-            self.apps[app.name] = app
-            self.loaded_apps.add(app.name)
-        log.info("loaded %d app(s) from %s%s", len(stored.apps), where,
-                 f"; interrupted rollouts: {', '.join(interrupted)}" if interrupted else "")
-        return interrupted
-
-    def start_adopt_grace(self) -> None:
-        self.adopt_until = self.clock() + self.adopt_grace_s
-
     # ------------------------------------------------------------------ apps
 
     def new_app(self, manifest: Manifest, text: str, fmt: str) -> AppState:
@@ -622,6 +535,7 @@ class Cluster(NodeReports):
         self.apps.pop(name)
         self.loaded_apps.discard(name)
         self.replicas.ran.forget_app(name)  # its logs are no longer asked for
+        self.traffic.forget_app(name)
         stopping = 0
         for r in self.replicas.of_app(name):
             if r.state in reconcile.ENDED_STATES:

@@ -82,7 +82,9 @@ AUTH_ERROR_CODES = ("UNAUTHORIZED", "EXPIRED", "REPLAY")
 NONCE_MIN_HEX = 16
 NONCE_MAX_HEX = 128
 CHALLENGE_BYTES = 32
-_JOIN_DOMAIN = b"skr8tr-node-join:"
+# What a join signature signs begins with its role's domain, so an answer given to join
+# as one role never verifies as another (a node's hello is no ingress's).
+_JOIN_DOMAINS = {"node": b"skr8tr-node-join:", "ingress": b"skr8tr-ingress-join:"}
 
 _LOWER_HEX_RE = re.compile(r"[0-9a-f]+")
 
@@ -357,19 +359,21 @@ def _key_and_sig(key: object, sig: object) -> Algorithm:
 
 
 def new_challenge() -> bytes:
-    """A fresh random challenge for a joining node (CHALLENGE_BYTES bytes)."""
+    """A fresh random challenge for a joining node or ingress (CHALLENGE_BYTES bytes)."""
     return os.urandom(CHALLENGE_BYTES)
 
 
-def _join_message(challenge: bytes, node_id: str) -> bytes:
-    return _JOIN_DOMAIN + challenge + b":" + node_id.encode("utf-8")
+def _join_message(challenge: bytes, node_id: str, role: str) -> bytes:
+    return _JOIN_DOMAINS[role] + challenge + b":" + node_id.encode("utf-8")
 
 
-def sign_challenge(signer: Signer, challenge: bytes, node_id: str) -> str:
-    """Answer a join challenge: the signature as lowercase hex."""
+def sign_challenge(signer: Signer, challenge: bytes, node_id: str, *, role: str = "node"
+                   ) -> str:
+    """Answer a join challenge as ``role`` (``node``, or ``ingress`` with the ingress's
+    name as ``node_id``): the signature as lowercase hex."""
     if len(challenge) != CHALLENGE_BYTES:
         raise ValueError(f"challenge must be {CHALLENGE_BYTES} bytes, got {len(challenge)}")
-    return signer.sign(_join_message(challenge, node_id)).hex()
+    return signer.sign(_join_message(challenge, node_id, role)).hex()
 
 
 def verify_challenge(
@@ -397,7 +401,7 @@ def verify_challenge(
         raise AuthError("UNAUTHORIZED", authorized.refusal(key, role))
     fpr = fingerprint(key)
     try:
-        message = _join_message(challenge, node_id)
+        message = _join_message(challenge, node_id, role)
     except UnicodeEncodeError:
         raise AuthError("UNAUTHORIZED", "node id is not valid UTF-8") from None
     if not verify(key, message, sig):

@@ -58,7 +58,7 @@ __all__ = [
     "parse_authorized_keys",
 ]
 
-ROLES = ("admin", "node")
+ROLES = ("admin", "node", "ingress")
 SECRET_KEY_FILE = "signing.sec"
 PUBLIC_KEY_FILE = "signing.pub"
 
@@ -254,11 +254,11 @@ def parse_authorized_keys(text: str, *, filename: str = "<authorized-keys>") -> 
                 filename,
                 lineno,
                 "line starts with a key; expected `ROLE PUBLIC_KEY [comment]` "
-                "with ROLE admin or node",
+                "with ROLE admin, node or ingress",
             )
         if role not in ROLES:
             raise AuthorizedKeysError(
-                filename, lineno, f"unknown role {_short(role)} (expected admin or node)"
+                filename, lineno, f"unknown role {_short(role)} (expected admin, node or ingress)"
             )
         if len(words) < 2 or words[1].startswith("#"):
             raise AuthorizedKeysError(

@@ -7,8 +7,8 @@ tree into a `Manifest`, so every rule, default and error message exists once,
 whatever the format. The formatters go the other way through one sparse dict,
 so ``.skr8tr`` and TOML output agree too. The pieces, one file each:
 
-- :mod:`skr8tr.core.manifest_model`: `Manifest`, `HealthCheck`, `RolloutPolicy`,
-  `ManifestError` and the limits (``MAX_REPLICAS``...);
+- :mod:`skr8tr.core.manifest_model`: `Manifest`, `HealthCheck`, `RolloutPolicy` and its
+  `Analysis`, `ManifestError` and the limits (``MAX_REPLICAS``...);
 - :mod:`skr8tr.core.manifest_tree`: the tree and errors that know their position;
 - :mod:`skr8tr.core.manifest_syntax`: the ``.skr8tr`` lines, indentation and quoting;
 - :mod:`skr8tr.core.manifest_toml`: TOML, with the position of every key;
@@ -42,6 +42,7 @@ from skr8tr.core.manifest_model import (
     RAM_UNITS,
     RESTARTS,
     TYPES,
+    Analysis,
     HealthCheck,
     Manifest,
     ManifestError,
@@ -55,7 +56,7 @@ from skr8tr.core.manifest_tree import Problem, Problems, decode_source
 __all__ = [
     "FORMATS", "TYPES", "RESTARTS", "ORDERS", "PLACEHOLDERS", "MAX_REPLICAS", "MAX_SURGE",
     "MAX_RETRIES", "MAX_CPU", "RAM_UNITS", "MAX_RAM_BYTES", "MAX_LINE_CHARS", "MAX_VALUE_CHARS",
-    "ManifestError", "HealthCheck", "RolloutPolicy", "Manifest", "parse_manifest",
+    "ManifestError", "HealthCheck", "Analysis", "RolloutPolicy", "Manifest", "parse_manifest",
     "format_skr8tr", "format_toml", "manifest_to_dict", "shell_words", "Comments",
     "read_comments",
 ]

@@ -93,6 +93,25 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class Analysis:
+    """The ``analysis`` block of ``rollout`` (DESIGN.md §11): each batch's new replicas
+    are judged on the traffic the ingresses routed to them for ``window_ms`` after the
+    batch is ready. ``max_error_rate`` is a fraction (``1%`` is 0.01) of requests that
+    got a 5xx answer or could not reach the replica; ``max_p99_ms`` None: latency is
+    not judged; fewer than ``min_requests`` in the window: keep watching, up to the
+    rollout's ``ready-timeout``."""
+
+    window_ms: int = 30000
+    max_error_rate: float = 0.01
+    max_p99_ms: int | None = None
+    min_requests: int = 20
+
+    @property
+    def window_s(self) -> float:
+        return self.window_ms / 1000
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
     settle_ms: int = 8000
     surge: int = 1
@@ -100,6 +119,7 @@ class RolloutPolicy:
     drain_ms: int = 0
     auto_rollback: bool = True
     order: str = "start-first"
+    analysis: Analysis | None = None  # None: batches are not judged on traffic
 
     @property
     def settle_s(self) -> float:
