@@ -62,7 +62,8 @@ def auth_code(req, **kw) -> str:
 
 def test_command_sets():
     signed_cmds = {"up", "down", "rollout", "rollout-abort", "rollout-undo", "scale", "logs",
-                   "restart", "describe", "revision"}
+                   "restart", "describe", "revision", "rollout-promote", "rollout-pause",
+                   "rollout-resume"}
     read_only = {"ping", "list", "nodes", "status", "history", "rollout-status"}
     assert signed_cmds == SIGNED_COMMANDS
     assert read_only == READ_ONLY_COMMANDS

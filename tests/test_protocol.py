@@ -78,7 +78,7 @@ def test_constants():
         "UNAVAILABLE",
     )
     assert COMMANDS == SIGNED_COMMANDS | READ_ONLY_COMMANDS
-    assert len(COMMANDS) == 16
+    assert len(COMMANDS) == 19
 
 
 # --------------------------------------------------------------------------- args per command
@@ -96,6 +96,9 @@ GOOD_ARGS = [
     ("rollout", dict(MANIFEST, force=True), dict(MANIFEST, force=True)),
     ("rollout-status", {"app": "web"}, {"app": "web"}),
     ("rollout-abort", {"app": "web"}, {"app": "web"}),
+    ("rollout-promote", {"app": "web"}, {"app": "web"}),
+    ("rollout-pause", {"app": "web"}, {"app": "web"}),
+    ("rollout-resume", {"app": "web"}, {"app": "web"}),
     ("rollout-undo", {"app": "web", "to": 3}, {"app": "web", "to": 3, "force": False}),
     ("rollout-undo", {"app": "web"}, {"app": "web", "to": None, "force": False}),
     ("rollout-undo", {"app": "web", "to": None}, {"app": "web", "to": None, "force": False}),
@@ -175,6 +178,9 @@ BAD_ARGS = [
     ("rollout", {"app": "web"}, 'unknown argument "app" for rollout'),
     ("rollout-status", {}, "args.app is required"),
     ("rollout-abort", {"app": 3}, "args.app must be"),
+    ("rollout-promote", {}, "args.app is required"),
+    ("rollout-pause", {"app": "web", "force": True}, 'unknown argument "force"'),
+    ("rollout-resume", {"app": "Bad App"}, "args.app must be"),
     ("rollout-undo", {"app": "web", "to": 0}, "args.to must be a generation number >= 1, or null"),
     ("rollout-undo", {"app": "web", "to": "2"}, "args.to must be"),
     ("rollout-undo", {"app": "web", "to": False}, "args.to must be"),

@@ -116,7 +116,11 @@ async def test_rollout_without_health_takes_exactly_the_settle_windows(
     first = await h.run("rollout", manifest("v2", rollout=rollout))
     assert first == {"app": "web", "state": "rolling", "from_generation": 1,
                      "to_generation": 2, "replaced": 0, "total": 3,
-                     "message": first["message"]}
+                     "message": first["message"],
+                     # §11's fields: no analysis block, nothing routed yet
+                     "paused": False, "analysis": None,
+                     "traffic": [{"generation": g, "requests": 0, "errors": 0, "failed": 0,
+                                  "error_rate": None, "p99_ms": None} for g in (1, 2)]}
     final = await h.until_done()
     assert trio.current_time() - t0 == pytest.approx(expected_s)
     assert final["state"] == "complete" and final["replaced"] == 3

@@ -300,7 +300,18 @@ def make_rollout_handlers(rollouts: RolloutManager) -> dict[str, Handler]:
     async def cmd_restart(cluster: Cluster, args: dict) -> Any:
         return await rollouts.restart(args["app"], force=args.get("force", False))
 
-    return {"rollout": cmd_rollout, "rollout-status": cmd_rollout_status,
+    async def cmd_rollout_promote(cluster: Cluster, args: dict) -> Any:
+        return await rollouts.promote(args["app"])
+
+    async def cmd_rollout_pause(cluster: Cluster, args: dict) -> Any:
+        return await rollouts.pause(args["app"], True)
+
+    async def cmd_rollout_resume(cluster: Cluster, args: dict) -> Any:
+        return await rollouts.pause(args["app"], False)
+
+    return {"rollout-promote": cmd_rollout_promote, "rollout-pause": cmd_rollout_pause,
+            "rollout-resume": cmd_rollout_resume,
+            "rollout": cmd_rollout, "rollout-status": cmd_rollout_status,
             "rollout-abort": cmd_rollout_abort, "rollout-undo": cmd_rollout_undo,
             "restart": cmd_restart}
 

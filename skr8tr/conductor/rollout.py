@@ -12,6 +12,11 @@ which old replica goes next, when a batch is ready, when the rollout fails,
 rolls back or is complete, how one cut short by a conductor restart ends —
 is decided in the core.
 
+A batch judged on its traffic (§11) waits for the next change, the next ingress
+report or its deadline; the record (:mod:`skr8tr.conductor.rollout_record`) holds
+the live figures. ``promote``, ``pause`` and ``resume`` set a flag on the record and
+wake the task, which applies it at its next decision.
+
 An abort cancels the scope. Whatever the ending, the ``finally`` block —
 shielded and bounded by :data:`CLEANUP_S` — stops every new-generation
 replica that is not part of the outcome, so their ports are released, and
@@ -24,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.errors import CommandError
+from skr8tr.conductor.rollout_controls import RolloutControls, asked, first_of
+from skr8tr.conductor.rollout_record import LiveAnalysis, RolloutRecord
 from skr8tr.conductor.store import Change
 from skr8tr.conductor.tables import AppState, HistoryEntry, Revision, stored_app
 from skr8tr.core import placement, revisions
@@ -44,49 +50,7 @@ STOP_CONFIRM_EXTRA_S = 15.0  # beyond stop-grace, how long to wait for a node's 
 ABORT_WAIT_S = 45.0  # how long `rollout abort` waits for the cleanup before answering
 
 
-@dataclass
-class RolloutRecord:
-    app: str
-    from_generation: int
-    to_generation: int
-    total: int
-    started_wall: float
-    started_clock: float
-    state: str = "rolling"
-    replaced: int = 0
-    phase: str = "starting"
-    phase_since: float = 0.0
-    reason: str = ""  # why it failed, kept after the final message is set
-    # The count once complete; None: the manifest's `replicas`. Stored with `kind`, so a
-    # restarted conductor ends an interrupted restart as the restart it was.
-    desired: int | None = None
-    kind: str = "rollout"  # what started it: "rollout", "undo" or "restart"
-    probe: str | None = None  # while waiting for readiness: the first waited-for's last probe
-    finished_wall: float | None = None
-    launched: set[str] = field(default_factory=set)
-    draining: set[str] = field(default_factory=set)  # drained, not yet told to stop
-    done: trio.Event = field(default_factory=trio.Event)
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-    def status(self, now: float) -> dict[str, Any]:
-        """What ``skr8tr rollout status APP --json`` prints (each key is part of the contract)."""
-        if self.state == "rolling":
-            probe = f" (last probe: {self.probe})" if self.probe else ""
-            message = f"{self.phase}{probe} · {now - self.phase_since:.1f} s"
-        else:
-            message = self.phase
-        return {"app": self.app, "state": self.state, "from_generation": self.from_generation,
-                "to_generation": self.to_generation, "replaced": self.replaced,
-                "total": self.total, "message": message}
-
-    def stored(self, now: float) -> dict[str, Any]:
-        """What the store keeps of it: its status, its kind and the count it was started
-        for (state_file.py checks both)."""
-        return {**self.status(now), "kind": self.kind,
-                **({} if self.desired is None else {"desired": self.desired})}
-
-
-class RolloutManager:
+class RolloutManager(RolloutControls):
     """The registry of rollouts by app and the nursery their tasks live in."""
 
     def __init__(self, cluster: Cluster) -> None:
@@ -199,7 +163,9 @@ class RolloutManager:
         record = RolloutRecord(app=app.name, from_generation=app.generation,
                                to_generation=revision.generation, total=app.desired,
                                started_wall=cluster.wall(), started_clock=cluster.clock(),
-                               phase_since=cluster.clock(), desired=desired, kind=kind)
+                               phase_since=cluster.clock(), desired=desired, kind=kind,
+                               book=cluster.traffic,
+                               traffic_start=cluster.traffic.generations(app.name))
         entry = HistoryEntry(revision.generation, "rolling", record.started_wall, None,
                              revision.sha256)
         stored = {**app.revisions, revision.generation: revision}
@@ -326,7 +292,8 @@ class RolloutManager:
             app=app_name, from_generation=app.generation, to_generation=generation,
             total=app.desired, started_wall=entry.started, started_clock=cluster.clock(),
             phase="interrupted by a conductor restart; waiting for the nodes to report",
-            phase_since=cluster.clock())
+            phase_since=cluster.clock(), book=cluster.traffic,
+            traffic_start=cluster.traffic.generations(app_name))
         if stored is not None and stored.to_generation == generation:
             record.replaced = stored.replaced
             record.kind, record.desired = stored.kind, stored.desired
@@ -387,8 +354,9 @@ class RolloutManager:
         try:
             with record.cancel_scope:
                 while True:
+                    progress = asked(record, progress)
                     seen = _AppReplicas(cluster, app.name, plan.watching(progress))
-                    step = plan.decide(progress, seen, cluster.clock())
+                    step = plan.decide(progress, seen, cluster.clock(), cluster.traffic.sum_of)
                     if isinstance(step, plan.Finish):
                         break
                     progress = await self._do(record, app, step)
@@ -442,6 +410,34 @@ class RolloutManager:
                 with trio.move_on_at(deadline):
                     await cluster.wait_changed()
                 return then
+            case plan.AwaitTraffic(waiting, generation, until, since, _, phase, then):
+                a = record.analysis
+                if a is None or (a.replicas, a.since) != (waiting, since):
+                    record.analysis = LiveAnalysis(generation, waiting, since,
+                                                   then.work.baseline, then.work.policy.analysis)
+                if record.phase != phase:
+                    self._phase(record, phase, replicas=list(waiting))
+                with trio.move_on_at(until):
+                    await first_of(cluster.wait_changed, cluster.traffic.wait_added,
+                                    record.poked.wait)
+                return then
+            case plan.AnalysisDone(verdict, replicas, generation, seen, elapsed_s, then):
+                a = record.analysis
+                if a is None or a.replicas != replicas:  # judged at its first decision
+                    a = record.analysis = LiveAnalysis(
+                        generation, replicas, cluster.clock() - elapsed_s, seen,
+                        app.revisions[generation].manifest.rollout.analysis)
+                a.verdict, a.seen, a.elapsed_s = verdict, seen, elapsed_s
+                record.poke()  # a promote waits for this
+                cluster.events.publish("rollout.analysis", app=app.name,
+                                       to_generation=record.to_generation,
+                                       **a.status(cluster.traffic, cluster.clock()))
+                return then
+            case plan.Hold(phase, then):
+                self._phase(record, phase)
+                while record.paused:
+                    await record.poked.wait()
+                return then
             case plan.Retire(replica_ids, then):
                 await self._drain_and_stop(record, app, list(replica_ids))
                 return then
@@ -474,6 +470,10 @@ class RolloutManager:
             record.state = "failed"
             record.phase = "the rollout task ended unexpectedly; see the conductor log"
         record.finished_wall = self.cluster.wall()
+        record.freeze_traffic()
+        if record.analysis is not None and record.analysis.seen is None:
+            a = record.analysis  # cut short (abort): the figures it had
+            a.seen, a.elapsed_s = a.figures(record.book, self.cluster.clock())
         for entry in app.history:
             if entry.generation == record.to_generation:
                 entry.state = record.state

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import trio
+
 from skr8tr.core.traffic import Counts, Report
 
 GENERATIONS_KEPT = 16
@@ -33,6 +35,7 @@ class TrafficBook:
         self.rows_added = 0  # ever, for /metrics
         self.rows_unknown = 0  # rows naming a replica this conductor does not hold
         self._prune_at = 64
+        self._added = trio.Event()  # set (and replaced) when a report adds a row
 
     def add(self, report: Report) -> int:
         """Add one report's rows; returns how many named a replica this conductor
@@ -51,9 +54,17 @@ class TrafficBook:
             gens.setdefault(generation, Counts()).add(counts)
             added += 1
         self.rows_added += added
+        if added:
+            self._added.set()
+            self._added = trio.Event()
         if len(self._replicas) > self._prune_at:
             self._prune()
         return added
+
+    async def wait_added(self) -> None:
+        """Return when the next report adds counts (a rollout judging a batch looks
+        again: enough traffic may pass it at once)."""
+        await self._added.wait()
 
     def of_replica(self, replica_id: str) -> Counts:
         """The running sum for one replica (a copy; zero if none was reported)."""

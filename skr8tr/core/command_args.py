@@ -85,6 +85,9 @@ ARG_SPECS: dict[str, dict[str, _Arg]] = {
     },
     "rollout-status": {"app": _APP},
     "rollout-abort": {"app": _APP},
+    "rollout-promote": {"app": _APP},
+    "rollout-pause": {"app": _APP},
+    "rollout-resume": {"app": _APP},
     "rollout-undo": {
         "app": _APP,
         "to": _Arg("a generation number >= 1, or null",

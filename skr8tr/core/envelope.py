@@ -72,7 +72,7 @@ REQUEST_WINDOW_S = 30.0
 # values may be secret). `restart` is a rollout.
 SIGNED_COMMANDS = frozenset(
     {"up", "down", "rollout", "rollout-abort", "rollout-undo", "scale", "logs", "restart",
-     "describe", "revision"}
+     "describe", "revision", "rollout-promote", "rollout-pause", "rollout-resume"}
 )
 READ_ONLY_COMMANDS = frozenset({"ping", "list", "nodes", "status", "history", "rollout-status"})
 COMMANDS = SIGNED_COMMANDS | READ_ONLY_COMMANDS

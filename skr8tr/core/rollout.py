@@ -34,31 +34,41 @@ The rules, as the runner has always followed them:
 - A rollout a conductor restart cut short (:func:`interrupted_generation`) is
   ended by that same policy (:func:`recover`): rolled back or failed, never
   resumed.
+- With an ``analysis`` block, each forward batch (replacing or growing, never a
+  rollback) is judged on its traffic once all of it is ready, before its old replicas
+  go (:class:`AwaitTraffic`; the arithmetic is :mod:`skr8tr.core.analysis`).
+  :func:`promote` passes the batch under analysis at once. A paused rollout
+  (:func:`pause`) holds before it starts its next batch (:class:`Hold`).
 
-Besides: how a failure is told to a person. Which generation number comes next,
-which revision ``undo`` returns to and which revisions are kept is
-:mod:`skr8tr.core.revisions`.
+How a failure is told to a person is :mod:`skr8tr.core.rollout_failures`. Which
+generation number comes next, which revision ``undo`` returns to and which revisions
+are kept is :mod:`skr8tr.core.revisions`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from skr8tr.core import protocol, replica_state
+from skr8tr.core import analysis, protocol, replica_state
 from skr8tr.core.manifest import HealthCheck, RolloutPolicy
 from skr8tr.core.revisions import HistoryView
+from skr8tr.core.rollout_failures import describe_failure, probe_line, probe_verdict
+from skr8tr.core.traffic import Counts
 
 __all__ = [
     "FINAL_STATES",
     "PORT_CLASH_RETRIES",
+    "AnalysisDone",
     "AwaitReady",
+    "AwaitTraffic",
     "Announce",
     "BatchDone",
     "Failed",
     "Finish",
+    "Hold",
     "Launch",
     "Pass",
     "Progress",
@@ -75,6 +85,8 @@ __all__ = [
     "interrupted_generation",
     "launched",
     "next_to_replace",
+    "pause",
+    "promote",
     "probe_line",
     "probe_verdict",
     "recover",
@@ -121,24 +133,13 @@ class ReplicaView:
     probe_count: int = 0
 
 
-def probe_line(text: str | None, count: int) -> str | None:
-    """A last probe as people read it: ``GET /healthz -> 404, want 200 (3 in a row)``."""
-    if text is None:
-        return None
-    return f"{text} ({count} in a row)" if count > 1 else text
-
-
-def probe_verdict(r: ReplicaView, health: HealthCheck | None) -> str | None:
-    """Why ``r`` will not become ready by waiting, or None: its health check got a
-    definite wrong answer (:meth:`HealthCheck.refuses`: a complete response with
-    another status than ``health`` wants, 503 excepted) ``retries`` times in a row."""
-    if health is None or not health.refuses(r.probe_status) or r.probe_count < health.retries:
-        return None
-    return (f"failed its health check {r.probe_count} times in a row: "
-            f"{r.probe or f'HTTP {r.probe_status}'}")
-
-
 Replicas = Mapping[str, ReplicaView]  # the app's replicas by id
+# What the ingresses counted for some replicas, a running sum (TrafficBook.sum_of).
+Traffic = Callable[[Iterable[str]], Counts]
+
+
+def _no_traffic(ids: Iterable[str]) -> Counts:
+    return Counts()
 
 
 def next_to_replace(replicas: Replicas, generation: int, count: int) -> tuple[str, ...]:
@@ -177,6 +178,12 @@ class Pass:
     ready: bool = False  # all of them were ready together: the batch is not judged again
     old_gone: bool = False  # the current batch's old replicas are drained and stopped
     health: HealthCheck | None = None  # the health check of the revision launched
+    # The current batch's analysis: when it started (all of it ready), the sum of its
+    # traffic then; `judged`: passed (or promoted), not judged again.
+    since: float | None = None
+    baseline: Counts | None = None
+    judged: bool = False
+    promoted: bool = False  # `rollout promote`: the analysis under way passes at once
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ class Progress:
     recovering: bool = False  # ending a rollout a conductor restart cut short
     forward_health: HealthCheck | None = None  # the new revision's health check
     back_health: HealthCheck | None = None  # the previous revision's
+    paused: bool = False  # `rollout pause`: hold before the next batch starts
 
 
 def begin(*, app: str, from_generation: int, to_generation: int, total: int, want: int,
@@ -283,6 +291,43 @@ class AwaitReady:
 
 
 @dataclass(frozen=True)
+class AwaitTraffic:
+    """The batch ``waiting`` (all ready) is judged on its traffic: wait for the next
+    change (new traffic among them), or until ``until``; then decide again from
+    ``then``. ``seen``: its traffic since the analysis started at ``since``."""
+
+    waiting: tuple[str, ...]
+    generation: int
+    until: float
+    since: float
+    seen: Counts
+    phase: str
+    then: Progress
+
+
+@dataclass(frozen=True)
+class AnalysisDone:
+    """The analysis of batch ``replicas`` ended: ``verdict`` "passed", "promoted" or
+    "failed" (``then`` carries the failure), on ``seen`` in ``elapsed_s``."""
+
+    verdict: str
+    replicas: tuple[str, ...]
+    generation: int
+    seen: Counts
+    elapsed_s: float
+    then: Progress
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The rollout is paused between batches: wait until it is resumed (no deadline
+    runs meanwhile); then decide again from ``then``."""
+
+    phase: str
+    then: Progress
+
+
+@dataclass(frozen=True)
 class Retire:
     """Drain these replicas (they leave the ingress, then ``drain``), stop them and wait
     for their exits; then go on from ``then``."""
@@ -335,12 +380,15 @@ class Finish:
     message: str
 
 
-Step = Launch | Relaunch | AwaitReady | Retire | StopNow | Announce | BatchDone | Failed | Finish
+Step = (Launch | Relaunch | AwaitReady | AwaitTraffic | AnalysisDone | Hold | Retire
+        | StopNow | Announce | BatchDone | Failed | Finish)
 
 
-def decide(p: Progress, replicas: Replicas, now: float) -> Step:
+def decide(p: Progress, replicas: Replicas, now: float, traffic: Traffic = _no_traffic
+           ) -> Step:
     """The next step of the rollout ``p``, given the app's replicas as they are now
-    (including the ended ones :func:`watching` names, as far as they are known).
+    (including the ended ones :func:`watching` names, as far as they are known) and
+    what the ingresses counted for them (``traffic``: ids -> a running sum).
 
     Deterministic and total: it never raises for any observed state, and a rollout
     that keeps being driven ends in a :class:`Finish`.
@@ -348,27 +396,27 @@ def decide(p: Progress, replicas: Replicas, now: float) -> Step:
     if p.failure is not None:
         return _fail(replace(p, failure=None), p.failure)
     if p.work is not None:
-        step = _pass_step(p, p.work, replicas, now)
+        step = _pass_step(p, p.work, replicas, now, traffic)
         if step is not None:
             return step
         after: dict[Stage, Stage] = {"replacing": "resizing", "growing": "complete",
                                      "rolling back": "rolled back"}
-        return decide(replace(p, stage=after[p.stage], work=None), replicas, now)
+        return decide(replace(p, stage=after[p.stage], work=None), replicas, now, traffic)
     if p.stage == "resizing":
-        return _resize(p, replicas, now)
+        return _resize(p, replicas, now, traffic)
     if p.stage == "stopping unready":
         unready = tuple(r.replica_id for r in sorted(replicas.values(), key=lambda r: r.seq)
                         if r.generation == p.to_generation and r.state != "ready"
                         and r.state not in replica_state.ENDED)
         then = replace(p, stage="rolling back")
         if not unready:
-            return decide(then, replicas, now)
+            return decide(then, replicas, now, traffic)
         return StopNow(unready, f"rolling back: stopping {', '.join(unready)}", then)
     if p.stage == "rolling back":
         serving = sum(1 for r in replicas.values()
                       if r.generation == p.to_generation and r.state == "ready")
         if not serving:
-            return decide(replace(p, stage="rolled back"), replicas, now)
+            return decide(replace(p, stage="rolled back"), replicas, now, traffic)
         work = Pass(p.from_generation, p.to_generation, tuple(batches(serving, p.back.surge)),
                     p.back, health=p.back_health)
         return Announce(f"rolling back {serving} replica(s) to generation {p.from_generation}",
@@ -379,6 +427,21 @@ def decide(p: Progress, replicas: Replicas, now: float) -> Step:
     if p.stage == "failed":
         return Finish("failed", f"failed: {p.reason}")
     return Finish("complete", f"{p.replaced}/{p.total} replaced in {now - p.started_at:.1f} s")
+
+
+def promote(p: Progress) -> Progress | None:
+    """``rollout promote``: the analysis under way passes at the next decision (only
+    this batch's: a later batch is judged again). None: no analysis is under way."""
+    w = p.work
+    if w is None or w.since is None or w.judged or p.failure is not None:
+        return None
+    return replace(p, work=replace(w, promoted=True))
+
+
+def pause(p: Progress, paused: bool) -> Progress:
+    """``rollout pause`` (True) / ``resume`` (False): a paused rollout finishes the
+    batch under way, analysis included, and holds before it starts the next one."""
+    return replace(p, paused=paused)
 
 
 def aborted(p: Progress) -> Finish:
@@ -408,12 +471,16 @@ def refused(p: Progress, message: str) -> Progress:
     return replace(p, failure=f"NO_CAPACITY: {message}")
 
 
-def _pass_step(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step | None:
+def _pass_step(p: Progress, w: Pass, replicas: Replicas, now: float, traffic: Traffic
+               ) -> Step | None:
     """The next step of pass ``w``; None once its last batch is through."""
     if not w.sizes:
         return None
+    if p.paused and w.new is None and not w.old_gone and p.stage != "rolling back":
+        return Hold(f"paused before the next batch ({p.replaced}/{p.total} replaced); "
+                    f"`skr8tr rollout resume {p.app}` continues", p)
     if w.policy.order == "stop-first" and not w.old_gone:
-        return _retire_old(p, w, replicas, now)
+        return _retire_old(p, w, replicas, now, traffic)
     if w.new is None:
         return Launch(w.new_generation, w.sizes[0], p)
     if not w.ready:
@@ -421,14 +488,53 @@ def _pass_step(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step | N
         if step is not None:
             return step
         w = replace(w, ready=True)
+        if _judged_by_traffic(p, w):
+            w = replace(w, since=now, baseline=traffic(w.new))
+    if _judged_by_traffic(p, w) and not w.judged:
+        return _analysis_step(replace(p, work=w), w, replicas, now, traffic)
     if not w.old_gone:
-        return _retire_old(p, w, replicas, now)
+        return _retire_old(p, w, replicas, now, traffic)
     nxt = replace(p, work=Pass(w.new_generation, w.old_generation, w.sizes[1:], w.policy,
                                w.counted, health=w.health))
     if w.counted:
         nxt = replace(nxt, replaced=p.replaced + w.sizes[0])
         return BatchDone(nxt.replaced, nxt)
-    return decide(nxt, replicas, now)
+    return decide(nxt, replicas, now, traffic)
+
+
+def _judged_by_traffic(p: Progress, w: Pass) -> bool:
+    """Forward batches are judged when the new revision has an analysis block; a
+    rollback never is."""
+    return w.policy.analysis is not None and p.stage in ("replacing", "growing")
+
+
+def _analysis_step(p: Progress, w: Pass, replicas: Replicas, now: float, traffic: Traffic
+                   ) -> Step:
+    """Judge the ready batch ``w`` on the traffic users sent it since ``w.since``."""
+    assert w.new is not None and w.since is not None and w.policy.analysis is not None
+    seen = traffic(w.new).minus(w.baseline or Counts())
+    elapsed = now - w.since
+
+    def done(verdict: str, then: Progress) -> AnalysisDone:
+        return AnalysisDone(verdict, w.new or (), w.new_generation, seen, elapsed, then)
+
+    for rid in w.new:
+        r = replicas.get(rid)
+        if r is None or r.state not in replica_state.LIVE:
+            why = "ended while its traffic was judged"
+            return done("failed", replace(p, failure=_describe(p.app, rid, r, why)))
+    passed = replace(p, work=replace(w, judged=True))
+    if w.promoted:
+        return done("promoted", passed)
+    verdict = analysis.judge(w.policy.analysis, ready_timeout_s=w.policy.ready_timeout_s,
+                             since=w.since, now=now, seen=seen, generation=w.new_generation,
+                             replicas=w.new)
+    if isinstance(verdict, analysis.Fail):
+        return done("failed", replace(p, failure=verdict.reason))
+    if isinstance(verdict, analysis.Pass):
+        return done("passed", passed)
+    phase = analysis.phase(w.policy.analysis, verdict, w.new)
+    return AwaitTraffic(w.new, w.new_generation, verdict.until, w.since, seen, phase, p)
 
 
 def _readiness(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step | None:
@@ -462,14 +568,15 @@ def _readiness(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step | N
                                                                   first.probe_count))
 
 
-def _retire_old(p: Progress, w: Pass, replicas: Replicas, now: float) -> Step:
+def _retire_old(p: Progress, w: Pass, replicas: Replicas, now: float, traffic: Traffic
+                ) -> Step:
     """Take out as many old replicas as the batch brings new ones (fewer if fewer live)."""
     then = replace(p, work=replace(w, old_gone=True))
     victims = next_to_replace(replicas, w.old_generation, w.sizes[0])
-    return Retire(victims, then) if victims else decide(then, replicas, now)
+    return Retire(victims, then) if victims else decide(then, replicas, now, traffic)
 
 
-def _resize(p: Progress, replicas: Replicas, now: float) -> Step:
+def _resize(p: Progress, replicas: Replicas, now: float, traffic: Traffic) -> Step:
     """After the replacement: grow or shrink to the new revision's ``replicas``."""
     if p.want > p.total:
         work = Pass(p.to_generation, 0, tuple(batches(p.want - p.total, p.forward.surge)),
@@ -478,7 +585,7 @@ def _resize(p: Progress, replicas: Replicas, now: float) -> Step:
                         replace(p, stage="growing", work=work))
     done = replace(p, stage="complete")
     surplus = next_to_replace(replicas, p.to_generation, p.total - p.want)
-    return Retire(surplus, done) if surplus else decide(done, replicas, now)
+    return Retire(surplus, done) if surplus else decide(done, replicas, now, traffic)
 
 
 def _fail(p: Progress, reason: str) -> Step:
@@ -495,25 +602,3 @@ def _describe(app: str, rid: str, r: ReplicaView | None, why: str) -> str:
                             exit_code=None if r is None else r.exit_code,
                             signal=None if r is None else r.signal,
                             message=None if r is None else r.message)
-
-
-# ------------------------------------------------------------------ failure text
-
-
-def describe_failure(replica: str, *, app: str, why: str, exit_code: int | None = None,
-                     signal: int | None = None, message: str | None = None) -> str:
-    """One paragraph a person can act on: which replica, what happened, where to look.
-
-    Never the workload's own output: this text reaches every surface anyone can
-    read without a key (``rollout status``, ``/api/state``, ``/v1/watch``), and
-    a process may print a secret. Its lines are one signed ``logs`` away.
-    """
-    parts = [f"replica {replica} {why}"]
-    said = message or ""  # the node's message often says it already ("exited with code 1")
-    if exit_code is not None and f"code {exit_code}" not in said:
-        parts.append(f"exit code {exit_code}")
-    if signal is not None and f"signal {signal}" not in said:
-        parts.append(f"killed by signal {signal}")
-    if message:
-        parts.append(message)
-    return ", ".join(parts) + f" (its output: skr8tr logs {app} --replica {replica})"
