@@ -1,0 +1,93 @@
+"""core/analysis.py: the window arithmetic and the verdict texts (DESIGN.md §11)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from skr8tr.core import analysis
+from skr8tr.core.manifest import Analysis
+from skr8tr.core.traffic import Counts
+
+A = Analysis(window_ms=30000, max_error_rate=0.01, max_p99_ms=500, min_requests=20)
+IDS = ("web-7", "web-8")
+
+
+def counts(requests: int, errors: int = 0, failed: int = 0, ms: float = 20.0) -> Counts:
+    c = Counts()
+    for i in range(requests):
+        if i < failed:
+            c.record(None, None)
+        else:
+            c.record(500 if i < failed + errors else 200, ms)
+    return c
+
+
+def judge(now: float, seen: Counts, a: Analysis = A, ready_timeout_s: float = 60.0,
+          since: float = 100.0):
+    return analysis.judge(a, ready_timeout_s=ready_timeout_s, since=since, now=now,
+                          seen=seen, generation=4, replicas=IDS)
+
+
+@pytest.mark.parametrize(("now", "seen", "expected"), [
+    (100.0, counts(0), analysis.Wait(130.0, False)),
+    (129.9, counts(200, errors=100), analysis.Wait(130.0, True)),  # no verdict early
+    (130.0, counts(200), analysis.Pass()),
+    (130.0, counts(200, errors=2), analysis.Pass()),  # 1% is not over 1%
+    (130.0, counts(200, errors=25),
+     analysis.Fail("error rate 12.5% (25/200) in 30s > 1% (generation 4, replicas web-7, "
+                   "web-8)")),
+    (130.0, counts(200, errors=1, failed=2),  # no answer counts as bad too
+     analysis.Fail("error rate 1.5% (3/200) in 30s > 1% (generation 4, replicas web-7, "
+                   "web-8)")),
+    (130.0, counts(100, ms=900.0),  # (800, 1000]: 800 + 200 x 99/100
+     analysis.Fail("p99 998ms in 30s > 500ms (generation 4, replicas web-7, web-8)")),
+    (130.0, counts(19), analysis.Wait(160.0, False)),  # max(window, ready-timeout)
+    (159.9, counts(19), analysis.Wait(160.0, False)),
+    (160.0, counts(3),
+     analysis.Fail("not enough traffic to judge: 3 requests in 60s (min-requests 20)")),
+    (145.5, counts(20), analysis.Pass()),  # enough arrived late: passes then
+])
+def test_verdicts(now, seen, expected):
+    assert judge(now, seen) == expected
+
+
+def test_a_window_longer_than_ready_timeout_gives_up_at_its_end():
+    a = Analysis(window_ms=90000, min_requests=20)
+    assert judge(190.0, counts(5), a) == analysis.Fail(
+        "not enough traffic to judge: 5 requests in 90s (min-requests 20)")
+
+
+def test_no_p99_limit_judges_no_latency():
+    a = Analysis(window_ms=1000, max_p99_ms=None, min_requests=1)
+    assert judge(101.0, counts(10, ms=99000.0), a) == analysis.Pass()
+
+
+def test_the_window_end_is_reached_on_the_very_sum_waited_for():
+    # 10.009999999999998 - 0.01 < 10: the verdict must not wait for that instant forever
+    since = 0.01
+    until = judge(since, counts(0), Analysis(window_ms=10000), since=since).until
+    assert not isinstance(judge(until, counts(100), Analysis(window_ms=10000), since=since),
+                          analysis.Wait)
+
+
+@given(st.floats(0, 10_000), st.floats(0, 10_000), st.integers(0, 500), st.integers(0, 500),
+       st.integers(1, 3600), st.integers(1, 600))
+def test_judge_is_total_and_waits_only_forward(since, dt, requests, bad, window_s, rt_s):
+    seen = counts(requests, errors=min(bad, requests))
+    a = Analysis(window_ms=window_s * 1000, min_requests=20)
+    verdict = judge(since + dt, seen, a, ready_timeout_s=rt_s, since=since)
+    if isinstance(verdict, analysis.Wait):
+        assert verdict.until > since + dt
+        assert verdict.until <= since + max(window_s, rt_s)
+    elif isinstance(verdict, analysis.Pass):
+        assert requests >= 20 and bad * 100 <= requests
+    else:
+        assert since + dt >= since + window_s
+
+
+@pytest.mark.parametrize(("s", "text"), [(30.0, "30s"), (12.5, "12.5s"), (60.04, "60s"),
+                                          (0.0, "0s")])
+def test_format_s(s, text):
+    assert analysis.format_s(s) == text
