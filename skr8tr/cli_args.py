@@ -317,17 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("app", metavar="APP")
 
     p = verb(
-        "rollout", "rolling update, or its status / abort / undo / history",
+        "rollout", "rolling update, or its status / abort / undo / history / promote / "
+        "pause / resume",
         usage="skr8tr rollout FILE [--watch] [--force]\n"
         "       skr8tr rollout status APP [--watch] | abort APP\n"
+        "       skr8tr rollout promote APP | pause APP | resume APP\n"
         "       skr8tr rollout undo APP [--to GEN] [--watch] [--force]\n"
         "       skr8tr rollout history APP [--generation N]",
         epilog="With --watch the exit code is 0 only when the rollout ends complete, "
-        "1 otherwise.",
+        "1 otherwise. promote passes the batch whose traffic is being judged now (the "
+        "manifest's rollout analysis block); pause holds the rollout before its next "
+        "batch, resume lets it go on.",
     )
     p.add_argument("target", nargs="+", metavar="FILE | SUBVERB APP",
-                   help="a manifest file, or one of: status, abort, undo, history "
-                   "followed by the app")
+                   help="a manifest file, or one of: status, abort, undo, history, "
+                   "promote, pause, resume followed by the app")
     p.add_argument("--watch", action="store_true",
                    help="follow the rollout until it ends (with FILE, status or undo)")
     p.add_argument("--force", action="store_true",
@@ -403,10 +407,11 @@ _ROLLOUT_TARGET = {
     "zsh": "_skr8tr_rollout_target",
     "preamble": {
         "bash": "_skr8tr_rollout_target() {\n"
-                "  compgen -W 'status abort undo history' -- \"$1\"\n"
+                "  compgen -W 'status abort undo history promote pause resume' -- \"$1\"\n"
                 "  compgen -f -- \"$1\"\n}\n",
         "zsh": "_skr8tr_rollout_target() {\n"
-               "  _alternative 'subverbs:sub-verb:(status abort undo history)' "
+               "  _alternative 'subverbs:sub-verb:(status abort undo history promote pause "
+               "resume)' "
                "'files:manifest:_files'\n}\n",
     },
 }

@@ -1,6 +1,6 @@
 """The rollout verbs of the ``skr8tr`` CLI: ``rollout FILE``, ``rollout status | abort |
-undo | history APP`` and ``restart APP``, and ``--watch``, which follows a rollout until
-it ends."""
+undo | history | promote | pause | resume APP`` and ``restart APP``, and ``--watch``,
+which follows a rollout until it ends."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from skr8tr.cli_calls import print_json, read_manifest, run_client, simple_call
 from skr8tr.wire import EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, RECONNECT_BUDGET_S
 from skr8tr.wire import ClientError as CliError
 
-ROLLOUT_SUBVERBS = ("status", "abort", "undo", "history")
+ROLLOUT_SUBVERBS = ("status", "abort", "undo", "history", "promote", "pause", "resume")
 
 
 def cmd_rollout(opts: argparse.Namespace) -> int:
@@ -37,8 +37,8 @@ def cmd_rollout(opts: argparse.Namespace) -> int:
         app = target[1]
         if sub == "status":
             return rollout_call("rollout-status", {"app": app}, opts, signed=False)
-        if sub == "abort":
-            return simple_call("rollout-abort", lambda o: {"app": app},
+        if sub in ("abort", "promote", "pause", "resume"):
+            return simple_call(f"rollout-{sub}", lambda o: {"app": app},
                                 output.rollout_status, signed=True)(opts)
         if sub == "undo":
             args = {"app": app, "to": opts.to}
@@ -101,7 +101,9 @@ def follow_rollout(session: Any, status: dict, opts: argparse.Namespace) -> int:
         line = output.rollout_status(status)
         # On a terminal the line is redrawn in place; in a log, a new line is
         # written only when something other than the elapsed time changed.
-        key = line if tty else re.sub(r" · [0-9.]+ s$", "", line)
+        # (The live traffic figures of an analysis count as elapsed time here.)
+        key = line if tty else re.sub(r" · [0-9.]+ s$", "", output.rollout_status(
+            {**status, "analysis": None}))
         if not opts.json and key != last:
             sys.stdout.write(("\r\x1b[K" + line) if tty else line + "\n")
             sys.stdout.flush()

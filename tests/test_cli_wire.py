@@ -235,6 +235,9 @@ async def test_rollout_without_watch_returns_at_once(conductor, admin_key):
     [
         (["rollout", "status", "web"], "rollout-status", {"app": "web"}),
         (["rollout", "abort", "web"], "rollout-abort", {"app": "web"}),
+        (["rollout", "promote", "web"], "rollout-promote", {"app": "web"}),
+        (["rollout", "pause", "web"], "rollout-pause", {"app": "web"}),
+        (["rollout", "resume", "web"], "rollout-resume", {"app": "web"}),
         (["rollout", "undo", "web"], "rollout-undo", {"app": "web", "to": None}),
         (["rollout", "undo", "web", "--to", "3"], "rollout-undo", {"app": "web", "to": 3}),
         (["scale", "web", "5"], "scale", {"app": "web", "replicas": 5}),
@@ -253,6 +256,9 @@ async def test_verbs_send_the_documented_args(conductor, admin_key, argv, cmd, a
     results = {
         "rollout-status": _status("rolling", 1),
         "rollout-abort": _status("aborted", 1),
+        "rollout-promote": _status("rolling", 1),
+        "rollout-pause": dict(_status("rolling", 1), paused=True),
+        "rollout-resume": dict(_status("rolling", 1), paused=False),
         "rollout-undo": _status("rolling", 0),
         "scale": {"app": "web", "generation": 1, "replicas": REPLICAS},
         "down": {"app": "web", "stopped": 2},

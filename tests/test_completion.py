@@ -62,7 +62,8 @@ def test_bash_completes_sub_verbs_and_files(bash_script, tmp_path):
     (tmp_path / "web.skr8tr").write_text("app web\n")
     assert bash_complete(bash_script, "skr8tr", "rollout", "un") == ["undo"]
     assert bash_complete(bash_script, "skr8tr", "rollout", "", cwd=tmp_path) == [
-        "abort", "history", "status", "undo", "web.skr8tr"]
+        "abort", "history", "pause", "promote", "resume", "status", "undo", "web.skr8tr"]
+    assert bash_complete(bash_script, "skr8tr", "rollout", "pr") == ["promote"]
     assert bash_complete(bash_script, "skr8tr", "up", "we", cwd=tmp_path) == ["web.skr8tr"]
     assert bash_complete(bash_script, "skr8tr", "completion", "") == ["bash", "zsh"]
 

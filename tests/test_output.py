@@ -80,3 +80,27 @@ def test_replicas_table_says_why_a_replica_failed_and_when_it_restarts():
     assert lines[3].split()[7:] == ["ready", "0", "-"]
     assert lines[4].endswith("cannot start: [Errno 2] No such file or directory: '/nope'; "
                              "restarting now")
+
+
+def test_rollout_status_shows_the_live_analysis_and_the_old_generation():
+    status = {"app": "web", "state": "rolling", "from_generation": 3, "to_generation": 4,
+              "replaced": 1, "total": 3, "message": "judging web-7 on traffic · 12.0 s",
+              "paused": False,
+              "analysis": {"generation": 4, "replicas": ["web-7"], "window_s": 30.0,
+                           "elapsed_s": 12.2, "requests": 240, "errors": 1, "failed": 0,
+                           "error_rate": 0.004, "p99_ms": 38.2, "max_error_rate": 0.01,
+                           "max_p99_ms": None, "min_requests": 20, "verdict": "watching"},
+              "traffic": [{"generation": 3, "requests": 900, "errors": 0, "failed": 0,
+                           "error_rate": 0.0, "p99_ms": 35.0},
+                          {"generation": 4, "requests": 240, "errors": 1, "failed": 0,
+                           "error_rate": 0.004, "p99_ms": 38.2}]}
+    assert output.rollout_status(status) == (
+        "web: rolling generation 3 -> 4, 1/3 replaced · analysis 12s/30s: 240 requests, "
+        "error rate 0.4%, p99 38ms (old gen 3: 0%, p99 35ms) · judging web-7 on traffic · "
+        "12.0 s")
+    paused = dict(status, paused=True, analysis=None)
+    assert output.rollout_status(paused).startswith(
+        "web: rolling generation 3 -> 4, 1/3 replaced · paused · judging")
+    # a conductor before §11, or hostile figures: no analysis part, no crash
+    assert " · analysis" not in output.rollout_status(
+        dict(status, analysis={"elapsed_s": "x", "requests": [1]}))
