@@ -15,6 +15,7 @@ import trio
 
 from skr8tr.conductor import commands
 from skr8tr.conductor.errors import CommandError
+from skr8tr.conductor.rollout_record import analysis_gauges
 from skr8tr.core.manifest import Analysis
 from skr8tr.core.traffic import Counts, Report
 from tests.test_rollout_sim import Harness, deploy, manifest
@@ -270,3 +271,19 @@ async def test_a_rollback_is_never_judged(h, nursery, autojump_clock):
     assert [(a["generation"], a["verdict"]) for a in analyses(h)] == [(2, "passed"),
                                                                        (2, "failed")]
     assert launches == [1, 1, 1, 2, 2, 1]
+
+
+async def test_metrics_show_the_analysis_under_way_only(h, nursery, autojump_clock):
+    await start(h, nursery, steady({2: (10, 1, 20.0)}))
+    await roll(h, "v2", dataclasses.replace(WINDOW, max_error_rate=0.2))
+    await trio.sleep(4.0)
+
+    def samples() -> list[str]:
+        families = analysis_gauges(h.rollouts.active, h.cluster.clock())
+        return [line for f in families for line in f.render() if not line.startswith("#")]
+
+    assert samples() == [
+        'skr8tr_rollout_analysis_error_rate{app="web",generation="2"} 0.1',
+        'skr8tr_rollout_analysis_p99_seconds{app="web",generation="2"} 0.02']  # 40th of 40: the top
+    assert (await h.until_done())["state"] == "complete"
+    assert samples() == []

@@ -29,6 +29,7 @@ from skr8tr.conductor import metrics, views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import Response
 from skr8tr.conductor.origins import WILDCARD_HOSTS
+from skr8tr.conductor.rollout_record import analysis_gauges
 from skr8tr.core import protocol, replica_state
 
 if TYPE_CHECKING:
@@ -236,6 +237,7 @@ class StatusSite:
         families = [build, uptime, nodes, live, apps, replicas, app_replicas, running,
                     self.rollouts_finished, refused, self.api.command_seconds, events, closed,
                     paused]
+        families += analysis_gauges(self.api.rollouts.active, cluster.clock())
         if self.admission is not None:
             open_now = metrics.Gauge(
                 "skr8tr_connections_open",
