@@ -210,3 +210,78 @@ def test_status_page_follows_the_cluster_live(cluster: Cluster, tmp_path: Path):
         assert not page_errors, page_errors
         outside = [u for u in requests if not u.startswith(base + "/")]
         assert not outside, f"the page fetched from elsewhere: {outside}"
+
+
+# What /api/state gains during an analysis (DESIGN.md §11), laid over the real rollout's
+# status until the merged ingress reports real traffic (the shapes are the conductor's,
+# tests/test_analysis_sim.py proves the figures).
+def _with_analysis(state: dict, verdict: str) -> dict:
+    for r in state["rollouts"]:
+        if r["app"] == "web":
+            r["analysis"] = {
+                "generation": 2, "replicas": ["web-7"], "window_s": 30.0, "elapsed_s": 12.0,
+                "requests": 200, "errors": 25, "failed": 0, "error_rate": 0.125,
+                "p99_ms": 38.0, "max_error_rate": 0.01, "max_p99_ms": 500, "min_requests": 20,
+                "verdict": verdict}
+            r["traffic"] = [
+                {"generation": 1, "requests": 900, "errors": 0, "failed": 0,
+                 "error_rate": 0.0, "p99_ms": 35.0},
+                {"generation": 2, "requests": 200, "errors": 25, "failed": 0,
+                 "error_rate": 0.125, "p99_ms": 38.0}]
+    return state
+
+
+def test_rollout_card_shows_pause_and_the_traffic_analysis(cluster: Cluster, tmp_path: Path):
+    import json
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run ./tools/test (apt-get install -y chromium)")
+    cluster.start_node("n1")
+    cluster.start_node("n2")
+    cluster.json("up", str(web_manifest(tmp_path, "v1")))
+    cluster.wait_ready("web", 3, generation=1)
+    slow = web_manifest(tmp_path, "v2")
+    slow.write_text(slow.read_text().replace("--version v2", "--version v2 --fail-health")
+                    .replace("ready-timeout 20s", "ready-timeout 120s"))
+    assert cluster.json("rollout", str(slow))["state"] == "rolling"
+    assert cluster.json("rollout", "pause", "web")["paused"] is True
+    base = f"http://127.0.0.1:{cluster.http_port}"
+    verdict = {"now": "watching"}
+
+    def overlay(route):
+        response = route.fetch()
+        body = _with_analysis(response.json(), verdict["now"])
+        route.fulfill(response=response, body=json.dumps(body))
+
+    with chromium_page(1280, 900) as (_, page, page_errors):
+        page.route(base + "/api/state", overlay)
+        page.goto(base + "/", timeout=WAIT_MS)
+        card = page.locator('#rollouts article[data-app="web"]')
+        expect(card).to_have_attribute("data-state", "rolling", timeout=WAIT_MS)
+        expect(card.locator('[data-badge="paused"]')).to_be_visible(timeout=WAIT_MS)
+        analysis = card.locator(".analysis")
+        expect(analysis).to_contain_text("Traffic analysis of generation 2", timeout=WAIT_MS)
+        expect(analysis.locator('[data-badge="watching"]')).to_be_visible()
+        expect(analysis).to_contain_text("12 s of 30 s")
+        expect(analysis).to_contain_text("max error rate 1 %")
+        new = analysis.locator('tr[data-generation="2"]')
+        expect(new).to_contain_text("2 (new)")
+        expect(new).to_contain_text("12.5 %")
+        expect(new).to_contain_text("38 ms")
+        expect(new.locator(".tone-bad-text")).to_have_count(1)  # over the limit
+        old = analysis.locator('tr[data-generation="1"]')
+        expect(old).to_contain_text("1 (old)")
+        expect(old.locator(".tone-bad-text")).to_have_count(0)
+        window = analysis.get_by_role("progressbar")
+        expect(window).to_have_attribute("aria-valuenow", "12")
+        shot(page, "9-analysis-watching")
+
+        verdict["now"] = "failed"  # the next read of /api/state (every 2 s)
+        expect(analysis.locator('[data-badge="failed"]')).to_be_visible(timeout=WAIT_MS)
+        shot(page, "10-analysis-failed")
+
+        # resumed for real: the paused badge goes
+        assert cluster.json("rollout", "resume", "web")["paused"] is False
+        expect(card.locator('[data-badge="paused"]')).to_have_count(0, timeout=WAIT_MS)
+        assert not page_errors, page_errors
+    cluster.json("rollout", "abort", "web")

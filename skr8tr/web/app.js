@@ -437,6 +437,55 @@
         : "none since start";
   }
 
+  // A rollout's batch judged on its traffic (DESIGN.md §11): the window's progress, the
+  // verdict, and per generation what users saw since the rollout started.
+  const VERDICT_TONES = { watching: "info", passed: "good", promoted: "good", failed: "bad" };
+  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
+  const fmtRate = (v) => (isNum(v) ? `${(v * 100).toFixed(2).replace(/\.?0+$/, "")} %` : "–");
+  const fmtMs = (v) => (isNum(v) ? (v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(v < 10 ? 1 : 0)} ms`) : "–");
+
+  function analysisBlock(r) {
+    const a = r.analysis;
+    const rows = Array.isArray(r.traffic) ? r.traffic.filter((t) => t && isNum(t.generation)) : [];
+    if ((!a || typeof a !== "object") && !rows.some((t) => t.requests)) return null;
+    const parts = [];
+    if (a && typeof a === "object" && isNum(a.elapsed_s) && isNum(a.window_s)) {
+      const verdict = String(a.verdict || "");
+      const watching = verdict === "watching" && r.state === "rolling";
+      const limits = [`max error rate ${fmtRate(a.max_error_rate)}`];
+      if (isNum(a.max_p99_ms)) limits.push(`max p99 ${fmtMs(a.max_p99_ms)}`);
+      if (isNum(a.min_requests)) limits.push(`min ${a.min_requests} requests`);
+      const win = el("div", {
+        class: "bar window", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": a.window_s,
+        "aria-valuenow": Math.min(a.elapsed_s, a.window_s),
+        "aria-label": `Analysis window of generation ${a.generation}`,
+      }, el("div", { class: `bar-fill tone-${VERDICT_TONES[verdict] || "idle"}` }));
+      win.firstChild.style.width = `${Math.min(1, a.elapsed_s / a.window_s) * 100}%`;
+      parts.push(el("div", { class: "analysis-head" },
+        el("strong", { text: `Traffic analysis of generation ${a.generation}` }),
+        badge(watching ? "watching" : verdict, VERDICT_TONES[verdict] || "idle"),
+        el("span", { class: "muted", text: limits.join(" · ") })));
+      parts.push(el("div", { class: "progress-row" }, win, el("span", {
+        class: "count", text: `${Math.round(a.elapsed_s)} s of ${Math.round(a.window_s)} s`,
+      })));
+    }
+    if (rows.length) {
+      parts.push(el("table", { class: "traffic" },
+        el("thead", {}, el("tr", {}, ["Generation", "Requests", "Error rate", "p99"]
+          .map((h) => el("th", { scope: "col", text: h })))),
+        el("tbody", {}, rows.map((t) => {
+          const bad = isNum(t.error_rate) && a && isNum(a.max_error_rate)
+            && t.generation === a.generation && t.error_rate > a.max_error_rate;
+          return el("tr", { "data-generation": t.generation },
+            el("th", { scope: "row", text: `${t.generation}${t.generation === r.to_generation ? " (new)" : t.generation === r.from_generation ? " (old)" : ""}` }),
+            el("td", { class: "num", text: isNum(t.requests) ? t.requests : "–" }),
+            el("td", { class: `num${bad ? " tone-bad-text" : ""}`, "data-rate": "", text: fmtRate(t.error_rate) }),
+            el("td", { class: "num", text: fmtMs(t.p99_ms) }));
+        }))));
+    }
+    return el("div", { class: "analysis" }, parts);
+  }
+
   function renderRollouts() {
     const box = $("rollouts");
     const list = [...page.state.rollouts].sort((a, b) =>
@@ -481,11 +530,12 @@
       },
       el("div", { class: "rollout-head" },
         el("h3", { text: r.app }), badge(r.state.replace("_", " "), tone),
+        rolling && r.paused === true ? badge("paused", "warn") : null,
         el("span", { class: "gens", text: `generation ${r.from_generation} → ${r.to_generation}` }),
         elapsed),
       el("div", { class: "progress-row" }, progress,
         el("span", { class: "count", text: label })),
-      detail);
+      detail, analysisBlock(r));
     }));
   }
 
