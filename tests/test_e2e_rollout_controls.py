@@ -6,10 +6,12 @@ tests'.)"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import http_get
 from tests.e2e import Cluster, poll, running_cluster
 from tests.test_e2e_rollout import web
 
@@ -47,6 +49,9 @@ def test_promote_pause_resume_answers_and_refusals(cluster: Cluster, tmp_path: P
     paused = cluster.json("rollout", "pause", "web")
     assert paused["paused"] is True and paused["state"] == "rolling"
     assert cluster.json("rollout", "status", "web")["paused"] is True
+    _, _, body = http_get("127.0.0.1", cluster.http_port, "/api/state")  # the status page's
+    shown = next(r for r in json.loads(body)["rollouts"] if r["app"] == "web")
+    assert shown["paused"] is True and shown["analysis"] is None
     proc = cluster.cli("rollout", "pause", "web")
     assert proc.returncode == 1 and "CONFLICT: cannot pause: the rollout of web is " \
         "already paused" in proc.stderr
