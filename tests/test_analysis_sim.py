@@ -117,6 +117,12 @@ async def test_error_rate_fails_with_the_figures_and_rolls_back(h, nursery, auto
     assert final["analysis"]["verdict"] == "failed" and final["analysis"]["errors"] == 20
     assert sorted(r.replica_id for r in h.replicas(1)) == old  # never touched
     assert [a["verdict"] for a in analyses(h)] == ["failed"]
+    # the judged batch was stopped at once (its old replica still served), not replaced
+    # by a new generation-1 replica while it kept serving
+    gen1_launches = [m for n in h.nodes for _, m in n.launches if m["generation"] == 1]
+    assert len(gen1_launches) == 3
+    assert "rolling back: stopping " + new[0] in [
+        e.data["phase"] for e in h.cluster.events.recent if e.event == "rollout.phase"]
 
 
 async def test_without_auto_rollback_it_fails(h, nursery, autojump_clock):
@@ -287,3 +293,25 @@ async def test_metrics_show_the_analysis_under_way_only(h, nursery, autojump_clo
         'skr8tr_rollout_analysis_p99_seconds{app="web",generation="2"} 0.02']  # 40th of 40: the top
     assert (await h.until_done())["state"] == "complete"
     assert samples() == []
+
+
+async def test_growing_batches_are_judged_too(h, nursery, autojump_clock):
+    t0 = await start(h, nursery, steady(), replicas=1)
+    await roll(h, "v2", WINDOW, replicas=3)  # replace 1, then grow by 2 (surge 1)
+    final = await h.until_done()
+    assert final["state"] == "complete"
+    assert trio.current_time() - t0 == pytest.approx(30.0)
+    assert [(a["generation"], a["verdict"]) for a in analyses(h)] == [(2, "passed")] * 3
+
+
+async def test_an_abort_during_analysis_keeps_the_figures_it_had(h, nursery, autojump_clock):
+    await start(h, nursery, steady({2: (10, 1, 20.0)}))
+    await roll(h, "v2", WINDOW)
+    await trio.sleep(5.0)
+    status = await h.run("rollout-abort", {"app": "web"})
+    assert status["state"] == "aborted"
+    assert status["analysis"]["requests"] == 50 and status["analysis"]["errors"] == 5
+    await trio.sleep(10.0)  # traffic goes on; the ended rollout's figures do not move
+    later = await h.run("rollout-status", {"app": "web"})
+    assert later["analysis"] == status["analysis"]
+    assert later["traffic"] == status["traffic"]

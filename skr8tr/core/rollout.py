@@ -207,6 +207,9 @@ class Progress:
     forward_health: HealthCheck | None = None  # the new revision's health check
     back_health: HealthCheck | None = None  # the previous revision's
     paused: bool = False  # `rollout pause`: hold before the next batch starts
+    # A batch that failed its analysis while its old replicas still serve: stopped at
+    # once with the unready ones (replacing them would keep them serving meanwhile).
+    judged_out: tuple[str, ...] = ()
 
 
 def begin(*, app: str, from_generation: int, to_generation: int, total: int, want: int,
@@ -406,8 +409,8 @@ def decide(p: Progress, replicas: Replicas, now: float, traffic: Traffic = _no_t
         return _resize(p, replicas, now, traffic)
     if p.stage == "stopping unready":
         unready = tuple(r.replica_id for r in sorted(replicas.values(), key=lambda r: r.seq)
-                        if r.generation == p.to_generation and r.state != "ready"
-                        and r.state not in replica_state.ENDED)
+                        if r.generation == p.to_generation and r.state not in replica_state.ENDED
+                        and (r.state != "ready" or r.replica_id in p.judged_out))
         then = replace(p, stage="rolling back")
         if not unready:
             return decide(then, replicas, now, traffic)
@@ -530,7 +533,8 @@ def _analysis_step(p: Progress, w: Pass, replicas: Replicas, now: float, traffic
                              since=w.since, now=now, seen=seen, generation=w.new_generation,
                              replicas=w.new)
     if isinstance(verdict, analysis.Fail):
-        return done("failed", replace(p, failure=verdict.reason))
+        out = w.new if not w.old_gone else ()  # start-first: their old ones serve still
+        return done("failed", replace(p, failure=verdict.reason, judged_out=out))
     if isinstance(verdict, analysis.Pass):
         return done("passed", passed)
     phase = analysis.phase(w.policy.analysis, verdict, w.new)
