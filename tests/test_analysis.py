@@ -1,13 +1,17 @@
-"""core/analysis.py: the window arithmetic and the verdict texts (DESIGN.md §11)."""
+"""core/analysis.py: the window arithmetic and the verdict texts (DESIGN.md §11); and
+the analysis step, promote and pause in core/rollout.py."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from skr8tr.core import analysis
-from skr8tr.core.manifest import Analysis
+from skr8tr.core import rollout as plan
+from skr8tr.core.manifest import Analysis, RolloutPolicy
 from skr8tr.core.traffic import Counts
 
 A = Analysis(window_ms=30000, max_error_rate=0.01, max_p99_ms=500, min_requests=20)
@@ -91,3 +95,60 @@ def test_judge_is_total_and_waits_only_forward(since, dt, requests, bad, window_
                                           (0.0, "0s")])
 def test_format_s(s, text):
     assert analysis.format_s(s) == text
+
+
+# ------------------------------------------------------------------ the step in core/rollout.py
+
+
+def _views(*rows: tuple[str, int, str]) -> dict[str, plan.ReplicaView]:
+    return {rid: plan.ReplicaView(rid, gen, state, seq)
+            for seq, (rid, gen, state) in enumerate(rows)}
+
+
+def _judging(traffic_now: Counts, *, paused: bool = False) -> tuple[plan.Step, plan.Progress]:
+    """A rollout of 2 replicas, surge 1, whose first new replica just became ready."""
+    forward = RolloutPolicy(analysis=Analysis(window_ms=10000, min_requests=20))
+    p = plan.begin(app="web", from_generation=1, to_generation=2, total=2, want=2,
+                   forward=forward, back=RolloutPolicy(), now=0.0)
+    p = plan.pause(plan.launched(p, ["web-n1"], 0.0), paused)
+    replicas = _views(("web-o1", 1, "ready"), ("web-o2", 1, "ready"), ("web-n1", 2, "ready"))
+    step = plan.decide(p, replicas, 1.0, lambda ids: traffic_now.copy())
+    return step, p
+
+
+def test_a_ready_batch_is_judged_from_then_on_with_its_traffic_then_as_baseline():
+    step, _ = _judging(counts(7))
+    assert isinstance(step, plan.AwaitTraffic)
+    assert (step.waiting, step.since, step.until) == (("web-n1",), 1.0, 11.0)
+    assert step.then.work.baseline == counts(7) and step.seen.requests == 0
+    assert plan.promote(step.then) is not None
+
+
+def test_promote_passes_at_the_next_decision_and_needs_an_analysis_under_way():
+    step, p = _judging(Counts())
+    assert plan.promote(p) is None  # nothing judged yet
+    promoted = plan.promote(step.then)
+    replicas = _views(("web-o1", 1, "ready"), ("web-o2", 1, "ready"), ("web-n1", 2, "ready"))
+    done = plan.decide(promoted, replicas, 2.0, lambda ids: Counts())
+    assert isinstance(done, plan.AnalysisDone) and done.verdict == "promoted"
+    assert plan.promote(done.then) is None  # passed: not under way any more
+    nxt = plan.decide(done.then, replicas, 2.0, lambda ids: Counts())
+    assert isinstance(nxt, plan.Retire) and nxt.replica_ids == ("web-o1",)
+
+
+def test_a_paused_rollout_holds_before_a_batch_never_inside_one():
+    forward = RolloutPolicy()
+    p = plan.pause(plan.begin(app="web", from_generation=1, to_generation=2, total=2,
+                              want=2, forward=forward, back=RolloutPolicy(), now=0.0), True)
+    replicas = _views(("web-o1", 1, "ready"), ("web-o2", 1, "ready"))
+    assert isinstance(plan.decide(p, replicas, 0.0), plan.Hold)
+    assert isinstance(plan.decide(plan.pause(p, False), replicas, 0.0), plan.Launch)
+    step, _ = _judging(Counts(), paused=True)  # a batch under way goes on
+    assert isinstance(step, plan.AwaitTraffic)
+    # a rollback is never held, nor judged
+    back = dataclasses.replace(p, stage="rolling back", work=None)
+    rolled = plan.decide(back, _views(("web-o1", 1, "ready"), ("web-n1", 2, "ready")), 0.0)
+    assert isinstance(rolled, plan.Announce)
+    assert not isinstance(plan.decide(rolled.then, _views(("web-o1", 1, "ready"),
+                                                          ("web-n1", 2, "ready")), 0.0),
+                          plan.Hold)
