@@ -723,6 +723,7 @@
     const name = ev.event;
     const d = ev.data || {};
     if (name === "rollout.finished") return ROLLOUT_TONES[d.state] || "idle";
+    if (name === "rollout.analysis") return VERDICT_TONES[d.verdict] || "idle";
     if (/\.(failed|lost|unhealthy|unplaced)$/.test(name)) return "bad";
     if (/^(node\.disconnected|replica\.(draining|stopping)|app\.removed)$/.test(name)) return "warn";
     if (/^(replica\.ready|node\.joined|app\.created)$/.test(name)) return "ok";
