@@ -8,6 +8,7 @@ tests/test_fmt.py draw it in their manifests.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import pytest
@@ -23,7 +24,8 @@ from skr8tr.core.manifest import (
     read_comments,
 )
 from skr8tr.core.percent import PercentError, format_percent, parse_percent
-from tests.conftest import run_cli
+from skr8tr.manifest_files import load_manifest
+from tests.conftest import MANIFESTS, run_cli
 from tests.test_manifest_properties import FAST
 
 
@@ -311,3 +313,17 @@ def test_cli_fmt_checks_and_converts_the_block(cli_env, tmp_path):
         f"error: INVALID_MANIFEST: {path}:6:22: bad max-error-rate '101%' (more than 100%): "
         "expected a percent 0%..100% like 1%, 0.5% or 12.5%",
     ]
+
+
+# --- the example manifests -----------------------------------------------------------------
+
+
+def test_the_example_manifests_differ_only_in_the_release():
+    good = load_manifest(MANIFESTS / "hello-analysis.skr8tr")
+    bad = load_manifest(MANIFESTS / "hello-analysis-bad.skr8tr")
+    assert good.rollout.analysis == Analysis(window_ms=10_000, max_error_rate=0.01,
+                                             max_p99_ms=500, min_requests=20)
+    assert (good.app, good.replicas, good.port) == ("hello", 3, "auto")
+    assert good.args[-2:] == ("--version", "v1")
+    assert bad.args[-4:] == ("--version", "v2", "--fail-rate", "0.2")
+    assert dataclasses.replace(bad, args=good.args) == good
