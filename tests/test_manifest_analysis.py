@@ -168,7 +168,7 @@ TOML_ERRORS = [
     (toml('colour = "x"'), 4, 1, "unknown key 'colour' in analysis block"),
     (toml("[rollout.analysis.deep]"), 4, 19, "unknown key 'deep' in analysis block"),
     (T + '[rollout]\nanalysis = "on"\n', 4, 12, "'analysis' takes a block, not a value: "
-                                              "expected a [analysis] table"),
+                                              "expected a [rollout.analysis] table"),
     (T + '[rollout]\nanalysis = {window = "5h"}\n', 4, 12, "bad window '5h'"),
 ]  # fmt: skip
 

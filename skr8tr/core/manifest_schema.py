@@ -118,6 +118,7 @@ _ROLLOUT_KEYS = {
 }
 _ANALYSIS_KEYS = {"window": False, "max-error-rate": False, "max-p99": False,
                   "min-requests": False}
+_TABLE_NAMES = {"analysis": "rollout.analysis"}  # the TOML table of a nested block
 
 
 
@@ -241,7 +242,7 @@ def _check_shape(entry: Entry, takes_block: bool) -> None:
             expected = (
                 f"'{key}' alone on its line, with its entries below it indented two more spaces"
                 if entry.literal
-                else f"a [{key}] table"
+                else f"a [{_TABLE_NAMES.get(key, key)}] table"
             )
             fail(*entry.at(), f"{key!r} takes a block, not a value", _text(entry.value), expected)
         return
