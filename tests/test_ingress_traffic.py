@@ -19,7 +19,7 @@ import h11
 import pytest
 import trio
 
-from skr8tr.core.traffic import BOUNDS_MS, Counts
+from skr8tr.core.traffic import BOUNDS_MS, Counts, bucket_of
 from skr8tr.ingress.limits import ProxyLimits
 from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Proxy
@@ -227,3 +227,14 @@ def test_the_counter_holds_at_most_max_replicas_and_only_ids_a_report_can_carry(
     assert counter.skipped == 2
     counter.answered("x" * 128, 500, 0.0, 0.001)  # the longest id a report may carry
     assert figures(counter.take()) == {"x" * 128: (1, 1, 0, 1)}
+
+
+@pytest.mark.parametrize("ms", [0.0, 0.05, 0.1, 0.1000001, 0.12, 1.0, 99.9, 100.0, 250.0,
+                                250.0001, 812.3, 100000.0, 100000.1, 1e9])
+def test_an_answer_lands_in_the_bucket_core_traffic_says(ms):
+    counter = TrafficCounter()
+    counter.answered("a", 503, 5.0, 5.0 + ms / 1000.0)
+    expected = Counts()
+    expected.record(503, (5.0 + ms / 1000.0 - 5.0) * 1000.0)
+    assert counter.take() == {"a": expected}
+    assert list(expected.latency) == [bucket_of((5.0 + ms / 1000.0 - 5.0) * 1000.0)]
