@@ -27,10 +27,11 @@ from skr8tr.ingress import reporter as reporter_mod
 from skr8tr.ingress import upstreams
 from skr8tr.ingress.daemon import IngressConfig, run_ingress
 from skr8tr.ingress.reporter import Reporter, encode_reports
-from skr8tr.ingress.routes import Route
+from skr8tr.ingress.routes import BackendTable, Route
 from skr8tr.ingress.traffic import TrafficCounter
 from skr8tr.ws import server as wsserver
 from skr8tr.ws import trio_client
+from tests.conftest import free_port
 from tests.fake_conductors import wait_for
 from tests.test_ingress_proxy import open_client
 from tests.test_ingress_traffic import serve_replica
@@ -61,6 +62,7 @@ class Intake:
         self.sessions: list[list[Report]] = []
         self.refuse_seq: set[int] = set()
         self.deaf = False
+        self.demoted_to: str | None = None  # after 2 reports: NOT_LEADER naming this
         self.challenge_bytes: str | None = None  # replaces the challenge message
         self.url = ""
 
@@ -118,6 +120,12 @@ class Intake:
             report = decode_report(json.loads(raw))
             assert report.seq == len(reports) + 1  # from 1, one by one, on each connection
             reports.append(report)
+            if report.seq == 2 and self.demoted_to is not None:
+                await ws.send_message(json.dumps({
+                    "type": "error", "code": "NOT_LEADER", "message": "lost the lease",
+                    "leader": self.demoted_to}))
+                await ws.aclose(1000, "not the leader")
+                return
             if report.seq in self.refuse_seq:
                 await ws.send_message(json.dumps({"type": "error", "code": "BAD_REQUEST",
                                                   "message": f"report {report.seq} refused"}))
@@ -163,6 +171,7 @@ async def test_the_reports_sum_to_what_went_through_the_ingress():
     with trio.fail_after(DEADLINE_S):
         async with open_intakes(intake), trio.open_nursery() as nursery:
             ports = {name: await nursery.start(serve_replica, name) for name in ("a", "b")}
+            ports["c-dead"] = free_port()  # refused: each attempt on it fails, is retried
             intake.state = {"nodes": [{"node": "n1", "address": "127.0.0.1"}], "replicas": [
                 {"app": "web", "replica": name, "node": "n1", "port": port, "pid": 1,
                  "generation": 1, "state": "ready"} for name, port in ports.items()]}
@@ -183,9 +192,19 @@ async def test_the_reports_sum_to_what_went_through_the_ingress():
             expected = {rid: (seen[(rid, False)] + seen[(rid, True)], seen[(rid, True)])
                         for rid in ("a", "b")}
             await wait_for(lambda: {rid: (c.requests, c.errors) for rid, c
-                                    in intake.totals().items()} == expected,
+                                    in intake.totals().items() if rid != "c-dead"} == expected,
                            f"reports adding up to {expected}")
             totals = intake.totals()
+            # c-dead: as many attempts as the round robin gave it, each failed and retried
+            model = BackendTable()
+            model.apply_snapshot(intake.state)
+            attempts = sum(model.pick("web").replica == "c-dead"
+                           and model.pick("web", exclude={"c-dead"}) is not None
+                           for _ in range(60))
+            dead = totals.pop("c-dead")
+            assert attempts > 10
+            assert (dead.requests, dead.failed, dead.errors, dead.latency) == (
+                attempts, attempts, 0, {})
             assert sum(c.failed for c in totals.values()) == 0
             assert all(sum(c.latency.values()) == c.requests for c in totals.values())
             # several intervals, idle ones as heartbeats; one hello, as the design says
@@ -235,6 +254,18 @@ async def test_a_follower_sends_the_reporter_to_the_leader():
                 counts = leader.totals()["web-1"]
                 assert (counts.requests, counts.failed) == (2, 1)
                 assert counts.latency == {bucket_of(4.0): 1}
+
+
+async def test_a_leader_that_steps_down_sends_the_reporter_to_its_successor():
+    signer, pub = generate_keypair()
+    keys = authorized(("ingress", pub))
+    old, new = Intake(keys), Intake(keys)
+    with trio.fail_after(DEADLINE_S):
+        async with open_intakes(old, new):
+            old.demoted_to = new.url  # not in the reporter's list: only the hint leads there
+            async with open_reporter(old.url, signer) as reporter:
+                await wait_for(lambda: new.sessions and new.sessions[0], "a report to new")
+                assert reporter.connected_to == new.url and old.connections == 1
 
 
 async def test_an_unauthorized_key_is_logged_with_the_fix_and_tried_again(caplog,
