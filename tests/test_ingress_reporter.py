@@ -217,6 +217,39 @@ async def test_the_reports_sum_to_what_went_through_the_ingress():
             nursery.cancel_scope.cancel()
 
 
+async def test_a_graceful_shutdown_reports_the_interval_under_way():
+    signer, pub = generate_keypair()
+    intake = Intake(authorized(("ingress", pub)), interval_s=60)  # no report due before
+    with trio.fail_after(DEADLINE_S):
+        async with open_intakes(intake), trio.open_nursery() as nursery:
+            port_a = await nursery.start(serve_replica, "a")
+            intake.state = {"nodes": [{"node": "n1", "address": "127.0.0.1"}], "replicas": [
+                {"app": "web", "replica": "a", "node": "n1", "port": port_a, "pid": 1,
+                 "generation": 1, "state": "ready"}]}
+            config = IngressConfig(listen=("127.0.0.1", 0), routes=(Route("/", "web"),),
+                                   conductor_url=intake.url, signer=signer)
+            synced, shutdown, stopped = trio.Event(), trio.Event(), trio.Event()
+
+            async def ingress(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await run_ingress(config, shutdown=shutdown, synced=synced,
+                                  task_status=task_status)
+                stopped.set()
+
+            port = await nursery.start(ingress)
+            await synced.wait()
+            await wait_for(lambda: intake.sessions, "the ingress to join")
+            async with open_client(port) as c:
+                for path in ("/", "/status/500", "/", "/sleep/30"):
+                    await c.request("GET", path)
+            assert intake.sessions == [[]]  # nothing reported yet: the interval is 60 s
+            shutdown.set()
+            await stopped.wait()
+            [[report]] = intake.sessions
+            counts = report.replicas["a"]
+            assert (report.seq, counts.requests, counts.errors, counts.failed) == (1, 4, 1, 0)
+            nursery.cancel_scope.cancel()
+
+
 async def test_without_a_key_the_ingress_never_dials_v1_ingress(caplog):
     intake = Intake(authorized())
     caplog.set_level(logging.INFO, "skr8tr.ingress")

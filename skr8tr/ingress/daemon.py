@@ -15,7 +15,8 @@ client connection cap is kept within what the descriptors allow
 SIGTERM/SIGINT shut down gracefully: the listener closes, idle keep-alive
 connections close, requests in flight get up to :data:`SHUTDOWN_GRACE_S` to
 finish (their responses say ``Connection: close``), then whatever is left is
-cancelled. The last log line sums up what was served.
+cancelled; with ``--key`` the interval under way is reported at once. The last
+log lines sum up what was served and reported.
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
                     await listener.aclose()
                 proxy.begin_shutdown()
                 conns.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
+            if reporter is not None:
+                await reporter.finish()  # the requests just finished: counted, not dropped
             root.cancel_scope.cancel()
     finally:
         pool.close_all()

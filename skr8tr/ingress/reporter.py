@@ -21,7 +21,8 @@ Counts are per interval and never resent: what was counted while no session
 was up (connecting, refused, between conductors) is dropped when the next
 attempt begins, and so is an interval whose report could not be sent; both
 are said in a debug line and tallied in :class:`ReporterStats`. So the counter
-holds at most one interval plus a connection attempt's worth of counts.
+holds at most one interval plus a connection attempt's worth of counts. On a
+graceful shutdown :meth:`Reporter.finish` sends the interval under way at once.
 
 Bounds, both ways: a message from the conductor over
 :data:`MAX_CONDUCTOR_MESSAGE_BYTES` closes the connection (1009); each
@@ -83,6 +84,7 @@ MAX_INTERVAL_S = 60.0
 MAX_CONDUCTOR_MESSAGE_BYTES = 64 * 1024  # a challenge, a welcome, an error: all small
 MAX_REPORT_BYTES = 200 * 1024  # the conductor refuses a message over 256 KiB
 MAX_REPORTS_PER_INTERVAL = 3  # the conductor takes 4 a second, a burst of 8
+FINISH_TIMEOUT_S = 2.0  # a graceful shutdown waits this long for the last report
 SILENCE_EXTRA_S = 5.0  # silence limit: 3 intervals and this (the conductor's own rule)
 LOG_EVERY = 20  # a repeated failure is logged at its level once in this many times
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -186,6 +188,18 @@ class Reporter:
         self.stats = ReporterStats()
         self.connected_to: str | None = None  # the conductor of the session, while up
         self.interval_s: float | None = None  # the session's, while up
+        self._closing = trio.Event()
+        self._finished = trio.Event()
+
+    async def finish(self, timeout_s: float = FINISH_TIMEOUT_S) -> None:
+        """Send the counts of the interval under way now, without waiting for its end,
+        if a session is up, and report no more; wait at most *timeout_s* for that. For
+        a graceful shutdown, once the requests in flight are done: their counts reach
+        the conductor instead of being dropped. Then cancel :meth:`run`."""
+        self._closing.set()
+        if self.connected_to is not None:
+            with trio.move_on_after(timeout_s):
+                await self._finished.wait()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Report until cancelled, reconnecting as needed; started at once. Never raises
@@ -362,7 +376,9 @@ class _Session:
         seq = 1
         next_at = trio.current_time() + interval_s
         while True:
-            await trio.sleep_until(next_at)
+            with trio.move_on_at(next_at):
+                await r._closing.wait()
+            closing = r._closing.is_set()
             now = trio.current_time()
             next_at = max(next_at + interval_s, now)  # behind by more: no burst to catch up
             messages, left = encode_reports(seq, r.counter.take())
@@ -381,6 +397,10 @@ class _Session:
                     r._drop(chunk, f"the report could not be sent to {self.url}")
             if sent < len(messages):
                 raise _Silent(f"{self.url} took no report for {silence_s:g} s")
+            if closing:
+                log.info("last traffic report sent to %s", self.url)
+                r._finished.set()
+                await trio.sleep_forever()
             silent_s = trio.current_time() - ws.last_received
             if silent_s >= silence_s:
                 raise _Silent(f"nothing from {self.url} for {silent_s:.1f} s (not even a "
