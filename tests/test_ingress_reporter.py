@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 
-from skr8tr import __version__
+from skr8tr import __version__, tls
 from skr8tr.core import envelope, protocol
 from skr8tr.core.keys import AuthorizedKeys, generate_keypair, parse_authorized_keys
 from skr8tr.core.traffic import Counts, Report, bucket_of, decode_report
@@ -50,7 +51,8 @@ class Intake:
     read nothing more (a frozen conductor); ``interval_s`` goes in the welcome."""
 
     def __init__(self, authorized: AuthorizedKeys, *, role: str = "leader",
-                 interval_s: Any = 0.25) -> None:
+                 interval_s: Any = 0.25, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
         self.authorized = authorized
         self.role = role
         self.leader: str | None = None
@@ -68,8 +70,10 @@ class Intake:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve_websocket, self._handle, "127.0.0.1", 0, None)
-            self.url = f"ws://127.0.0.1:{server.port}"
+            server = await nursery.start(serve_websocket, self._handle, "127.0.0.1", 0,
+                                         self.ssl_context)
+            scheme = "ws" if self.ssl_context is None else "wss"
+            self.url = f"{scheme}://127.0.0.1:{server.port}"
             task_status.started(self.url)
 
     async def _handle(self, request: wsserver.Request) -> None:
@@ -154,8 +158,9 @@ async def open_intakes(*intakes: Intake) -> AsyncIterator[None]:
 
 @asynccontextmanager
 async def open_reporter(urls: str, signer, counter: TrafficCounter | None = None,
-                        name: str = "edge-1") -> AsyncIterator[Reporter]:
-    reporter = Reporter(urls, counter or TrafficCounter(), signer, name)
+                        name: str = "edge-1", ca_file: str | None = None
+                        ) -> AsyncIterator[Reporter]:
+    reporter = Reporter(urls, counter or TrafficCounter(), signer, name, ca_file=ca_file)
     async with trio.open_nursery() as nursery:
         await nursery.start(reporter.run)
         yield reporter
@@ -287,6 +292,22 @@ async def test_a_follower_sends_the_reporter_to_the_leader():
                 counts = leader.totals()["web-1"]
                 assert (counts.requests, counts.failed) == (2, 1)
                 assert counts.latency == {bucket_of(4.0): 1}
+
+
+async def test_a_wss_conductor_is_reported_to_only_when_its_certificate_verifies(
+        pki, other_pki, caplog):
+    caplog.set_level(logging.DEBUG, "skr8tr.ingress")
+    signer, pub = generate_keypair()
+    intake = Intake(authorized(("ingress", pub)),
+                    ssl_context=tls.server_context(str(pki.cert), str(pki.key)))
+    with trio.fail_after(DEADLINE_S):
+        async with open_intakes(intake):
+            async with open_reporter(intake.url, signer, ca_file=str(other_pki.ca)):
+                await wait_for(lambda: "certificate does not verify" in caplog.text,
+                               "the refusal of an unknown CA")
+                assert not intake.hellos
+            async with open_reporter(intake.url, signer, ca_file=str(pki.ca)):
+                await wait_for(lambda: intake.sessions and intake.sessions[0], "a report")
 
 
 async def test_a_leader_that_steps_down_sends_the_reporter_to_its_successor():
