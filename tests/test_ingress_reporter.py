@@ -23,7 +23,7 @@ import trio
 from skr8tr import __version__, tls
 from skr8tr.core import envelope, protocol
 from skr8tr.core.keys import AuthorizedKeys, generate_keypair, parse_authorized_keys
-from skr8tr.core.traffic import Counts, Report, bucket_of, decode_report
+from skr8tr.core.traffic import BOUNDS_MS, Counts, Report, bucket_of, decode_report
 from skr8tr.ingress import reporter as reporter_mod
 from skr8tr.ingress import upstreams
 from skr8tr.ingress.daemon import IngressConfig, run_ingress
@@ -62,6 +62,7 @@ class Intake:
         self.hellos: list[dict[str, Any]] = []
         self.refusals: list[str] = []
         self.sessions: list[list[Report]] = []
+        self.sizes: list[int] = []  # of every report, in bytes
         self.refuse_seq: set[int] = set()
         self.deaf = False
         self.demoted_to: str | None = None  # after 2 reports: NOT_LEADER naming this
@@ -121,6 +122,7 @@ class Intake:
             if self.deaf:
                 await trio.sleep_forever()
             raw = await ws.get_message()
+            self.sizes.append(len(raw.encode()))
             report = decode_report(json.loads(raw))
             assert report.seq == len(reports) + 1  # from 1, one by one, on each connection
             reports.append(report)
@@ -404,6 +406,35 @@ async def test_counts_made_while_no_session_is_up_are_dropped_and_tallied(monkey
                 counter.failed("web-1")
             await wait_for(lambda: reporter.stats.dropped_requests == 7, "the drop")
             assert counter.take() == {} and reporter.stats.reports == 0
+
+
+@pytest.mark.parametrize(("interval_s", "most"), [(1.0, 3), (0.25, 1)])
+async def test_a_huge_interval_goes_in_reports_under_256_kib_and_the_rest_is_tallied(
+        interval_s, most):
+    signer, pub = generate_keypair()
+    intake = Intake(authorized(("ingress", pub)), interval_s=interval_s)
+    counter = TrafficCounter()
+    with trio.fail_after(DEADLINE_S):
+        async with open_intakes(intake), open_reporter(intake.url, signer,
+                                                       counter) as reporter:
+            await wait_for(lambda: reporter.interval_s == interval_s, "the welcome")
+            # 1,500 replicas with every latency bucket: ~1.8 MB of rows in one interval
+            bounds = (0.0, *BOUNDS_MS, 300000.0)
+            middles = [(bounds[i] + bounds[i + 1]) / 2 for i in range(len(bounds) - 1)]
+            for i in range(1500):
+                rid = f"web-{i:04d}-" + "x" * 100
+                for bucket_ms in middles:  # one answer in each of the 62 buckets
+                    counter.answered(rid, 200, 0.0, bucket_ms / 1000)
+            await wait_for(lambda: reporter.stats.dropped_requests, "the rest dropped")
+            await wait_for(lambda: len([r for r in intake.sessions[0] if r.replicas]) == most,
+                           f"{most} full report(s)")
+            await trio.sleep(2 * interval_s)  # and no more for that interval
+            assert len([r for r in intake.sessions[0] if r.replicas]) == most
+            assert max(intake.sizes) <= 200 * 1024
+            got = intake.totals()
+            assert all(c.requests == 62 and len(c.latency) == 62 for c in got.values())
+            assert len(got) * 62 + reporter.stats.dropped_requests == 1500 * 62
+            assert reporter.stats.dropped_intervals == 1
 
 
 @pytest.mark.parametrize(("welcome_interval", "used"), [(0.01, 0.25), (3600, 60.0),

@@ -30,7 +30,8 @@ handshake step is due within :data:`HANDSHAKE_TIMEOUT_S`; the conductor's
 interval is held to :data:`MIN_INTERVAL_S` .. :data:`MAX_INTERVAL_S`. Towards
 the conductor a report stays under :data:`MAX_REPORT_BYTES` (its limit is
 256 KiB): a large interval is split into several reports, at most
-:data:`MAX_REPORTS_PER_INTERVAL` (under its 4 a second), and what does not fit
+:data:`MAX_REPORTS_PER_INTERVAL` and :data:`MAX_REPORTS_PER_S` a second (the
+conductor takes 4 a second), and what does not fit
 is dropped and tallied. The conductor is pinged every interval; one silent for
 ``3 x interval + 5 s`` (a frozen process keeps its TCP connection open) is left
 for the others in the list.
@@ -83,7 +84,8 @@ MIN_INTERVAL_S = 0.25
 MAX_INTERVAL_S = 60.0
 MAX_CONDUCTOR_MESSAGE_BYTES = 64 * 1024  # a challenge, a welcome, an error: all small
 MAX_REPORT_BYTES = 200 * 1024  # the conductor refuses a message over 256 KiB
-MAX_REPORTS_PER_INTERVAL = 3  # the conductor takes 4 a second, a burst of 8
+MAX_REPORTS_PER_INTERVAL = 3  # the conductor takes 4 a second, a burst of 8 ...
+MAX_REPORTS_PER_S = 3  # ... so a short interval gets fewer: 1 every 0.25 s
 FINISH_TIMEOUT_S = 2.0  # a graceful shutdown waits this long for the last report
 SILENCE_EXTRA_S = 5.0  # silence limit: 3 intervals and this (the conductor's own rule)
 LOG_EVERY = 20  # a repeated failure is logged at its level once in this many times
@@ -373,6 +375,7 @@ class _Session:
     async def _report(self, ws: ClientConnection, interval_s: float) -> None:
         r = self.reporter
         silence_s = 3 * interval_s + SILENCE_EXTRA_S
+        most = max(1, min(MAX_REPORTS_PER_INTERVAL, int(MAX_REPORTS_PER_S * interval_s)))
         seq = 1
         next_at = trio.current_time() + interval_s
         while True:
@@ -381,7 +384,7 @@ class _Session:
             closing = r._closing.is_set()
             now = trio.current_time()
             next_at = max(next_at + interval_s, now)  # behind by more: no burst to catch up
-            messages, left = encode_reports(seq, r.counter.take())
+            messages, left = encode_reports(seq, r.counter.take(), max_reports=most)
             r._drop(left, "over what the reports of one interval may carry")
             sent = 0
             try:
