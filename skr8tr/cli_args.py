@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-watchers-per-address", metavar="N", type=_positive_int,
                      help="/v1/watch streams open from one client address; more are "
                      "answered 429 (default 64)")
+    sec.add_argument("--max-ingresses", metavar="N", type=_positive_int,
+                     help="ingress sessions reporting traffic (/v1/ingress) at once; more "
+                     "are refused (default 16)")
     sec.add_argument("--allowed-host", metavar="NAME", action="append",
                      help="a host name the HTTP routes and WebSockets answer besides IP "
                      "addresses and localhost, e.g. behind a reverse proxy (repeatable)")
