@@ -365,3 +365,31 @@ async def test_a_follower_answers_not_leader_and_a_deposed_leader_closes_session
             assert answer == {"type": "error", "code": "NOT_LEADER", "leader": LEADER,
                               "message": f"this conductor is a follower; the leader is {LEADER}"}
         assert refused(await scrape(c.http_port), "not_leader") == 1
+
+
+def big_report(seq: int, size: int) -> str:
+    """A valid report of about *size* bytes (rows for replicas nobody runs)."""
+    rows = [{"replica": f"web-{10**6 + i}", "requests": 1, "errors": 0, "failed": 0,
+             "latency": [[20, 1]]} for i in range(size // 90)]
+    return json.dumps({"type": "report", "seq": seq, "replicas": rows})
+
+
+async def test_an_ingress_over_its_byte_rate_is_slowed_not_closed(tmp_path, monkeypatch):
+    rate = Limits().ingress_bytes_per_s  # twice that saved up
+    async with conductor(tmp_path, monkeypatch) as c, open_ingress(c.url, c.ingress) as ws:
+        texts = [big_report(seq, 250 * 1024) for seq in range(1, 5)]
+        assert all(rate * 0.9 < len(t) < rate for t in texts)
+        start = trio.current_time()
+        for text in texts:
+            await ws.send_message(text)
+
+        async def all_four():
+            s = await scrape(c.http_port)
+            return s[("skr8tr_ingress_reports_total", ())] == 4 and s
+
+        samples = await wait_for(all_four, "the four reports, slowed")
+        # Two fit the saved-up budget; the third and the fourth each wait for theirs.
+        assert trio.current_time() - start > 2 * 0.9 * 250 * 1024 / rate - 0.2
+        assert samples[("skr8tr_ingress_reads_paused_total", ())] == 2
+        assert refused(samples, "report_rate") == 0
+        assert [r["reports"] for r in (await status(c.url))["ingresses"]] == [4]

@@ -9,7 +9,8 @@ at which to report, then sends one report per interval
 which sums every ingress (:class:`skr8tr.conductor.traffic.TrafficBook`).
 
 What one ingress may cost (:mod:`skr8tr.conductor.limits`): messages of at most
-256 KiB (close 1009); ``ingress_reports_per_s`` reports a second with a burst of
+256 KiB (close 1009); ``ingress_bytes_per_s`` (over it, reading pauses, as for a
+node); ``ingress_reports_per_s`` reports a second with a burst of
 ``ingress_report_burst`` (a report over it is dropped unread); a refused report
 is answered BAD_REQUEST and the session goes on; a dropped or refused report
 is a strike, and a session out of strikes (:data:`INGRESS_STRIKE_BURST`, one
@@ -99,6 +100,7 @@ class IngressDesk:
     limits: Limits = field(default_factory=Limits)
     sessions: list[IngressSession] = field(default_factory=list)
     reports: int = 0  # reports accepted, ever (skr8tr_ingress_reports_total)
+    paused: int = 0  # pauses in reading a session over its byte rate
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSED_REASONS, 0))
     _log: LogThrottle = field(default_factory=LogThrottle)
 
@@ -239,6 +241,8 @@ async def _receive(cluster: Cluster, desk: IngressDesk, policing: Policing,
     peer = f"ingress {session.name} ({ws.peer})"
     now = trio.current_time()
     reports = TokenBucket(limits.ingress_reports_per_s, limits.ingress_report_burst, now)
+    byte_rate = limits.ingress_bytes_per_s
+    byte_budget = TokenBucket(byte_rate, 2 * byte_rate, now)
     strikes = TokenBucket(INGRESS_STRIKES_PER_S, INGRESS_STRIKE_BURST, now)
     idle_s = limits.ingress_idle_timeout_s
     while True:
@@ -254,6 +258,12 @@ async def _receive(cluster: Cluster, desk: IngressDesk, policing: Policing,
             await policing.close_for(ws, peer, "idle_timeout", 1000,
                                      f"no report for {idle_s:g} s")
             return
+        wait_s = byte_budget.charge(trio.current_time(), len(raw))
+        if wait_s > 0:
+            # Not read on meanwhile: TCP holds the ingress back (at most one message's
+            # worth, 1 s at the default rate). Decoding is what costs; it waits too.
+            desk.paused += 1
+            await trio.sleep(wait_s)
         now = trio.current_time()
         if not reports.take(now):
             desk.note("report_rate", peer,

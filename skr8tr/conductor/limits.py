@@ -21,6 +21,7 @@ close reason, an HTTP status), and is counted in ``/metrics`` as
 | HTTP keep-alive between requests | 30 s | ``http_idle_timeout`` |
 | HTTP body read / response write progress | 10 s | ``http_slow_client`` |
 | ``/v1/ingress`` message size | 256 KiB | ``message_too_big`` (close 1009) |
+| bytes per second per ingress session | 256 KiB/s, burst 512 KiB | not closed: reading pauses |
 | ``/v1/ingress`` reports per session | 4/s, burst 8 | dropped; 8 strikes: ``rate_limit`` (1008) |
 | ``/v1/ingress`` sessions at once | 16 | refused (``error`` NO_CAPACITY, close 1008) |
 | ``/v1/ingress`` session silent | 3 x interval + 5 s (8 s) | ``idle_timeout`` (close 1000) |
@@ -115,6 +116,12 @@ class Limits:
     #: session is closed.
     ingress_reports_per_s: float = 4.0
     ingress_report_burst: int = 8
+    #: Bytes of /v1/ingress messages per second per session (twice that saved up); over
+    #: it the conductor pauses reading the session (TCP holds the ingress back). A
+    #: report of 256 KiB costs the conductor 10 to 20 ms to decode: this keeps a hostile
+    #: ingress key at about one such report a second (BENCHMARKS.md). A real ingress
+    #: sends a few KiB a second.
+    ingress_bytes_per_s: int = 256 * 1024
 
     @property
     def ingress_idle_timeout_s(self) -> float:
@@ -123,7 +130,8 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("max_connections_per_address", "message_burst", "http_max_header_bytes",
                      "watch_queue_bytes", "max_watchers_per_address", "cli_bytes_per_s",
-                     "node_bytes_per_s", "max_ingresses", "ingress_report_burst"):
+                     "node_bytes_per_s", "max_ingresses", "ingress_report_burst",
+                     "ingress_bytes_per_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.node_bytes_per_s < MIN_NODE_BYTES_PER_S:

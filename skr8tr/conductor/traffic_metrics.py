@@ -61,4 +61,9 @@ def families(cluster: Cluster) -> list[metrics.Gauge | metrics.Counter]:
         ("reason",), preset=[{"reason": r} for r in REFUSED_REASONS])
     for reason, n in desk.refused.items():
         refused.set_total(n, reason=reason)
-    return [requests, errors, failed, p99, sessions, reports, unknown, refused]
+    paused = metrics.Counter(
+        "skr8tr_ingress_reads_paused_total",
+        "Times the conductor paused reading an ingress session for sending more bytes a "
+        "second than its limit (slowed, not closed).")
+    paused.set_total(desk.paused)
+    return [requests, errors, failed, p99, sessions, reports, unknown, refused, paused]
