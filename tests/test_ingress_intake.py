@@ -393,3 +393,62 @@ async def test_an_ingress_over_its_byte_rate_is_slowed_not_closed(tmp_path, monk
         assert samples[("skr8tr_ingress_reads_paused_total", ())] == 2
         assert refused(samples, "report_rate") == 0
         assert [r["reports"] for r in (await status(c.url))["ingresses"]] == [4]
+
+
+async def test_insecure_welcomes_any_well_formed_key_and_refuses_a_malformed_one(
+        tmp_path, monkeypatch):
+    async with conductor(tmp_path, monkeypatch, insecure=True) as c:
+        stranger = keys.generate_keypair()[0]
+        async with open_ingress(c.url, stranger, "edge-any"):
+            pass
+        async with trio_client.open_websocket(c.url + "/v1/ingress") as ws:
+            # Not a key: no authorized-keys line is made of it (a newline could add a role).
+            answer = await say_hello(ws, stranger, "edge-x",
+                                     key=stranger.public[:10] + "\nadmin " + stranger.public)
+            assert answer["code"] == "UNAUTHORIZED" and "key must be" in answer["message"]
+
+
+async def test_every_report_is_counted_once_accepted_or_refused(tmp_path, monkeypatch):
+    """Mutated reports (a deterministic fuzz): each is accepted or answered BAD_REQUEST,
+    and the counts add up to what was sent; the conductor goes on serving."""
+    import random
+
+    from skr8tr.conductor import ingress_sessions
+
+    rnd = random.Random(18)
+    fast = Limits(ingress_reports_per_s=1e6, ingress_report_burst=10**6)
+    monkeypatch.setattr(ingress_sessions, "INGRESS_STRIKE_BURST", 10**6)  # strikes: above
+    base = json.loads(report(1, {"web-1": ([200, 500, None, 200], 12.0)}))
+    values = [None, True, -1, 0, 1, 2**53 + 1, 1.5, "x", [], {}, [[0, 1]], [[61, 2]],
+              [[62, 1]], [[0, 0]], "web-" + "9" * 200, 10**9, 10**9 + 1]
+    sent = 0
+    async with conductor(tmp_path, monkeypatch, limits=fast) as c, \
+            open_ingress(c.url, c.ingress) as ws:
+        bad = 0
+        for seq in range(1, 201):
+            msg = json.loads(json.dumps(base))
+            msg["seq"] = seq
+            row = msg["replicas"][0]
+            where, key = rnd.choice([(msg, "seq"), (msg, "replicas"), (msg, "type"),
+                                     (row, "replica"), (row, "requests"), (row, "errors"),
+                                     (row, "failed"), (row, "latency"), (row, "extra")])
+            if rnd.random() < 0.3:
+                where.pop(key, None)
+            else:
+                where[key] = rnd.choice(values)
+            await ws.send_message(json.dumps(msg))
+            sent += 1
+
+        async def accepted_or_refused():
+            nonlocal bad
+            with trio.move_on_after(0.1):
+                while True:  # each refused one is answered
+                    answer = json.loads(await ws.get_message())
+                    assert answer["type"] == "error" and answer["code"] == "BAD_REQUEST"
+                    bad += 1
+            s = await scrape(c.http_port)
+            return s[("skr8tr_ingress_reports_total", ())] + bad == sent and s
+
+        samples = await wait_for(accepted_or_refused, "every report accepted or refused")
+        assert refused(samples, "bad_report") == bad and 0 < bad < sent
+        assert (await status(c.url))["ingresses"][0]["reports"] == sent - bad

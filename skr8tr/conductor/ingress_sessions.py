@@ -124,7 +124,7 @@ class IngressDesk:
             s.scope.cancel()
         return len(gone)
 
-    def _admit(self, session: IngressSession) -> str | None:
+    def admit(self, session: IngressSession) -> str | None:
         """Add *session*, replacing one of the same name and key; or say why not."""
         for old in self.sessions:
             if old.name == session.name and old.key == session.key:
@@ -206,13 +206,13 @@ async def serve_ingress(cluster: Cluster, authority: Authority, desk: IngressDes
         return
     session = IngressSession(hello.name, hello.key, ws.peer, trio.CancelScope(),
                              trio.current_time())
-    why = desk._admit(session)
+    why = desk.admit(session)
     if why is not None:
         desk.note("too_many_ingresses", ws.peer, why)
         await _refuse(ws, "NO_CAPACITY", why)
         return
-    log.info("ingress %s joined from %s (key %s)", hello.name, ws.peer,
-             fingerprint(hello.key))
+    log.info("ingress %s (version %s) joined from %s (key %s)", hello.name, hello.version,
+             ws.peer, fingerprint(hello.key))
     try:
         with session.scope, contextlib.suppress(ConnectionClosed):
             await ws.send_message(ingress_protocol.welcome(desk.limits.ingress_interval_s))
