@@ -73,6 +73,9 @@ def test_two_ingresses_are_summed_per_generation_and_a_revoked_key_is_cut_off(tm
                     lambda: poll(both_counted, what="both reports in status"))
                 assert sorted(rows) == ["edge-a", "edge-b"]
                 assert {r["address"] for r in rows.values()} == {"127.0.0.1"}
+                human = await trio.to_thread.run_sync(cluster.cli_ok, "status")
+                listed = human.split("INGRESSES\n", 1)[1].splitlines()[1:]
+                assert sorted(line.split()[0] for line in listed) == ["edge-a", "edge-b"]
                 samples = await trio.to_thread.run_sync(scrape, cluster)
                 assert traffic(samples, 1) == (67, 5, 2)
                 assert samples[("skr8tr_ingress_sessions", ())] == 2

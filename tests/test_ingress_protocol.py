@@ -89,3 +89,19 @@ def test_traffic_metrics_name_only_the_apps_held():
     assert 'app="old"' not in text  # not an app this conductor runs (any more)
     assert "skr8tr_ingress_report_rows_unknown_total 1" in text
     assert 'skr8tr_ingress_refused_total{reason="unauthorized"} 0' in text
+
+
+def test_the_human_status_lists_the_ingresses_only_when_there_are_some():
+    from skr8tr import output
+
+    doc = {"nodes": [], "apps": [], "replicas": [], "rollouts": [], "ingresses": []}
+    assert "INGRESSES" not in output.status(doc)
+    doc["ingresses"] = [{"ingress": "edge-1", "key": "sha256:0123456789abcdef",
+                         "address": "10.0.0.7", "reports": 42, "last_report_s": 0.4},
+                        {"ingress": "edge-2", "key": "sha256:fedcba9876543210",
+                         "address": "10.0.0.8", "reports": 0, "last_report_s": None}]
+    text = output.status(doc).split("INGRESSES\n", 1)[1]
+    assert text.splitlines() == [
+        "INGRESS  ADDRESS   KEY                      REPORTS  LAST REPORT",
+        "edge-1   10.0.0.7  sha256:0123456789abcdef  42       0.4s ago",
+        "edge-2   10.0.0.8  sha256:fedcba9876543210  0        -"]
