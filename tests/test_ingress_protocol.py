@@ -105,3 +105,27 @@ def test_the_human_status_lists_the_ingresses_only_when_there_are_some():
         "INGRESS  ADDRESS   KEY                      REPORTS  LAST REPORT",
         "edge-1   10.0.0.7  sha256:0123456789abcdef  42       0.4s ago",
         "edge-2   10.0.0.8  sha256:fedcba9876543210  0        -"]
+
+
+def test_max_ingresses_from_file_env_and_command_line(tmp_path):
+    from skr8tr import daemon_config
+    from skr8tr.cli_args import build_parser
+    from skr8tr.conductor.daemon import config_from_args
+
+    def resolve(argv, environ=None):
+        parser = build_parser()
+        return daemon_config.apply(parser, argv, parser.parse_args(argv),
+                                   environ=environ or {})
+
+    def max_ingresses(argv, environ=None):
+        return config_from_args(resolve(["conductor", "--insecure", *argv],
+                                        environ)).limits.max_ingresses
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("max-ingresses = 3\n")
+    assert max_ingresses([]) == 16
+    assert max_ingresses(["--config", str(cfg)]) == 3
+    assert max_ingresses(["--config", str(cfg)], {"SKR8TR_CONDUCTOR_MAX_INGRESSES": "5"}) == 5
+    assert max_ingresses(["--max-ingresses", "7"], {"SKR8TR_CONDUCTOR_MAX_INGRESSES": "5"}) == 7
+    with pytest.raises(daemon_config.ConfigError):
+        max_ingresses([], {"SKR8TR_CONDUCTOR_MAX_INGRESSES": "0"})
