@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 
@@ -90,17 +91,46 @@ async def flood(url: str, signer, real: list[str], stop: trio.Event) -> tuple[in
     return sent, sessions
 
 
-def measure(cluster, proc, run) -> tuple[float, object]:
+async def pings(url: str, seconds: float) -> list[float]:
+    """``ping`` on one open /v1/cli connection every 50 ms for *seconds*: how long the
+    conductor's event loop keeps everyone else waiting. Run in a process of its own
+    (``--pinger``), so that the attackers' work in this one is not in the figures."""
+    out = []
+    async with trio_client.open_websocket(url + "/v1/cli") as ws:
+        end = trio.current_time() + seconds
+        while trio.current_time() < end:
+            t0 = time.perf_counter()
+            await ws.send_message(json.dumps({"v": 1, "id": "p", "cmd": "ping", "args": {}}))
+            await ws.get_message()
+            out.append((time.perf_counter() - t0) * 1000)
+            await trio.sleep(0.05)
+    return out
+
+
+def measure(cluster, proc, run) -> tuple[float, object, str]:
+    """The conductor's CPU share while *run* runs, its result, and the latency of pings
+    meanwhile (median / p99 / max ms)."""
+    pinger = subprocess.Popen([sys.executable, __file__, "--pinger", cluster.url,
+                               str(run.seconds)], stdout=subprocess.PIPE, text=True)
     before = cpu_seconds(proc)
     t0 = time.monotonic()
     result = trio.run(run)
-    return (cpu_seconds(proc) - before) / (time.monotonic() - t0), result
+    cpu = (cpu_seconds(proc) - before) / (time.monotonic() - t0)
+    latencies = sorted(json.loads(pinger.communicate(timeout=60)[0]))
+    figures = (f"{latencies[len(latencies) // 2]:.1f} / "
+               f"{latencies[int(len(latencies) * 0.99)]:.1f} / {latencies[-1]:.1f}")
+    return cpu, result, figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
+    parser.add_argument("--pinger", nargs=2, metavar=("URL", "SECONDS"))
+    args = parser.parse_args()
+    if args.pinger:
+        print(json.dumps(trio.run(pings, args.pinger[0], float(args.pinger[1]))))
+        return 0
+    quick = args.quick
     measure_s = 4.0 if quick else MEASURE_S
     print("## What a hostile ingress costs the conductor\n")
     print(f"Command: `./tools/bench ingress_intake`. Machine: {machine()}.\n")
@@ -121,10 +151,14 @@ def main() -> int:
         cluster.json("up", str(web(cluster.root, "v1", replicas=3)))
         real = [r["replica"] for r in cluster.wait_ready("web", 3)]
         proc = psutil.Process(cluster.conductor.proc.pid)
-        print("\n| attack | sessions | reports sent/s | conductor CPU |")
-        print("|---|---|---|---|")
-        idle, _ = measure(cluster, proc, lambda: trio.sleep(measure_s))
-        print(f"| none (idle, 1 node, 3 replicas) | 0 | 0 | {idle * 100:.1f}% |")
+        print("\n| attack | sessions | reports sent/s | conductor CPU | ping ms: median / "
+              "p99 / max |")
+        print("|---|---|---|---|---|")
+        async def idle_run():
+            await trio.sleep(measure_s)
+        idle_run.seconds = measure_s
+        idle, _, ms = measure(cluster, proc, idle_run)
+        print(f"| none (idle, 1 node, 3 replicas) | 0 | 0 | {idle * 100:.1f}% | {ms} |")
         for shape in ("rows", "buckets"):
             for n in (1, 16):
                 async def run(n=n, shape=shape):
@@ -139,9 +173,10 @@ def main() -> int:
                         await trio.sleep(measure_s)
                         stop.set()
                     return sum(counts)
-                cpu, sent = measure(cluster, proc, run)
+                run.seconds = measure_s
+                cpu, sent, ms = measure(cluster, proc, run)
                 print(f"| paced `{shape}` reports, 4/s | {n} | {sent / measure_s:.0f} | "
-                      f"{cpu * 100:.1f}% |")
+                      f"{cpu * 100:.1f}% | {ms} |")
 
         async def run_flood():
             stop = trio.Event()
@@ -154,9 +189,10 @@ def main() -> int:
                 await trio.sleep(measure_s)
                 stop.set()
             return result[0]
-        cpu, (sent, sessions) = measure(cluster, proc, run_flood)
+        run_flood.seconds = measure_s
+        cpu, (sent, sessions), ms = measure(cluster, proc, run_flood)
         print(f"| flood of `buckets` reports, reconnecting | 1 ({sessions} in turn) | "
-              f"{sent / measure_s:.0f} | {cpu * 100:.1f}% |")
+              f"{sent / measure_s:.0f} | {cpu * 100:.1f}% | {ms} |")
         samples = cluster.cli_ok("status", "--json")
         assert json.loads(samples)["ingresses"] is not None
     return 0

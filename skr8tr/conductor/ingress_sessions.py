@@ -45,7 +45,7 @@ from skr8tr.conductor.limits import (
 from skr8tr.core import envelope, ingress_protocol
 from skr8tr.core.keys import AuthorizedKeys, parse_authorized_keys
 from skr8tr.core.signatures import fingerprint, is_public_key
-from skr8tr.core.traffic import ReportError, decode_report
+from skr8tr.core.traffic import Report, ReportError, decode_report
 from skr8tr.ws.server import ConnectionClosed, ServerConnection
 
 if TYPE_CHECKING:
@@ -54,6 +54,12 @@ if TYPE_CHECKING:
     from skr8tr.conductor.policing import Policing
 
 log = logging.getLogger("skr8tr.conductor")
+
+# Above this, a report is decoded in a worker thread (one for every session: the desk's
+# limiter), as /v1/cli does with large requests: a 256 KiB report takes 10 to 20 ms, and
+# sixteen of them back to back on the event loop held every other client up for most of
+# a second (bench/ingress_intake.py).
+LARGE_REPORT_CHARS = 64 * 1024
 
 # Why sessions were refused or closed, and reports refused or dropped
 # (skr8tr_ingress_refused_total{reason}).
@@ -101,6 +107,7 @@ class IngressDesk:
     sessions: list[IngressSession] = field(default_factory=list)
     reports: int = 0  # reports accepted, ever (skr8tr_ingress_reports_total)
     paused: int = 0  # pauses in reading a session over its byte rate
+    _cpu: trio.CapacityLimiter | None = None
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSED_REASONS, 0))
     _log: LogThrottle = field(default_factory=LogThrottle)
 
@@ -115,6 +122,14 @@ class IngressDesk:
         if n:
             log.warning("ingress: %d refusal(s) for %s, the last from %s: %s", n, reason,
                         peer, why)
+
+    async def decode(self, raw: str | bytes) -> Report | str:
+        """A report, or why it is refused; a large one in the worker thread."""
+        if len(raw) <= LARGE_REPORT_CHARS:
+            return _decode(raw)
+        if self._cpu is None:
+            self._cpu = trio.CapacityLimiter(1)
+        return await trio.to_thread.run_sync(_decode, raw, limiter=self._cpu)
 
     def revoke(self, authorized: AuthorizedKeys) -> int:
         """End the sessions whose key is no longer authorized as ingress (SIGHUP)."""
@@ -138,6 +153,16 @@ class IngressDesk:
                         "(--max-ingresses)")
         self.sessions.append(session)
         return None
+
+
+def _decode(raw: str | bytes) -> Report | str:
+    msg = ingress_protocol.parse(raw)
+    if isinstance(msg, str):
+        return msg
+    try:
+        return decode_report(msg)
+    except ReportError as exc:
+        return str(exc)
 
 
 async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
@@ -274,15 +299,11 @@ async def _receive(cluster: Cluster, desk: IngressDesk, policing: Policing,
                                          "too many reports over the rate")
                 return
             continue
-        msg = ingress_protocol.parse(raw)
-        try:
-            if isinstance(msg, str):
-                raise ReportError(msg)
-            report = decode_report(msg)
-        except ReportError as exc:
-            desk.note("bad_report", peer, str(exc))
+        report = await desk.decode(raw)
+        if isinstance(report, str):
+            desk.note("bad_report", peer, report)
             with trio.move_on_after(idle_s) as sending:  # an ingress that does not read
-                await ws.send_message(ingress_protocol.error("BAD_REQUEST", str(exc)))
+                await ws.send_message(ingress_protocol.error("BAD_REQUEST", report))
             if sending.cancelled_caught or not strikes.take(now):
                 desk.note("strikes", peer, "too many bad reports")
                 await policing.close_for(ws, peer, "rate_limit", 1008,
