@@ -503,9 +503,12 @@ async def _serve_signals(authority: Authority, ingresses: IngressDesk,
                 else:
                     revoked = authority.replace_keys(keys)
                     gone = 0 if authority.insecure else ingresses.revoke(keys)
-                    log.info("SIGHUP: re-read %s (%d key(s)); %d node session(s) and %d "
-                             "ingress session(s) closed for revoked keys",
-                             config.authorized_keys, len(keys), len(revoked), gone)
+                    log.info("SIGHUP: re-read %s (%d key(s)); %d node session(s) closed "
+                             "for revoked keys", config.authorized_keys, len(keys),
+                             len(revoked))
+                    if gone:
+                        log.info("SIGHUP: %d ingress session(s) closed for revoked keys",
+                                 gone)
             else:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
                 root.cancel()

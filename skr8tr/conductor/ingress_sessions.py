@@ -11,7 +11,8 @@ which sums every ingress (:class:`skr8tr.conductor.traffic.TrafficBook`).
 What one ingress may cost (:mod:`skr8tr.conductor.limits`): messages of at most
 256 KiB (close 1009); ``ingress_bytes_per_s`` (over it, reading pauses, as for a
 node); ``ingress_reports_per_s`` reports a second with a burst of
-``ingress_report_burst`` (a report over it is dropped unread); a refused report
+``ingress_report_burst`` (a report over it is dropped unread); a report over
+:data:`LARGE_REPORT_CHARS` is decoded in a worker thread; a refused report
 is answered BAD_REQUEST and the session goes on; a dropped or refused report
 is a strike, and a session out of strikes (:data:`INGRESS_STRIKE_BURST`, one
 back a second) is closed (1008). At most ``max_ingresses`` sessions at once
