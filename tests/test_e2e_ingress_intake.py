@@ -134,3 +134,37 @@ def test_two_ingresses_are_summed_per_generation_and_a_revoked_key_is_cut_off(tm
 
         trio.run(one_more)
         assert traffic(scrape(cluster), 1) == (71, 5, 2)
+
+
+def test_the_real_ingress_reports_every_request_it_routed(tmp_path: Path):
+    """`skr8tr ingress --key` (skr8tr/ingress/reporter.py) against this intake: 50 GETs
+    through it to one replica that fails every 5th request; the conductor counts 50
+    requests and exactly 10 errors for that generation."""
+    import http.client
+
+    with running_cluster(tmp_path) as cluster:
+        key = cluster.add_key("edge", "ingress")
+        reload_keys(cluster, 1)
+        cluster.start_node("n1")
+        cluster.start_node("n2")
+        cluster.json("up", str(web(tmp_path, "v1", replicas=1, extra_args="--fail-rate 0.2")))
+        cluster.wait_ready("web", 1, generation=1)
+        _, base = cluster.start_ingress("/:web", extra=("--key", str(key), "--name", "edge-1"))
+        poll(lambda: [r["ingress"] for r in cluster.json("status")["ingresses"]] == ["edge-1"],
+             what="the ingress to join")
+        host, port = base.removeprefix("http://").split(":")
+        statuses = []
+        for _ in range(50):
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            conn.request("GET", "/")
+            statuses.append(conn.getresponse().status)
+            conn.close()
+        assert statuses.count(500) == 10 and statuses.count(200) == 40
+        poll(lambda: traffic(scrape(cluster), 1) == (50, 10, 0),
+             what="the ingress's counts at the conductor")
+        [row] = cluster.json("status")["ingresses"]
+        assert row["ingress"] == "edge-1" and row["reports"] >= 1
+        samples = scrape(cluster)
+        assert samples[("skr8tr_ingress_report_rows_unknown_total", ())] == 0
+        assert sum(v for (name, _), v in samples.items()
+                   if name == "skr8tr_ingress_refused_total") == 0
