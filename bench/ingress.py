@@ -10,6 +10,12 @@ ingress, for 1, 16 and 64 concurrent clients. Each run is preceded by a 0.5 s
 warm-up (connections opened, the ingress's pool filled) that is not counted.
 Everything shares the same cores, so the figures compare the two paths on one
 machine; they are not the capacity of a dedicated ingress host.
+
+``--count``: the ingress runs with ``--key`` and so counts every attempt per
+replica for the rollout analysis (skr8tr/ingress/traffic.py); the key is the
+run's admin key, which the conductor does not take as an ingress's, so the
+reports themselves are refused: what is measured is the counting on the
+request path, the only part of it a request pays for.
 """
 
 from __future__ import annotations
@@ -60,12 +66,17 @@ def measure(url: str, clients: int, duration_s: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1.5 s per run instead of 5 s")
-    duration_s = 1.5 if parser.parse_args().quick else 5.0
+    parser.add_argument("--count", action="store_true",
+                        help="the ingress counts traffic per replica (runs with --key)")
+    args = parser.parse_args()
+    duration_s = 1.5 if args.quick else 5.0
     results = []
     with local_cluster(nodes=1) as cluster:
         row = trio.run(deploy, call_options(cluster))
         direct = f"http://127.0.0.1:{row['port']}/"
-        _, ingress_url = cluster.start_ingress("/:web", extra=("--log-level", "info"))
+        counting = ("--key", str(cluster.admin_key)) if args.count else ()
+        _, ingress_url = cluster.start_ingress("/:web", extra=("--log-level", "info",
+                                                               *counting))
         host, port = ingress_url.removeprefix("http://").split(":")
         poll(lambda: http_get(host, int(port))[0] == 200,
              what="the ingress to route to the replica")
@@ -75,7 +86,8 @@ def main() -> None:
     print("## Ingress (bench/ingress.py)")
     print()
     print(f"Machine: {machine()}. {duration_s:g} s per run, closed loop, keep-alive, one "
-          "hello_http replica; load generator, ingress and replica share the machine.")
+          "hello_http replica; load generator, ingress and replica share the machine"
+          + ("; the ingress counts traffic per replica (--count)." if args.count else "."))
     print()
     print("| clients | direct req/s | direct p50 ms | direct p99 ms | ingress req/s "
           "| ingress p50 ms | ingress p99 ms | failed |")

@@ -24,11 +24,17 @@ __all__ = ["DAEMON_CLIENT_FLAGS", "DEFAULT_KEY_FILE", "build_parser"]
 # The client flags a daemon uses (``skr8tr conductor`` none); the others are still
 # accepted after a daemon's verb, as before, but left out of its --help.
 DAEMON_CLIENT_FLAGS = {"conductor": (), "node": ("conductor", "key", "ca"),
-                       "ingress": ("conductor", "ca")}
+                       "ingress": ("conductor", "ca", "key")}
+# A daemon whose --key means something else than the client's: its own help. The
+# ingress's key is optional and has no default (skr8tr.daemon_config.NO_DEFAULT).
+_KEY_HELP = {"ingress": "signing key of role `ingress` (authorized as `ingress KEY` on the "
+             "conductor): report the traffic of every replica to the conductor, for rollouts "
+             "judged by it; without it nothing is reported (no default)"}
 
 
 def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool,
-                      shown: tuple[str, ...] | None = None) -> None:
+                      shown: tuple[str, ...] | None = None,
+                      key_help: str | None = None) -> None:
     """The client flags, accepted before or after the verb.
 
     On the top-level parser they carry the defaults; on each verb's parser they
@@ -53,7 +59,8 @@ def _add_client_flags(parser: argparse.ArgumentParser, *, top: bool,
     group.add_argument(
         "--key", metavar="FILE",
         default=dflt(os.environ.get("SKR8TR_KEY") or DEFAULT_KEY_FILE),
-        help=help_("key", f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})"),
+        help=help_("key", key_help
+                   or f"secret signing key (env SKR8TR_KEY; default {DEFAULT_KEY_FILE})"),
     )
     group.add_argument(
         "--ca", metavar="FILE", default=dflt(os.environ.get("SKR8TR_CA") or None),
@@ -92,6 +99,14 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
+
+
+def _ingress_name(text: str) -> str:
+    # The pattern of skr8tr.ingress.reporter.NAME_RE, not imported (test_cli_startup.py).
+    if not 1 <= len(text) <= 64 or not all(c.isascii() and (c.isalnum() or c in "._-")
+                                           for c in text):
+        raise argparse.ArgumentTypeError(f"expected 1..64 of A-Z a-z 0-9 . _ -, got {text!r}")
+    return text
 
 
 def _non_negative_int(text: str) -> int:
@@ -157,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help, **kw)
-        _add_client_flags(p, top=False, shown=DAEMON_CLIENT_FLAGS.get(name))
+        _add_client_flags(p, top=False, shown=DAEMON_CLIENT_FLAGS.get(name),
+                          key_help=_KEY_HELP.get(name))
         if name in DAEMON_CLIENT_FLAGS:
             p.epilog = _daemon_epilog(name)
             _add_config_flag(p, name)
@@ -252,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-watchers-per-address", metavar="N", type=_positive_int,
                      help="/v1/watch streams open from one client address; more are "
                      "answered 429 (default 64)")
+    sec.add_argument("--max-ingresses", metavar="N", type=_positive_int,
+                     help="ingress sessions reporting traffic (/v1/ingress) at once; more "
+                     "are refused (default 16)")
     sec.add_argument("--allowed-host", metavar="NAME", action="append",
                      help="a host name the HTTP routes and WebSockets answer besides IP "
                      "addresses and localhost, e.g. behind a reverse proxy (repeatable)")
@@ -305,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", metavar="N", type=_non_negative_int, default=2,
                    help="other replicas tried after a connect failure, or a failure before "
                    "the response of an idempotent request without body (default 2)")
+    p.add_argument("--name", metavar="NAME", type=_ingress_name,
+                   help="this ingress's name in the conductor's status and logs, with --key "
+                   "(1..64 of A-Z a-z 0-9 . _ -; default the host name)")
     # Keeps draining replicas in rotation: only to demonstrate what draining prevents.
     p.add_argument("--ignore-drain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",

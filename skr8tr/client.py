@@ -71,7 +71,9 @@ __all__ = [
 
 @asynccontextmanager
 async def open_conductor(base_url: str, path: str, timeout_s: float, *,
-                         ca_file: str | None = None) -> AsyncIterator[ClientConnection]:
+                         ca_file: str | None = None,
+                         max_message_bytes: int = CLIENT_MAX_MESSAGE_BYTES,
+                         ) -> AsyncIterator[ClientConnection]:
     """Connect to the conductor's ``path``; connection failures become ClientError (exit 3).
 
     A ``wss://`` conductor's certificate is verified against *ca_file* (PEM), or
@@ -79,10 +81,11 @@ async def open_conductor(base_url: str, path: str, timeout_s: float, *,
     exit 3 too, with the reason. *ca_file* with a ``ws://`` URL is a usage error
     (exit 2). Leaving the block closes the connection (the close handshake
     waits at most ``trio_client.DISCONNECT_TIMEOUT_S``). One URL only: no
-    following of a leader (that is :func:`call` and :func:`open_watch`).
+    following of a leader (that is :func:`call` and :func:`open_watch`). A
+    message from the conductor over *max_message_bytes* closes the connection (1009).
     """
     url = endpoint_url(base_url, path)
-    ws = await _connect(url, timeout_s, ca_file)
+    ws = await _connect(url, timeout_s, ca_file, max_message_bytes)
     try:
         yield ws
     except ConnectionClosed as exc:
@@ -91,7 +94,8 @@ async def open_conductor(base_url: str, path: str, timeout_s: float, *,
         await _close(ws)
 
 
-async def _connect(url: str, timeout_s: float, ca_file: str | None) -> ClientConnection:
+async def _connect(url: str, timeout_s: float, ca_file: str | None,
+                   max_message_bytes: int = CLIENT_MAX_MESSAGE_BYTES) -> ClientConnection:
     """The WebSocket at *url* (an endpoint URL); ClientError as :func:`open_conductor`."""
     ssl_context = _ssl_context(url, ca_file)
     try:
@@ -101,7 +105,7 @@ async def _connect(url: str, timeout_s: float, ca_file: str | None) -> ClientCon
     with trio.move_on_after(timeout_s):
         try:
             return await trio_client.connect(url, ssl_context=ssl_context,
-                                             max_message_bytes=CLIENT_MAX_MESSAGE_BYTES)
+                                             max_message_bytes=max_message_bytes)
         except (trio_client.HandshakeError, trio_client.TlsError) as exc:
             raise _unreachable(url, str(exc)) from None
         except OSError as exc:

@@ -41,6 +41,11 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 # Flags a daemon cannot start without (checked after the three sources are merged).
 REQUIRED = {"ingress": ("listen", "route")}
+# Client flags whose client default and generic variable a daemon does not take: set only
+# on its command line, by SKR8TR_<VERB>_<FLAG> or in its config file, else None. The
+# ingress reports traffic only with a key given for it (role ingress); SKR8TR_KEY, an
+# admin's key in most shells, or ~/.skr8tr/signing.sec would be the wrong one.
+NO_DEFAULT = {"ingress": ("key",)}
 
 
 class ConfigError(Exception):
@@ -236,7 +241,7 @@ def read_env(verb: str, options: Mapping[str, Option],
     values: dict[str, Any] = {}
     for opt in options.values():
         names = [env_name(verb, opt.key)]
-        if opt.client:
+        if opt.client and opt.key not in NO_DEFAULT.get(verb, ()):
             names.append(GENERIC_ENV[opt.key])
         for name in names:
             text = environ.get(name)
@@ -294,6 +299,10 @@ def apply(parser: argparse.ArgumentParser, argv: Sequence[str], opts: argparse.N
     for dest, value in layered.items():
         if dest not in explicit:
             setattr(opts, dest, value)
+    for key in NO_DEFAULT.get(verb, ()):
+        dest = options[key].dest
+        if dest not in explicit and dest not in layered:
+            setattr(opts, dest, None)
     opts.config = config_path
     missing = [f"--{key}" for key in REQUIRED.get(verb, ())
                if getattr(opts, options[key].dest, None) is None]

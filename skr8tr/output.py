@@ -262,7 +262,19 @@ def status(result: dict) -> str:
         "ROLLOUTS",
         "\n".join(rollout_status(r) for r in result.get("rollouts", [])) or "no rollouts",
     ]
+    if result.get("ingresses"):  # ingresses reporting traffic (/v1/ingress)
+        parts += ["", "INGRESSES", ingresses(result["ingresses"])]
     return "\n".join(parts)
+
+
+def ingresses(rows: Sequence[dict]) -> str:
+    """The ingresses reporting traffic: name, address, key, reports, the last one's age."""
+    return table(rows, [
+        ("INGRESS", _key("ingress")), ("ADDRESS", _key("address")), ("KEY", _key("key")),
+        ("REPORTS", _key("reports")),
+        ("LAST REPORT", lambda r: None if not isinstance(r.get("last_report_s"), int | float)
+         else f"{r['last_report_s']:.1f}s ago"),
+    ])
 
 
 def log_line(line: dict) -> str:

@@ -54,8 +54,9 @@ def test_every_verb_has_help(verb, cli_env):
      ["--conductor", "--key", "--ca", "--json", "--timeout"]),
     ("node", ["--conductor", "--key FILE", "--ca FILE", "--config FILE", "--data-dir"],
      ["--json", "--timeout"]),
-    ("ingress", ["--conductor", "--ca FILE", "--route", "--config FILE"],
-     ["--key", "--json", "--timeout"]),
+    ("ingress", ["--conductor", "--ca FILE", "--key FILE", "--name NAME", "--route",
+                 "--config FILE"],
+     ["--json", "--timeout"]),
 ])
 def test_daemon_help_lists_only_its_own_flags(cli_env, verb, shown, hidden):
     out = run_cli(verb, "--help", env=cli_env).stdout

@@ -150,7 +150,7 @@ def test_a_watcher_flood_under_a_small_fd_limit_leaves_the_cli_answered(tmp_path
         assert cluster.cli("ping").returncode == 0
         status = json.loads(cluster.cli_ok("status", "--json"))
         assert set(status) == {"nodes", "apps", "replicas", "rollouts", "history", "leader",
-                               "conductors"}
+                               "conductors", "ingresses"}
         assert closed(cluster, "too_many_connections") == FLOOD - per_address
         assert proc.num_fds() < NOFILE
 

@@ -31,7 +31,7 @@ def resolve(argv: list[str], environ: dict[str, str] | None = None):
 def test_every_daemon_flag_is_a_config_key():
     parser = build_parser()
     for verb, client in (("conductor", ()), ("node", ("conductor", "key", "ca")),
-                         ("ingress", ("conductor", "ca"))):
+                         ("ingress", ("conductor", "ca", "key"))):
         sub = parser.verb_parsers[verb]
         flags = {s[2:] for a in sub._actions for s in a.option_strings
                  if s.startswith("--") and a.help != "==SUPPRESS=="}
@@ -265,3 +265,20 @@ def test_keep_revisions_from_file_env_and_command_line(tmp_path):
         with pytest.raises(daemon_config.ConfigError) as err:
             resolve(["conductor"], {"SKR8TR_CONDUCTOR_KEEP_REVISIONS": bad})
         assert "SKR8TR_CONDUCTOR_KEEP_REVISIONS" in str(err.value)
+
+
+def test_the_ingress_key_is_only_the_one_given_for_it(tmp_path):
+    # No default and not SKR8TR_KEY (an admin's key in most shells): without a key
+    # given for it the ingress reports nothing.
+    base = ["ingress", "--listen", "127.0.0.1:1", "--route", "/:web"]
+    assert resolve(base).key is None
+    assert resolve(base, {"SKR8TR_KEY": "/admin.sec"}).key is None
+    assert resolve(base, {"SKR8TR_INGRESS_KEY": "/i.sec"}).key == "/i.sec"
+    assert resolve([*base, "--key", "/c.sec"], {"SKR8TR_INGRESS_KEY": "/i.sec"}).key == "/c.sec"
+    assert resolve(["--key", "/before.sec", *base]).key == "/before.sec"
+    cfg = tmp_path / "i.toml"
+    cfg.write_text('key = "/f.sec"\nname = "edge-2"\n')
+    opts = resolve([*base, "--config", str(cfg)])
+    assert (opts.key, opts.name) == ("/f.sec", "edge-2")
+    # the node keeps its default and SKR8TR_KEY
+    assert resolve(["node"], {"SKR8TR_KEY": "/n.sec"}).key == "/n.sec"

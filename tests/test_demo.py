@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,12 +24,34 @@ from tests.e2e import poll
 REPO = Path(__file__).resolve().parent.parent
 
 
+def ingress_reports_traffic() -> bool:
+    """Does this skr8tr's ingress take a key to report traffic with (issue #18)?"""
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "skr8tr"), "ingress", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    return "--key" in proc.stdout
+
+
+def assert_rollout_stopped_by_traffic(stdout: str) -> None:
+    """The demo's last step: hello's bad release rolled back on what users saw, v1 never
+    failing a request; or, with an ingress that cannot report, the step said skipped."""
+    skipped = "==> skipped: a rollout stopped by traffic" in stdout
+    if not ingress_reports_traffic():
+        assert skipped, stdout[-3000:]
+        return
+    assert not skipped
+    assert re.search(r"^    generation 2 rolled_back: .*error rate", stdout, re.M), stdout[-3000:]
+    users = dict(re.findall(r"^    (v[12]): (\d+ requests, \d+ failed)$", stdout, re.M))
+    assert users["v1"].endswith(" 0 failed"), stdout[-3000:]
+    assert not users["v2"].endswith(" 0 failed"), stdout[-3000:]
+
+
 @pytest.mark.e2e
 def test_demo_export_line_works_from_another_folder(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKR8TR_")}
     env.update(HOME=str(tmp_path / "home"), SKR8TR_DEMO_DIR=str(tmp_path / "demo"),
                SKR8TR_DEMO_API=str(free_port()), SKR8TR_DEMO_HTTP=str(free_port()),
-               SKR8TR_DEMO_INGRESS=str(free_port()))
+               SKR8TR_DEMO_INGRESS=str(free_port()),
+               SKR8TR_DEMO_INGRESS_ANALYSIS=str(free_port()))
     # without the venv on PATH, as a user's shell is
     bin_dir = str(REPO / ".venv" / "bin")
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
@@ -42,6 +65,7 @@ def test_demo_export_line_works_from_another_folder(tmp_path):
                               stdin=subprocess.DEVNULL)
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         assert "web: complete generation 1 -> 2, 3/3 replaced" in demo.stdout
+        assert_rollout_stopped_by_traffic(demo.stdout)
         export = [line.strip().removeprefix("CLI:").strip() for line in demo.stdout.splitlines()
                   if line.strip().startswith("CLI:")]
         assert len(export) == 1 and export[0].startswith("export "), demo.stdout[-2000:]

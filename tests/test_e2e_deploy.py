@@ -326,7 +326,8 @@ def test_insecure_mode_says_so_loudly(tmp_path):
             "leader": f"ws://127.0.0.1:{ws}",
             "conductors": [{"url": f"ws://127.0.0.1:{ws}", "role": "leader",
                             "since": state["conductors"][0]["since"],
-                            "http": f"http://127.0.0.1:{http}"}]}
+                            "http": f"http://127.0.0.1:{http}"}],
+            "ingresses": []}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0

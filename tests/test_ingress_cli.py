@@ -22,6 +22,8 @@ from tests.e2e import poll
      "must start with ws://"),
     (["--listen", "127.0.0.1:8080", "--route", "/:web", "--ca", "ca.pem"],
      "--ca goes with a wss:// conductor"),
+    (["--listen", "127.0.0.1:8080", "--route", "/:web", "--key", "nowhere/signing.sec"],
+     "--key: no key file at nowhere/signing.sec"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message, cli_env):
     proc = run_cli("ingress", *args, env=cli_env, timeout=20)
@@ -74,3 +76,42 @@ def test_without_a_conductor_it_answers_503_and_stops_cleanly(cli_env):
             proc.kill()
             proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def test_a_bad_name_is_a_usage_error(cli_env):
+    proc = run_cli("ingress", "--listen", "127.0.0.1:8080", "--route", "/:web", "--name",
+                   "edge 1", env=cli_env)
+    assert proc.returncode == 2
+    assert "error: USAGE: argument --name: expected 1..64 of A-Z a-z 0-9 . _ -" in proc.stderr
+
+
+def test_with_a_key_it_reports_and_says_so_on_exit(cli_env, tmp_path):
+    run_cli("keygen", "--out", str(tmp_path / "k"), env=cli_env)
+    port = free_port()
+    proc = subprocess.Popen(
+        [*skr8tr_command(), "ingress", "--listen", f"127.0.0.1:{port}", "--route", "/:web",
+         "--conductor", f"ws://127.0.0.1:{free_port()}", "--key",
+         str(tmp_path / "k" / "signing.sec"), "--name", "edge-7"],
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL)
+    try:
+        poll(lambda: _answers(port, proc), what="the ingress to answer")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        out = proc.stdout.read()
+        assert "reporting traffic as ingress edge-7 with key sha256:" in out
+        assert "sent 0 traffic report(s) in 0 session(s)" in out
+        assert "no --key" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def _answers(port: int, proc: subprocess.Popen) -> bool | None:
+    try:
+        return http_get("127.0.0.1", port, "/x")[0] == 503 or None
+    except OSError:
+        assert proc.poll() is None, "the ingress exited"
+        return None

@@ -569,9 +569,13 @@ def test_manifest_to_dict_has_every_key():
             "drain": "0s",
             "auto-rollback": True,
             "order": "start-first",
+            "analysis": None,
         },
         "base_dir": BASE,
     }
+    with_analysis = parse(app("rollout", "  analysis", "    window 10s"))
+    assert manifest_to_dict(with_analysis)["rollout"]["analysis"] == {
+        "window": "10s", "max-error-rate": "1%", "max-p99": None, "min-requests": 20}
 
 
 # --- TOML ----------------------------------------------------------------------------------

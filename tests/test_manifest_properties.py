@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from skr8tr.core.durations import MAX_DURATION_MS
 from skr8tr.core.manifest import (
+    Analysis,
     HealthCheck,
     Manifest,
     ManifestError,
@@ -59,8 +60,18 @@ healths = st.builds(
     timeout_ms=positive_durations,
     retries=st.integers(1, 100),
 )
+# Every rate a manifest can write: a whole number of thousandths of a percent.
+error_rates = st.one_of(st.integers(0, 100_000), st.sampled_from([0, 1000, 500, 12_500, 100_000]))
+analyses = st.builds(
+    Analysis,
+    window_ms=st.one_of(st.integers(1000, 3_600_000), st.sampled_from([1000, 10_000, 30_000])),
+    max_error_rate=error_rates.map(lambda steps: steps / 100_000),
+    max_p99_ms=st.one_of(st.none(), st.integers(1, 600_000), st.sampled_from([250, 500, 1000])),
+    min_requests=st.integers(1, 1_000_000),
+)
 rollouts = st.one_of(
     st.just(RolloutPolicy()),
+    st.just(RolloutPolicy(analysis=Analysis())),
     st.builds(
         RolloutPolicy,
         settle_ms=durations,
@@ -69,6 +80,7 @@ rollouts = st.one_of(
         drain_ms=durations,
         auto_rollback=st.booleans(),
         order=st.sampled_from(["start-first", "stop-first"]),
+        analysis=st.one_of(st.none(), analyses),
     ),
 )
 
@@ -168,12 +180,14 @@ KEYS = [
     "app", "type", "exec", "args", "workdir", "port", "replicas", "ram", "cpu", "stop-grace",
     "restart", "env", "health", "rollout", "check", "interval", "timeout", "retries", "settle",
     "surge", "ready-timeout", "drain", "auto-rollback", "order", "PORT", "FOO", "exce", "{", "}",
+    "analysis", "window", "max-error-rate", "max-p99", "min-requests",
 ]  # fmt: skip
 WORDS = [
     "web", "job", "process", "auto", "0", "1", "65536", "512M", "1.5", "8s", "1m30s", "0.5ms",
     "GET", "/healthz", "200", "yes", "no", "{port}", "{host}", "{x}", "{", "}", "'", '"', "#",
     "# c", "'a b'", '"x', "\\", "always", "stop-first", "\t", "\x00", "é", "=", '"web"', "[env]",
     "[health]", "[rollout]", "[[env]]", "[]", "true", "{A = 1}", '"GET / 200"',
+    "1%", "0.5%", "100%", "101%", "-1%", "1.2345%", '"1%"', "[rollout.analysis]",
 ]  # fmt: skip
 lines = st.tuples(
     st.sampled_from(["", " ", "  ", "    ", "      ", "\t", " \t"]),

@@ -55,7 +55,8 @@ async def test_api_state_is_the_status_document():
     assert doc == {"nodes": [], "apps": [], "replicas": [], "rollouts": [], "history": {},
                    "leader": "ws://127.0.0.1:7771",
                    "conductors": [{"url": "ws://127.0.0.1:7771", "role": "leader",
-                                   "since": since, "http": "http://127.0.0.1:7780"}]}
+                                   "since": since, "http": "http://127.0.0.1:7780"}],
+                   "ingresses": []}
     assert site("GET", "/healthz").body == b"ok\n"
 
 

@@ -40,6 +40,7 @@ import trio
 
 from skr8tr.conductor.durable import DurableState
 from skr8tr.conductor.events import EventBus
+from skr8tr.conductor.ingress_sessions import IngressDesk
 from skr8tr.conductor.node_reports import NodeReports
 from skr8tr.conductor.ports import PortClaims
 from skr8tr.conductor.seat import Seat
@@ -152,6 +153,8 @@ class Cluster(NodeReports, DurableState):
         self.rollouts: dict[str, RolloutView] = {}
         # What the ingresses counted per replica and generation (/v1/ingress).
         self.traffic = TrafficBook(self._replica_owner)
+        # The ingress sessions reporting it: the daemon's own desk (it outlives a term).
+        self.ingresses = IngressDesk()
 
     # ------------------------------------------------------------------ signals to loops
 

@@ -1,9 +1,9 @@
 """``skr8tr conductor``: the root nursery and everything it owns.
 
 One Trio program. The root nursery owns the WebSocket server (``/v1/cli``,
-``/v1/node``, ``/v1/watch``), the HTTP listener, the reconciler, the
+``/v1/node``, ``/v1/watch``, ``/v1/ingress``), the HTTP listener, the reconciler, the
 node-expiry watchdog and the signal handler (SIGHUP re-reads the authorized
-keys and closes the sessions of node keys no longer listed; SIGINT/SIGTERM
+keys and closes the sessions of node and ingress keys no longer listed; SIGINT/SIGTERM
 shut down cleanly: sessions close, workloads keep running on their nodes).
 
 With ``--tls-cert``/``--tls-key`` both listeners speak TLS (``wss://``,
@@ -37,13 +37,14 @@ from skr8tr.conductor.authority import Authority
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.file_store import FileStore
 from skr8tr.conductor.http import serve_http
+from skr8tr.conductor.ingress_sessions import IngressDesk, serve_ingress
 from skr8tr.conductor.limits import AddressSlots, ClosedCounter, Limits, LogThrottle
 from skr8tr.conductor.listen import WebSocketListener
 from skr8tr.conductor.node_sessions import serve_node
 from skr8tr.conductor.origins import WILDCARD_HOSTS, HostPolicy, OriginError
 from skr8tr.conductor.seat import Seat
 from skr8tr.conductor.store import Store, StoreError
-from skr8tr.core import envelope, hostport, protocol
+from skr8tr.core import envelope, hostport, ingress_protocol, protocol
 from skr8tr.core.keys import (
     AuthorizedKeys,
     AuthorizedKeysError,
@@ -136,6 +137,7 @@ def config_from_args(opts: argparse.Namespace) -> ConductorConfig:
             cli_bytes_per_s=getattr(opts, "max_bytes_per_s", None) or defaults.cli_bytes_per_s,
             node_bytes_per_s=getattr(opts, "max_node_bytes_per_s", None)
             or defaults.node_bytes_per_s,
+            max_ingresses=getattr(opts, "max_ingresses", None) or defaults.max_ingresses,
         )
     except ValueError as exc:
         raise StartError(str(exc)) from None
@@ -292,14 +294,17 @@ async def run_conductor(config: ConductorConfig, *,
         adopt_grace_s = config.node_timeout_s + config.lease_ttl_s
 
     def new_cluster(store: Store | None) -> Cluster:
-        return Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
-                       store=store, adopt_grace_s=adopt_grace_s, seat=seat,
-                       keep_revisions=config.keep_revisions)
+        cluster = Cluster(node_timeout_s=config.node_timeout_s, port_range=config.port_range,
+                          store=store, adopt_grace_s=adopt_grace_s, seat=seat,
+                          keep_revisions=config.keep_revisions)
+        cluster.ingresses = ingresses
+        return cluster
 
     closed = ClosedCounter()
     # Below the open-file limit (raised as far as it goes): over a cap a connection is
     # closed at once, and accept never runs out of descriptors (accept, limits).
     limits, admission = fit_limits_to_descriptors(config.limits, closed)
+    ingresses = IngressDesk(limits)  # the daemon's: its sessions and counts outlive a term
     watchers = AddressSlots(limits.max_watchers_per_address)
     watch_throttle = LogThrottle()
     policy = HostPolicy.from_flags(config.allowed_hosts, config.allowed_origins,
@@ -337,11 +342,12 @@ async def run_conductor(config: ConductorConfig, *,
 
     async def on_websocket(request: wsserver.Request) -> None:
         path = request.path.split("?", 1)[0]
-        if path not in ("/v1/cli", "/v1/node", "/v1/watch"):
-            await request.reject(404, body=b"unknown path; use /v1/cli, /v1/node or /v1/watch\n")
+        if path not in ("/v1/cli", "/v1/node", "/v1/watch", "/v1/ingress"):
+            await request.reject(404, body=b"unknown path; use /v1/cli, /v1/node, /v1/watch "
+                                 b"or /v1/ingress\n")
             return
         if path != "/v1/cli" and not seat.leading:
-            await _refuse_stream(request, path, seat)
+            await _refuse_stream(request, path, seat, ingresses)
             return
         if path == "/v1/watch" and not watchers.acquire(request.peer):
             closed.count("too_many_watchers")
@@ -364,6 +370,11 @@ async def run_conductor(config: ConductorConfig, *,
                     await watch.serve_watch(cluster, request.accept, limits=cli.limits,
                                             closed=cli.closed)
                     return
+                if path == "/v1/ingress":
+                    ws = await request.accept(
+                        max_message_size=ingress_protocol.MAX_MESSAGE_BYTES)
+                    await serve_ingress(cluster, authority, ingresses, cli.policing, ws)
+                    return
                 ws = await request.accept()
                 await serve_node(cluster, authority, cli.policing, cli.log_requests, ws)
         finally:
@@ -383,7 +394,8 @@ async def run_conductor(config: ConductorConfig, *,
         # out a leader still revokes its lease (shielded), so the next need not wait a TTL.
         async with contextlib.AsyncExitStack() as resources, \
                 trio.open_nursery() as nursery:
-            await nursery.start(_serve_signals, authority, config, nursery.cancel_scope)
+            await nursery.start(_serve_signals, authority, ingresses, config,
+                                nursery.cancel_scope)
             await nursery.start(cli.refusals.serve)
             if audit_log is not None:
                 await nursery.start(audit_log.serve)
@@ -425,11 +437,16 @@ async def run_conductor(config: ConductorConfig, *,
             audit_log.close()
 
 
-async def _refuse_stream(request: wsserver.Request, path: str, seat: Seat) -> None:
-    """A follower's answer on /v1/watch and /v1/node: one message naming the leader, then
-    a close, so that the stream's client goes to the leader."""
+async def _refuse_stream(request: wsserver.Request, path: str, seat: Seat,
+                         ingresses: IngressDesk | None = None) -> None:
+    """A follower's answer on /v1/watch, /v1/node and /v1/ingress: one message naming the
+    leader, then a close, so that the stream's client goes to the leader."""
     code, message, leader = seat.refusal()
-    if path == "/v1/watch":
+    if path == "/v1/ingress":
+        if ingresses is not None:
+            ingresses.note("not_leader", request.peer, message)
+        text = ingress_protocol.error(code, message, leader=leader, with_leader=True)
+    elif path == "/v1/watch":
         text = protocol.not_leader_watch_message(message, leader) if code == "NOT_LEADER" \
             else protocol.dumps({"v": protocol.PROTOCOL_VERSION, "type": "error", "error": {
                 "code": code, "message": message, "leader": None}})
@@ -472,8 +489,8 @@ async def _serve_heap_trim(gate) -> None:
                      peaks.min_drop)
 
 
-async def _serve_signals(authority: Authority, config: ConductorConfig,
-                         root: trio.CancelScope, *,
+async def _serve_signals(authority: Authority, ingresses: IngressDesk,
+                         config: ConductorConfig, root: trio.CancelScope, *,
                          task_status=trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
@@ -485,9 +502,13 @@ async def _serve_signals(authority: Authority, config: ConductorConfig,
                     log.error("SIGHUP: keeping the previous authorized keys: %s", exc)
                 else:
                     revoked = authority.replace_keys(keys)
+                    gone = 0 if authority.insecure else ingresses.revoke(keys)
                     log.info("SIGHUP: re-read %s (%d key(s)); %d node session(s) closed "
                              "for revoked keys", config.authorized_keys, len(keys),
                              len(revoked))
+                    if gone:
+                        log.info("SIGHUP: %d ingress session(s) closed for revoked keys",
+                                 gone)
             else:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
                 root.cancel()

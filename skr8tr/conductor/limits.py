@@ -20,6 +20,12 @@ close reason, an HTTP status), and is counted in ``/metrics`` as
 | HTTP request head: arrives whole within | 10 s | ``http_header_timeout`` |
 | HTTP keep-alive between requests | 30 s | ``http_idle_timeout`` |
 | HTTP body read / response write progress | 10 s | ``http_slow_client`` |
+| ``/v1/ingress`` message size | 256 KiB | ``message_too_big`` (close 1009) |
+| bytes per second per ingress session | 256 KiB/s, burst 512 KiB | not closed: reading pauses |
+| ``/v1/ingress`` reports per session | 4/s, burst 8 | dropped; 8 strikes: ``rate_limit`` (1008) |
+| ``/v1/ingress`` sessions at once | 16 | refused (``error`` NO_CAPACITY, close 1008) |
+| ``/v1/ingress`` session silent | 3 x interval + 5 s (8 s) | ``idle_timeout`` (close 1000) |
+| ingress ``hello`` after the challenge | 10 s | ``handshake_timeout`` |
 
 The defaults are generous on purpose: a benchmark opens 1,000 node sessions
 from one address and sends thousands of requests a second on one connection.
@@ -50,7 +56,7 @@ from skr8tr.core.throttle import LOG_EVERY_S, AddressSlots, LogThrottle
 
 __all__ = ["Limits", "TokenBucket", "AddressSlots", "ConnectionGate", "ClosedCounter",
            "LogThrottle", "CLOSE_REASONS", "FD_RESERVE", "LOG_EVERY_S", "connection_budget",
-           "fit_to_descriptors"]
+           "fit_to_descriptors", "INGRESS_STRIKE_BURST", "INGRESS_STRIKES_PER_S"]
 
 CLOSE_REASONS = (
     "too_many_connections", "max_connections", "handshake_timeout", "bad_handshake",
@@ -60,6 +66,10 @@ CLOSE_REASONS = (
 )
 MIN_NODE_BYTES_PER_S = 1024 * 1024  # core.node_protocol.MAX_NODE_MESSAGE_BYTES a second
 FD_RESERVE = 64  # descriptors that are not connections (module docstring)
+# An ingress's reports refused (bad) or dropped (over the rate): this many at once, then
+# one a second, before its session is closed (Limits.ingress_reports_per_s).
+INGRESS_STRIKE_BURST = 8
+INGRESS_STRIKES_PER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -94,11 +104,34 @@ class Limits:
     http_header_timeout_s: float = 10.0
     http_idle_timeout_s: float = 30.0
     http_io_timeout_s: float = 10.0
+    #: Ingress sessions (/v1/ingress) at once (--max-ingresses): each reports every
+    #: ``ingress_interval_s``, so this bounds the reports decoded per second.
+    max_ingresses: int = 16
+    #: How often an ingress reports (sent in its welcome); a session silent for
+    #: 3 x this + 5 s is closed.
+    ingress_interval_s: float = 1.0
+    #: Reports per second per ingress session, and how many may come at once (a
+    #: reconnect, a stalled event loop). Over it a report is dropped; after
+    #: INGRESS_STRIKE_BURST more such strikes (refilled at INGRESS_STRIKES_PER_S) the
+    #: session is closed.
+    ingress_reports_per_s: float = 4.0
+    ingress_report_burst: int = 8
+    #: Bytes of /v1/ingress messages per second per session (twice that saved up); over
+    #: it the conductor pauses reading the session (TCP holds the ingress back). A
+    #: report of 256 KiB costs the conductor 10 to 20 ms to decode: this keeps a hostile
+    #: ingress key at about one such report a second (BENCHMARKS.md). A real ingress
+    #: sends a few KiB a second.
+    ingress_bytes_per_s: int = 256 * 1024
+
+    @property
+    def ingress_idle_timeout_s(self) -> float:
+        return 3 * self.ingress_interval_s + 5.0
 
     def __post_init__(self) -> None:
         for name in ("max_connections_per_address", "message_burst", "http_max_header_bytes",
                      "watch_queue_bytes", "max_watchers_per_address", "cli_bytes_per_s",
-                     "node_bytes_per_s"):
+                     "node_bytes_per_s", "max_ingresses", "ingress_report_burst",
+                     "ingress_bytes_per_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.node_bytes_per_s < MIN_NODE_BYTES_PER_S:
@@ -110,7 +143,7 @@ class Limits:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections!r}")
         for name in ("messages_per_s", "handshake_timeout_s", "idle_timeout_s",
                      "watch_idle_timeout_s", "http_header_timeout_s", "http_idle_timeout_s",
-                     "http_io_timeout_s"):
+                     "http_io_timeout_s", "ingress_interval_s", "ingress_reports_per_s"):
             value = getattr(self, name)
             if not (value > 0 and not math.isnan(value)):
                 raise ValueError(f"{name} must be > 0, got {value!r}")

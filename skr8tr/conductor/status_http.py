@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from skr8tr import __version__
-from skr8tr.conductor import metrics, views
+from skr8tr.conductor import metrics, traffic_metrics, views
 from skr8tr.conductor.cluster import Cluster
 from skr8tr.conductor.http import Response
 from skr8tr.conductor.origins import WILDCARD_HOSTS
@@ -237,6 +237,7 @@ class StatusSite:
         families = [build, uptime, nodes, live, apps, replicas, app_replicas, running,
                     self.rollouts_finished, refused, self.api.command_seconds, events, closed,
                     paused]
+        families += traffic_metrics.families(cluster)
         families += analysis_gauges(self.api.rollouts.active, cluster.clock())
         if self.admission is not None:
             open_now = metrics.Gauge(

@@ -101,12 +101,13 @@ def history_rows(cluster: Cluster) -> dict[str, list[dict[str, Any]]]:
 
 
 def status(cluster: Cluster) -> dict[str, Any]:
-    """``skr8tr status --json``: nodes, apps, replicas, the last rollout of each app and
-    each app's recent history."""
+    """``skr8tr status --json``: nodes, apps, replicas, the last rollout of each app,
+    each app's recent history and the ingresses reporting traffic."""
     return {"nodes": node_rows(cluster), "apps": app_rows(cluster),
             "replicas": replica_rows(cluster), "rollouts": cluster.rollout_statuses(),
             "history": history_rows(cluster),
-            "leader": cluster.seat.leader, "conductors": cluster.seat.conductors()}
+            "leader": cluster.seat.leader, "conductors": cluster.seat.conductors(),
+            "ingresses": cluster.ingresses.rows(cluster.clock())}
 
 
 def up_result(cluster: Cluster, app: AppState, *, previous: int | None = None

@@ -14,6 +14,10 @@ Authorized keys, one entry per line, ``ROLE [ALG:]HEX [comment]``::
     # ROLE  PUBLIC KEY (signing.pub)                                          comment
     admin   3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29  alice@laptop
     node    ed25519+ml-dsa-65:3b6a27bc...(3,968 hex characters)              web-1
+    ingress 9d1c0e5f...(64 hex characters)                                    edge-1
+
+Roles: ``admin`` signs commands, ``node`` joins as a node agent, ``ingress``
+reports traffic counts on ``/v1/ingress`` (DESIGN.md §11).
 
 A key listed on two lines holds both roles. ``#`` starts a comment at the
 start of a line or after whitespace. A conductor that requires post-quantum

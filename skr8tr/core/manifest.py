@@ -13,7 +13,9 @@ so ``.skr8tr`` and TOML output agree too. The pieces, one file each:
 - :mod:`skr8tr.core.manifest_syntax`: the ``.skr8tr`` lines, indentation and quoting;
 - :mod:`skr8tr.core.manifest_toml`: TOML, with the position of every key;
 - :mod:`skr8tr.core.manifest_schema`: the validator, tree to `Manifest`;
-- :mod:`skr8tr.core.manifest_format`: `Manifest` back to text.
+- :mod:`skr8tr.core.manifest_format`: `Manifest` back to text;
+- :mod:`skr8tr.core.shell_words` and :mod:`skr8tr.core.percent`: ``args`` words and
+  ``max-error-rate`` percentages.
 
 Pure code: no trio, no clock, no processes, no files (:mod:`skr8tr.manifest_files`
 reads them).
@@ -48,10 +50,11 @@ from skr8tr.core.manifest_model import (
     ManifestError,
     RolloutPolicy,
 )
-from skr8tr.core.manifest_schema import build, shell_words
+from skr8tr.core.manifest_schema import build
 from skr8tr.core.manifest_syntax import read_skr8tr
 from skr8tr.core.manifest_toml import read_toml
 from skr8tr.core.manifest_tree import Problem, Problems, decode_source
+from skr8tr.core.shell_words import shell_words
 
 __all__ = [
     "FORMATS", "TYPES", "RESTARTS", "ORDERS", "PLACEHOLDERS", "MAX_REPLICAS", "MAX_SURGE",

@@ -4,9 +4,10 @@ A full-line comment belongs to the key written after it (``before``), a comment 
 the end of a key's line to that key (``after``), and the comments after the last
 key to the end of the file (``end``). Keys are paths: ``("app",)`` for the app
 line, ``("exec",)``, ``("env", "GREETING")``, ``("health",)`` for the block
-header, ``("health", "check")``: the same in ``.skr8tr`` and TOML, so a comment
-survives a conversion too. The formatter writes them back beside the same keys;
-those of a key it leaves out (a default value) move to the next key it writes.
+header, ``("health", "check")``, ``("rollout", "analysis", "window")``: the same
+in ``.skr8tr`` and TOML, so a comment survives a conversion too. The formatter
+writes them back beside the same keys; those of a key it leaves out (a default
+value) move to the next key it writes.
 
 Internal to :mod:`skr8tr.core.manifest`. Pure: no I/O. Reads only text that
 parsed as a manifest (``fmt`` parses first).
@@ -88,10 +89,13 @@ def read_comments(text: str, format: str) -> Comments:
 
 def _skr8tr_key_lines(app: Entry) -> dict[int, Path]:
     keys = {app.line: ("app",)}
-    for entry in app.children:
-        keys.setdefault(entry.line, (entry.key,))
-        for child in entry.children:
-            keys.setdefault(child.line, (entry.key, child.key))
+
+    def add(path: Path, entries: list[Entry]) -> None:
+        for entry in entries:
+            keys.setdefault(entry.line, (*path, entry.key))
+            add((*path, entry.key), entry.children)
+
+    add((), app.children)
     return keys
 
 

@@ -19,9 +19,10 @@ import tomli_w
 
 from skr8tr.core.durations import format_duration_ms
 from skr8tr.core.manifest_comments import Comments
-from skr8tr.core.manifest_model import RAM_UNITS, Manifest
+from skr8tr.core.manifest_model import RAM_UNITS, Analysis, Manifest
 from skr8tr.core.manifest_schema import default_restart
 from skr8tr.core.manifest_syntax import opens_brace, scan_line
+from skr8tr.core.percent import format_percent
 
 # shlex.quote's safe characters plus braces, so that `--port {port}` stays readable.
 _SAFE_WORD = re.compile(r"[\w@%+=:,./{}-]+", re.ASCII)
@@ -45,15 +46,18 @@ def format_skr8tr(m: Manifest, comments: Comments | None = None) -> str:
             trailing = None
         lines.append(f"{line}  {trailing}" if trailing else line)
 
+    def write_block(path: tuple[str, ...], block: dict[str, Any]) -> None:
+        indent = "  " * (len(path) + 1)
+        for key, value in block.items():
+            if isinstance(value, dict):  # env, health, rollout; rollout's analysis
+                write((*path, key), indent, key)
+                write_block((*path, key), value)
+            else:
+                literal = path == ("env",) or (not path and key in ("exec", "workdir"))
+                write((*path, key), indent, f"{key} {_render(value, literal=literal)}")
+
     write(("app",), "", f"app {fields.pop('app')}")
-    for key, value in fields.items():
-        if isinstance(value, dict):  # env, health, rollout
-            write((key,), "  ", key)
-            for sub_key, sub_value in value.items():
-                write((key, sub_key), "    ",
-                      f"{sub_key} {_render(sub_value, literal=key == 'env')}")
-        else:
-            write((key,), "  ", f"{key} {_render(value, literal=key in ('exec', 'workdir'))}")
+    write_block((), fields)
     lines.extend(placed.end)
     return "\n".join(lines) + "\n"
 
@@ -75,15 +79,21 @@ def format_toml(m: Manifest, comments: Comments | None = None) -> str:
             text = f"{first}  {trailing}{sep}{rest}"
         chunks.append(text)
 
-    tables = {key: value for key, value in fields.items() if isinstance(value, dict)}
-    for key, value in fields.items():
-        if key not in tables:
-            write((key,), tomli_w.dumps({key: value}))
-    for key, table in tables.items():
-        chunks.append("\n")
-        write((key,), f"[{key}]\n")
-        for sub_key, sub_value in table.items():
-            write((key, sub_key), tomli_w.dumps({sub_key: sub_value}))
+    def write_table(path: tuple[str, ...], table: dict[str, Any]) -> None:
+        """The values of *table*, then its tables: ``[rollout]``, ``[rollout.analysis]``.
+        Like tomli_w, a table that holds only tables gets no header of its own (unless a
+        comment belongs to it)."""
+        inner = {key: value for key, value in table.items() if isinstance(value, dict)}
+        values = {key: value for key, value in table.items() if key not in inner}
+        if path and (values or not inner or path in placed.before or path in placed.after):
+            chunks.append("\n")
+            write(path, f"[{'.'.join(path)}]\n")
+        for key, value in values.items():
+            write((*path, key), tomli_w.dumps({key: value}))
+        for key, value in inner.items():
+            write_table((*path, key), value)
+
+    write_table((), fields)
     chunks.extend(comment + "\n" for comment in placed.end)
     return "".join(chunks)
 
@@ -91,10 +101,14 @@ def format_toml(m: Manifest, comments: Comments | None = None) -> str:
 def _paths(fields: dict[str, Any]) -> list[tuple[str, ...]]:
     """The keys the formatters write for *fields*, as comment paths."""
     paths: list[tuple[str, ...]] = []
-    for key, value in fields.items():
-        paths.append((key,))
-        if isinstance(value, dict):
-            paths.extend((key, sub_key) for sub_key in value)
+
+    def add(path: tuple[str, ...], block: dict[str, Any]) -> None:
+        for key, value in block.items():
+            paths.append((*path, key))
+            if isinstance(value, dict):
+                add((*path, key), value)
+
+    add((), fields)
     return paths
 
 
@@ -142,6 +156,7 @@ def to_dict(m: Manifest, *, full: bool) -> dict[str, Any]:
             "drain": format_duration_ms(rollout.drain_ms),
             "auto-rollback": rollout.auto_rollback,
             "order": rollout.order,
+            "analysis": _analysis_dict(rollout.analysis, full=full),
         },
     }
     if full:
@@ -158,6 +173,23 @@ def to_dict(m: Manifest, *, full: bool) -> dict[str, Any]:
         for key, value in fields.items()
         if key in ("app", "exec") or value != defaults[key]
     }
+
+
+def _analysis_dict(analysis: Analysis | None, *, full: bool) -> dict[str, Any] | None:
+    """The analysis block, always whole (as health: the limits a batch is judged by are
+    worth reading); ``max-p99`` None when not judged, left out with full=False."""
+    if analysis is None:
+        return None
+    fields: dict[str, Any] = {
+        "window": format_duration_ms(analysis.window_ms),
+        "max-error-rate": format_percent(analysis.max_error_rate),
+        "max-p99": None if analysis.max_p99_ms is None else format_duration_ms(
+            analysis.max_p99_ms),
+        "min-requests": analysis.min_requests,
+    }
+    if not full and fields["max-p99"] is None:
+        del fields["max-p99"]
+    return fields
 
 
 def _format_ram(size: int) -> str:

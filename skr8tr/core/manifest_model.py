@@ -25,6 +25,10 @@ MAX_DURATION_MS = 30 * 24 * 3600 * 1000  # the longest duration a manifest may g
 MAX_CPU = 1024
 RAM_UNITS = {"T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10, "B": 1}  # largest first
 MAX_RAM_BYTES = 1024 * RAM_UNITS["T"]
+# The rollout's `analysis` block (DESIGN.md §11): window 1s..1h, max-p99 1ms..10m.
+MIN_WINDOW_MS, MAX_WINDOW_MS = 1000, 3600 * 1000
+MIN_P99_MS, MAX_P99_MS = 1, 600 * 1000
+MAX_MIN_REQUESTS = 1_000_000
 # Bounds that keep the parser's cost linear and small for any text it is given: a line of
 # the .skr8tr language, and any one string value (a TOML string, one word of `args`).
 MAX_LINE_CHARS = 16 * 1024

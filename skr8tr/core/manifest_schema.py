@@ -17,20 +17,27 @@ from typing import Any, NoReturn
 from skr8tr.core.durations import (
     DURATION_EXAMPLES,
     DurationError,
+    format_duration_ms,
     parse_duration_ms,
 )
 from skr8tr.core.manifest_model import (
     MAX_CPU,
+    MAX_MIN_REQUESTS,
+    MAX_P99_MS,
     MAX_RAM_BYTES,
     MAX_REPLICAS,
     MAX_RETRIES,
     MAX_SURGE,
     MAX_VALUE_CHARS,
+    MAX_WINDOW_MS,
+    MIN_P99_MS,
+    MIN_WINDOW_MS,
     ORDERS,
     PLACEHOLDERS,
     RAM_UNITS,
     RESTARTS,
     TYPES,
+    Analysis,
     HealthCheck,
     Manifest,
     RolloutPolicy,
@@ -48,6 +55,8 @@ from skr8tr.core.manifest_tree import (
     quote,
 )
 from skr8tr.core.names import APP_NAME_RE
+from skr8tr.core.percent import PERCENT_EXAMPLES, PercentError, parse_percent
+from skr8tr.core.shell_words import shell_words
 
 _NAME = APP_NAME_RE
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -55,11 +64,6 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DIGITS = re.compile(r"[0-9]+")
 _DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _RAM = re.compile(r"([0-9]+)([KMGT]?)(B|iB)?")
-# One piece of a shell word (POSIX rules, as shlex.split): a bare run, a '...' string, a
-# "..." string (backslash escapes only " and itself there), or a backslash and what it escapes.
-_SHELL_PIECE = re.compile(r"""[^ \t\r\n'"\\]+|'([^']*)'|"((?:[^"\\]|\\.)*)"|\\(.)""", re.S)
-_SHELL_SPACE = re.compile(r"[ \t\r\n]*")
-_DQ_ESCAPE = re.compile(r'\\([\\"])')
 
 
 _EXPECT = {
@@ -78,6 +82,10 @@ _EXPECT = {
     "surge": f"a whole number 1..{MAX_SURGE}",
     "auto-rollback": "yes or no",
     "order": "start-first or stop-first",
+    "window": "a duration like 10s, 30s or 1m (1s..1h)",
+    "max-p99": "a duration like 250ms or 1s (1ms..10m)",
+    "max-error-rate": PERCENT_EXAMPLES,
+    "min-requests": f"a whole number 1..{MAX_MIN_REQUESTS}",
 }
 _DURATION_KEYS = ("stop-grace", "interval", "timeout", "settle", "ready-timeout", "drain")
 _POSITIVE_DURATIONS = ("interval", "timeout", "ready-timeout")
@@ -106,7 +114,11 @@ _ROLLOUT_KEYS = {
     "drain": False,
     "auto-rollback": False,
     "order": False,
+    "analysis": True,
 }
+_ANALYSIS_KEYS = {"window": False, "max-error-rate": False, "max-p99": False,
+                  "min-requests": False}
+_TABLE_NAMES = {"analysis": "rollout.analysis"}  # the TOML table of a nested block
 
 
 
@@ -230,7 +242,7 @@ def _check_shape(entry: Entry, takes_block: bool) -> None:
             expected = (
                 f"'{key}' alone on its line, with its entries below it indented two more spaces"
                 if entry.literal
-                else f"a [{key}] table"
+                else f"a [{_TABLE_NAMES.get(key, key)}] table"
             )
             fail(*entry.at(), f"{key!r} takes a block, not a value", _text(entry.value), expected)
         return
@@ -361,37 +373,6 @@ def _yes_no(entry: Entry) -> bool:
     if isinstance(entry.value, bool):
         return entry.value
     return _choice(entry, ("yes", "no")) == "yes"
-
-
-def shell_words(text: str) -> list[str]:
-    """The words of *text* exactly as ``shlex.split`` gives them, in time linear in its
-    length (shlex builds each word a character at a time: quadratic on long words).
-
-    Raises ValueError for an unclosed quote or a trailing lone backslash.
-    """
-    words: list[str] = []
-    pos = _SHELL_SPACE.match(text).end()  # type: ignore[union-attr]
-    end = len(text)
-    while pos < end:
-        pieces: list[str] = []
-        while pos < end and text[pos] not in " \t\r\n":
-            match = _SHELL_PIECE.match(text, pos)
-            if match is None:
-                raise ValueError("No closing quotation" if text[pos] in "'\""
-                                 else "No escaped character")
-            single, double, escaped = match.groups()
-            if single is not None:
-                pieces.append(single)
-            elif double is not None:
-                pieces.append(_DQ_ESCAPE.sub(r"\1", double) if "\\" in double else double)
-            elif escaped is not None:
-                pieces.append(escaped)
-            else:
-                pieces.append(match[0])
-            pos = match.end()
-        words.append("".join(pieces))
-        pos = _SHELL_SPACE.match(text, pos).end()  # type: ignore[union-attr]
-    return words
 
 
 def _words(entry: Entry, text: str) -> list[str]:
@@ -573,5 +554,43 @@ def _rollout(block: Entry) -> RolloutPolicy:
         fields["auto_rollback"] = checks.run(_yes_no, keys["auto-rollback"])
     if "order" in keys:
         fields["order"] = checks.run(_choice, keys["order"], ORDERS)
+    if "analysis" in keys:
+        fields["analysis"] = checks.run(_analysis, keys["analysis"])
     checks.raise_any()
     return RolloutPolicy(**fields)
+
+
+def _analysis(block: Entry) -> Analysis:
+    """The ``analysis`` block of ``rollout``; an empty one is every default."""
+    checks = Collector()
+    keys = _keys(block, _ANALYSIS_KEYS, checks)
+    fields: dict[str, Any] = {}
+    if "window" in keys:
+        fields["window_ms"] = checks.run(_bounded_duration, keys["window"], MIN_WINDOW_MS,
+                                         MAX_WINDOW_MS)
+    if "max-error-rate" in keys:
+        fields["max_error_rate"] = checks.run(_percent, keys["max-error-rate"])
+    if "max-p99" in keys:
+        fields["max_p99_ms"] = checks.run(_bounded_duration, keys["max-p99"], MIN_P99_MS,
+                                          MAX_P99_MS)
+    if "min-requests" in keys:
+        fields["min_requests"] = checks.run(_int, keys["min-requests"], 1, MAX_MIN_REQUESTS)
+    checks.raise_any()
+    return Analysis(**fields)
+
+
+def _bounded_duration(entry: Entry, low_ms: int, high_ms: int) -> int:
+    ms = _duration(entry)
+    if not low_ms <= ms <= high_ms:
+        low, high = format_duration_ms(low_ms), format_duration_ms(high_ms)
+        _bad_value(entry, entry.value, why=f"less than {low}" if ms < low_ms
+                   else f"more than {high}")
+    return ms
+
+
+def _percent(entry: Entry) -> float:
+    text = _string(entry)
+    try:
+        return parse_percent(text)
+    except PercentError as exc:
+        _bad_value(entry, text, why=exc.reason or "")

@@ -1,8 +1,10 @@
 """``skr8tr ingress``: the root nursery of the HTTP ingress and everything it owns.
 
 The root nursery holds the watch follower (:mod:`skr8tr.ingress.upstreams`),
-the idle-connection sweeper of the pool, the task that logs the tail of a burst
-of refusals and, in a child nursery, the client connections. The listener
+with ``--key`` the traffic reporter (:mod:`skr8tr.ingress.reporter`, the counts
+of :mod:`skr8tr.ingress.traffic`), the idle-connection sweeper of the pool, the
+task that logs the tail of a burst of refusals and, in a child nursery, the
+client connections. The listener
 starts at once: until the first snapshot arrives every routed request gets a
 503 saying the conductor has not been heard from.
 
@@ -13,7 +15,8 @@ client connection cap is kept within what the descriptors allow
 SIGTERM/SIGINT shut down gracefully: the listener closes, idle keep-alive
 connections close, requests in flight get up to :data:`SHUTDOWN_GRACE_S` to
 finish (their responses say ``Connection: close``), then whatever is left is
-cancelled. The last log line sums up what was served.
+cancelled; with ``--key`` the interval under way is reported at once. The last
+log lines sum up what was served and reported.
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ import trio
 
 from skr8tr import __version__, client
 from skr8tr.core import hostport
+from skr8tr.core.keys import KeyFileError
+from skr8tr.core.signatures import Signer
 from skr8tr.daemon_errors import sole_exception
 from skr8tr.failover import conductor_urls
 from skr8tr.ingress.limits import ProxyLimits, connection_cap
 from skr8tr.ingress.pool import Pool
 from skr8tr.ingress.proxy import Proxy
+from skr8tr.ingress.reporter import NAME_RE, Reporter, default_name
 from skr8tr.ingress.routes import BackendTable, Route, RouteError, RouteTable, parse_route
+from skr8tr.ingress.traffic import TrafficCounter
 from skr8tr.ingress.upstreams import run_upstreams
+from skr8tr.keyfiles import load_signing_key
 from skr8tr.wire import DEFAULT_CONDUCTOR_URL
 
 log = logging.getLogger("skr8tr.ingress")
@@ -59,6 +67,8 @@ class IngressConfig:
     connect_timeout_s: float = 2.0
     ca_file: str | None = None  # verifies a wss:// conductor
     ignore_drain: bool = False  # test knob: see BackendTable
+    signer: Signer | None = None  # --key: report traffic to the conductor, signed by it
+    name: str = field(default_factory=default_name)  # --name: as the conductor knows it
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -99,10 +109,21 @@ def config_from_args(opts: argparse.Namespace) -> IngressConfig:
         or defaults.upstream_timeout_s,
         retries=defaults.retries if getattr(opts, "retries", None) is None else opts.retries,
     )
+    signer = None
+    key_path = getattr(opts, "key", None)  # None unless given (daemon_config.NO_DEFAULT)
+    if key_path:
+        try:
+            signer = load_signing_key(key_path)
+        except KeyFileError as exc:
+            raise IngressStartError(f"--key: {exc}") from None
+    name = getattr(opts, "name", None) or default_name()
+    if NAME_RE.fullmatch(name) is None:
+        raise IngressStartError(f"--name {name!r}: expected 1..64 of A-Z a-z 0-9 . _ -")
     return IngressConfig(
         listen=parse_listen(opts.listen), routes=routes, conductor_url=url, limits=limits,
         connect_timeout_s=getattr(opts, "connect_timeout", None) or 2.0,
         ca_file=ca_file, ignore_drain=bool(getattr(opts, "ignore_drain", False)),
+        signer=signer, name=name,
     )
 
 
@@ -121,7 +142,12 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
     table = BackendTable(ignore_drain=config.ignore_drain)
     pool = Pool(table.is_routable, connect_timeout_s=config.connect_timeout_s,
                 max_idle=limits.max_connections)
-    proxy = Proxy(routes, table, pool, limits)
+    counter = reporter = None
+    if config.signer is not None:
+        counter = TrafficCounter()
+        reporter = Reporter(config.conductor_url, counter, config.signer, config.name,
+                            ca_file=config.ca_file)
+    proxy = Proxy(routes, table, pool, limits, traffic=counter)
     host, port = config.listen
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
@@ -133,6 +159,11 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
             await root.start(functools.partial(run_upstreams, synced=synced,
                                                ca_file=config.ca_file),
                              config.conductor_url, table, pool)
+            if reporter is not None:
+                await root.start(reporter.run)
+            else:
+                log.info("no --key: this ingress reports no traffic to the conductor, so a "
+                         "rollout's analysis cannot see the requests it routes")
             await root.start(pool.run_sweeper)
             await root.start(proxy.run_limit_logs)
             async with trio.open_nursery() as conns:
@@ -162,10 +193,14 @@ async def run_ingress(config: IngressConfig, *, shutdown: trio.Event | None = No
                     await listener.aclose()
                 proxy.begin_shutdown()
                 conns.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
+            if reporter is not None:
+                await reporter.finish()  # the requests just finished: counted, not dropped
             root.cancel_scope.cancel()
     finally:
         pool.close_all()
         log.info("served %s", proxy.stats.summary())
+        if reporter is not None:
+            log.info("sent %s", reporter.stats.summary())
     return proxy
 
 

@@ -63,6 +63,7 @@ from skr8tr.ingress.limits import (
 )
 from skr8tr.ingress.pool import ConnectFailed, Pool, UpstreamConnection
 from skr8tr.ingress.routes import Backend, BackendTable, RouteTable
+from skr8tr.ingress.traffic import TrafficCounter
 
 log = logging.getLogger("skr8tr.ingress")
 
@@ -103,18 +104,23 @@ class _SilentTooLong(Exception):
 
 
 class _UpstreamFailed(Exception):
-    def __init__(self, why: str, *, timeout: bool = False, retryable: bool = False) -> None:
+    def __init__(self, why: str, *, timeout: bool = False, retryable: bool = False,
+                 ours: bool = False) -> None:
         super().__init__(why)
         self.timeout = timeout
         self.retryable = retryable
+        self.ours = ours  # the ingress could not forward it: says nothing of the replica
 
 
 class Proxy:
-    """Serves client connections; see the module docstring for the rules."""
+    """Serves client connections; see the module docstring for the rules. With
+    *traffic*, every attempt on a replica is counted there (:mod:`skr8tr.ingress.traffic`)."""
 
     def __init__(self, routes: RouteTable, table: BackendTable, pool: Pool,
-                 limits: ProxyLimits = DEFAULT_LIMITS, *, scheme: str = "http") -> None:
+                 limits: ProxyLimits = DEFAULT_LIMITS, *, scheme: str = "http",
+                 traffic: TrafficCounter | None = None) -> None:
         self.routes = routes
+        self.traffic = traffic
         self.table = table
         self.pool = pool
         self.limits = limits
@@ -317,9 +323,12 @@ class Proxy:
                                       f"be reached: {last_error}")
                 return
             tried.append(backend)
+            started = trio.current_time()
             try:
                 uc = await self.pool.connect(backend)
             except ConnectFailed as exc:
+                if self.traffic is not None:
+                    self.traffic.failed(backend.replica)
                 last_error = str(exc)
                 if self._retry(method, target, route.app, last_error, tried):
                     continue
@@ -327,9 +336,12 @@ class Proxy:
                                   f"reached: {last_error}")
                 return
             try:
-                status = await self._exchange(stream, conn, req, target, headers, framing, uc)
+                status = await self._exchange(stream, conn, req, target, headers, framing, uc,
+                                              started)
             except _UpstreamFailed as exc:
                 uc.close()
+                if self.traffic is not None and not exc.ours:
+                    self.traffic.failed(backend.replica)
                 last_error = f"{backend}: {exc}"
                 if (exc.retryable and may_resend
                         and self._retry(method, target, route.app, last_error, tried)):
@@ -357,11 +369,14 @@ class Proxy:
 
     async def _exchange(self, stream: trio.SocketStream, conn: h11.Connection,
                         req: h11.Request, target: str, headers: list[tuple[bytes, bytes]],
-                        framing: str | None, uc: UpstreamConnection) -> int:
+                        framing: str | None, uc: UpstreamConnection, started: float) -> int:
         """Send the request to ``uc`` and stream the response back; returns its status.
+        The response head is counted (``traffic``) as it arrives, *started* being the
+        attempt's start.
 
-        Raises _UpstreamFailed before anything was sent to the client, and
-        _ClientGone when the client failed or the response had to be cut off."""
+        Raises _UpstreamFailed before the response head came (so before anything was
+        sent to the client), and _ClientGone when the client failed or the response
+        had to be cut off."""
         if HOST_PLACEHOLDER in headers:
             host = f"{uc.backend.address}:{uc.backend.port}".encode()
             headers = [(n, host if (n, v) == HOST_PLACEHOLDER else v) for n, v in headers]
@@ -369,7 +384,7 @@ class Proxy:
             head = uc.h11.send(h11.Request(method=req.method, target=target.encode("latin-1"),
                                            headers=headers))
         except h11.LocalProtocolError as exc:
-            raise _UpstreamFailed(f"cannot forward the request: {exc}") from None
+            raise _UpstreamFailed(f"cannot forward the request: {exc}", ours=True) from None
         if framing is None:  # the client's end of message was read by _handle
             await self._upstream_send(uc, head + uc.h11.send(h11.EndOfMessage()),
                                       retryable=True)
@@ -395,6 +410,8 @@ class Proxy:
                 raise _UpstreamFailed("the connection closed before a response",
                                       retryable=uc.received_bytes == 0)
         status = event.status_code
+        if self.traffic is not None:
+            self.traffic.answered(uc.backend.replica, status, started, trio.current_time())
         back = response_headers(event.headers)
         if self.closing:
             back.append((b"connection", b"close"))

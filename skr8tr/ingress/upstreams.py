@@ -48,7 +48,7 @@ def backoff_delays(rand=random.random):
         delay = min(BACKOFF_MAX_S, delay * 2)
 
 
-class _Backoff:
+class JitteredBackoff:
     """:func:`backoff_delays` as the backoff of a LeaderSearch."""
 
     def __init__(self) -> None:
@@ -73,7 +73,7 @@ async def run_upstreams(conductor_url: str, table: BackendTable, pool: Pool, *,
     ``wss://`` conductor. Never raises but for cancellation.
     """
     task_status.started()
-    search = LeaderSearch(conductor_urls(conductor_url), backoff=_Backoff())
+    search = LeaderSearch(conductor_urls(conductor_url), backoff=JitteredBackoff())
     failures = 0
     why: str | None = None
     while True:

@@ -135,13 +135,14 @@ class Request:
         self._max_message_size = max_message_size
         self._answered = False
 
-    async def accept(self) -> ServerConnection:
-        """Answer 101 and return the open connection. Raises ConnectionClosed if the
+    async def accept(self, *, max_message_size: int | None = None) -> ServerConnection:
+        """Answer 101 and return the open connection, whose messages may be at most
+        *max_message_size* bytes (default: the listener's). Raises ConnectionClosed if the
         peer is gone, RuntimeError if the request was answered already."""
         self._answering()
         accept = accept_token(self._key)
         ws = ServerConnection(self.stream, self.peer, trailing=self._trailing,
-                              max_message_size=self._max_message_size)
+                              max_message_size=max_message_size or self._max_message_size)
         self.connection = ws
         await ws._write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
