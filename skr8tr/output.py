@@ -194,7 +194,7 @@ def analysis_line(result: dict) -> str | None:
 
     def figures(row: dict) -> str:
         rate, p99 = row.get("error_rate"), row.get("p99_ms")
-        parts = [f"error rate {format_rate(rate)}" if _number(rate) else "no requests"]
+        parts = [f"error rate {format_rate(rate)}"] if _number(rate) else []
         if _number(p99):
             parts.append(f"p99 {format_ms(p99)}")
         return ", ".join(parts)
@@ -207,7 +207,9 @@ def analysis_line(result: dict) -> str | None:
     else:
         head = f"analysis {shown(str(a.get('verdict')))} after {a['elapsed_s']:.0f}s"
     requests = a.get("requests")
-    line = f"{head}: {requests if _number(requests) else '?'} requests, {figures(a)}"
+    line = f"{head}: {requests if _number(requests) else '?'} requests"
+    if figures(a):
+        line += f", {figures(a)}"
     old = next((row for row in result.get("traffic") or ()
                 if isinstance(row, dict) and row.get("generation") == result["from_generation"]
                 and _number(row.get("requests")) and row["requests"]), None)

@@ -104,3 +104,15 @@ def test_rollout_status_shows_the_live_analysis_and_the_old_generation():
     # a conductor before §11, or hostile figures: no analysis part, no crash
     assert " · analysis" not in output.rollout_status(
         dict(status, analysis={"elapsed_s": "x", "requests": [1]}))
+
+
+def test_an_analysis_without_requests_yet_says_so_once():
+    status = {"app": "web", "state": "rolling", "from_generation": 1, "to_generation": 2,
+              "replaced": 0, "total": 3, "message": "judging web-7 on traffic · 0.0 s",
+              "analysis": {"elapsed_s": 0.0, "window_s": 10.0, "requests": 0, "errors": 0,
+                           "failed": 0, "error_rate": None, "p99_ms": None,
+                           "verdict": "watching"},
+              "traffic": []}
+    assert output.rollout_status(status) == (
+        "web: rolling generation 1 -> 2, 0/3 replaced · analysis 0s/10s: 0 requests · "
+        "judging web-7 on traffic · 0.0 s")
