@@ -36,7 +36,11 @@ def judge(now: float, seen: Counts, a: Analysis = A, ready_timeout_s: float = 60
 
 @pytest.mark.parametrize(("now", "seen", "expected"), [
     (100.0, counts(0), analysis.Wait(130.0, False)),
-    (129.9, counts(200, errors=100), analysis.Wait(130.0, True)),  # no verdict early
+    (129.9, counts(200, errors=4), analysis.Wait(130.0, True)),  # 2% may be luck: wait
+    (101.0, counts(25, errors=4), analysis.Wait(130.0, True)),  # 16%, but only 4 bad
+    (101.0, counts(25, errors=5),  # 20% of 25 is surely over 1%: no need to wait
+     analysis.Fail("error rate 20% (5/25) in 1s > 1% (generation 4, replicas web-7, web-8)")),
+    (100.5, counts(19, errors=19), analysis.Wait(130.0, False)),  # under min-requests
     (130.0, counts(200), analysis.Pass()),
     (130.0, counts(200, errors=2), analysis.Pass()),  # 1% is not over 1%
     (130.0, counts(200, errors=25),
@@ -87,8 +91,24 @@ def test_judge_is_total_and_waits_only_forward(since, dt, requests, bad, window_
         assert verdict.until <= since + max(window_s, rt_s)
     elif isinstance(verdict, analysis.Pass):
         assert requests >= 20 and bad * 100 <= requests
-    else:
-        assert since + dt >= since + window_s
+    elif since + dt < since + window_s:  # failed before the window's end: surely over
+        assert verdict.reason.startswith("error rate ") and requests >= 20
+        assert analysis.surely_over(min(bad, requests), requests, 0.01)
+
+
+@pytest.mark.parametrize(("bad", "requests", "sure"), [
+    (5, 25, True), (4, 25, False),  # never on fewer than EARLY_MIN_BAD
+    (2, 100, False), (5, 100, True), (10, 500, False),  # 2% of 500: may still be luck
+    (500, 500, True), (0, 0, False)])
+def test_surely_over_one_percent(bad, requests, sure):
+    assert analysis.surely_over(bad, requests, 0.01) is sure
+
+
+@given(st.integers(0, 2000), st.integers(1, 2000), st.floats(0.0, 1.0))
+def test_surely_over_only_when_the_observed_rate_is_over(bad, requests, limit):
+    bad = min(bad, requests)
+    if analysis.surely_over(bad, requests, limit):
+        assert bad / requests > limit and bad >= analysis.EARLY_MIN_BAD
 
 
 @pytest.mark.parametrize(("s", "text"), [(30.0, "30s"), (12.5, "12.5s"), (60.04, "60s"),

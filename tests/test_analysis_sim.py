@@ -8,6 +8,7 @@ batch becomes ready."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import pytest
@@ -105,16 +106,17 @@ async def test_each_batch_passes_after_exactly_the_window(h, nursery, autojump_c
 
 
 async def test_error_rate_fails_with_the_figures_and_rolls_back(h, nursery, autojump_clock):
-    t0 = await start(h, nursery, steady({2: (10, 2, 20.0)}))
+    # 2% (1 of 50 a second) over 1%: not sure before the window's end, so judged at it
+    t0 = await start(h, nursery, steady({2: (50, 1, 20.0)}))
     old = sorted(r.replica_id for r in h.replicas(1))
     await roll(h, "v2", WINDOW)
     final = await h.until_done()
     assert final["state"] == "rolled_back"
     assert trio.current_time() - t0 == pytest.approx(10.0)
     new = final["analysis"]["replicas"]
-    assert ("error rate 20% (20/100) in 10s > 1% (generation 2, replicas "
+    assert ("error rate 2% (10/500) in 10s > 1% (generation 2, replicas "
             f"{new[0]})") in final["message"]
-    assert final["analysis"]["verdict"] == "failed" and final["analysis"]["errors"] == 20
+    assert final["analysis"]["verdict"] == "failed" and final["analysis"]["errors"] == 10
     assert sorted(r.replica_id for r in h.replicas(1)) == old  # never touched
     assert [a["verdict"] for a in analyses(h)] == ["failed"]
     # the judged batch was stopped at once (its old replica still served), not replaced
@@ -125,12 +127,24 @@ async def test_error_rate_fails_with_the_figures_and_rolls_back(h, nursery, auto
         e.data["phase"] for e in h.cluster.events.recent if e.event == "rollout.phase"]
 
 
+async def test_a_sure_breach_fails_before_the_window_ends(h, nursery, autojump_clock):
+    # 20%: after 3 reports (30 requests, 6 bad) the rate is surely over 1%; the report
+    # before (20, 4) had fewer than EARLY_MIN_BAD bad answers
+    t0 = await start(h, nursery, steady({2: (10, 2, 20.0)}))
+    await roll(h, "v2", WINDOW)
+    final = await h.until_done()
+    assert final["state"] == "rolled_back"
+    assert trio.current_time() - t0 < 5.0
+    assert re.search(r"error rate 20% \(6/30\) in [0-9.]+s > 1% \(generation 2", final["message"])
+    assert final["analysis"]["elapsed_s"] < 3.0
+
+
 async def test_without_auto_rollback_it_fails(h, nursery, autojump_clock):
     await start(h, nursery, steady({2: (10, 5, 20.0)}))
     await roll(h, "v2", WINDOW, rollout="auto-rollback no")
     final = await h.until_done()
     assert final["state"] == "failed"
-    assert "error rate 50% (50/100) in 10s > 1%" in final["message"]
+    assert re.search(r"error rate 50% \(\d+/\d+\) in [0-9.]+s > 1%", final["message"])
     assert len(h.replicas(1)) == 3 and not h.replicas(2)
 
 
@@ -306,7 +320,7 @@ async def test_growing_batches_are_judged_too(h, nursery, autojump_clock):
 
 async def test_an_abort_during_analysis_keeps_the_figures_it_had(h, nursery, autojump_clock):
     await start(h, nursery, steady({2: (10, 1, 20.0)}))
-    await roll(h, "v2", WINDOW)
+    await roll(h, "v2", dataclasses.replace(WINDOW, max_error_rate=0.2))  # 10% passes
     await trio.sleep(5.0)
     status = await h.run("rollout-abort", {"app": "web"})
     assert status["state"] == "aborted"

@@ -6,6 +6,11 @@ rollout takes the running sum of what the ingresses counted for those replicas (
 baseline). Each decision judges ``seen`` = the sum now minus the baseline
 (:func:`judge`):
 
+- an error rate so far over ``max-error-rate`` that the rest of the window cannot
+  bring it back (:func:`surely_over`: at least ``min-requests`` and
+  :data:`EARLY_MIN_BAD` bad answers, and the rate's lower 99.95 % confidence bound over
+  the limit): fail at once, before the window ends, so that a broken release stops
+  serving after a few dozen requests instead of a whole window's share;
 - ``elapsed < window``: wait until ``since + window`` (or the next change);
 - fewer than ``min-requests``: keep watching, up to ``since + max(window,
   ready-timeout)``; then fail "not enough traffic to judge";
@@ -19,13 +24,21 @@ extended for want of traffic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from skr8tr.core.manifest_model import Analysis
 from skr8tr.core.traffic import Counts, format_ms, format_rate
 
-__all__ = ["Wait", "Pass", "Fail", "Judgement", "judge", "format_s", "phase", "watch_until"]
+__all__ = ["EARLY_MIN_BAD", "EARLY_Z", "Wait", "Pass", "Fail", "Judgement", "judge",
+           "format_s", "phase", "surely_over", "watch_until"]
+
+# Failing before the window ends: the error rate's Wilson lower bound at this z (one-sided
+# 99.95 %) must be over the limit, with at least this many bad answers (no single fluke
+# ends a rollout, whatever min-requests says).
+EARLY_Z = 3.29
+EARLY_MIN_BAD = 5
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,18 @@ def format_s(seconds: float) -> str:
     return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
 
 
+def surely_over(bad: int, requests: int, limit: float) -> bool:
+    """Is a rate of ``bad`` in ``requests`` over ``limit`` beyond reasonable doubt: the
+    Wilson score interval's lower bound at :data:`EARLY_Z` over it, with at least
+    :data:`EARLY_MIN_BAD` bad? E.g. 5 of 25 (20 %) is surely over 1 %; 2 of 100 is not."""
+    if bad < EARLY_MIN_BAD or requests <= 0:
+        return False
+    n, z2 = requests, EARLY_Z * EARLY_Z
+    p = bad / n
+    margin = EARLY_Z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (p + z2 / (2 * n) - margin) / (1 + z2 / n) > limit
+
+
 def watch_until(a: Analysis, ready_timeout_s: float, since: float) -> float:
     """When an analysis without enough traffic gives up: ``since + max(window,
     ready-timeout)``."""
@@ -68,22 +93,26 @@ def judge(a: Analysis, *, ready_timeout_s: float, since: float, now: float, seen
     """The verdict on a batch of ``replicas`` (of ``generation``) whose analysis started
     at ``since``, given what users ``seen`` of them since then. Total: never raises."""
     elapsed = max(0.0, now - since)
+    took = format_s(elapsed)
+    which = f"generation {generation}, replicas {', '.join(replicas)}"
+    rate = seen.error_rate or 0.0
+    error_rate = (f"error rate {format_rate(rate)} ({seen.bad}/{seen.requests}) in {took} "
+                  f"> {format_rate(a.max_error_rate)} ({which})")
     # `now` against the very sum waited for: `now - since < window` may hold at the
     # instant `since + window` (floats), and the rollout would wait for it forever.
     if now < since + a.window_s:
+        if (seen.requests >= a.min_requests
+                and surely_over(seen.bad, seen.requests, a.max_error_rate)):
+            return Fail(error_rate)
         return Wait(since + a.window_s, seen.requests >= a.min_requests)
-    took = format_s(elapsed)
     if seen.requests < a.min_requests:
         give_up = watch_until(a, ready_timeout_s, since)
         if now < give_up:
             return Wait(give_up, False)
         return Fail(f"not enough traffic to judge: {seen.requests} requests in {took} "
                     f"(min-requests {a.min_requests})")
-    which = f"generation {generation}, replicas {', '.join(replicas)}"
-    rate = seen.error_rate or 0.0
     if rate > a.max_error_rate:
-        return Fail(f"error rate {format_rate(rate)} ({seen.bad}/{seen.requests}) in {took} "
-                    f"> {format_rate(a.max_error_rate)} ({which})")
+        return Fail(error_rate)
     p99 = seen.p99_ms
     if a.max_p99_ms is not None and p99 is not None and p99 > a.max_p99_ms:
         return Fail(f"p99 {format_ms(p99)} in {took} > {format_ms(a.max_p99_ms)} ({which})")
