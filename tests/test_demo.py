@@ -24,21 +24,9 @@ from tests.e2e import poll
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ingress_reports_traffic() -> bool:
-    """Does this skr8tr's ingress take a key to report traffic with (issue #18)?"""
-    proc = subprocess.run([str(REPO / ".venv" / "bin" / "skr8tr"), "ingress", "--help"],
-                          capture_output=True, text=True, timeout=60)
-    return "--key" in proc.stdout
-
-
 def assert_rollout_stopped_by_traffic(stdout: str) -> None:
     """The demo's last step: hello's bad release rolled back on what users saw, v1 never
-    failing a request; or, with an ingress that cannot report, the step said skipped."""
-    skipped = "==> skipped: a rollout stopped by traffic" in stdout
-    if not ingress_reports_traffic():
-        assert skipped, stdout[-3000:]
-        return
-    assert not skipped
+    failing a request."""
     assert re.search(r"^    generation 2 rolled_back: .*error rate", stdout, re.M), stdout[-3000:]
     users = dict(re.findall(r"^    (v[12]): (\d+ requests, \d+ failed)$", stdout, re.M))
     assert users["v1"].endswith(" 0 failed"), stdout[-3000:]
