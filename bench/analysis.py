@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import REPO, machine
+from _harness import machine
 
 from tests.e2e import Cluster, private_env
 from tests.test_e2e_analysis import start_ingress, start_load, web
@@ -85,7 +85,7 @@ def main() -> None:
     for w in windows:
         rows = [one_run(w) for _ in range(runs)]
 
-        def cell(key: str, fmt: str = "{:.2f}") -> str:
+        def cell(key: str, fmt: str = "{:.2f}", rows: list[dict] = rows) -> str:
             values = [r[key] for r in rows]
             text = fmt.format(statistics.median(values))
             return text if len(values) == 1 else (
