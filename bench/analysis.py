@@ -26,8 +26,8 @@ from pathlib import Path
 from _harness import machine
 
 from tests.e2e import Cluster, private_env
-from tests.test_e2e_analysis import start_ingress, start_load, web
-from tests.test_ingress_load import start_watch, wait_serving
+from tests.test_e2e_analysis import start_ingress, web
+from tests.test_ingress_load import start_load, start_watch, wait_serving
 
 RATE = 100
 REPLICAS, SURGE = 3, 1

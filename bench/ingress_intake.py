@@ -87,7 +87,7 @@ async def flood(url: str, signer, real: list[str], stop: trio.Event) -> tuple[in
                     await ws.send_message(text)
                     sent += 1
             except (ConnectionClosed, trio.BrokenResourceError):
-                pass
+                continue  # the conductor closed this session (strikes): flood from a new one
     return sent, sessions
 
 

@@ -399,8 +399,8 @@ async def test_insecure_welcomes_any_well_formed_key_and_refuses_a_malformed_one
         tmp_path, monkeypatch):
     async with conductor(tmp_path, monkeypatch, insecure=True) as c:
         stranger = keys.generate_keypair()[0]
-        async with open_ingress(c.url, stranger, "edge-any"):
-            pass
+        async with open_ingress(c.url, stranger, "edge-any"):  # asserts the welcome
+            assert [i["ingress"] for i in (await status(c.url))["ingresses"]] == ["edge-any"]
         async with trio_client.open_websocket(c.url + "/v1/ingress") as ws:
             # Not a key: no authorized-keys line is made of it (a newline could add a role).
             answer = await say_hello(ws, stranger, "edge-x",

@@ -107,14 +107,16 @@ class Load:
         return self.samples()
 
 
-def start_load(cluster: Cluster, url: str, name: str = "load") -> Load:
+def start_load(cluster: Cluster, url: str, name: str = "load", rate: int = RATE) -> Load:
+    """``rate`` requests a second to ``url`` (at most 110 s), once half a second of them
+    has been answered."""
     out = cluster.root / f"{name}.jsonl"
     daemon = cluster.start_process(name, [
-        sys.executable, str(LOADGEN), url + "/", "--rate", str(RATE),
+        sys.executable, str(LOADGEN), url + "/", "--rate", str(rate),
         "--concurrency", "8", "--duration", "110", "--out", str(out)])
     load = Load(daemon, out)
-    poll(lambda: len(load.samples()) >= RATE // 2 or daemon.proc.poll() is not None,
-         what="the load to flow")
+    poll(lambda: len(load.samples()) >= rate // 2 or daemon.proc.poll() is not None,
+         what=f"the load through {name} to flow")
     assert daemon.proc.poll() is None, daemon.log()
     return load
 
