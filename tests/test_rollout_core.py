@@ -38,17 +38,15 @@ from skr8tr.core.rollout import (
     batches,
     begin,
     decide,
-    describe_failure,
     interrupted_generation,
     launched,
     next_to_replace,
-    probe_line,
-    probe_verdict,
     recover,
     refused,
     relaunched,
     watching,
 )
+from skr8tr.core.rollout_failures import describe_failure, probe_line, probe_verdict
 
 
 @pytest.mark.parametrize("total, surge, expected", [

@@ -19,7 +19,7 @@ from skr8tr.conductor import state_file
 from skr8tr.core import manifest as manifest_mod
 from skr8tr.core import reconcile
 from skr8tr.core.manifest import Manifest
-from skr8tr.core.rollout import probe_line
+from skr8tr.core.rollout_failures import probe_line
 
 
 @dataclass

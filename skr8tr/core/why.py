@@ -9,7 +9,7 @@ table). It costs one pass over at most a few thousand characters, once per
 replica end.
 
 Never the workload's own output: like
-:func:`skr8tr.core.rollout.describe_failure`, this text reaches every
+:func:`skr8tr.core.rollout_failures.describe_failure`, this text reaches every
 surface anyone can read without a key.
 
 Pure: no trio, no clock.
