@@ -15,10 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.conftest import HELLO_HTTP
 from tests.e2e import Cluster, poll, private_env
 from tests.test_ingress_load import failures, start_load, start_watch, wait_serving
+from tests.test_status_page import WAIT_MS, chromium_page, shot
 
 pytestmark = pytest.mark.e2e
 
@@ -195,10 +197,34 @@ def test_healthy_version_passes_latency_and_thin_traffic_fail_wrong_keys_refused
     poll(lambda: ingresses_reporting(c, 1), what="the ingress to report")
     load = start_load(c, url, "load", 100)
 
-    # A healthy version: every batch watched for a window, then complete.
+    # A healthy version: every batch watched for a window, then complete. While the
+    # first batch is judged, its live figures are in `rollout status`, /metrics and the
+    # status page, per generation.
     watch = start_watch(c)
-    proc = c.cli("rollout", str(web(tmp_path, "v2", analysis=analysis)), "--watch",
-                 timeout_s=120)
+    c.json("rollout", str(web(tmp_path, "v2", analysis=analysis)))
+
+    def judging() -> dict | None:
+        st = c.json("rollout", "status", "web")
+        a, gens = st.get("analysis") or {}, {t["generation"]: t for t in st["traffic"]}
+        return st if (a.get("verdict") == "watching" and a["requests"] > 0
+                      and gens.get(1, {}).get("requests") and gens.get(2, {}).get("requests")
+                      ) else None
+    live = poll(judging, what="the first batch's live figures")
+    assert live["state"] == "rolling" and live["analysis"]["generation"] == 2
+    assert live["analysis"]["error_rate"] == 0.0 and live["analysis"]["p99_ms"] > 0
+    assert live["analysis"]["elapsed_s"] < WINDOW_S
+    assert metric(metrics(c), "skr8tr_rollout_analysis_error_rate", app="web",
+                  generation="2") == 0.0
+    with chromium_page(1280, 900) as (_, page, page_errors):
+        page.goto(f"http://127.0.0.1:{c.http_port}/", timeout=WAIT_MS)
+        card = page.locator('#rollouts article[data-app="web"]')
+        figures = card.locator(".analysis")
+        expect(figures).to_contain_text("Traffic analysis of generation 2", timeout=WAIT_MS)
+        expect(figures.locator('tr[data-generation="2"]')).to_contain_text("2 (new)")
+        expect(figures.locator('tr[data-generation="1"]')).to_contain_text("1 (old)")
+        shot(page, "analysis-live")
+        assert page_errors == []
+    proc = c.cli("rollout", "status", "web", "--watch", timeout_s=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     status = c.json("rollout", "status", "web")
     assert status["state"] == "complete", status
