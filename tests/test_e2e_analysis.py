@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import HELLO_HTTP
 from tests.e2e import Cluster, poll, private_env
+from tests.test_e2e_rollout import web as rollout_manifest
 from tests.test_ingress_load import failures, start_load, start_watch, wait_serving
 from tests.test_status_page import WAIT_MS, chromium_page, shot
 
@@ -52,28 +52,12 @@ def start(c: Cluster) -> None:
 
 def web(tmp_path: Path, version: str, *, extra_args: str = "", analysis: str = "",
         ready_timeout: str = "20s") -> Path:
-    """The example service at ``version``; *analysis*: that block's lines, ``;``-separated."""
-    lines = [
-        "app web",
-        f"  exec {HELLO_HTTP}",
-        f"  args --host {{host}} --port {{port}} --version {version} --close-idle-on-term "
-        f"{extra_args}".rstrip(),
-        "  port auto",
-        "  replicas 3",
-        "  stop-grace 3s",
-        "  health",
-        "    check GET /healthz 200",
-        "    interval 200ms",
-        "  rollout",
-        "    surge 1",
-        "    drain 1s",
-        f"    ready-timeout {ready_timeout}",
-    ]
-    if analysis:
-        lines += ["    analysis", *[f"      {a.strip()}" for a in analysis.split(";")]]
-    path = tmp_path / f"web-{version}.skr8tr"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """The example service at ``version`` (3 replicas, surge 1, drain 1s), closing idle
+    keep-alive connections on SIGTERM as production servers do; *analysis*: the lines
+    of the rollout's analysis block, ``;``-separated."""
+    return rollout_manifest(tmp_path, version, analysis=analysis,
+                            extra_args=f"--close-idle-on-term {extra_args}".rstrip(),
+                            rollout=f"surge 1; drain 1s; ready-timeout {ready_timeout}")
 
 
 def start_ingress(c: Cluster, name: str, key: Path) -> str:

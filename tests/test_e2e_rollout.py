@@ -21,9 +21,10 @@ def cluster(tmp_path: Path):
 
 def web(tmp_path: Path, version: str, *, extra_args: str = "", replicas: int = 3,
         port: str = "auto", rollout: str = "ready-timeout 20s",
-        health: str = "interval 200ms") -> Path:
+        health: str = "interval 200ms", analysis: str = "") -> Path:
     """A manifest of the example service at ``version`` (same app, new file each time);
-    *rollout* and *health* are that block's lines after the check, ``;``-separated."""
+    *rollout* and *health* are that block's lines after the check, *analysis* the lines
+    of the rollout's analysis block (none when empty), each ``;``-separated."""
     path = tmp_path / f"web-{version}.skr8tr"
     lines = [
         "app web",
@@ -37,6 +38,8 @@ def web(tmp_path: Path, version: str, *, extra_args: str = "", replicas: int = 3
         "  rollout",
         *[f"    {item.strip()}" for item in rollout.split(";")],
     ]
+    if analysis:
+        lines += ["    analysis", *[f"      {item.strip()}" for item in analysis.split(";")]]
     path.write_text("\n".join(lines) + "\n")
     return path
 
