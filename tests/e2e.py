@@ -298,13 +298,20 @@ def private_env(root: Path) -> dict[str, str]:
 
 @contextmanager
 def running_cluster(root: Path, *conductor_flags: str, node_timeout_s: float = 5.0,
-                    key_alg: str = "ed25519") -> Iterator[Cluster]:
-    """Keys (of *key_alg*) and a started conductor in ``root``, with a private HOME; shut
-    down after."""
+                    key_alg: str = "ed25519", nodes: tuple[str, ...] = (),
+                    state: bool = False) -> Iterator[Cluster]:
+    """Keys (of *key_alg*) and a started conductor in ``root``, with a private HOME, and a
+    node agent for each of *nodes*; with *state*, the conductor keeps ``--state`` in
+    ``cluster.state_file``. Shut down after."""
     cluster = Cluster(root=root, env=private_env(root))
     cluster.make_keys(key_alg)
-    cluster.start_conductor(*conductor_flags, node_timeout_s=node_timeout_s)
+    if state:
+        cluster.state_file = root / "state" / "conductor.toml"
+        conductor_flags = ("--state", str(cluster.state_file), *conductor_flags)
     try:
+        cluster.start_conductor(*conductor_flags, node_timeout_s=node_timeout_s)
+        for node_id in nodes:
+            cluster.start_node(node_id)
         yield cluster
     finally:
         cluster.shutdown()

@@ -19,7 +19,7 @@ from skr8tr.conductor.errors import CommandError
 from skr8tr.conductor.rollout_record import analysis_gauges
 from skr8tr.core.manifest import Analysis
 from skr8tr.core.traffic import Counts, Report
-from tests.test_rollout_sim import Harness, deploy, manifest
+from tests.test_rollout_sim import Harness, crash_second_of, deploy, manifest
 
 # generation, seconds since the feed started -> (requests, 5xx answers, latency ms) a
 # ready replica of that generation gets in one second
@@ -266,15 +266,8 @@ async def test_a_rollback_is_never_judged(h, nursery, autojump_clock):
     # v1 has an analysis block too; v2's second batch crashes: the rollback to v1
     # replaces the ready v2 replica at once, with no traffic at all (min-requests
     # would hold a judged batch until ready-timeout)
-    launches = []
-
-    def hook(msg):
-        launches.append(msg["generation"])
-        if msg["generation"] == 2 and launches.count(2) == 2:
-            return {"crash_after_s": 0.5}
-        return {}
-
-    await h.node("n1", launch_hook=hook)
+    launches: list[int] = []
+    await h.node("n1", launch_hook=crash_second_of(2, launches))
     args = manifest("v1")
     m = await commands.parse_manifest_arg(args)
     m = dataclasses.replace(m, rollout=dataclasses.replace(m.rollout, analysis=WINDOW))

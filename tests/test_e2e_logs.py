@@ -38,11 +38,7 @@ while True:
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    state = tmp_path / "state" / "conductor.toml"
-    with running_cluster(tmp_path, "--state", str(state)) as c:
-        c.state_file = state
-        c.start_node("n1")
-        c.start_node("n2")
+    with running_cluster(tmp_path, nodes=("n1", "n2"), state=True) as c:
         yield c
 
 

@@ -27,9 +27,7 @@ def web(tmp_path: Path, version: str, extra_args: str = "", replicas: int = 2) -
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    with running_cluster(tmp_path) as c:
-        c.start_node("n1")
-        c.start_node("n2")
+    with running_cluster(tmp_path, nodes=("n1", "n2")) as c:
         yield c
 
 

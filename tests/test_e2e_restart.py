@@ -22,10 +22,7 @@ NODE_TIMEOUT_S = 3.0
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    state_file = tmp_path / "state" / "conductor.toml"
-    with running_cluster(tmp_path, "--state", str(state_file),
-                         node_timeout_s=NODE_TIMEOUT_S) as c:
-        c.state_file = state_file
+    with running_cluster(tmp_path, node_timeout_s=NODE_TIMEOUT_S, state=True) as c:
         yield c
 
 

@@ -23,9 +23,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def cluster(tmp_path: Path):
-    with running_cluster(tmp_path) as c:
-        c.start_node("n1")
-        c.start_node("n2")
+    with running_cluster(tmp_path, nodes=("n1", "n2")) as c:
         yield c
 
 

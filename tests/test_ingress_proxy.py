@@ -57,7 +57,8 @@ class FakeReplica:
     release: trio.Event = field(default_factory=trio.Event)
 
 
-async def _next(conn: h11.Connection, stream: trio.SocketStream):
+async def next_h11_event(conn: h11.Connection, stream: trio.SocketStream):
+    """The next event of an h11 connection, reading from *stream* as it needs."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
@@ -72,7 +73,7 @@ async def serve_fake_replica(replica: FakeReplica, *, task_status=trio.TASK_STAT
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                req = await _next(conn, stream)
+                req = await next_h11_event(conn, stream)
                 if not isinstance(req, h11.Request):
                     return
                 if replica.hang_up:
@@ -81,7 +82,7 @@ async def serve_fake_replica(replica: FakeReplica, *, task_status=trio.TASK_STAT
                 body = b""
                 replica.progress = 0
                 while True:
-                    ev = await _next(conn, stream)
+                    ev = await next_h11_event(conn, stream)
                     if isinstance(ev, h11.Data):
                         body += ev.data
                         replica.progress += len(ev.data)
@@ -165,7 +166,7 @@ class Client:
                 await self.stream.send_all(data)
 
     async def next_event(self):
-        return await _next(self.conn, self.stream)
+        return await next_h11_event(self.conn, self.stream)
 
     async def request(self, method: str = "GET", target: str = "/", headers=(),
                       body: bytes | None = None) -> Reply:

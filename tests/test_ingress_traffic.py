@@ -26,17 +26,9 @@ from skr8tr.ingress.proxy import Proxy
 from skr8tr.ingress.routes import BackendTable, Route, RouteTable
 from skr8tr.ingress.traffic import TrafficCounter
 from tests.conftest import free_port
-from tests.test_ingress_proxy import get, open_client
+from tests.test_ingress_proxy import get, next_h11_event, open_client
 
 DEADLINE_S = 20.0
-
-
-async def _next(conn: h11.Connection, stream: trio.SocketStream):
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await stream.receive_some(65536))
 
 
 async def serve_replica(name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -48,11 +40,12 @@ async def serve_replica(name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                req = await _next(conn, stream)
+                req = await next_h11_event(conn, stream)
                 if not isinstance(req, h11.Request):
                     return
-                while not isinstance(await _next(conn, stream), h11.EndOfMessage):
-                    pass  # the body, unread
+                event = await next_h11_event(conn, stream)
+                while not isinstance(event, h11.EndOfMessage):  # a body is skipped
+                    event = await next_h11_event(conn, stream)
                 target = req.target.decode()
                 status, body = 200, name.encode()
                 if target == "/hangup":

@@ -211,16 +211,22 @@ async def test_without_auto_rollback_it_fails_and_keeps_the_old_replicas(h, auto
     assert not h.replicas(2)
 
 
-async def test_failure_in_a_later_batch_rolls_back_the_ready_ones_gated(h, autojump_clock):
-    launches = []
+def crash_second_of(generation: int, launches: list[int]):
+    """A launch hook that records each launch's generation in *launches* and makes the
+    second replica of *generation* crash 0.5 s after it starts."""
 
     def hook(msg):
         launches.append(msg["generation"])
-        # the second replica of generation 2 crashes; the first one is fine
-        if msg["generation"] == 2 and launches.count(2) == 2:
+        if msg["generation"] == generation and launches.count(generation) == 2:
             return {"crash_after_s": 0.5}
         return {}
 
+    return hook
+
+
+async def test_failure_in_a_later_batch_rolls_back_the_ready_ones_gated(h, autojump_clock):
+    launches: list[int] = []
+    hook = crash_second_of(2, launches)  # the first replica of generation 2 is fine
     await h.node("n1", launch_hook=hook, ready_after_s=None)
     await h.node("n2", "127.0.0.2", launch_hook=hook, ready_after_s=None)
     await deploy(h, rollout="settle 1s")
