@@ -211,6 +211,9 @@ def test_healthy_version_passes_latency_and_thin_traffic_fail_wrong_keys_refused
         assert page_errors == []
     proc = c.cli("rollout", "status", "web", "--watch", timeout_s=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # --watch said the live figures of the batches it followed, old generation beside
+    assert re.search(r"analysis \d+s/3s: \d+ requests, error rate 0%, p99 \S+ "
+                     r"\(old gen 1: 0%, p99 ", proc.stdout), proc.stdout
     status = c.json("rollout", "status", "web")
     assert status["state"] == "complete", status
     assert status["analysis"]["verdict"] == "passed", status
